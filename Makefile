@@ -1,0 +1,41 @@
+# Multiverse: the two commands a new user needs are `make run` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+DATA_DIR ?= $(HOME)/.local/share/multiverse
+export MULTIVERSE_IMAGE_CACHE ?= $(CURDIR)/.data/images
+
+.PHONY: run stop test lint proto venv deps clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Host packages the real-VM driver and its test guest need (Debian); skipped when present.
+deps:
+	@bash scripts/host-deps.sh
+
+run: venv deps
+	$(VENV)/bin/multiverse up --detach --data-dir $(DATA_DIR)
+
+stop: venv
+	$(VENV)/bin/multiverse down --data-dir $(DATA_DIR)
+
+test: venv deps
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
+
+# Regenerates src/multiverse/wire/v1/*_pb2*.py from proto/; tests check it is fresh.
+proto: venv
+	$(PY) -m multiverse.wire.generate
+
+clean:
+	rm -rf $(VENV) .data build dist src/*.egg-info

@@ -1,0 +1,3 @@
+from multiverse.main import main
+
+main()

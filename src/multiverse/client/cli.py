@@ -1,0 +1,502 @@
+"""The ``multiverse`` commands that talk to a master: every one is a call of the REST API.
+
+Exit codes, as Multipass: 0 ok, 1 usage error, 2 the request failed, 3 the master is unreachable.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from multiverse.client.config import ClientConfig
+from multiverse.client.http import ApiClient, ApiError, Unreachable
+from multiverse.client.output import FORMATS, Column, render
+from multiverse.core.errors import MultiverseError
+from multiverse.core.model import DEFAULT_IMAGE, parse_labels
+from multiverse.core.sizes import format_size, parse_size
+
+EXIT_USAGE, EXIT_FAILED, EXIT_UNREACHABLE = 1, 2, 3
+
+stderr = Console(stderr=True, soft_wrap=True)  # long messages stay on one line for grep
+
+
+class Failure(Exception):
+    """The request went through but did not end as asked (e.g. a launch ended Failed)."""
+
+
+def _client() -> ApiClient:
+    try:
+        config = ClientConfig.load()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if not config.server:
+        raise click.UsageError(
+            f"no master configured ({config.source} not found): start one with `multiverse up`, "
+            "or set MULTIVERSE_SERVER and MULTIVERSE_TOKEN"
+        )
+    return ApiClient(config.server, config.token)
+
+
+format_option = click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
+
+
+def _ago(stamp: str | None) -> str:
+    if not stamp:
+        return "never"
+    moment = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    seconds = max(0, int((datetime.now(UTC) - moment).total_seconds()))
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _free_of(item: dict[str, Any], size: bool = True) -> str:
+    show = format_size if size else str
+    return f"{show(item['free'])}/{show(item['total'])}"
+
+
+NODE_COLUMNS = [
+    Column("Node Name", lambda n: n["name"]),
+    Column("Status", lambda n: n["status"] + (",Cordoned" if n.get("cordoned") else "")),
+    Column("IPv4", lambda n: n["ipv4"]),
+    Column("Cpu", lambda n: _free_of(n["cpus"], size=False)),
+    Column("Mem", lambda n: _free_of(n["memory"])),
+    Column("Disk", lambda n: _free_of(n["disk"])),
+    Column("Instances", lambda n: n["instances"]),
+    Column("Last Sync", lambda n: _ago(n["last_sync"])),
+]
+INSTANCE_COLUMNS = [
+    Column("Node Name", lambda i: i["node"]),
+    Column("Instance Name", lambda i: i["name"]),
+    Column("State", lambda i: i["state"]),
+    Column("IPv4", lambda i: i["ipv4"]),
+    Column("Image", lambda i: i["image"]),
+]
+
+
+def _usage(item: dict[str, Any] | None) -> str:
+    if not item:
+        return "--"
+    return f"{format_size(item['used'])} out of {format_size(item['total'])}"
+
+
+INFO_COLUMNS = [
+    Column("Node Name", lambda i: i["node"]),
+    Column("Instance Name", lambda i: i["name"]),
+    Column("State", lambda i: i["state"]),
+    Column("Cpu", lambda i: i["cpus"]),
+    Column("Load", lambda i: " ".join(f"{x:.2f}" for x in i["load"]) if i["load"] else "--"),
+    Column("Disk", lambda i: _usage(i["disk_usage"])),
+    Column("Memory", lambda i: _usage(i["memory_usage"])),
+    Column("Release", lambda i: i["release"]),
+]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="multiverse")
+def cli() -> None:
+    """Multiverse: launch and manage virtual machines on many hosts from one place."""
+
+
+@cli.command()
+@format_option
+def nodes(fmt: str) -> None:
+    """List the cluster's nodes."""
+    click.echo(render(_client().nodes(), NODE_COLUMNS, fmt))
+
+
+@cli.command(name="instances")
+@format_option
+def instances_(fmt: str) -> None:
+    """List instances (aliases: list, ls)."""
+    click.echo(render(_client().instances(), INSTANCE_COLUMNS, fmt))
+
+
+cli.add_command(instances_, name="list")
+cli.add_command(instances_, name="ls")
+
+
+@cli.command()
+@click.argument("names", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="All instances (the default with no NAME).")
+@format_option
+def info(names: tuple[str, ...], all_: bool, fmt: str) -> None:
+    """Show load, memory and disk from inside instances."""
+    client = _client()
+    wanted = list(names) if names and not all_ else [i["name"] for i in client.instances()]
+    click.echo(render([client.info(name) for name in wanted], INFO_COLUMNS, fmt))
+
+
+def _size(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except MultiverseError as exc:
+        raise click.BadParameter(exc.message) from exc
+
+
+def _labels(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dict[str, str]:
+    try:
+        return parse_labels(value or "")
+    except MultiverseError as exc:
+        raise click.BadParameter(exc.message) from exc
+
+
+@contextmanager
+def _spinner(text: str) -> Iterator[Callable[[str], None]]:
+    with stderr.status(text) as status:
+        yield lambda state: status.update(f"{text}: {state}")
+
+
+def _wait(
+    client: ApiClient, name: str, targets: set[str], timeout: float, verb: str
+) -> dict[str, Any] | None:
+    """Poll until the instance reaches a target state (None: until it is gone)."""
+    deadline = time.monotonic() + timeout
+    with _spinner(f"{verb} {name}") as show:
+        while True:
+            try:
+                item = client.instance(name)
+            except ApiError as exc:
+                if exc.status == 404 and not targets:
+                    return None
+                raise
+            show(item["state"])
+            if item["state"] in targets:
+                return item
+            if item["state"] == "Failed":
+                raise Failure(f"{name} failed: {item['message'] or 'no reason given'}")
+            if time.monotonic() > deadline:
+                raise Failure(f"{name} is still {item['state']} after {timeout:.0f}s")
+            time.sleep(0.2)
+
+
+wait_options = [
+    click.option("--no-wait", is_flag=True, help="Return at once instead of waiting."),
+    click.option(
+        "--timeout",
+        type=click.FloatRange(1),
+        default=600,
+        show_default=True,
+        help="Seconds to wait.",
+    ),
+]
+
+
+def _with_wait(func: Callable[..., None]) -> Callable[..., None]:
+    for option in reversed(wait_options):
+        func = option(func)
+    return func
+
+
+@cli.command()
+@click.argument("image", required=False, default=DEFAULT_IMAGE)
+@click.option("-n", "--name", help="Instance name (default: a generated one).")
+@click.option("-c", "--cpus", type=click.IntRange(1), default=1, show_default=True)
+@click.option(
+    "-m", "--memory", callback=_size, default="1G", show_default=True, help="Memory, e.g. 512M, 2G."
+)
+@click.option(
+    "-d", "--disk", callback=_size, default="5G", show_default=True, help="Disk, e.g. 10G."
+)
+@click.option("--node", help="Put it on this node.")
+@click.option("--selector", callback=_labels, help="Only on nodes with these labels: k=v,...")
+@click.option("--labels", "labels", callback=_labels, help="Labels of the instance: k=v,...")
+@click.option(
+    "--strategy", type=click.Choice(["spread", "binpack"]), default="spread", show_default=True
+)
+@click.option(
+    "--cloud-init",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="User-data file for the guest.",
+)
+@_with_wait
+@format_option
+def launch(
+    image: str,
+    name: str | None,
+    cpus: int,
+    memory: int,
+    disk: int,
+    node: str | None,
+    selector: dict[str, str],
+    labels: dict[str, str],
+    strategy: str,
+    cloud_init: Path | None,
+    no_wait: bool,
+    timeout: float,
+    fmt: str,
+) -> None:
+    """Create and start an instance; waits until it is Running."""
+    client = _client()
+    body = {
+        "name": name or f"vm-{random.randbytes(3).hex()}",
+        "image": image,
+        "cpus": cpus,
+        "memory": memory,
+        "disk": disk,
+        "node": node,
+        "selector": selector,
+        "labels": labels,
+        "strategy": strategy,
+        "user_data": cloud_init.read_text() if cloud_init else "",
+    }
+    item = client.launch(body)
+    if not no_wait:
+        item = _wait(client, item["name"], {"Running"}, timeout, "Launching") or item
+    if fmt == "table":
+        click.echo(f"Launched: {item['name']} on {item['node']} ({item['state']})")
+    else:
+        click.echo(render([item], INSTANCE_COLUMNS, fmt))
+
+
+def _targets(names: tuple[str, ...], all_: bool, client: ApiClient) -> list[str]:
+    if all_:
+        return [item["name"] for item in client.instances()]
+    if not names:
+        raise click.UsageError("name at least one instance, or use --all")
+    return list(names)
+
+
+def _act(
+    names: tuple[str, ...],
+    all_: bool,
+    wait: float | None,
+    call: Callable[[ApiClient, str], object],
+    targets: set[str],
+    gerund: str,
+    past: str,
+) -> None:
+    """Apply ``call`` to each instance; wait (unless ``wait`` is None) for ``targets``.
+
+    One instance failing does not stop the others; the exit code tells that any failed.
+    """
+    client = _client()
+    failures = 0
+    for name in _targets(names, all_, client):
+        try:
+            call(client, name)
+            if wait is not None:
+                _wait(client, name, targets, wait, gerund)
+            click.echo(f"{past} {name}")
+        except (ApiError, Failure) as exc:
+            stderr.print(f"{name}: {exc}", highlight=False, markup=False)
+            failures += 1
+    if failures:
+        sys.exit(EXIT_FAILED)
+
+
+def _names(func: Callable[..., None]) -> Callable[..., None]:
+    func = _with_wait(func)
+    func = click.option("--all", "all_", is_flag=True, help="Every instance.")(func)
+    return click.argument("names", nargs=-1)(func)
+
+
+@cli.command()
+@_names
+def start(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float) -> None:
+    """Start instances; waits until they are Running."""
+    _act(
+        names,
+        all_,
+        None if no_wait else timeout,
+        lambda c, n: c.action(n, "start"),
+        {"Running"},
+        "Starting",
+        "Started",
+    )
+
+
+@cli.command()
+@_names
+@click.option("--force", is_flag=True, help="Power off at once, no clean shutdown.")
+def stop(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float, force: bool) -> None:
+    """Stop instances; waits until they are Stopped."""
+    _act(
+        names,
+        all_,
+        None if no_wait else timeout,
+        lambda c, n: c.action(n, "stop", {"force": force}),
+        {"Stopped"},
+        "Stopping",
+        "Stopped",
+    )
+
+
+@cli.command()
+@_names
+def restart(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float) -> None:
+    """Restart instances; waits until they are Running again."""
+    _act(
+        names,
+        all_,
+        None if no_wait else timeout,
+        lambda c, n: c.action(n, "restart"),
+        {"Running"},
+        "Restarting",
+        "Restarted",
+    )
+
+
+@cli.command()
+@_names
+def delete(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float) -> None:
+    """Delete instances and everything they own; waits until they are gone."""
+    _act(
+        names,
+        all_,
+        None if no_wait else timeout,
+        lambda c, n: c.delete(n),
+        set(),
+        "Deleting",
+        "Deleted",
+    )
+
+
+@cli.command(name="exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(name: str, command: tuple[str, ...]) -> None:
+    """Run a command in an instance: multiverse exec NAME -- CMD ARGS.
+
+    Output streams as it comes, stdout and stderr apart; exits with the command's code.
+    """
+    stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+    code = 0
+    for item in _client().exec(name, list(command), stdin):
+        if "exit_code" in item:
+            code = int(item["exit_code"])
+        else:
+            out = sys.stdout if item["stream"] == 1 else sys.stderr
+            out.buffer.write(item["data"])
+            out.flush()
+    sys.exit(code)
+
+
+@cli.command()
+@click.argument("name")
+def logs(name: str) -> None:
+    """Print an instance's console log."""
+    click.echo(_client().logs(name), nl=False)
+
+
+@cli.group()
+def token() -> None:
+    """Join tokens for workers and API tokens for people and scripts."""
+
+
+def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = value[:-1], value[-1:]
+    if unit.isdigit():
+        number, unit = value, "s"
+    if not number.isdigit() or unit not in units or int(number) == 0:
+        raise click.BadParameter(f"invalid duration {value!r}: use e.g. 30m, 1h, 7d")
+    return int(number) * units[unit]
+
+
+@token.command(name="create")
+@click.option("--api", is_flag=True, help="An API token instead of a join token.")
+@click.option(
+    "--role",
+    type=click.Choice(["admin", "viewer"]),
+    default="admin",
+    show_default=True,
+    help="With --api.",
+)
+@click.option("--ttl", callback=_duration, help="Lifetime, e.g. 1h (join tokens: default 24h).")
+@click.option("--uses", type=click.IntRange(1), help="How many times it may be used.")
+@click.option("--description", default="")
+@format_option
+def token_create(
+    api: bool, role: str, ttl: int | None, uses: int | None, description: str, fmt: str
+) -> None:
+    """Create a token; prints it once (it is not stored)."""
+    item = _client().create_token(
+        {
+            "kind": "api" if api else "join",
+            "role": role,
+            "ttl_seconds": ttl,
+            "uses": uses,
+            "description": description,
+        }
+    )
+    if fmt == "table":
+        click.echo(item["token"])
+    else:
+        click.echo(render([item], [Column("Token", lambda t: t["token"])], fmt))
+
+
+TOKEN_COLUMNS = [
+    Column("ID", lambda t: t["id"]),
+    Column("Kind", lambda t: t["kind"]),
+    Column("Role", lambda t: t["role"]),
+    Column("Expires", lambda t: t["expires_at"]),
+    Column("Uses Left", lambda t: t["uses_left"]),
+    Column("Revoked", lambda t: "yes" if t["revoked"] else "no"),
+]
+
+
+@token.command(name="list")
+@format_option
+def token_list(fmt: str) -> None:
+    """List tokens (never their secrets)."""
+    click.echo(render(_client().tokens(), TOKEN_COLUMNS, fmt))
+
+
+@token.command(name="revoke")
+@click.argument("token_id")
+def token_revoke(token_id: str) -> None:
+    """Revoke a token by its id."""
+    _client().revoke_token(token_id)
+    click.echo(f"Revoked {token_id}")
+
+
+def run(group: click.Group, args: Sequence[str] | None = None) -> int:
+    """Run ``group`` with Multipass's exit codes and messages on stderr; returns the code."""
+    try:
+        result = group.main(args=args, prog_name="multiverse", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return EXIT_USAGE
+    except click.Abort:
+        stderr.print("Aborted.")
+        return EXIT_USAGE
+    except Unreachable as exc:
+        stderr.print(
+            f"{exc}\nIs the master running? Start one with `multiverse up`.",
+            highlight=False,
+            markup=False,
+        )
+        return EXIT_UNREACHABLE
+    except (ApiError, Failure, MultiverseError) as exc:
+        stderr.print(str(exc), highlight=False, markup=False)
+        return EXIT_FAILED
+
+
+def main() -> None:
+    sys.exit(run(cli))

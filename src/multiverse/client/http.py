@@ -1,0 +1,114 @@
+"""A small typed client of the REST API (httpx). One method per route the CLI needs."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+
+class ApiError(Exception):
+    """The master answered with an error (4xx/5xx and its JSON error body)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class Unreachable(Exception):
+    """No answer from the master at all."""
+
+
+JSON = dict[str, Any]
+
+
+class ApiClient:
+    def __init__(self, server: str, token: str, timeout: float = 60.0) -> None:
+        self.server = server.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(
+            base_url=f"{self.server}/api/v1", headers=headers, timeout=timeout
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise Unreachable(f"cannot reach the master at {self.server}: {exc}") from exc
+        _raise_for_error(response)
+        return response.json()
+
+    def nodes(self) -> list[JSON]:
+        return list(self._request("GET", "/nodes"))
+
+    def node(self, name: str) -> JSON:
+        return dict(self._request("GET", f"/nodes/{name}"))
+
+    def instances(self) -> list[JSON]:
+        return list(self._request("GET", "/instances"))
+
+    def instance(self, name: str) -> JSON:
+        return dict(self._request("GET", f"/instances/{name}"))
+
+    def info(self, name: str) -> JSON:
+        return dict(self._request("GET", f"/instances/{name}/info"))
+
+    def launch(self, body: JSON) -> JSON:
+        return dict(self._request("POST", "/instances", json=body))
+
+    def action(self, name: str, verb: str, body: JSON | None = None) -> JSON:
+        """``start``, ``stop`` or ``restart``."""
+        return dict(self._request("POST", f"/instances/{name}/{verb}", json=body or {}))
+
+    def delete(self, name: str) -> JSON:
+        return dict(self._request("DELETE", f"/instances/{name}"))
+
+    def logs(self, name: str) -> str:
+        return str(self._request("GET", f"/instances/{name}/logs")["log"])
+
+    def exec(self, name: str, command: list[str], stdin: bytes = b"") -> Iterator[JSON]:
+        """Yields ``{"stream", "data": bytes}`` chunks, then ``{"exit_code"}``."""
+        body = {"command": command, "stdin": base64.b64encode(stdin).decode()}
+        try:
+            with self._http.stream("POST", f"/instances/{name}/exec", json=body) as response:
+                if response.is_error:
+                    response.read()
+                    _raise_for_error(response)
+                for line in response.iter_lines():
+                    if not line:
+                        continue
+                    item = json.loads(line)
+                    if "error" in item:
+                        raise ApiError(502, item["error"]["code"], item["error"]["message"])
+                    if "data" in item:
+                        item["data"] = base64.b64decode(item["data"])
+                    yield item
+        except httpx.TransportError as exc:
+            raise Unreachable(f"lost the master at {self.server}: {exc}") from exc
+
+    def create_token(self, body: JSON) -> JSON:
+        return dict(self._request("POST", "/tokens", json=body))
+
+    def tokens(self) -> list[JSON]:
+        return list(self._request("GET", "/tokens"))
+
+    def revoke_token(self, token_id: str) -> JSON:
+        return dict(self._request("DELETE", f"/tokens/{token_id}"))
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    if not response.is_error:
+        return
+    try:
+        error = response.json()["error"]
+        raise ApiError(response.status_code, error["code"], error["message"])
+    except (ValueError, KeyError, TypeError):
+        raise ApiError(response.status_code, "http_error", response.text[:200]) from None

@@ -1,0 +1,52 @@
+"""Listings as tables (default), JSON, YAML or CSV, like ``multipass list --format``.
+
+JSON and YAML carry the API's objects whole (stable snake_case keys); tables and CSV carry the
+columns people read.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+FORMATS = ("table", "json", "yaml", "csv")
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    value: Callable[[dict[str, Any]], object]
+
+
+def render(rows: Sequence[dict[str, Any]], columns: Sequence[Column], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(list(rows), indent=2)
+    if fmt == "yaml":
+        return yaml.safe_dump(list(rows), sort_keys=False).rstrip()
+    cells = [[_cell(column.value(row)) for column in columns] for row in rows]
+    headers = [column.header for column in columns]
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(headers)
+        writer.writerows(cells)
+        return buffer.getvalue().rstrip("\n")
+    if not rows:
+        return "No items found."
+    widths = [max(len(line[i]) for line in [headers, *cells]) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip()
+        for line in [headers, *cells]
+    )
+
+
+def _cell(value: object) -> str:
+    if value is None or value == "":
+        return "--"
+    return str(value)

@@ -1,0 +1,61 @@
+"""Typed errors of the domain.
+
+Each error carries a stable machine-readable ``code``; the API turns them into HTTP statuses and
+the JSON body ``{"error": {"code", "message"}}``, so callers never parse messages.
+"""
+
+from __future__ import annotations
+
+
+class MultiverseError(Exception):
+    """Base of every error that is meant to reach a user."""
+
+    code = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(MultiverseError):
+    code = "invalid_argument"
+
+
+class NotFound(MultiverseError):
+    code = "not_found"
+
+
+class AlreadyExists(MultiverseError):
+    code = "already_exists"
+
+
+class Conflict(MultiverseError):
+    """The request is valid but the object's current state does not allow it."""
+
+    code = "conflict"
+
+
+class Unschedulable(MultiverseError):
+    """No node can hold the instance; the message says why, node by node."""
+
+    code = "unschedulable"
+
+
+class Unauthenticated(MultiverseError):
+    code = "unauthenticated"
+
+
+class PermissionDenied(MultiverseError):
+    code = "permission_denied"
+
+
+class Unavailable(MultiverseError):
+    """A node or hypervisor could not be reached; retrying later may work."""
+
+    code = "unavailable"
+
+
+class DriverError(MultiverseError):
+    """The hypervisor refused or failed an action."""
+
+    code = "driver_error"

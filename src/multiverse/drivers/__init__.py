@@ -1,0 +1,1 @@
+"""Hypervisor adapters behind one port, :class:`multiverse.drivers.base.Driver`."""

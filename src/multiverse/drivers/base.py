@@ -1,0 +1,136 @@
+"""The Driver port: what the worker agent needs from a hypervisor.
+
+A driver is told about one VM at a time by its :class:`VMConfig` and keeps whatever it needs to
+find that VM again (pid files, sockets, a state file) under its own ``state_dir``: a restarted
+agent builds a new driver over the same directory and must find the VMs that kept running.
+
+Calls are coroutines that return when the action is done (``start`` returns once the guest
+answers); the agent turns their progress into the instance states the cluster sees. Drivers
+raise :class:`multiverse.core.errors.MultiverseError` subclasses, never bare exceptions.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from multiverse.core.model import GuestStats, Resources
+
+
+class PowerState(enum.StrEnum):
+    """What the hypervisor itself says about a VM."""
+
+    RUNNING = "running"
+    STOPPED = "stopped"
+    MISSING = "missing"  # the hypervisor has no such VM (never created, or deleted)
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    """Everything a driver needs to create a VM; stable for the VM's life."""
+
+    id: str  # the instance uuid; drivers name files, sockets and taps after it
+    name: str
+    cpus: int
+    memory: int  # bytes
+    disk: int  # bytes
+    image: str
+    user_data: str = ""
+
+
+@dataclass(frozen=True)
+class VMStatus:
+    power: PowerState
+    ipv4: str = ""
+    message: str = ""  # why, when the driver knows something is wrong
+
+
+@dataclass(frozen=True)
+class ExecChunk:
+    """One piece of a running command's output, or its end.
+
+    ``stream`` is 1 (stdout) or 2 (stderr) with ``data``; the last chunk has ``exit_code`` set.
+    """
+
+    stream: int = 1
+    data: bytes = b""
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True)
+class DriverInfo:
+    name: str
+    capacity: Resources
+    details: dict[str, str] = field(default_factory=dict)
+
+
+class Driver(abc.ABC):
+    """One hypervisor on one host."""
+
+    name: str = ""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+
+    @abc.abstractmethod
+    async def capacity(self) -> Resources:
+        """What this host offers to VMs in total."""
+
+    async def validate(self, vm: VMConfig) -> None:  # noqa: B027  # most configs need no check
+        """Refuse a config this host cannot run (unknown image, memory below the floor...).
+
+        Called before the agent accepts a launch, so a bad request fails at once and leaves
+        nothing behind. Raise InvalidArgument or NotFound.
+        """
+
+    @abc.abstractmethod
+    async def create(self, vm: VMConfig) -> None:
+        """Prepare the VM (disk, files) without booting it. Idempotent."""
+
+    @abc.abstractmethod
+    async def start(self, vm: VMConfig) -> VMStatus:
+        """Boot the VM and return once the guest answers. Idempotent on a running VM."""
+
+    @abc.abstractmethod
+    async def stop(self, vm: VMConfig, force: bool = False) -> None:
+        """Shut the VM down (gracefully unless ``force``). Idempotent on a stopped VM."""
+
+    @abc.abstractmethod
+    async def delete(self, vm: VMConfig) -> None:
+        """Stop the VM if needed and remove everything it owns. Idempotent."""
+
+    @abc.abstractmethod
+    async def status(self, vm: VMConfig) -> VMStatus:
+        """What the hypervisor says now; cheap enough to call every sync."""
+
+    @abc.abstractmethod
+    async def stats(self, vm: VMConfig) -> GuestStats:
+        """Load, memory, disk and release from inside the running guest."""
+
+    @abc.abstractmethod
+    def exec(
+        self, vm: VMConfig, command: Sequence[str], stdin: bytes = b""
+    ) -> AsyncIterator[ExecChunk]:
+        """Run a command in the guest, streaming its output; the last chunk has the exit code."""
+
+    async def logs(self, vm: VMConfig) -> str:
+        """The VM's console log, if the hypervisor keeps one."""
+        return ""
+
+    async def close(self) -> None:  # noqa: B027  # optional: most drivers hold nothing open
+        """Release connections; VMs keep running."""
+
+
+def host_resources(path: Path) -> Resources:
+    """This host's cpus, memory, and the disk of the filesystem holding ``path``."""
+    import psutil  # imported here: drivers that never ask stay cheap to import
+
+    return Resources(
+        cpus=psutil.cpu_count() or 1,
+        memory=psutil.virtual_memory().total,
+        disk=psutil.disk_usage(str(path)).total,
+    )

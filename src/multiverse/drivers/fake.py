@@ -1,0 +1,172 @@
+"""The fake hypervisor: no VMs, the real state machine, for tests and scale simulations.
+
+Its "hypervisor state" lives in ``state_dir/vms.json``, apart from the agent's records, the way
+QEMU processes live apart from the agent: a restarted agent finds its fake VMs still running.
+``exec`` runs the command on this host in the VM's directory, so the exec path through the
+whole cluster can be tested without booting anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from multiverse.core.errors import Conflict, InvalidArgument, NotFound
+from multiverse.core.model import GuestStats, Resources
+from multiverse.drivers.base import (
+    Driver,
+    ExecChunk,
+    PowerState,
+    VMConfig,
+    VMStatus,
+    host_resources,
+)
+
+KNOWN_IMAGES = ("tiny", "ubuntu", "debian")
+
+
+class FakeDriver(Driver):
+    name = "fake"
+
+    def __init__(
+        self, state_dir: Path, capacity: Resources | None = None, delay: float = 0.0
+    ) -> None:
+        super().__init__(state_dir)
+        self._capacity = capacity
+        self.delay = delay
+        self._file = state_dir / "vms.json"
+        self._vms: dict[str, dict[str, Any]] = (
+            json.loads(self._file.read_text()) if self._file.exists() else {}
+        )
+
+    def _save(self) -> None:
+        tmp = self._file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._vms))
+        os.replace(tmp, self._file)
+
+    def _vm(self, vm: VMConfig) -> dict[str, Any]:
+        try:
+            return self._vms[vm.id]
+        except KeyError:
+            raise NotFound(f"no VM {vm.name} on this host") from None
+
+    async def capacity(self) -> Resources:
+        return self._capacity or host_resources(self.state_dir)
+
+    async def validate(self, vm: VMConfig) -> None:
+        if vm.image not in KNOWN_IMAGES:
+            raise NotFound(f"image {vm.image!r} does not exist; known: {', '.join(KNOWN_IMAGES)}")
+
+    async def create(self, vm: VMConfig) -> None:
+        await self.validate(vm)
+        if vm.id not in self._vms:
+            await asyncio.sleep(self.delay)
+            (self.state_dir / "vms" / vm.id).mkdir(parents=True, exist_ok=True)
+            self._vms[vm.id] = {"power": PowerState.STOPPED.value, "ipv4": _fake_ip(vm.id)}
+            self._save()
+
+    async def start(self, vm: VMConfig) -> VMStatus:
+        record = self._vm(vm)
+        if record["power"] != PowerState.RUNNING:
+            await asyncio.sleep(self.delay)
+            record["power"] = PowerState.RUNNING.value
+            self._save()
+        return await self.status(vm)
+
+    async def stop(self, vm: VMConfig, force: bool = False) -> None:
+        record = self._vm(vm)
+        if record["power"] != PowerState.STOPPED:
+            await asyncio.sleep(0 if force else self.delay)
+            record["power"] = PowerState.STOPPED.value
+            self._save()
+
+    async def delete(self, vm: VMConfig) -> None:
+        if self._vms.pop(vm.id, None) is not None:
+            await asyncio.sleep(self.delay)
+            self._save()
+        directory = self.state_dir / "vms" / vm.id
+        if directory.exists():
+            for child in directory.iterdir():
+                child.unlink()
+            directory.rmdir()
+
+    async def status(self, vm: VMConfig) -> VMStatus:
+        record = self._vms.get(vm.id)
+        if record is None:
+            return VMStatus(PowerState.MISSING)
+        power = PowerState(record["power"])
+        return VMStatus(power, ipv4=record["ipv4"] if power == PowerState.RUNNING else "")
+
+    async def stats(self, vm: VMConfig) -> GuestStats:
+        if self._vm(vm)["power"] != PowerState.RUNNING:
+            raise Conflict(f"instance {vm.name} is not running")
+        # Stable made-up numbers, so tests can tell they came through the whole path.
+        seed = int(hashlib.sha256(vm.id.encode()).hexdigest()[:8], 16)
+        return GuestStats(
+            load=(round((seed % 100) / 100, 2), 0.05, 0.01),
+            memory_used=vm.memory // 4 + seed % 1024 * 1024,
+            memory_total=vm.memory,
+            disk_used=vm.disk // 10,
+            disk_total=vm.disk,
+            release="Fake 1.0",
+            ipv4=_fake_ip(vm.id),
+        )
+
+    async def exec(
+        self, vm: VMConfig, command: Sequence[str], stdin: bytes = b""
+    ) -> AsyncIterator[ExecChunk]:
+        if self._vm(vm)["power"] != PowerState.RUNNING:
+            raise Conflict(f"instance {vm.name} is not running; start it with `multiverse start`")
+        if not command:
+            raise InvalidArgument("no command given")
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *command,
+                cwd=self.state_dir / "vms" / vm.id,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            yield ExecChunk(2, f"{command[0]}: {exc.strerror}\n".encode())
+            yield ExecChunk(exit_code=127)
+            return
+        assert process.stdin and process.stdout and process.stderr
+        process.stdin.write(stdin)
+        process.stdin.close()
+        queue: asyncio.Queue[ExecChunk | None] = asyncio.Queue(maxsize=16)
+
+        async def pump(stream: asyncio.StreamReader, number: int) -> None:
+            while data := await stream.read(65536):
+                await queue.put(ExecChunk(number, data))
+            await queue.put(None)
+
+        pumps = [
+            asyncio.create_task(pump(process.stdout, 1)),
+            asyncio.create_task(pump(process.stderr, 2)),
+        ]
+        try:
+            open_streams = 2
+            while open_streams:
+                chunk = await queue.get()
+                if chunk is None:
+                    open_streams -= 1
+                else:
+                    yield chunk
+            yield ExecChunk(exit_code=await process.wait())
+        finally:
+            for task in pumps:
+                task.cancel()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+def _fake_ip(instance_id: str) -> str:
+    digest = hashlib.sha256(instance_id.encode()).digest()
+    return f"10.{200 + digest[0] % 50}.{digest[1]}.{2 + digest[2] % 250}"

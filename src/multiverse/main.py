@@ -1,0 +1,365 @@
+"""The ``multiverse`` executable: the client's commands plus those that run a master or worker.
+
+Kept apart from ``client/`` because the client speaks only HTTP, while ``master``, ``worker``
+and ``up`` start the servers themselves. Server modules are imported inside the commands so
+that ``multiverse instances`` stays quick to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import click
+
+from multiverse.client.cli import cli, run
+from multiverse.client.config import user_config_path
+from multiverse.core.errors import MultiverseError
+from multiverse.core.model import Resources, parse_labels
+
+EXIT_FAILED = 2
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "multiverse"
+
+
+def _logging() -> None:
+    logging.Formatter.converter = time.gmtime
+    logging.basicConfig(
+        level=os.environ.get("MULTIVERSE_LOG_LEVEL", "INFO"),
+        format="%(asctime)sZ %(levelname)s %(name)s %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]) -> None:
+    """Run until SIGINT/SIGTERM, then stop cleanly. VMs are left running."""
+
+    async def main() -> None:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        try:
+            await start()
+            await stopping.wait()
+        finally:
+            await stop()
+
+    try:
+        asyncio.run(main())
+    except MultiverseError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(EXIT_FAILED)
+
+
+def _default_node_name() -> str:
+    name = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()).strip("-") or "node"
+    return name if name[0].isalpha() else f"node-{name}"
+
+
+def _capacity(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Resources | None:
+    try:
+        return Resources.parse(value) if value else None
+    except MultiverseError as exc:
+        raise click.BadParameter(exc.message) from exc
+
+
+def _labels(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dict[str, str]:
+    try:
+        return parse_labels(value or "")
+    except MultiverseError as exc:
+        raise click.BadParameter(exc.message) from exc
+
+
+data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=default_data_dir,
+    show_default="~/.local/share/multiverse",
+    help="Where state is kept.",
+)
+sync_option = click.option(
+    "--sync-interval",
+    type=click.FloatRange(0.1),
+    default=5.0,
+    show_default=True,
+    help="Seconds between worker reports when nothing changes.",
+)
+
+
+@cli.command()
+@click.option("--listen", default="0.0.0.0:1337", show_default=True, help="Cluster gRPC address.")
+@click.option("--api-listen", default="0.0.0.0:1338", show_default=True, help="REST API address.")
+@data_dir_option
+@click.option("--db", default="", help="SQLAlchemy database URL (default: SQLite in the data dir).")
+@click.option(
+    "--node-timeout",
+    type=click.FloatRange(0.5),
+    default=20.0,
+    show_default=True,
+    help="Seconds without a report before a node is NotReady.",
+)
+@sync_option
+def master(
+    listen: str, api_listen: str, data_dir: Path, db: str, node_timeout: float, sync_interval: float
+) -> None:
+    """Run the master: cluster state, REST API, scheduler."""
+    from multiverse.master.server import Master, MasterConfig
+
+    _logging()
+    server = Master(
+        MasterConfig(
+            data_dir=data_dir,
+            listen=listen,
+            api_listen=api_listen,
+            db=db,
+            node_timeout=node_timeout,
+            sync_interval=sync_interval,
+            user_config=user_config_path(),
+        )
+    )
+
+    async def start() -> None:
+        await server.start()
+        click.echo(f"master addr: {listen} / api server addr: {api_listen}, data in {data_dir}")
+        click.echo(
+            f"client config: {data_dir / 'client.toml'}; "
+            "join workers with a token from `multiverse token create`",
+            err=True,
+        )
+
+    _serve(start, server.stop)
+
+
+def _worker_options(func: Callable[..., None]) -> Callable[..., None]:
+    options = [
+        click.option(
+            "--driver",
+            type=click.Choice(["fake", "qemu"]),
+            default="qemu",
+            show_default=True,
+            help="The hypervisor this host runs.",
+        ),
+        click.option(
+            "--capacity",
+            callback=_capacity,
+            help="What VMs may use, e.g. cpus=8,memory=16G,disk=100G (default: host).",
+        ),
+        click.option(
+            "--fake-delay",
+            type=click.FloatRange(0),
+            default=0.0,
+            help="Seconds each fake VM action takes.",
+        ),
+        sync_option,
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@cli.command()
+@click.option("--master", "master_address", required=True, help="The master's HOST:PORT (1337).")
+@click.option("--token", default="", help="Join token (not needed to re-join).")
+@click.option("--listen", default="0.0.0.0:1339", show_default=True, help="Agent gRPC address.")
+@click.option("--advertise", default="", help="HOST:PORT the master dials (default: as seen).")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=lambda: default_data_dir() / "worker",
+    show_default="~/.local/share/multiverse/worker",
+)
+@click.option("--name", default=_default_node_name, help="Node name (default: the host name).")
+@click.option("--labels", callback=_labels, help="Node labels: k=v,...")
+@_worker_options
+def worker(
+    master_address: str,
+    token: str,
+    listen: str,
+    advertise: str,
+    data_dir: Path,
+    name: str,
+    labels: dict[str, str],
+    driver: str,
+    capacity: Resources | None,
+    fake_delay: float,
+    sync_interval: float,
+) -> None:
+    """Run a worker: join a master and run its VMs on this host."""
+    from multiverse.worker.server import Worker, WorkerConfig
+
+    _logging()
+    server = Worker(
+        WorkerConfig(
+            master=master_address,
+            data_dir=data_dir,
+            token=token,
+            listen=listen,
+            advertise=advertise,
+            name=name,
+            driver=driver,
+            labels=labels,
+            capacity=capacity,
+            sync_interval=sync_interval,
+            fake_delay=fake_delay,
+        )
+    )
+
+    async def start() -> None:
+        identity = await server.start()
+        click.echo(f"joined as {identity.name} with uuid {identity.node_id}")
+
+    _serve(start, server.stop)
+
+
+@cli.command()
+@data_dir_option
+@click.option("--listen", default="127.0.0.1:1337", show_default=True)
+@click.option("--api-listen", default="127.0.0.1:1338", show_default=True)
+@click.option("--agent-listen", default="127.0.0.1:1339", show_default=True)
+@click.option("--detach", is_flag=True, help="Run in the background; `multiverse down` stops it.")
+@_worker_options
+def up(
+    data_dir: Path,
+    listen: str,
+    api_listen: str,
+    agent_listen: str,
+    detach: bool,
+    driver: str,
+    capacity: Resources | None,
+    fake_delay: float,
+    sync_interval: float,
+) -> None:
+    """Run a master and a worker for this machine in one process."""
+    if detach:
+        _detach(data_dir)
+        return
+    from multiverse.master import auth
+    from multiverse.master.server import Master, MasterConfig
+    from multiverse.worker.server import Worker, WorkerConfig
+
+    _logging()
+    master_server = Master(
+        MasterConfig(
+            data_dir=data_dir,
+            listen=listen,
+            api_listen=api_listen,
+            sync_interval=sync_interval,
+            user_config=user_config_path(),
+        )
+    )
+    worker_dir = data_dir / "worker"
+    worker_server: Worker | None = None
+
+    async def start() -> None:
+        nonlocal worker_server
+        await master_server.start()
+        token = ""
+        if not (worker_dir / "node.json").exists():
+            token = auth.issue_token(
+                master_server.store, auth.JOIN, uses=1, description="all-in-one worker"
+            ).token
+        worker_server = Worker(
+            WorkerConfig(
+                master=f"127.0.0.1:{master_server.grpc_port}",
+                data_dir=worker_dir,
+                token=token,
+                listen=agent_listen,
+                name=_default_node_name(),
+                driver=driver,
+                capacity=capacity,
+                sync_interval=sync_interval,
+                fake_delay=fake_delay,
+            )
+        )
+        identity = await worker_server.start()
+        (data_dir / "up.pid").write_text(str(os.getpid()))
+        click.echo(
+            f"multiverse is up: api {master_server.api_url}, "
+            f"node {identity.name} ({driver}), data in {data_dir}"
+        )
+
+    async def stop() -> None:
+        if worker_server:
+            await worker_server.stop()
+        await master_server.stop()
+        (data_dir / "up.pid").unlink(missing_ok=True)
+
+    _serve(start, stop)
+
+
+def _detach(data_dir: Path) -> None:
+    """Start ``multiverse up`` in the background and return once its API answers."""
+    import httpx
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pid_file = data_dir / "up.pid"
+    if pid_file.exists() and _alive(int(pid_file.read_text())):
+        click.echo(f"multiverse is already up (pid {pid_file.read_text()})")
+        return
+    args = [a for a in sys.argv[1:] if a != "--detach"]
+    log = open(data_dir / "multiverse.log", "ab")  # noqa: SIM115  # handed to the child
+    process = subprocess.Popen(
+        [sys.executable, "-m", "multiverse", *args],
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    config = data_dir / "client.toml"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise click.ClickException(f"multiverse up exited; see {data_dir / 'multiverse.log'}")
+        if pid_file.exists() and config.exists():
+            server = config.read_text().split('server = "')[1].split('"')[0]
+            try:
+                httpx.get(f"{server}/api/v1/health", timeout=2).raise_for_status()
+                click.echo(
+                    f"multiverse is up (pid {process.pid}); log: {data_dir / 'multiverse.log'}"
+                )
+                return
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.2)
+    raise click.ClickException(f"multiverse up did not come up; see {data_dir / 'multiverse.log'}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+@cli.command()
+@data_dir_option
+def down(data_dir: Path) -> None:
+    """Stop a `multiverse up --detach` (its VMs keep running)."""
+    pid_file = data_dir / "up.pid"
+    if not pid_file.exists() or not _alive(pid := int(pid_file.read_text())):
+        click.echo("multiverse is not running")
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    click.echo("multiverse is down")
+
+
+def main() -> None:
+    sys.exit(run(cli))

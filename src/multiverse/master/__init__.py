@@ -1,0 +1,1 @@
+"""The control plane: REST API, cluster service, scheduler, health, and their wiring."""

@@ -1,0 +1,324 @@
+"""The REST API under /api/v1 (FastAPI; OpenAPI at /docs). Thin: it validates, authorises,
+calls the services and shapes JSON. Every error is ``{"error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from multiverse import __version__
+from multiverse.core.errors import InvalidArgument, MultiverseError, Unauthenticated
+from multiverse.core.model import (
+    DEFAULT_CPUS,
+    DEFAULT_DISK,
+    DEFAULT_IMAGE,
+    DEFAULT_MEMORY,
+    Instance,
+    InstanceSpec,
+    Node,
+)
+from multiverse.core.sizes import parse_size
+from multiverse.master import auth
+from multiverse.master.instances import InstanceInfo, Instances
+from multiverse.master.scheduler import Strategy
+from multiverse.store.repository import Store
+
+HTTP_STATUS = {
+    "invalid_argument": 400,
+    "unauthenticated": 401,
+    "permission_denied": 403,
+    "not_found": 404,
+    "already_exists": 409,
+    "conflict": 409,
+    "unschedulable": 409,
+    "unavailable": 503,
+    "driver_error": 502,
+}
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+# ---- request bodies ----
+
+Size = int | str
+
+
+class LaunchBody(BaseModel):
+    name: str = Field(max_length=63)
+    cpus: int = DEFAULT_CPUS
+    memory: Size = DEFAULT_MEMORY
+    disk: Size = DEFAULT_DISK
+    image: str = Field(DEFAULT_IMAGE, max_length=128)
+    user_data: str = Field("", max_length=65536)
+    labels: dict[str, str] = {}
+    node: str | None = None
+    selector: dict[str, str] = {}
+    strategy: Strategy = "spread"
+
+
+class StopBody(BaseModel):
+    force: bool = False
+
+
+class TokenBody(BaseModel):
+    kind: Literal["join", "api"] = "join"
+    role: Literal["admin", "viewer"] = "admin"
+    ttl_seconds: int | None = Field(None, ge=1)
+    uses: int | None = Field(None, ge=1)
+    description: str = Field("", max_length=255)
+
+
+class ExecBody(BaseModel):
+    command: list[str] = Field(min_length=1)
+    stdin: str = ""  # base64
+
+
+# ---- JSON shapes ----
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat().replace("+00:00", "Z") if moment else None
+
+
+def node_json(node: Node) -> dict[str, Any]:
+    free = node.free
+    return {
+        "name": node.name,
+        "id": node.id,
+        "status": node.status.value,
+        "ipv4": node.ipv4,
+        "address": node.address,
+        "driver": node.driver,
+        "cpus": {"total": node.capacity.cpus, "free": free.cpus},
+        "memory": {"total": node.capacity.memory, "free": free.memory},
+        "disk": {"total": node.capacity.disk, "free": free.disk},
+        "labels": node.labels,
+        "cordoned": node.cordoned,
+        "instances": node.instance_count,
+        "last_sync": _iso(node.last_sync),
+        "version": node.version,
+    }
+
+
+def instance_json(instance: Instance) -> dict[str, Any]:
+    spec = instance.spec
+    return {
+        "name": spec.name,
+        "id": instance.id,
+        "node": instance.node_name,
+        "state": instance.state.value,
+        "desired": instance.desired.value,
+        "ipv4": instance.ipv4,
+        "image": spec.image,
+        "release": instance.release,
+        "cpus": spec.cpus,
+        "memory": spec.memory,
+        "disk": spec.disk,
+        "labels": spec.labels,
+        "message": instance.message,
+        "created_at": _iso(instance.created_at),
+    }
+
+
+def info_json(info: InstanceInfo) -> dict[str, Any]:
+    stats = info.stats
+    body = instance_json(info.instance)
+    body.update(
+        load=list(stats.load) if stats else None,
+        memory_usage={"used": stats.memory_used, "total": stats.memory_total} if stats else None,
+        disk_usage={"used": stats.disk_used, "total": stats.disk_total} if stats else None,
+        info_error=info.error,
+    )
+    if stats and stats.release:
+        body["release"] = stats.release
+    return body
+
+
+def _caller(request: Request) -> dict[str, object]:
+    """The API token's record; every route but health needs one."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated("missing API token: send Authorization: Bearer <token>")
+    return auth.verify_token(request.app.state.store, auth.API, token.strip())
+
+
+def _admin(record: Annotated[dict[str, object], Depends(_caller)]) -> dict[str, object]:
+    auth.require_role(record, "admin")
+    return record
+
+
+Reader = Annotated[dict[str, object], Depends(_caller)]
+Admin = Annotated[dict[str, object], Depends(_admin)]
+
+
+def create_app(store: Store, instances: Instances) -> FastAPI:
+    app = FastAPI(title="Multiverse", version=__version__, docs_url="/docs")
+
+    @app.exception_handler(MultiverseError)
+    async def _domain_error(_request: Request, exc: MultiverseError) -> JSONResponse:
+        return error_response(HTTP_STATUS.get(exc.code, 500), exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'][1:]) or 'body'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        return error_response(400, "invalid_argument", problems or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    app.state.store = store
+
+    @app.get("/api/v1/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/api/v1/nodes")
+    async def list_nodes(_: Reader) -> list[dict[str, Any]]:
+        return [node_json(node) for node in store.list_nodes()]
+
+    @app.get("/api/v1/nodes/{name}")
+    async def get_node(name: str, _: Reader) -> dict[str, Any]:
+        return node_json(store.find_node(name))
+
+    @app.get("/api/v1/instances")
+    async def list_instances(_: Reader) -> list[dict[str, Any]]:
+        return [instance_json(instance) for instance in store.list_instances()]
+
+    @app.get("/api/v1/instances/{name}")
+    async def get_instance(name: str, _: Reader) -> dict[str, Any]:
+        return instance_json(instances.get(name))
+
+    @app.post("/api/v1/instances", status_code=202)
+    async def launch(body: LaunchBody, _: Admin) -> dict[str, Any]:
+        spec = InstanceSpec(
+            name=body.name,
+            cpus=body.cpus,
+            memory=parse_size(body.memory),
+            disk=parse_size(body.disk),
+            image=body.image,
+            user_data=body.user_data,
+            labels=body.labels,
+        )
+        instance = await instances.launch(
+            spec, node_name=body.node, selector=body.selector, strategy=body.strategy
+        )
+        return instance_json(instance)
+
+    @app.post("/api/v1/instances/{name}/start", status_code=202)
+    async def start(name: str, _: Admin) -> dict[str, Any]:
+        return instance_json(await instances.start(name))
+
+    @app.post("/api/v1/instances/{name}/stop", status_code=202)
+    async def stop(name: str, _: Admin, body: StopBody | None = None) -> dict[str, Any]:
+        return instance_json(await instances.stop(name, force=bool(body and body.force)))
+
+    @app.post("/api/v1/instances/{name}/restart", status_code=202)
+    async def restart(name: str, _: Admin) -> dict[str, Any]:
+        return instance_json(await instances.restart(name))
+
+    @app.delete("/api/v1/instances/{name}", status_code=202)
+    async def delete(name: str, _: Admin) -> dict[str, Any]:
+        return instance_json(await instances.delete(name))
+
+    @app.get("/api/v1/instances/{name}/info")
+    async def info(name: str, _: Reader) -> dict[str, Any]:
+        return info_json(await instances.info(instances.get(name)))
+
+    @app.get("/api/v1/instances/{name}/logs")
+    async def logs(name: str, _: Admin) -> dict[str, str]:
+        return {"name": name, "log": await instances.logs(name)}
+
+    @app.post("/api/v1/instances/{name}/exec")
+    async def exec_(name: str, body: ExecBody, _: Admin) -> StreamingResponse:
+        """Output as JSON lines: ``{"stream": 1|2, "data": base64}``, last ``{"exit_code": N}``."""
+        try:
+            stdin = base64.b64decode(body.stdin, validate=True)
+        except ValueError:
+            raise InvalidArgument("stdin must be base64") from None
+        chunks = await instances.exec(name, body.command, stdin)
+        first = await anext(aiter(chunks), None)  # surfaces "not running" etc. as a 4xx
+
+        async def lines() -> AsyncIterator[bytes]:
+            pending = [first] if first is not None else []
+            try:
+                for chunk in pending:
+                    yield _exec_line(chunk)
+                async for chunk in chunks:
+                    yield _exec_line(chunk)
+            except MultiverseError as exc:
+                yield (
+                    json.dumps({"error": {"code": exc.code, "message": exc.message}}) + "\n"
+                ).encode()
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @app.post("/api/v1/tokens", status_code=201)
+    async def create_token(body: TokenBody, _: Admin) -> dict[str, Any]:
+        ttl = timedelta(seconds=body.ttl_seconds) if body.ttl_seconds else None
+        if body.kind == auth.JOIN and ttl is None:
+            ttl = auth.DEFAULT_JOIN_TTL
+        issued = auth.issue_token(
+            store,
+            body.kind,
+            role=body.role if body.kind == auth.API else "",
+            ttl=ttl,
+            uses=body.uses,
+            description=body.description,
+        )
+        return {
+            "id": issued.id,
+            "kind": body.kind,
+            "token": issued.token,
+            "expires_at": _iso(issued.expires_at),
+        }
+
+    @app.get("/api/v1/tokens")
+    async def list_tokens(_: Admin) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": record["id"],
+                "kind": record["kind"],
+                "role": record["role"],
+                "description": record["description"],
+                "expires_at": _iso(record["expires_at"]),
+                "uses_left": record["uses_left"],
+                "revoked": record["revoked"],
+                "created_at": _iso(record["created_at"]),
+            }
+            for record in store.list_tokens()
+        ]
+
+    @app.delete("/api/v1/tokens/{token_id}")
+    async def revoke_token(token_id: str, _: Admin) -> dict[str, str]:
+        store.revoke_token(token_id)
+        return {"id": token_id, "status": "revoked"}
+
+    return app
+
+
+def _exec_line(chunk: Any) -> bytes:
+    if chunk.exited:
+        return (json.dumps({"exit_code": chunk.exit_code}) + "\n").encode()
+    data = base64.b64encode(chunk.data).decode()
+    return (json.dumps({"stream": chunk.stream, "data": data}) + "\n").encode()

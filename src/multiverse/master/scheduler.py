@@ -1,0 +1,70 @@
+"""Placement: which node gets a new instance. Pure functions over core types.
+
+Feasible nodes are Ready, not cordoned, carry the requested labels and have room for the
+instance after everything already placed on them. Among those, ``spread`` picks the emptiest
+(what Nomad and Kubernetes do by default) and ``binpack`` the fullest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+from multiverse.core.errors import Unschedulable
+from multiverse.core.model import Node, NodeStatus, Resources
+
+Strategy = Literal["spread", "binpack"]
+STRATEGIES: tuple[Strategy, ...] = ("spread", "binpack")
+
+
+def why_not(node: Node, need: Resources, selector: Mapping[str, str]) -> str | None:
+    """The reason ``node`` cannot take an instance needing ``need``, or None if it can."""
+    if node.cordoned:
+        return "cordoned"
+    if node.status != NodeStatus.READY:
+        return f"not ready ({node.status.value})"
+    for key, value in selector.items():
+        if node.labels.get(key) != value:
+            return f"label {key}={value} does not match"
+    lacks = need.shortfalls(node.free)
+    return ", ".join(lacks) if lacks else None
+
+
+def _used_fraction(node: Node, need: Resources) -> float:
+    """How full the node would be with the instance, averaged over cpu, memory and disk."""
+    after = node.allocated + need
+    parts = [
+        after.cpus / node.capacity.cpus if node.capacity.cpus else 1.0,
+        after.memory / node.capacity.memory if node.capacity.memory else 1.0,
+        after.disk / node.capacity.disk if node.capacity.disk else 1.0,
+    ]
+    return sum(parts) / len(parts)
+
+
+def place(
+    need: Resources,
+    nodes: Sequence[Node],
+    *,
+    selector: Mapping[str, str] | None = None,
+    strategy: Strategy = "spread",
+) -> Node:
+    """The best node for ``need``; raises Unschedulable saying why each node was refused."""
+    selector = selector or {}
+    refused: list[str] = []
+    feasible: list[Node] = []
+    for node in nodes:
+        reason = why_not(node, need, selector)
+        if reason is None:
+            feasible.append(node)
+        else:
+            refused.append(f"{node.name}: {reason}")
+    if not feasible:
+        if not nodes:
+            raise Unschedulable("no node can hold the instance: the cluster has no nodes")
+        raise Unschedulable("no node can hold the instance: " + "; ".join(refused))
+    sign = 1 if strategy == "spread" else -1
+    # Ties break on fewer instances, then on the name, so equal nodes take turns.
+    return min(
+        feasible,
+        key=lambda node: (sign * _used_fraction(node, need), sign * node.instance_count, node.name),
+    )

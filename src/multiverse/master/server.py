@@ -1,0 +1,142 @@
+"""Wiring of the master process: store, cluster gRPC service, REST API, health watch."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import uvicorn
+
+from multiverse.core.errors import InvalidArgument
+from multiverse.master import auth
+from multiverse.master.api import create_app
+from multiverse.master.cluster import Agents, ClusterServicer
+from multiverse.master.health import watch_nodes
+from multiverse.master.instances import Instances
+from multiverse.store.repository import Store
+from multiverse.wire.convert import GRPC_SERVER_OPTIONS, listen_grpc
+from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
+
+log = logging.getLogger("multiverse.master")
+
+
+@dataclass
+class MasterConfig:
+    data_dir: Path
+    listen: str = "0.0.0.0:1337"
+    api_listen: str = "0.0.0.0:1338"
+    db: str = ""
+    node_timeout: float = 20.0  # seconds without a report before a node is NotReady
+    sync_interval: float = 5.0
+    user_config: Path | None = None  # written if missing, so the CLI works at once
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise InvalidArgument(f"invalid address {address!r}: use HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+
+
+def client_config_text(server: str, token: str) -> str:
+    return f'# Written by `multiverse master`.\nserver = "{server}"\ntoken = "{token}"\n'
+
+
+class _Uvicorn(uvicorn.Server):
+    """Uvicorn without its own signal handling: the process owner decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Master:
+    def __init__(self, config: MasterConfig) -> None:
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(config.db) if config.db else Store.for_data_dir(config.data_dir)
+        self.store.migrate()
+        self.agents = Agents(self._master_key())
+        self.instances = Instances(self.store, self.agents)
+        self.cluster = ClusterServicer(self.store, self.agents, config.sync_interval)
+        self.api_url = ""
+        self.grpc_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._http: _Uvicorn | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _master_key(self) -> bytes:
+        path = self.config.data_dir / "master.key"
+        if not path.exists():
+            _write_private(path, secrets.token_hex(32))
+        return bytes.fromhex(path.read_text().strip())
+
+    def _ensure_client_config(self) -> None:
+        """First start: an admin API token in <data-dir>/client.toml (and the user's config)."""
+        path = self.config.data_dir / "client.toml"
+        if path.exists():
+            return
+        issued = auth.issue_token(self.store, auth.API, role="admin", description="first admin")
+        text = client_config_text(self.api_url, issued.token)
+        _write_private(path, text)
+        user = self.config.user_config
+        if user is not None and not user.exists():
+            _write_private(user, text)
+            log.info("wrote %s", user)
+
+    async def start(self) -> None:
+        config = self.config
+        self._grpc = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
+        pb_grpc.add_ClusterServiceServicer_to_server(self.cluster, self._grpc)
+        self.grpc_port = listen_grpc(self._grpc, config.listen)
+        await self._grpc.start()
+
+        host, port = split_address(config.api_listen)
+        app = create_app(self.store, self.instances)
+        self._http = _Uvicorn(
+            uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        )
+        # Bound here rather than by uvicorn, which exits the process when it cannot bind.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise InvalidArgument(f"cannot listen on {config.api_listen}: {exc.strerror}") from exc
+        bound = sock.getsockname()[1]
+        serving = asyncio.create_task(self._http.serve(sockets=[sock]))
+        while not self._http.started and not serving.done():
+            await asyncio.sleep(0.02)
+        client_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        self.api_url = f"http://{client_host}:{bound}"
+        self._ensure_client_config()
+        self._tasks = [serving, asyncio.create_task(watch_nodes(self.store, config.node_timeout))]
+        log.info("master addr: %s / api server addr: %s", config.listen, config.api_listen)
+
+    async def stop(self) -> None:
+        if self._http:
+            self._http.should_exit = True
+        for task in self._tasks[1:]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._grpc:
+            await self._grpc.stop(grace=1)
+        await self.agents.close()
+        self.store.close()

@@ -1,0 +1,1 @@
+"""Persistence of the master's state (SQLAlchemy 2.x, Alembic migrations)."""

@@ -1,0 +1,397 @@
+"""The Store: every read and write of the master's state goes through here.
+
+Calls are synchronous on purpose: SQLite in WAL mode answers in well under a millisecond and the
+master serialises the decisions that must not race (placement) in one event loop anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from multiverse.core.errors import AlreadyExists, NotFound
+from multiverse.core.model import (
+    DesiredState,
+    Instance,
+    InstanceSpec,
+    InstanceState,
+    Node,
+    NodeStatus,
+    Resources,
+)
+from multiverse.store.schema import InstanceRow, NodeRow, TokenRow
+
+_MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything we write is UTC."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Store:
+    """The master's database: SQLite file by default, any SQLAlchemy URL (PostgreSQL) with --db."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: Engine = create_engine(url)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @classmethod
+    def for_data_dir(cls, data_dir: Path) -> Store:
+        return cls(f"sqlite:///{data_dir / 'multiverse.db'}")
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision; a no-op when it is there already."""
+        config = Config()
+        config.set_main_option("script_location", str(_MIGRATIONS))
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    # ---- nodes ----
+
+    def add_node(self, node: Node, secret_hash: str) -> Node:
+        row = NodeRow(
+            id=node.id,
+            name=node.name,
+            address=node.address,
+            driver=node.driver,
+            labels=node.labels,
+            status=node.status.value,
+            cordoned=node.cordoned,
+            cpus=node.capacity.cpus,
+            memory=node.capacity.memory,
+            disk=node.capacity.disk,
+            secret_hash=secret_hash,
+            version=node.version,
+            last_sync=node.last_sync,
+            created_at=now(),
+        )
+        try:
+            with self._session() as session:
+                session.add(row)
+        except IntegrityError as exc:
+            raise AlreadyExists(f"a node named {node.name!r} exists already") from exc
+        return node
+
+    def update_node(self, node_id: str, **fields: Any) -> None:
+        """Set columns of one node; ``capacity`` and ``status`` take core types."""
+        if "capacity" in fields:
+            capacity: Resources = fields.pop("capacity")
+            fields.update(cpus=capacity.cpus, memory=capacity.memory, disk=capacity.disk)
+        if isinstance(fields.get("status"), NodeStatus):
+            fields["status"] = fields["status"].value
+        with self._session() as session:
+            row = session.get(NodeRow, node_id)
+            if row is None:
+                raise NotFound(f"node {node_id} does not exist")
+            for key, value in fields.items():
+                setattr(row, key, value)
+
+    def node_secret_hash(self, node_id: str) -> str | None:
+        with self._session() as session:
+            row = session.get(NodeRow, node_id)
+            return row.secret_hash if row else None
+
+    def get_node(self, node_id: str) -> Node:
+        for node in self.list_nodes(ids=[node_id]):
+            return node
+        raise NotFound(f"node {node_id} does not exist")
+
+    def find_node(self, name: str) -> Node:
+        for node in self.list_nodes(names=[name]):
+            return node
+        raise NotFound(f"node {name!r} does not exist; `multiverse nodes` lists the nodes")
+
+    def list_nodes(
+        self, ids: Sequence[str] | None = None, names: Sequence[str] | None = None
+    ) -> list[Node]:
+        """Nodes with what their instances take (allocated) and how many they hold."""
+        usage = (
+            select(
+                InstanceRow.node_id,
+                func.count(InstanceRow.id).label("count"),
+                func.coalesce(func.sum(InstanceRow.cpus), 0).label("cpus"),
+                func.coalesce(func.sum(InstanceRow.memory), 0).label("memory"),
+                func.coalesce(func.sum(InstanceRow.disk), 0).label("disk"),
+            )
+            .group_by(InstanceRow.node_id)
+            .subquery()
+        )
+        query = (
+            select(NodeRow, usage.c.count, usage.c.cpus, usage.c.memory, usage.c.disk)
+            .outerjoin(usage, usage.c.node_id == NodeRow.id)
+            .order_by(NodeRow.name)
+        )
+        if ids is not None:
+            query = query.where(NodeRow.id.in_(ids))
+        if names is not None:
+            query = query.where(NodeRow.name.in_(names))
+        with self._session() as session:
+            return [
+                Node(
+                    id=row.id,
+                    name=row.name,
+                    address=row.address,
+                    driver=row.driver,
+                    status=NodeStatus(row.status),
+                    labels=dict(row.labels),
+                    capacity=Resources(row.cpus, row.memory, row.disk),
+                    allocated=Resources(int(cpus or 0), int(memory or 0), int(disk or 0)),
+                    cordoned=row.cordoned,
+                    last_sync=_utc(row.last_sync),
+                    version=row.version,
+                    instance_count=int(count or 0),
+                )
+                for row, count, cpus, memory, disk in session.execute(query)
+            ]
+
+    # ---- instances ----
+
+    def add_instance(self, instance: Instance) -> Instance:
+        spec = instance.spec
+        row = InstanceRow(
+            id=instance.id,
+            name=spec.name,
+            node_id=instance.node_id,
+            cpus=spec.cpus,
+            memory=spec.memory,
+            disk=spec.disk,
+            image=spec.image,
+            user_data=spec.user_data,
+            labels=spec.labels,
+            desired=instance.desired.value,
+            state=instance.state.value,
+            ipv4=instance.ipv4,
+            release=instance.release,
+            message=instance.message,
+            version=instance.version,
+            created_at=instance.created_at or now(),
+        )
+        try:
+            with self._session() as session:
+                session.add(row)
+        except IntegrityError as exc:
+            raise AlreadyExists(f"an instance named {spec.name!r} exists already") from exc
+        return instance
+
+    def find_instance(self, name: str) -> Instance:
+        found = self.list_instances(names=[name])
+        if not found:
+            raise NotFound(
+                f"instance {name!r} does not exist; `multiverse instances` lists the instances"
+            )
+        return found[0]
+
+    def get_instance(self, instance_id: str) -> Instance:
+        found = self.list_instances(ids=[instance_id])
+        if not found:
+            raise NotFound(f"instance {instance_id} does not exist (deleted meanwhile?)")
+        return found[0]
+
+    def list_instances(
+        self,
+        names: Sequence[str] | None = None,
+        node_id: str | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> list[Instance]:
+        query = (
+            select(InstanceRow, NodeRow.name)
+            .outerjoin(NodeRow, NodeRow.id == InstanceRow.node_id)
+            .order_by(InstanceRow.name)
+        )
+        if names is not None:
+            query = query.where(InstanceRow.name.in_(names))
+        if node_id is not None:
+            query = query.where(InstanceRow.node_id == node_id)
+        if ids is not None:
+            query = query.where(InstanceRow.id.in_(ids))
+        with self._session() as session:
+            return [_instance(row, node_name or "") for row, node_name in session.execute(query)]
+
+    def update_instance(self, instance_id: str, **fields: Any) -> None:
+        for key in ("state", "desired"):
+            if isinstance(fields.get(key), InstanceState | DesiredState):
+                fields[key] = fields[key].value
+        with self._session() as session:
+            row = session.get(InstanceRow, instance_id)
+            if row is None:
+                raise NotFound(f"instance {instance_id} does not exist")
+            for key, value in fields.items():
+                setattr(row, key, value)
+
+    def apply_report(self, node_id: str, reported: Sequence[dict[str, Any]]) -> list[str]:
+        """Take a worker's view of its instances; returns ids of instances found deleted.
+
+        A report older than what the master knows (lower ``version``) is ignored, so a
+        report that crossed an action on the wire cannot undo it.
+        """
+        by_id = {item["id"]: item for item in reported}
+        gone: list[str] = []
+        with self._session() as session:
+            rows = session.scalars(select(InstanceRow).where(InstanceRow.node_id == node_id))
+            for row in rows:
+                item = by_id.get(row.id)
+                if item is None:
+                    if row.desired == DesiredState.DELETED.value:
+                        session.delete(row)
+                        gone.append(row.id)
+                    continue
+                _observe(row, item)
+        return gone
+
+    def observe_instance(self, instance_id: str, item: dict[str, Any]) -> None:
+        """Take one instance's status as an agent answered it (same rule as a report)."""
+        with self._session() as session:
+            row = session.get(InstanceRow, instance_id)
+            if row is not None:
+                _observe(row, item)
+
+    def delete_instance(self, instance_id: str) -> None:
+        with self._session() as session:
+            row = session.get(InstanceRow, instance_id)
+            if row is not None:
+                session.delete(row)
+
+    # ---- tokens ----
+
+    def add_token(
+        self,
+        token_id: str,
+        kind: str,
+        secret_hash: str,
+        *,
+        role: str = "",
+        description: str = "",
+        expires_at: datetime | None = None,
+        uses_left: int | None = None,
+    ) -> None:
+        with self._session() as session:
+            session.add(
+                TokenRow(
+                    id=token_id,
+                    kind=kind,
+                    role=role,
+                    description=description,
+                    secret_hash=secret_hash,
+                    expires_at=expires_at,
+                    uses_left=uses_left,
+                    revoked=False,
+                    created_at=now(),
+                )
+            )
+
+    def get_token(self, token_id: str) -> dict[str, Any] | None:
+        with self._session() as session:
+            row = session.get(TokenRow, token_id)
+            return _token(row) if row else None
+
+    def list_tokens(self, kind: str | None = None) -> list[dict[str, Any]]:
+        query = select(TokenRow).order_by(TokenRow.created_at)
+        if kind:
+            query = query.where(TokenRow.kind == kind)
+        with self._session() as session:
+            return [_token(row) for row in session.scalars(query)]
+
+    def consume_token_use(self, token_id: str) -> bool:
+        """Count one use of a limited token; False when none is left (checked in one step)."""
+        with self._session() as session:
+            row = session.get(TokenRow, token_id)
+            if row is None:
+                return False
+            if row.uses_left is None:
+                return True
+            if row.uses_left <= 0:
+                return False
+            row.uses_left -= 1
+            return True
+
+    def revoke_token(self, token_id: str) -> None:
+        with self._session() as session:
+            row = session.get(TokenRow, token_id)
+            if row is None:
+                raise NotFound(f"token {token_id} does not exist")
+            row.revoked = True
+
+
+def _observe(row: InstanceRow, item: dict[str, Any]) -> None:
+    if item["version"] < row.version:
+        return
+    row.state = item["state"]
+    row.ipv4 = item["ipv4"]
+    row.message = item["message"]
+    row.version = item["version"]
+    if item.get("release"):
+        row.release = item["release"]
+
+
+def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+def _instance(row: InstanceRow, node_name: str) -> Instance:
+    return Instance(
+        id=row.id,
+        spec=InstanceSpec(
+            name=row.name,
+            cpus=row.cpus,
+            memory=row.memory,
+            disk=row.disk,
+            image=row.image,
+            user_data=row.user_data,
+            labels=dict(row.labels),
+        ),
+        node_id=row.node_id,
+        node_name=node_name,
+        desired=DesiredState(row.desired),
+        state=InstanceState(row.state),
+        ipv4=row.ipv4,
+        release=row.release,
+        message=row.message,
+        version=row.version,
+        created_at=_utc(row.created_at),
+    )
+
+
+def _token(row: TokenRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "kind": row.kind,
+        "role": row.role,
+        "description": row.description,
+        "secret_hash": row.secret_hash,
+        "expires_at": _utc(row.expires_at),
+        "uses_left": row.uses_left,
+        "revoked": row.revoked,
+        "created_at": _utc(row.created_at),
+    }

@@ -1,0 +1,70 @@
+"""The master's tables. Migrations in ``migrations/versions`` create exactly these."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class NodeRow(Base):
+    __tablename__ = "nodes"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    address: Mapped[str] = mapped_column(String(255))
+    driver: Mapped[str] = mapped_column(String(32))
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(16))
+    cordoned: Mapped[bool] = mapped_column(Boolean, default=False)
+    cpus: Mapped[int] = mapped_column(Integer, default=0)
+    memory: Mapped[int] = mapped_column(BigInteger, default=0)
+    disk: Mapped[int] = mapped_column(BigInteger, default=0)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(32), default="")
+    last_sync: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime]
+
+
+class InstanceRow(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    # Unique by constraint, so two concurrent launches of one name cannot both succeed.
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    node_id: Mapped[str | None] = mapped_column(ForeignKey("nodes.id"), index=True)
+    cpus: Mapped[int] = mapped_column(Integer)
+    memory: Mapped[int] = mapped_column(BigInteger)
+    disk: Mapped[int] = mapped_column(BigInteger)
+    image: Mapped[str] = mapped_column(String(128))
+    user_data: Mapped[str] = mapped_column(Text, default="")
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    desired: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    ipv4: Mapped[str] = mapped_column(String(64), default="")
+    release: Mapped[str] = mapped_column(String(128), default="")
+    message: Mapped[str] = mapped_column(Text, default="")
+    version: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime]
+
+
+class TokenRow(Base):
+    """Join tokens and API tokens; only a hash of the secret is kept."""
+
+    __tablename__ = "tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8))  # "join" or "api"
+    role: Mapped[str] = mapped_column(String(16), default="")
+    description: Mapped[str] = mapped_column(String(255), default="")
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    uses_left: Mapped[int | None] = mapped_column(Integer, default=None)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime]

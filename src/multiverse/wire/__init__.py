@@ -1,0 +1,1 @@
+"""The gRPC contracts' generated code and the conversions between it and core types."""

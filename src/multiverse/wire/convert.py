@@ -1,0 +1,133 @@
+"""Conversions between the generated protobuf messages and core types. Nothing else lives here."""
+
+from __future__ import annotations
+
+import grpc
+
+from multiverse.core import errors
+from multiverse.core.model import GuestStats, InstanceSpec, InstanceState, Resources
+from multiverse.wire.v1 import multiverse_pb2 as pb
+
+
+def resources_to_pb(resources: Resources) -> pb.Resources:
+    return pb.Resources(cpus=resources.cpus, memory=resources.memory, disk=resources.disk)
+
+
+def resources_from_pb(message: pb.Resources) -> Resources:
+    return Resources(cpus=message.cpus, memory=message.memory, disk=message.disk)
+
+
+def spec_to_pb(instance_id: str, spec: InstanceSpec) -> pb.InstanceSpec:
+    return pb.InstanceSpec(
+        id=instance_id,
+        name=spec.name,
+        cpus=spec.cpus,
+        memory=spec.memory,
+        disk=spec.disk,
+        image=spec.image,
+        user_data=spec.user_data,
+        labels=spec.labels,
+    )
+
+
+def spec_from_pb(message: pb.InstanceSpec) -> tuple[str, InstanceSpec]:
+    spec = InstanceSpec(
+        name=message.name,
+        cpus=message.cpus,
+        memory=message.memory,
+        disk=message.disk,
+        image=message.image,
+        user_data=message.user_data,
+        labels=dict(message.labels),
+    )
+    return message.id, spec
+
+
+def state_from_pb(value: str) -> InstanceState:
+    try:
+        return InstanceState(value)
+    except ValueError:
+        return InstanceState.UNKNOWN
+
+
+def stats_from_pb(message: pb.InstanceInfo) -> GuestStats:
+    return GuestStats(
+        load=(message.load1, message.load5, message.load15),
+        memory_used=message.memory_used,
+        memory_total=message.memory_total,
+        disk_used=message.disk_used,
+        disk_total=message.disk_total,
+        release=message.release,
+        ipv4=message.status.ipv4,
+    )
+
+
+def stats_to_pb(status: pb.InstanceStatus, stats: GuestStats) -> pb.InstanceInfo:
+    return pb.InstanceInfo(
+        status=status,
+        load1=stats.load[0],
+        load5=stats.load[1],
+        load15=stats.load[2],
+        memory_used=stats.memory_used,
+        memory_total=stats.memory_total,
+        disk_used=stats.disk_used,
+        disk_total=stats.disk_total,
+        release=stats.release,
+    )
+
+
+_STATUS_OF_CODE = {
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "already_exists": grpc.StatusCode.ALREADY_EXISTS,
+    "conflict": grpc.StatusCode.FAILED_PRECONDITION,
+    "unschedulable": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "driver_error": grpc.StatusCode.INTERNAL,
+}
+_ERROR_OF_CODE: dict[str, type[errors.MultiverseError]] = {
+    cls.code: cls
+    for cls in (
+        errors.InvalidArgument,
+        errors.NotFound,
+        errors.AlreadyExists,
+        errors.Conflict,
+        errors.Unschedulable,
+        errors.Unauthenticated,
+        errors.PermissionDenied,
+        errors.Unavailable,
+        errors.DriverError,
+    )
+}
+
+
+def error_to_rpc(exc: errors.MultiverseError) -> tuple[grpc.StatusCode, str]:
+    """The status and details to abort a call with; the details keep our error code."""
+    return _STATUS_OF_CODE.get(exc.code, grpc.StatusCode.INTERNAL), f"{exc.code}:{exc.message}"
+
+
+def error_from_rpc(exc: grpc.aio.AioRpcError, peer: str) -> errors.MultiverseError:
+    """Our typed error back from a failed call to ``peer`` (a node name, for the message)."""
+    code, sep, message = (exc.details() or "").partition(":")
+    if sep and code in _ERROR_OF_CODE:
+        return _ERROR_OF_CODE[code](message)
+    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return errors.Unavailable(f"node {peer} is unreachable ({exc.code().name.lower()})")
+    return errors.DriverError(f"node {peer}: {exc.details() or exc.code().name}")
+
+
+# gRPC would otherwise share a busy port (SO_REUSEPORT) and split calls between two servers.
+GRPC_SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
+
+
+def listen_grpc(server: grpc.aio.Server, address: str) -> int:
+    """Bind ``server`` to ``address``; the bound port, or a clear error when it is taken."""
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise errors.InvalidArgument(f"cannot listen on {address}: address in use or invalid")
+    return port

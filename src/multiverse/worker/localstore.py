@@ -1,0 +1,80 @@
+"""The worker's own record of its VMs, in SQLite in its data directory.
+
+It is what lets a restarted agent know which VMs are its own and what state each was in,
+without asking the master, which may be away.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from multiverse.core.model import InstanceSpec, InstanceState
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vms (
+    id TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    message TEXT NOT NULL DEFAULT '',
+    ipv4 TEXT NOT NULL DEFAULT '',
+    release TEXT NOT NULL DEFAULT ''
+)
+"""
+
+
+@dataclass
+class VMRecord:
+    id: str
+    spec: InstanceSpec
+    state: InstanceState = InstanceState.CREATING
+    version: int = 0
+    message: str = ""
+    ipv4: str = ""
+    release: str = ""
+
+
+class LocalStore:
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(_SCHEMA)
+
+    def load(self) -> list[VMRecord]:
+        rows = self._db.execute("SELECT id, spec, state, version, message, ipv4, release FROM vms")
+        return [
+            VMRecord(
+                id=vm_id,
+                spec=InstanceSpec(**json.loads(spec)),
+                state=InstanceState(state),
+                version=version,
+                message=message,
+                ipv4=ipv4,
+                release=release,
+            )
+            for vm_id, spec, state, version, message, ipv4, release in rows
+        ]
+
+    def save(self, record: VMRecord) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO vms (id, spec, state, version, message, ipv4, release)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.id,
+                json.dumps(asdict(record.spec)),
+                record.state.value,
+                record.version,
+                record.message,
+                record.ipv4,
+                record.release,
+            ),
+        )
+
+    def remove(self, vm_id: str) -> None:
+        self._db.execute("DELETE FROM vms WHERE id = ?", (vm_id,))
+
+    def close(self) -> None:
+        self._db.close()

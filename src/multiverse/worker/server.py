@@ -1,0 +1,109 @@
+"""Wiring of one worker process: driver, local store, agent service, join and sync."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from multiverse.core.errors import InvalidArgument
+from multiverse.core.model import Resources
+from multiverse.drivers.base import Driver
+from multiverse.wire.convert import GRPC_SERVER_OPTIONS, listen_grpc
+from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
+from multiverse.worker.agent import Agent, AgentServicer, Ctx
+from multiverse.worker.localstore import LocalStore
+from multiverse.worker.sync import Identity, join, observe_forever, sync_forever
+
+log = logging.getLogger("multiverse.worker")
+
+DRIVERS = ("fake", "qemu")
+
+
+@dataclass
+class WorkerConfig:
+    master: str
+    data_dir: Path
+    token: str = ""
+    listen: str = "0.0.0.0:1339"
+    advertise: str = ""
+    name: str = ""
+    driver: str = "fake"
+    labels: dict[str, str] = field(default_factory=dict)
+    capacity: Resources | None = None
+    sync_interval: float = 5.0
+    fake_delay: float = 0.0
+    image_dirs: list[Path] = field(default_factory=list)
+
+
+def make_driver(config: WorkerConfig) -> Driver:
+    """The adapter named by ``--driver``; imported lazily, each pulls in its own libraries."""
+    state_dir = config.data_dir / config.driver
+    if config.driver == "fake":
+        from multiverse.drivers.fake import FakeDriver
+
+        return FakeDriver(state_dir, capacity=config.capacity, delay=config.fake_delay)
+    if config.driver == "qemu":
+        from multiverse.drivers.qemu import QemuDriver
+
+        image_dirs = [config.data_dir / "images", *config.image_dirs]
+        return QemuDriver(state_dir, image_dirs=image_dirs, capacity=config.capacity)
+    raise InvalidArgument(f"unknown driver {config.driver!r}: use one of {', '.join(DRIVERS)}")
+
+
+class Worker:
+    """A running worker; ``await start()`` then ``await stop()``, or ``await run()``."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.agent = Agent(make_driver(config), LocalStore(config.data_dir / "worker.db"))
+        self.identity: Identity | None = None
+        self._server: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _authorize(self, context: Ctx) -> bool:
+        presented = dict(context.invocation_metadata() or ()).get("agent-secret", "")
+        expected = self.identity.agent_secret if self.identity else ""
+        return bool(expected) and hmac.compare_digest(str(presented), expected)
+
+    async def start(self) -> Identity:
+        config = self.config
+        await self.agent.observe()  # adopt what kept running while we were away
+        self._server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
+        pb_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(self.agent, self._authorize), self._server
+        )
+        port = listen_grpc(self._server, config.listen)
+        await self._server.start()
+        advertise = config.advertise or f":{port}"
+        self.identity = await join(
+            config.master,
+            token=config.token,
+            identity_file=config.data_dir / "node.json",
+            name=config.name,
+            advertise=advertise,
+            driver=config.driver,
+            labels=config.labels,
+            agent=self.agent,
+        )
+        self._tasks = [
+            asyncio.create_task(
+                sync_forever(config.master, self.identity, self.agent, config.sync_interval)
+            ),
+            asyncio.create_task(observe_forever(self.agent, config.sync_interval)),
+        ]
+        return self.identity
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server:
+            await self._server.stop(grace=1)
+        await self.agent.shutdown()
+        self.agent.store.close()

@@ -1,0 +1,190 @@
+"""End to end: a master and fake-driver workers as separate processes, driven by the CLI."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+import httpx
+import yaml
+from conftest import NODE_TIMEOUT, Cluster, wait_until
+
+
+def _age(stamp: str) -> float:
+    moment = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return (datetime.now(UTC) - moment).total_seconds()
+
+
+def test_two_workers_spread_and_lifecycle(cluster: Cluster) -> None:
+    cluster.start_master()
+    cluster.start_worker("node-a", "--labels", "zone=a")
+    cluster.start_worker("node-b", "--labels", "zone=b")
+
+    nodes = cluster.ok("nodes", "--format", "json").json()
+    assert [n["name"] for n in nodes] == ["node-a", "node-b"]
+    for node in nodes:
+        assert node["status"] == "Ready"
+        assert _age(node["last_sync"]) < 5
+        assert node["cpus"] == {"total": 8, "free": 8}
+        assert node["memory"]["total"] == 16 * 1024**3
+        assert node["labels"]["zone"] in ("a", "b")
+    table = cluster.ok("nodes").out
+    assert table.splitlines()[0].split() == [
+        "Node",
+        "Name",
+        "Status",
+        "IPv4",
+        "Cpu",
+        "Mem",
+        "Disk",
+        "Instances",
+        "Last",
+        "Sync",
+    ]
+
+    for i in range(6):
+        launched = cluster.ok(
+            "launch", "--name", f"web-{i}", "--cpus", "1", "--memory", "1G", "--disk", "4G"
+        )
+        assert f"web-{i}" in launched.out
+    instances = cluster.instances()
+    assert all(item["state"] == "Running" for item in instances.values())
+    per_node = [item["node"] for item in instances.values()]
+    assert sorted(per_node.count(name) for name in ("node-a", "node-b")) == [3, 3]
+    assert instances["web-0"]["memory"] == 1024**3 and instances["web-0"]["disk"] == 4 * 1024**3
+    # What the scheduler reserved shows as used on the node.
+    wait_until(lambda: cluster.node("node-a")["cpus"]["free"] == 5)
+
+    # Placement by selector and by node name.
+    cluster.ok("launch", "--name", "in-b", "--selector", "zone=b")
+    cluster.ok("launch", "--name", "on-a", "--node", "node-a")
+    instances = cluster.instances()
+    assert instances["in-b"]["node"] == "node-b" and instances["on-a"]["node"] == "node-a"
+
+    cluster.ok("stop", "web-0", "web-1")
+    instances = cluster.instances()
+    assert instances["web-0"]["state"] == "Stopped" and instances["web-1"]["state"] == "Stopped"
+    assert instances["web-2"]["state"] == "Running"
+    cluster.ok("start", "web-0")
+    assert cluster.instances()["web-0"]["state"] == "Running"
+    cluster.ok("restart", "web-2")
+    assert cluster.instances()["web-2"]["state"] == "Running"
+    cluster.ok("delete", "web-3")
+    assert "web-3" not in cluster.instances()
+
+    info = cluster.ok("info", "web-0", "--format", "json").json()[0]
+    assert info["memory_usage"]["total"] == 1024**3 and info["memory_usage"]["used"] > 0
+    assert len(info["load"]) == 3 and info["disk_usage"]["total"] == 4 * 1024**3
+    assert "out of" in cluster.ok("info", "web-0").out
+
+    # Every listing in every format parses, with the documented keys.
+    listing = yaml.safe_load(cluster.ok("instances", "--format", "yaml").out)
+    assert {"name", "id", "node", "state", "ipv4", "image", "cpus", "memory", "disk"} <= set(
+        listing[0]
+    )
+    rows = list(csv.DictReader(io.StringIO(cluster.ok("list", "--format", "csv").out)))
+    assert {row["Instance Name"] for row in rows} == set(cluster.instances())
+    assert cluster.ok("ls").out.splitlines()[0].split()[:4] == ["Node", "Name", "Instance", "Name"]
+
+    exec_result = cluster.cli("exec", "web-0", "--", "sh", "-c", "echo out; echo err >&2; exit 4")
+    assert (exec_result.code, exec_result.out, exec_result.err) == (4, "out\n", "err\n")
+
+    cluster.ok("delete", "--all")
+    assert cluster.instances() == {}
+    wait_until(lambda: cluster.node("node-a")["cpus"]["free"] == 8)
+
+
+def test_killed_worker_goes_not_ready_and_comes_back(cluster: Cluster) -> None:
+    cluster.start_master()
+    cluster.start_worker("node-a")
+    cluster.start_worker("node-b")
+    first_id = cluster.node("node-a")["id"]
+    cluster.ok("launch", "--name", "keep-1", "--node", "node-a")
+    cluster.ok("launch", "--name", "keep-2", "--node", "node-a")
+
+    cluster.workers["node-a"].kill()
+    killed_at = time.monotonic()
+    wait_until(lambda: cluster.node("node-a")["status"] == "NotReady", timeout=NODE_TIMEOUT + 5)
+    assert time.monotonic() - killed_at < NODE_TIMEOUT + 3
+    for i in range(3):
+        cluster.ok("launch", "--name", f"new-{i}")
+    instances = cluster.instances()
+    assert all(instances[f"new-{i}"]["node"] == "node-b" for i in range(3))
+    refused = cluster.cli("launch", "--name", "pinned", "--node", "node-a")
+    assert refused.code == 2 and "not ready" in refused.err
+
+    # Same data dir, no token: it re-joins as the same node with its instances.
+    proc = cluster.start_worker("node-a", token="")
+    assert f"with uuid {first_id}" in wait_until(
+        lambda: "joined as" in proc.output() and proc.output()
+    )
+    assert cluster.node("node-a")["id"] == first_id
+    assert len([n for n in cluster.ok("nodes", "--format", "json").json()]) == 2
+    instances = cluster.instances()
+    assert instances["keep-1"]["state"] == instances["keep-2"]["state"] == "Running"
+    cluster.ok("stop", "keep-1")
+    assert cluster.instances()["keep-1"]["state"] == "Stopped"
+
+
+def test_master_restart_keeps_everything(cluster: Cluster) -> None:
+    cluster.start_master()
+    cluster.start_worker("node-a")
+    cluster.ok("launch", "--name", "survivor", "--memory", "2G")
+    cluster.ok("token", "create", "--api", "--role", "viewer", "--description", "ci")
+    tokens_before = cluster.ok("token", "list", "--format", "json").json()
+    node_before = cluster.node("node-a")
+
+    assert cluster.master is not None
+    cluster.master.stop()
+    cluster.start_master()
+
+    assert cluster.ok("token", "list", "--format", "json").json() == tokens_before
+    node = cluster.node("node-a")
+    assert node["id"] == node_before["id"]
+    instance = cluster.instances()["survivor"]
+    assert instance["memory"] == 2 * 1024**3 and instance["node"] == "node-a"
+    # The worker's sync stream reconnects by itself; the node is Ready again, actions work.
+    wait_until(lambda: _age(cluster.node("node-a")["last_sync"]) < 2, timeout=20)
+    cluster.ok("stop", "survivor")
+    assert cluster.instances()["survivor"]["state"] == "Stopped"
+
+
+def test_concurrent_launches_never_lose_duplicate_or_oversubscribe(cluster: Cluster) -> None:
+    cluster.start_master()
+    cluster.start_worker("node-a", capacity="cpus=12,memory=64G,disk=500G")
+    cluster.start_worker("node-b", capacity="cpus=12,memory=64G,disk=500G")
+    headers = {"Authorization": f"Bearer {cluster.token}"}
+
+    def launch(name: str) -> httpx.Response:
+        body = {"name": name, "cpus": 1, "memory": "512M", "disk": "1G"}
+        return httpx.post(f"{cluster.api}/api/v1/instances", json=body, headers=headers, timeout=60)
+
+    with ThreadPoolExecutor(20) as pool:
+        responses = list(pool.map(launch, [f"burst-{i}" for i in range(20)]))
+    assert [r.status_code for r in responses] == [202] * 20
+    ids = {r.json()["id"] for r in responses}
+    assert len(ids) == 20
+    wait_until(lambda: all(i["state"] == "Running" for i in cluster.instances().values()))
+    instances = cluster.instances()
+    assert {i["id"] for i in instances.values()} == ids
+
+    # 4 cpus are left in all; 10 more at once: exactly 4 fit, none past capacity.
+    with ThreadPoolExecutor(10) as pool:
+        responses = list(pool.map(launch, [f"more-{i}" for i in range(10)]))
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [202] * 4 + [409] * 6
+    refused = [r.json()["error"] for r in responses if r.status_code == 409]
+    assert all(e["code"] == "unschedulable" and "cpus free" in e["message"] for e in refused)
+    for name in ("node-a", "node-b"):
+        node = cluster.node(name)
+        assert node["cpus"]["free"] == 0 and node["instances"] == 12
+
+    # One name launched five times at once: exactly one wins.
+    cluster.ok("delete", *[f"burst-{i}" for i in range(6)])
+    with ThreadPoolExecutor(5) as pool:
+        responses = list(pool.map(launch, ["same"] * 5))
+    assert sorted(r.status_code for r in responses) == [202] + [409] * 4
+    assert len(cluster.instances()) == 30 - 6 - 6 + 1

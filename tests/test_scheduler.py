@@ -1,0 +1,82 @@
+"""Placement rules, alone: no processes, no store."""
+
+from __future__ import annotations
+
+import pytest
+
+from multiverse.core.errors import Unschedulable
+from multiverse.core.model import Node, NodeStatus, Resources
+from multiverse.core.sizes import GiB
+from multiverse.master.scheduler import place, why_not
+
+
+def node(
+    name: str,
+    cpus: int = 4,
+    memory: int = 8,
+    used_cpus: int = 0,
+    used_memory: int = 0,
+    status: NodeStatus = NodeStatus.READY,
+    cordoned: bool = False,
+    labels: dict[str, str] | None = None,
+    count: int = 0,
+) -> Node:
+    return Node(
+        id=name,
+        name=name,
+        address="127.0.0.1:1",
+        driver="fake",
+        status=status,
+        labels=labels or {},
+        capacity=Resources(cpus, memory * GiB, 100 * GiB),
+        allocated=Resources(used_cpus, used_memory * GiB, 0),
+        cordoned=cordoned,
+        instance_count=count,
+    )
+
+
+NEED = Resources(1, 1 * GiB, 1 * GiB)
+
+
+def test_spread_prefers_the_emptiest_and_binpack_the_fullest() -> None:
+    nodes = [
+        node("a", used_cpus=2, used_memory=2, count=2),
+        node("b"),
+        node("c", used_cpus=1, used_memory=1, count=1),
+    ]
+    assert place(NEED, nodes).name == "b"
+    assert place(NEED, nodes, strategy="binpack").name == "a"
+
+
+def test_equal_nodes_take_turns_by_instance_count_then_name() -> None:
+    assert place(NEED, [node("b"), node("a")]).name == "a"
+
+
+def test_unfit_nodes_are_skipped_and_each_reason_is_told() -> None:
+    nodes = [
+        node("full", used_cpus=4, used_memory=4),
+        node("down", status=NodeStatus.NOT_READY),
+        node("closed", cordoned=True),
+        node("elsewhere", labels={"zone": "b"}),
+    ]
+    with pytest.raises(Unschedulable) as caught:
+        place(NEED, nodes, selector={"zone": "a"})
+    message = caught.value.message
+    assert "full: label zone=a does not match" in message
+    assert "down: not ready (NotReady)" in message
+    assert "closed: cordoned" in message
+    assert "elsewhere: label zone=a does not match" in message
+    assert (
+        place(NEED, [*nodes, node("ok", labels={"zone": "a"})], selector={"zone": "a"}).name == "ok"
+    )
+
+
+def test_shortfalls_name_what_is_missing() -> None:
+    assert why_not(node("a", cpus=2, used_cpus=1), Resources(2, GiB, GiB), {}) == "1 of 2 cpus free"
+    assert "memory free" in str(why_not(node("a", memory=1), Resources(1, 2 * GiB, GiB), {}))
+    assert why_not(node("a"), NEED, {}) is None
+
+
+def test_no_nodes_at_all() -> None:
+    with pytest.raises(Unschedulable, match="no nodes"):
+        place(NEED, [])
