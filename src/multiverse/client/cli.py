@@ -5,6 +5,7 @@ Exit codes, as Multipass: 0 ok, 1 usage error, 2 the request failed, 3 the maste
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sys
 import time
@@ -20,6 +21,7 @@ from rich.console import Console
 from multiverse.client.config import ClientConfig
 from multiverse.client.http import ApiClient, ApiError, Unreachable
 from multiverse.client.output import FORMATS, Column, render
+from multiverse.client.terminal import attach
 from multiverse.core.errors import MultiverseError
 from multiverse.core.model import DEFAULT_IMAGE, parse_labels
 from multiverse.core.sizes import format_size, parse_size
@@ -372,14 +374,34 @@ def delete(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float) ->
     )
 
 
+def _attach(name: str, command: Sequence[str], want_tty: bool) -> None:
+    client = _client()
+    sys.exit(asyncio.run(attach(client.server, client.token, name, command, want_tty)))
+
+
+@cli.command()
+@click.argument("name", default="primary")
+def shell(name: str) -> None:
+    """Open a shell in an instance (default: primary), like `multipass shell`.
+
+    The terminal's size follows yours; exits with the shell's exit code. Piped stdin works too:
+    echo 'uname -a' | multiverse shell NAME
+    """
+    _attach(name, [], sys.stdin.isatty())
+
+
 @cli.command(name="exec", context_settings={"ignore_unknown_options": True})
+@click.option("-t", "--tty", "want_tty", is_flag=True, help="Run the command on a terminal.")
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def exec_(name: str, command: tuple[str, ...]) -> None:
+def exec_(want_tty: bool, name: str, command: tuple[str, ...]) -> None:
     """Run a command in an instance: multiverse exec NAME -- CMD ARGS.
 
     Output streams as it comes, stdout and stderr apart; exits with the command's code.
+    With -t the command runs on a terminal, as in `multiverse shell`.
     """
+    if want_tty:
+        _attach(name, command, want_tty=True)
     stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     code = 0
     for item in _client().exec(name, list(command), stdin):

@@ -30,6 +30,7 @@ JSON = dict[str, Any]
 class ApiClient:
     def __init__(self, server: str, token: str, timeout: float = 60.0) -> None:
         self.server = server.rstrip("/")
+        self.token = token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
             base_url=f"{self.server}/api/v1", headers=headers, timeout=timeout

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from multiverse.core.errors import InvalidArgument
+from multiverse.core.errors import Conflict, InvalidArgument
 from multiverse.core.sizes import GiB, MiB, TiB, format_size, parse_size
 
 
@@ -242,6 +242,15 @@ class Instance:
     @property
     def name(self) -> str:
         return self.spec.name
+
+
+def ensure_running(name: str, state: InstanceState) -> None:
+    """Exec, shell and info need a Running instance; say how to get there otherwise."""
+    if state != InstanceState.RUNNING:
+        raise Conflict(
+            f"instance {name} is {state.value}, not Running; "
+            f"start it with `multiverse start {name}`"
+        )
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from multiverse.core.errors import DriverError
 from multiverse.core.model import GuestStats, Resources
 
 
@@ -58,6 +59,43 @@ class ExecChunk:
     stream: int = 1
     data: bytes = b""
     exit_code: int | None = None
+
+
+@dataclass(frozen=True)
+class TerminalSize:
+    cols: int = 80
+    rows: int = 24
+
+
+class Session(abc.ABC):
+    """An interactive process in a VM: a shell or ``exec -t``, usually on a PTY.
+
+    The relay (worker agent -> master -> CLI) moves bytes both ways with ``read``/``write`` and
+    forwards ``resize``; one implementation per way of reaching a guest (SSH, a local PTY).
+    """
+
+    @abc.abstractmethod
+    async def read(self) -> bytes:
+        """The next output bytes (stdout and stderr merged on a PTY); b"" at the end."""
+
+    @abc.abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Send input; waits while the other side is not reading (backpressure)."""
+
+    @abc.abstractmethod
+    async def close_input(self) -> None:
+        """End of input (like Ctrl-D on a pipe)."""
+
+    @abc.abstractmethod
+    async def resize(self, size: TerminalSize) -> None: ...
+
+    @abc.abstractmethod
+    async def wait(self) -> int:
+        """The exit code, once the process has ended."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """End the process if still running and release everything."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +154,15 @@ class Driver(abc.ABC):
         self, vm: VMConfig, command: Sequence[str], stdin: bytes = b""
     ) -> AsyncIterator[ExecChunk]:
         """Run a command in the guest, streaming its output; the last chunk has the exit code."""
+
+    async def open_session(
+        self, vm: VMConfig, command: Sequence[str] | None, size: TerminalSize | None
+    ) -> Session:
+        """Start ``command`` (None: the login shell) in the guest, on a PTY of ``size`` if given.
+
+        Drivers that cannot offer interactive sessions keep this default.
+        """
+        raise DriverError(f"the {self.name} driver has no interactive sessions")
 
     async def logs(self, vm: VMConfig) -> str:
         """The VM's console log, if the hypervisor keeps one."""

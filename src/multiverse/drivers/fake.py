@@ -22,10 +22,13 @@ from multiverse.drivers.base import (
     Driver,
     ExecChunk,
     PowerState,
+    Session,
+    TerminalSize,
     VMConfig,
     VMStatus,
     host_resources,
 )
+from multiverse.drivers.localpty import LocalSession
 
 KNOWN_IMAGES = ("tiny", "ubuntu", "debian")
 
@@ -115,6 +118,18 @@ class FakeDriver(Driver):
             disk_total=vm.disk,
             release="Fake 1.0",
             ipv4=_fake_ip(vm.id),
+        )
+
+    async def open_session(
+        self, vm: VMConfig, command: Sequence[str] | None, size: TerminalSize | None
+    ) -> Session:
+        if self._vm(vm)["power"] != PowerState.RUNNING:
+            raise Conflict(f"instance {vm.name} is not running; start it with `multiverse start`")
+        return await LocalSession.spawn(
+            list(command) if command else ["/bin/sh", "-i"] if size else ["/bin/sh"],
+            size,
+            cwd=self.state_dir / "vms" / vm.id,
+            env={"PS1": f"{vm.name}$ "},
         )
 
     async def exec(

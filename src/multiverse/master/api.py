@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import HTTPConnection
 
 from multiverse import __version__
 from multiverse.core.errors import InvalidArgument, MultiverseError, Unauthenticated
@@ -31,6 +32,7 @@ from multiverse.core.sizes import parse_size
 from multiverse.master import auth
 from multiverse.master.instances import InstanceInfo, Instances
 from multiverse.master.scheduler import Strategy
+from multiverse.master.sessions import MAX_TERMINAL, relay
 from multiverse.store.repository import Store
 
 HTTP_STATUS = {
@@ -149,7 +151,7 @@ def info_json(info: InstanceInfo) -> dict[str, Any]:
     return body
 
 
-def _caller(request: Request) -> dict[str, object]:
+def _caller(request: HTTPConnection) -> dict[str, object]:
     """The API token's record; every route but health needs one."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -272,6 +274,30 @@ def create_app(store: Store, instances: Instances) -> FastAPI:
                 ).encode()
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @app.websocket("/api/v1/instances/{name}/shell")
+    async def shell(
+        websocket: WebSocket,
+        name: str,
+        tty: bool = True,
+        cols: int = 80,
+        rows: int = 24,
+        command: Annotated[list[str] | None, Query()] = None,
+    ) -> None:
+        """A shell (or ``command``) in the instance; frames as master/sessions.py tells."""
+        try:
+            auth.require_role(_caller(websocket), "admin")
+            if not (0 < cols <= MAX_TERMINAL and 0 < rows <= MAX_TERMINAL):
+                raise InvalidArgument(f"invalid terminal size {cols}x{rows}")
+            node_name = instances.get(name).node_name
+            call = await instances.open_session(name, command or [], (cols, rows) if tty else None)
+        except MultiverseError as exc:
+            # Refused before the upgrade, so the client sees the status and the JSON body.
+            status = HTTP_STATUS.get(exc.code, 500)
+            await websocket.send_denial_response(error_response(status, exc.code, exc.message))
+            return
+        await websocket.accept()
+        await relay(websocket, call, node_name)
 
     @app.post("/api/v1/tokens", status_code=201)
     async def create_token(body: TokenBody, _: Admin) -> dict[str, Any]:

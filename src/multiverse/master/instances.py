@@ -11,6 +11,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import grpc
 
@@ -22,6 +23,7 @@ from multiverse.core.model import (
     InstanceSpec,
     InstanceState,
     Node,
+    ensure_running,
 )
 from multiverse.master.cluster import Agents, status_dict
 from multiverse.master.scheduler import Strategy, place
@@ -31,6 +33,8 @@ from multiverse.wire.v1 import multiverse_pb2 as pb
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
 
 log = logging.getLogger("multiverse.master")
+
+SessionCall: TypeAlias = grpc.aio.StreamStreamCall[pb.SessionInput, pb.SessionOutput]
 
 
 @dataclass(frozen=True)
@@ -162,17 +166,34 @@ class Instances:
     ) -> AsyncIterator[pb.ExecOutput]:
         """The command's output chunks; checked before the first chunk, so errors come early."""
         instance = self.get(name)
-        if instance.state != InstanceState.RUNNING:
-            raise Conflict(
-                f"instance {name} is {instance.state.value}, not Running; "
-                f"start it with `multiverse start {name}`"
-            )
+        ensure_running(name, instance.state)
         node = self._node_of(instance)
         call = self._stub(node).Exec(
             pb.ExecRequest(id=instance.id, command=command, stdin=stdin),
             metadata=self.agents.metadata(node),
         )
         return _exec_stream(call, node.name)
+
+    async def open_session(
+        self, name: str, command: list[str], size: tuple[int, int] | None
+    ) -> SessionCall:
+        """Start a session on the instance's node; the call is ready for input and output."""
+        instance = self.get(name)
+        ensure_running(name, instance.state)
+        node = self._node_of(instance)
+        call: SessionCall = self._stub(node).Session(metadata=self.agents.metadata(node))
+        cols, rows = size or (0, 0)
+        start = pb.SessionStart(
+            id=instance.id,
+            command=command,
+            tty=size is not None,
+            size=pb.TerminalSize(cols=cols, rows=rows),
+        )
+        try:
+            await call.write(pb.SessionInput(start=start))
+        except grpc.aio.AioRpcError as exc:
+            raise convert.error_from_rpc(exc, node.name) from exc
+        return call
 
     async def logs(self, name: str) -> str:
         instance = self.get(name)

@@ -16,8 +16,8 @@ from typing import Any, TypeAlias
 import grpc
 
 from multiverse.core.errors import Conflict, MultiverseError, NotFound, Unauthenticated
-from multiverse.core.model import InstanceSpec, InstanceState, Resources
-from multiverse.drivers.base import Driver, PowerState, VMConfig
+from multiverse.core.model import InstanceSpec, InstanceState, Resources, ensure_running
+from multiverse.drivers.base import Driver, PowerState, Session, TerminalSize, VMConfig
 from multiverse.wire import convert
 from multiverse.wire.v1 import multiverse_pb2 as pb
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
@@ -73,6 +73,12 @@ class Agent:
             return self.records[instance_id]
         except KeyError:
             raise NotFound(f"no instance {instance_id} on this node") from None
+
+    def running(self, instance_id: str) -> VMRecord:
+        """The record of a Running instance; a clear Conflict otherwise."""
+        record = self.get(instance_id)
+        ensure_running(record.spec.name, record.state)
+        return record
 
     def status_pb(self, record: VMRecord) -> pb.InstanceStatus:
         return pb.InstanceStatus(
@@ -236,6 +242,18 @@ class Agent:
         await self.driver.close()
 
 
+async def _feed(inputs: AsyncIterator[pb.SessionInput], session: Session) -> None:
+    """Input, resizes and end-of-input from the master into the session, in order."""
+    async for message in inputs:
+        kind = message.WhichOneof("kind")
+        if kind == "data":
+            await session.write(message.data)
+        elif kind == "resize":
+            await session.resize(TerminalSize(message.resize.cols, message.resize.rows))
+        elif kind == "eof":
+            await session.close_input()
+
+
 class AgentServicer(pb_grpc.AgentServiceServicer):
     """The gRPC face of the agent. Serves only the master that holds this node's secret."""
 
@@ -279,9 +297,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def Info(self, request: pb.InstanceRef, context: Ctx) -> pb.InstanceInfo:
         await self._guard(context)
         try:
-            record = self.agent.get(request.id)
-            if record.state != InstanceState.RUNNING:
-                raise Conflict(f"instance {record.spec.name} is {record.state.value}, not Running")
+            record = self.agent.running(request.id)
             stats = await self.agent.driver.stats(_vm(record))
         except MultiverseError as exc:
             await context.abort(*convert.error_to_rpc(exc))
@@ -291,12 +307,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def Exec(self, request: pb.ExecRequest, context: Ctx) -> AsyncIterator[pb.ExecOutput]:
         await self._guard(context)
         try:
-            record = self.agent.get(request.id)
-            if record.state != InstanceState.RUNNING:
-                raise Conflict(
-                    f"instance {record.spec.name} is {record.state.value}, not Running; "
-                    f"start it with `multiverse start {record.spec.name}`"
-                )
+            record = self.agent.running(request.id)
             async for chunk in self.agent.driver.exec(
                 _vm(record), list(request.command), request.stdin
             ):
@@ -306,6 +317,34 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                     yield pb.ExecOutput(stream=chunk.stream, data=chunk.data)
         except MultiverseError as exc:
             await context.abort(*convert.error_to_rpc(exc))
+
+    async def Session(
+        self, request_iterator: AsyncIterator[pb.SessionInput], context: Ctx
+    ) -> AsyncIterator[pb.SessionOutput]:
+        """Relay one interactive session; closing the call ends the process in the guest."""
+        await self._guard(context)
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("kind") != "start":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument:start first")
+            return
+        start = first.start
+        try:
+            record = self.agent.running(start.id)
+            size = TerminalSize(start.size.cols or 80, start.size.rows or 24) if start.tty else None
+            session = await self.agent.driver.open_session(
+                _vm(record), list(start.command) or None, size
+            )
+        except MultiverseError as exc:
+            await context.abort(*convert.error_to_rpc(exc))
+            return
+        feeder = asyncio.create_task(_feed(request_iterator, session))
+        try:
+            while data := await session.read():
+                yield pb.SessionOutput(data=data)
+            yield pb.SessionOutput(exit_code=await session.wait())
+        finally:
+            feeder.cancel()
+            await session.close()
 
     async def Logs(self, request: pb.InstanceRef, context: Ctx) -> pb.LogsResponse:
         await self._guard(context)

@@ -184,6 +184,46 @@ class ExecOutput(_message.Message):
     exit_code: int
     def __init__(self, stream: _Optional[int] = ..., data: _Optional[bytes] = ..., exited: _Optional[bool] = ..., exit_code: _Optional[int] = ...) -> None: ...
 
+class TerminalSize(_message.Message):
+    __slots__ = ("cols", "rows")
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    cols: int
+    rows: int
+    def __init__(self, cols: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
+
+class SessionStart(_message.Message):
+    __slots__ = ("id", "command", "tty", "size")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    TTY_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    command: _containers.RepeatedScalarFieldContainer[str]
+    tty: bool
+    size: TerminalSize
+    def __init__(self, id: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., tty: _Optional[bool] = ..., size: _Optional[_Union[TerminalSize, _Mapping]] = ...) -> None: ...
+
+class SessionInput(_message.Message):
+    __slots__ = ("start", "data", "resize", "eof")
+    START_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
+    EOF_FIELD_NUMBER: _ClassVar[int]
+    start: SessionStart
+    data: bytes
+    resize: TerminalSize
+    eof: bool
+    def __init__(self, start: _Optional[_Union[SessionStart, _Mapping]] = ..., data: _Optional[bytes] = ..., resize: _Optional[_Union[TerminalSize, _Mapping]] = ..., eof: _Optional[bool] = ...) -> None: ...
+
+class SessionOutput(_message.Message):
+    __slots__ = ("data", "exit_code")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    exit_code: int
+    def __init__(self, data: _Optional[bytes] = ..., exit_code: _Optional[int] = ...) -> None: ...
+
 class LogsResponse(_message.Message):
     __slots__ = ("text",)
     TEXT_FIELD_NUMBER: _ClassVar[int]

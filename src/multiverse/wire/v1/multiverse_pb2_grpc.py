@@ -190,6 +190,11 @@ class AgentServiceStub:
                 request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.InstanceRef.SerializeToString,
                 response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.LogsResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/multiverse.v1.AgentService/Session',
+                request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionInput.SerializeToString,
+                response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionOutput.FromString,
+                _registered_method=True)
         self.Report = channel.unary_unary(
                 '/multiverse.v1.AgentService/Report',
                 request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.SerializeToString,
@@ -250,6 +255,13 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """An interactive shell or `exec -t`: bytes both ways, resizes in, the exit code last.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Report(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -298,6 +310,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Logs,
                     request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.InstanceRef.FromString,
                     response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.LogsResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionInput.FromString,
+                    response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionOutput.SerializeToString,
             ),
             'Report': grpc.unary_unary_rpc_method_handler(
                     servicer.Report,
@@ -521,6 +538,33 @@ class AgentService:
             '/multiverse.v1.AgentService/Logs',
             multiverse_dot_wire_dot_v1_dot_multiverse__pb2.InstanceRef.SerializeToString,
             multiverse_dot_wire_dot_v1_dot_multiverse__pb2.LogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/multiverse.v1.AgentService/Session',
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionInput.SerializeToString,
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionOutput.FromString,
             options,
             channel_credentials,
             insecure,

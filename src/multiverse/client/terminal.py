@@ -1,0 +1,153 @@
+"""The CLI's end of ``shell`` and ``exec -t``: this terminal <-> a WebSocket to the master.
+
+With a terminal on stdin it goes raw (Ctrl-C, Ctrl-Z, Ctrl-D reach the guest), sends the size
+at start and on every SIGWINCH, and restores the terminal on every way out. With piped stdin it
+streams the input and then says end-of-input. Frames are those of master/sessions.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import termios
+import tty
+from collections.abc import Iterator, Sequence
+from urllib.parse import urlencode
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from multiverse.client.http import ApiError, Unreachable
+
+
+def _ws_url(server: str, name: str, command: Sequence[str], size: os.terminal_size | None) -> str:
+    base = server.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+    query: list[tuple[str, str | int]] = [("tty", "true" if size else "false")]
+    if size:
+        query += [("cols", size.columns), ("rows", size.lines)]
+    query += [("command", part) for part in command]
+    return f"{base}/api/v1/instances/{name}/shell?{urlencode(query)}"
+
+
+@contextlib.contextmanager
+def _raw(fd: int) -> Iterator[None]:
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd, termios.TCSANOW)  # the default, TCSAFLUSH, drops typed-ahead keys
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _size(fd: int) -> os.terminal_size:
+    try:
+        return os.get_terminal_size(fd)
+    except OSError:
+        return os.terminal_size((80, 24))
+
+
+async def _send_input(ws: ClientConnection, fd: int) -> None:
+    """Stdin to the session; end-of-input is told once stdin ends."""
+    loop = asyncio.get_running_loop()
+    readable = asyncio.Event()
+    try:
+        loop.add_reader(fd, readable.set)
+        watched = True
+    except PermissionError:  # a regular file: always readable, epoll refuses it
+        watched = False
+    # Non-blocking while we read, or a wake-up that went stale would stall the whole loop in
+    # read(); given back as it was, since the terminal is shared with the user's shell.
+    was_blocking = os.get_blocking(fd)
+    os.set_blocking(fd, False)
+    try:
+        while True:
+            if watched:
+                await readable.wait()
+                readable.clear()
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            if not data:
+                await ws.send(json.dumps({"type": "eof"}))
+                return
+            await ws.send(data)
+    finally:
+        os.set_blocking(fd, was_blocking)
+        if watched:
+            loop.remove_reader(fd)
+
+
+async def attach(server: str, token: str, name: str, command: Sequence[str], want_tty: bool) -> int:
+    """Run the session to its end; returns the remote exit code."""
+    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+    interactive = want_tty and os.isatty(stdin)
+    size = _size(stdout if os.isatty(stdout) else stdin) if want_tty else None
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        ws = await websockets.connect(
+            _ws_url(server, name, command, size),
+            additional_headers=headers,
+            max_size=None,
+            open_timeout=30,
+        )
+    except websockets.InvalidStatus as exc:
+        raise _refusal(exc) from None
+    except (OSError, websockets.InvalidHandshake, TimeoutError) as exc:
+        raise Unreachable(f"cannot reach the master at {server}: {exc}") from exc
+
+    loop = asyncio.get_running_loop()
+
+    resizes: set[asyncio.Task[None]] = set()
+
+    def send_size() -> None:
+        now = _size(stdout)
+        resize = {"type": "resize", "cols": now.columns, "rows": now.lines}
+        sending = asyncio.create_task(ws.send(json.dumps(resize)))
+        resizes.add(sending)
+        sending.add_done_callback(resizes.discard)
+
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, task.cancel)  # still restore the terminal on the way out
+    if interactive:
+        loop.add_signal_handler(signal.SIGWINCH, send_size)
+    sender = asyncio.create_task(_send_input(ws, stdin))
+    try:
+        with _raw(stdin) if interactive else contextlib.nullcontext():
+            return await _receive(ws, stdout)
+    finally:
+        sender.cancel()
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGWINCH):
+            loop.remove_signal_handler(sig)
+        await ws.close()
+
+
+async def _receive(ws: ClientConnection, stdout: int) -> int:
+    try:
+        async for message in ws:
+            if isinstance(message, bytes):
+                os.write(stdout, message)
+                continue
+            control = json.loads(message)
+            if control.get("type") == "exit":
+                return int(control["code"])
+            if control.get("type") == "error":
+                raise ApiError(502, control["code"], control["message"])
+    except websockets.ConnectionClosedError as exc:
+        raise Unreachable(f"lost the connection to the master: {exc}") from exc
+    raise Unreachable("the master closed the session without an exit code")
+
+
+def _refusal(exc: websockets.InvalidStatus) -> ApiError:
+    response = exc.response
+    try:
+        error = json.loads(response.body or b"")["error"]
+        return ApiError(response.status_code, error["code"], error["message"])
+    except (ValueError, KeyError, TypeError):
+        return ApiError(response.status_code, "http_error", f"refused: HTTP {response.status_code}")
