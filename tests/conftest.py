@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# One built guest image for every test and process (the Makefile exports the same default).
+IMAGE_CACHE = Path(os.environ.get("MULTIVERSE_IMAGE_CACHE", REPO / ".data" / "images"))
 NODE_TIMEOUT = 3.0  # seconds; short so that the NotReady tests stay quick
 SYNC_INTERVAL = 0.5
 
@@ -201,6 +205,7 @@ class Cluster:
         for proc in [*self.workers.values(), self.master]:
             if proc is not None:
                 proc.kill()
+        kill_qemus_under(self.root)  # VMs outlive their agents by design
 
 
 @contextmanager
@@ -213,6 +218,7 @@ def new_cluster(root: Path) -> Iterator[Cluster]:
         "HOME": str(home),
         "XDG_CONFIG_HOME": str(home / ".config"),
         "XDG_DATA_HOME": str(home / ".local/share"),
+        "MULTIVERSE_IMAGE_CACHE": str(IMAGE_CACHE),
     }
     for key in ("MULTIVERSE_SERVER", "MULTIVERSE_TOKEN", "MULTIVERSE_CONFIG"):
         env.pop(key, None)
@@ -227,3 +233,32 @@ def new_cluster(root: Path) -> Iterator[Cluster]:
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     with new_cluster(tmp_path) as created:
         yield created
+
+
+@pytest.fixture(scope="session")
+def tiny_image() -> Path:
+    """The test guest, built once (a no-op when `make test` built it already)."""
+    from multiverse.guest.image import build_test_image
+
+    return build_test_image(IMAGE_CACHE)
+
+
+def qemu_processes_under(state_dir: Path) -> list[psutil.Process]:
+    """QEMU processes of a state dir: the driver runs each one in its VM's directory."""
+    found = []
+    for process in psutil.process_iter(["name"]):
+        try:
+            if "qemu" in (process.info["name"] or "") and Path(process.cwd()).is_relative_to(
+                state_dir
+            ):
+                found.append(process)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def kill_qemus_under(state_dir: Path) -> None:
+    for process in qemu_processes_under(state_dir):
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+            process.wait(10)

@@ -24,6 +24,7 @@ from typing import TypeVar
 
 import psutil
 import pytest
+from conftest import kill_qemus_under, qemu_processes_under
 
 from multiverse.core.errors import Conflict, InvalidArgument, NotFound
 from multiverse.core.sizes import GiB, MiB
@@ -32,15 +33,12 @@ from multiverse.drivers.qemu import QemuDriver
 from multiverse.guest.image import (
     ImageBuildError,
     Initramfs,
-    build_test_image,
     extract_vmlinux,
     module_load_order,
     needed_libraries,
 )
 from multiverse.guest.ssh import GuestConnection, parse_ipv4, parse_stats
 
-REPO = Path(__file__).resolve().parents[1]
-IMAGE_CACHE = Path(os.environ.get("MULTIVERSE_IMAGE_CACHE", str(REPO / ".data" / "images")))
 T = TypeVar("T")
 
 
@@ -67,29 +65,6 @@ async def exec_collect(driver: QemuDriver, vm: VMConfig, *command: str) -> tuple
     return chunks[-1].exit_code, out, err
 
 
-def qemu_processes_under(state_dir: Path) -> list[psutil.Process]:
-    """QEMU processes of a state dir: the driver runs each one in its VM's directory."""
-    found = []
-    for process in psutil.process_iter(["name"]):
-        try:
-            if "qemu" in (process.info["name"] or "") and Path(process.cwd()).is_relative_to(
-                state_dir
-            ):
-                found.append(process)
-        except (psutil.Error, OSError):
-            continue
-    return found
-
-
-def kill_qemus_under(state_dir: Path) -> None:
-    for process in qemu_processes_under(state_dir):
-        try:
-            process.kill()
-            process.wait(10)
-        except psutil.Error:
-            pass
-
-
 def new_vm(name: str, memory: int = 256 * MiB, image: str = "tiny") -> VMConfig:
     return VMConfig(
         id=str(uuid.uuid4()), name=name, cpus=1, memory=memory, disk=1 * GiB, image=image
@@ -107,15 +82,9 @@ class Booted:
 
 
 @pytest.fixture(scope="session")
-def images() -> Path:
-    """The built test image's parent dir; built once, cached across runs."""
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed")
-    try:
-        build_test_image(IMAGE_CACHE)
-    except ImageBuildError as error:
-        pytest.skip(f"cannot build the test image: {error.message}")
-    return IMAGE_CACHE
+def images(tiny_image: Path) -> Path:
+    """The directory holding the built test image (conftest builds it once)."""
+    return tiny_image.parent
 
 
 @pytest.fixture()
@@ -359,7 +328,7 @@ def test_pty_shell_follows_window_size(booted: Booted) -> None:
         output = b""
         while b"24 80" not in output:
             output += await shell.read()
-        shell.resize(132, 43)
+        await shell.resize(132, 43)
         await shell.write(b"go\n")
         while b"43 132" not in output:
             data = await shell.read()

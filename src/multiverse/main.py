@@ -144,6 +144,23 @@ def master(
     _serve(start, server.stop)
 
 
+def _image_dirs() -> list[Path]:
+    """Extra places to find images: MULTIVERSE_IMAGE_CACHE (a shared cache, as tests use)."""
+    cache = os.environ.get("MULTIVERSE_IMAGE_CACHE")
+    return [Path(cache)] if cache else []
+
+
+def _build_test_image(images_dir: Path) -> Path:
+    """Build the tiny guest (once; cached) with a spinner saying what it is doing."""
+    from rich.console import Console
+
+    from multiverse.guest.image import build_test_image
+
+    console = Console(stderr=True)
+    with console.status("building the test guest image") as status:
+        return build_test_image(images_dir, lambda step: status.update(f"test image: {step}"))
+
+
 def _worker_options(func: Callable[..., None]) -> Callable[..., None]:
     options = [
         click.option(
@@ -215,6 +232,7 @@ def worker(
             capacity=capacity,
             sync_interval=sync_interval,
             fake_delay=fake_delay,
+            image_dirs=_image_dirs(),
         )
     )
 
@@ -252,6 +270,9 @@ def up(
     from multiverse.worker.server import Worker, WorkerConfig
 
     _logging()
+    images_dir = data_dir / "images"
+    if driver == "qemu":
+        _build_test_image(Path(os.environ.get("MULTIVERSE_IMAGE_CACHE") or images_dir))
     master_server = Master(
         MasterConfig(
             data_dir=data_dir,
@@ -283,6 +304,7 @@ def up(
                 capacity=capacity,
                 sync_interval=sync_interval,
                 fake_delay=fake_delay,
+                image_dirs=[images_dir, *_image_dirs()],
             )
         )
         identity = await worker_server.start()
@@ -359,6 +381,24 @@ def down(data_dir: Path) -> None:
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     click.echo("multiverse is down")
+
+
+@cli.group()
+def image() -> None:
+    """Guest images on this host."""
+
+
+@image.command(name="build-test")
+@data_dir_option
+@click.option(
+    "--images-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where to put it (default: <data-dir>/images).",
+)
+def image_build_test(data_dir: Path, images_dir: Path | None) -> None:
+    """Build the tiny test guest from Debian packages (cached; a no-op once built)."""
+    built = _build_test_image(images_dir or data_dir / "images")
+    click.echo(f"image tiny: {built}")
 
 
 def main() -> None:

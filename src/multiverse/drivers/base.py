@@ -16,6 +16,7 @@ import enum
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from multiverse.core.errors import DriverError
 from multiverse.core.model import GuestStats, Resources
@@ -67,33 +68,29 @@ class TerminalSize:
     rows: int = 24
 
 
-class Session(abc.ABC):
+class Session(Protocol):
     """An interactive process in a VM: a shell or ``exec -t``, usually on a PTY.
 
     The relay (worker agent -> master -> CLI) moves bytes both ways with ``read``/``write`` and
-    forwards ``resize``; one implementation per way of reaching a guest (SSH, a local PTY).
+    forwards resizes. A protocol, not a base class: the guest's SSH shell
+    (:class:`multiverse.guest.ssh.GuestShell`) and a local PTY
+    (:class:`multiverse.drivers.localpty.LocalSession`) fit it as they are.
     """
 
-    @abc.abstractmethod
     async def read(self) -> bytes:
         """The next output bytes (stdout and stderr merged on a PTY); b"" at the end."""
 
-    @abc.abstractmethod
     async def write(self, data: bytes) -> None:
         """Send input; waits while the other side is not reading (backpressure)."""
 
-    @abc.abstractmethod
     async def close_input(self) -> None:
-        """End of input (like Ctrl-D on a pipe)."""
+        """End of input (Ctrl-D on a terminal, EOF on a pipe)."""
 
-    @abc.abstractmethod
-    async def resize(self, size: TerminalSize) -> None: ...
+    async def resize(self, cols: int, rows: int) -> None: ...
 
-    @abc.abstractmethod
     async def wait(self) -> int:
         """The exit code, once the process has ended."""
 
-    @abc.abstractmethod
     async def close(self) -> None:
         """End the process if still running and release everything."""
 

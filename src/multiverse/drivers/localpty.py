@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from multiverse.core.errors import DriverError
-from multiverse.drivers.base import Session, TerminalSize
+from multiverse.drivers.base import TerminalSize
 
 _CHUNK = 65536
 
@@ -26,7 +26,9 @@ def _set_size(fd: int, size: TerminalSize) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", size.rows, size.cols, 0, 0))
 
 
-class LocalSession(Session):
+class LocalSession:
+    """A :class:`multiverse.drivers.base.Session` with a process on this host."""
+
     def __init__(self, process: asyncio.subprocess.Process, pty_fd: int | None) -> None:
         self._process = process
         self._pty = pty_fd
@@ -132,9 +134,11 @@ class LocalSession(Session):
         else:
             await self.write(b"\x04")  # the terminal's end-of-file character
 
-    async def resize(self, size: TerminalSize) -> None:
+    async def resize(self, cols: int, rows: int) -> None:
         if self._pty is not None:
-            _set_size(self._pty, size)  # the kernel tells the foreground process (SIGWINCH)
+            _set_size(
+                self._pty, TerminalSize(cols, rows)
+            )  # the kernel tells the foreground process (SIGWINCH)
 
     async def wait(self) -> int:
         code = await self._process.wait()

@@ -42,7 +42,15 @@ from qemu.qmp import QMPClient, QMPError
 from multiverse.core.errors import Conflict, DriverError, InvalidArgument, NotFound
 from multiverse.core.model import GuestStats, Resources
 from multiverse.core.sizes import MiB, format_size
-from multiverse.drivers.base import Driver, ExecChunk, PowerState, VMConfig, VMStatus
+from multiverse.drivers.base import (
+    Driver,
+    ExecChunk,
+    PowerState,
+    Session,
+    TerminalSize,
+    VMConfig,
+    VMStatus,
+)
 from multiverse.guest.image import (
     BOOT_OK_MARKER,
     FW_CFG_PREFIX,
@@ -117,6 +125,17 @@ class QemuDriver(Driver):
             cpus=os.cpu_count() or 1,
             memory=psutil.virtual_memory().total,
             disk=shutil.disk_usage(self.state_dir).total,
+        )
+
+    async def validate(self, vm: VMConfig) -> None:
+        self._validate(vm)
+
+    async def open_session(
+        self, vm: VMConfig, command: Sequence[str] | None, size: TerminalSize | None
+    ) -> Session:
+        self._require_running(vm)
+        return await self._guest(vm).open_shell(
+            (size.cols, size.rows) if size else None, command=command
         )
 
     async def create(self, vm: VMConfig) -> None:

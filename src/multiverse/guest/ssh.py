@@ -220,17 +220,22 @@ class GuestConnection:
 
     async def open_shell(
         self,
-        size: tuple[int, int] = (80, 24),
+        size: tuple[int, int] | None = (80, 24),
         term_type: str = "xterm-256color",
         command: Sequence[str] | str | None = None,
     ) -> GuestShell:
         """An interactive session on a PTY of ``size`` (columns, rows): the login shell, or
-        ``command``. The PTY merges stdout and stderr, as a terminal does."""
+        ``command``. The PTY merges stdout and stderr, as a terminal does. Without a size,
+        no PTY: plain pipes, as ``ssh host < script`` (stderr then merged into stdout)."""
         connection = await self.connect()
         text = command if command is None or isinstance(command, str) else shlex.join(command)
         try:
             process = await connection.create_process(
-                text, encoding=None, term_type=term_type, term_size=size
+                text,
+                encoding=None,
+                term_type=term_type if size else None,
+                term_size=size,
+                stderr=asyncssh.STDOUT,
             )
         except (OSError, asyncssh.Error) as error:
             self._drop(connection)
@@ -285,15 +290,19 @@ class GuestShell:
         except (OSError, asyncssh.Error) as error:
             raise Unavailable(f"the guest's shell is gone: {_describe(error)}") from None
 
-    def resize(self, columns: int, rows: int) -> None:
-        self._process.change_terminal_size(columns, rows)
+    async def close_input(self) -> None:
+        with contextlib.suppress(OSError, asyncssh.Error):
+            self._process.stdin.write_eof()
+
+    async def resize(self, cols: int, rows: int) -> None:
+        self._process.change_terminal_size(cols, rows)
 
     async def wait(self) -> int:
         """Wait for the session to end; its exit code."""
         await self._process.wait_closed()
         return _exit_code(self._process.returncode)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self._process.close()
 
 

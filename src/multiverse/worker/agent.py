@@ -249,7 +249,7 @@ async def _feed(inputs: AsyncIterator[pb.SessionInput], session: Session) -> Non
         if kind == "data":
             await session.write(message.data)
         elif kind == "resize":
-            await session.resize(TerminalSize(message.resize.cols, message.resize.rows))
+            await session.resize(message.resize.cols, message.resize.rows)
         elif kind == "eof":
             await session.close_input()
 

@@ -1,0 +1,131 @@
+"""Real VMs through the whole stack: CLI -> API -> master -> agent -> QEMU (TCG) -> SSH.
+
+Two workers as separate processes, each with the qemu driver; at most three VMs run at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pexpect
+import psutil
+import pytest
+from conftest import Cluster, new_cluster, qemu_processes_under, wait_until
+
+pytestmark = pytest.mark.vm
+
+SMALL = ("--memory", "256M", "--disk", "1G")
+
+
+@pytest.fixture(scope="module")
+def vms(tmp_path_factory: pytest.TempPathFactory, tiny_image: Path) -> Iterator[Cluster]:
+    with new_cluster(tmp_path_factory.mktemp("vms")) as cluster:
+        cluster.start_master()
+        for name in ("node-a", "node-b"):
+            cluster.start_worker(name, driver="qemu", capacity="cpus=2,memory=4G,disk=20G")
+        yield cluster
+
+
+def qemu_pids(cluster: Cluster, node: str) -> dict[str, int]:
+    """Instance uuid -> pid of its QEMU, from the processes themselves."""
+    return {
+        Path(process.cwd()).name: process.pid
+        for process in qemu_processes_under(cluster.root / node)
+    }
+
+
+def test_vm_lifecycle_exec_info_and_persistence(vms: Cluster, tiny_image: Path) -> None:
+    launched = vms.ok("launch", "--name", "vm-one", "--node", "node-a", *SMALL)
+    assert "vm-one" in launched.out
+    instance = vms.instances()["vm-one"]
+    assert instance["state"] == "Running" and instance["ipv4"] == "10.0.2.15"
+    assert instance["release"].startswith("Multiverse tiny")
+
+    kernel = json.loads((tiny_image / "image.json").read_text())["kernel_version"]
+    assert vms.ok("exec", "vm-one", "--", "uname", "-r").out.strip() == kernel
+    result = vms.cli("exec", "vm-one", "--", "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert (result.code, result.out, result.err) == (7, "out\n", "err\n")
+
+    info = vms.ok("info", "vm-one", "--format", "json").json()[0]
+    assert 200 * 2**20 < info["memory_usage"]["total"] <= 256 * 2**20
+    assert 0 < info["memory_usage"]["used"] < info["memory_usage"]["total"]
+    assert 0.9 * 2**30 < info["disk_usage"]["total"] <= 2**30
+    assert len(info["load"]) == 3
+
+    vms.ok("exec", "vm-one", "--", "sh", "-c", "echo kept > /data/proof; sync")
+    vms.ok("stop", "vm-one")
+    assert vms.instances()["vm-one"]["state"] == "Stopped"
+    assert qemu_pids(vms, "node-a") == {}
+    stopped = vms.cli("exec", "vm-one", "--", "true")
+    assert stopped.code == 2 and "not Running" in stopped.err
+    vms.ok("start", "vm-one")
+    assert vms.ok("exec", "vm-one", "--", "cat", "/data/proof").out == "kept\n"
+    assert "boot ok" in vms.ok("logs", "vm-one").out  # the serial console
+
+    vm_dir = vms.root / "node-a" / "qemu" / "vms" / instance["id"]
+    assert vm_dir.is_dir()
+    vms.ok("delete", "vm-one")
+    assert "vm-one" not in vms.instances()
+    assert qemu_pids(vms, "node-a") == {}
+    assert not vm_dir.exists()
+
+
+def test_interactive_shell_in_a_vm(vms: Cluster) -> None:
+    vms.ok("launch", "--name", "vm-shell", "--node", "node-b", *SMALL)
+    try:
+        child = pexpect.spawn(
+            sys.executable,
+            ["-m", "multiverse", "shell", "vm-shell"],
+            env=vms.env,
+            dimensions=(31, 97),
+            timeout=30,
+        )
+        child.sendline("stty size")
+        child.expect(r"31 97\r\n")
+        child.setwinsize(43, 132)
+        child.sendline("stty size")
+        child.expect(r"43 132\r\n")
+        child.sendline("exit 3")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 3
+        piped = vms.cli("shell", "vm-shell", stdin=b"cat /etc/os-release\n")
+        assert piped.code == 0 and "Multiverse tiny" in piped.out
+    finally:
+        vms.ok("delete", "vm-shell")
+
+
+def test_killed_agent_leaves_vms_running_and_adopts_them(vms: Cluster) -> None:
+    for name in ("vm-x", "vm-y"):
+        vms.ok("launch", "--name", name, "--node", "node-b", *SMALL)
+    before = qemu_pids(vms, "node-b")
+    assert len(before) == 2
+
+    vms.workers["node-b"].kill()
+    assert all(psutil.pid_exists(pid) for pid in before.values())
+    vms.start_worker("node-b", driver="qemu", capacity="cpus=2,memory=4G,disk=20G", token="")
+    assert qemu_pids(vms, "node-b") == before
+    instances = vms.instances()
+    assert instances["vm-x"]["state"] == instances["vm-y"]["state"] == "Running"
+    assert vms.ok("exec", "vm-x", "--", "echo", "adopted").out == "adopted\n"
+    vms.ok("delete", "vm-x", "vm-y")
+    wait_until(lambda: qemu_pids(vms, "node-b") == {})
+
+
+def test_bad_vm_requests_leave_nothing_behind(vms: Cluster) -> None:
+    cases = [
+        (("launch", "--name", "no-image", "nonexistent-image"), "image 'nonexistent-image'"),
+        (("launch", "--name", "tiny-mem", "--memory", "64M"), "QEMU needs at least 96.0MiB"),
+        (("launch", "--name", "many-cpus", "--cpus", "3"), "of 3 cpus free"),
+    ]
+    for args, words in cases:
+        result = vms.cli(*args)
+        assert result.code == 2 and words in result.err, result
+    assert vms.instances() == {}
+    for node in ("node-a", "node-b"):
+        assert qemu_pids(vms, node) == {}
+        vms_dir = vms.root / node / "qemu" / "vms"
+        assert not vms_dir.exists() or list(vms_dir.iterdir()) == []
