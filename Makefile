@@ -4,7 +4,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 DATA_DIR ?= $(HOME)/.local/share/multiverse
-export MULTIVERSE_IMAGE_CACHE ?= $(CURDIR)/.data/images
 
 .PHONY: run stop test lint proto venv deps clean
 
@@ -21,13 +20,15 @@ deps:
 	@bash scripts/host-deps.sh
 
 run: venv deps
-	$(VENV)/bin/multiverse up --detach --data-dir $(DATA_DIR)
+	DATA_DIR=$(DATA_DIR) bash scripts/quickstart.sh
 
 stop: venv
 	$(VENV)/bin/multiverse down --data-dir $(DATA_DIR)
 
+# Tests share one built guest image, cached in .data/images (not in git).
 test: venv deps
-	$(PY) -m pytest -q
+	$(VENV)/bin/multiverse image build-test --images-dir $(CURDIR)/.data/images
+	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) -m pytest -q
 
 lint: venv
 	$(VENV)/bin/ruff check src tests bench

@@ -262,6 +262,9 @@ def up(
     sync_interval: float,
 ) -> None:
     """Run a master and a worker for this machine in one process."""
+    images_dir = data_dir / "images"
+    if driver == "qemu":  # before detaching, so that the user sees the build's progress
+        _build_test_image(Path(os.environ.get("MULTIVERSE_IMAGE_CACHE") or images_dir))
     if detach:
         _detach(data_dir)
         return
@@ -270,9 +273,6 @@ def up(
     from multiverse.worker.server import Worker, WorkerConfig
 
     _logging()
-    images_dir = data_dir / "images"
-    if driver == "qemu":
-        _build_test_image(Path(os.environ.get("MULTIVERSE_IMAGE_CACHE") or images_dir))
     master_server = Master(
         MasterConfig(
             data_dir=data_dir,
