@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import httpx
 import yaml
-from conftest import NODE_TIMEOUT, Cluster, wait_until
+from harness import NODE_TIMEOUT, Cluster, wait_until
 
 
 def _age(stamp: str) -> float:

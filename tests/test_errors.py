@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import Cluster, new_cluster
+from harness import Cluster, new_cluster
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from typing import TypeVar
 
 import psutil
 import pytest
-from conftest import kill_qemus_under, qemu_processes_under
+from harness import kill_qemus_under, qemu_processes_under
 
 from multiverse.core.errors import Conflict, InvalidArgument, NotFound
 from multiverse.core.sizes import GiB, MiB

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pexpect
 import pytest
 import websockets
-from conftest import Cluster, new_cluster
+from harness import Cluster, new_cluster
 
 
 @pytest.fixture(scope="module")

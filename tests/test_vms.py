@@ -13,7 +13,7 @@ from pathlib import Path
 import pexpect
 import psutil
 import pytest
-from conftest import Cluster, new_cluster, qemu_processes_under, wait_until
+from harness import Cluster, new_cluster, qemu_processes_under, wait_until
 
 pytestmark = pytest.mark.vm
 

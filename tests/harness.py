@@ -1,0 +1,252 @@
+"""Run Multiverse as users do: real processes on loopback, driven by the CLI.
+
+Used by the tests (through conftest.py) and by the benchmarks in bench/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+# One built guest image for every test and process (the Makefile exports the same default).
+IMAGE_CACHE = Path(os.environ.get("MULTIVERSE_IMAGE_CACHE", REPO / ".data" / "images"))
+NODE_TIMEOUT = 3.0  # seconds; short so that the NotReady tests stay quick
+SYNC_INTERVAL = 0.5
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Any, timeout: float = 20.0, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+@dataclass
+class Proc:
+    name: str
+    args: list[str]
+    log: Path
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "multiverse", *self.args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@dataclass
+class CLIResult:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@dataclass
+class Cluster:
+    """A master and workers as separate OS processes, each with its own data directory."""
+
+    root: Path
+    env: dict[str, str]
+    grpc_port: int = field(default_factory=free_port)
+    api_port: int = field(default_factory=free_port)
+    master: Proc | None = None
+    workers: dict[str, Proc] = field(default_factory=dict)
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def token(self) -> str:
+        text = (self.root / "master" / "client.toml").read_text()
+        return text.split('token = "')[1].split('"')[0]
+
+    def start_master(self, *extra: str) -> Proc:
+        self.master = Proc(
+            "master",
+            [
+                "master",
+                "--listen",
+                f"127.0.0.1:{self.grpc_port}",
+                "--api-listen",
+                f"127.0.0.1:{self.api_port}",
+                "--data-dir",
+                str(self.root / "master"),
+                "--node-timeout",
+                str(NODE_TIMEOUT),
+                "--sync-interval",
+                str(SYNC_INTERVAL),
+                *extra,
+            ],
+            self.root / "master.log",
+            self.env,
+        ).start()
+        wait_until(self._api_up, timeout=30)
+        self.env["MULTIVERSE_CONFIG"] = str(self.root / "master" / "client.toml")
+        return self.master
+
+    def _api_up(self) -> bool:
+        if self.master and self.master.process and self.master.process.poll() is not None:
+            raise AssertionError(f"master exited:\n{self.master.output()}")
+        try:
+            return httpx.get(f"{self.api}/api/v1/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def cli(self, *args: str, stdin: bytes | None = None, timeout: float = 120) -> CLIResult:
+        done = subprocess.run(
+            [sys.executable, "-m", "multiverse", *args],
+            env=self.env,
+            capture_output=True,
+            input=stdin,
+            timeout=timeout,
+        )
+        return CLIResult(done.returncode, done.stdout.decode(), done.stderr.decode())
+
+    def ok(self, *args: str, timeout: float = 120) -> CLIResult:
+        result = self.cli(*args, timeout=timeout)
+        assert result.code == 0, f"multiverse {' '.join(args)} -> {result.code}\n{result.err}"
+        return result
+
+    def join_token(self) -> str:
+        return self.ok("token", "create").out.strip()
+
+    def start_worker(
+        self,
+        name: str,
+        *extra: str,
+        token: str | None = None,
+        driver: str = "fake",
+        capacity: str = "cpus=8,memory=16G,disk=200G",
+        wait: bool = True,
+    ) -> Proc:
+        port = free_port()
+        args = [
+            "worker",
+            "--master",
+            f"127.0.0.1:{self.grpc_port}",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            str(self.root / name),
+            "--name",
+            name,
+            "--driver",
+            driver,
+            "--sync-interval",
+            str(SYNC_INTERVAL),
+        ]
+        if capacity:
+            args += ["--capacity", capacity]
+        if token is None and not (self.root / name / "node.json").exists():
+            token = self.join_token()
+        if token:
+            args += ["--token", token]
+        proc = Proc(name, [*args, *extra], self.root / f"{name}.log", self.env).start()
+        self.workers[name] = proc
+        if wait:
+            wait_until(lambda: self.node(name).get("status") == "Ready", timeout=60)
+        return proc
+
+    def node(self, name: str) -> dict[str, Any]:
+        for item in self.ok("nodes", "--format", "json").json():
+            if item["name"] == name:
+                return dict(item)
+        return {}
+
+    def instances(self) -> dict[str, dict[str, Any]]:
+        return {i["name"]: i for i in self.ok("instances", "--format", "json").json()}
+
+    def close(self) -> None:
+        for proc in [*self.workers.values(), self.master]:
+            if proc is not None:
+                proc.kill()
+        kill_qemus_under(self.root)  # VMs outlive their agents by design
+
+
+@contextmanager
+def new_cluster(root: Path) -> Iterator[Cluster]:
+    """A cluster rooted at ``root``, with a HOME of its own; every process killed at the end."""
+    home = root / "home"
+    home.mkdir()
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_DATA_HOME": str(home / ".local/share"),
+        "MULTIVERSE_IMAGE_CACHE": str(IMAGE_CACHE),
+    }
+    for key in ("MULTIVERSE_SERVER", "MULTIVERSE_TOKEN", "MULTIVERSE_CONFIG"):
+        env.pop(key, None)
+    created = Cluster(root, env)
+    try:
+        yield created
+    finally:
+        created.close()
+
+
+def qemu_processes_under(state_dir: Path) -> list[psutil.Process]:
+    """QEMU processes of a state dir: the driver runs each one in its VM's directory."""
+    found = []
+    for process in psutil.process_iter(["name"]):
+        try:
+            if "qemu" in (process.info["name"] or "") and Path(process.cwd()).is_relative_to(
+                state_dir
+            ):
+                found.append(process)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def kill_qemus_under(state_dir: Path) -> None:
+    for process in qemu_processes_under(state_dir):
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+            process.wait(10)
