@@ -6,6 +6,7 @@ Exit codes, as Multipass: 0 ok, 1 usage error, 2 the request failed, 3 the maste
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import sys
 import time
@@ -21,7 +22,7 @@ from rich.console import Console
 from multiverse.client.config import ClientConfig
 from multiverse.client.http import ApiClient, ApiError, Unreachable
 from multiverse.client.output import FORMATS, Column, render
-from multiverse.client.terminal import attach
+from multiverse.client.terminal import attach, follow_events
 from multiverse.core.errors import MultiverseError
 from multiverse.core.model import DEFAULT_IMAGE, parse_labels
 from multiverse.core.sizes import format_size, parse_size
@@ -170,26 +171,27 @@ def _spinner(text: str) -> Iterator[Callable[[str], None]]:
 
 
 def _wait(
-    client: ApiClient, name: str, targets: set[str], timeout: float, verb: str
-) -> dict[str, Any] | None:
-    """Poll until the instance reaches a target state (None: until it is gone)."""
+    client: ApiClient, operation_id: str, timeout: float, label: str, instance: str = ""
+) -> dict[str, Any]:
+    """Wait for an operation, showing the instance's state (if one is named) meanwhile.
+
+    Returns the operation once it succeeded; raises Failure with its error otherwise.
+    """
     deadline = time.monotonic() + timeout
-    with _spinner(f"{verb} {name}") as show:
+    with _spinner(label) as show:
         while True:
-            try:
-                item = client.instance(name)
-            except ApiError as exc:
-                if exc.status == 404 and not targets:
-                    return None
-                raise
-            show(item["state"])
-            if item["state"] in targets:
-                return item
-            if item["state"] == "Failed":
-                raise Failure(f"{name} failed: {item['message'] or 'no reason given'}")
+            operation = client.wait_operation(operation_id, timeout=1)
+            if operation["status"] == "success":
+                return operation
+            if operation["status"] == "failure":
+                raise Failure(operation["error"] or f"{label} failed")
             if time.monotonic() > deadline:
-                raise Failure(f"{name} is still {item['state']} after {timeout:.0f}s")
-            time.sleep(0.2)
+                raise Failure(f"{label}: still not done after {timeout:.0f}s")
+            if instance:
+                try:
+                    show(client.instance(instance)["state"])
+                except ApiError:
+                    show("gone")
 
 
 wait_options = [
@@ -264,7 +266,8 @@ def launch(
     }
     item = client.launch(body)
     if not no_wait:
-        item = _wait(client, item["name"], {"Running"}, timeout, "Launching") or item
+        _wait(client, item["operation"], timeout, f"Launching {item['name']}", item["name"])
+        item = client.instance(item["name"])
     if fmt == "table":
         click.echo(f"Launched: {item['name']} on {item['node']} ({item['state']})")
     else:
@@ -283,12 +286,11 @@ def _act(
     names: tuple[str, ...],
     all_: bool,
     wait: float | None,
-    call: Callable[[ApiClient, str], object],
-    targets: set[str],
+    call: Callable[[ApiClient, str], dict[str, Any]],
     gerund: str,
     past: str,
 ) -> None:
-    """Apply ``call`` to each instance; wait (unless ``wait`` is None) for ``targets``.
+    """Apply ``call`` to each instance; wait (unless ``wait`` is None) for its operation.
 
     One instance failing does not stop the others; the exit code tells that any failed.
     """
@@ -296,9 +298,9 @@ def _act(
     failures = 0
     for name in _targets(names, all_, client):
         try:
-            call(client, name)
+            started = call(client, name)
             if wait is not None:
-                _wait(client, name, targets, wait, gerund)
+                _wait(client, started["operation"], wait, f"{gerund} {name}", name)
             click.echo(f"{past} {name}")
         except (ApiError, Failure) as exc:
             stderr.print(f"{name}: {exc}", highlight=False, markup=False)
@@ -322,7 +324,6 @@ def start(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float) -> 
         all_,
         None if no_wait else timeout,
         lambda c, n: c.action(n, "start"),
-        {"Running"},
         "Starting",
         "Started",
     )
@@ -338,7 +339,6 @@ def stop(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float, forc
         all_,
         None if no_wait else timeout,
         lambda c, n: c.action(n, "stop", {"force": force}),
-        {"Stopped"},
         "Stopping",
         "Stopped",
     )
@@ -353,7 +353,6 @@ def restart(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float) -
         all_,
         None if no_wait else timeout,
         lambda c, n: c.action(n, "restart"),
-        {"Running"},
         "Restarting",
         "Restarted",
     )
@@ -368,7 +367,6 @@ def delete(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float) ->
         all_,
         None if no_wait else timeout,
         lambda c, n: c.delete(n),
-        set(),
         "Deleting",
         "Deleted",
     )
@@ -412,6 +410,80 @@ def exec_(want_tty: bool, name: str, command: tuple[str, ...]) -> None:
             out.buffer.write(item["data"])
             out.flush()
     sys.exit(code)
+
+
+@cli.group()
+def node() -> None:
+    """Node maintenance, as Incus: cordon, uncordon, drain, evacuate, restore."""
+
+
+@node.command()
+@click.argument("name")
+def cordon(name: str) -> None:
+    """Place no new instances on the node."""
+    _client().node_action(name, "cordon")
+    click.echo(f"Cordoned {name}")
+
+
+@node.command()
+@click.argument("name")
+def uncordon(name: str) -> None:
+    """Place instances on the node again."""
+    _client().node_action(name, "uncordon")
+    click.echo(f"Uncordoned {name}")
+
+
+def _maintain(action: str, name: str, no_wait: bool, timeout: float, fmt: str) -> None:
+    client = _client()
+    operation = client.node_action(name, action)
+    if no_wait:
+        click.echo(operation["id"])
+        return
+    done = _wait(client, operation["id"], timeout, f"{action.capitalize()} {name}")
+    outcomes = done["result"] or []
+    if fmt == "table" and not outcomes:
+        click.echo(f"{action}: nothing to do on {name}")
+        return
+    columns = [
+        Column("Instance Name", lambda o: o["name"]),
+        Column("Outcome", lambda o: o["outcome"]),
+    ]
+    click.echo(render(outcomes, columns, fmt))
+
+
+@node.command()
+@click.argument("name")
+@_with_wait
+@format_option
+def drain(name: str, no_wait: bool, timeout: float, fmt: str) -> None:
+    """Cordon the node and stop its instances (restore starts them again)."""
+    _maintain("drain", name, no_wait, timeout, fmt)
+
+
+@node.command()
+@click.argument("name")
+@_with_wait
+@format_option
+def evacuate(name: str, no_wait: bool, timeout: float, fmt: str) -> None:
+    """Cordon the node and re-create its instances on other nodes (fresh disks)."""
+    _maintain("evacuate", name, no_wait, timeout, fmt)
+
+
+@node.command()
+@click.argument("name")
+@_with_wait
+@format_option
+def restore(name: str, no_wait: bool, timeout: float, fmt: str) -> None:
+    """Uncordon the node, bring evacuated instances back and start drained ones."""
+    _maintain("restore", name, no_wait, timeout, fmt)
+
+
+@cli.command()
+def events() -> None:
+    """Stream lifecycle events as JSON lines until interrupted."""
+    client = _client()
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(asyncio.run(follow_events(client.server, client.token)))
 
 
 @cli.command()

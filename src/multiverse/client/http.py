@@ -95,6 +95,18 @@ class ApiClient:
         except httpx.TransportError as exc:
             raise Unreachable(f"lost the master at {self.server}: {exc}") from exc
 
+    def operation(self, operation_id: str) -> JSON:
+        return dict(self._request("GET", f"/operations/{operation_id}"))
+
+    def wait_operation(self, operation_id: str, timeout: float) -> JSON:
+        params = {"timeout": timeout}
+        return dict(self._request("GET", f"/operations/{operation_id}/wait", params=params))
+
+    def node_action(self, name: str, action: str) -> JSON:
+        """``cordon``, ``uncordon`` (the node) or ``drain``, ``evacuate``, ``restore``
+        (an operation)."""
+        return dict(self._request("POST", f"/nodes/{name}/{action}"))
+
     def create_token(self, body: JSON) -> JSON:
         return dict(self._request("POST", "/tokens", json=body))
 

@@ -151,3 +151,23 @@ def _refusal(exc: websockets.InvalidStatus) -> ApiError:
         return ApiError(response.status_code, error["code"], error["message"])
     except (ValueError, KeyError, TypeError):
         return ApiError(response.status_code, "http_error", f"refused: HTTP {response.status_code}")
+
+
+async def follow_events(server: str, token: str) -> int:
+    """Print the master's events, one JSON object a line, until the stream ends."""
+    base = server.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+    try:
+        async with websockets.connect(
+            f"{base}/api/v1/events", additional_headers={"Authorization": f"Bearer {token}"}
+        ) as ws:
+            async for message in ws:
+                text = message.decode() if isinstance(message, bytes) else message
+                sys.stdout.write(text + "\n")
+                sys.stdout.flush()
+    except websockets.InvalidStatus as exc:
+        raise _refusal(exc) from None
+    except (OSError, websockets.InvalidHandshake) as exc:
+        raise Unreachable(f"cannot reach the master at {server}: {exc}") from exc
+    except websockets.ConnectionClosedError as exc:
+        raise Unreachable(f"lost the connection to the master: {exc}") from exc
+    return 0

@@ -238,6 +238,9 @@ class Instance:
     message: str = ""
     version: int = 0
     created_at: datetime | None = None
+    restarts: int = 0
+    moved_from: str | None = None
+    held: bool = False
 
     @property
     def name(self) -> str:

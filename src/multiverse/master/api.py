@@ -5,17 +5,20 @@ calls the services and shapes JSON. Every error is ``{"error": {"code", "message
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import HTTPConnection
+from starlette.websockets import WebSocketDisconnect
 
 from multiverse import __version__
 from multiverse.core.errors import InvalidArgument, MultiverseError, Unauthenticated
@@ -31,6 +34,9 @@ from multiverse.core.model import (
 from multiverse.core.sizes import parse_size
 from multiverse.master import auth
 from multiverse.master.instances import InstanceInfo, Instances
+from multiverse.master.metrics import CONTENT_TYPE, Metrics
+from multiverse.master.nodes import Nodes
+from multiverse.master.operations import Operation
 from multiverse.master.scheduler import Strategy
 from multiverse.master.sessions import MAX_TERMINAL, relay
 from multiverse.store.repository import Store
@@ -133,6 +139,7 @@ def instance_json(instance: Instance) -> dict[str, Any]:
         "disk": spec.disk,
         "labels": spec.labels,
         "message": instance.message,
+        "restarts": instance.restarts,
         "created_at": _iso(instance.created_at),
     }
 
@@ -169,8 +176,19 @@ Reader = Annotated[dict[str, object], Depends(_caller)]
 Admin = Annotated[dict[str, object], Depends(_admin)]
 
 
-def create_app(store: Store, instances: Instances) -> FastAPI:
+def create_app(store: Store, instances: Instances, nodes: Nodes) -> FastAPI:
     app = FastAPI(title="Multiverse", version=__version__, docs_url="/docs")
+    metrics = Metrics(store, instances.reconciler)
+
+    @app.middleware("http")
+    async def _timed(request: Request, call_next: Any) -> Any:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.api_latency.labels(
+            request.method, getattr(route, "path", "unmatched"), str(response.status_code)
+        ).observe(time.perf_counter() - started)
+        return response
 
     @app.exception_handler(MultiverseError)
     async def _domain_error(_request: Request, exc: MultiverseError) -> JSONResponse:
@@ -203,6 +221,51 @@ def create_app(store: Store, instances: Instances) -> FastAPI:
     async def get_node(name: str, _: Reader) -> dict[str, Any]:
         return node_json(store.find_node(name))
 
+    @app.post("/api/v1/nodes/{name}/cordon")
+    async def cordon(name: str, _: Admin) -> dict[str, Any]:
+        return node_json(nodes.set_cordon(name, True))
+
+    @app.post("/api/v1/nodes/{name}/uncordon")
+    async def uncordon(name: str, _: Admin) -> dict[str, Any]:
+        return node_json(nodes.set_cordon(name, False))
+
+    @app.post("/api/v1/nodes/{name}/{action}", status_code=202)
+    async def maintain(
+        name: str, action: Literal["drain", "evacuate", "restore"], _: Admin
+    ) -> dict[str, Any]:
+        start = {"drain": nodes.drain, "evacuate": nodes.evacuate, "restore": nodes.restore}
+        return (await start[action](name)).json()
+
+    @app.get("/api/v1/operations/{operation_id}")
+    async def get_operation(operation_id: str, _: Reader) -> dict[str, Any]:
+        return instances.operations.get(operation_id).json()
+
+    @app.get("/api/v1/operations/{operation_id}/wait")
+    async def wait_operation(
+        operation_id: str, _: Reader, timeout: Annotated[float, Query(ge=0, le=60)] = 30
+    ) -> dict[str, Any]:
+        return (await instances.operations.wait(operation_id, timeout)).json()
+
+    @app.websocket("/api/v1/events")
+    async def events(websocket: WebSocket) -> None:
+        """Lifecycle events as JSON text frames, from now on; a slow listener is dropped."""
+        try:
+            _caller(websocket)
+        except MultiverseError as exc:
+            status = HTTP_STATUS.get(exc.code, 500)
+            await websocket.send_denial_response(error_response(status, exc.code, exc.message))
+            return
+        await websocket.accept()
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+            async for event in instances.events.listen():
+                await websocket.send_text(json.dumps(event))
+        with contextlib.suppress(RuntimeError):
+            await websocket.close()
+
+    @app.get("/metrics")
+    async def prometheus(_: Reader) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     @app.get("/api/v1/instances")
     async def list_instances(_: Reader) -> list[dict[str, Any]]:
         return [instance_json(instance) for instance in store.list_instances()]
@@ -222,26 +285,27 @@ def create_app(store: Store, instances: Instances) -> FastAPI:
             user_data=body.user_data,
             labels=body.labels,
         )
-        instance = await instances.launch(
-            spec, node_name=body.node, selector=body.selector, strategy=body.strategy
+        return _accepted(
+            await instances.launch(
+                spec, node_name=body.node, selector=body.selector, strategy=body.strategy
+            )
         )
-        return instance_json(instance)
 
     @app.post("/api/v1/instances/{name}/start", status_code=202)
     async def start(name: str, _: Admin) -> dict[str, Any]:
-        return instance_json(await instances.start(name))
+        return _accepted(await instances.start(name))
 
     @app.post("/api/v1/instances/{name}/stop", status_code=202)
     async def stop(name: str, _: Admin, body: StopBody | None = None) -> dict[str, Any]:
-        return instance_json(await instances.stop(name, force=bool(body and body.force)))
+        return _accepted(await instances.stop(name, force=bool(body and body.force)))
 
     @app.post("/api/v1/instances/{name}/restart", status_code=202)
     async def restart(name: str, _: Admin) -> dict[str, Any]:
-        return instance_json(await instances.restart(name))
+        return _accepted(await instances.restart(name))
 
     @app.delete("/api/v1/instances/{name}", status_code=202)
     async def delete(name: str, _: Admin) -> dict[str, Any]:
-        return instance_json(await instances.delete(name))
+        return _accepted(await instances.delete(name))
 
     @app.get("/api/v1/instances/{name}/info")
     async def info(name: str, _: Reader) -> dict[str, Any]:
@@ -341,6 +405,12 @@ def create_app(store: Store, instances: Instances) -> FastAPI:
         return {"id": token_id, "status": "revoked"}
 
     return app
+
+
+def _accepted(started: tuple[Instance, Operation]) -> dict[str, Any]:
+    """An instance action's answer: the instance now, and the operation to wait on."""
+    instance, operation = started
+    return {**instance_json(instance), "operation": operation.id}
 
 
 def _exec_line(chunk: Any) -> bytes:

@@ -18,7 +18,7 @@ import grpc
 from multiverse.core.errors import AlreadyExists, MultiverseError, Unauthenticated
 from multiverse.core.model import Node, NodeStatus, validate_labels, validate_name
 from multiverse.master.auth import JOIN, hash_secret, new_secret, secret_matches, verify_token
-from multiverse.store.repository import Store, now
+from multiverse.store.repository import Change, Store, now
 from multiverse.wire import convert
 from multiverse.wire.v1 import multiverse_pb2 as pb
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
@@ -42,7 +42,10 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         self.store = store
         self.agents = agents
         self.sync_interval = sync_interval
-        self.on_report: Callable[[str], None] = lambda node_id: None
+        # Told of node status transitions and instance changes (server.py publishes them).
+        self.on_change: Callable[[list[tuple[str, NodeStatus]], list[Change]], None] = (
+            lambda transitions, changes: None
+        )
 
     async def Join(self, request: pb.JoinRequest, context: Ctx) -> pb.JoinResponse:
         try:
@@ -100,6 +103,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         )
         self.store.add_node(node, hash_secret(secret))
         log.info("node %s joined from %s as %s", name, address, node.id)
+        self.on_change([(name, NodeStatus.JOINING)], [])
         return pb.JoinResponse(
             node_id=node.id,
             name=name,
@@ -122,14 +126,16 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
 
     def apply(self, node_id: str, report: pb.NodeReport) -> None:
         """Take one report: the node is alive now, and its instances are as it says."""
+        node = self.store.get_node(node_id)
         self.store.update_node(
             node_id,
             capacity=convert.resources_from_pb(report.capacity),
             last_sync=now(),
             status=NodeStatus.READY,
         )
-        self.store.apply_report(node_id, [status_dict(item) for item in report.instances])
-        self.on_report(node_id)
+        changes = self.store.apply_report(node_id, [status_dict(item) for item in report.instances])
+        back = [(node.name, NodeStatus.READY)] if node.status != NodeStatus.READY else []
+        self.on_change(back, changes)
 
 
 def status_dict(status: pb.InstanceStatus) -> dict[str, Any]:

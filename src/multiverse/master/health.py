@@ -1,39 +1,67 @@
-"""Host health: a node whose reports stop coming is NotReady after ``threshold`` seconds.
+"""Host health: a node whose reports stop coming is NotReady after ``not_ready_after`` seconds
+and Down after ``down_after``; a Down node's instances show as Unknown, never silently gone.
 
-Its instances keep their last known state; the API shows the node's status and last sync, so
-nobody mistakes stale data for fresh.
+After a master (re)start every node is Unknown until it reports or its time runs out, counted
+from the master's start: the master cannot know what happened while it was away.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 
-from multiverse.core.model import NodeStatus
-from multiverse.store.repository import Store, now
+from multiverse.core.model import InstanceState, NodeStatus
+from multiverse.store.repository import Change, Store, now
 
 log = logging.getLogger("multiverse.master")
 
+# Statuses a silent node can age out of; Cordoned/Draining are marks set by people.
+_AGING = {NodeStatus.READY, NodeStatus.JOINING, NodeStatus.UNKNOWN, NodeStatus.NOT_READY}
 
-def mark_stale_nodes(store: Store, threshold: float) -> list[str]:
-    """Mark nodes silent for longer than ``threshold`` seconds NotReady; returns their names."""
-    limit = now() - timedelta(seconds=threshold)
-    stale = []
+
+def check_nodes(
+    store: Store, not_ready_after: float, down_after: float, since: datetime
+) -> tuple[list[tuple[str, NodeStatus]], list[Change]]:
+    """Age silent nodes; returns (node name, new status) pairs and their instances' changes."""
+    moment = now()
+    transitions: list[tuple[str, NodeStatus]] = []
+    changes: list[Change] = []
     for node in store.list_nodes():
-        if node.status in (NodeStatus.READY, NodeStatus.JOINING) and (
-            node.last_sync is None or node.last_sync < limit
-        ):
-            store.update_node(node.id, status=NodeStatus.NOT_READY)
-            log.warning("node %s NotReady: no report since %s", node.name, node.last_sync)
-            stale.append(node.name)
-    return stale
+        if node.status not in _AGING:
+            continue
+        heard = max(node.last_sync or since, since)
+        silent = (moment - heard).total_seconds()
+        status = node.status
+        if silent > down_after:
+            status = NodeStatus.DOWN
+        elif silent > not_ready_after:
+            status = NodeStatus.NOT_READY
+        if status == node.status:
+            continue
+        store.update_node(node.id, status=status)
+        log.warning("node %s %s: no report for %.0fs", node.name, status.value, silent)
+        transitions.append((node.name, status))
+        if status == NodeStatus.DOWN:
+            changes += store.mark_node_instances(
+                node.id, InstanceState.UNKNOWN, f"node {node.name} is Down"
+            )
+    return transitions, changes
 
 
-async def watch_nodes(store: Store, threshold: float) -> None:
+async def watch_nodes(
+    store: Store,
+    not_ready_after: float,
+    down_after: float,
+    on_change: Callable[[list[tuple[str, NodeStatus]], list[Change]], None],
+) -> None:
+    since = now() - timedelta(seconds=0)
     while True:
-        await asyncio.sleep(min(1.0, threshold / 4))
+        await asyncio.sleep(min(1.0, not_ready_after / 4))
         try:
-            mark_stale_nodes(store, threshold)
+            transitions, changes = check_nodes(store, not_ready_after, down_after, since)
+            if transitions or changes:
+                on_change(transitions, changes)
         except Exception:  # keep watching whatever one round hit
             log.exception("health check failed")

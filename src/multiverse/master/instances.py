@@ -1,12 +1,16 @@
 """Instance actions as the API offers them: launch, start, stop, restart, delete, info, exec.
 
-Placement is decided and recorded under one lock, so concurrent launches see each other's
-reservations and never oversubscribe a node; the unique name constraint settles duplicates.
+Start, stop and delete write the desired state and let the reconciler act at once (the same
+step its loop takes later, if this one fails); each returns an operation that ends when the
+instance gets there. Placement is decided and recorded under one lock, so concurrent launches
+see each other's reservations and never oversubscribe a node; the unique name constraint
+settles duplicates.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -15,7 +19,14 @@ from typing import TypeAlias
 
 import grpc
 
-from multiverse.core.errors import AlreadyExists, Conflict, MultiverseError, NotFound
+from multiverse.core.errors import (
+    AlreadyExists,
+    Conflict,
+    DriverError,
+    MultiverseError,
+    NotFound,
+    Unavailable,
+)
 from multiverse.core.model import (
     DesiredState,
     GuestStats,
@@ -23,11 +34,15 @@ from multiverse.core.model import (
     InstanceSpec,
     InstanceState,
     Node,
+    NodeStatus,
     ensure_running,
 )
-from multiverse.master.cluster import Agents, status_dict
+from multiverse.master.cluster import Agents
+from multiverse.master.events import EventBus
+from multiverse.master.operations import Operation, Operations
+from multiverse.master.reconciler import PERMANENT, Reconciler
 from multiverse.master.scheduler import Strategy, place
-from multiverse.store.repository import Store, now
+from multiverse.store.repository import Change, Store, now
 from multiverse.wire import convert
 from multiverse.wire.v1 import multiverse_pb2 as pb
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
@@ -35,6 +50,7 @@ from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
 log = logging.getLogger("multiverse.master")
 
 SessionCall: TypeAlias = grpc.aio.StreamStreamCall[pb.SessionInput, pb.SessionOutput]
+OPERATION_TIMEOUT = 900.0  # seconds an operation waits for its instance to get there
 
 
 @dataclass(frozen=True)
@@ -45,10 +61,22 @@ class InstanceInfo:
 
 
 class Instances:
-    def __init__(self, store: Store, agents: Agents) -> None:
+    def __init__(
+        self,
+        store: Store,
+        agents: Agents,
+        reconciler: Reconciler,
+        operations: Operations,
+        events: EventBus,
+        placement_wait: float = 20.0,
+    ) -> None:
         self.store = store
         self.agents = agents
-        self._placing = asyncio.Lock()
+        self.reconciler = reconciler
+        self.operations = operations
+        self.events = events
+        self.placement_wait = placement_wait
+        self.placing = asyncio.Lock()
 
     def get(self, name: str) -> Instance:
         return self.store.find_instance(name)
@@ -61,10 +89,16 @@ class Instances:
     def _stub(self, node: Node) -> pb_grpc.AgentServiceStub:
         return self.agents.stub(node)
 
-    def _observe(self, instance_id: str, status: pb.InstanceStatus) -> Instance:
-        if status.id:
-            self.store.observe_instance(instance_id, status_dict(status))
-        return self.store.get_instance(instance_id)
+    async def _candidates(self, node_name: str | None) -> list[Node]:
+        """The nodes to place on; waits (bounded) while some are Unknown, as after a master
+        restart, so that a launch does not fail only because nobody has reported yet."""
+
+        def known() -> bool:
+            nodes = [self.store.find_node(node_name)] if node_name else self.store.list_nodes()
+            return all(node.status != NodeStatus.UNKNOWN for node in nodes)
+
+        await self.events.wait_for(known, self.placement_wait)
+        return [self.store.find_node(node_name)] if node_name else self.store.list_nodes()
 
     async def launch(
         self,
@@ -73,13 +107,15 @@ class Instances:
         node_name: str | None = None,
         selector: Mapping[str, str] | None = None,
         strategy: Strategy = "spread",
-    ) -> Instance:
+    ) -> tuple[Instance, Operation]:
         spec.validate()
-        async with self._placing:
+        async with self.placing:
             if self.store.list_instances(names=[spec.name]):
                 raise AlreadyExists(f"an instance named {spec.name!r} exists already")
-            nodes = [self.store.find_node(node_name)] if node_name else self.store.list_nodes()
-            node = place(spec.resources, nodes, selector=selector, strategy=strategy)
+            node = place(
+                spec.resources, await self._candidates(node_name), selector=selector,
+                strategy=strategy,
+            )  # fmt: skip
             instance = Instance(
                 id=str(uuid.uuid4()),
                 spec=spec,
@@ -91,63 +127,82 @@ class Instances:
             )
             self.store.add_instance(instance)
         log.info("instance %s scheduled on node %s", spec.name, node.name)
+        self.reconciler.publish_changes([Change(instance.id, spec.name, "", "Scheduled")])
         try:
-            status = await self.agents.call(
-                node,
-                self._stub(node).Launch,
-                pb.LaunchRequest(spec=convert.spec_to_pb(instance.id, spec)),
-            )
-        except MultiverseError:
-            # Nothing was created on the node: give the name and the resources back.
+            await self.reconciler.reconcile(instance, node, by_user=True)
+        except PERMANENT:
+            # The node refused the request itself (no such image...): nothing was created.
             self.store.delete_instance(instance.id)
+            self.reconciler.publish_changes([Change(instance.id, spec.name, "Failed", "")])
             raise
-        return self._observe(instance.id, status)
+        except MultiverseError:
+            pass  # e.g. the node just went away: the reconciler tries again, with backoff
+        operation = self.operations.start(
+            "launch", spec.name, self.until(instance.id, {InstanceState.RUNNING})
+        )
+        return self.store.get_instance(instance.id), operation
 
-    async def start(self, name: str) -> Instance:
+    async def _set_desired(
+        self, name: str, desired: DesiredState, *, force: bool = False
+    ) -> Instance:
+        instance = self.get(name)
+        if instance.desired == DesiredState.DELETED and desired != DesiredState.DELETED:
+            raise Conflict(f"instance {name} is being deleted")
+        self.store.update_instance(instance.id, desired=desired, held=False)
+        instance.desired = desired
+        node = self.store.get_node(instance.node_id) if instance.node_id else None
+        await self.reconciler.reconcile(instance, node, by_user=True, force=force)
+        return self.store.get_instance(instance.id)
+
+    async def start(self, name: str) -> tuple[Instance, Operation]:
+        instance = await self._set_desired(name, DesiredState.RUNNING)
+        work = self.until(instance.id, {InstanceState.RUNNING})
+        return instance, self.operations.start("start", name, work)
+
+    async def stop(self, name: str, force: bool = False) -> tuple[Instance, Operation]:
+        instance = await self._set_desired(name, DesiredState.STOPPED, force=force)
+        work = self.until(instance.id, {InstanceState.STOPPED})
+        return instance, self.operations.start("stop", name, work)
+
+    async def restart(self, name: str) -> tuple[Instance, Operation]:
+        """Not a desired state: a stop and a start, done by the node in one go."""
         instance = self.get(name)
         node = self._node_of(instance)
-        self.store.update_instance(instance.id, desired=DesiredState.RUNNING)
-        status = await self.agents.call(
-            node, self._stub(node).Start, pb.InstanceRef(id=instance.id)
-        )
-        return self._observe(instance.id, status)
+        if node.status != NodeStatus.READY:
+            raise Unavailable(f"node {node.name} is {node.status.value}; try again once it is back")
+        self.store.update_instance(instance.id, desired=DesiredState.RUNNING, held=False)
+        ref = pb.InstanceRef(id=instance.id)
+        status = await self.agents.call(node, self._stub(node).Restart, ref)
+        self.reconciler.observe(instance.id, status)
+        work = self.until(instance.id, {InstanceState.RUNNING})
+        return self.store.get_instance(instance.id), self.operations.start("restart", name, work)
 
-    async def stop(self, name: str, force: bool = False) -> Instance:
+    async def delete(self, name: str) -> tuple[Instance, Operation]:
+        """Deleted once its node confirms; on a node that is away, when the node is back."""
         instance = self.get(name)
-        node = self._node_of(instance)
-        self.store.update_instance(instance.id, desired=DesiredState.STOPPED)
-        status = await self.agents.call(
-            node, self._stub(node).Stop, pb.StopRequest(id=instance.id, force=force)
-        )
-        return self._observe(instance.id, status)
+        with contextlib.suppress(NotFound):  # the node's report of it being gone came first
+            instance = await self._set_desired(name, DesiredState.DELETED)
+        return instance, self.operations.start("delete", name, self.until(instance.id, None))
 
-    async def restart(self, name: str) -> Instance:
-        instance = self.get(name)
-        node = self._node_of(instance)
-        self.store.update_instance(instance.id, desired=DesiredState.RUNNING)
-        status = await self.agents.call(
-            node, self._stub(node).Restart, pb.InstanceRef(id=instance.id)
-        )
-        return self._observe(instance.id, status)
+    async def until(self, instance_id: str, targets: set[InstanceState] | None) -> str:
+        """Wait until the instance is in one of ``targets`` (None: gone); its final state."""
 
-    async def delete(self, name: str) -> Instance:
-        instance = self.get(name)
-        self.store.update_instance(instance.id, desired=DesiredState.DELETED)
-        if instance.node_id is None:
-            self.store.delete_instance(instance.id)
-            return instance
-        node = self._node_of(instance)
-        status = await self.agents.call(
-            node, self._stub(node).Delete, pb.InstanceRef(id=instance.id)
-        )
-        instance.state = InstanceState.DELETING
-        if not status.id:  # the node never had it: nothing to wait for
-            self.store.delete_instance(instance.id)
-            return instance
-        try:
-            return self._observe(instance.id, status)
-        except NotFound:  # the node's report of it being gone came first
-            return instance
+        def reached() -> bool:
+            try:
+                instance = self.store.get_instance(instance_id)
+            except NotFound:
+                if targets is None:
+                    return True
+                raise Conflict("the instance was deleted meanwhile") from None
+            if targets is not None and instance.state in targets:
+                return True
+            if targets is not None and instance.state == InstanceState.FAILED:
+                raise DriverError(f"{instance.name} failed: {instance.message or 'no reason'}")
+            return False
+
+        if not await self.events.wait_for(reached, OPERATION_TIMEOUT):
+            raise Unavailable(f"gave up waiting after {OPERATION_TIMEOUT:.0f}s")
+        return "Deleted" if targets is None else next(iter(targets)).value
 
     async def info(self, instance: Instance) -> InstanceInfo:
         if instance.state != InstanceState.RUNNING:

@@ -16,12 +16,17 @@ import grpc
 import uvicorn
 
 from multiverse.core.errors import InvalidArgument
+from multiverse.core.model import NodeStatus
 from multiverse.master import auth
 from multiverse.master.api import create_app
 from multiverse.master.cluster import Agents, ClusterServicer
+from multiverse.master.events import EventBus
 from multiverse.master.health import watch_nodes
 from multiverse.master.instances import Instances
-from multiverse.store.repository import Store
+from multiverse.master.nodes import Nodes
+from multiverse.master.operations import Operations
+from multiverse.master.reconciler import Reconciler
+from multiverse.store.repository import Change, Store
 from multiverse.wire.convert import GRPC_SERVER_OPTIONS, listen_grpc
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
 
@@ -35,6 +40,7 @@ class MasterConfig:
     api_listen: str = "0.0.0.0:1338"
     db: str = ""
     node_timeout: float = 20.0  # seconds without a report before a node is NotReady
+    down_timeout: float = 120.0  # ... and before it is Down (its instances then Unknown)
     sync_interval: float = 5.0
     user_config: Path | None = None  # written if missing, so the CLI works at once
 
@@ -72,13 +78,29 @@ class Master:
         self.store = Store(config.db) if config.db else Store.for_data_dir(config.data_dir)
         self.store.migrate()
         self.agents = Agents(self._master_key())
-        self.instances = Instances(self.store, self.agents)
+        self.events = EventBus()
+        self.operations = Operations(self.events)
+        self.reconciler = Reconciler(self.store, self.agents, self.events)
+        self.instances = Instances(
+            self.store, self.agents, self.reconciler, self.operations, self.events,
+            placement_wait=config.node_timeout,
+        )  # fmt: skip
+        self.nodes = Nodes(self.store, self.agents, self.instances)
         self.cluster = ClusterServicer(self.store, self.agents, config.sync_interval)
+        self.cluster.on_change = self._changed
         self.api_url = ""
         self.grpc_port = 0
         self._grpc: grpc.aio.Server | None = None
         self._http: _Uvicorn | None = None
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _changed(self, transitions: list[tuple[str, NodeStatus]], changes: list[Change]) -> None:
+        """One place where state changes become events and wake the reconciler."""
+        for name, status in transitions:
+            self.events.publish("node", name=name, status=status.value)
+        self.reconciler.publish_changes(changes)
+        if transitions:
+            self.reconciler.kick()
 
     def _master_key(self) -> bytes:
         path = self.config.data_dir / "master.key"
@@ -101,13 +123,16 @@ class Master:
 
     async def start(self) -> None:
         config = self.config
+        # Until a node reports, the master cannot know what happened while it was away.
+        for node in self.store.list_nodes():
+            self.store.update_node(node.id, status=NodeStatus.UNKNOWN)
         self._grpc = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
         pb_grpc.add_ClusterServiceServicer_to_server(self.cluster, self._grpc)
         self.grpc_port = listen_grpc(self._grpc, config.listen)
         await self._grpc.start()
 
         host, port = split_address(config.api_listen)
-        app = create_app(self.store, self.instances)
+        app = create_app(self.store, self.instances, self.nodes)
         self._http = _Uvicorn(
             uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
         )
@@ -127,7 +152,13 @@ class Master:
         client_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         self.api_url = f"http://{client_host}:{bound}"
         self._ensure_client_config()
-        self._tasks = [serving, asyncio.create_task(watch_nodes(self.store, config.node_timeout))]
+        self._tasks = [
+            serving,
+            asyncio.create_task(
+                watch_nodes(self.store, config.node_timeout, config.down_timeout, self._changed)
+            ),
+            asyncio.create_task(self.reconciler.run()),
+        ]
         log.info("master addr: %s / api server addr: %s", config.listen, config.api_listen)
 
     async def stop(self) -> None:
@@ -135,6 +166,7 @@ class Master:
             self._http.should_exit = True
         for task in self._tasks[1:]:
             task.cancel()
+        await self.operations.close()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._grpc:
             await self._grpc.stop(grace=1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -246,14 +247,14 @@ class Store:
             for key, value in fields.items():
                 setattr(row, key, value)
 
-    def apply_report(self, node_id: str, reported: Sequence[dict[str, Any]]) -> list[str]:
-        """Take a worker's view of its instances; returns ids of instances found deleted.
+    def apply_report(self, node_id: str, reported: Sequence[dict[str, Any]]) -> list[Change]:
+        """Take a worker's view of its instances; returns what changed (state "" = deleted).
 
         A report older than what the master knows (lower ``version``) is ignored, so a
         report that crossed an action on the wire cannot undo it.
         """
         by_id = {item["id"]: item for item in reported}
-        gone: list[str] = []
+        changes: list[Change] = []
         with self._session() as session:
             rows = session.scalars(select(InstanceRow).where(InstanceRow.node_id == node_id))
             for row in rows:
@@ -261,17 +262,29 @@ class Store:
                 if item is None:
                     if row.desired == DesiredState.DELETED.value:
                         session.delete(row)
-                        gone.append(row.id)
+                        changes.append(Change(row.id, row.name, row.state, ""))
                     continue
-                _observe(row, item)
-        return gone
+                if change := _observe(row, item):
+                    changes.append(change)
+        return changes
 
-    def observe_instance(self, instance_id: str, item: dict[str, Any]) -> None:
+    def observe_instance(self, instance_id: str, item: dict[str, Any]) -> Change | None:
         """Take one instance's status as an agent answered it (same rule as a report)."""
         with self._session() as session:
             row = session.get(InstanceRow, instance_id)
-            if row is not None:
-                _observe(row, item)
+            return _observe(row, item) if row is not None else None
+
+    def mark_node_instances(self, node_id: str, state: InstanceState, message: str) -> list[Change]:
+        """Set every instance of a node (a Down one) to ``state``; the node's next report,
+        with versions no older than the ones known, puts the real states back."""
+        changes = []
+        with self._session() as session:
+            rows = session.scalars(select(InstanceRow).where(InstanceRow.node_id == node_id))
+            for row in rows:
+                if row.state != state.value:
+                    changes.append(Change(row.id, row.name, row.state, state.value))
+                    row.state, row.message = state.value, message
+        return changes
 
     def delete_instance(self, instance_id: str) -> None:
         with self._session() as session:
@@ -340,15 +353,29 @@ class Store:
             row.revoked = True
 
 
-def _observe(row: InstanceRow, item: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class Change:
+    """An instance's observed state moved (``new`` is "" when it was deleted)."""
+
+    instance_id: str
+    name: str
+    old: str
+    new: str
+
+
+def _observe(row: InstanceRow, item: dict[str, Any]) -> Change | None:
     if item["version"] < row.version:
-        return
+        return None
+    change = (
+        Change(row.id, row.name, row.state, item["state"]) if row.state != item["state"] else None
+    )
     row.state = item["state"]
     row.ipv4 = item["ipv4"]
     row.message = item["message"]
     row.version = item["version"]
     if item.get("release"):
         row.release = item["release"]
+    return change
 
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:
@@ -380,6 +407,9 @@ def _instance(row: InstanceRow, node_name: str) -> Instance:
         message=row.message,
         version=row.version,
         created_at=_utc(row.created_at),
+        restarts=row.restarts,
+        moved_from=row.moved_from,
+        held=row.held,
     )
 
 

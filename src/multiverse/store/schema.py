@@ -52,6 +52,12 @@ class InstanceRow(Base):
     message: Mapped[str] = mapped_column(Text, default="")
     version: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime]
+    # How often the reconciler started it again after it stopped on its own.
+    restarts: Mapped[int] = mapped_column(Integer, default=0)
+    # The node it was evacuated from (``node restore`` brings it back), and whether a drain
+    # stopped it (``node restore`` starts it again).
+    moved_from: Mapped[str | None] = mapped_column(String(36), default=None)
+    held: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class TokenRow(Base):

@@ -1,0 +1,130 @@
+"""Node maintenance, as Incus does it: cordon, drain, evacuate and restore.
+
+- cordon: no new instances are placed on the node; uncordon undoes it.
+- drain: cordon, then stop the node's running instances (marked, so restore starts them).
+- evacuate: cordon, then re-create every instance of the node on other nodes from its spec,
+  stopping it first. There is no disk transfer yet, so the new instance starts with a fresh
+  disk: whatever was written inside the old one stays behind (and is deleted with it when the
+  node is reachable). Each instance's outcome is reported.
+- restore: uncordon, move evacuated instances back the same way, start drained ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from multiverse.core.errors import MultiverseError
+from multiverse.core.model import DesiredState, Instance, InstanceState, Node, NodeStatus
+from multiverse.master.cluster import Agents
+from multiverse.master.instances import Instances
+from multiverse.master.operations import Operation
+from multiverse.master.scheduler import place
+from multiverse.store.repository import Change, Store
+from multiverse.wire.v1 import multiverse_pb2 as pb
+
+log = logging.getLogger("multiverse.master")
+
+
+class Nodes:
+    def __init__(self, store: Store, agents: Agents, instances: Instances) -> None:
+        self.store = store
+        self.agents = agents
+        self.instances = instances
+
+    def set_cordon(self, name: str, cordoned: bool) -> Node:
+        node = self.store.find_node(name)
+        self.store.update_node(node.id, cordoned=cordoned)
+        self.instances.events.publish("node", name=name, cordoned=cordoned, status=node.status)
+        return self.store.find_node(name)
+
+    def _on_node(self, node: Node) -> list[Instance]:
+        return [
+            instance
+            for instance in self.store.list_instances(node_id=node.id)
+            if instance.desired != DesiredState.DELETED
+        ]
+
+    async def drain(self, name: str) -> Operation:
+        node = self.set_cordon(name, True)
+        return self.instances.operations.start("drain", name, self._drain(node))
+
+    async def _drain(self, node: Node) -> list[dict[str, Any]]:
+        outcomes = []
+        for instance in self._on_node(node):
+            if instance.desired != DesiredState.RUNNING:
+                outcomes.append({"name": instance.name, "outcome": "already stopped"})
+                continue
+            try:
+                await self._stop(instance, node)
+                self.store.update_instance(instance.id, held=True)
+                outcomes.append({"name": instance.name, "outcome": "stopped"})
+            except MultiverseError as exc:
+                outcomes.append({"name": instance.name, "outcome": f"not stopped: {exc.message}"})
+        return outcomes
+
+    async def _stop(self, instance: Instance, node: Node) -> None:
+        self.store.update_instance(instance.id, desired=DesiredState.STOPPED)
+        instance.desired = DesiredState.STOPPED
+        await self.instances.reconciler.reconcile(instance, node, by_user=True)
+        await self.instances.until(instance.id, {InstanceState.STOPPED})
+
+    async def evacuate(self, name: str) -> Operation:
+        node = self.set_cordon(name, True)
+        return self.instances.operations.start("evacuate", name, self._evacuate(node))
+
+    async def _evacuate(self, node: Node) -> list[dict[str, Any]]:
+        outcomes = []
+        for instance in self._on_node(node):
+            others = [n for n in self.store.list_nodes() if n.id != node.id]
+            outcome = await self._move(instance, node, others, moved_from=node.id)
+            outcomes.append({"name": instance.name, "outcome": outcome})
+        return outcomes
+
+    async def restore(self, name: str) -> Operation:
+        node = self.set_cordon(name, False)
+        return self.instances.operations.start("restore", name, self._restore(node))
+
+    async def _restore(self, node: Node) -> list[dict[str, Any]]:
+        outcomes = []
+        for instance in self.store.list_instances():
+            if instance.moved_from == node.id and instance.node_id:
+                current = self.store.get_node(instance.node_id)
+                outcome = await self._move(instance, current, [node], moved_from=None)
+                outcomes.append({"name": instance.name, "outcome": outcome})
+            elif instance.node_id == node.id and instance.held:
+                self.store.update_instance(instance.id, desired=DesiredState.RUNNING, held=False)
+                instance.desired = DesiredState.RUNNING
+                self.instances.reconciler.kick()
+                outcomes.append({"name": instance.name, "outcome": "started again"})
+        return outcomes
+
+    async def _move(
+        self, instance: Instance, source: Node, targets: list[Node], moved_from: str | None
+    ) -> str:
+        """Re-create ``instance`` on one of ``targets``; what happened, in words."""
+        wanted = instance.desired
+        async with self.instances.placing:
+            try:
+                target = place(instance.spec.resources, targets)
+            except MultiverseError as exc:
+                return f"stayed on {source.name}: {exc.message}"
+            reachable = source.status == NodeStatus.READY
+            try:
+                if reachable:
+                    if instance.state != InstanceState.STOPPED:
+                        await self._stop(instance, source)
+                    ref = pb.InstanceRef(id=instance.id)
+                    await self.agents.call(source, self.agents.stub(source).Delete, ref)
+            except MultiverseError as exc:
+                return f"stayed on {source.name}: could not stop it there: {exc.message}"
+            self.store.update_instance(
+                instance.id, node_id=target.id, state=InstanceState.SCHEDULED, version=0,
+                desired=wanted, moved_from=moved_from, message="", ipv4="",
+            )  # fmt: skip
+        log.info("instance %s moved from %s to %s", instance.name, source.name, target.name)
+        self.instances.reconciler.publish_changes(
+            [Change(instance.id, instance.name, instance.state.value, "Scheduled")]
+        )
+        left = "" if reachable else f"; its old VM is left on {source.name}, which is away"
+        return f"moved to {target.name} with a fresh disk{left}"

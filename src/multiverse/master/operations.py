@@ -1,0 +1,97 @@
+"""Operations: long actions (launch, start, stop, delete, drain, evacuate) as trackable objects.
+
+An API call that starts one answers at once with its id; ``GET /api/v1/operations/{id}`` tells
+how it is going and ``.../wait?timeout=`` waits for its end. Kept in memory, as LXD does: after
+a master restart the instances' own states tell the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from multiverse.core.errors import MultiverseError, NotFound
+from multiverse.master.events import EventBus
+
+KEEP = 1000  # finished operations kept for lookups; the oldest go first
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class Operation:
+    id: str
+    kind: str
+    target: str
+    status: str = "running"  # running | success | failure
+    error: str = ""
+    created_at: str = field(default_factory=_now)
+    updated_at: str = field(default_factory=_now)
+    result: Any = None
+    done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "kind": self.kind, "target": self.target, "status": self.status,
+            "error": self.error, "created_at": self.created_at, "updated_at": self.updated_at,
+            "result": self.result,
+        }  # fmt: skip
+
+
+class Operations:
+    def __init__(self, events: EventBus) -> None:
+        self.events = events
+        self._operations: dict[str, Operation] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, kind: str, target: str, work: Coroutine[Any, Any, Any]) -> Operation:
+        operation = Operation(str(uuid.uuid4()), kind, target)
+        self._operations[operation.id] = operation
+        while len(self._operations) > KEEP:
+            oldest = next(iter(self._operations.values()))
+            if not oldest.done.is_set():
+                break
+            del self._operations[oldest.id]
+        task = asyncio.create_task(self._run(operation, work))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return operation
+
+    async def _run(self, operation: Operation, work: Coroutine[Any, Any, Any]) -> None:
+        try:
+            operation.result = await work
+            operation.status = "success"
+        except MultiverseError as exc:
+            operation.status, operation.error = "failure", exc.message
+        except Exception as exc:  # a bug must still end the operation, not hang its waiters
+            operation.status, operation.error = "failure", f"{type(exc).__name__}: {exc}"
+        operation.updated_at = _now()
+        operation.done.set()
+        self.events.publish(
+            "operation", id=operation.id, action=operation.kind, target=operation.target,
+            status=operation.status, error=operation.error,
+        )  # fmt: skip
+
+    def get(self, operation_id: str) -> Operation:
+        try:
+            return self._operations[operation_id]
+        except KeyError:
+            raise NotFound(f"operation {operation_id} does not exist") from None
+
+    async def wait(self, operation_id: str, timeout: float) -> Operation:
+        operation = self.get(operation_id)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(operation.done.wait(), timeout)
+        return operation
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,219 @@
+"""The reconciler: drives each instance's observed state toward its desired state.
+
+It is the one place that turns "what was asked" into agent calls. Each step asks the pure
+:func:`next_action` what, if anything, to do for one instance, then makes one idempotent call
+(an agent that already did it answers with the current state). Failures back off
+exponentially (capped) and, past the retry limit, leave the instance Failed with the last
+error. It runs on every change (reports, API writes) and on a timer, so whatever crashed in
+between - master, worker, a VM - is caught up with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from dataclasses import dataclass
+
+from multiverse.core.errors import InvalidArgument, MultiverseError, NotFound
+from multiverse.core.model import DesiredState, Instance, InstanceState, Node, NodeStatus
+from multiverse.master.cluster import Agents, status_dict
+from multiverse.master.events import EventBus
+from multiverse.store.repository import Change, Store
+from multiverse.wire import convert
+from multiverse.wire.v1 import multiverse_pb2 as pb
+
+log = logging.getLogger("multiverse.master")
+
+
+class Action(enum.StrEnum):
+    LAUNCH = "launch"
+    START = "start"
+    STOP = "stop"
+    DELETE = "delete"
+
+
+def next_action(instance: Instance, node: Node | None) -> Action | None:
+    """What to do for ``instance`` now, or None (converged, or waiting for something)."""
+    if node is None or node.status != NodeStatus.READY:
+        return None  # nothing can be done on a node we cannot reach; its instances wait
+    state, desired = instance.state, instance.desired
+    if desired == DesiredState.DELETED:
+        return None if state == InstanceState.DELETING else Action.DELETE
+    if state == InstanceState.SCHEDULED:
+        return Action.LAUNCH  # placed, but the node may never have heard of it
+    if state.is_transient or state == InstanceState.UNKNOWN:
+        return None  # the node is at it; its next report tells how it ended
+    if desired == DesiredState.RUNNING:
+        if state == InstanceState.FAILED:
+            return Action.LAUNCH  # creating and booting again is the idempotent retry
+        if state == InstanceState.STOPPED:
+            return Action.START
+    if desired == DesiredState.STOPPED and state == InstanceState.RUNNING:
+        return Action.STOP
+    return None
+
+
+# Errors that no retry can mend: the request itself is wrong for that node.
+PERMANENT = (InvalidArgument, NotFound)
+
+
+@dataclass
+class _Backoff:
+    attempts: int = 0
+    next_try: float = 0.0
+    action: Action | None = None
+
+
+class Reconciler:
+    def __init__(
+        self,
+        store: Store,
+        agents: Agents,
+        events: EventBus,
+        *,
+        retry_limit: int = 5,
+        base_delay: float = 1.0,
+        max_delay: float = 30.0,
+        interval: float = 2.0,
+    ) -> None:
+        self.store = store
+        self.agents = agents
+        self.events = events
+        self.retry_limit = retry_limit
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.interval = interval
+        self.retries_total = 0
+        self._backoff: dict[str, _Backoff] = {}
+        self._kick = asyncio.Event()
+        self._busy: set[str] = set()
+
+    def kick(self) -> None:
+        """Reconcile soon (a report or an API write changed something)."""
+        self._kick.set()
+
+    @property
+    def queue_depth(self) -> int:
+        """Instances that want an action now or after their backoff."""
+        nodes = {node.id: node for node in self.store.list_nodes()}
+        return sum(
+            next_action(item, nodes.get(item.node_id or "")) is not None
+            for item in self.store.list_instances()
+        )
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.reconcile_all()
+            except Exception:  # keep reconciling whatever one round hit
+                log.exception("reconcile round failed")
+            self._kick.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self.interval)
+
+    async def reconcile_all(self) -> None:
+        nodes = {node.id: node for node in self.store.list_nodes()}
+        steps = [
+            self.reconcile(instance, nodes.get(instance.node_id or ""))
+            for instance in self.store.list_instances()
+            if instance.id not in self._busy
+        ]
+        await asyncio.gather(*steps)
+
+    async def reconcile(
+        self, instance: Instance, node: Node | None, *, by_user: bool = False, force: bool = False
+    ) -> None:
+        """One step for one instance. ``by_user``: an API call asked for it just now (no
+        backoff, errors raised to the caller). ``force``: stop without a clean shutdown."""
+        action = next_action(instance, node)
+        backoff = self._backoff.get(instance.id)
+        if action is None:
+            self._backoff.pop(instance.id, None)
+            return
+        waiting = backoff is not None and backoff.action == action and not by_user
+        if (
+            waiting
+            and backoff
+            and (backoff.attempts >= self.retry_limit or time.monotonic() < backoff.next_try)
+        ):
+            return
+        assert node is not None
+        self._busy.add(instance.id)
+        try:
+            status = await self._call(action, instance, node, force)
+        except MultiverseError as exc:
+            self._failed(instance, action, exc)
+            if by_user:
+                raise
+            return
+        finally:
+            self._busy.discard(instance.id)
+        if action == Action.START and not by_user:
+            self.store.update_instance(instance.id, restarts=instance.restarts + 1)
+            log.info("instance %s stopped on its own; started it again", instance.name)
+        if backoff is None or backoff.action != action:
+            self._backoff[instance.id] = _Backoff(action=action)
+        self.observe(instance.id, status)
+
+    async def _call(
+        self, action: Action, instance: Instance, node: Node, force: bool
+    ) -> pb.InstanceStatus:
+        stub = self.agents.stub(node)
+        ref = pb.InstanceRef(id=instance.id)
+        log.info("reconcile: %s %s on %s", action.value, instance.name, node.name)
+        if action == Action.LAUNCH:
+            request = pb.LaunchRequest(spec=convert.spec_to_pb(instance.id, instance.spec))
+            return await self.agents.call(node, stub.Launch, request)
+        if action == Action.START:
+            return await self.agents.call(node, stub.Start, ref)
+        if action == Action.STOP:
+            stop = pb.StopRequest(id=instance.id, force=force)
+            return await self.agents.call(node, stub.Stop, stop)
+        status: pb.InstanceStatus = await self.agents.call(node, stub.Delete, ref)
+        if not status.id:  # the node never had it: nothing left to wait for
+            self.store.delete_instance(instance.id)
+            self.publish_changes([Change(instance.id, instance.name, instance.state.value, "")])
+        return status
+
+    def _failed(self, instance: Instance, action: Action, exc: MultiverseError) -> None:
+        backoff = self._backoff.get(instance.id)
+        if backoff is None or backoff.action != action:
+            backoff = self._backoff[instance.id] = _Backoff(action=action)
+        backoff.attempts += 1
+        self.retries_total += 1
+        delay = min(self.base_delay * 2 ** (backoff.attempts - 1), self.max_delay)
+        backoff.next_try = time.monotonic() + delay
+        gave_up = backoff.attempts >= self.retry_limit or (
+            action == Action.LAUNCH and isinstance(exc, PERMANENT)
+        )
+        log.warning(
+            "reconcile: %s %s failed (attempt %d): %s",
+            action.value, instance.name, backoff.attempts, exc.message,
+        )  # fmt: skip
+        if gave_up:
+            backoff.attempts = self.retry_limit
+            message = f"{action.value} failed after {backoff.attempts} attempts: {exc.message}"
+            self.set_state(instance, InstanceState.FAILED, message)
+        else:
+            self.store.update_instance(instance.id, message=f"{action.value}: {exc.message}")
+
+    def set_state(self, instance: Instance, state: InstanceState, message: str) -> None:
+        self.store.update_instance(instance.id, state=state, message=message)
+        self.publish_changes([Change(instance.id, instance.name, instance.state.value, state)])
+
+    def observe(self, instance_id: str, status: pb.InstanceStatus) -> None:
+        """Take an agent's answer about one instance, as a report would."""
+        if status.id and (change := self.store.observe_instance(instance_id, status_dict(status))):
+            self.publish_changes([change])
+
+    def publish_changes(self, changes: list[Change]) -> None:
+        for change in changes:
+            self.events.publish(
+                "instance", name=change.name, id=change.instance_id, old=change.old,
+                state=change.new or "Deleted",
+            )  # fmt: skip
+        if changes:
+            self.kick()
