@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 # One built guest image for every test and process (the Makefile exports the same default).
 IMAGE_CACHE = Path(os.environ.get("MULTIVERSE_IMAGE_CACHE", REPO / ".data" / "images"))
 NODE_TIMEOUT = 3.0  # seconds; short so that the NotReady tests stay quick
+DOWN_TIMEOUT = 6.0
 SYNC_INTERVAL = 0.5
 
 
@@ -120,6 +121,8 @@ class Cluster:
                 str(self.root / "master"),
                 "--node-timeout",
                 str(NODE_TIMEOUT),
+                "--down-timeout",
+                str(DOWN_TIMEOUT),
                 "--sync-interval",
                 str(SYNC_INTERVAL),
                 *extra,

@@ -129,3 +129,21 @@ def test_bad_vm_requests_leave_nothing_behind(vms: Cluster) -> None:
         assert qemu_pids(vms, node) == {}
         vms_dir = vms.root / node / "qemu" / "vms"
         assert not vms_dir.exists() or list(vms_dir.iterdir()) == []
+
+
+def test_vm_killed_behind_the_agents_back_is_started_again(vms: Cluster) -> None:
+    vms.ok("launch", "--name", "vm-crash", "--node", "node-a", *SMALL)
+    try:
+        (pid,) = qemu_pids(vms, "node-a").values()
+        psutil.Process(pid).kill()
+
+        def restarted() -> bool:
+            instance = vms.ok("info", "vm-crash", "--format", "json").json()[0]
+            return instance["restarts"] == 1 and instance["state"] == "Running"
+
+        wait_until(restarted, timeout=90, interval=0.5)
+        (new_pid,) = qemu_pids(vms, "node-a").values()
+        assert new_pid != pid
+        assert vms.ok("exec", "vm-crash", "--", "echo", "back").out == "back\n"
+    finally:
+        vms.ok("delete", "vm-crash")

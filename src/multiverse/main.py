@@ -112,9 +112,22 @@ sync_option = click.option(
     show_default=True,
     help="Seconds without a report before a node is NotReady.",
 )
+@click.option(
+    "--down-timeout",
+    type=click.FloatRange(1),
+    default=120.0,
+    show_default=True,
+    help="Seconds without a report before a node is Down (its instances then Unknown).",
+)
 @sync_option
 def master(
-    listen: str, api_listen: str, data_dir: Path, db: str, node_timeout: float, sync_interval: float
+    listen: str,
+    api_listen: str,
+    data_dir: Path,
+    db: str,
+    node_timeout: float,
+    down_timeout: float,
+    sync_interval: float,
 ) -> None:
     """Run the master: cluster state, REST API, scheduler."""
     from multiverse.master.server import Master, MasterConfig
@@ -127,6 +140,7 @@ def master(
             api_listen=api_listen,
             db=db,
             node_timeout=node_timeout,
+            down_timeout=max(down_timeout, node_timeout),
             sync_interval=sync_interval,
             user_config=user_config_path(),
         )

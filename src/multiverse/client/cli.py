@@ -110,6 +110,7 @@ INFO_COLUMNS = [
     Column("Disk", lambda i: _usage(i["disk_usage"])),
     Column("Memory", lambda i: _usage(i["memory_usage"])),
     Column("Release", lambda i: i["release"]),
+    Column("Restarts", lambda i: i["restarts"]),
 ]
 
 
