@@ -53,12 +53,13 @@ class Proc:
     args: list[str]
     log: Path
     env: dict[str, str]
+    prefix: list[str] = field(default_factory=list)  # e.g. ["ip", "netns", "exec", "ns"]
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Proc:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "multiverse", *self.args],
+                [*self.prefix, sys.executable, "-m", "multiverse", *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
@@ -98,6 +99,7 @@ class Cluster:
     api_port: int = field(default_factory=free_port)
     master: Proc | None = None
     workers: dict[str, Proc] = field(default_factory=dict)
+    prefix: list[str] = field(default_factory=list)  # every process runs under it
 
     @property
     def api(self) -> str:
@@ -129,14 +131,17 @@ class Cluster:
             ],
             self.root / "master.log",
             self.env,
+            self.prefix,
         ).start()
-        wait_until(self._api_up, timeout=30)
         self.env["MULTIVERSE_CONFIG"] = str(self.root / "master" / "client.toml")
+        wait_until(self._api_up, timeout=30)
         return self.master
 
     def _api_up(self) -> bool:
         if self.master and self.master.process and self.master.process.poll() is not None:
             raise AssertionError(f"master exited:\n{self.master.output()}")
+        if self.prefix:  # another network namespace: ask through the CLI, from in there
+            return self.cli("nodes").code == 0
         try:
             return httpx.get(f"{self.api}/api/v1/health", timeout=1).status_code == 200
         except httpx.HTTPError:
@@ -144,7 +149,7 @@ class Cluster:
 
     def cli(self, *args: str, stdin: bytes | None = None, timeout: float = 120) -> CLIResult:
         done = subprocess.run(
-            [sys.executable, "-m", "multiverse", *args],
+            [*self.prefix, sys.executable, "-m", "multiverse", *args],
             env=self.env,
             capture_output=True,
             input=stdin,
@@ -191,7 +196,8 @@ class Cluster:
             token = self.join_token()
         if token:
             args += ["--token", token]
-        proc = Proc(name, [*args, *extra], self.root / f"{name}.log", self.env).start()
+        proc = Proc(name, [*args, *extra], self.root / f"{name}.log", self.env, self.prefix)
+        proc.start()
         self.workers[name] = proc
         if wait:
             wait_until(lambda: self.node(name).get("status") == "Ready", timeout=60)

@@ -179,7 +179,7 @@ def _worker_options(func: Callable[..., None]) -> Callable[..., None]:
     options = [
         click.option(
             "--driver",
-            type=click.Choice(["fake", "qemu"]),
+            type=click.Choice(["qemu", "firecracker", "multipass", "fake"]),
             default="qemu",
             show_default=True,
             help="The hypervisor this host runs.",
@@ -215,6 +215,13 @@ def _worker_options(func: Callable[..., None]) -> Callable[..., None]:
 )
 @click.option("--name", default=_default_node_name, help="Node name (default: the host name).")
 @click.option("--labels", callback=_labels, help="Node labels: k=v,...")
+@click.option("--bridge", default="mvbr0", show_default=True, help="firecracker: taps' bridge.")
+@click.option(
+    "--guest-cidr",
+    default="172.31.90.0/24",
+    show_default=True,
+    help="firecracker: guest addresses; the bridge takes the first.",
+)
 @_worker_options
 def worker(
     master_address: str,
@@ -224,6 +231,8 @@ def worker(
     data_dir: Path,
     name: str,
     labels: dict[str, str],
+    bridge: str,
+    guest_cidr: str,
     driver: str,
     capacity: Resources | None,
     fake_delay: float,
@@ -247,6 +256,8 @@ def worker(
             sync_interval=sync_interval,
             fake_delay=fake_delay,
             image_dirs=_image_dirs(),
+            bridge=bridge,
+            guest_cidr=guest_cidr,
         )
     )
 

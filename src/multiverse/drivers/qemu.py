@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -35,7 +34,6 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import asyncssh
 import psutil
 from qemu.qmp import QMPClient, QMPError
 
@@ -50,6 +48,15 @@ from multiverse.drivers.base import (
     TerminalSize,
     VMConfig,
     VMStatus,
+)
+from multiverse.drivers.process import (
+    create_time,
+    ensure_ssh_key,
+    pid_alive,
+    read_json,
+    tail,
+    wait_exit,
+    write_json,
 )
 from multiverse.guest.image import (
     BOOT_OK_MARKER,
@@ -108,7 +115,7 @@ class QemuDriver(Driver):
         self._capacity = capacity
         self.vms_dir = state_dir / "vms"
         self.vms_dir.mkdir(parents=True, exist_ok=True)
-        self.key_path = _ensure_ssh_key(state_dir / "ssh" / "id_ed25519")
+        self.key_path = ensure_ssh_key(state_dir / "ssh" / "id_ed25519")
         self.accel = choose_accel()
         self.kernel_cmdline = KERNEL_CMDLINE
         if self.accel.startswith("tcg"):
@@ -191,7 +198,7 @@ class QemuDriver(Driver):
         vm_dir = self._vm_dir(vm)
         if not vm_dir.is_dir():
             raise NotFound(f"VM {vm.name} ({vm.id}) does not exist on this node")
-        return _tail(vm_dir / "serial.log", 256 * 1024)
+        return tail(vm_dir / "serial.log", 256 * 1024)
 
     async def close(self) -> None:
         guests, self._guests = self._guests, {}
@@ -210,7 +217,7 @@ class QemuDriver(Driver):
         fresh = not vm_dir.exists()
         vm_dir.mkdir(parents=True, exist_ok=True)
         try:
-            _write_json(vm_dir / "config.json", _config_json(vm))
+            write_json(vm_dir / "config.json", _config_json(vm))
             await asyncio.to_thread(_make_data_disk, disk, vm.disk)
         except BaseException:
             if fresh:
@@ -294,11 +301,11 @@ class QemuDriver(Driver):
         # A thread blocked in wait() reaps QEMU the moment it exits, so no zombie lingers even
         # when nobody asks about the VM; asyncio's child watchers would tie it to one loop.
         threading.Thread(target=process.wait, name=f"reap-qemu-{process.pid}", daemon=True).start()
-        _write_json(
+        write_json(
             vm_dir / "vm.json",
             {
                 "pid": process.pid,
-                "create_time": _create_time(process.pid),
+                "create_time": create_time(process.pid),
                 "ssh_port": port,
                 "accel": self.accel,
                 "ipv4": "",
@@ -353,43 +360,43 @@ class QemuDriver(Driver):
         # Images that never print our boot line still get their SSH tried after this long.
         marker_deadline = min(deadline, time.monotonic() + 20.0)
         while time.monotonic() < marker_deadline:
-            if process.poll() is not None or not _pid_alive(process.pid):
+            if process.poll() is not None or not pid_alive(process.pid):
                 self._raise_exited(vm, process)
-            if BOOT_OK_MARKER in _tail(vm_dir / "serial.log", 64 * 1024):
+            if BOOT_OK_MARKER in tail(vm_dir / "serial.log", 64 * 1024):
                 break
             await asyncio.sleep(0.05)
         guest = self._guest(vm, port)
         try:
             await guest.wait_until_ready(
-                max(deadline - time.monotonic(), 1.0), alive=lambda: _pid_alive(process.pid)
+                max(deadline - time.monotonic(), 1.0), alive=lambda: pid_alive(process.pid)
             )
         except Exception:
-            if not _pid_alive(process.pid):
+            if not pid_alive(process.pid):
                 self._raise_exited(vm, process)
             raise DriverError(
                 f"VM {vm.name} booted but its SSH did not answer within "
-                f"{self.boot_timeout:.0f} s; console:\n{_tail(vm_dir / 'serial.log', _LOG_TAIL)}"
+                f"{self.boot_timeout:.0f} s; console:\n{tail(vm_dir / 'serial.log', _LOG_TAIL)}"
             ) from None
         ipv4 = await guest.ipv4()
-        runtime = _read_json(vm_dir / "vm.json") or {}
+        runtime = read_json(vm_dir / "vm.json") or {}
         runtime["ipv4"] = ipv4
-        _write_json(vm_dir / "vm.json", runtime)
+        write_json(vm_dir / "vm.json", runtime)
 
     def _raise_exited(self, vm: VMConfig, process: subprocess.Popen[bytes]) -> None:
         vm_dir = self._vm_dir(vm)
-        qemu_log = _tail(vm_dir / "qemu.log", _LOG_TAIL).strip()
+        qemu_log = tail(vm_dir / "qemu.log", _LOG_TAIL).strip()
         if _PORT_TAKEN in qemu_log:
             raise _PortTaken
         raise DriverError(
             f"QEMU for VM {vm.name} exited during boot (code {process.returncode}): "
-            f"{qemu_log or '(no message)'}\nconsole:\n{_tail(vm_dir / 'serial.log', _LOG_TAIL)}"
+            f"{qemu_log or '(no message)'}\nconsole:\n{tail(vm_dir / 'serial.log', _LOG_TAIL)}"
         )
 
     def _free_port(self) -> int:
         """A local port nobody listens on now and none of our running VMs uses."""
         ours = {
             runtime.get("ssh_port")
-            for runtime in (_read_json(path) for path in self.vms_dir.glob("*/vm.json"))
+            for runtime in (read_json(path) for path in self.vms_dir.glob("*/vm.json"))
             if runtime
         }
         for _ in range(50):
@@ -412,22 +419,22 @@ class QemuDriver(Driver):
         if not force:
             with contextlib.suppress(DriverError):
                 await self._qmp(vm, "system_powerdown")
-                if await _wait_exit(pid, self.stop_timeout):
+                if await wait_exit(pid, self.stop_timeout):
                     self._forget_runtime(vm)
                     return
             with contextlib.suppress(DriverError):
                 await self._qmp(vm, "quit")
-                if await _wait_exit(pid, 5.0):
+                if await wait_exit(pid, 5.0):
                     self._forget_runtime(vm)
                     return
         await self._kill(vm, pid)
         self._forget_runtime(vm)
 
     async def _kill(self, vm: VMConfig, pid: int) -> None:
-        if _pid_alive(pid):
+        if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        if not await _wait_exit(pid, 10.0):
+        if not await wait_exit(pid, 10.0):
             raise DriverError(f"QEMU process {pid} of VM {vm.name} survived SIGKILL")
 
     def _forget_runtime(self, vm: VMConfig) -> None:
@@ -443,7 +450,7 @@ class QemuDriver(Driver):
         vm_dir = self._vm_dir(vm)
         if not vm_dir.is_dir():
             return VMStatus(PowerState.MISSING)
-        runtime = _read_json(vm_dir / "vm.json")
+        runtime = read_json(vm_dir / "vm.json")
         pid = self._running_pid(vm)
         if pid is None:
             if runtime:
@@ -465,7 +472,7 @@ class QemuDriver(Driver):
 
     def _running_pid(self, vm: VMConfig) -> int | None:
         """The pid of the VM's QEMU if that very process is alive (adopts across drivers)."""
-        runtime = _read_json(self._vm_dir(vm) / "vm.json")
+        runtime = read_json(self._vm_dir(vm) / "vm.json")
         if not runtime:
             return None
         try:
@@ -513,7 +520,7 @@ class QemuDriver(Driver):
     def _guest(self, vm: VMConfig, port: int | None = None) -> GuestConnection:
         """The VM's SSH connection, made anew when its port changed (a new boot)."""
         if port is None:
-            runtime = _read_json(self._vm_dir(vm) / "vm.json") or {}
+            runtime = read_json(self._vm_dir(vm) / "vm.json") or {}
             port = int(runtime.get("ssh_port", 0))
             if not port:
                 raise Conflict(f"VM {vm.name} is not running")
@@ -550,21 +557,6 @@ def choose_accel() -> str:
         return override
     hardware = any(Path(f"/sys/module/{module}").exists() for module in ("kvm_intel", "kvm_amd"))
     return "kvm" if hardware and os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
-
-
-def _ensure_ssh_key(path: Path) -> Path:
-    """The node's SSH key pair (ed25519, private part 0600), made once and kept."""
-    if path.exists() and path.with_suffix(".pub").exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = asyncssh.generate_private_key("ssh-ed25519", comment="multiverse-node")
-    temporary = path.with_name(path.name + ".tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(key.export_private_key())
-    path.with_suffix(".pub").write_bytes(key.export_public_key())
-    temporary.rename(path)
-    return path
 
 
 def _make_data_disk(path: Path, size: int) -> None:
@@ -612,29 +604,6 @@ def _connect_unix(path: Path) -> socket.socket:
     return sock
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-async def _wait_exit(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while _pid_alive(pid):
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
-
-
-def _create_time(pid: int) -> float:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return 0.0
-
-
 def _escape(value: str) -> str:
     """QEMU option values double their commas."""
     return value.replace(",", ",,")
@@ -643,15 +612,6 @@ def _escape(value: str) -> str:
 def _rotate(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.replace(path.with_name(path.name + ".1"))
-
-
-def _tail(path: Path, size: int) -> str:
-    try:
-        with path.open("rb") as file:
-            file.seek(max(file.seek(0, os.SEEK_END) - size, 0))
-            return file.read().decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def _config_json(vm: VMConfig) -> dict[str, Any]:
@@ -663,18 +623,3 @@ def _config_json(vm: VMConfig) -> dict[str, Any]:
         "disk": vm.disk,
         "image": vm.image,
     }
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically: a reader (another driver adopting the VM) never sees half a file."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    temporary.replace(path)

@@ -129,11 +129,44 @@ while read -r module; do
     insmod "/lib/modules/$module.ko" || echo "multiverse: cannot load module $module"
 done < /etc/multiverse/modules
 
+# fw_cfg under QEMU; without it (Firecracker) the kernel command line: multiverse.<key>=<base64>.
 config() {
-    cat "/sys/firmware/qemu_fw_cfg/by_name/opt/multiverse/$1/raw" 2>/dev/null
+    fw="/sys/firmware/qemu_fw_cfg/by_name/opt/multiverse/$1/raw"
+    if [ -r "$fw" ]; then
+        cat "$fw"
+        return
+    fi
+    for word in $(cat /proc/cmdline); do
+        case "$word" in
+            "multiverse.$1="*) echo "${word#*=}" | base64 -d 2>/dev/null ;;
+        esac
+    done
 }
 
+# The kernel's own ip=<guest>::<gateway>:<netmask>:<hostname>:eth0:off, as Firecracker hosts
+# pass it (this kernel has no IP autoconfiguration, so we apply it), as a network config.
+cmdline_network() {
+    for word in $(cat /proc/cmdline); do
+        case "$word" in
+            ip=*)
+                IFS=: read -r guest _ gateway netmask host _ <<IP
+${word#ip=}
+IP
+                [ -n "$guest" ] || continue
+                eval "$(ipcalc -p "$guest" "${netmask:-255.255.255.0}")"
+                echo "address=$guest/$PREFIX"
+                [ -n "$gateway" ] && echo "gateway=$gateway"
+                [ -n "$host" ] && echo "hostname=$host"
+                ;;
+        esac
+    done
+}
+
+network=$(config network)
+[ -n "$network" ] || network=$(cmdline_network)
+
 name=$(config hostname)
+[ -n "$name" ] || name=$(echo "$network" | sed -n 's/^hostname=//p')
 hostname "${name:-tiny}"
 hostname > /etc/hostname
 printf '127.0.0.1 localhost\n127.0.1.1 %s\n' "$(hostname)" > /etc/hosts
@@ -148,7 +181,7 @@ while IFS='=' read -r key value; do
         dns) dns=$value ;;
     esac
 done <<EOF
-$(config network)
+$network
 EOF
 if [ -n "$address" ]; then
     ip addr add "$address" dev eth0

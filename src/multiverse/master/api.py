@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -15,7 +16,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketDisconnect
@@ -40,6 +41,8 @@ from multiverse.master.operations import Operation
 from multiverse.master.scheduler import Strategy
 from multiverse.master.sessions import MAX_TERMINAL, relay
 from multiverse.store.repository import Store
+
+log = logging.getLogger("multiverse.master")
 
 HTTP_STATUS = {
     "invalid_argument": 400,
@@ -86,14 +89,22 @@ class StopBody(BaseModel):
 class TokenBody(BaseModel):
     kind: Literal["join", "api"] = "join"
     role: Literal["admin", "viewer"] = "admin"
-    ttl_seconds: int | None = Field(None, ge=1)
+    ttl_seconds: int | None = Field(None, ge=1, le=3650 * 86400)
     uses: int | None = Field(None, ge=1)
     description: str = Field("", max_length=255)
 
 
 class ExecBody(BaseModel):
-    command: list[str] = Field(min_length=1)
+    command: list[str] = Field(min_length=1, max_length=4096)
     stdin: str = ""  # base64
+
+    @field_validator("command")
+    @classmethod
+    def _no_nul(cls, command: list[str]) -> list[str]:
+        # No program can receive a NUL inside an argument; say so instead of failing later.
+        if any("\0" in part for part in command):
+            raise ValueError("arguments cannot contain NUL characters")
+        return command
 
 
 # ---- JSON shapes ----
@@ -193,6 +204,12 @@ def create_app(store: Store, instances: Instances, nodes: Nodes) -> FastAPI:
     @app.exception_handler(MultiverseError)
     async def _domain_error(_request: Request, exc: MultiverseError) -> JSONResponse:
         return error_response(HTTP_STATUS.get(exc.code, 500), exc.code, exc.message)
+
+    @app.exception_handler(Exception)
+    async def _bug(_request: Request, exc: Exception) -> JSONResponse:
+        # A bug: logged with its traceback here, told to the client without internals.
+        log.exception("unhandled error in the API")
+        return error_response(500, "internal", "internal error; the master's log has the details")
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_request: Request, exc: RequestValidationError) -> JSONResponse:

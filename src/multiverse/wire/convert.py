@@ -115,7 +115,8 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, peer: str) -> errors.MultiverseErr
         return _ERROR_OF_CODE[code](message)
     if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return errors.Unavailable(f"node {peer} is unreachable ({exc.code().name.lower()})")
-    return errors.DriverError(f"node {peer}: {exc.details() or exc.code().name}")
+    # Anything else is a bug on the other side: its log has the details, the caller gets none.
+    return errors.DriverError(f"{peer}: internal error ({exc.code().name}); see its log")
 
 
 # gRPC would otherwise share a busy port (SO_REUSEPORT) and split calls between two servers.

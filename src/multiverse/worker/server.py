@@ -21,7 +21,7 @@ from multiverse.worker.sync import Identity, join, observe_forever, sync_forever
 
 log = logging.getLogger("multiverse.worker")
 
-DRIVERS = ("fake", "qemu")
+DRIVERS = ("qemu", "firecracker", "multipass", "fake")
 
 
 @dataclass
@@ -38,11 +38,14 @@ class WorkerConfig:
     sync_interval: float = 5.0
     fake_delay: float = 0.0
     image_dirs: list[Path] = field(default_factory=list)
+    bridge: str = "mvbr0"  # firecracker: the bridge its taps join
+    guest_cidr: str = "172.31.90.0/24"  # firecracker: guest addresses (the bridge takes the first)
 
 
 def make_driver(config: WorkerConfig) -> Driver:
     """The adapter named by ``--driver``; imported lazily, each pulls in its own libraries."""
     state_dir = config.data_dir / config.driver
+    image_dirs = [config.data_dir / "images", *config.image_dirs]
     if config.driver == "fake":
         from multiverse.drivers.fake import FakeDriver
 
@@ -50,8 +53,18 @@ def make_driver(config: WorkerConfig) -> Driver:
     if config.driver == "qemu":
         from multiverse.drivers.qemu import QemuDriver
 
-        image_dirs = [config.data_dir / "images", *config.image_dirs]
         return QemuDriver(state_dir, image_dirs=image_dirs, capacity=config.capacity)
+    if config.driver == "firecracker":
+        from multiverse.drivers.firecracker import FirecrackerDriver
+
+        return FirecrackerDriver(
+            state_dir, image_dirs, capacity=config.capacity, bridge=config.bridge,
+            cidr=config.guest_cidr,
+        )  # fmt: skip
+    if config.driver == "multipass":
+        from multiverse.drivers.multipass import MultipassDriver
+
+        return MultipassDriver(state_dir, capacity=config.capacity)
     raise InvalidArgument(f"unknown driver {config.driver!r}: use one of {', '.join(DRIVERS)}")
 
 

@@ -1,0 +1,76 @@
+"""Runs the Firecracker driver inside a network namespace, for tests/test_firecracker_driver.py.
+
+The test starts this under ``ip netns exec NS``: the bridge, the taps and every address the
+driver makes then exist only in that namespace, never on the host. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from multiverse.core.errors import MultiverseError
+from multiverse.core.sizes import GiB, MiB
+from multiverse.drivers.base import VMConfig
+from multiverse.drivers.firecracker import FirecrackerDriver, tap_name
+
+
+def taps() -> list[str]:
+    return sorted(
+        path.name for path in Path("/sys/class/net").iterdir() if path.name.startswith("mv")
+    )
+
+
+async def scenario(args: dict[str, Any]) -> dict[str, Any]:
+    os.environ.update(args.get("env", {}))  # the stand-in's switches reach it through ours
+    driver = FirecrackerDriver(
+        Path(args["state_dir"]),
+        [Path(args["images"])],
+        binary=args["binary"],
+        bridge=args.get("bridge", "mvbr0"),
+        cidr=args.get("cidr", "172.31.90.0/24"),
+        boot_timeout=float(args.get("boot_timeout", 120)),
+    )
+    vm = VMConfig(
+        id=str(uuid.uuid4()), name="fc-1", cpus=1, memory=256 * MiB, disk=GiB, image="tiny"
+    )
+    result: dict[str, Any] = {"tap": tap_name(vm.id)}
+    try:
+        await driver.create(vm)
+        began = time.monotonic()
+        try:
+            status = await driver.start(vm)
+        except MultiverseError as error:
+            result["start_error"] = f"{type(error).__name__}: {error.message}"
+        else:
+            result["boot_seconds"] = round(time.monotonic() - began, 2)
+            result["status"] = [status.power.value, status.ipv4]
+            result["taps_running"] = taps()
+            result["leases_running"] = driver.pool.leases()
+            chunks = [chunk async for chunk in driver.exec(vm, ["uname", "-r"])]
+            out = b"".join(chunk.data for chunk in chunks if chunk.stream == 1)
+            result["uname"] = [chunks[-1].exit_code, out.decode().strip()]
+            stats = await driver.stats(vm)
+            result["stats"] = {"ipv4": stats.ipv4, "memory_total": stats.memory_total}
+            began = time.monotonic()
+            await driver.stop(vm)
+            result["stop_seconds"] = round(time.monotonic() - began, 2)
+            result["status_stopped"] = (await driver.status(vm)).power.value
+        result["taps_before_delete"] = taps()
+        await driver.delete(vm)
+        result["status_deleted"] = (await driver.status(vm)).power.value
+        result["taps_after"] = taps()
+        result["leases_after"] = driver.pool.leases()
+    finally:
+        await driver.close()
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(asyncio.run(scenario(json.loads(sys.argv[1])))))

@@ -1,0 +1,525 @@
+"""The Firecracker driver against the stand-in (tests/standins/firecracker), its IP pool, its
+tap naming, and the OCI-to-ext4 import.
+
+No Firecracker binary and no hardware KVM here: the API tests run the stand-in without booting
+anything (``FIRECRACKER_STANDIN_BOOT=none``); the tests that touch the network run the driver
+inside a network namespace they create (tests/firecracker_scenario.py under ``ip netns exec``),
+so no bridge, tap or address ever appears on the host; the ``vm`` test boots the tiny guest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+import pytest
+
+from multiverse.core.errors import Conflict, DriverError, InvalidArgument, NotFound, Unavailable
+from multiverse.core.sizes import MiB
+from multiverse.drivers.base import PowerState, VMConfig
+from multiverse.drivers.firecracker import (
+    BINARY_ENV,
+    FirecrackerAPI,
+    FirecrackerDriver,
+    IpPool,
+    api_error,
+    mac_address,
+    tap_name,
+)
+from multiverse.drivers.rootfs import import_oci
+from multiverse.guest.image import ImageBuildError, build_test_image
+
+REPO = Path(__file__).resolve().parents[1]
+STANDIN = REPO / "tests" / "standins" / "firecracker"
+SCENARIO = REPO / "tests" / "firecracker_scenario.py"
+IMAGE_CACHE = Path(os.environ.get("MULTIVERSE_IMAGE_CACHE", str(REPO / ".data" / "images")))
+T = TypeVar("T")
+
+
+def run(step: Callable[[], Awaitable[T]]) -> T:
+    async def main() -> T:
+        return await step()
+
+    return asyncio.run(main())
+
+
+def new_vm(image: str = "tiny", memory: int = 256 * MiB) -> VMConfig:
+    return VMConfig(
+        id=str(uuid.uuid4()), name="fc-1", cpus=1, memory=memory, disk=64 * MiB, image=image
+    )
+
+
+# --- the stand-in's API, through the driver's client -----------------------------------------
+
+
+@pytest.fixture()
+def standin(tmp_path: Path) -> Iterator[FirecrackerAPI]:
+    """A stand-in Firecracker that serves the API and boots nothing."""
+    socket_path = tmp_path / "fc.sock"
+    process = subprocess.Popen(
+        [str(STANDIN), "--api-sock", str(socket_path), "--id", "test-vm"],
+        env={**os.environ, "FIRECRACKER_STANDIN_BOOT": "none"},
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not socket_path.exists():
+            assert process.poll() is None and time.monotonic() < deadline, "stand-in did not start"
+            time.sleep(0.02)
+        api = FirecrackerAPI(socket_path, "test-vm")
+        api.process = process  # type: ignore[attr-defined]
+        yield api
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_api_follows_the_swagger(standin: FirecrackerAPI, tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"\x7fELF")
+    disk = tmp_path / "rootfs.ext4"
+    disk.write_bytes(b"")
+
+    async def scenario() -> None:
+        info = await standin.get("/")
+        assert info == {
+            "id": "test-vm",
+            "state": "Not started",
+            "vmm_version": info["vmm_version"],
+            "app_name": "Firecracker",
+        }
+        # Bad bodies: a 400 whose fault_message reaches the caller in a DriverError.
+        for path, body, words in (
+            ("/machine-config", {"vcpu_count": 1}, "missing field `mem_size_mib`"),
+            ("/machine-config", {"vcpu_count": 1, "mem_size_mib": 128, "x": 1}, "unknown field"),
+            ("/machine-config", {"vcpu_count": True, "mem_size_mib": 128}, "invalid type"),
+            ("/machine-config", {"vcpu_count": 64, "mem_size_mib": 128}, "between 1 and 32"),
+            ("/boot-source", {"boot_args": "quiet"}, "missing field `kernel_image_path`"),
+            ("/boot-source", {"kernel_image_path": "/nonexistent"}, "kernel file"),
+            ("/drives/rootfs", {"drive_id": "other", "is_root_device": True}, "does not match"),
+            ("/network-interfaces/eth0", {"iface_id": "eth0"}, "missing field `host_dev_name`"),
+            (
+                "/network-interfaces/eth0",
+                {"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "zz"},
+                "Invalid MAC",
+            ),
+            ("/actions", {"action_type": "Explode"}, "unknown variant"),
+            ("/actions", {"action_type": "InstanceStart"}, "without kernel configuration"),
+            ("/actions", {"action_type": "SendCtrlAltDel"}, "before starting"),
+        ):
+            with pytest.raises(DriverError, match="refused PUT") as caught:
+                await standin.put(path, body)
+            assert words in caught.value.message and "(400)" in caught.value.message
+
+        await standin.put("/machine-config", {"vcpu_count": 2, "mem_size_mib": 256})
+        assert await standin.get("/machine-config") == {"vcpu_count": 2, "mem_size_mib": 256}
+        await standin.put(
+            "/boot-source", {"kernel_image_path": str(kernel), "boot_args": "console=ttyS0"}
+        )
+        await standin.put(
+            "/drives/rootfs",
+            {
+                "drive_id": "rootfs",
+                "path_on_host": str(disk),
+                "is_root_device": True,
+                "is_read_only": False,
+            },
+        )
+        await standin.put(
+            "/network-interfaces/eth0",
+            {"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "02:00:00:00:00:01"},
+        )
+        await standin.put("/actions", {"action_type": "InstanceStart"})
+        assert (await standin.get("/"))["state"] == "Running"
+
+        # Pre-boot configuration, and a second start, are refused once started: Conflict.
+        with pytest.raises(Conflict, match="after starting"):
+            await standin.put("/machine-config", {"vcpu_count": 1, "mem_size_mib": 128})
+        with pytest.raises(Conflict, match="after starting"):
+            await standin.put("/actions", {"action_type": "InstanceStart"})
+
+        await standin.put("/actions", {"action_type": "SendCtrlAltDel"})
+        process: subprocess.Popen[bytes] = standin.process  # type: ignore[attr-defined]
+        await asyncio.to_thread(process.wait, 10)  # it exits when the guest powers off
+        with pytest.raises(Unavailable, match="did not answer"):
+            await standin.get("/")
+
+    run(scenario)
+
+
+def test_api_error_shapes() -> None:
+    refused = api_error("PUT", "/drives/x", 400, '{"fault_message": "bad drive"}', "vm")
+    assert type(refused) is DriverError and refused.message.endswith("(400): bad drive")
+    assert isinstance(
+        api_error("PUT", "/x", 400, '{"fault_message": "' + "after starting" + '"}'), Conflict
+    )
+    assert "(no fault message)" in api_error("GET", "/", 500, "").message
+    assert "<html>" in api_error("GET", "/", 502, "<html>").message
+    assert "[1]" in api_error("GET", "/", 500, "[1]").message
+
+
+def test_standin_refuses_a_socket_in_use(tmp_path: Path) -> None:
+    socket_path = tmp_path / "busy.sock"
+    socket_path.write_text("")
+    result = subprocess.run(
+        [str(STANDIN), "--api-sock", str(socket_path)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 1 and "Failed to open the API socket" in result.stderr
+
+
+# --- names, MACs, addresses ------------------------------------------------------------------
+
+
+def test_tap_names_and_macs() -> None:
+    ids = [str(uuid.uuid4()) for _ in range(200)]
+    names = {tap_name(vm_id) for vm_id in ids}
+    assert len(names) == 200 and all(len(name) == 15 and name.startswith("mv") for name in names)
+    assert tap_name(ids[0]) == tap_name(ids[0]) == "mv" + ids[0].replace("-", "")[:13]
+    assert len(tap_name("not-a-uuid")) == 15
+    mac = mac_address(ids[0])
+    assert mac == mac_address(ids[0]) and mac.startswith("02:") and len(mac.split(":")) == 6
+    assert len({mac_address(vm_id) for vm_id in ids}) == 200
+
+
+def test_ip_pool_allocates_releases_and_persists(tmp_path: Path) -> None:
+    path = tmp_path / "pool.json"
+    pool = IpPool(path, "10.9.8.0/29")  # hosts .1-.6: .1 is the bridge's, .2-.6 for guests
+    assert str(pool.gateway) == "10.9.8.1/29"
+    first = pool.allocate("a")
+    assert str(first) == "10.9.8.2/29" and pool.allocate("a") == first  # stable per VM
+    assert [str(pool.allocate(vm).ip) for vm in "bcde"] == [
+        "10.9.8.3", "10.9.8.4", "10.9.8.5", "10.9.8.6",
+    ]  # fmt: skip
+    with pytest.raises(Unavailable, match="no free guest address"):
+        pool.allocate("f")
+    pool.release("c")
+    pool.release("never-held")
+    again = IpPool(path, "10.9.8.0/29")  # a restarted agent sees the same leases
+    assert again.leases() == {"a": "10.9.8.2", "b": "10.9.8.3", "d": "10.9.8.5", "e": "10.9.8.6"}
+    assert str(again.allocate("f").ip) == "10.9.8.4"  # the freed address, lowest first
+    # Another network: leases outside it are dropped rather than handed out.
+    assert IpPool(path, "10.9.9.0/24").leases() == {}
+    for bad in ("10.9.8.1/24", "nonsense", "10.0.0.0/31"):
+        with pytest.raises(InvalidArgument):
+            IpPool(path, bad)
+
+
+# --- the driver without a network ------------------------------------------------------------
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> Path:
+    """Two fake images: kernel+initrd, and kernel+rootfs (no VM boots from them here)."""
+    root = tmp_path / "images"
+    for name, files in (("tiny", ("vmlinux", "initrd.img")), ("oci", ("vmlinux", "rootfs.ext4"))):
+        (root / name).mkdir(parents=True)
+        for file in files:
+            (root / name / file).write_bytes(b"")
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", str(root / "oci" / "rootfs.ext4"), "20M"],
+        check=True,
+        capture_output=True,
+    )
+    return root
+
+
+def test_driver_validates_and_creates_disks(tmp_path: Path, images: Path) -> None:
+    driver = FirecrackerDriver(tmp_path / "state", [images], binary=str(STANDIN))
+
+    async def scenario() -> None:
+        with pytest.raises(NotFound, match="image 'nope' not found"):
+            await driver.validate(new_vm("nope"))
+        with pytest.raises(InvalidArgument, match="too small"):
+            await driver.validate(new_vm(memory=32 * MiB))
+        with pytest.raises(InvalidArgument):
+            await driver.create(new_vm("../etc"))
+        assert list(driver.vms_dir.iterdir()) == []
+
+        tiny, oci = new_vm("tiny"), new_vm("oci")
+        for vm in (tiny, oci):
+            assert (await driver.status(vm)).power == PowerState.MISSING
+            await driver.create(vm)
+            await driver.create(vm)  # idempotent
+            assert (await driver.status(vm)).power == PowerState.STOPPED
+        # The tiny image has no rootfs: an empty ext4 data disk of the VM's size.
+        tiny_disk = driver.vms_dir / tiny.id / "rootfs.ext4"
+        assert tiny_disk.stat().st_size == 64 * MiB
+        # An image with a rootfs: the VM's copy, grown to the VM's disk size.
+        oci_disk = driver.vms_dir / oci.id / "rootfs.ext4"
+        assert oci_disk.stat().st_size == 64 * MiB
+        check = subprocess.run(["e2fsck", "-fn", str(oci_disk)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        with pytest.raises(Conflict, match="not running"):
+            await driver.stats(tiny)
+        with pytest.raises(Conflict):
+            [chunk async for chunk in driver.exec(tiny, ["true"])]
+        for vm in (tiny, oci):
+            await driver.delete(vm)
+            await driver.delete(vm)
+            assert (await driver.status(vm)).power == PowerState.MISSING
+        assert list(driver.vms_dir.iterdir()) == []
+        with pytest.raises(NotFound):
+            await driver.stop(tiny)
+
+    run(scenario)
+
+
+def test_binary_and_run_dir_choices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(BINARY_ENV, "/opt/fc/firecracker")
+    assert FirecrackerDriver(tmp_path / "a", []).binary == "/opt/fc/firecracker"
+    assert FirecrackerDriver(tmp_path / "a", [], binary="/x").binary == "/x"
+    deep = tmp_path / ("d" * 80) / "state"
+    driver = FirecrackerDriver(deep, [])
+    assert len(str(driver.run_dir / f"{uuid.uuid4()}.sock")) <= 107
+    assert driver.run_dir == FirecrackerDriver(deep, []).run_dir  # stable: adoption finds it
+
+
+# --- OCI image layouts -----------------------------------------------------------------------
+
+
+def _layer(entries: dict[str, bytes | str | None], compress: bool) -> tuple[bytes, str]:
+    """A layer tarball: bytes are files, "DIR" a directory, None a whiteout marker file."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, content in entries.items():
+            info = tarfile.TarInfo(name)
+            if content == "DIR":
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                archive.addfile(info)
+            elif isinstance(content, str) and content.startswith("->"):
+                info.type, info.linkname = tarfile.SYMTYPE, content[2:]
+                archive.addfile(info)
+            else:
+                data = content if isinstance(content, bytes) else b""
+                info.size, info.mode = len(data), 0o644
+                archive.addfile(info, io.BytesIO(data))
+    data = buffer.getvalue()
+    if compress:
+        return gzip.compress(data), "application/vnd.oci.image.layer.v1.tar+gzip"
+    return data, "application/vnd.oci.image.layer.v1.tar"
+
+
+def _write_blob(layout: Path, data: bytes) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    (layout / "blobs" / "sha256" / digest).write_bytes(data)
+    return f"sha256:{digest}"
+
+
+def write_oci_layout(layout: Path, layers: list[tuple[bytes, str]]) -> None:
+    config = _write_blob(layout, b'{"architecture": "amd64", "os": "linux"}')
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config},
+        "layers": [
+            {"mediaType": media_type, "digest": _write_blob(layout, data), "size": len(data)}
+            for data, media_type in layers
+        ],
+    }
+    manifest_bytes = json.dumps(manifest).encode()
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": _write_blob(layout, manifest_bytes),
+                "size": len(manifest_bytes),
+                "platform": {"architecture": "amd64", "os": "linux"},
+            }
+        ],
+    }
+    (layout / "index.json").write_text(json.dumps(index))
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+
+
+def debugfs(image: Path, request: str) -> str:
+    result = subprocess.run(
+        ["debugfs", "-R", request, str(image)], capture_output=True, text=True, check=True
+    )
+    return result.stdout
+
+
+def test_import_oci_applies_layers_in_order_with_whiteouts(tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    write_oci_layout(
+        layout,
+        [
+            _layer(
+                {
+                    "etc": "DIR",
+                    "etc/os-release": b"ID=base\n",
+                    "etc/motd": b"hello\n",
+                    "var/cache": "DIR",
+                    "var/cache/a": b"a",
+                    "var/cache/b": b"b",
+                    "bin/tool": b"v1",
+                    "bin/sh": "->busybox",
+                },
+                compress=True,
+            ),
+            _layer(
+                {
+                    "etc/os-release": b"ID=top\n",  # a later layer wins
+                    "etc/.wh.motd": None,  # deletes etc/motd
+                    "var/cache/.wh..wh..opq": None,  # empties var/cache of the lower layers
+                    "var/cache/c": b"c",  # ...but keeps this layer's own
+                },
+                compress=False,
+            ),
+            _layer({"bin/tool": b"v3", "./srv/data": b"x"}, compress=True),
+        ],
+    )
+    image = tmp_path / "rootfs.ext4"
+    import_oci(layout, image, 32 * MiB)
+    assert image.stat().st_size == 32 * MiB
+    assert debugfs(image, "cat /etc/os-release") == "ID=top\n"
+    assert debugfs(image, "cat /bin/tool") == "v3"
+    assert debugfs(image, "cat /srv/data") == "x"
+    assert (
+        "File not found"
+        in subprocess.run(
+            ["debugfs", "-R", "stat /etc/motd", str(image)], capture_output=True, text=True
+        ).stderr
+    )
+    listing = debugfs(image, "ls /var/cache")
+    assert " c " in f" {listing} " and " a " not in f" {listing} " and " b " not in f" {listing} "
+    assert "busybox" in debugfs(image, "stat /bin/sh")  # the symlink kept its target
+    assert ".wh." not in debugfs(image, "ls /etc") + listing
+
+
+def test_import_oci_refuses_bad_layouts(tmp_path: Path) -> None:
+    with pytest.raises(NotFound, match="not an OCI image layout"):
+        import_oci(tmp_path, tmp_path / "x.ext4", 16 * MiB)
+    evil = tmp_path / "evil"
+    write_oci_layout(evil, [_layer({"../outside": b"x"}, compress=False)])
+    with pytest.raises(InvalidArgument, match="leaves the root"):
+        import_oci(evil, tmp_path / "evil.ext4", 16 * MiB)
+    escape = tmp_path / "escape"
+    write_oci_layout(
+        escape,
+        [_layer({"link": "->/tmp"}, compress=False), _layer({"link/owned": b"x"}, compress=False)],
+    )
+    with pytest.raises(InvalidArgument, match="outside the root"):
+        import_oci(escape, tmp_path / "escape.ext4", 16 * MiB)
+    corrupt = tmp_path / "corrupt"
+    write_oci_layout(corrupt, [_layer({"a": b"a"}, compress=True)])
+    manifest_blobs = sorted(
+        (corrupt / "blobs" / "sha256").iterdir(), key=lambda p: p.stat().st_size
+    )
+    for blob in manifest_blobs:
+        if blob.read_bytes()[:2] == b"\x1f\x8b":
+            blob.write_bytes(gzip.compress(b"tampered"))
+    with pytest.raises(InvalidArgument, match="corrupt"):
+        import_oci(corrupt, tmp_path / "corrupt.ext4", 16 * MiB)
+    assert not list(tmp_path.glob("*.ext4"))
+
+
+# --- in a network namespace of the test's own ------------------------------------------------
+
+
+@pytest.fixture()
+def netns() -> Iterator[str]:
+    """A fresh network namespace, deleted at the end whatever happened."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 to create a network namespace")
+    name = f"mvtest-fc-{uuid.uuid4().hex[:8]}"
+    created = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if created.returncode != 0:
+        pytest.skip(f"cannot create a network namespace: {created.stderr.strip()}")
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+def in_netns(netns: str, args: dict[str, Any], timeout: float = 300) -> dict[str, Any]:
+    result = subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, str(SCENARIO), json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    answer: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return answer
+
+
+def processes_under(state_dir: Path) -> list[psutil.Process]:
+    """The stand-ins (and their QEMUs) of one state dir: each runs in its VM's directory."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if Path(process.cwd()).is_relative_to(state_dir):
+                found.append(process)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def vm_taps(names: list[str]) -> list[str]:
+    return [name for name in names if len(name) == 15]  # the bridge is "mvbr0"
+
+
+def test_failed_launch_gives_back_tap_and_address(netns: str, tmp_path: Path, images: Path) -> None:
+    """The stand-in boots nothing, so the guest's SSH never answers: the boot fails after its
+    timeout, and the tap, the address and the process must all be gone."""
+    answer = in_netns(
+        netns,
+        {
+            "state_dir": str(tmp_path / "state"),
+            "images": str(images),
+            "binary": str(STANDIN),
+            "boot_timeout": 1,
+            "env": {"FIRECRACKER_STANDIN_BOOT": "none"},
+        },
+    )
+    assert "did not answer" in answer["start_error"], answer
+    assert vm_taps(answer["taps_before_delete"]) == [] and answer["leases_after"] == {}
+    assert json.loads((tmp_path / "state" / "ip-pool.json").read_text())["leases"] == {}
+    assert processes_under(tmp_path / "state") == []
+
+
+@pytest.mark.vm
+def test_real_boot_in_a_namespace(netns: str, tmp_path: Path) -> None:
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+    try:
+        build_test_image(IMAGE_CACHE)
+    except ImageBuildError as error:
+        pytest.skip(f"cannot build the test image: {error.message}")
+    state = tmp_path / "state"
+    try:
+        answer = in_netns(
+            netns,
+            {"state_dir": str(state), "images": str(IMAGE_CACHE), "binary": str(STANDIN)},
+        )
+    finally:
+        for process in processes_under(state):  # only if the scenario died half-way
+            process.kill()
+    assert "start_error" not in answer, answer.get("start_error")
+    assert answer["status"] == ["running", "172.31.90.2"]
+    assert answer["tap"] in answer["taps_running"]
+    assert answer["uname"][0] == 0 and answer["uname"][1].endswith("-amd64")
+    assert answer["stats"]["ipv4"] == "172.31.90.2" and answer["stats"]["memory_total"] > 0
+    assert answer["status_stopped"] == "stopped" and answer["status_deleted"] == "missing"
+    assert vm_taps(answer["taps_after"]) == [] and answer["leases_after"] == {}
+    print(
+        f"firecracker stand-in: boot to SSH {answer['boot_seconds']} s, "
+        f"stop {answer['stop_seconds']} s"
+    )
