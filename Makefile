@@ -31,7 +31,7 @@ test: venv deps
 	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) -m pytest -q
 
 lint: venv
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 # Regenerates src/multiverse/wire/v1/*_pb2*.py from proto/; tests check it is fresh.
