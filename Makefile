@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 DATA_DIR ?= $(HOME)/.local/share/multiverse
 
-.PHONY: run stop test lint proto venv deps clean
+.PHONY: run stop test lint proto venv deps clean bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ test: venv deps
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+# Figures, printed; not tests (see bench/README.md).
+bench: venv deps
+	$(VENV)/bin/multiverse image build-test --images-dir $(CURDIR)/.data/images
+	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) bench/boot.py
+	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) bench/shell.py
 
 # Regenerates src/multiverse/wire/v1/*_pb2*.py from proto/; tests check it is fresh.
 proto: venv

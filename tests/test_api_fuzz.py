@@ -147,6 +147,7 @@ def _fuzz(
     path_parameters: dict[str, str] | None,
     headers: dict[str, str],
     found: dict[tuple[str, str, int, str], str],
+    verify: str,
 ) -> int:
     """Send one operation's generated requests; note each new kind of bad response in ``found``.
 
@@ -160,7 +161,7 @@ def _fuzz(
         nonlocal calls
         calls += 1
         _harmless(case)
-        response = case.call(headers=headers, timeout=30)
+        response = case.call(headers=headers, timeout=30, verify=verify)
         problem = contract_violation(response.status_code, _content_type(response), response.text)
         key = (case.method, operation.path, response.status_code, problem or "")
         if problem and key not in found:
@@ -175,7 +176,9 @@ def _fuzz(
 
 
 def test_api_answers_every_request_with_a_clear_status(fuzz_cluster: Cluster) -> None:
-    schema = schemathesis.openapi.from_url(f"{fuzz_cluster.api}/openapi.json", timeout=10)
+    schema = schemathesis.openapi.from_url(
+        f"{fuzz_cluster.api}/openapi.json", timeout=10, verify=str(fuzz_cluster.ca_path)
+    )
     schema.config.update(base_url=fuzz_cluster.api)
     headers = {"Authorization": f"Bearer {fuzz_cluster.token}"}
     found: dict[tuple[str, str, int, str], str] = {}  # the first example of each kind
@@ -187,6 +190,8 @@ def test_api_answers_every_request_with_a_clear_status(fuzz_cluster: Cluster) ->
     calls = 0
     for operation in operations:
         for mode, path_parameters in _variants(operation.method, operation.path):
-            calls += _fuzz(operation, mode, path_parameters, headers, found)
+            calls += _fuzz(
+                operation, mode, path_parameters, headers, found, str(fuzz_cluster.ca_path)
+            )
     assert calls >= len(operations) * EXAMPLES_PER_OPERATION // 2
     assert not found, f"{len(found)} kinds of bad response:\n\n" + "\n\n".join(found.values())

@@ -160,7 +160,9 @@ def test_concurrent_launches_never_lose_duplicate_or_oversubscribe(cluster: Clus
 
     def launch(name: str) -> httpx.Response:
         body = {"name": name, "cpus": 1, "memory": "512M", "disk": "1G"}
-        return httpx.post(f"{cluster.api}/api/v1/instances", json=body, headers=headers, timeout=60)
+        return cluster.http.post(
+            f"{cluster.api}/api/v1/instances", json=body, headers=headers, timeout=60
+        )
 
     with ThreadPoolExecutor(20) as pool:
         responses = list(pool.map(launch, [f"burst-{i}" for i in range(20)]))

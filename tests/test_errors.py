@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
 from harness import Cluster, new_cluster
 
@@ -64,10 +63,10 @@ def test_auth_is_required(small_cluster: Cluster) -> None:
             ("DELETE", "/instances/existing"),
             ("GET", "/nodes"),
         ):
-            response = httpx.request(method, api + path, json=body, headers=headers)
+            response = small_cluster.http.request(method, api + path, json=body, headers=headers)
             assert response.status_code == 401, (method, path, headers)
             assert response.json()["error"]["code"] == "unauthenticated"
-    assert httpx.get(f"{api}/health").status_code == 200
+    assert small_cluster.http.get(f"{api}/health").status_code == 200
 
     env = dict(small_cluster.env)
     small_cluster.env["MULTIVERSE_TOKEN"] = "mva.0000.wrong"
@@ -84,10 +83,12 @@ def test_viewer_token_reads_but_cannot_write(small_cluster: Cluster) -> None:
     viewer = small_cluster.ok("token", "create", "--api", "--role", "viewer").out.strip()
     api = f"{small_cluster.api}/api/v1"
     headers = {"Authorization": f"Bearer {viewer}"}
-    assert httpx.get(f"{api}/instances", headers=headers).status_code == 200
-    response = httpx.post(f"{api}/instances", json={"name": "nope"}, headers=headers)
+    assert small_cluster.http.get(f"{api}/instances", headers=headers).status_code == 200
+    response = small_cluster.http.post(f"{api}/instances", json={"name": "nope"}, headers=headers)
     assert response.status_code == 403
-    assert httpx.delete(f"{api}/instances/existing", headers=headers).status_code == 403
+    assert (
+        small_cluster.http.delete(f"{api}/instances/existing", headers=headers).status_code == 403
+    )
     assert set(small_cluster.instances()) == {"existing"}
 
 
@@ -103,12 +104,12 @@ def test_bad_api_bodies_get_json_errors(small_cluster: Cluster) -> None:
         {"name": "x", "labels": {"bad key!": "v"}},
     ]
     for body in cases:
-        response = httpx.post(f"{api}/instances", json=body, headers=headers)
+        response = small_cluster.http.post(f"{api}/instances", json=body, headers=headers)
         assert response.status_code == 400, body
         assert response.json()["error"]["code"] == "invalid_argument"
-    response = httpx.post(f"{api}/instances", content=b"{not json", headers=headers)
+    response = small_cluster.http.post(f"{api}/instances", content=b"{not json", headers=headers)
     assert response.status_code == 400
-    response = httpx.get(f"{api}/no/such/route", headers=headers)
+    response = small_cluster.http.get(f"{api}/no/such/route", headers=headers)
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
     assert set(small_cluster.instances()) == {"existing"}
 
@@ -120,7 +121,7 @@ def test_join_needs_a_valid_unexpired_token(cluster: Cluster) -> None:
     for name, token, words in (
         ("late", expired, "expired"),
         ("forged", "mvj.1234.abcd", "invalid join token"),
-        ("tokenless", "", "pass --token"),
+        ("tokenless", "", "give it a join token"),
     ):
         proc = cluster.start_worker(name, token=token, wait=False)
         assert proc.process is not None
@@ -146,9 +147,9 @@ def test_regressions_found_by_the_api_fuzzer(small_cluster: Cluster) -> None:
     api = f"{small_cluster.api}/api/v1"
     headers = {"Authorization": f"Bearer {small_cluster.token}"}
     huge_ttl = {"kind": "api", "role": "admin", "ttl_seconds": 9007199254740991}
-    response = httpx.post(f"{api}/tokens", json=huge_ttl, headers=headers)
+    response = small_cluster.http.post(f"{api}/tokens", json=huge_ttl, headers=headers)
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_argument"
     nul = {"command": ["echo", "a\u0000b"]}
-    response = httpx.post(f"{api}/instances/existing/exec", json=nul, headers=headers)
+    response = small_cluster.http.post(f"{api}/instances/existing/exec", json=nul, headers=headers)
     assert response.status_code == 400 and "NUL" in response.json()["error"]["message"]

@@ -1,4 +1,4 @@
-"""The cluster's certificates (master/pki.py), and proof that gRPC's TLS accepts and refuses them.
+"""The cluster's certificates (wire/pki.py), and proof that gRPC's TLS accepts and refuses them.
 
 The gRPC tests run a real grpc.aio server on loopback with mutual TLS, serving one AgentService
 method through a generic handler: what an agent will do, minus the agent.
@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from multiverse.core.errors import InvalidArgument, Unauthenticated
-from multiverse.master import pki
 from multiverse.master.auth import new_secret
+from multiverse.wire import pki
 from multiverse.wire.v1 import multiverse_pb2 as pb
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
 

@@ -71,11 +71,13 @@ class Events:
     def __init__(self, cluster: Cluster) -> None:
         self.items: list[dict[str, Any]] = []
         self._ready = threading.Event()
-        url = f"ws://127.0.0.1:{cluster.api_port}/api/v1/events"
+        url = f"{cluster.ws}/api/v1/events"
         headers = {"Authorization": f"Bearer {cluster.token}"}
 
         async def listen() -> None:
-            async with websockets.connect(url, additional_headers=headers) as ws:
+            async with websockets.connect(
+                url, additional_headers=headers, ssl=cluster.ssl_context
+            ) as ws:
                 self._ready.set()
                 with contextlib.suppress(websockets.ConnectionClosed):  # the master went away
                     async for message in ws:
@@ -106,7 +108,7 @@ def test_master_killed_during_launches_converges_without_duplicates(cluster: Clu
         body = {"name": f"inflight-{i}", "memory": "256M", "disk": "1G"}
         time.sleep(0.05 * i)  # spread out, so that the kill lands among them
         try:
-            response = httpx.post(f"{api}/instances", json=body, headers=headers, timeout=30)
+            response = cluster.http.post(f"{api}/instances", json=body, headers=headers, timeout=30)
         except httpx.HTTPError:
             return 0  # the master died under this one
         answered.append(i)
@@ -211,8 +213,10 @@ def test_events_operations_and_metrics(cluster: Cluster) -> None:
     cluster.start_worker("node-a", "--fake-delay", "0.5")  # slow enough to see each state
     events = Events(cluster)
     api, headers = _api(cluster)
-    launched = httpx.post(f"{api}/instances", json={"name": "watched"}, headers=headers).json()
-    operation = httpx.get(
+    launched = cluster.http.post(
+        f"{api}/instances", json={"name": "watched"}, headers=headers
+    ).json()
+    operation = cluster.http.get(
         f"{api}/operations/{launched['operation']}/wait", params={"timeout": 20}, headers=headers
     ).json()
     assert (operation["status"], operation["kind"], operation["target"]) == (
@@ -228,12 +232,12 @@ def test_events_operations_and_metrics(cluster: Cluster) -> None:
     assert states.index("Running") < states.index("Stopped") < states.index("Deleting")
     assert any(e["type"] == "operation" and e["status"] == "success" for e in events.items)
 
-    missing = httpx.get(f"{api}/operations/nope", headers=headers)
+    missing = cluster.http.get(f"{api}/operations/nope", headers=headers)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
-    text = httpx.get(f"{cluster.api}/metrics", headers=headers).text
+    text = cluster.http.get(f"{cluster.api}/metrics", headers=headers).text
     assert 'multiverse_nodes{status="Ready"} 1.0' in text
     assert "multiverse_api_request_seconds_bucket" in text
     assert "multiverse_reconcile_queue_depth" in text
     assert 'multiverse_node_sync_lag_seconds{node="node-a"}' in text
-    assert httpx.get(f"{cluster.api}/metrics").status_code == 401
+    assert cluster.http.get(f"{cluster.api}/metrics").status_code == 401
     assert NODE_TIMEOUT < DOWN_TIMEOUT

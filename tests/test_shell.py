@@ -97,9 +97,9 @@ def test_shell_refusals_are_clear(shells: Cluster) -> None:
     assert unknown.code == 2 and "does not exist" in unknown.err
 
     async def handshake(headers: dict[str, str]) -> int:
-        url = f"ws://127.0.0.1:{shells.api_port}/api/v1/instances/primary/shell"
+        url = f"{shells.ws}/api/v1/instances/primary/shell"
         try:
-            async with websockets.connect(url, additional_headers=headers):
+            async with websockets.connect(url, additional_headers=headers, ssl=shells.ssl_context):
                 return 101
         except websockets.InvalidStatus as exc:
             return exc.response.status_code
@@ -108,3 +108,14 @@ def test_shell_refusals_are_clear(shells: Cluster) -> None:
     assert asyncio.run(handshake({"Authorization": "Bearer mva.x.y"})) == 401
     viewer = shells.ok("token", "create", "--api", "--role", "viewer").out.strip()
     assert asyncio.run(handshake({"Authorization": f"Bearer {viewer}"})) == 403
+
+
+def test_a_flood_of_output_reaches_a_real_terminal(shells: Cluster) -> None:
+    """On a terminal stdout shares its file with the non-blocking stdin: writes must wait."""
+    child = spawn_shell(shells, "primary")
+    child.sendline("seq 1 300000; echo flood-$((6 * 7))")  # ~2 MB at the terminal
+    child.expect("flood-42", timeout=120)
+    child.sendline("exit 0")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

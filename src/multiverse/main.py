@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 from multiverse.client.cli import cli, run
-from multiverse.client.config import user_config_path
+from multiverse.client.config import ClientConfig, user_config_path
 from multiverse.core.errors import MultiverseError
 from multiverse.core.model import Resources, parse_labels
 
@@ -102,6 +102,19 @@ sync_option = click.option(
 
 @cli.command()
 @click.option("--listen", default="0.0.0.0:1337", show_default=True, help="Cluster gRPC address.")
+@click.option("--advertise", default="", help="Host workers reach the master at (join tokens).")
+@click.option(
+    "--max-auth-failures",
+    type=click.IntRange(1),
+    default=20,
+    show_default=True,
+    help="Failed API authentications a client may make per minute before it is refused.",
+)
+@click.option(
+    "--insecure-http",
+    is_flag=True,
+    help="Serve the API over plain HTTP (loopback only: tokens would cross the network in clear).",
+)
 @click.option("--api-listen", default="0.0.0.0:1338", show_default=True, help="REST API address.")
 @data_dir_option
 @click.option("--db", default="", help="SQLAlchemy database URL (default: SQLite in the data dir).")
@@ -122,6 +135,9 @@ sync_option = click.option(
 @sync_option
 def master(
     listen: str,
+    advertise: str,
+    max_auth_failures: int,
+    insecure_http: bool,
     api_listen: str,
     data_dir: Path,
     db: str,
@@ -137,6 +153,9 @@ def master(
         MasterConfig(
             data_dir=data_dir,
             listen=listen,
+            advertise=advertise,
+            insecure_http=insecure_http,
+            max_auth_failures=max_auth_failures,
             api_listen=api_listen,
             db=db,
             node_timeout=node_timeout,
@@ -204,7 +223,18 @@ def _worker_options(func: Callable[..., None]) -> Callable[..., None]:
 
 @cli.command()
 @click.option("--master", "master_address", required=True, help="The master's HOST:PORT (1337).")
-@click.option("--token", default="", help="Join token (not needed to re-join).")
+@click.option(
+    "--token",
+    envvar="MULTIVERSE_JOIN_TOKEN",
+    default="",
+    help="Join token (not needed to re-join). Prefer the MULTIVERSE_JOIN_TOKEN variable or "
+    "--token-file: an argument is visible to every user in `ps`.",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Read the join token from this file.",
+)
 @click.option("--listen", default="0.0.0.0:1339", show_default=True, help="Agent gRPC address.")
 @click.option("--advertise", default="", help="HOST:PORT the master dials (default: as seen).")
 @click.option(
@@ -226,6 +256,7 @@ def _worker_options(func: Callable[..., None]) -> Callable[..., None]:
 def worker(
     master_address: str,
     token: str,
+    token_file: Path | None,
     listen: str,
     advertise: str,
     data_dir: Path,
@@ -241,6 +272,8 @@ def worker(
     """Run a worker: join a master and run its VMs on this host."""
     from multiverse.worker.server import Worker, WorkerConfig
 
+    if token_file is not None:
+        token = token_file.read_text().strip()
     _logging()
     server = Worker(
         WorkerConfig(
@@ -293,7 +326,6 @@ def up(
     if detach:
         _detach(data_dir)
         return
-    from multiverse.master import auth
     from multiverse.master.server import Master, MasterConfig
     from multiverse.worker.server import Worker, WorkerConfig
 
@@ -315,9 +347,7 @@ def up(
         await master_server.start()
         token = ""
         if not (worker_dir / "node.json").exists():
-            token = auth.issue_token(
-                master_server.store, auth.JOIN, uses=1, description="all-in-one worker"
-            ).token
+            token = master_server.join_token(None, 1, "all-in-one worker")[1]
         worker_server = Worker(
             WorkerConfig(
                 master=f"127.0.0.1:{master_server.grpc_port}",
@@ -372,9 +402,10 @@ def _detach(data_dir: Path) -> None:
         if process.poll() is not None:
             raise click.ClickException(f"multiverse up exited; see {data_dir / 'multiverse.log'}")
         if pid_file.exists() and config.exists():
-            server = config.read_text().split('server = "')[1].split('"')[0]
+            client = ClientConfig.from_file(config)
             try:
-                httpx.get(f"{server}/api/v1/health", timeout=2).raise_for_status()
+                health = f"{client.server}/api/v1/health"
+                httpx.get(health, timeout=2, verify=client.ssl_context()).raise_for_status()
                 click.echo(
                     f"multiverse is up (pid {process.pid}); log: {data_dir / 'multiverse.log'}"
                 )

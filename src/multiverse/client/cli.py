@@ -46,7 +46,7 @@ def _client() -> ApiClient:
             f"no master configured ({config.source} not found): start one with `multiverse up`, "
             "or set MULTIVERSE_SERVER and MULTIVERSE_TOKEN"
         )
-    return ApiClient(config.server, config.token)
+    return ApiClient(config.server, config.token, verify=config.ssl_context())
 
 
 format_option = click.option(
@@ -375,7 +375,7 @@ def delete(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float) ->
 
 def _attach(name: str, command: Sequence[str], want_tty: bool) -> None:
     client = _client()
-    sys.exit(asyncio.run(attach(client.server, client.token, name, command, want_tty)))
+    sys.exit(asyncio.run(attach(client, name, command, want_tty)))
 
 
 @cli.command()
@@ -434,6 +434,15 @@ def uncordon(name: str) -> None:
     click.echo(f"Uncordoned {name}")
 
 
+@node.command()
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Also forget its instances (their VMs stay there).")
+def remove(name: str, force: bool) -> None:
+    """Forget a node and revoke its certificate; it can come back only with a new token."""
+    _client().remove_node(name, force)
+    click.echo(f"Removed {name}; its certificate is revoked")
+
+
 def _maintain(action: str, name: str, no_wait: bool, timeout: float, fmt: str) -> None:
     client = _client()
     operation = client.node_action(name, action)
@@ -484,7 +493,7 @@ def events() -> None:
     """Stream lifecycle events as JSON lines until interrupted."""
     client = _client()
     with contextlib.suppress(KeyboardInterrupt):
-        sys.exit(asyncio.run(follow_events(client.server, client.token)))
+        sys.exit(asyncio.run(follow_events(client)))
 
 
 @cli.command()

@@ -7,8 +7,9 @@ else ``~/.config/multiverse/config.toml``, which the master writes on its first 
 from __future__ import annotations
 
 import os
+import ssl
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -22,21 +23,38 @@ class ClientConfig:
     server: str
     token: str
     source: str  # where it came from, for error messages
+    ca_certificate: str = ""  # PEM: the master's certificate must come from this CA
+
+    def ssl_context(self) -> ssl.SSLContext | bool:
+        """Trust exactly the cluster's CA when the config names one, else the system's."""
+        if not self.ca_certificate:
+            return True
+        return ssl.create_default_context(cadata=self.ca_certificate)
+
+    @staticmethod
+    def from_file(path: Path) -> ClientConfig:
+        values = tomllib.loads(path.read_text())
+        return ClientConfig(
+            server=str(values.get("server", "")),
+            token=str(values.get("token", "")),
+            source=str(path),
+            ca_certificate=str(values.get("ca_certificate", "")),
+        )
 
     @staticmethod
     def load() -> ClientConfig:
         named = os.environ.get("MULTIVERSE_CONFIG")
         path = Path(named) if named else user_config_path()
-        values: dict[str, object] = {}
+        found = ClientConfig("", "", str(path))
         if path.exists():
             try:
-                values = tomllib.loads(path.read_text())
+                found = ClientConfig.from_file(path)
             except (tomllib.TOMLDecodeError, OSError) as exc:
                 raise ValueError(f"cannot read {path}: {exc}") from exc
         elif named:
             raise ValueError(f"MULTIVERSE_CONFIG names {path}, which does not exist")
-        return ClientConfig(
-            server=os.environ.get("MULTIVERSE_SERVER") or str(values.get("server", "")),
-            token=os.environ.get("MULTIVERSE_TOKEN") or str(values.get("token", "")),
-            source=str(path),
+        return replace(
+            found,
+            server=os.environ.get("MULTIVERSE_SERVER") or found.server,
+            token=os.environ.get("MULTIVERSE_TOKEN") or found.token,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,12 +29,15 @@ JSON = dict[str, Any]
 
 
 class ApiClient:
-    def __init__(self, server: str, token: str, timeout: float = 60.0) -> None:
+    def __init__(
+        self, server: str, token: str, timeout: float = 60.0, verify: ssl.SSLContext | bool = True
+    ) -> None:
         self.server = server.rstrip("/")
         self.token = token
+        self.verify = verify
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
-            base_url=f"{self.server}/api/v1", headers=headers, timeout=timeout
+            base_url=f"{self.server}/api/v1", headers=headers, timeout=timeout, verify=verify
         )
 
     def close(self) -> None:
@@ -106,6 +110,9 @@ class ApiClient:
         """``cordon``, ``uncordon`` (the node) or ``drain``, ``evacuate``, ``restore``
         (an operation)."""
         return dict(self._request("POST", f"/nodes/{name}/{action}"))
+
+    def remove_node(self, name: str, force: bool = False) -> JSON:
+        return dict(self._request("DELETE", f"/nodes/{name}", params={"force": force}))
 
     def create_token(self, body: JSON) -> JSON:
         return dict(self._request("POST", "/tokens", json=body))

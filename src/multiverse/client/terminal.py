@@ -16,21 +16,21 @@ import sys
 import termios
 import tty
 from collections.abc import Iterator, Sequence
+from typing import Any
 from urllib.parse import urlencode
 
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from multiverse.client.http import ApiError, Unreachable
+from multiverse.client.http import ApiClient, ApiError, Unreachable
 
 
-def _ws_url(server: str, name: str, command: Sequence[str], size: os.terminal_size | None) -> str:
-    base = server.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+def _shell_path(name: str, command: Sequence[str], size: os.terminal_size | None) -> str:
     query: list[tuple[str, str | int]] = [("tty", "true" if size else "false")]
     if size:
         query += [("cols", size.columns), ("rows", size.lines)]
     query += [("command", part) for part in command]
-    return f"{base}/api/v1/instances/{name}/shell?{urlencode(query)}"
+    return f"/api/v1/instances/{name}/shell?{urlencode(query)}"
 
 
 @contextlib.contextmanager
@@ -82,23 +82,32 @@ async def _send_input(ws: ClientConnection, fd: int) -> None:
             loop.remove_reader(fd)
 
 
-async def attach(server: str, token: str, name: str, command: Sequence[str], want_tty: bool) -> int:
+def _ws(client: ApiClient, path: str) -> tuple[str, dict[str, Any]]:
+    """The WebSocket URL for ``path`` and the connect options: the client's token and trust."""
+    base = client.server.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+    options: dict[str, Any] = {"additional_headers": {"Authorization": f"Bearer {client.token}"}}
+    if base.startswith("wss://"):
+        options["ssl"] = client.verify
+    return base + path, options
+
+
+async def attach(client: ApiClient, name: str, command: Sequence[str], want_tty: bool) -> int:
     """Run the session to its end; returns the remote exit code."""
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     interactive = want_tty and os.isatty(stdin)
     size = _size(stdout if os.isatty(stdout) else stdin) if want_tty else None
-    headers = {"Authorization": f"Bearer {token}"}
+    url, options = _ws(client, _shell_path(name, command, size))
     try:
         ws = await websockets.connect(
-            _ws_url(server, name, command, size),
-            additional_headers=headers,
+            url,
+            **options,
             max_size=None,
             open_timeout=30,
         )
     except websockets.InvalidStatus as exc:
         raise _refusal(exc) from None
     except (OSError, websockets.InvalidHandshake, TimeoutError) as exc:
-        raise Unreachable(f"cannot reach the master at {server}: {exc}") from exc
+        raise Unreachable(f"cannot reach the master at {client.server}: {exc}") from exc
 
     loop = asyncio.get_running_loop()
 
@@ -128,11 +137,28 @@ async def attach(server: str, token: str, name: str, command: Sequence[str], wan
         await ws.close()
 
 
+async def _write_all(fd: int, data: bytes) -> None:
+    """Write everything, waiting while the terminal is full: on a terminal stdout shares the
+    open file with stdin, which _send_input made non-blocking."""
+    loop = asyncio.get_running_loop()
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            writable = asyncio.Event()
+            loop.add_writer(fd, writable.set)
+            try:
+                await writable.wait()
+            finally:
+                loop.remove_writer(fd)
+
+
 async def _receive(ws: ClientConnection, stdout: int) -> int:
     try:
         async for message in ws:
             if isinstance(message, bytes):
-                os.write(stdout, message)
+                await _write_all(stdout, message)
                 continue
             control = json.loads(message)
             if control.get("type") == "exit":
@@ -153,13 +179,11 @@ def _refusal(exc: websockets.InvalidStatus) -> ApiError:
         return ApiError(response.status_code, "http_error", f"refused: HTTP {response.status_code}")
 
 
-async def follow_events(server: str, token: str) -> int:
+async def follow_events(client: ApiClient) -> int:
     """Print the master's events, one JSON object a line, until the stream ends."""
-    base = server.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+    url, options = _ws(client, "/api/v1/events")
     try:
-        async with websockets.connect(
-            f"{base}/api/v1/events", additional_headers={"Authorization": f"Bearer {token}"}
-        ) as ws:
+        async with websockets.connect(url, **options) as ws:
             async for message in ws:
                 text = message.decode() if isinstance(message, bytes) else message
                 sys.stdout.write(text + "\n")
@@ -167,7 +191,7 @@ async def follow_events(server: str, token: str) -> int:
     except websockets.InvalidStatus as exc:
         raise _refusal(exc) from None
     except (OSError, websockets.InvalidHandshake) as exc:
-        raise Unreachable(f"cannot reach the master at {server}: {exc}") from exc
+        raise Unreachable(f"cannot reach the master at {client.server}: {exc}") from exc
     except websockets.ConnectionClosedError as exc:
         raise Unreachable(f"lost the connection to the master: {exc}") from exc
     return 0

@@ -49,6 +49,12 @@ class PermissionDenied(MultiverseError):
     code = "permission_denied"
 
 
+class RateLimited(MultiverseError):
+    """Too many failed attempts from one client; it must wait."""
+
+    code = "rate_limited"
+
+
 class Unavailable(MultiverseError):
     """A node or hypervisor could not be reached; retrying later may work."""
 

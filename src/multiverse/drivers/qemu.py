@@ -218,7 +218,7 @@ class QemuDriver(Driver):
         vm_dir.mkdir(parents=True, exist_ok=True)
         try:
             write_json(vm_dir / "config.json", _config_json(vm))
-            await asyncio.to_thread(_make_data_disk, disk, vm.disk)
+            await asyncio.to_thread(make_data_disk, disk, vm.disk)
         except BaseException:
             if fresh:
                 shutil.rmtree(vm_dir, ignore_errors=True)
@@ -240,9 +240,9 @@ class QemuDriver(Driver):
                 f"disk {format_size(max(vm.disk, 0))} is too small: at least "
                 f"{format_size(MIN_DISK)}"
             )
-        return self._image_files(vm.image)
+        return self.image_files(vm.image)
 
-    def _image_files(self, image: str) -> tuple[Path, Path]:
+    def image_files(self, image: str) -> tuple[Path, Path]:
         if "/" in image or image in ("", ".", ".."):
             raise InvalidArgument(f"invalid image name {image!r}")
         for directory in self.image_dirs:
@@ -258,8 +258,8 @@ class QemuDriver(Driver):
     async def _boot(self, vm: VMConfig) -> None:
         """Start QEMU and wait until the guest's SSH answers; on failure leave nothing running."""
         vm_dir = self._vm_dir(vm)
-        kernel, initrd = self._image_files(vm.image)
-        self._write_guest_config(vm)
+        kernel, initrd = self.image_files(vm.image)
+        self.write_guest_config(vm)
         _rotate(vm_dir / "serial.log")
         await self._close_guest(vm.id)
         deadline = time.monotonic() + self.boot_timeout
@@ -281,7 +281,7 @@ class QemuDriver(Driver):
         self, vm: VMConfig, kernel: Path, initrd: Path, port: int
     ) -> subprocess.Popen[bytes]:
         vm_dir = self._vm_dir(vm)
-        argv = self._qemu_argv(vm, kernel, initrd, port)
+        argv = self.qemu_argv(vm, kernel, initrd, port)
         with (vm_dir / "qemu.log").open("wb") as log:
             try:
                 process = subprocess.Popen(
@@ -314,7 +314,7 @@ class QemuDriver(Driver):
         )
         return process
 
-    def _qemu_argv(self, vm: VMConfig, kernel: Path, initrd: Path, port: int) -> list[str]:
+    def qemu_argv(self, vm: VMConfig, kernel: Path, initrd: Path, port: int) -> list[str]:
         # Paths inside the VM directory are relative (QEMU runs there): that keeps the unix
         # socket's path under the 108-byte limit however deep the state directory is.
         argv = [
@@ -343,7 +343,7 @@ class QemuDriver(Driver):
             argv += ["-fw_cfg", f"name={FW_CFG_PREFIX}{key},file={key}"]
         return argv
 
-    def _write_guest_config(self, vm: VMConfig) -> None:
+    def write_guest_config(self, vm: VMConfig) -> None:
         vm_dir = self._vm_dir(vm)
         public_key = self.key_path.with_suffix(".pub").read_text().strip()
         (vm_dir / "hostname").write_text(vm.name + "\n")
@@ -559,7 +559,7 @@ def choose_accel() -> str:
     return "kvm" if hardware and os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
 
 
-def _make_data_disk(path: Path, size: int) -> None:
+def make_data_disk(path: Path, size: int) -> None:
     """A sparse file of ``size`` bytes holding an empty ext4 file system labelled "data".
 
     Lazy inode table and journal init: the sparse file reads as zeros already, so writing them

@@ -9,7 +9,8 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -22,7 +23,12 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketDisconnect
 
 from multiverse import __version__
-from multiverse.core.errors import InvalidArgument, MultiverseError, Unauthenticated
+from multiverse.core.errors import (
+    InvalidArgument,
+    MultiverseError,
+    RateLimited,
+    Unauthenticated,
+)
 from multiverse.core.model import (
     DEFAULT_CPUS,
     DEFAULT_DISK,
@@ -41,6 +47,7 @@ from multiverse.master.operations import Operation
 from multiverse.master.scheduler import Strategy
 from multiverse.master.sessions import MAX_TERMINAL, relay
 from multiverse.store.repository import Store
+from multiverse.wire import pki
 
 log = logging.getLogger("multiverse.master")
 
@@ -53,6 +60,7 @@ HTTP_STATUS = {
     "conflict": 409,
     "unschedulable": 409,
     "unavailable": 503,
+    "rate_limited": 429,
     "driver_error": 502,
 }
 
@@ -92,6 +100,12 @@ class TokenBody(BaseModel):
     ttl_seconds: int | None = Field(None, ge=1, le=3650 * 86400)
     uses: int | None = Field(None, ge=1)
     description: str = Field("", max_length=255)
+
+
+class JoinBody(BaseModel):
+    token: str = Field(max_length=512)
+    csr: str = Field(max_length=16 * 1024)
+    name: str = Field(max_length=63)
 
 
 class ExecBody(BaseModel):
@@ -169,13 +183,46 @@ def info_json(info: InstanceInfo) -> dict[str, Any]:
     return body
 
 
+MAX_BODY = 1024 * 1024  # bytes; the largest legitimate body (user-data) is far smaller
+
+
+class _FailedAuth:
+    """Failed authentications per client address in a sliding window: past the limit, the
+    client is refused before its token is even looked at (guessing gets slow)."""
+
+    def __init__(self, limit: int = 20, window: float = 60.0) -> None:
+        self.limit = limit
+        self.window = window
+        self._failures: dict[str, deque[float]] = defaultdict(deque)
+
+    def check(self, client: str) -> None:
+        failures = self._failures.get(client)
+        cutoff = time.monotonic() - self.window
+        while failures and failures[0] < cutoff:
+            failures.popleft()
+        if failures is not None and len(failures) >= self.limit:
+            raise RateLimited(
+                f"too many failed authentications from {client}; wait {self.window:.0f}s"
+            )
+
+    def failed(self, client: str) -> None:
+        self._failures[client].append(time.monotonic())
+
+
 def _caller(request: HTTPConnection) -> dict[str, object]:
     """The API token's record; every route but health needs one."""
+    client = request.client.host if request.client else "unknown"
+    limiter: _FailedAuth = request.app.state.failed_auth
+    limiter.check(client)
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthenticated("missing API token: send Authorization: Bearer <token>")
-    return auth.verify_token(request.app.state.store, auth.API, token.strip())
+    try:
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated("missing API token: send Authorization: Bearer <token>")
+        return auth.verify_token(request.app.state.store, auth.API, token.strip())
+    except Unauthenticated:
+        limiter.failed(client)
+        raise
 
 
 def _admin(record: Annotated[dict[str, object], Depends(_caller)]) -> dict[str, object]:
@@ -187,7 +234,17 @@ Reader = Annotated[dict[str, object], Depends(_caller)]
 Admin = Annotated[dict[str, object], Depends(_admin)]
 
 
-def create_app(store: Store, instances: Instances, nodes: Nodes) -> FastAPI:
+JoinTokenIssuer = Callable[[timedelta | None, int | None, str], tuple[auth.IssuedToken, str]]
+
+
+def create_app(
+    store: Store,
+    instances: Instances,
+    nodes: Nodes,
+    join_token: JoinTokenIssuer,
+    ca: pki.ClusterCA,
+    max_auth_failures: int = 20,
+) -> FastAPI:
     app = FastAPI(title="Multiverse", version=__version__, docs_url="/docs")
     metrics = Metrics(store, instances.reconciler)
 
@@ -225,10 +282,41 @@ def create_app(store: Store, instances: Instances, nodes: Nodes) -> FastAPI:
         return error_response(exc.status_code, code, str(exc.detail))
 
     app.state.store = store
+    app.state.failed_auth = _FailedAuth(limit=max_auth_failures)
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next: Any) -> Any:
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY:
+            return error_response(413, "too_large", f"request body over {MAX_BODY} bytes")
+        return await call_next(request)
 
     @app.get("/api/v1/health")
     async def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
+
+    @app.get("/api/v1/cluster/ca")
+    async def cluster_ca() -> dict[str, str]:
+        """The CA certificate, public: a joining worker checks it against its token's
+        fingerprint before trusting it (as kubeadm's cluster-info)."""
+        return {"certificate": ca.cert_pem.decode(), "fingerprint": ca.fingerprint}
+
+    @app.post("/api/v1/cluster/join", status_code=201)
+    async def admit_node(body: JoinBody) -> dict[str, str]:
+        """A new worker's first step: its join token and CSR for a node certificate. The
+        token is the credential here, so no API token is asked for."""
+        node, certificate = nodes.admit(body.token, body.csr.encode(), body.name)
+        return {
+            "node_id": node.id,
+            "name": node.name,
+            "certificate": certificate.decode(),
+            "ca_certificate": ca.cert_pem.decode(),
+        }
+
+    @app.delete("/api/v1/nodes/{name}")
+    async def remove_node(name: str, _: Admin, force: bool = False) -> dict[str, Any]:
+        """Forget a node and revoke its certificate; it can join again only with a token."""
+        return node_json(nodes.remove(name, force=force))
 
     @app.get("/api/v1/nodes")
     async def list_nodes(_: Reader) -> list[dict[str, Any]]:
@@ -383,20 +471,18 @@ def create_app(store: Store, instances: Instances, nodes: Nodes) -> FastAPI:
     @app.post("/api/v1/tokens", status_code=201)
     async def create_token(body: TokenBody, _: Admin) -> dict[str, Any]:
         ttl = timedelta(seconds=body.ttl_seconds) if body.ttl_seconds else None
-        if body.kind == auth.JOIN and ttl is None:
-            ttl = auth.DEFAULT_JOIN_TTL
-        issued = auth.issue_token(
-            store,
-            body.kind,
-            role=body.role if body.kind == auth.API else "",
-            ttl=ttl,
-            uses=body.uses,
-            description=body.description,
-        )
+        if body.kind == auth.JOIN:
+            issued, token = join_token(ttl, body.uses, body.description)
+        else:
+            issued = auth.issue_token(
+                store, auth.API, role=body.role, ttl=ttl, uses=body.uses,
+                description=body.description,
+            )  # fmt: skip
+            token = issued.token
         return {
             "id": issued.id,
             "kind": body.kind,
-            "token": issued.token,
+            "token": token,  # shown this once; only a hash is kept
             "expires_at": _iso(issued.expires_at),
         }
 

@@ -1,25 +1,20 @@
 """The cluster service (gRPC, :1337): workers join, then stream their state to the master.
 
-It also holds the other direction, :class:`Agents`: one gRPC channel per node's agent, with the
-per-node agent secret the master derives from its own key (so no node can call another).
+It also holds the other direction, :class:`Agents`: one mutual-TLS channel per node's agent.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
-from multiverse.core.errors import AlreadyExists, MultiverseError, Unauthenticated
-from multiverse.core.model import Node, NodeStatus, validate_labels, validate_name
-from multiverse.master.auth import JOIN, hash_secret, new_secret, secret_matches, verify_token
+from multiverse.core.errors import MultiverseError, Unauthenticated
+from multiverse.core.model import Node, NodeStatus, validate_labels
 from multiverse.store.repository import Change, Store, now
-from multiverse.wire import convert
+from multiverse.wire import convert, pki
 from multiverse.wire.v1 import multiverse_pb2 as pb
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
 
@@ -38,6 +33,9 @@ def _peer_host(context: Ctx) -> str:
 
 
 class ClusterServicer(pb_grpc.ClusterServiceServicer):
+    """Join and Sync, over mutual TLS: every caller is the node its certificate names (a new
+    node gets its certificate from the API with a join token first: see master/nodes.py)."""
+
     def __init__(self, store: Store, agents: Agents, sync_interval: float) -> None:
         self.store = store
         self.agents = agents
@@ -46,6 +44,14 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         self.on_change: Callable[[list[tuple[str, NodeStatus]], list[Change]], None] = (
             lambda transitions, changes: None
         )
+
+    def _peer_node(self, context: Ctx) -> str | None:
+        """The node id of the caller's certificate; refused if revoked or not a node's."""
+        cert = pki.peer_cert_of(context.auth_context())
+        identity = pki.check_peer_cert(self.agents.ca, cert, self.store.revoked_serials())
+        if identity.kind != "node" or not self.store.list_nodes(ids=[identity.node_id]):
+            raise Unauthenticated("this certificate belongs to no node of this cluster")
+        return identity.node_id
 
     async def Join(self, request: pb.JoinRequest, context: Ctx) -> pb.JoinResponse:
         try:
@@ -56,70 +62,38 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             raise AssertionError("unreachable") from exc
 
     def _join(self, request: pb.JoinRequest, context: Ctx) -> pb.JoinResponse:
+        """Register (again) where a node's agent is and what it offers. The node was admitted
+        before (``POST /api/v1/cluster/join`` with a join token gave it its certificate)."""
+        node_id = self._peer_node(context)
+        if node_id is None:
+            raise Unauthenticated("join needs the node's certificate; admit it with a join token")
         address = request.agent_address
         if address.startswith(":"):
             address = f"{_peer_host(context)}{address}"
-        labels = validate_labels(dict(request.labels))
-        capacity = convert.resources_from_pb(request.capacity)
-        if request.node_id:  # a node that joined before comes back with its own secret
-            stored = self.store.node_secret_hash(request.node_id)
-            if stored is None or not secret_matches(request.node_secret, stored):
-                raise Unauthenticated("unknown node or wrong node secret; join again with a token")
-            self.store.update_node(
-                request.node_id,
-                address=address,
-                labels=labels,
-                driver=request.driver,
-                capacity=capacity,
-                version=request.version,
-                last_sync=now(),
-            )
-            node = self.store.get_node(request.node_id)
-            self.agents.forget(node.id)
-            log.info("node %s re-joined from %s", node.name, address)
-            return pb.JoinResponse(
-                node_id=node.id,
-                name=node.name,
-                agent_address=address,
-                agent_secret=self.agents.secret_for(node.id),
-            )
-        record = verify_token(self.store, JOIN, request.token)
-        name = validate_name(request.name, "node")
-        if self.store.list_nodes(names=[name]):
-            raise AlreadyExists(f"a node named {name!r} exists already; pick another --name")
-        if not self.store.consume_token_use(str(record["id"])):
-            raise Unauthenticated("invalid join token")  # used up: same words as any bad token
-        secret = new_secret()
-        node = Node(
-            id=str(uuid.uuid4()),
-            name=name,
+        node = self.store.get_node(node_id)
+        self.store.update_node(
+            node_id,
             address=address,
+            labels=validate_labels(dict(request.labels)),
             driver=request.driver,
-            status=NodeStatus.JOINING,
-            labels=labels,
-            capacity=capacity,
+            capacity=convert.resources_from_pb(request.capacity),
             version=request.version,
             last_sync=now(),
         )
-        self.store.add_node(node, hash_secret(secret))
-        log.info("node %s joined from %s as %s", name, address, node.id)
-        self.on_change([(name, NodeStatus.JOINING)], [])
-        return pb.JoinResponse(
-            node_id=node.id,
-            name=name,
-            node_secret=secret,
-            agent_address=address,
-            agent_secret=self.agents.secret_for(node.id),
-        )
+        self.agents.forget(node_id)
+        log.info("node %s joined from %s", node.name, address)
+        return pb.JoinResponse(node_id=node_id, name=node.name, agent_address=address)
 
     async def Sync(
         self, request_iterator: AsyncIterator[pb.NodeReport], context: Ctx
     ) -> AsyncIterator[pb.SyncAck]:
-        metadata = dict(context.invocation_metadata() or ())
-        node_id = str(metadata.get("node-id", ""))
-        stored = self.store.node_secret_hash(node_id) if node_id else None
-        if stored is None or not secret_matches(str(metadata.get("node-secret", "")), stored):
-            await context.abort(*convert.error_to_rpc(Unauthenticated("unknown node")))
+        try:
+            node_id = self._peer_node(context)
+            if node_id is None:
+                raise Unauthenticated("sync needs the node's certificate")
+        except MultiverseError as exc:
+            await context.abort(*convert.error_to_rpc(exc))
+            return
         async for report in request_iterator:
             self.apply(node_id, report)
             yield pb.SyncAck(interval_ms=int(self.sync_interval * 1000))
@@ -150,15 +124,17 @@ def status_dict(status: pb.InstanceStatus) -> dict[str, Any]:
 
 
 class Agents:
-    """Calls to the nodes' agents, one cached channel per node."""
+    """Calls to the nodes' agents, one cached mutual-TLS channel per node.
 
-    def __init__(self, master_key: bytes, timeout: float = 30.0) -> None:
-        self._key = master_key
+    The master presents its own client certificate; it checks that the agent's certificate is
+    the one the CA issued to *that* node (by its name override), whatever its address.
+    """
+
+    def __init__(self, ca: pki.ClusterCA, client: pki.CertKey, timeout: float = 30.0) -> None:
+        self.ca = ca
+        self._credentials = pki.channel_credentials(ca.cert_pem, client)
         self.timeout = timeout
         self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
-
-    def secret_for(self, node_id: str) -> str:
-        return hmac.new(self._key, node_id.encode(), hashlib.sha256).hexdigest()
 
     def forget(self, node_id: str) -> None:
         """Drop a node's channel (its address may have changed); closed lazily by gRPC."""
@@ -167,19 +143,21 @@ class Agents:
     def stub(self, node: Node) -> pb_grpc.AgentServiceStub:
         cached = self._channels.get(node.id)
         if cached is None or cached[0] != node.address:
-            cached = (node.address, grpc.aio.insecure_channel(node.address))
+            options = (
+                ("grpc.ssl_target_name_override", pki.node_server_name(node.id)),
+                *convert.GRPC_CHANNEL_OPTIONS,
+            )
+            channel = grpc.aio.secure_channel(node.address, self._credentials, options)
+            cached = (node.address, channel)
             self._channels[node.id] = cached
         return pb_grpc.AgentServiceStub(cached[1])
-
-    def metadata(self, node: Node) -> tuple[tuple[str, str], ...]:
-        return (("agent-secret", self.secret_for(node.id)),)
 
     async def call(
         self, node: Node, method: Callable[..., Awaitable[Reply]], request: object
     ) -> Reply:
-        """``await agents.call(node, stub.Start, request)`` with auth, timeout, typed errors."""
+        """``await agents.call(node, stub.Start, request)`` with a timeout and typed errors."""
         try:
-            return await method(request, metadata=self.metadata(node), timeout=self.timeout)
+            return await method(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
             raise convert.error_from_rpc(exc, node.name) from exc
 

@@ -223,10 +223,7 @@ class Instances:
         instance = self.get(name)
         ensure_running(name, instance.state)
         node = self._node_of(instance)
-        call = self._stub(node).Exec(
-            pb.ExecRequest(id=instance.id, command=command, stdin=stdin),
-            metadata=self.agents.metadata(node),
-        )
+        call = self._stub(node).Exec(pb.ExecRequest(id=instance.id, command=command, stdin=stdin))
         return _exec_stream(call, node.name)
 
     async def open_session(
@@ -236,7 +233,7 @@ class Instances:
         instance = self.get(name)
         ensure_running(name, instance.state)
         node = self._node_of(instance)
-        call: SessionCall = self._stub(node).Session(metadata=self.agents.metadata(node))
+        call: SessionCall = self._stub(node).Session()
         cols, rows = size or (0, 0)
         start = pb.SessionStart(
             id=instance.id,

@@ -12,15 +12,26 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
-from multiverse.core.errors import MultiverseError
-from multiverse.core.model import DesiredState, Instance, InstanceState, Node, NodeStatus
+from multiverse.core.errors import AlreadyExists, Conflict, MultiverseError, Unauthenticated
+from multiverse.core.model import (
+    DesiredState,
+    Instance,
+    InstanceState,
+    Node,
+    NodeStatus,
+    Resources,
+    validate_name,
+)
+from multiverse.master import auth
 from multiverse.master.cluster import Agents
 from multiverse.master.instances import Instances
 from multiverse.master.operations import Operation
 from multiverse.master.scheduler import place
-from multiverse.store.repository import Change, Store
+from multiverse.store.repository import Change, Store, now
+from multiverse.wire import pki
 from multiverse.wire.v1 import multiverse_pb2 as pb
 
 log = logging.getLogger("multiverse.master")
@@ -37,6 +48,42 @@ class Nodes:
         self.store.update_node(node.id, cordoned=cordoned)
         self.instances.events.publish("node", name=name, cordoned=cordoned, status=node.status)
         return self.store.find_node(name)
+
+    def admit(self, token: str, csr_pem: bytes, name: str) -> tuple[Node, bytes]:
+        """A new node, proven by a join token: its record (Joining until its agent registers
+        over mutual TLS) and its certificate, signed from its CSR (its key stays with it)."""
+        record = auth.verify_token(self.store, auth.JOIN, token)
+        validate_name(name, "node")
+        if self.store.list_nodes(names=[name]):
+            raise AlreadyExists(f"a node named {name!r} exists already; pick another --name")
+        node_id = str(uuid.uuid4())
+        certificate = pki.sign_node_csr(self.agents.ca, csr_pem, node_id, name)
+        if not self.store.consume_token_use(str(record["id"])):
+            raise Unauthenticated("invalid join token")  # used up: same words as any bad token
+        node = Node(
+            id=node_id, name=name, address="", driver="", status=NodeStatus.JOINING, labels={},
+            capacity=Resources(), last_sync=now(),
+        )  # fmt: skip
+        self.store.add_node(node, pki.serial_of(certificate))
+        self.instances.events.publish("node", name=name, status=NodeStatus.JOINING.value)
+        log.info("node %s admitted as %s", name, node_id)
+        return node, certificate
+
+    def remove(self, name: str, force: bool = False) -> Node:
+        """Forget the node and revoke its certificate. Its instances must be gone first, or
+        ``force``: then they are forgotten too (their VMs stay on that host)."""
+        node = self.store.find_node(name)
+        held = self._on_node(node)
+        if held and not force:
+            names = ", ".join(instance.name for instance in held)
+            raise Conflict(
+                f"node {name} still holds {names}: delete or evacuate them, or use --force"
+            )
+        self.store.remove_node(node.id)
+        self.agents.forget(node.id)
+        self.instances.events.publish("node", name=name, status="Removed")
+        log.info("node %s removed; its certificate is revoked", name)
+        return node
 
     def _on_node(self, node: Node) -> list[Instance]:
         return [

@@ -6,10 +6,10 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -27,7 +27,8 @@ from multiverse.master.nodes import Nodes
 from multiverse.master.operations import Operations
 from multiverse.master.reconciler import Reconciler
 from multiverse.store.repository import Change, Store
-from multiverse.wire.convert import GRPC_SERVER_OPTIONS, listen_grpc
+from multiverse.wire import pki
+from multiverse.wire.convert import GRPC_SERVER_OPTIONS, listen_grpc, split_address
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
 
 log = logging.getLogger("multiverse.master")
@@ -43,13 +44,9 @@ class MasterConfig:
     down_timeout: float = 120.0  # ... and before it is Down (its instances then Unknown)
     sync_interval: float = 5.0
     user_config: Path | None = None  # written if missing, so the CLI works at once
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise InvalidArgument(f"invalid address {address!r}: use HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    advertise: str = ""  # the host workers reach the master at (default: guessed)
+    insecure_http: bool = False  # plain HTTP API, for loopback-only use
+    max_auth_failures: int = 20  # per client and minute; then it is refused for a while
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -59,8 +56,13 @@ def _write_private(path: Path, text: str) -> None:
         file.write(text)
 
 
-def client_config_text(server: str, token: str) -> str:
-    return f'# Written by `multiverse master`.\nserver = "{server}"\ntoken = "{token}"\n'
+def client_config_text(server: str, token: str, ca_pem: bytes | None) -> str:
+    """The CLI's config: where the master is, an admin token, and the CA that the master's
+    certificate must come from (pinned: no other trust store is asked)."""
+    text = f'# Written by `multiverse master`.\nserver = "{server}"\ntoken = "{token}"\n'
+    if ca_pem is not None:
+        text += f"ca_certificate = '''\n{ca_pem.decode().strip()}\n'''\n"
+    return text
 
 
 class _Uvicorn(uvicorn.Server):
@@ -77,7 +79,13 @@ class Master:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.db) if config.db else Store.for_data_dir(config.data_dir)
         self.store.migrate()
-        self.agents = Agents(self._master_key())
+        # The cluster CA, made at the first start; the listener's certificate is issued anew at
+        # every start, so it names the addresses the host has now.
+        self.ca = pki.ClusterCA.load_or_create(config.data_dir / "pki")
+        self.server_cert = pki.issue_server_cert(
+            self.ca, dns_names=[socket.gethostname()], ips=_host_addresses()
+        )
+        self.agents = Agents(self.ca, pki.sign_master_client_cert(self.ca))
         self.events = EventBus()
         self.operations = Operations(self.events)
         self.reconciler = Reconciler(self.store, self.agents, self.events)
@@ -102,11 +110,24 @@ class Master:
         if transitions:
             self.reconciler.kick()
 
-    def _master_key(self) -> bytes:
-        path = self.config.data_dir / "master.key"
-        if not path.exists():
-            _write_private(path, secrets.token_hex(32))
-        return bytes.fromhex(path.read_text().strip())
+    def join_token(
+        self, ttl: timedelta | None, uses: int | None, description: str = ""
+    ) -> tuple[auth.IssuedToken, str]:
+        """A join token: where the master is, the CA's fingerprint, and a new secret."""
+        issued = auth.issue_token(
+            self.store, auth.JOIN, ttl=ttl or auth.DEFAULT_JOIN_TTL, uses=uses,
+            description=description,
+        )  # fmt: skip
+        host = self.config.advertise or _advertised_host(self.config.listen)
+        api_port = split_address(self.config.api_listen)[1]
+        _, token_id, secret = issued.token.split(".")
+        token = pki.JoinToken(
+            addresses=(f"{host}:{self.grpc_port}", f"{host}:{api_port}"),
+            ca_fingerprint=self.ca.fingerprint,
+            token_id=token_id,
+            secret=secret,
+        )
+        return issued, token.encode()
 
     def _ensure_client_config(self) -> None:
         """First start: an admin API token in <data-dir>/client.toml (and the user's config)."""
@@ -114,12 +135,26 @@ class Master:
         if path.exists():
             return
         issued = auth.issue_token(self.store, auth.API, role="admin", description="first admin")
-        text = client_config_text(self.api_url, issued.token)
+        ca_pem = None if self.config.insecure_http else self.ca.cert_pem
+        text = client_config_text(self.api_url, issued.token, ca_pem)
         _write_private(path, text)
         user = self.config.user_config
         if user is not None and not user.exists():
             _write_private(user, text)
             log.info("wrote %s", user)
+
+    def _tls_files(self, host: str) -> tuple[str | None, str | None]:
+        """uvicorn's TLS options: the listener's certificate, unless --insecure-http."""
+        if self.config.insecure_http:
+            if host not in ("127.0.0.1", "::1", "localhost"):
+                log.warning(
+                    "INSECURE: the API speaks plain HTTP on %s: tokens cross the network in "
+                    "clear. Use --insecure-http only on loopback.", host,
+                )  # fmt: skip
+            return None, None
+        directory = self.config.data_dir / "pki"
+        self.server_cert.save(directory, "server")
+        return str(directory / "server.crt"), str(directory / "server.key")
 
     async def start(self) -> None:
         config = self.config
@@ -128,13 +163,28 @@ class Master:
             self.store.update_node(node.id, status=NodeStatus.UNKNOWN)
         self._grpc = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
         pb_grpc.add_ClusterServiceServicer_to_server(self.cluster, self._grpc)
-        self.grpc_port = listen_grpc(self._grpc, config.listen)
+        credentials = pki.server_credentials(
+            self.ca.cert_pem, self.server_cert, require_client_auth=True
+        )
+        self.grpc_port = listen_grpc(self._grpc, config.listen, credentials)
         await self._grpc.start()
 
         host, port = split_address(config.api_listen)
-        app = create_app(self.store, self.instances, self.nodes)
+        app = create_app(
+            self.store, self.instances, self.nodes, self.join_token, self.ca,
+            max_auth_failures=config.max_auth_failures,
+        )  # fmt: skip
+        certfile, keyfile = self._tls_files(host)
         self._http = _Uvicorn(
-            uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+            uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                log_level="warning",
+                lifespan="off",
+                ssl_certfile=certfile,
+                ssl_keyfile=keyfile,
+            )
         )
         # Bound here rather than by uvicorn, which exits the process when it cannot bind.
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -150,7 +200,8 @@ class Master:
         while not self._http.started and not serving.done():
             await asyncio.sleep(0.02)
         client_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-        self.api_url = f"http://{client_host}:{bound}"
+        scheme = "http" if config.insecure_http else "https"
+        self.api_url = f"{scheme}://{client_host}:{bound}"
         self._ensure_client_config()
         self._tasks = [
             serving,
@@ -172,3 +223,26 @@ class Master:
             await self._grpc.stop(grace=1)
         await self.agents.close()
         self.store.close()
+
+
+def _host_addresses() -> list[str]:
+    """Every IP address of this host, for the listener's certificate."""
+    import psutil
+
+    found = []
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family in (socket.AF_INET, socket.AF_INET6):
+                found.append(address.address.split("%")[0])
+    return found
+
+
+def _advertised_host(listen: str) -> str:
+    """The host a worker should dial: the listen host, or this host's first outward IPv4."""
+    host = split_address(listen)[0]
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    for address in _host_addresses():
+        if "." in address and not address.startswith("127."):
+            return address
+    return "127.0.0.1"

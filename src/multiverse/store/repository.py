@@ -29,7 +29,7 @@ from multiverse.core.model import (
     NodeStatus,
     Resources,
 )
-from multiverse.store.schema import InstanceRow, NodeRow, TokenRow
+from multiverse.store.schema import InstanceRow, NodeRow, RevokedCertificateRow, TokenRow
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -77,7 +77,7 @@ class Store:
 
     # ---- nodes ----
 
-    def add_node(self, node: Node, secret_hash: str) -> Node:
+    def add_node(self, node: Node, cert_serial: str) -> Node:
         row = NodeRow(
             id=node.id,
             name=node.name,
@@ -89,7 +89,7 @@ class Store:
             cpus=node.capacity.cpus,
             memory=node.capacity.memory,
             disk=node.capacity.disk,
-            secret_hash=secret_hash,
+            cert_serial=cert_serial,
             version=node.version,
             last_sync=node.last_sync,
             created_at=now(),
@@ -115,10 +115,27 @@ class Store:
             for key, value in fields.items():
                 setattr(row, key, value)
 
-    def node_secret_hash(self, node_id: str) -> str | None:
+    def remove_node(self, node_id: str) -> None:
+        """Forget a node and revoke its certificate (its instances must be gone first)."""
         with self._session() as session:
             row = session.get(NodeRow, node_id)
-            return row.secret_hash if row else None
+            if row is None:
+                raise NotFound(f"node {node_id} does not exist")
+            for instance in session.scalars(
+                select(InstanceRow).where(InstanceRow.node_id == node_id)
+            ):
+                session.delete(instance)
+            if row.cert_serial:
+                session.merge(
+                    RevokedCertificateRow(
+                        serial=row.cert_serial, node_name=row.name, revoked_at=now()
+                    )
+                )
+            session.delete(row)
+
+    def revoked_serials(self) -> set[str]:
+        with self._session() as session:
+            return set(session.scalars(select(RevokedCertificateRow.serial)))
 
     def get_node(self, node_id: str) -> Node:
         for node in self.list_nodes(ids=[node_id]):

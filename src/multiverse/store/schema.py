@@ -26,7 +26,7 @@ class NodeRow(Base):
     cpus: Mapped[int] = mapped_column(Integer, default=0)
     memory: Mapped[int] = mapped_column(BigInteger, default=0)
     disk: Mapped[int] = mapped_column(BigInteger, default=0)
-    secret_hash: Mapped[str] = mapped_column(String(64))
+    cert_serial: Mapped[str] = mapped_column(String(64), default="")
     version: Mapped[str] = mapped_column(String(32), default="")
     last_sync: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime]
@@ -58,6 +58,16 @@ class InstanceRow(Base):
     # stopped it (``node restore`` starts it again).
     moved_from: Mapped[str | None] = mapped_column(String(36), default=None)
     held: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class RevokedCertificateRow(Base):
+    """Certificates of removed nodes: TLS would still accept them, the master does not."""
+
+    __tablename__ = "revoked_certificates"
+
+    serial: Mapped[str] = mapped_column(String(64), primary_key=True)
+    node_name: Mapped[str] = mapped_column(String(63))
+    revoked_at: Mapped[datetime]
 
 
 class TokenRow(Base):

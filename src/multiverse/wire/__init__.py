@@ -1,1 +1,2 @@
-"""The gRPC contracts' generated code and the conversions between it and core types."""
+"""The wire: the gRPC contracts' generated code, conversions to and from core types, and the
+transport's TLS identities (the cluster CA and what it signs, in pki.py)."""

@@ -108,6 +108,11 @@ def error_to_rpc(exc: errors.MultiverseError) -> tuple[grpc.StatusCode, str]:
     return _STATUS_OF_CODE.get(exc.code, grpc.StatusCode.INTERNAL), f"{exc.code}:{exc.message}"
 
 
+def error_from_code(code: str, message: str) -> errors.MultiverseError:
+    """Our typed error for an error code another process sent (gRPC details, a JSON body)."""
+    return _ERROR_OF_CODE.get(code, errors.DriverError)(message)
+
+
 def error_from_rpc(exc: grpc.aio.AioRpcError, peer: str) -> errors.MultiverseError:
     """Our typed error back from a failed call to ``peer`` (a node name, for the message)."""
     code, sep, message = (exc.details() or "").partition(":")
@@ -120,15 +125,39 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, peer: str) -> errors.MultiverseErr
 
 
 # gRPC would otherwise share a busy port (SO_REUSEPORT) and split calls between two servers.
-GRPC_SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
+# Keepalive pings both ways: a link that silently died (a partition sends no RST) is noticed
+# within seconds, not after TCP's minutes of retransmissions, so the worker reconnects once the
+# network is back.
+GRPC_SERVER_OPTIONS = (
+    ("grpc.so_reuseport", 0),
+    ("grpc.keepalive_time_ms", 5000),
+    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 4000),
+    ("grpc.http2.max_ping_strikes", 0),
+)
+GRPC_CHANNEL_OPTIONS = (
+    ("grpc.keepalive_time_ms", 5000),
+    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
 
 
-def listen_grpc(server: grpc.aio.Server, address: str) -> int:
-    """Bind ``server`` to ``address``; the bound port, or a clear error when it is taken."""
+def listen_grpc(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials) -> int:
+    """Bind ``server`` to ``address`` with TLS; the bound port, or a clear error."""
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, credentials)
     except RuntimeError:
         port = 0
     if port == 0:
         raise errors.InvalidArgument(f"cannot listen on {address}: address in use or invalid")
     return port
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) -> (host, port); a clear error otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise errors.InvalidArgument(f"invalid address {address!r}: use HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)

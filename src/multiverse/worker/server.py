@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
-from multiverse.core.errors import InvalidArgument
+from multiverse.core.errors import InvalidArgument, MultiverseError
 from multiverse.core.model import Resources
 from multiverse.drivers.base import Driver
-from multiverse.wire.convert import GRPC_SERVER_OPTIONS, listen_grpc
+from multiverse.wire import pki
+from multiverse.wire.convert import GRPC_SERVER_OPTIONS, listen_grpc, split_address
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
 from multiverse.worker.agent import Agent, AgentServicer, Ctx
 from multiverse.worker.localstore import LocalStore
@@ -80,30 +80,36 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
 
     def _authorize(self, context: Ctx) -> bool:
-        presented = dict(context.invocation_metadata() or ()).get("agent-secret", "")
-        expected = self.identity.agent_secret if self.identity else ""
-        return bool(expected) and hmac.compare_digest(str(presented), expected)
+        """TLS checked the chain; the agent serves only the master's identity."""
+        try:
+            cert = pki.peer_cert_of(context.auth_context())
+            return pki.identity_of(cert).kind == "master"
+        except MultiverseError:
+            return False
 
     async def start(self) -> Identity:
         config = self.config
         await self.agent.observe()  # adopt what kept running while we were away
-        self._server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
-        pb_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(self.agent, self._authorize), self._server
-        )
-        port = listen_grpc(self._server, config.listen)
-        await self._server.start()
-        advertise = config.advertise or f":{port}"
+        port = split_address(config.listen)[1]
+        if port == 0:
+            raise InvalidArgument("--listen needs a port: the master must know where to call")
+        # Join first: the agent's listener serves the certificate the join brings.
         self.identity = await join(
             config.master,
             token=config.token,
-            identity_file=config.data_dir / "node.json",
+            data_dir=config.data_dir,
             name=config.name,
-            advertise=advertise,
+            advertise=config.advertise or f":{port}",
             driver=config.driver,
             labels=config.labels,
             agent=self.agent,
         )
+        self._server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
+        pb_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(self.agent, self._authorize), self._server
+        )
+        listen_grpc(self._server, config.listen, self.identity.server_credentials())
+        await self._server.start()
         self._tasks = [
             asyncio.create_task(
                 sync_forever(config.master, self.identity, self.agent, config.sync_interval)

@@ -62,7 +62,7 @@ class InstanceStatus(_message.Message):
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., ipv4: _Optional[str] = ..., message: _Optional[str] = ..., version: _Optional[int] = ..., release: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("token", "node_id", "node_secret", "name", "agent_address", "driver", "labels", "capacity", "version")
+    __slots__ = ("name", "agent_address", "driver", "labels", "capacity", "version")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -70,39 +70,29 @@ class JoinRequest(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
-    TOKEN_FIELD_NUMBER: _ClassVar[int]
-    NODE_ID_FIELD_NUMBER: _ClassVar[int]
-    NODE_SECRET_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     AGENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DRIVER_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
-    token: str
-    node_id: str
-    node_secret: str
     name: str
     agent_address: str
     driver: str
     labels: _containers.ScalarMap[str, str]
     capacity: Resources
     version: str
-    def __init__(self, token: _Optional[str] = ..., node_id: _Optional[str] = ..., node_secret: _Optional[str] = ..., name: _Optional[str] = ..., agent_address: _Optional[str] = ..., driver: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., version: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., agent_address: _Optional[str] = ..., driver: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., version: _Optional[str] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("node_id", "name", "node_secret", "agent_address", "agent_secret")
+    __slots__ = ("node_id", "name", "agent_address")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
-    NODE_SECRET_FIELD_NUMBER: _ClassVar[int]
     AGENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
-    AGENT_SECRET_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
-    node_secret: str
     agent_address: str
-    agent_secret: str
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., node_secret: _Optional[str] = ..., agent_address: _Optional[str] = ..., agent_secret: _Optional[str] = ...) -> None: ...
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., agent_address: _Optional[str] = ...) -> None: ...
 
 class NodeReport(_message.Message):
     __slots__ = ("capacity", "instances", "host_free")

@@ -56,7 +56,7 @@ class ClusterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Sync(self, request_iterator, context):
-        """Metadata: node-id, node-secret. One long-lived stream per worker.
+        """Mutual TLS: the node is who its certificate says. One long-lived stream per worker.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -206,7 +206,7 @@ class AgentServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Launch(self, request, context):
-        """All calls carry metadata agent-secret; the agent serves only its master.
+        """Mutual TLS: the agent serves only the master's certificate.
         returns at once; progress via Sync
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
