@@ -200,14 +200,18 @@ class Cluster:
         driver: str = "fake",
         capacity: str = "cpus=8,memory=16G,disk=200G",
         wait: bool = True,
+        host: str = "127.0.0.1",
+        master_host: str = "127.0.0.1",
+        prefix: list[str] | None = None,
     ) -> Proc:
+        """A worker; ``host``/``master_host``/``prefix`` put it on another test host."""
         port = free_port()
         args = [
             "worker",
             "--master",
-            f"127.0.0.1:{self.grpc_port}",
+            f"{master_host}:{self.grpc_port}",
             "--listen",
-            f"127.0.0.1:{port}",
+            f"{host}:{port}",
             "--data-dir",
             str(self.root / name),
             "--name",
@@ -222,7 +226,8 @@ class Cluster:
         if token is None and not (self.root / name / "node.json").exists():
             token = self.join_token()
         env = {**self.env, "MULTIVERSE_JOIN_TOKEN": token or ""}  # not in argv: ps shows that
-        proc = Proc(name, [*args, *extra], self.root / f"{name}.log", env, self.prefix)
+        where = self.prefix if prefix is None else prefix
+        proc = Proc(name, [*args, *extra], self.root / f"{name}.log", env, where)
         proc.start()
         self.workers[name] = proc
         if wait:

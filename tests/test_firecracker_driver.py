@@ -523,3 +523,26 @@ def test_real_boot_in_a_namespace(netns: str, tmp_path: Path) -> None:
         f"firecracker stand-in: boot to SSH {answer['boot_seconds']} s, "
         f"stop {answer['stop_seconds']} s"
     )
+
+
+def test_image_import_command_makes_a_bootable_image(tmp_path: Path, tiny_image: Path) -> None:
+    layout = tmp_path / "layout"
+    write_oci_layout(layout, [_layer({"etc/motd": b"from an OCI image\n"}, compress=True)])
+    images = tmp_path / "images"
+    done = subprocess.run(
+        [sys.executable, "-m", "multiverse", "image", "import", "--oci", str(layout), "web",
+         "--size", "64M", "--images-dir", str(images)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "MULTIVERSE_IMAGE_CACHE": str(tiny_image.parent)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (images / "web").iterdir()) == [
+        "initrd.img", "rootfs.ext4", "vmlinux",
+    ]  # fmt: skip
+    assert "from an OCI image" in debugfs(images / "web" / "rootfs.ext4", "cat /etc/motd")
+    bad = subprocess.run(
+        [sys.executable, "-m", "multiverse", "image", "import", "--oci", str(tmp_path), "x"],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "MULTIVERSE_IMAGE_CACHE": str(tiny_image.parent)},
+    )  # fmt: skip
+    assert bad.returncode != 0 and "index.json" in bad.stderr
