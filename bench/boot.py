@@ -31,20 +31,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import psutil
@@ -52,6 +49,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from common import run_benchmark  # noqa: E402
 from harness import (  # noqa: E402  (tests/ is put on the path just above)
     IMAGE_CACHE,
     Cluster,
@@ -210,21 +208,6 @@ class ByHand:
 # --- running it -----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def interrupts_as_keyboard_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP unwind like Ctrl-C does, so every ``finally`` cleans up."""
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def cli_startup(cluster: Cluster, times: int = 3) -> float:
     """Median wall time of a trivial CLI call (``instances``): the CLI's fixed cost."""
     durations = []
@@ -283,14 +266,6 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     }
 
 
-def print_load(report: dict[str, Any]) -> None:
-    load = report["host_load_1min"]
-    print(
-        f"host: {os.cpu_count()} cpus, load average (1 min) {load['start']:.2f} at the start, "
-        f"{load['end']:.2f} at the end"
-    )
-
-
 def print_table(report: dict[str, Any]) -> None:
     vm = report["vm"]
     print(
@@ -337,25 +312,7 @@ def main() -> int:
     if args.runs < 1 or args.warmup < 0:
         parser.error("--runs must be at least 1 and --warmup at least 0")
 
-    root = Path(tempfile.mkdtemp(prefix="mv-bench-boot-"))
-    try:
-        with interrupts_as_keyboard_interrupt():
-            load_before = os.getloadavg()[0]
-            report = run(args, root)
-            # Other work on the host skews every figure: say how busy it was.
-            report["host_load_1min"] = {"start": load_before, "end": os.getloadavg()[0]}
-    except KeyboardInterrupt:
-        say("interrupted; everything started was stopped")
-        return 130
-    finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
-    if args.format == "json":
-        print(json.dumps(report, indent=2))
-    else:
-        print_table(report)
-        print_load(report)
-    return 0
+    return run_benchmark("boot", args, run, print_table)
 
 
 if __name__ == "__main__":

@@ -40,15 +40,12 @@ import json
 import os
 import select
 import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any, Protocol
 
 import asyncssh
@@ -57,6 +54,7 @@ import pexpect
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from common import run_benchmark  # noqa: E402
 from harness import IMAGE_CACHE, Cluster, new_cluster  # noqa: E402  (tests/ is on the path now)
 
 from multiverse.guest.image import TEST_IMAGE, build_test_image  # noqa: E402
@@ -381,21 +379,6 @@ def prepare_stream(cluster: Cluster, name: str, args: argparse.Namespace) -> Non
 # --- running it -----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def interrupts_as_keyboard_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP unwind like Ctrl-C does, so every ``finally`` cleans up."""
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     rows: list[Row] = []
     (root / "cluster").mkdir()
@@ -412,14 +395,6 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "stream_megabytes_random": args.megabytes,
         "rows": [asdict(row) for row in rows],
     }
-
-
-def print_load(report: dict[str, Any]) -> None:
-    load = report["host_load_1min"]
-    print(
-        f"host: {os.cpu_count()} cpus, load average (1 min) {load['start']:.2f} at the start, "
-        f"{load['end']:.2f} at the end"
-    )
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -460,29 +435,7 @@ def main() -> int:
     if args.keys < 2 or args.megabytes <= 0:
         parser.error("--keys must be at least 2 and --megabytes positive")
 
-    root = Path(tempfile.mkdtemp(prefix="mv-bench-shell-"))
-    try:
-        with interrupts_as_keyboard_interrupt():
-            load_before = os.getloadavg()[0]
-            report = run(args, root)
-            # Other work on the host skews every figure: say how busy it was.
-            report["host_load_1min"] = {"start": load_before, "end": os.getloadavg()[0]}
-    except KeyboardInterrupt:
-        say("interrupted; everything started was stopped")
-        return 130
-    except BaseException:
-        if args.keep:
-            say(f"logs kept in {root}")
-        raise
-    finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
-    if args.format == "json":
-        print(json.dumps(report, indent=2))
-    else:
-        print_table(report)
-        print_load(report)
-    return 0
+    return run_benchmark("shell", args, run, print_table)
 
 
 if __name__ == "__main__":
