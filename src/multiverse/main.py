@@ -21,10 +21,10 @@ from pathlib import Path
 
 import click
 
-from multiverse.client.cli import cli, run
+from multiverse.client.cli import cli, labels_option, parsed, run
 from multiverse.client.config import ClientConfig, user_config_path
 from multiverse.core.errors import MultiverseError
-from multiverse.core.model import Resources, parse_labels
+from multiverse.core.model import Resources
 
 EXIT_FAILED = 2
 
@@ -70,18 +70,7 @@ def _default_node_name() -> str:
     return name if name[0].isalpha() else f"node-{name}"
 
 
-def _capacity(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Resources | None:
-    try:
-        return Resources.parse(value) if value else None
-    except MultiverseError as exc:
-        raise click.BadParameter(exc.message) from exc
-
-
-def _labels(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dict[str, str]:
-    try:
-        return parse_labels(value or "")
-    except MultiverseError as exc:
-        raise click.BadParameter(exc.message) from exc
+_capacity = parsed(Resources.parse)
 
 
 data_dir_option = click.option(
@@ -244,7 +233,7 @@ def _worker_options(func: Callable[..., None]) -> Callable[..., None]:
     show_default="~/.local/share/multiverse/worker",
 )
 @click.option("--name", default=_default_node_name, help="Node name (default: the host name).")
-@click.option("--labels", callback=_labels, help="Node labels: k=v,...")
+@click.option("--labels", callback=labels_option, default="", help="Node labels: k=v,...")
 @click.option("--bridge", default="mvbr0", show_default=True, help="firecracker: taps' bridge.")
 @click.option(
     "--guest-cidr",

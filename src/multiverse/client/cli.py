@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
@@ -149,20 +149,28 @@ def info(names: tuple[str, ...], all_: bool, fmt: str) -> None:
     click.echo(render([client.info(name) for name in wanted], INFO_COLUMNS, fmt))
 
 
-def _size(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except MultiverseError as exc:
-        raise click.BadParameter(exc.message) from exc
+T = TypeVar("T")
 
 
-def _labels(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dict[str, str]:
-    try:
-        return parse_labels(value or "")
-    except MultiverseError as exc:
-        raise click.BadParameter(exc.message) from exc
+def parsed(
+    parse: Callable[[str], T],
+) -> Callable[[click.Context, click.Parameter, str | None], T | None]:
+    """A click callback that runs ``parse`` on an option's text: our validation errors become
+    usage errors (exit code 1) naming the option."""
+
+    def callback(_ctx: click.Context, _param: click.Parameter, value: str | None) -> T | None:
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except MultiverseError as exc:
+            raise click.BadParameter(exc.message) from exc
+
+    return callback
+
+
+_size = parsed(parse_size)
+labels_option = parsed(parse_labels)
 
 
 @contextmanager
@@ -224,8 +232,15 @@ def _with_wait(func: Callable[..., None]) -> Callable[..., None]:
     "-d", "--disk", callback=_size, default="5G", show_default=True, help="Disk, e.g. 10G."
 )
 @click.option("--node", help="Put it on this node.")
-@click.option("--selector", callback=_labels, help="Only on nodes with these labels: k=v,...")
-@click.option("--labels", "labels", callback=_labels, help="Labels of the instance: k=v,...")
+@click.option(
+    "--selector",
+    callback=labels_option,
+    default="",
+    help="Only on nodes with these labels: k=v,...",
+)
+@click.option(
+    "--labels", "labels", callback=labels_option, default="", help="Labels of the instance: k=v,..."
+)
 @click.option(
     "--strategy", type=click.Choice(["spread", "binpack"]), default="spread", show_default=True
 )
