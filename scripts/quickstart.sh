@@ -23,8 +23,9 @@ Multiverse is up (data in $data_dir). Next, with the CLI at $PWD/$mv:
   multiverse exec primary -- uname -a
   multiverse launch --name web-1 --memory 512M
   multiverse stop primary / start primary / delete web-1
-  multiverse token create                # then on another host:
-  multiverse worker --master <this-host>:1337 --token <token>
+  multiverse node drain <node> / node restore <node>
   make stop                              # stop the cluster (VMs keep running)
+This cluster listens on 127.0.0.1 only. For many hosts run \`multiverse master\`, then on each
+host: MULTIVERSE_JOIN_TOKEN=\$(multiverse token create) multiverse worker --master <master>:1337
 The CLI finds this cluster through $HOME/.config/multiverse/config.toml (or MULTIVERSE_CONFIG).
 TXT
