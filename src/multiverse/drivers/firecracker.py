@@ -37,41 +37,29 @@ import ipaddress
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 from multiverse.core.errors import (
     Conflict,
     DriverError,
     InvalidArgument,
     MultiverseError,
-    NotFound,
     Unavailable,
 )
-from multiverse.core.model import GuestStats, Resources
-from multiverse.core.sizes import MiB, format_size
-from multiverse.drivers.base import (
-    Driver,
-    ExecChunk,
-    PowerState,
-    Session,
-    TerminalSize,
-    VMConfig,
-    VMStatus,
-    host_resources,
-)
+from multiverse.core.model import Resources
+from multiverse.core.sizes import MiB
+from multiverse.drivers.base import PowerState, VMConfig, VMStatus
 from multiverse.drivers.process import (
-    create_time,
-    ensure_ssh_key,
+    LOG_TAIL,
+    UNIX_PATH_MAX,
+    ProcessDriver,
     pid_alive,
     read_json,
     tail,
@@ -80,7 +68,6 @@ from multiverse.drivers.process import (
 )
 from multiverse.drivers.rootfs import copy_rootfs, make_ext4
 from multiverse.guest.image import INITRD_FILE, KERNEL_FILE
-from multiverse.guest.ssh import GuestConnection
 
 BINARY_ENV = "MULTIVERSE_FIRECRACKER"
 ROOTFS_FILE = "rootfs.ext4"  # an image's root file system, when it has one
@@ -94,14 +81,25 @@ MIN_DISK = 16 * MiB
 
 # reboot=k: a guest reboot ends Firecracker, which has no reset; panic=1 so a panic does too.
 BASE_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 quiet"
-_UNIX_PATH_MAX = 107
-_LOG_TAIL = 4000
 
 
-class FirecrackerDriver(Driver):
-    """MicroVMs as Firecracker processes on this host, on tap devices of one bridge."""
+class FirecrackerDriver(ProcessDriver):
+    """MicroVMs as Firecracker processes on this host, on tap devices of one bridge.
+
+    The shared lifecycle is :class:`ProcessDriver`'s; this class configures and boots
+    Firecracker over its API, plugs a tap and leases an address per VM and gives both back.
+    """
 
     name = "firecracker"
+    hypervisor = "Firecracker"
+    max_cpus = MAX_CPUS
+    min_memory = MIN_MEMORY
+    min_disk = MIN_DISK
+    disk_file = ROOTFS_FILE
+    console_log = "firecracker.log"  # the process' output carries the serial console
+    stopped_alone = "guest power-off, reboot or panic"
+    install_hint = f"is Firecracker installed? set ${BINARY_ENV} to its path"
+    spawn_error = Unavailable
 
     def __init__(
         self,
@@ -124,162 +122,45 @@ class FirecrackerDriver(Driver):
         ``run_dir``: where the API sockets go (default ``state_dir/run``, or a short directory
         under /tmp when that path would pass the 108-byte limit of unix socket paths).
         """
-        super().__init__(state_dir)
-        self.image_dirs = [Path(directory) for directory in image_dirs]
-        self._capacity = capacity
+        super().__init__(
+            state_dir, image_dirs, capacity, boot_timeout=boot_timeout, stop_timeout=stop_timeout
+        )
         self.binary = (
             binary or os.environ.get(BINARY_ENV) or shutil.which("firecracker") or ("firecracker")
         )
         self.run_dir = run_dir or _short_run_dir(state_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.vms_dir = state_dir / "vms"
-        self.vms_dir.mkdir(parents=True, exist_ok=True)
         self.network = HostNetwork(bridge, cidr, ip_binary)
         self.pool = IpPool(state_dir / "ip-pool.json", cidr)
         self.boot_args = boot_args
-        self.boot_timeout = boot_timeout
-        self.stop_timeout = stop_timeout
         self.api_timeout = api_timeout
-        self.key_path = ensure_ssh_key(state_dir / "ssh" / "id_ed25519")
-        self._guests: dict[str, GuestConnection] = {}
-        self._locks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Lock]] = {}
-
-    # --- the Driver port -----------------------------------------------------------------
-
-    async def capacity(self) -> Resources:
-        return self._capacity or host_resources(self.state_dir)
-
-    async def validate(self, vm: VMConfig) -> None:
-        self._validate(vm)
-
-    async def create(self, vm: VMConfig) -> None:
-        async with self._lock(vm.id):
-            await self._create(vm)
-
-    async def start(self, vm: VMConfig) -> VMStatus:
-        async with self._lock(vm.id):
-            await self._create(vm)
-            pid = self._running_pid(vm)
-            if pid is not None and await self._vmm_state(vm) != "Running":
-                # A process left configured but never started (an agent killed mid-boot).
-                await self._kill(vm, pid)
-                pid = None
-            if pid is None:
-                await self._boot(vm)
-            else:
-                await self._guest(vm).wait_until_ready(
-                    self.boot_timeout, alive=lambda: self._running_pid(vm) is not None
-                )
-            return await self._status(vm)
-
-    async def stop(self, vm: VMConfig, force: bool = False) -> None:
-        async with self._lock(vm.id):
-            if not self._vm_dir(vm).is_dir():
-                raise NotFound(f"VM {vm.name} ({vm.id}) does not exist on this node")
-            await self._stop(vm, force)
-
-    async def delete(self, vm: VMConfig) -> None:
-        async with self._lock(vm.id):
-            vm_dir = self._vm_dir(vm)
-            if vm_dir.is_dir():
-                await self._stop(vm, force=True)
-                try:
-                    await asyncio.to_thread(shutil.rmtree, vm_dir)
-                except OSError as error:
-                    raise DriverError(f"cannot remove the files of VM {vm.name}: {error}") from None
-            self.pool.release(vm.id)
-
-    async def status(self, vm: VMConfig) -> VMStatus:
-        return await self._status(vm)
-
-    async def stats(self, vm: VMConfig) -> GuestStats:
-        self._require_running(vm)
-        return await self._guest(vm).stats()
-
-    async def exec(
-        self, vm: VMConfig, command: Sequence[str], stdin: bytes = b""
-    ) -> AsyncIterator[ExecChunk]:
-        if not command:
-            raise InvalidArgument("exec needs a command")
-        self._require_running(vm)
-        async for chunk in self._guest(vm).exec(command, stdin):
-            yield ExecChunk(stream=chunk.stream, data=chunk.data, exit_code=chunk.exit_code)
-
-    async def open_session(
-        self, vm: VMConfig, command: Sequence[str] | None, size: TerminalSize | None
-    ) -> Session:
-        self._require_running(vm)
-        return await self._guest(vm).open_shell(
-            (size.cols, size.rows) if size else None, command=command
-        )
-
-    async def logs(self, vm: VMConfig) -> str:
-        vm_dir = self._vm_dir(vm)
-        if not vm_dir.is_dir():
-            raise NotFound(f"VM {vm.name} ({vm.id}) does not exist on this node")
-        return tail(vm_dir / "firecracker.log", 256 * 1024)
-
-    async def close(self) -> None:
-        guests, self._guests = self._guests, {}
-        for guest in guests.values():
-            await guest.close()
 
     # --- creating ------------------------------------------------------------------------
 
-    def _validate(self, vm: VMConfig) -> tuple[Path, Path | None, Path | None]:
-        """Refuse what Firecracker could not run; the image's kernel, initrd and rootfs."""
-        self._vm_dir(vm)
-        if not 1 <= vm.cpus <= MAX_CPUS:
-            raise InvalidArgument(f"cpus must be between 1 and {MAX_CPUS}, not {vm.cpus}")
-        if vm.memory < MIN_MEMORY:
-            raise InvalidArgument(
-                f"memory {format_size(max(vm.memory, 0))} is too small: at least "
-                f"{format_size(MIN_MEMORY)}"
-            )
-        if vm.disk < MIN_DISK:
-            raise InvalidArgument(
-                f"disk {format_size(max(vm.disk, 0))} is too small: at least "
-                f"{format_size(MIN_DISK)}"
-            )
-        return self._image_files(vm.image)
+    def _check_image(self, image: str) -> None:
+        self._image_files(image)
 
     def _image_files(self, image: str) -> tuple[Path, Path | None, Path | None]:
-        if "/" in image or image in ("", ".", ".."):
-            raise InvalidArgument(f"invalid image name {image!r}")
-        for directory in self.image_dirs:
-            kernel = directory / image / KERNEL_FILE
+        """The image's kernel, and its initrd and root file system where it has them."""
+        for directory in self._image_candidates(image):
+            kernel = directory / KERNEL_FILE
             if kernel.is_file():
-                initrd = directory / image / INITRD_FILE
-                rootfs = directory / image / ROOTFS_FILE
+                initrd = directory / INITRD_FILE
+                rootfs = directory / ROOTFS_FILE
                 return (
                     kernel,
                     initrd if initrd.is_file() else None,
                     rootfs if rootfs.is_file() else None,
                 )
-        searched = ", ".join(str(directory) for directory in self.image_dirs) or "(none)"
-        raise NotFound(
-            f"image {image!r} not found on this node: no {image}/{KERNEL_FILE} in {searched}"
-        )
+        raise self._image_not_found(image, f"{image}/{KERNEL_FILE}")
 
-    async def _create(self, vm: VMConfig) -> None:
-        """The VM directory and its disk, once; a failure leaves nothing behind."""
-        _kernel, _initrd, image_rootfs = self._validate(vm)
-        vm_dir = self._vm_dir(vm)
-        disk = vm_dir / "rootfs.ext4"
-        if disk.exists():
-            return
-        fresh = not vm_dir.exists()
-        vm_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            write_json(vm_dir / "config.json", _config_json(vm))
-            if image_rootfs is not None:
-                await asyncio.to_thread(copy_rootfs, image_rootfs, disk, vm.disk)
-            else:
-                await asyncio.to_thread(make_ext4, disk, vm.disk, None, "data")
-        except BaseException:
-            if fresh:
-                shutil.rmtree(vm_dir, ignore_errors=True)
-            raise
+    def _make_disk(self, vm: VMConfig, path: Path) -> None:
+        """A copy of the image's root file system, or an empty ext4 for kernel+initrd images."""
+        _kernel, _initrd, image_rootfs = self._image_files(vm.image)
+        if image_rootfs is not None:
+            copy_rootfs(image_rootfs, path, vm.disk)
+        else:
+            make_ext4(path, vm.disk, None, "data")
 
     # --- booting -------------------------------------------------------------------------
 
@@ -315,7 +196,7 @@ class FirecrackerDriver(Driver):
                 "/drives/rootfs",
                 {
                     "drive_id": "rootfs",
-                    "path_on_host": str(vm_dir / "rootfs.ext4"),
+                    "path_on_host": str(vm_dir / self.disk_file),
                     # Kernel+initrd images boot from RAM and mount the disk as data; images
                     # with a root file system boot from it.
                     "is_root_device": image_rootfs is not None and initrd is None,
@@ -336,12 +217,12 @@ class FirecrackerDriver(Driver):
                 if not pid_alive(process.pid):
                     raise DriverError(
                         f"Firecracker of VM {vm.name} exited during boot (code "
-                        f"{process.poll()}):\n{tail(vm_dir / 'firecracker.log', _LOG_TAIL)}"
+                        f"{process.poll()}):\n{tail(vm_dir / self.console_log, LOG_TAIL)}"
                     ) from None
                 raise DriverError(
                     f"VM {vm.name} booted but its SSH at {address.ip} did not answer within "
                     f"{self.boot_timeout:.0f} s; console:\n"
-                    f"{tail(vm_dir / 'firecracker.log', _LOG_TAIL)}"
+                    f"{tail(vm_dir / self.console_log, LOG_TAIL)}"
                 ) from None
         except BaseException:
             if process is not None:
@@ -362,97 +243,56 @@ class FirecrackerDriver(Driver):
         return f"{self.boot_args}{root} {network} multiverse.authorized_keys={key}"
 
     def _spawn(self, vm: VMConfig, tap: str, ipv4: str) -> subprocess.Popen[bytes]:
-        vm_dir = self._vm_dir(vm)
-        socket_path = self._socket(vm)
+        socket_path = self._control_socket(vm)
         socket_path.unlink(missing_ok=True)  # Firecracker refuses to start on a stale socket
-        with (vm_dir / "firecracker.log").open("wb") as log:
-            try:
-                process = subprocess.Popen(
-                    [self.binary, "--api-sock", str(socket_path), "--id", vm.id],
-                    cwd=vm_dir,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    start_new_session=True,  # no signal meant for the agent's group reaches it
-                    close_fds=True,
-                )
-            except OSError as error:
-                raise Unavailable(
-                    f"cannot run {self.binary}: {error.strerror or error} (is Firecracker "
-                    f"installed? set ${BINARY_ENV} to its path)"
-                ) from None
-        # A thread blocked in wait() reaps it the moment it exits, whatever loop is running.
-        threading.Thread(target=process.wait, name=f"reap-fc-{process.pid}", daemon=True).start()
-        write_json(
-            vm_dir / "vm.json",
-            {
-                "pid": process.pid,
-                "create_time": create_time(process.pid),
-                "tap": tap,
-                "ipv4": ipv4,
-                "started_at": time.time(),
-            },
+        return self._spawn_process(
+            vm,
+            [self.binary, "--api-sock", str(socket_path), "--id", vm.id],
+            self._vm_dir(vm) / self.console_log,
+            {"tap": tap, "ipv4": ipv4},
         )
-        return process
 
     async def _wait_for_socket(self, vm: VMConfig, process: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + self.api_timeout
-        while not self._socket(vm).exists():
+        while not self._control_socket(vm).exists():
             if process.poll() is not None or time.monotonic() > deadline:
                 raise DriverError(
                     f"Firecracker of VM {vm.name} did not open its API socket: "
-                    f"{tail(self._vm_dir(vm) / 'firecracker.log', _LOG_TAIL).strip()}"
+                    f"{tail(self._vm_dir(vm) / self.console_log, LOG_TAIL).strip()}"
                 )
             await asyncio.sleep(0.02)
 
-    # --- stopping ------------------------------------------------------------------------
+    # --- the ProcessDriver hooks ---------------------------------------------------------
 
-    async def _stop(self, vm: VMConfig, force: bool) -> None:
-        """Ctrl+Alt+Del first (unless ``force``), SIGKILL after ``stop_timeout``."""
-        await self._close_guest(vm.id)
-        pid = self._running_pid(vm)
-        if pid is not None and not force:
-            with contextlib.suppress(MultiverseError):
-                await self._api(vm).put("/actions", {"action_type": "SendCtrlAltDel"})
-                await wait_exit(pid, self.stop_timeout)
-        if pid is not None:
-            await self._kill(vm, pid)
+    async def _boot_incomplete(self, vm: VMConfig) -> bool:
+        """A process left configured but never started (an agent killed mid-boot)."""
+        return await self._vmm_state(vm) != "Running"
+
+    async def _shut_down(self, vm: VMConfig, pid: int) -> bool:
+        """Ctrl+Alt+Del, then ``stop_timeout`` for the guest to power off."""
+        with contextlib.suppress(MultiverseError):
+            await self._api(vm).put("/actions", {"action_type": "SendCtrlAltDel"})
+            return await wait_exit(pid, self.stop_timeout)
+        return False
+
+    async def _after_stop(self, vm: VMConfig) -> None:
+        """Unplug the VM's tap (the one ``vm.json`` names, else the one its id gives)."""
         runtime = read_json(self._vm_dir(vm) / "vm.json") or {}
         await self.network.remove_tap(str(runtime.get("tap") or tap_name(vm.id)))
-        self._forget_runtime(vm)
 
-    async def _kill(self, vm: VMConfig, pid: int) -> None:
-        if pid_alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if not await wait_exit(pid, 10.0):
-            raise DriverError(f"Firecracker process {pid} of VM {vm.name} survived SIGKILL")
+    def _after_delete(self, vm: VMConfig) -> None:
+        """Give the VM's address back to the pool."""
+        self.pool.release(vm.id)
 
-    def _forget_runtime(self, vm: VMConfig) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            (self._vm_dir(vm) / "vm.json").unlink()
-        self._socket(vm).unlink(missing_ok=True)
+    def _control_socket(self, vm: VMConfig) -> Path:
+        return self.run_dir / f"{vm.id}.sock"
 
-    # --- observing -----------------------------------------------------------------------
+    def _ssh_address(self, runtime: dict[str, Any]) -> tuple[str, int] | None:
+        host = str(runtime.get("ipv4") or "")
+        return (host, 22) if host else None
 
-    async def _status(self, vm: VMConfig) -> VMStatus:
-        vm_dir = self._vm_dir(vm)
-        if not vm_dir.is_dir():
-            return VMStatus(PowerState.MISSING)
-        runtime = read_json(vm_dir / "vm.json")
-        if self._running_pid(vm) is None:
-            if runtime:
-                return VMStatus(
-                    PowerState.STOPPED,
-                    message="the VM stopped on its own (guest power-off, reboot or panic); "
-                    "see its console log",
-                )
-            return VMStatus(PowerState.STOPPED)
-        ipv4 = str(runtime.get("ipv4", "")) if runtime else ""
-        try:
-            state = await self._vmm_state(vm)
-        except MultiverseError as error:
-            return VMStatus(PowerState.RUNNING, ipv4, message=error.message)
+    async def _hypervisor_status(self, vm: VMConfig, ipv4: str) -> VMStatus:
+        state = await self._vmm_state(vm)
         if state == "Running":
             return VMStatus(PowerState.RUNNING, ipv4)
         if state == "Not started":
@@ -468,67 +308,8 @@ class FirecrackerDriver(Driver):
             raise DriverError(f"Firecracker of VM {vm.name} answered GET / without a state")
         return state
 
-    def _running_pid(self, vm: VMConfig) -> int | None:
-        """The pid of the VM's Firecracker if that very process is alive (pids get reused)."""
-        runtime = read_json(self._vm_dir(vm) / "vm.json")
-        if not runtime:
-            return None
-        try:
-            pid = int(runtime["pid"])
-            process = psutil.Process(pid)
-            if process.status() == psutil.STATUS_ZOMBIE:
-                return None
-            if abs(process.create_time() - float(runtime["create_time"])) > 0.5:
-                return None
-        except (KeyError, TypeError, ValueError, psutil.Error):
-            return None
-        return pid
-
-    def _require_running(self, vm: VMConfig) -> None:
-        if not self._vm_dir(vm).is_dir():
-            raise NotFound(f"VM {vm.name} ({vm.id}) does not exist on this node")
-        if self._running_pid(vm) is None:
-            raise Conflict(f"VM {vm.name} is not running")
-
-    # --- helpers -------------------------------------------------------------------------
-
-    def _vm_dir(self, vm: VMConfig) -> Path:
-        if not vm.id or "/" in vm.id or vm.id.startswith("."):
-            raise InvalidArgument(f"invalid VM id {vm.id!r}")
-        return self.vms_dir / vm.id
-
-    def _socket(self, vm: VMConfig) -> Path:
-        return self.run_dir / f"{vm.id}.sock"
-
     def _api(self, vm: VMConfig) -> FirecrackerAPI:
-        return FirecrackerAPI(self._socket(vm), vm.name, self.api_timeout)
-
-    def _guest(self, vm: VMConfig) -> GuestConnection:
-        runtime = read_json(self._vm_dir(vm) / "vm.json") or {}
-        host = str(runtime.get("ipv4") or "")
-        if not host:
-            raise Conflict(f"VM {vm.name} is not running")
-        guest = self._guests.get(vm.id)
-        if guest is None or guest.host != host:
-            # A boot shorter than SSH's usual connect timeout must not wait for it.
-            timeout = min(15.0, self.boot_timeout)
-            guest = GuestConnection(host, 22, self.key_path, connect_timeout=timeout)
-            self._guests[vm.id] = guest
-        return guest
-
-    async def _close_guest(self, vm_id: str) -> None:
-        guest = self._guests.pop(vm_id, None)
-        if guest is not None:
-            await guest.close()
-
-    def _lock(self, vm_id: str) -> asyncio.Lock:
-        """One action at a time per VM, in the running loop (a lock is bound to its loop)."""
-        loop = asyncio.get_running_loop()
-        entry = self._locks.get(vm_id)
-        if entry is None or entry[0] is not loop:
-            entry = (loop, asyncio.Lock())
-            self._locks[vm_id] = entry
-        return entry[1]
+        return FirecrackerAPI(self._control_socket(vm), vm.name, self.api_timeout)
 
 
 # --- the Firecracker API ----------------------------------------------------------------------
@@ -733,18 +514,7 @@ class IpPool:
 def _short_run_dir(state_dir: Path) -> Path:
     """``state_dir/run`` if its socket paths fit in a sockaddr_un; else a short stable one."""
     preferred = state_dir / "run"
-    if len(str(preferred / "00000000-0000-0000-0000-000000000000.sock")) <= _UNIX_PATH_MAX:
+    if len(str(preferred / "00000000-0000-0000-0000-000000000000.sock")) <= UNIX_PATH_MAX:
         return preferred
     digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]
     return Path(tempfile.gettempdir()) / f"multiverse-fc-{digest}"
-
-
-def _config_json(vm: VMConfig) -> dict[str, Any]:
-    return {
-        "id": vm.id,
-        "name": vm.name,
-        "cpus": vm.cpus,
-        "memory": vm.memory,
-        "disk": vm.disk,
-        "image": vm.image,
-    }

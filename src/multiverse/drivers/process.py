@@ -1,18 +1,46 @@
-"""What the drivers that run one hypervisor process per VM share (QEMU, Firecracker):
+"""What the drivers that run one hypervisor process per VM share (QEMU, Firecracker): the
+:class:`ProcessDriver` base that holds their common Driver logic, and the helpers under it:
 process liveness that survives pid reuse, waiting for an exit, small JSON state files written
 atomically, log tails, and the node's SSH key for reaching guests."""
 
 from __future__ import annotations
 
+import abc
 import asyncio
+import contextlib
 import json
 import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
 import time
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import asyncssh
 import psutil
+
+from multiverse.core.errors import Conflict, DriverError, InvalidArgument, MultiverseError, NotFound
+from multiverse.core.model import GuestStats, Resources
+from multiverse.core.sizes import format_size
+from multiverse.drivers.base import (
+    Driver,
+    ExecChunk,
+    PowerState,
+    Session,
+    TerminalSize,
+    VMConfig,
+    VMStatus,
+    host_resources,
+)
+from multiverse.guest.ssh import GuestConnection
+
+UNIX_PATH_MAX = 107  # a sockaddr_un's path, less its terminating NUL
+LOG_TAIL = 4000  # how much of a log an error message quotes
+_VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 def ensure_ssh_key(path: Path) -> Path:
@@ -75,3 +103,375 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     temporary.replace(path)
+
+
+# --- the drivers that run one hypervisor process per VM -------------------------------------
+
+
+class ProcessDriver(Driver):
+    """A driver that runs one hypervisor process per VM, keeps the VM in its own directory and
+    reaches the guest over SSH (QEMU, Firecracker).
+
+    Everything that does not depend on the hypervisor lives here once: the per-VM lock, the VM
+    directory and its disk's creation, adoption of a running process by pid and start time, the
+    stop sequence (graceful, then SIGKILL), status, and the guest SSH connections that serve
+    exec, stats and sessions. A subclass says how to boot, how to ask its hypervisor for a
+    graceful stop and for its state, where its control socket and SSH endpoint are, and what
+    else a stop or delete must give back (a tap, an address lease).
+
+    Each VM lives in ``<state_dir>/vms/<id>/`` with ``config.json`` and its disk; while it runs,
+    ``vm.json`` records the process (``pid``, ``create_time``, ``started_at`` and what the
+    subclass adds). ``vm.json`` is removed on every stop the driver makes, so one found beside a
+    dead process means the VM ended by itself.
+    """
+
+    hypervisor: ClassVar[str] = ""  # its name in messages: "QEMU", "Firecracker"
+    max_cpus: ClassVar[int] = 1
+    min_memory: ClassVar[int] = 0
+    min_disk: ClassVar[int] = 0
+    disk_file: ClassVar[str] = ""  # the VM's disk, in its directory
+    console_log: ClassVar[str] = ""  # the guest's console, in the VM's directory
+    stopped_alone: ClassVar[str] = ""  # how a VM ends by itself, for the status message
+    install_hint: ClassVar[str] = ""  # what to do when the binary cannot be run
+    # What a binary that cannot be run raises; kept per driver, as each always raised it.
+    spawn_error: ClassVar[type[MultiverseError]] = DriverError
+
+    def __init__(
+        self,
+        state_dir: Path,
+        image_dirs: Sequence[Path],
+        capacity: Resources | None,
+        *,
+        boot_timeout: float,
+        stop_timeout: float,
+    ) -> None:
+        super().__init__(state_dir)
+        self.image_dirs = [Path(directory) for directory in image_dirs]
+        self.boot_timeout = boot_timeout
+        self.stop_timeout = stop_timeout
+        self._capacity = capacity
+        self.vms_dir = state_dir / "vms"
+        self.vms_dir.mkdir(parents=True, exist_ok=True)
+        self.key_path = ensure_ssh_key(state_dir / "ssh" / "id_ed25519")
+        self._guests: dict[str, GuestConnection] = {}
+        self._locks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Lock]] = {}
+
+    # --- what a subclass provides --------------------------------------------------------
+
+    @abc.abstractmethod
+    def _check_image(self, image: str) -> None:
+        """Raise NotFound (or InvalidArgument) unless this node can boot ``image``."""
+
+    @abc.abstractmethod
+    def _make_disk(self, vm: VMConfig, path: Path) -> None:
+        """Make the VM's disk at ``path`` (runs in a thread; may take a while)."""
+
+    @abc.abstractmethod
+    async def _boot(self, vm: VMConfig) -> None:
+        """Start the hypervisor process and return once the guest's SSH answers.
+
+        On failure leave nothing running and no ``vm.json``.
+        """
+
+    @abc.abstractmethod
+    def _control_socket(self, vm: VMConfig) -> Path:
+        """The hypervisor's control socket, removed with ``vm.json`` when the VM is off."""
+
+    @abc.abstractmethod
+    def _ssh_address(self, runtime: dict[str, Any]) -> tuple[str, int] | None:
+        """The guest's SSH (host, port) from ``vm.json``; None while there is none."""
+
+    @abc.abstractmethod
+    async def _hypervisor_status(self, vm: VMConfig, ipv4: str) -> VMStatus:
+        """The status of a VM whose process is alive, as its hypervisor reports it.
+
+        A MultiverseError (no answer) is reported as running with the error's message.
+        """
+
+    @abc.abstractmethod
+    async def _shut_down(self, vm: VMConfig, pid: int) -> bool:
+        """Ask the guest to power off; True once process ``pid`` exited, False to kill it."""
+
+    async def _boot_incomplete(self, vm: VMConfig) -> bool:
+        """Whether a live process must be killed and booted again rather than adopted."""
+        return False
+
+    async def _after_stop(self, vm: VMConfig) -> None:
+        """Give back what the VM held while it ran; ``vm.json`` is still readable here."""
+
+    def _after_delete(self, vm: VMConfig) -> None:
+        """Give back what the VM held for its whole life; runs even if its directory is gone."""
+
+    # --- the Driver port -----------------------------------------------------------------
+
+    async def capacity(self) -> Resources:
+        if self._capacity is not None:
+            return self._capacity
+        return host_resources(self.state_dir)
+
+    async def validate(self, vm: VMConfig) -> None:
+        self._validate(vm)
+
+    async def create(self, vm: VMConfig) -> None:
+        async with self._lock(vm.id):
+            await self._create(vm)
+
+    async def start(self, vm: VMConfig) -> VMStatus:
+        async with self._lock(vm.id):
+            await self._create(vm)
+            pid = self._running_pid(vm)
+            if pid is not None and await self._boot_incomplete(vm):
+                await self._kill(vm, pid)
+                pid = None
+            if pid is None:
+                await self._boot(vm)
+            else:
+                # Already running (maybe adopted): return only once the guest answers.
+                await self._guest(vm).wait_until_ready(
+                    self.boot_timeout, alive=lambda: self._running_pid(vm) is not None
+                )
+            return await self.status(vm)
+
+    async def stop(self, vm: VMConfig, force: bool = False) -> None:
+        async with self._lock(vm.id):
+            self._existing_dir(vm)
+            await self._stop(vm, force)
+
+    async def delete(self, vm: VMConfig) -> None:
+        async with self._lock(vm.id):
+            vm_dir = self._vm_dir(vm)
+            if vm_dir.is_dir():
+                await self._stop(vm, force=True)
+                try:
+                    await asyncio.to_thread(shutil.rmtree, vm_dir)
+                except OSError as error:
+                    raise DriverError(f"cannot remove the files of VM {vm.name}: {error}") from None
+            self._after_delete(vm)
+
+    async def status(self, vm: VMConfig) -> VMStatus:
+        vm_dir = self._vm_dir(vm)
+        if not vm_dir.is_dir():
+            return VMStatus(PowerState.MISSING)
+        runtime = read_json(vm_dir / "vm.json")
+        if self._running_pid(vm) is None:
+            if runtime:
+                return VMStatus(
+                    PowerState.STOPPED,
+                    message=f"the VM stopped on its own ({self.stopped_alone}); "
+                    "see its console log",
+                )
+            return VMStatus(PowerState.STOPPED)
+        ipv4 = str(runtime.get("ipv4", "")) if runtime else ""
+        try:
+            return await self._hypervisor_status(vm, ipv4)
+        except MultiverseError as error:
+            return VMStatus(PowerState.RUNNING, ipv4, message=error.message)
+
+    async def stats(self, vm: VMConfig) -> GuestStats:
+        self._require_running(vm)
+        return await self._guest(vm).stats()
+
+    async def exec(
+        self, vm: VMConfig, command: Sequence[str], stdin: bytes = b""
+    ) -> AsyncIterator[ExecChunk]:
+        if not command:
+            raise InvalidArgument("exec needs a command")
+        self._require_running(vm)
+        async for chunk in self._guest(vm).exec(command, stdin):
+            yield ExecChunk(stream=chunk.stream, data=chunk.data, exit_code=chunk.exit_code)
+
+    async def open_session(
+        self, vm: VMConfig, command: Sequence[str] | None, size: TerminalSize | None
+    ) -> Session:
+        self._require_running(vm)
+        return await self._guest(vm).open_shell(
+            (size.cols, size.rows) if size else None, command=command
+        )
+
+    async def logs(self, vm: VMConfig) -> str:
+        return tail(self._existing_dir(vm) / self.console_log, 256 * 1024)
+
+    async def close(self) -> None:
+        guests, self._guests = self._guests, {}
+        for guest in guests.values():
+            await guest.close()
+
+    # --- creating ------------------------------------------------------------------------
+
+    def _validate(self, vm: VMConfig) -> None:
+        """Refuse what the hypervisor could not run, before anything is written."""
+        self._vm_dir(vm)
+        if not 1 <= vm.cpus <= self.max_cpus:
+            raise InvalidArgument(f"cpus must be between 1 and {self.max_cpus}, not {vm.cpus}")
+        if vm.memory < self.min_memory:
+            raise InvalidArgument(
+                f"memory {format_size(max(vm.memory, 0))} is too small: {self.hypervisor} needs "
+                f"at least {format_size(self.min_memory)} to boot a guest"
+            )
+        if vm.disk < self.min_disk:
+            raise InvalidArgument(
+                f"disk {format_size(max(vm.disk, 0))} is too small: at least "
+                f"{format_size(self.min_disk)}"
+            )
+        self._check_image(vm.image)
+
+    def _image_candidates(self, image: str) -> list[Path]:
+        """The directories that may hold ``image``, in search order; a name that would leave
+        the image directories is refused."""
+        if "/" in image or image in ("", ".", ".."):
+            raise InvalidArgument(f"invalid image name {image!r}")
+        return [directory / image for directory in self.image_dirs]
+
+    def _image_not_found(self, image: str, missing: str) -> NotFound:
+        searched = ", ".join(str(directory) for directory in self.image_dirs) or "(none)"
+        return NotFound(f"image {image!r} not found on this node: no {missing} in {searched}")
+
+    async def _create(self, vm: VMConfig) -> None:
+        """Validate, then make the VM directory and its disk, once; a failure leaves nothing."""
+        self._validate(vm)
+        vm_dir = self._vm_dir(vm)
+        disk = vm_dir / self.disk_file
+        if disk.exists():
+            return
+        fresh = not vm_dir.exists()
+        vm_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            write_json(vm_dir / "config.json", _config_json(vm))
+            await asyncio.to_thread(self._make_disk, vm, disk)
+        except BaseException:
+            if fresh:
+                shutil.rmtree(vm_dir, ignore_errors=True)
+            raise
+
+    # --- running the process -------------------------------------------------------------
+
+    def _spawn_process(
+        self, vm: VMConfig, argv: Sequence[str], log: Path, runtime: dict[str, Any]
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` in the VM directory, output to ``log``; record it in ``vm.json``
+        together with ``runtime``."""
+        vm_dir = self._vm_dir(vm)
+        with log.open("wb") as output:
+            try:
+                process = subprocess.Popen(
+                    argv,
+                    cwd=vm_dir,
+                    stdin=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=output,
+                    # Its own session: no signal meant for the agent's group reaches it, and it
+                    # outlives a killed agent.
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as error:
+                raise self.spawn_error(
+                    f"cannot run {argv[0]}: {error.strerror or error} ({self.install_hint})"
+                ) from None
+        # A thread blocked in wait() reaps it the moment it exits, so no zombie lingers even
+        # when nobody asks about the VM; asyncio's child watchers would tie it to one loop.
+        threading.Thread(
+            target=process.wait, name=f"reap-{self.name}-{process.pid}", daemon=True
+        ).start()
+        write_json(
+            vm_dir / "vm.json",
+            {
+                "pid": process.pid,
+                "create_time": create_time(process.pid),
+                "started_at": time.time(),
+                **runtime,
+            },
+        )
+        return process
+
+    async def _stop(self, vm: VMConfig, force: bool) -> None:
+        """A graceful stop first (unless ``force``), SIGKILL if that did not end it."""
+        await self._close_guest(vm.id)
+        pid = self._running_pid(vm)
+        if pid is not None:
+            exited = not force and await self._shut_down(vm, pid)
+            if not exited:
+                await self._kill(vm, pid)
+        await self._after_stop(vm)
+        self._forget_runtime(vm)
+
+    async def _kill(self, vm: VMConfig, pid: int) -> None:
+        if pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if not await wait_exit(pid, 10.0):
+            raise DriverError(f"{self.hypervisor} process {pid} of VM {vm.name} survived SIGKILL")
+
+    def _forget_runtime(self, vm: VMConfig) -> None:
+        """The VM is off: drop what described the running process."""
+        with contextlib.suppress(FileNotFoundError):
+            (self._vm_dir(vm) / "vm.json").unlink()
+        self._control_socket(vm).unlink(missing_ok=True)
+
+    def _running_pid(self, vm: VMConfig) -> int | None:
+        """The pid of the VM's hypervisor if that very process is alive (pids get reused), so
+        that a new driver over the same directory adopts what kept running."""
+        runtime = read_json(self._vm_dir(vm) / "vm.json")
+        if not runtime:
+            return None
+        try:
+            pid = int(runtime["pid"])
+            process = psutil.Process(pid)
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return None
+            if abs(process.create_time() - float(runtime["create_time"])) > 0.5:
+                return None  # the pid now belongs to another process
+        except (KeyError, TypeError, ValueError, psutil.Error):
+            return None
+        return pid
+
+    def _require_running(self, vm: VMConfig) -> None:
+        self._existing_dir(vm)
+        if self._running_pid(vm) is None:
+            raise Conflict(f"VM {vm.name} is not running")
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _vm_dir(self, vm: VMConfig) -> Path:
+        """The VM's directory; an id that could name a path outside ``vms`` is refused."""
+        if not _VM_ID.match(vm.id):
+            raise InvalidArgument(f"invalid VM id {vm.id!r}")
+        return self.vms_dir / vm.id
+
+    def _existing_dir(self, vm: VMConfig) -> Path:
+        vm_dir = self._vm_dir(vm)
+        if not vm_dir.is_dir():
+            raise NotFound(f"VM {vm.name} ({vm.id}) does not exist on this node")
+        return vm_dir
+
+    def _guest(self, vm: VMConfig) -> GuestConnection:
+        """The VM's SSH connection, made anew when its address changed (a new boot)."""
+        address = self._ssh_address(read_json(self._vm_dir(vm) / "vm.json") or {})
+        if address is None:
+            raise Conflict(f"VM {vm.name} is not running")
+        guest = self._guests.get(vm.id)
+        if guest is None or (guest.host, guest.port) != address:
+            # A boot shorter than SSH's usual connect timeout must not wait for it.
+            timeout = min(15.0, self.boot_timeout)
+            guest = GuestConnection(*address, self.key_path, connect_timeout=timeout)
+            self._guests[vm.id] = guest
+        return guest
+
+    async def _close_guest(self, vm_id: str) -> None:
+        guest = self._guests.pop(vm_id, None)
+        if guest is not None:
+            await guest.close()
+
+    def _lock(self, vm_id: str) -> asyncio.Lock:
+        """One action at a time per VM, in the running loop (a lock is bound to its loop)."""
+        loop = asyncio.get_running_loop()
+        entry = self._locks.get(vm_id)
+        if entry is None or entry[0] is not loop:
+            entry = (loop, asyncio.Lock())
+            self._locks[vm_id] = entry
+        return entry[1]
+
+
+def _config_json(vm: VMConfig) -> dict[str, Any]:
+    """What ``config.json`` records: the config less its user data (which may hold secrets)."""
+    return {key: getattr(vm, key) for key in ("id", "name", "cpus", "memory", "disk", "image")}
