@@ -97,9 +97,6 @@ class Resources:
             raise InvalidArgument("capacity must be positive")
         return resources
 
-    def fits_in(self, other: Resources) -> bool:
-        return self.cpus <= other.cpus and self.memory <= other.memory and self.disk <= other.disk
-
     def shortfalls(self, free: Resources) -> list[str]:
         """What ``free`` lacks to hold ``self``, in words: ``["1 of 2 cpus free"]``."""
         lacks = []

@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import enum
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -93,13 +93,6 @@ class Session(Protocol):
 
     async def close(self) -> None:
         """End the process if still running and release everything."""
-
-
-@dataclass(frozen=True)
-class DriverInfo:
-    name: str
-    capacity: Resources
-    details: dict[str, str] = field(default_factory=dict)
 
 
 class Driver(abc.ABC):

@@ -81,7 +81,6 @@ EXIT_OK, EXIT_COMMAND_LINE, EXIT_FAILED, EXIT_DAEMON = 0, 1, 2, 3
 _RUNNING_STATES = {"Running", "Starting", "Restarting", "Delayed Shutdown", "Suspending"}
 _STOPPED_STATES = {"Stopped", "Suspended"}
 _MISSING_STATES = {"Deleted"}
-STATES = frozenset({*_RUNNING_STATES, *_STOPPED_STATES, *_MISSING_STATES, "Unknown"})
 
 _OUTPUT_IN_ERRORS = 600  # characters of Multipass' output quoted in an error message
 

@@ -60,7 +60,3 @@ class EventBus:
                 yield event
         finally:
             self._listeners.discard(queue)
-
-    @property
-    def listeners(self) -> int:
-        return len(self._listeners)

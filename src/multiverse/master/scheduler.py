@@ -14,7 +14,6 @@ from multiverse.core.errors import Unschedulable
 from multiverse.core.model import Node, NodeStatus, Resources
 
 Strategy = Literal["spread", "binpack"]
-STRATEGIES: tuple[Strategy, ...] = ("spread", "binpack")
 
 
 def why_not(node: Node, need: Resources, selector: Mapping[str, str]) -> str | None:
