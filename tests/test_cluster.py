@@ -45,6 +45,10 @@ def test_two_workers_spread_and_lifecycle(cluster: Cluster) -> None:
         "Sync",
     ]
 
+    images = {i["name"]: i for i in cluster.ok("images", "--format", "json").json()}
+    assert images["tiny"]["nodes"] == ["node-a", "node-b"] and images["tiny"]["kind"] == "fake"
+    assert "tiny" in cluster.ok("images").out
+
     for i in range(6):
         launched = cluster.ok(
             "launch", "--name", f"web-{i}", "--cpus", "1", "--memory", "1G", "--disk", "4G"

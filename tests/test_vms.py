@@ -44,7 +44,11 @@ def test_vm_lifecycle_exec_info_and_persistence(vms: Cluster, tiny_image: Path) 
     assert instance["state"] == "Running" and instance["ipv4"] == "10.0.2.15"
     assert instance["release"].startswith("Multiverse tiny")
 
-    kernel = json.loads((tiny_image / "image.json").read_text())["kernel_version"]
+    built = json.loads((tiny_image / "image.json").read_text())
+    kernel = built["kernel_version"]
+    (listed,) = [i for i in vms.ok("images", "--format", "json").json() if i["name"] == "tiny"]
+    assert listed["digest"] == built["digest"] and listed["kind"] == "kernel+initrd"
+    assert listed["nodes"] == ["node-a", "node-b"] and listed["size"] == built["size"]
     assert vms.ok("exec", "vm-one", "--", "uname", "-r").out.strip() == kernel
     result = vms.cli("exec", "vm-one", "--", "sh", "-c", "echo out; echo err >&2; exit 7")
     assert (result.code, result.out, result.err) == (7, "out\n", "err\n")

@@ -138,6 +138,22 @@ cli.add_command(instances_, name="list")
 cli.add_command(instances_, name="ls")
 
 
+IMAGE_COLUMNS = [
+    Column("Image", lambda i: i["name"]),
+    Column("Kind", lambda i: i["kind"]),
+    Column("Size", lambda i: format_size(i["size"]) if i["size"] else "--"),
+    Column("Digest", lambda i: i["digest"][:19]),
+    Column("Nodes", lambda i: ",".join(i["nodes"])),
+]
+
+
+@cli.command()
+@format_option
+def images(fmt: str) -> None:
+    """List the images the nodes can boot (launch's default is tiny)."""
+    click.echo(render(_client().images(), IMAGE_COLUMNS, fmt))
+
+
 @cli.command()
 @click.argument("names", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="All instances (the default with no NAME).")

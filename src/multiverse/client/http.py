@@ -57,6 +57,9 @@ class ApiClient:
     def node(self, name: str) -> JSON:
         return dict(self._request("GET", f"/nodes/{name}"))
 
+    def images(self) -> list[JSON]:
+        return list(self._request("GET", "/images"))
+
     def instances(self) -> list[JSON]:
         return list(self._request("GET", "/instances"))
 

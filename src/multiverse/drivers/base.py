@@ -68,6 +68,16 @@ class TerminalSize:
     rows: int = 24
 
 
+@dataclass(frozen=True)
+class ImageInfo:
+    """An image this host can boot, as ``multiverse images`` lists it."""
+
+    name: str
+    kind: str  # "kernel+initrd", "rootfs", or the hypervisor's own kind
+    digest: str = ""  # sha256:..., when the image records one
+    size: int = 0  # bytes
+
+
 class Session(Protocol):
     """An interactive process in a VM: a shell or ``exec -t``, usually on a PTY.
 
@@ -153,6 +163,10 @@ class Driver(abc.ABC):
         Drivers that cannot offer interactive sessions keep this default.
         """
         raise DriverError(f"the {self.name} driver has no interactive sessions")
+
+    async def images(self) -> list[ImageInfo]:
+        """The images this host has ready (listed, not downloaded)."""
+        return []
 
     async def logs(self, vm: VMConfig) -> str:
         """The VM's console log, if the hypervisor keeps one."""

@@ -21,6 +21,7 @@ from multiverse.core.model import GuestStats, Resources
 from multiverse.drivers.base import (
     Driver,
     ExecChunk,
+    ImageInfo,
     PowerState,
     Session,
     TerminalSize,
@@ -60,6 +61,9 @@ class FakeDriver(Driver):
 
     async def capacity(self) -> Resources:
         return self._capacity or host_resources(self.state_dir)
+
+    async def images(self) -> list[ImageInfo]:
+        return [ImageInfo(name, "fake") for name in KNOWN_IMAGES]
 
     async def validate(self, vm: VMConfig) -> None:
         if vm.image not in KNOWN_IMAGES:

@@ -54,6 +54,7 @@ from multiverse.core.sizes import MiB, format_size
 from multiverse.drivers.base import (
     Driver,
     ExecChunk,
+    ImageInfo,
     PowerState,
     Session,
     TerminalSize,
@@ -111,7 +112,7 @@ class MultipassDriver(Driver):
         self.binary = (
             binary or os.environ.get(BINARY_ENV) or shutil.which("multipass") or ("multipass")
         )
-        self.images = dict(DEFAULT_IMAGES if images is None else images)
+        self.image_aliases = dict(DEFAULT_IMAGES if images is None else images)
         self.command_timeout = command_timeout
         self.launch_timeout = launch_timeout
         self.list_ttl = list_ttl
@@ -120,6 +121,10 @@ class MultipassDriver(Driver):
         self._listing: tuple[float, dict[str, dict[str, Any]]] | None = None
 
     # --- the Driver port -----------------------------------------------------------------
+
+    async def images(self) -> list[ImageInfo]:
+        """Our image names and the Multipass images they launch (Multipass downloads them)."""
+        return [ImageInfo(name, f"multipass:{alias}") for name, alias in self.image_aliases.items()]
 
     async def capacity(self) -> Resources:
         return self._capacity or host_resources(self.state_dir)
@@ -276,7 +281,7 @@ class MultipassDriver(Driver):
         if vm.user_data:
             cloud_init.write_text(vm.user_data)
             argv += ["--cloud-init", str(cloud_init)]
-        argv.append(self.images.get(vm.image, vm.image))
+        argv.append(self.image_aliases.get(vm.image, vm.image))
         try:
             await self._run_checked(*argv, timeout=self.launch_timeout)
         finally:

@@ -29,6 +29,7 @@ from multiverse.core.sizes import format_size
 from multiverse.drivers.base import (
     Driver,
     ExecChunk,
+    ImageInfo,
     PowerState,
     Session,
     TerminalSize,
@@ -36,6 +37,7 @@ from multiverse.drivers.base import (
     VMStatus,
     host_resources,
 )
+from multiverse.guest.image import KERNEL_FILE
 from multiverse.guest.ssh import GuestConnection
 
 UNIX_PATH_MAX = 107  # a sockaddr_un's path, less its terminating NUL
@@ -321,6 +323,25 @@ class ProcessDriver(Driver):
         if "/" in image or image in ("", ".", ".."):
             raise InvalidArgument(f"invalid image name {image!r}")
         return [directory / image for directory in self.image_dirs]
+
+    async def images(self) -> list[ImageInfo]:
+        """Every image directory with a kernel, first found first (as lookups go); its digest
+        and size from the ``image.json`` the image build writes, when there is one."""
+        found: dict[str, ImageInfo] = {}
+        for directory in self.image_dirs:
+            for image in sorted(directory.glob(f"*/{KERNEL_FILE}")):
+                name = image.parent.name
+                if name in found:
+                    continue
+                meta = read_json(image.parent / "image.json") or {}
+                files = [path for path in image.parent.iterdir() if path.is_file()]
+                found[name] = ImageInfo(
+                    name=name,
+                    kind=str(meta.get("kind", "kernel+initrd")),
+                    digest=str(meta.get("digest", "")),
+                    size=int(meta.get("size") or sum(path.stat().st_size for path in files)),
+                )
+        return list(found.values())
 
     def _image_not_found(self, image: str, missing: str) -> NotFound:
         searched = ", ".join(str(directory) for directory in self.image_dirs) or "(none)"

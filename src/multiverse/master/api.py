@@ -243,6 +243,7 @@ def create_app(
     nodes: Nodes,
     join_token: JoinTokenIssuer,
     ca: pki.ClusterCA,
+    image_catalog: Callable[[], list[dict[str, Any]]],
     max_auth_failures: int = 20,
 ) -> FastAPI:
     app = FastAPI(title="Multiverse", version=__version__, docs_url="/docs")
@@ -294,6 +295,10 @@ def create_app(
     @app.get("/api/v1/health")
     async def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
+
+    @app.get("/api/v1/images")
+    async def images(_: Reader) -> list[dict[str, Any]]:
+        return image_catalog()
 
     @app.get("/api/v1/cluster/ca")
     async def cluster_ca() -> dict[str, str]:

@@ -44,6 +44,8 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         self.on_change: Callable[[list[tuple[str, NodeStatus]], list[Change]], None] = (
             lambda transitions, changes: None
         )
+        # What each node last said it can boot; in memory: every node says it again at once.
+        self.images: dict[str, list[dict[str, Any]]] = {}
 
     def _peer_node(self, context: Ctx) -> str | None:
         """The node id of the caller's certificate; refused if revoked or not a node's."""
@@ -98,6 +100,18 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             self.apply(node_id, report)
             yield pb.SyncAck(interval_ms=int(self.sync_interval * 1000))
 
+    def image_catalog(self) -> list[dict[str, Any]]:
+        """Every image some node can boot, with the nodes that hold it (``multiverse images``)."""
+        names = {node.id: node.name for node in self.store.list_nodes()}
+        catalog: dict[str, dict[str, Any]] = {}
+        for node_id, images in self.images.items():
+            if node_id not in names:
+                continue  # removed meanwhile
+            for image in images:
+                entry = catalog.setdefault(image["name"], {**image, "nodes": []})
+                entry["nodes"].append(names[node_id])
+        return [catalog[name] for name in sorted(catalog)]
+
     def apply(self, node_id: str, report: pb.NodeReport) -> None:
         """Take one report: the node is alive now, and its instances are as it says."""
         node = self.store.get_node(node_id)
@@ -108,6 +122,10 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             status=NodeStatus.READY,
         )
         changes = self.store.apply_report(node_id, [status_dict(item) for item in report.instances])
+        self.images[node_id] = [
+            {"name": i.name, "kind": i.kind, "digest": i.digest, "size": i.size}
+            for i in report.images
+        ]
         back = [(node.name, NodeStatus.READY)] if node.status != NodeStatus.READY else []
         self.on_change(back, changes)
 

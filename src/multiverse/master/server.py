@@ -172,7 +172,7 @@ class Master:
         host, port = split_address(config.api_listen)
         app = create_app(
             self.store, self.instances, self.nodes, self.join_token, self.ca,
-            max_auth_failures=config.max_auth_failures,
+            self.cluster.image_catalog, max_auth_failures=config.max_auth_failures,
         )  # fmt: skip
         certfile, keyfile = self._tls_files(host)
         self._http = _Uvicorn(

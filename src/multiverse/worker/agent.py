@@ -17,7 +17,14 @@ import grpc
 
 from multiverse.core.errors import Conflict, MultiverseError, NotFound, Unauthenticated
 from multiverse.core.model import InstanceSpec, InstanceState, Resources, ensure_running
-from multiverse.drivers.base import Driver, PowerState, Session, TerminalSize, VMConfig
+from multiverse.drivers.base import (
+    Driver,
+    ImageInfo,
+    PowerState,
+    Session,
+    TerminalSize,
+    VMConfig,
+)
 from multiverse.wire import convert
 from multiverse.wire.v1 import multiverse_pb2 as pb
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
@@ -51,6 +58,7 @@ class Agent:
         self.store = store
         self.records: dict[str, VMRecord] = {record.id: record for record in store.load()}
         self.changed = asyncio.Event()
+        self.images: list[ImageInfo] = []  # what the driver can boot, as of the last observe()
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -103,6 +111,10 @@ class Agent:
             host_free=convert.resources_to_pb(
                 Resources(capacity.cpus, memory.available, disk.free)
             ),
+            images=[
+                pb.ImageInfo(name=i.name, kind=i.kind, digest=i.digest, size=i.size)
+                for i in self.images
+            ],
         )
 
     # ---- actions: each returns at once, the work goes on in a task ----
@@ -208,6 +220,10 @@ class Agent:
         Also used once at start, where it adopts the VMs that kept running while the agent
         was away and settles the actions the agent was killed in the middle of.
         """
+        try:
+            self.images = await self.driver.images()
+        except (MultiverseError, OSError) as exc:
+            log.warning("cannot list the images: %s", exc)
         for record in list(self.records.values()):
             lock = self._locks.setdefault(record.id, asyncio.Lock())
             if lock.locked():

@@ -94,15 +94,29 @@ class JoinResponse(_message.Message):
     agent_address: str
     def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., agent_address: _Optional[str] = ...) -> None: ...
 
+class ImageInfo(_message.Message):
+    __slots__ = ("name", "kind", "digest", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    digest: str
+    size: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
 class NodeReport(_message.Message):
-    __slots__ = ("capacity", "instances", "host_free")
+    __slots__ = ("capacity", "instances", "host_free", "images")
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     HOST_FREE_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     capacity: Resources
     instances: _containers.RepeatedCompositeFieldContainer[InstanceStatus]
     host_free: Resources
-    def __init__(self, capacity: _Optional[_Union[Resources, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., host_free: _Optional[_Union[Resources, _Mapping]] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[ImageInfo]
+    def __init__(self, capacity: _Optional[_Union[Resources, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., host_free: _Optional[_Union[Resources, _Mapping]] = ..., images: _Optional[_Iterable[_Union[ImageInfo, _Mapping]]] = ...) -> None: ...
 
 class SyncAck(_message.Message):
     __slots__ = ("interval_ms",)
