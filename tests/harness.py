@@ -151,8 +151,6 @@ class Cluster:
                 str(NODE_TIMEOUT),
                 "--down-timeout",
                 str(DOWN_TIMEOUT),
-                "--sync-interval",
-                str(SYNC_INTERVAL),
                 *extra,
             ],
             self.root / "master.log",

@@ -121,7 +121,6 @@ sync_option = click.option(
     show_default=True,
     help="Seconds without a report before a node is Down (its instances then Unknown).",
 )
-@sync_option
 def master(
     listen: str,
     advertise: str,
@@ -132,7 +131,6 @@ def master(
     db: str,
     node_timeout: float,
     down_timeout: float,
-    sync_interval: float,
 ) -> None:
     """Run the master: cluster state, REST API, scheduler."""
     from multiverse.master.server import Master, MasterConfig
@@ -149,7 +147,6 @@ def master(
             db=db,
             node_timeout=node_timeout,
             down_timeout=max(down_timeout, node_timeout),
-            sync_interval=sync_interval,
             user_config=user_config_path(),
         )
     )
@@ -324,7 +321,6 @@ def up(
             data_dir=data_dir,
             listen=listen,
             api_listen=api_listen,
-            sync_interval=sync_interval,
             user_config=user_config_path(),
         )
     )

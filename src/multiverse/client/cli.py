@@ -492,31 +492,24 @@ def _maintain(action: str, name: str, no_wait: bool, timeout: float, fmt: str) -
     click.echo(render(outcomes, columns, fmt))
 
 
-@node.command()
-@click.argument("name")
-@_with_wait
-@format_option
-def drain(name: str, no_wait: bool, timeout: float, fmt: str) -> None:
-    """Cordon the node and stop its instances (restore starts them again)."""
-    _maintain("drain", name, no_wait, timeout, fmt)
+def _maintenance_command(action: str, summary: str) -> None:
+    """``multiverse node ACTION NAME``: start the operation, wait, show each instance's fate."""
+
+    def command(name: str, no_wait: bool, timeout: float, fmt: str) -> None:
+        _maintain(action, name, no_wait, timeout, fmt)
+
+    command.__doc__ = summary
+    decorated = format_option(_with_wait(command))
+    node.command(name=action)(click.argument("name")(decorated))
 
 
-@node.command()
-@click.argument("name")
-@_with_wait
-@format_option
-def evacuate(name: str, no_wait: bool, timeout: float, fmt: str) -> None:
-    """Cordon the node and re-create its instances on other nodes (fresh disks)."""
-    _maintain("evacuate", name, no_wait, timeout, fmt)
-
-
-@node.command()
-@click.argument("name")
-@_with_wait
-@format_option
-def restore(name: str, no_wait: bool, timeout: float, fmt: str) -> None:
-    """Uncordon the node, bring evacuated instances back and start drained ones."""
-    _maintain("restore", name, no_wait, timeout, fmt)
+_maintenance_command("drain", "Cordon the node and stop its instances (restore starts them).")
+_maintenance_command(
+    "evacuate", "Cordon the node and re-create its instances on other nodes (fresh disks)."
+)
+_maintenance_command(
+    "restore", "Uncordon the node, bring evacuated instances back and start drained ones."
+)
 
 
 @cli.command()

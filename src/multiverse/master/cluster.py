@@ -36,10 +36,9 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
     """Join and Sync, over mutual TLS: every caller is the node its certificate names (a new
     node gets its certificate from the API with a join token first: see master/nodes.py)."""
 
-    def __init__(self, store: Store, agents: Agents, sync_interval: float) -> None:
+    def __init__(self, store: Store, agents: Agents) -> None:
         self.store = store
         self.agents = agents
-        self.sync_interval = sync_interval
         # Told of node status transitions and instance changes (server.py publishes them).
         self.on_change: Callable[[list[tuple[str, NodeStatus]], list[Change]], None] = (
             lambda transitions, changes: None
@@ -98,7 +97,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             return
         async for report in request_iterator:
             self.apply(node_id, report)
-            yield pb.SyncAck(interval_ms=int(self.sync_interval * 1000))
+            yield pb.SyncAck()
 
     def image_catalog(self) -> list[dict[str, Any]]:
         """Every image some node can boot, with the nodes that hold it (``multiverse images``)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from multiverse.core.model import InstanceState, NodeStatus
 from multiverse.store.repository import Change, Store, now
@@ -56,7 +56,7 @@ async def watch_nodes(
     down_after: float,
     on_change: Callable[[list[tuple[str, NodeStatus]], list[Change]], None],
 ) -> None:
-    since = now() - timedelta(seconds=0)
+    since = now()
     while True:
         await asyncio.sleep(min(1.0, not_ready_after / 4))
         try:

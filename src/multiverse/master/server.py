@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,18 +41,10 @@ class MasterConfig:
     db: str = ""
     node_timeout: float = 20.0  # seconds without a report before a node is NotReady
     down_timeout: float = 120.0  # ... and before it is Down (its instances then Unknown)
-    sync_interval: float = 5.0
     user_config: Path | None = None  # written if missing, so the CLI works at once
     advertise: str = ""  # the host workers reach the master at (default: guessed)
     insecure_http: bool = False  # plain HTTP API, for loopback-only use
     max_auth_failures: int = 20  # per client and minute; then it is refused for a while
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(text)
 
 
 def client_config_text(server: str, token: str, ca_pem: bytes | None) -> str:
@@ -94,7 +85,7 @@ class Master:
             placement_wait=config.node_timeout,
         )  # fmt: skip
         self.nodes = Nodes(self.store, self.agents, self.instances)
-        self.cluster = ClusterServicer(self.store, self.agents, config.sync_interval)
+        self.cluster = ClusterServicer(self.store, self.agents)
         self.cluster.on_change = self._changed
         self.api_url = ""
         self.grpc_port = 0
@@ -137,10 +128,10 @@ class Master:
         issued = auth.issue_token(self.store, auth.API, role="admin", description="first admin")
         ca_pem = None if self.config.insecure_http else self.ca.cert_pem
         text = client_config_text(self.api_url, issued.token, ca_pem)
-        _write_private(path, text)
+        pki.write_private(path, text.encode())
         user = self.config.user_config
         if user is not None and not user.exists():
-            _write_private(user, text)
+            pki.write_private(user, text.encode())
             log.info("wrote %s", user)
 
     def _tls_files(self, host: str) -> tuple[str | None, str | None]:

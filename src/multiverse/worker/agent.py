@@ -16,7 +16,7 @@ from typing import Any, TypeAlias
 import grpc
 
 from multiverse.core.errors import Conflict, MultiverseError, NotFound, Unauthenticated
-from multiverse.core.model import InstanceSpec, InstanceState, Resources, ensure_running
+from multiverse.core.model import InstanceSpec, InstanceState, ensure_running
 from multiverse.drivers.base import (
     Driver,
     ImageInfo,
@@ -100,17 +100,9 @@ class Agent:
         )
 
     async def report(self) -> pb.NodeReport:
-        import psutil
-
-        capacity = await self.driver.capacity()
-        memory = psutil.virtual_memory()
-        disk = psutil.disk_usage(str(self.driver.state_dir))
         return pb.NodeReport(
-            capacity=convert.resources_to_pb(capacity),
+            capacity=convert.resources_to_pb(await self.driver.capacity()),
             instances=[self.status_pb(record) for record in self.records.values()],
-            host_free=convert.resources_to_pb(
-                Resources(capacity.cpus, memory.available, disk.free)
-            ),
             images=[
                 pb.ImageInfo(name=i.name, kind=i.kind, digest=i.digest, size=i.size)
                 for i in self.images

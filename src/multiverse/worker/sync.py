@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,7 +163,7 @@ async def sync_forever(master: str, identity: Identity, agent: Agent, interval: 
         backoff = min(backoff * 2, 5.0)
 
 
-async def _reports(agent: Agent, interval: float) -> object:
+async def _reports(agent: Agent, interval: float) -> AsyncIterator[pb.NodeReport]:
     while True:
         agent.changed.clear()
         yield await agent.report()

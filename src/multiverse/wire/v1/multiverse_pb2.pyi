@@ -107,22 +107,18 @@ class ImageInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class NodeReport(_message.Message):
-    __slots__ = ("capacity", "instances", "host_free", "images")
+    __slots__ = ("capacity", "instances", "images")
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
-    HOST_FREE_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     capacity: Resources
     instances: _containers.RepeatedCompositeFieldContainer[InstanceStatus]
-    host_free: Resources
     images: _containers.RepeatedCompositeFieldContainer[ImageInfo]
-    def __init__(self, capacity: _Optional[_Union[Resources, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., host_free: _Optional[_Union[Resources, _Mapping]] = ..., images: _Optional[_Iterable[_Union[ImageInfo, _Mapping]]] = ...) -> None: ...
+    def __init__(self, capacity: _Optional[_Union[Resources, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[ImageInfo, _Mapping]]] = ...) -> None: ...
 
 class SyncAck(_message.Message):
-    __slots__ = ("interval_ms",)
-    INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
-    interval_ms: int
-    def __init__(self, interval_ms: _Optional[int] = ...) -> None: ...
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class InstanceRef(_message.Message):
     __slots__ = ("id",)
