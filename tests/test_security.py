@@ -74,7 +74,8 @@ def test_every_write_route_refuses_without_the_right_token(secured: Cluster) -> 
             assert response.status_code == status, (method, path, headers, response.text)
             assert response.json()["error"]["code"] in ("unauthenticated", "permission_denied")
     assert _state(secured) == before
-    assert secured.http.get(f"{api}/instances", headers={"Authorization": f"Bearer {viewer}"})
+    read = secured.http.get(f"{api}/instances", headers={"Authorization": f"Bearer {viewer}"})
+    assert read.status_code == 200 and [i["name"] for i in read.json()] == ["guarded"]
 
 
 def test_the_api_is_https_pinned_to_the_cluster_ca(secured: Cluster) -> None:
@@ -161,8 +162,11 @@ def test_a_forged_or_revoked_node_certificate_is_refused(tmp_path: Path) -> None
         assert again.process is not None and again.process.wait(timeout=30) != 0
         assert "certificate" in again.output()
         assert [n["name"] for n in cluster.ok("nodes", "--format", "json").json()] == ["node-a"]
-        busy = cluster.cli("node", "remove", "node-a")  # fine, it holds nothing; but:
-        assert busy.code == 0
+        # A node that still holds instances is not forgotten by accident.
+        cluster.ok("launch", "--name", "tenant", "--node", "node-a")
+        busy = cluster.cli("node", "remove", "node-a")
+        assert busy.code == 2 and "still holds tenant" in busy.err
+        assert cluster.node("node-a")["status"] == "Ready"
 
 
 def test_no_secret_leaks_into_logs_responses_ps_or_loose_files(tmp_path: Path) -> None:
