@@ -25,9 +25,10 @@ run: venv deps
 stop: venv
 	$(VENV)/bin/multiverse down --data-dir $(DATA_DIR)
 
-# Tests share one built guest image, cached in .data/images (not in git).
+# Tests share the built guest images, cached in .data/images (not in git).
 test: venv deps
 	$(VENV)/bin/multiverse image build-test --images-dir $(CURDIR)/.data/images
+	$(VENV)/bin/multiverse image build debian --images-dir $(CURDIR)/.data/images
 	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) -m pytest -q
 
 lint: venv

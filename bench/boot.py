@@ -154,9 +154,8 @@ class ByHand:
         # Ready before the clock starts: the data disk and the files named by -fw_cfg.
         make_data_disk(vm_dir / "disk.img", vm.disk)
         self.driver.write_guest_config(vm)
-        kernel, initrd = self.driver.image_files(vm.image)
         port = free_port()
-        argv = self.driver.qemu_argv(vm, kernel, initrd, port)
+        argv = self.driver.qemu_argv(vm, self.driver.boot_files(vm.image), port)
         try:
             with (vm_dir / "qemu.log").open("wb") as log:
                 started = time.perf_counter()
@@ -255,7 +254,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "vm": {"cpus": shape.cpus, "memory_bytes": shape.memory, "disk_bytes": shape.disk},
         "qemu_argv": by_hand.driver.qemu_argv(
             VMConfig("ID", "NAME", shape.cpus, shape.memory, shape.disk, TEST_IMAGE),
-            *by_hand.driver.image_files(TEST_IMAGE),
+            by_hand.driver.boot_files(TEST_IMAGE),
             0,
         ),
         "stack": stack_summary,

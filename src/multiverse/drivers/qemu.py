@@ -3,10 +3,15 @@
 Each VM lives in ``<state_dir>/vms/<uuid>/``:
 
 - ``config.json``: the :class:`VMConfig` it was created with;
-- ``disk.img``: its data disk, a sparse raw file formatted ext4 on the host (``mkfs.ext4``), so
-  the guest mounts it at once and no qemu-img or partitioning is involved;
-- ``hostname``, ``authorized_keys``, ``network``: the per-VM configuration the guest reads
-  through fw_cfg (see :mod:`multiverse.guest.image`);
+- ``disk.img``: its disk. For a ``kernel+initrd`` image (the tiny guest) a data disk: a sparse
+  raw file formatted ext4 on the host (``mkfs.ext4``), so the guest mounts it at once and no
+  qemu-img or partitioning is involved. For a ``disk`` image (the Debian guest) a qcow2
+  overlay on the image's base disk, grown to the VM's disk size: the VM's whole root file
+  system, kept across stop/start; deleting the VM deletes the overlay only;
+- ``hostname``, ``authorized_keys``, ``network``: the per-VM configuration the tiny guest reads
+  through fw_cfg (see :mod:`multiverse.guest.image`); ``seed.iso``: the same for a ``disk``
+  image's cloud-init (its NoCloud seed, see :mod:`multiverse.guest.cloudinit`), with the
+  user's cloud-init file;
 - while it runs: ``vm.json`` (pid, process start time, SSH port, guest address), ``qmp.sock``,
   ``serial.log`` (the console; the previous boot's in ``serial.log.1``) and ``qemu.log``.
 
@@ -22,20 +27,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import socket
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
 
-from multiverse.core.errors import DriverError
+from multiverse.core.errors import DriverError, InvalidArgument
 from multiverse.core.model import Resources
-from multiverse.core.sizes import MiB
+from multiverse.core.sizes import MiB, format_size
 from multiverse.drivers.base import PowerState, VMConfig, VMStatus
 from multiverse.drivers.process import (
     LOG_TAIL,
@@ -47,11 +54,13 @@ from multiverse.drivers.process import (
     wait_exit,
     write_json,
 )
+from multiverse.guest.cloudinit import GuestNetwork, Seed, user_data, write_seed_iso
 from multiverse.guest.image import (
     BOOT_OK_MARKER,
     FW_CFG_PREFIX,
     INITRD_FILE,
     KERNEL_FILE,
+    MANIFEST_FILE,
 )
 
 # `-m 64` does not boot the Debian kernel with our initramfs; 96 MiB does (measured).
@@ -75,6 +84,23 @@ TCG_KERNEL_CMDLINE = "mitigations=off acpi=noirq"
 
 ACCEL_ENV = "MULTIVERSE_QEMU_ACCEL"
 _PORT_TAKEN = "Could not set up host forwarding rule"
+SEED_FILE = "seed.iso"
+# A guest configured by cloud-init answers SSH before cloud-init has run the user's steps;
+# the VM counts as running once this returns, as Multipass waits for cloud-init too.
+CLOUD_INIT_WAIT = ("cloud-init", "status", "--wait")
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    """What QEMU boots for an image: its kernel and initrd, and for a ``disk`` image the base
+    disk that instances overlay (from the ``boot`` section of the image's manifest)."""
+
+    kernel: Path
+    initrd: Path
+    cmdline: str = ""  # the image's part of the kernel command line (root=...)
+    disk: Path | None = None
+    disk_format: str = ""
+    cloud_init: bool = False  # wants a NoCloud seed, and waiting for cloud-init at boot
 
 
 class QemuDriver(ProcessDriver):
@@ -116,24 +142,55 @@ class QemuDriver(ProcessDriver):
     # --- creating and booting ----------------------------------------------------------
 
     def _check_image(self, image: str) -> None:
-        self.image_files(image)
+        self.boot_files(image)
 
-    def image_files(self, image: str) -> tuple[Path, Path]:
-        """The image's kernel and initrd, from the first image directory that has both."""
+    def _validate(self, vm: VMConfig) -> None:
+        super()._validate(vm)
+        boot = self.boot_files(vm.image)
+        if boot.disk is not None:
+            base = disk_virtual_size(boot.disk, boot.disk_format)
+            if vm.disk < base:
+                raise InvalidArgument(
+                    f"disk {format_size(vm.disk)} is smaller than image {vm.image}'s own disk "
+                    f"({format_size(base)})"
+                )
+        if boot.cloud_init:
+            user_data(vm.user_data, ())  # a broken cloud-config fails the launch, not the boot
+
+    def boot_files(self, image: str) -> BootFiles:
+        """The image's boot files, from the first image directory that has them all: those its
+        manifest's ``boot`` section names, else the tiny guest's kernel and initrd."""
         for directory in self._image_candidates(image):
-            kernel, initrd = directory / KERNEL_FILE, directory / INITRD_FILE
-            if kernel.is_file() and initrd.is_file():
-                return kernel, initrd
+            hints = (read_json(directory / MANIFEST_FILE) or {}).get("boot")
+            if not isinstance(hints, dict):
+                hints = {}
+            files = BootFiles(
+                kernel=directory / str(hints.get("kernel", KERNEL_FILE)),
+                initrd=directory / str(hints.get("initrd", INITRD_FILE)),
+                cmdline=str(hints.get("cmdline", "")),
+                disk=directory / str(hints["disk"]) if hints.get("disk") else None,
+                disk_format=str(hints.get("disk_format", "qcow2")),
+                cloud_init=bool(hints.get("cloud_init", False)),
+            )
+            needed = [files.kernel, files.initrd, *([files.disk] if files.disk else [])]
+            if all(path.is_file() for path in needed):
+                return files
         raise self._image_not_found(image, f"{image}/{KERNEL_FILE} and {image}/{INITRD_FILE}")
 
     def _make_disk(self, vm: VMConfig, path: Path) -> None:
-        make_data_disk(path, vm.disk)
+        boot = self.boot_files(vm.image)
+        if boot.disk is None:
+            make_data_disk(path, vm.disk)
+        else:
+            make_overlay(path, boot.disk, boot.disk_format, vm.disk)
 
     async def _boot(self, vm: VMConfig) -> None:
         """Start QEMU and wait until the guest's SSH answers; on failure leave nothing running."""
         vm_dir = self._vm_dir(vm)
-        kernel, initrd = self.image_files(vm.image)
+        boot = self.boot_files(vm.image)
         self.write_guest_config(vm)
+        if boot.cloud_init:
+            await asyncio.to_thread(write_seed_iso, self.seed(vm), vm_dir / SEED_FILE)
         _rotate(vm_dir / "serial.log")
         await self._close_guest(vm.id)
         deadline = time.monotonic() + self.boot_timeout
@@ -141,12 +198,14 @@ class QemuDriver(ProcessDriver):
             port = self._free_port()
             process = self._spawn_process(
                 vm,
-                self.qemu_argv(vm, kernel, initrd, port),
+                self.qemu_argv(vm, boot, port),
                 vm_dir / "qemu.log",
                 {"ssh_port": port, "accel": self.accel, "ipv4": ""},
             )
             try:
                 await self._wait_for_guest(vm, process, deadline)
+                if boot.cloud_init:
+                    await self._wait_for_cloud_init(vm, deadline)
                 return
             except _PortTaken:
                 continue  # someone took the port between our probe and QEMU's bind
@@ -156,9 +215,10 @@ class QemuDriver(ProcessDriver):
                 raise
         raise DriverError(f"VM {vm.name}: no free local port for its SSH forward after 5 tries")
 
-    def qemu_argv(self, vm: VMConfig, kernel: Path, initrd: Path, port: int) -> list[str]:
+    def qemu_argv(self, vm: VMConfig, boot: BootFiles, port: int) -> list[str]:
         # Paths inside the VM directory are relative (QEMU runs there): that keeps the unix
         # socket's path under the 108-byte limit however deep the state directory is.
+        disk_format = "raw" if boot.disk is None else "qcow2"  # a data disk, or an overlay
         argv = [
             self.qemu_binary,
             "-name", _escape(vm.name),
@@ -167,20 +227,29 @@ class QemuDriver(ProcessDriver):
             "-smp", str(vm.cpus),
             "-m", f"{vm.memory // MiB}M",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-kernel", _escape(str(kernel)),
-            "-initrd", _escape(str(initrd)),
-            "-append", self.kernel_cmdline,
+            "-kernel", _escape(str(boot.kernel)),
+            "-initrd", _escape(str(boot.initrd)),
+            "-append", f"{boot.cmdline} {self.kernel_cmdline}".strip(),
             "-chardev", "file,id=console,path=serial.log",
             "-serial", "chardev:console",
             # Without an entropy source dropbear waits ~1 s for the kernel's RNG to be ready.
             "-device", "virtio-rng-pci",
-            "-drive", "file=disk.img,format=raw,if=virtio,cache=writeback,discard=unmap",
+            # The first virtio disk: /dev/vda, the root of a disk image.
+            "-drive", f"file=disk.img,format={disk_format},if=virtio,cache=writeback,discard=unmap",
             "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22",
             "-device", "virtio-net-pci,netdev=net0",
             "-qmp", "unix:qmp.sock,server=on,wait=off",
         ]  # fmt: skip
         if self.accel.startswith("kvm"):
             argv += ["-cpu", "host"]
+        if boot.cloud_init:
+            argv += [
+                "-drive", f"file={SEED_FILE},format=raw,if=virtio,readonly=on",
+                # The channel the image's qemu-guest-agent serves on.
+                "-device", "virtio-serial-pci",
+                "-chardev", "socket,id=qga,path=qga.sock,server=on,wait=off",
+                "-device", "virtserialport,chardev=qga,name=org.qemu.guest_agent.0",
+            ]  # fmt: skip
         for key in ("hostname", "authorized_keys", "network"):
             argv += ["-fw_cfg", f"name={FW_CFG_PREFIX}{key},file={key}"]
         return argv
@@ -188,11 +257,40 @@ class QemuDriver(ProcessDriver):
     def write_guest_config(self, vm: VMConfig) -> None:
         vm_dir = self._vm_dir(vm)
         public_key = self.key_path.with_suffix(".pub").read_text().strip()
+        network = self.guest_network(vm)
         (vm_dir / "hostname").write_text(vm.name + "\n")
         (vm_dir / "authorized_keys").write_text(public_key + "\n")
         (vm_dir / "network").write_text(
-            f"address={USER_NET_ADDRESS}\ngateway={USER_NET_GATEWAY}\ndns={USER_NET_DNS}\n"
+            f"address={network.address}\ngateway={network.gateway}\ndns={network.dns[0]}\n"
         )
+
+    def guest_network(self, vm: VMConfig) -> GuestNetwork:
+        """The guest's address: QEMU's user-mode network, the same for every VM."""
+        return GuestNetwork(USER_NET_ADDRESS, USER_NET_GATEWAY, (USER_NET_DNS,))
+
+    def seed(self, vm: VMConfig) -> Seed:
+        """The cloud-init seed of a VM booting a ``disk`` image."""
+        public_key = self.key_path.with_suffix(".pub").read_text().strip()
+        return Seed(
+            instance_id=vm.id,
+            hostname=vm.name,
+            authorized_keys=(public_key,),
+            user_data=vm.user_data,
+            network=self.guest_network(vm),
+        )
+
+    async def _wait_for_cloud_init(self, vm: VMConfig, deadline: float) -> None:
+        """Return once cloud-init has finished in the guest (its errors are the user's to
+        read in the guest's log: the VM runs either way)."""
+        try:
+            await asyncio.wait_for(
+                self._guest(vm).run(CLOUD_INIT_WAIT), max(deadline - time.monotonic(), 1.0)
+            )
+        except TimeoutError:
+            raise DriverError(
+                f"VM {vm.name}: cloud-init did not finish within {self.boot_timeout:.0f} s; "
+                f"console:\n{tail(self._vm_dir(vm) / 'serial.log', LOG_TAIL)}"
+            ) from None
 
     async def _wait_for_guest(
         self, vm: VMConfig, process: subprocess.Popen[bytes], deadline: float
@@ -332,6 +430,42 @@ def make_data_disk(path: Path, size: int) -> None:
         partial.unlink(missing_ok=True)
         raise DriverError(f"mkfs.ext4 failed: {result.stderr.strip()}")
     partial.rename(path)
+
+
+def make_overlay(path: Path, base: Path, base_format: str, size: int) -> None:
+    """A qcow2 file of ``size`` bytes that reads ``base`` and keeps every write itself.
+
+    The base is named by its absolute path (qemu-img records it in the overlay), so it must
+    stay where it is while the overlay exists.
+    """
+    partial = path.with_name(path.name + ".part")
+    result = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format,
+         "-b", str(base.resolve()), str(partial), str(size)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise DriverError(f"qemu-img create failed: {result.stderr.strip()}")
+    partial.rename(path)
+
+
+def disk_virtual_size(path: Path, disk_format: str) -> int:
+    """The size a disk image shows its guest (qcow2's virtual size, not its file's size)."""
+    result = subprocess.run(
+        ["qemu-img", "info", "--output", "json", "-f", disk_format, str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        return int(json.loads(result.stdout)["virtual-size"])
+    except (ValueError, KeyError, TypeError):
+        raise DriverError(
+            f"qemu-img cannot read {path}: {result.stderr.strip() or result.stdout}"
+        ) from None
 
 
 def _connect_unix(path: Path) -> socket.socket:

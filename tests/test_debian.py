@@ -1,0 +1,113 @@
+"""The real guest through the whole stack: `launch debian --cloud-init FILE` on a qemu worker
+(TCG), the user's cloud-config applied by cloud-init from the NoCloud seed, `exec` into it, and
+its root file system (a qcow2 overlay on the image's disk) kept across stop/start.
+
+The Debian image is built once into the shared cache (`make test` builds it before pytest; the
+debootstrap step is cached apart) and never written by a VM: each boots its own overlay.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import IMAGE_CACHE, Cluster, new_cluster, qemu_processes_under
+
+from multiverse.guest.debian import DISK_FILE, build_debian_image, image_is_valid
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+
+# systemd and cloud-init under TCG on two busy cores: typically 30-90 s to Running.
+BOOT_TIMEOUT = "900"
+USER_DATA = """\
+#cloud-config
+write_files:
+- path: /var/lib/proof/hello
+  content: hello from cloud-init
+runcmd:
+- [sh, -c, 'echo "$(hostname) ran" >> /var/lib/proof/runs']
+"""
+
+
+@pytest.fixture(scope="module")
+def debian_image() -> Path:
+    """The Debian image, built once (a no-op when `make test` built it already)."""
+    return build_debian_image(IMAGE_CACHE)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, debian_image: Path) -> Iterator[Cluster]:
+    with new_cluster(tmp_path_factory.mktemp("debian")) as created:
+        created.start_master()
+        created.start_worker("node-a", driver="qemu", capacity="cpus=2,memory=4G,disk=40G")
+        yield created
+
+
+def test_debian_guest_runs_cloud_init_and_keeps_its_root_fs(
+    cluster: Cluster, debian_image: Path, tmp_path: Path
+) -> None:
+    user_data = tmp_path / "user-data.yaml"
+    user_data.write_text(USER_DATA)
+    started = time.monotonic()
+    cluster.ok(
+        "launch", "debian", "--name", "deb-one", "--memory", "512M", "--disk", "4G",
+        "--cloud-init", str(user_data), "--timeout", BOOT_TIMEOUT, timeout=float(BOOT_TIMEOUT),
+    )  # fmt: skip
+    print(f"debian: launch to Running (SSH up, cloud-init done) {time.monotonic() - started:.1f} s")
+    instance = cluster.instances()["deb-one"]
+    assert instance["state"] == "Running"
+    assert instance["release"] == "Debian GNU/Linux 12 (bookworm)"
+
+    # Written by cloud-init's write_files (init stage) and runcmd (final stage, after SSH is
+    # up: Running waits for cloud-init), with the hostname from the seed's meta-data.
+    assert cluster.ok("exec", "deb-one", "--", "cat", "/var/lib/proof/hello").out == (
+        "hello from cloud-init"
+    )
+    assert cluster.ok("exec", "deb-one", "--", "cat", "/var/lib/proof/runs").out == "deb-one ran\n"
+    # The overlay is the VM's 4G disk, and cloud-init grew the root file system onto it.
+    size = cluster.ok("exec", "deb-one", "--", "df", "-B1", "--output=size", "/").out.split()[-1]
+    assert 3.5 * 2**30 < int(size) <= 4 * 2**30
+
+    cluster.ok("exec", "deb-one", "--", "sh", "-c", "echo kept > /var/kept && sync")
+    cluster.ok("stop", "deb-one", "--timeout", BOOT_TIMEOUT, timeout=float(BOOT_TIMEOUT))
+    assert cluster.instances()["deb-one"]["state"] == "Stopped"
+    assert qemu_processes_under(cluster.root / "node-a") == []
+    started = time.monotonic()
+    cluster.ok("start", "deb-one", "--timeout", BOOT_TIMEOUT, timeout=float(BOOT_TIMEOUT))
+    print(f"debian: start to Running {time.monotonic() - started:.1f} s")
+    assert cluster.ok("exec", "deb-one", "--", "cat", "/var/kept").out == "kept\n"
+    # Same instance id in the seed: cloud-init's once-per-instance steps did not run again.
+    assert cluster.ok("exec", "deb-one", "--", "cat", "/var/lib/proof/runs").out == "deb-one ran\n"
+
+    vm_dir = cluster.root / "node-a" / "qemu" / "vms" / instance["id"]
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output", "json", "-U", str(vm_dir / "disk.img")],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    )  # fmt: skip
+    assert info["format"] == "qcow2" and info["virtual-size"] == 4 * 2**30
+    assert Path(info["backing-filename"]) == (debian_image / DISK_FILE).resolve()
+
+    cluster.ok("delete", "deb-one", "--timeout", BOOT_TIMEOUT, timeout=float(BOOT_TIMEOUT))
+    assert not vm_dir.exists()
+    assert image_is_valid(debian_image)  # the base disk is untouched by all of the above
+
+
+def test_launch_refuses_a_disk_smaller_than_the_image_and_a_broken_cloud_config(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    vms_dir = cluster.root / "node-a" / "qemu" / "vms"
+    before = sorted(vms_dir.iterdir()) if vms_dir.exists() else []
+    small = cluster.cli("launch", "debian", "--name", "deb-small", "--disk", "1G")
+    assert small.code != 0 and "smaller than image debian's own disk" in small.err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("#cloud-config\nwrite_files: [\n")
+    bad = cluster.cli("launch", "debian", "--name", "deb-bad", "--cloud-init", str(broken))
+    assert bad.code != 0 and "not valid YAML" in bad.err
+    assert "deb-small" not in cluster.instances() and "deb-bad" not in cluster.instances()
+    assert (sorted(vms_dir.iterdir()) if vms_dir.exists() else []) == before
