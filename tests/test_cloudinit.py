@@ -22,7 +22,8 @@ from multiverse.guest.cloudinit import (
 )
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMultiverseNodeKey multiverse-node"
-STATIC = GuestNetwork("10.0.2.15/24", "10.0.2.2", ("10.0.2.3",))
+MAC = "52:54:00:0b:7c:01"
+STATIC = GuestNetwork("10.0.2.15/24", "10.0.2.2", ("10.0.2.3",), MAC)
 
 
 def seed(user: str = "", network: GuestNetwork = STATIC) -> Seed:
@@ -50,8 +51,9 @@ def test_seed_volume_holds_meta_vendor_user_and_network_data(tmp_path: Path) -> 
     assert network == {
         "version": 2,
         "ethernets": {
-            "nic0": {
-                "match": {"name": "e*"},
+            "eth0": {
+                "match": {"macaddress": MAC},
+                "set-name": "eth0",
                 "addresses": ["10.0.2.15/24"],
                 "routes": [{"to": "0.0.0.0/0", "via": "10.0.2.2"}],
                 "nameservers": {"addresses": ["10.0.2.3"]},
@@ -80,13 +82,14 @@ def test_seed_volume_is_labelled_cidata_with_rock_ridge_and_joliet_names(tmp_pat
         assert "LABEL=cidata" in found.stdout and "TYPE=iso9660" in found.stdout
 
 
-def test_dhcp_when_the_vm_has_no_address_and_mac_match_when_known(tmp_path: Path) -> None:
+def test_dhcp_when_the_vm_has_no_address_and_eth0_when_its_mac_is_unknown(
+    tmp_path: Path,
+) -> None:
+    files = written(tmp_path, seed(network=GuestNetwork(mac=MAC)))
+    ethernets = yaml.safe_load(files["network-config"])["ethernets"]
+    assert ethernets == {"eth0": {"match": {"macaddress": MAC}, "set-name": "eth0", "dhcp4": True}}
     files = written(tmp_path, seed(network=GuestNetwork()))
-    nic = yaml.safe_load(files["network-config"])["ethernets"]["nic0"]
-    assert nic == {"match": {"name": "e*"}, "dhcp4": True}
-    files = written(tmp_path, seed(network=GuestNetwork(mac="52:54:00:12:34:56")))
-    nic = yaml.safe_load(files["network-config"])["ethernets"]["nic0"]
-    assert nic == {"match": {"macaddress": "52:54:00:12:34:56"}, "dhcp4": True}
+    assert yaml.safe_load(files["network-config"])["ethernets"] == {"eth0": {"dhcp4": True}}
 
 
 def test_a_rewritten_seed_replaces_the_old_one(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ SEED_LABEL = "cidata"
 CLOUD_CONFIG_HEADER = "#cloud-config"
 # The seed's files, in the order they are written; their ISO 9660 level-1 names are derived.
 SEED_FILES = ("meta-data", "user-data", "vendor-data", "network-config")
+NIC_NAME = "eth0"
 
 __all__ = [
     "SEED_FILES",
@@ -54,12 +55,18 @@ __all__ = [
 
 @dataclass(frozen=True)
 class GuestNetwork:
-    """The guest's first NIC: a static ``address`` (CIDR form) or, when empty, DHCP."""
+    """The guest's first NIC: a static ``address`` (CIDR form) or, when empty, DHCP.
+
+    The NIC is found by its MAC and named ``eth0`` by cloud-init (``set-name``), whatever the
+    guest's udev would call it: cloud-init's networkd and ENI renderers match on the config's
+    interface name, not on a ``match: name`` glob. Without a MAC the config names ``eth0``
+    itself, which needs ``net.ifnames=0`` on the guest's kernel command line.
+    """
 
     address: str = ""  # e.g. "10.0.2.15/24"
     gateway: str = ""
     dns: tuple[str, ...] = ()
-    mac: str = ""  # matches the NIC by MAC when set, else the first Ethernet by name
+    mac: str = ""
 
 
 @dataclass(frozen=True)
@@ -129,9 +136,9 @@ def user_data(text: str, authorized_keys: Sequence[str]) -> str:
 
 def network_config(network: GuestNetwork) -> dict[str, Any]:
     """Network config version 2 for the first NIC (cloud-init renders it for the guest)."""
-    nic: dict[str, Any] = {
-        "match": {"macaddress": network.mac} if network.mac else {"name": "e*"},
-    }
+    nic: dict[str, Any] = (
+        {"match": {"macaddress": network.mac}, "set-name": NIC_NAME} if network.mac else {}
+    )
     if network.address:
         nic["addresses"] = [network.address]
         if network.gateway:
@@ -140,7 +147,7 @@ def network_config(network: GuestNetwork) -> dict[str, Any]:
             nic["nameservers"] = {"addresses": list(network.dns)}
     else:
         nic["dhcp4"] = True
-    return {"version": 2, "ethernets": {"nic0": nic}}
+    return {"version": 2, "ethernets": {NIC_NAME: nic}}
 
 
 def write_seed_iso(seed: Seed, path: Path) -> None:
