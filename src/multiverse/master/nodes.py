@@ -57,7 +57,9 @@ class Nodes:
         if self.store.list_nodes(names=[name]):
             raise AlreadyExists(f"a node named {name!r} exists already; pick another --name")
         node_id = str(uuid.uuid4())
-        certificate = pki.sign_node_csr(self.agents.ca, csr_pem, node_id, name)
+        certificate = pki.sign_node_csr(
+            self.agents.ca, csr_pem, node_id, name, self.agents.node_cert_lifetime
+        )
         if not self.store.consume_token_use(str(record["id"])):
             raise Unauthenticated("invalid join token")  # used up: same words as any bad token
         node = Node(

@@ -45,6 +45,7 @@ class MasterConfig:
     advertise: str = ""  # the host workers reach the master at (default: guessed)
     insecure_http: bool = False  # plain HTTP API, for loopback-only use
     max_auth_failures: int = 20  # per client and minute; then it is refused for a while
+    node_cert_lifetime: timedelta = pki.NODE_CERT_LIFETIME  # workers renew at a third left
 
 
 def client_config_text(server: str, token: str, ca_pem: bytes | None) -> str:
@@ -76,7 +77,11 @@ class Master:
         self.server_cert = pki.issue_server_cert(
             self.ca, dns_names=[socket.gethostname()], ips=_host_addresses()
         )
-        self.agents = Agents(self.ca, pki.sign_master_client_cert(self.ca))
+        self.agents = Agents(
+            self.ca,
+            pki.sign_master_client_cert(self.ca),
+            node_cert_lifetime=config.node_cert_lifetime,
+        )
         self.events = EventBus()
         self.operations = Operations(self.events)
         self.reconciler = Reconciler(self.store, self.agents, self.events)
