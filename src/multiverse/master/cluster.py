@@ -5,6 +5,7 @@ It also holds the other direction, :class:`Agents`: one mutual-TLS channel per n
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
@@ -125,6 +126,11 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             self.apply(node_id, report)
             yield pb.SyncAck()
 
+    def forget(self, node_id: str) -> None:
+        """A removed node leaves nothing behind here: its images, its agent's channel."""
+        self.images.pop(node_id, None)
+        self.agents.forget(node_id)
+
     def image_catalog(self) -> list[dict[str, Any]]:
         """Every image some node can boot, with the nodes that hold it (``multiverse images``)."""
         names = {node.id: node.name for node in self.store.list_nodes()}
@@ -186,10 +192,16 @@ class Agents:
         self._credentials = pki.channel_credentials(ca.cert_pem, client)
         self.timeout = timeout
         self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     def forget(self, node_id: str) -> None:
-        """Drop a node's channel (its address may have changed); closed lazily by gRPC."""
-        self._channels.pop(node_id, None)
+        """Drop a node's channel (the node re-joined, maybe elsewhere, or was removed) and close
+        it; calls still on it get the usual call timeout to finish."""
+        cached = self._channels.pop(node_id, None)
+        if cached is not None:
+            closing = asyncio.get_running_loop().create_task(cached[1].close(grace=self.timeout))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
 
     def stub(self, node: Node) -> pb_grpc.AgentServiceStub:
         cached = self._channels.get(node.id)
@@ -216,3 +228,4 @@ class Agents:
         for _address, channel in self._channels.values():
             await channel.close(grace=None)
         self._channels.clear()
+        await asyncio.gather(*self._closing, return_exceptions=True)

@@ -92,6 +92,7 @@ class Master:
         self.nodes = Nodes(self.store, self.agents, self.instances)
         self.cluster = ClusterServicer(self.store, self.agents)
         self.cluster.on_change = self._changed
+        self.nodes.on_removed = self.cluster.forget
         self.api_url = ""
         self.grpc_port = 0
         self._grpc: grpc.aio.Server | None = None
