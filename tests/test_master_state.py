@@ -4,6 +4,7 @@ and age, and a removed node leaves no state behind (images, agent channel, backo
 from __future__ import annotations
 
 import asyncio
+import tomllib
 import uuid
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from multiverse.core.model import (
 )
 from multiverse.master.events import EventBus
 from multiverse.master.operations import Operations
-from multiverse.master.server import Master, MasterConfig
+from multiverse.master.server import Master, MasterConfig, client_config_text
 from multiverse.store.repository import now
 from multiverse.wire.v1 import multiverse_pb2 as pb
 
@@ -136,3 +137,16 @@ async def _remove_and_check(master: Master) -> None:
     assert channel.get_state() == grpc.ChannelConnectivity.SHUTDOWN
     await master.reconciler.reconcile_all()
     assert master.reconciler._backoff == {}
+
+
+def test_the_client_config_reads_back_whatever_its_values_hold() -> None:
+    # Written with tomli-w: quotes and backslashes in a value cannot break the file (the old
+    # hand-written f-string produced TOML that tomllib refused for a token with a quote).
+    ca_pem = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    text = client_config_text('https://h:1/"x\\', 'tok"en\\', ca_pem)
+    assert tomllib.loads(text) == {
+        "server": 'https://h:1/"x\\',
+        "token": 'tok"en\\',
+        "ca_certificate": ca_pem.decode(),
+    }
+    assert "ca_certificate" not in tomllib.loads(client_config_text("http://h:1", "t", None))

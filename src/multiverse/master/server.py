@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import grpc
+import tomli_w
 import uvicorn
 
 from multiverse.core.errors import InvalidArgument
@@ -51,10 +52,10 @@ class MasterConfig:
 def client_config_text(server: str, token: str, ca_pem: bytes | None) -> str:
     """The CLI's config: where the master is, an admin token, and the CA that the master's
     certificate must come from (pinned: no other trust store is asked)."""
-    text = f'# Written by `multiverse master`.\nserver = "{server}"\ntoken = "{token}"\n'
+    values = {"server": server, "token": token}
     if ca_pem is not None:
-        text += f"ca_certificate = '''\n{ca_pem.decode().strip()}\n'''\n"
-    return text
+        values["ca_certificate"] = ca_pem.decode().strip() + "\n"
+    return "# Written by `multiverse master`.\n" + tomli_w.dumps(values, multiline_strings=True)
 
 
 class _Uvicorn(uvicorn.Server):
