@@ -1,4 +1,5 @@
-"""Node certificates renew themselves before they expire (issue 10, item 8).
+"""A worker's link to its master: certificates renewed before they expire (issue 10, item 8),
+reconnects with jittered backoff (item 11).
 
 The master signs node certificates for 30 s here, so a renewal (at a third of the life left)
 and the first certificate's expiry both happen within the test.
@@ -11,13 +12,16 @@ import datetime as dt
 from pathlib import Path
 
 import grpc
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from harness import Cluster, new_cluster, wait_until
 
+from multiverse.core.errors import InvalidArgument
 from multiverse.wire import pki
 from multiverse.wire.v1 import multiverse_pb2 as pb
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
+from multiverse.worker.sync import retry_delay
 
 LIFE = "30s"
 
@@ -78,3 +82,35 @@ def test_a_worker_renews_its_certificate_and_works_past_the_first_expiry(tmp_pat
         cluster.ok("node", "remove", "node-a", "--force")
         assert asyncio.run(_renew_as(cluster, current)) == "UNAUTHENTICATED"
 
+
+def test_renewal_is_due_at_a_third_of_the_life_left_and_lifetimes_are_bounded() -> None:
+    ca = pki.ClusterCA.create()
+    _, csr = pki.new_key_and_csr("node-a")
+    node_id = "6f1c2b9e-0d7a-4c1e-9a43-2f5b8e7d1c00"
+    for life in (dt.timedelta(seconds=30), dt.timedelta(days=365)):
+        cert = x509.load_pem_x509_certificate(pki.sign_node_csr(ca, csr, node_id, "a", life))
+        issued = dt.datetime.now(dt.UTC)
+        assert abs(cert.not_valid_after_utc - (issued + life)) < dt.timedelta(seconds=5)
+        left = cert.not_valid_after_utc - pki.renewal_due(cert)
+        whole = cert.not_valid_after_utc - cert.not_valid_before_utc
+        assert abs(left - whole / 3) < dt.timedelta(seconds=1)
+        assert pki.renewal_due(cert) > issued  # backdating never makes it due at once
+    for bad in (dt.timedelta(seconds=9), dt.timedelta(days=3651)):
+        with pytest.raises(InvalidArgument, match="lifetime"):
+            pki.sign_node_csr(ca, csr, node_id, "a", bad)
+
+
+def test_a_master_refuses_a_node_certificate_lifetime_out_of_bounds(tmp_path: Path) -> None:
+    with new_cluster(tmp_path) as cluster:
+        result = cluster.cli("master", "--data-dir", str(tmp_path / "m"), "--node-cert-ttl", "5s")
+        assert result.code != 0 and "lifetime must be between 10s" in result.err
+        assert not (tmp_path / "m").exists()
+
+
+def test_reconnect_delays_grow_capped_and_jittered() -> None:
+    for attempt in range(12):
+        delays = [retry_delay(attempt) for _ in range(200)]
+        assert all(0 <= d <= min(5.0, 0.5 * 2**attempt) for d in delays)
+        assert len(set(delays)) > 1  # jittered: workers do not all come back at once
+    assert max(retry_delay(3) for _ in range(200)) > 2.0  # grows past the first step
+    assert retry_delay(10**6) <= 5.0
