@@ -30,17 +30,18 @@ def _cert(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
 
 
-async def _renew_as(cluster: Cluster, own: pki.CertKey) -> str:
-    """Ask for a renewal with ``own`` as the client certificate; the status code name."""
+async def _renew_as(cluster: Cluster, own: pki.CertKey) -> tuple[str, bytes]:
+    """Ask for a renewal with ``own`` as the client certificate: the status code's name, and
+    the new certificate when it is OK."""
     ca_pem = (cluster.root / "master" / "pki" / "ca.crt").read_bytes()
     credentials = pki.channel_credentials(ca_pem, own)
     request = pb.RenewRequest(csr=pki.csr_for_key(own.key_pem, "node-a").decode())
     async with grpc.aio.secure_channel(f"127.0.0.1:{cluster.grpc_port}", credentials) as channel:
         try:
-            await pb_grpc.ClusterServiceStub(channel).Renew(request, timeout=15)
+            reply = await pb_grpc.ClusterServiceStub(channel).Renew(request, timeout=15)
         except grpc.aio.AioRpcError as exc:
-            return exc.code().name
-    return "OK"
+            return exc.code().name, b""
+    return "OK", reply.certificate.encode()
 
 
 def test_a_worker_renews_its_certificate_and_works_past_the_first_expiry(tmp_path: Path) -> None:
@@ -71,16 +72,22 @@ def test_a_worker_renews_its_certificate_and_works_past_the_first_expiry(tmp_pat
         assert cluster.instances()["after-expiry"]["state"] == "Running"
 
         # The expired first certificate is refused; the current one still renews.
-        current = pki.CertKey(path.read_bytes(), key)
+        cluster.workers["node-a"].kill()
         expired = pki.CertKey(first.public_bytes(Encoding.PEM), key)
-        assert asyncio.run(_renew_as(cluster, expired)) == "UNAVAILABLE"
-        assert asyncio.run(_renew_as(cluster, current)) == "OK"
+        assert asyncio.run(_renew_as(cluster, expired))[0] == "UNAVAILABLE"
+        code, fresh = asyncio.run(_renew_as(cluster, pki.CertKey(path.read_bytes(), key)))
+        assert code == "OK"
 
         # A removed node's certificate is revoked: it cannot renew its way back in.
-        cluster.workers["node-a"].kill()
-        current = pki.CertKey(path.read_bytes(), key)
         cluster.ok("node", "remove", "node-a", "--force")
-        assert asyncio.run(_renew_as(cluster, current)) == "UNAUTHENTICATED"
+        assert asyncio.run(_renew_as(cluster, pki.CertKey(fresh, key)))[0] == "UNAUTHENTICATED"
+
+        # A worker that was away past its certificate's end says what to do.
+        last = _cert(path).not_valid_after_utc
+        wait_until(lambda: dt.datetime.now(dt.UTC) > last, timeout=60)
+        again = cluster.start_worker("node-a", wait=False)
+        assert again.process is not None and again.process.wait(timeout=60) != 0
+        assert "certificate expired while it was away" in again.output()
 
 
 def test_renewal_is_due_at_a_third_of_the_life_left_and_lifetimes_are_bounded() -> None:

@@ -140,6 +140,12 @@ async def join(
         join_token = pki.JoinToken.decode(token)
         master = master or join_token.addresses[0]
         identity = await asyncio.to_thread(admit, join_token, master, name, data_dir)
+    if identity.expired():
+        raise Unauthenticated(
+            f"this node's certificate expired while it was away (it renews only while running); "
+            f"remove the node on the master (`multiverse node remove {identity.name}`), delete "
+            f"{data_dir / 'node.json'} and join again with a new token"
+        )
     request = pb.JoinRequest(
         name=identity.name,
         agent_address=advertise,
