@@ -269,6 +269,7 @@ class GuestConnection:
         """Connect, retrying while the guest boots, until ``timeout`` seconds have passed.
 
         ``alive`` lets the caller stop early when the VM died; then the last error is raised.
+        A refused host key (HostKeyMismatch) ends the wait at once: waiting would not mend it.
         """
         deadline = time.monotonic() + timeout
         while True:
