@@ -18,6 +18,8 @@ import httpx
 import pytest
 from harness import Cluster, new_cluster
 
+from multiverse.core.errors import RateLimited
+from multiverse.master.api import _FailedAuth
 from multiverse.wire import pki
 from multiverse.wire.v1 import multiverse_pb2 as pb
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
@@ -213,6 +215,21 @@ def test_no_secret_leaks_into_logs_responses_ps_or_loose_files(tmp_path: Path) -
             assert mode == 0o600, f"{path} is {oct(mode)}"
 
 
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), in bytes: a spike between two
+    samples counts too, and it never goes down."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc")
+
+
+def _chunks(total: int, size: int = 64 * 1024) -> Iterator[bytes]:
+    """A body without Content-Length: httpx sends a generator chunked."""
+    for _ in range(total // size):
+        yield b"x" * size
+
+
 def test_limits_on_bodies_and_failed_logins(tmp_path: Path) -> None:
     with new_cluster(tmp_path) as cluster:
         cluster.start_master()
@@ -227,9 +244,50 @@ def test_limits_on_bodies_and_failed_logins(tmp_path: Path) -> None:
             == 400
         )
 
+        # Chunked bodies have no Content-Length: the bytes are counted as they come, on every
+        # route (join needs no token), and the master never holds them.
+        assert cluster.master is not None and cluster.master.process is not None
+        pid = cluster.master.process.pid
+        as_json = {**headers, "Content-Type": "application/json"}
+        small = cluster.http.post(
+            f"{api}/tokens", content=iter([b'{"kind": ', b'"join"}']), headers=as_json
+        )
+        assert small.status_code == 201, small.text  # chunked and small: served as any other
+        before = _peak_rss(pid)
+        for path, auth in (("/cluster/join", {}), ("/instances", headers)):
+            response = cluster.http.post(
+                api + path,
+                content=_chunks(50 * 1024 * 1024),
+                headers={**auth, "Content-Type": "application/json"},
+            )
+            assert response.status_code == 413, (path, response.text)
+            assert response.json()["error"]["code"] == "too_large"
+        grown = _peak_rss(pid) - before
+        assert grown < 20 * 1024 * 1024, f"the master grew {grown / 2**20:.0f} MiB"
+        assert cluster.http.get(f"{api}/health").status_code == 200
+
+        # Failures are counted and, past 20 a minute, refused with 429; the right token from
+        # the same address still passes at once (a NAT or proxy must not lock the admin out).
         wrong = {"Authorization": "Bearer mva.0000000000000000.guess"}
         codes = [cluster.http.get(f"{api}/nodes", headers=wrong).status_code for _ in range(25)]
         assert codes[:20] == [401] * 20 and set(codes[20:]) == {429}
-        limited = cluster.http.get(f"{api}/nodes", headers=headers)
-        assert limited.status_code == 429  # even the right token waits: the client is throttled
+        limited = cluster.http.get(f"{api}/nodes", headers=wrong)
         assert "too many failed" in limited.json()["error"]["message"]
+        assert cluster.http.get(f"{api}/nodes", headers=headers).status_code == 200
+        assert cluster.ok("nodes", "--format", "json").json() == []
+        assert cluster.http.get(f"{api}/nodes", headers=wrong).status_code == 429
+
+
+def test_the_failed_login_table_is_bounded_and_pruned() -> None:
+    clock = [0.0]
+    limiter = _FailedAuth(limit=2, window=60, max_clients=3, clock=lambda: clock[0])
+    for client in ("a", "b", "c", "d"):
+        limiter.failed(client)
+    assert len(limiter) == 3  # the least recently failed address went first
+    limiter.failed("b")
+    with pytest.raises(RateLimited):
+        limiter.failed("b")
+    clock[0] = 61.0
+    limiter.failed("e")
+    assert len(limiter) == 1  # the others' failures aged out of the window
+    limiter.failed("b")  # counted afresh, not refused
