@@ -99,9 +99,17 @@ class StopBody(BaseModel):
 class TokenBody(BaseModel):
     kind: Literal["join", "api"] = "join"
     role: Literal["admin", "viewer"] = "admin"
-    ttl_seconds: int | None = Field(None, ge=1, le=3650 * 86400)
-    uses: int | None = Field(None, ge=1)
+    ttl_seconds: int | None = Field(None, ge=1, le=int(auth.MAX_TTL.total_seconds()))
+    uses: int | None = Field(None, ge=1, le=auth.MAX_USES)
     description: str = Field("", max_length=255)
+
+
+class RevokeBody(BaseModel):
+    token: str = Field(max_length=1024)
+
+
+class LabelsBody(BaseModel):
+    labels: dict[str, str | None]  # a None value removes the label
 
 
 class JoinBody(BaseModel):
@@ -142,7 +150,9 @@ def node_json(node: Node) -> dict[str, Any]:
         "cpus": {"total": node.capacity.cpus, "free": free.cpus},
         "memory": {"total": node.capacity.memory, "free": free.memory},
         "disk": {"total": node.capacity.disk, "free": free.disk},
-        "labels": node.labels,
+        "labels": node.effective_labels,  # what placement matches selectors against
+        "node_labels": node.labels,
+        "admin_labels": node.admin_labels,
         "cordoned": node.cordoned,
         "instances": node.instance_count,
         "last_sync": _iso(node.last_sync),
@@ -409,6 +419,10 @@ def create_app(
     async def cordon(name: str, _: Admin) -> dict[str, Any]:
         return node_json(nodes.set_cordon(name, True))
 
+    @app.patch("/api/v1/nodes/{name}/labels")
+    async def label_node(name: str, body: LabelsBody, _: Admin) -> dict[str, Any]:
+        return node_json(nodes.label(name, body.labels))
+
     @app.post("/api/v1/nodes/{name}/uncordon")
     async def uncordon(name: str, _: Admin) -> dict[str, Any]:
         return node_json(nodes.set_cordon(name, False))
@@ -585,6 +599,11 @@ def create_app(
     async def revoke_token(token_id: str, _: Admin) -> dict[str, str]:
         store.revoke_token(token_id)
         return {"id": token_id, "status": "revoked"}
+
+    @app.post("/api/v1/tokens/revoke")
+    async def revoke_token_itself(body: RevokeBody, _: Admin) -> dict[str, str]:
+        """Revoke a token given whole (in the body: a secret never goes into a URL)."""
+        return await revoke_token(auth.find_token(store, body.token.strip()), _)
 
     return app
 

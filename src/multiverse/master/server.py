@@ -106,7 +106,8 @@ class Master:
     ) -> tuple[auth.IssuedToken, str]:
         """A join token: where the master is, the CA's fingerprint, and a new secret."""
         issued = auth.issue_token(
-            self.store, auth.JOIN, ttl=ttl or auth.DEFAULT_JOIN_TTL, uses=uses,
+            self.store, auth.JOIN, ttl=ttl or auth.DEFAULT_JOIN_TTL,
+            uses=auth.DEFAULT_JOIN_USES if uses is None else uses,
             description=description,
         )  # fmt: skip
         host = self.config.advertise or _advertised_host(self.config.listen)
