@@ -35,6 +35,8 @@ WRITE_ROUTES = [
     ("POST", "/nodes/node-a/cordon", None),
     ("POST", "/nodes/node-a/drain", None),
     ("DELETE", "/nodes/node-a", None),
+    ("PATCH", "/nodes/node-a/labels", {"labels": {"zone": "stolen"}}),
+    ("POST", "/tokens/revoke", {"token": "mva.0123456789abcdef.secret"}),
 ]
 
 
@@ -51,7 +53,7 @@ def _state(cluster: Cluster) -> tuple[object, ...]:
     nodes = cluster.ok("nodes", "--format", "json").json()
     instances = cluster.instances()
     return (
-        [(n["name"], n["cordoned"], n["status"]) for n in nodes],
+        [(n["name"], n["cordoned"], n["status"], n["labels"]) for n in nodes],
         {name: (i["state"], i["desired"]) for name, i in instances.items()},
         len(cluster.ok("token", "list", "--format", "json").json()),
     )
@@ -60,7 +62,7 @@ def _state(cluster: Cluster) -> tuple[object, ...]:
 def test_every_write_route_refuses_without_the_right_token(secured: Cluster) -> None:
     before = _state(secured)
     viewer = secured.ok("token", "create", "--api", "--role", "viewer").out.strip()
-    revoked = secured.ok("token", "create", "--api", "--format", "json").json()[0]
+    revoked = secured.ok("token", "create", "--api", "--format", "json").json()
     secured.ok("token", "revoke", revoked["id"])
     before = _state(secured)
     api = f"{secured.api}/api/v1"
