@@ -484,7 +484,11 @@ def _label_changes(items: tuple[str, ...]) -> dict[str, str | None]:
 @click.argument("name")
 @click.argument("labels", nargs=-1, required=True)
 def label(name: str, labels: tuple[str, ...]) -> None:
-    """Set node labels, k=v (k- removes one); they win over the node's own for placement."""
+    """Set labels on a node: k=v sets, k- removes (as kubectl label).
+
+    They win over the labels the node reports of itself for placement, and its re-joins keep
+    them; removing one lets the node's own label of that key count again.
+    """
     try:
         changes = _label_changes(labels)
     except MultiverseError as exc:
