@@ -10,6 +10,7 @@ import asyncio
 import os
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -207,10 +208,16 @@ def test_no_secret_leaks_into_logs_responses_ps_or_loose_files(tmp_path: Path) -
             tmp_path / "master" / "pki" / "server.key",
             tmp_path / "node-a" / "pki" / "node.key",
             tmp_path / "node-a" / "node.json",
+            # The databases hold user data and token hashes; their WALs hold the same rows.
+            *(tmp_path / "master" / f"multiverse.db{end}" for end in ("", "-wal", "-shm")),
+            *(tmp_path / "node-a" / f"worker.db{end}" for end in ("", "-wal", "-shm")),
         ]
         for path in private:
             mode = stat.S_IMODE(os.stat(path).st_mode)
             assert mode == 0o600, f"{path} is {oct(mode)}"
+        for directory in (tmp_path / "master", tmp_path / "node-a"):
+            mode = stat.S_IMODE(os.stat(directory).st_mode)
+            assert mode == 0o700, f"{directory} is {oct(mode)}"
 
 
 def test_limits_on_bodies_and_failed_logins(tmp_path: Path) -> None:
@@ -233,3 +240,42 @@ def test_limits_on_bodies_and_failed_logins(tmp_path: Path) -> None:
         limited = cluster.http.get(f"{api}/nodes", headers=headers)
         assert limited.status_code == 429  # even the right token waits: the client is throttled
         assert "too many failed" in limited.json()["error"]["message"]
+
+
+def test_the_fake_driver_is_refused_unless_allowed(tmp_path: Path) -> None:
+    """It runs its VMs' commands on the host: a worker must not run it by mistake. Refused
+    while the options are read, before anything starts (or detaches, for ``up``)."""
+    env = {key: value for key, value in os.environ.items() if key != "MULTIVERSE_ALLOW_FAKE"}
+    commands = [
+        ["worker", "--master", "127.0.0.1:9", "--data-dir", str(tmp_path / "w")],
+        ["up", "--data-dir", str(tmp_path / "up"), "--listen", "127.0.0.1:0",
+         "--api-listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"],
+    ]  # fmt: skip
+    for command in commands:
+        for allow in (None, "0", "yes"):
+            run_env = env if allow is None else {**env, "MULTIVERSE_ALLOW_FAKE": allow}
+            done = subprocess.run(
+                [sys.executable, "-m", "multiverse", *command, "--driver", "fake"],
+                env=run_env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode != 0, (command, allow)
+            assert "set MULTIVERSE_ALLOW_FAKE=1" in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing made
+
+
+def test_fake_exec_and_shell_do_not_see_the_worker_environment(secured: Cluster) -> None:
+    """The worker's environment holds its join token (MULTIVERSE_JOIN_TOKEN, as the harness
+    starts it): a command in a fake VM gets a guest's few variables, none of the worker's."""
+    token = secured.workers["node-a"].env["MULTIVERSE_JOIN_TOKEN"]
+    assert token
+    variables = dict(
+        line.split("=", 1) for line in secured.ok("exec", "guarded", "--", "env").out.splitlines()
+    )
+    assert sorted(variables) == ["HOME", "LANG", "PATH"]
+    assert token not in str(variables)
+    shell = secured.cli("shell", "guarded", stdin=b"env\n")
+    assert shell.code == 0 and "PATH=" in shell.out, shell.err
+    assert "MULTIVERSE" not in shell.out and token not in shell.out
