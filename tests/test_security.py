@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -19,9 +20,12 @@ import httpx
 import pytest
 from harness import Cluster, new_cluster
 
+from multiverse.core.files import private_dir
+from multiverse.store.repository import Store
 from multiverse.wire import pki
 from multiverse.wire.v1 import multiverse_pb2 as pb
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
+from multiverse.worker.localstore import LocalStore
 
 WRITE_ROUTES = [
     ("POST", "/instances", {"name": "intruder"}),
@@ -279,3 +283,34 @@ def test_fake_exec_and_shell_do_not_see_the_worker_environment(secured: Cluster)
     shell = secured.cli("shell", "guarded", stdin=b"env\n")
     assert shell.code == 0 and "PATH=" in shell.out, shell.err
     assert "MULTIVERSE" not in shell.out and token not in shell.out
+
+
+def test_databases_left_readable_by_an_older_version_are_tightened(tmp_path: Path) -> None:
+    """Data from before: a 0755 directory and databases with their WAL, 0644. Opening them
+    leaves every file 0600 and the directory 0700."""
+    older = tmp_path / "data"
+    older.mkdir(mode=0o755)
+    paths = {name: older / name for name in ("multiverse.db", "worker.db")}
+    left_open = []
+    for path in paths.values():
+        connection = sqlite3.connect(path, isolation_level=None)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("CREATE TABLE t (x)")
+        left_open.append(connection)  # so that -wal and -shm stay
+    files = [older / f"{name}{end}" for name in paths for end in ("", "-wal", "-shm")]
+    for path in files:
+        path.chmod(0o644)
+    try:
+        private_dir(older)
+        store = Store.for_data_dir(older)
+        local = LocalStore(paths["worker.db"])
+        try:
+            modes = {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in files}
+            assert modes == {path.name: oct(0o600) for path in files}
+            assert stat.S_IMODE(older.stat().st_mode) == 0o700
+        finally:
+            local.close()
+            store.close()
+    finally:
+        for connection in left_open:
+            connection.close()
