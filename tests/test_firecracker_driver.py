@@ -643,6 +643,9 @@ def test_real_boot_in_a_namespace(netns: str, tmp_path: Path) -> None:
     assert "start_error" not in answer, answer.get("start_error")
     assert answer["status"] == ["running", "172.31.90.2"]
     assert answer["tap"] in answer["taps_running"]
+    # The key the guest printed on its console is the one its first login recorded.
+    assert answer["host_key_announced"].startswith("ssh-ed25519 ")
+    assert answer["host_key_recorded"].split()[:2] == answer["host_key_announced"].split()
     assert answer["uname"][0] == 0 and answer["uname"][1].endswith("-amd64")
     assert answer["stats"]["ipv4"] == "172.31.90.2" and answer["stats"]["memory_total"] > 0
     assert answer["status_stopped"] == "stopped" and answer["status_deleted"] == "missing"
