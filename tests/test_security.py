@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +21,13 @@ import pytest
 from harness import Cluster, new_cluster
 
 from multiverse.core.errors import RateLimited
+from multiverse.core.files import private_dir
 from multiverse.master.api import _FailedAuth
+from multiverse.store.repository import Store
 from multiverse.wire import pki
 from multiverse.wire.v1 import multiverse_pb2 as pb
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
+from multiverse.worker.localstore import LocalStore
 
 WRITE_ROUTES = [
     ("POST", "/instances", {"name": "intruder"}),
@@ -211,10 +216,16 @@ def test_no_secret_leaks_into_logs_responses_ps_or_loose_files(tmp_path: Path) -
             tmp_path / "master" / "pki" / "server.key",
             tmp_path / "node-a" / "pki" / "node.key",
             tmp_path / "node-a" / "node.json",
+            # The databases hold user data and token hashes; their WALs hold the same rows.
+            *(tmp_path / "master" / f"multiverse.db{end}" for end in ("", "-wal", "-shm")),
+            *(tmp_path / "node-a" / f"worker.db{end}" for end in ("", "-wal", "-shm")),
         ]
         for path in private:
             mode = stat.S_IMODE(os.stat(path).st_mode)
             assert mode == 0o600, f"{path} is {oct(mode)}"
+        for directory in (tmp_path / "master", tmp_path / "node-a"):
+            mode = stat.S_IMODE(os.stat(directory).st_mode)
+            assert mode == 0o700, f"{directory} is {oct(mode)}"
 
 
 def _peak_rss(pid: int) -> int:
@@ -293,3 +304,73 @@ def test_the_failed_login_table_is_bounded_and_pruned() -> None:
     limiter.failed("e")
     assert len(limiter) == 1  # the others' failures aged out of the window
     limiter.failed("b")  # counted afresh, not refused
+
+
+def test_the_fake_driver_is_refused_unless_allowed(tmp_path: Path) -> None:
+    """It runs its VMs' commands on the host: a worker must not run it by mistake. Refused
+    while the options are read, before anything starts (or detaches, for ``up``)."""
+    env = {key: value for key, value in os.environ.items() if key != "MULTIVERSE_ALLOW_FAKE"}
+    commands = [
+        ["worker", "--master", "127.0.0.1:9", "--data-dir", str(tmp_path / "w")],
+        ["up", "--data-dir", str(tmp_path / "up"), "--listen", "127.0.0.1:0",
+         "--api-listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"],
+    ]  # fmt: skip
+    for command in commands:
+        for allow in (None, "0", "yes"):
+            run_env = env if allow is None else {**env, "MULTIVERSE_ALLOW_FAKE": allow}
+            done = subprocess.run(
+                [sys.executable, "-m", "multiverse", *command, "--driver", "fake"],
+                env=run_env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode != 0, (command, allow)
+            assert "set MULTIVERSE_ALLOW_FAKE=1" in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing made
+
+
+def test_fake_exec_and_shell_do_not_see_the_worker_environment(secured: Cluster) -> None:
+    """The worker's environment holds its join token (MULTIVERSE_JOIN_TOKEN, as the harness
+    starts it): a command in a fake VM gets a guest's few variables, none of the worker's."""
+    token = secured.workers["node-a"].env["MULTIVERSE_JOIN_TOKEN"]
+    assert token
+    variables = dict(
+        line.split("=", 1) for line in secured.ok("exec", "guarded", "--", "env").out.splitlines()
+    )
+    assert sorted(variables) == ["HOME", "LANG", "PATH"]
+    assert token not in str(variables)
+    shell = secured.cli("shell", "guarded", stdin=b"env\n")
+    assert shell.code == 0 and "PATH=" in shell.out, shell.err
+    assert "MULTIVERSE" not in shell.out and token not in shell.out
+
+
+def test_databases_left_readable_by_an_older_version_are_tightened(tmp_path: Path) -> None:
+    """Data from before: a 0755 directory and databases with their WAL, 0644. Opening them
+    leaves every file 0600 and the directory 0700."""
+    older = tmp_path / "data"
+    older.mkdir(mode=0o755)
+    paths = {name: older / name for name in ("multiverse.db", "worker.db")}
+    left_open = []
+    for path in paths.values():
+        connection = sqlite3.connect(path, isolation_level=None)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("CREATE TABLE t (x)")
+        left_open.append(connection)  # so that -wal and -shm stay
+    files = [older / f"{name}{end}" for name in paths for end in ("", "-wal", "-shm")]
+    for path in files:
+        path.chmod(0o644)
+    try:
+        private_dir(older)
+        store = Store.for_data_dir(older)
+        local = LocalStore(paths["worker.db"])
+        try:
+            modes = {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in files}
+            assert modes == {path.name: oct(0o600) for path in files}
+            assert stat.S_IMODE(older.stat().st_mode) == 0o700
+        finally:
+            local.close()
+            store.close()
+    finally:
+        for connection in left_open:
+            connection.close()

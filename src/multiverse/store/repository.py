@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from multiverse.core.errors import AlreadyExists, NotFound
+from multiverse.core.files import private_sqlite
 from multiverse.core.model import (
     DesiredState,
     Instance,
@@ -52,6 +53,8 @@ class Store:
         self.url = url
         self.engine: Engine = create_engine(url)
         if url.startswith("sqlite"):
+            if self.engine.url.database not in (None, "", ":memory:"):
+                private_sqlite(Path(self.engine.url.database))  # it holds user data and tokens
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
