@@ -33,6 +33,7 @@ from multiverse.core.errors import (
     Unauthenticated,
     Unavailable,
 )
+from multiverse.core.files import write_private
 from multiverse.wire import convert, pki
 from multiverse.wire.v1 import multiverse_pb2 as pb
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
@@ -66,8 +67,8 @@ class Identity:
 
     def save(self, data_dir: Path) -> None:
         self.cert.save(data_dir / "pki", "node")
-        pki.write_private(data_dir / "pki" / "ca.crt", self.ca_pem)
-        pki.write_private(
+        write_private(data_dir / "pki" / "ca.crt", self.ca_pem)
+        write_private(
             data_dir / "node.json",
             json.dumps({"node_id": self.node_id, "name": self.name}).encode(),
         )
@@ -217,7 +218,7 @@ async def renew(master: str, identity: Identity, data_dir: Path) -> None:
         or cert.public_key() != pki.as_cert(identity.cert.cert_pem).public_key()
     ):
         raise Unauthenticated("the master answered the renewal with another node's certificate")
-    pki.write_private(data_dir / "pki" / "node.crt", renewed.cert_pem, 0o644)
+    write_private(data_dir / "pki" / "node.crt", renewed.cert_pem, 0o644)
     identity.cert = renewed
     log.info("node certificate renewed, valid until %s", cert.not_valid_after_utc.isoformat())
 
