@@ -26,6 +26,9 @@ sysinit script loads the modules, mounts the data disk ``/dev/vda`` (ext4) on ``
 root's home on it (so what users write survives stop/start), starts networking and prints
 ``multiverse: boot ok`` on the serial console; dropbear and acpid then run as respawned services.
 The ACPI power button (QMP ``system_powerdown``) syncs, unmounts and powers off at once.
+Ctrl+Alt+Del (Firecracker's ``SendCtrlAltDel``, through the i8042 keyboard: Firecracker has no
+ACPI power-off on x86) reboots after the same sync and unmount; with ``reboot=k`` that ends the
+Firecracker process, which has no reset.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ USERLAND_PACKAGES = (
 # SSE4.2, which TCG's default CPU lacks).
 GUEST_MODULES = (
     "virtio_pci",
+    "virtio_mmio",
     "virtio_net",
     "virtio_blk",
     "virtio_console",
@@ -126,7 +130,11 @@ mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 
 # No depmod/modprobe here: the build wrote the modules in dependency order.
 while read -r module; do
-    insmod "/lib/modules/$module.ko" || echo "multiverse: cannot load module $module"
+    # Firecracker's MMIO devices are named on the command line (virtio_mmio.device=...);
+    # modprobe would pass those to the module, insmod does not, so we do.
+    args=$(tr ' ' '\n' < /proc/cmdline | sed -n "s/^$module\.//p")
+    # shellcheck disable=SC2086
+    insmod "/lib/modules/$module.ko" $args || echo "multiverse: cannot load module $module"
 done < /etc/multiverse/modules
 
 # fw_cfg under QEMU; without it (Firecracker) the kernel command line: multiverse.<key>=<base64>.
@@ -229,6 +237,7 @@ _INITTAB = """\
 ::sysinit:/etc/init.d/rcS
 ::respawn:/usr/sbin/dropbear -F -E -s -p 22 -r /etc/dropbear/dropbear_ed25519_host_key
 ::respawn:/sbin/acpid -f -c /etc/acpi -l /var/log/acpid.log
+::ctrlaltdel:/sbin/reboot
 ::shutdown:/bin/sh -c 'sync; umount /root; umount -a -r'
 """
 
