@@ -130,8 +130,9 @@ mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 
 # No depmod/modprobe here: the build wrote the modules in dependency order.
 while read -r module; do
-    # Firecracker's MMIO devices are named on the command line (virtio_mmio.device=...);
-    # modprobe would pass those to the module, insmod does not, so we do.
+    # <module>.<param>=... on the kernel command line reaches a module only through modprobe,
+    # not insmod. (Firecracker's virtio_mmio.device=... would need MMIO_CMDLINE_DEVICES, which
+    # Debian's kernel lacks: it finds Firecracker's MMIO devices through ACPI.)
     args=$(tr ' ' '\n' < /proc/cmdline | sed -n "s/^$module\.//p")
     # shellcheck disable=SC2086
     insmod "/lib/modules/$module.ko" $args || echo "multiverse: cannot load module $module"
