@@ -19,7 +19,8 @@ from multiverse.core.errors import MultiverseError
 from multiverse.core.sizes import GiB, MiB
 from multiverse.drivers.base import VMConfig
 from multiverse.drivers.firecracker import FirecrackerDriver, tap_name
-from multiverse.drivers.process import pid_alive, read_json
+from multiverse.drivers.process import HOST_KEY_FILE, pid_alive, read_json
+from multiverse.guest.ssh import announced_host_key
 
 # What the guest tells about its devices: the transport under eth0, the entropy source.
 DEVICES = "readlink -f /sys/class/net/eth0/device; cat /sys/class/misc/hw_random/rng_current"
@@ -52,7 +53,8 @@ async def scenario(args: dict[str, Any]) -> dict[str, Any]:
         image=args.get("image", "tiny"),
     )
     result: dict[str, Any] = {"tap": tap_name(vm.id)}
-    console = Path(args["state_dir"]) / "vms" / vm.id / driver.console_log
+    vm_dir = driver.vms_dir / vm.id
+    console = vm_dir / driver.console_log
     try:
         await driver.create(vm)
         began = time.monotonic()
@@ -65,6 +67,8 @@ async def scenario(args: dict[str, Any]) -> dict[str, Any]:
             result["status"] = [status.power.value, status.ipv4]
             result["taps_running"] = taps()
             result["leases_running"] = driver.pool.leases()
+            result["host_key_recorded"] = (vm_dir / HOST_KEY_FILE).read_text()
+            result["host_key_announced"] = announced_host_key(console.read_text(errors="replace"))
             chunks = [chunk async for chunk in driver.exec(vm, ["uname", "-r"])]
             out = b"".join(chunk.data for chunk in chunks if chunk.stream == 1)
             result["uname"] = [chunks[-1].exit_code, out.decode().strip()]

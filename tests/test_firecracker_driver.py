@@ -511,6 +511,9 @@ def boot_in_netns(netns: str, state: Path, images: Path, **args: Any) -> dict[st
     assert answer["tap"] in answer["taps_running"]
     # The tap belongs to the user that runs Firecracker (here: the test's user).
     assert answer["tap_owner"] == str(os.geteuid())
+    # The key the guest printed on its console is the one its first login recorded.
+    assert answer["host_key_announced"].startswith("ssh-ed25519 ")
+    assert answer["host_key_recorded"].split()[:2] == answer["host_key_announced"].split()
     assert answer["status_stopped"] == "stopped" and answer["status_deleted"] == "missing"
     assert vm_taps(answer["taps_after"]) == [] and answer["leases_after"] == {}
     return answer
