@@ -5,6 +5,7 @@ Used by the tests (through conftest.py) and by the benchmarks in bench/.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -46,6 +47,14 @@ def wait_until(predicate: Any, timeout: float = 20.0, interval: float = 0.1) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+async def async_wait_until(predicate: Any, timeout: float = 20.0, interval: float = 0.05) -> Any:
+    """:func:`wait_until` while the event loop runs on: for a condition the loop brings about.
+
+    The predicate runs in a worker thread, so it should only read (attributes, files).
+    """
+    return await asyncio.to_thread(wait_until, predicate, timeout, interval)
 
 
 @dataclass
@@ -259,6 +268,7 @@ def new_cluster(root: Path) -> Iterator[Cluster]:
         "XDG_CONFIG_HOME": str(home / ".config"),
         "XDG_DATA_HOME": str(home / ".local/share"),
         "MULTIVERSE_IMAGE_CACHE": str(IMAGE_CACHE),
+        "MULTIVERSE_ALLOW_FAKE": "1",  # the workers' default driver here; refused elsewhere
     }
     for key in ("MULTIVERSE_SERVER", "MULTIVERSE_TOKEN", "MULTIVERSE_CONFIG"):
         env.pop(key, None)

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
 import io
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
+import websockets
 import yaml
 from harness import NODE_TIMEOUT, Cluster, wait_until
 
@@ -194,3 +203,91 @@ def test_concurrent_launches_never_lose_duplicate_or_oversubscribe(cluster: Clus
         responses = list(pool.map(launch, ["same"] * 5))
     assert sorted(r.status_code for r in responses) == [202] + [409] * 4
     assert len(cluster.instances()) == 30 - 6 - 6 + 1
+
+
+def test_streams_to_a_frozen_agent_end_with_an_error_instead_of_hanging(cluster: Cluster) -> None:
+    """Issue 10, item 11: a worker that stops answering (SIGSTOP: its TCP still ACKs, nothing
+    else) ends the master's Exec and Session streams to it by keepalive, as "unreachable",
+    instead of leaving the client waiting on silence. With gRPC's default ping timeout (60 s,
+    which overrides keepalive_timeout_ms) the CLI's own read timeout struck first."""
+    cluster.start_master()
+    worker = cluster.start_worker("node-a")
+    cluster.ok("launch", "--name", "vm")
+    command = ["sh", "-c", "echo started; sleep 600"]
+    exec_ = subprocess.Popen(
+        [sys.executable, "-m", "multiverse", "exec", "vm", "--", *command],
+        env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+    async def session() -> list[Any]:
+        query = "&".join(f"command={part}" for part in ["sh", "-c", "echo%20started;sleep%20600"])
+        url = f"{cluster.ws}/api/v1/instances/vm/shell?tty=false&{query}"
+        headers = {"Authorization": f"Bearer {cluster.token}"}
+        frames: list[Any] = []
+        async with websockets.connect(
+            url, additional_headers=headers, ssl=cluster.ssl_context
+        ) as ws:
+            with contextlib.suppress(websockets.ConnectionClosed):
+                async for frame in ws:
+                    frames.append(frame)
+                    if frame == b"started\n":
+                        os.killpg(worker.process.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+        return frames
+
+    try:
+        assert exec_.stdout is not None
+        assert exec_.stdout.readline() == b"started\n"
+        frames = asyncio.run(asyncio.wait_for(session(), 120))
+        err = exec_.communicate(timeout=120)[1]
+    finally:
+        exec_.kill()
+        os.killpg(worker.process.pid, signal.SIGCONT)  # type: ignore[union-attr]
+    assert exec_.returncode != 0
+    assert "node node-a is unreachable" in err.decode()
+    error = json.loads(frames[-1])
+    assert error["type"] == "error" and "node-a is unreachable" in error["message"]
+
+
+def test_an_admins_node_labels_win_and_survive_rejoins(cluster: Cluster) -> None:
+    cluster.start_master()
+    cluster.start_worker("node-a", "--labels", "zone=a,disk=ssd")
+    refused = cluster.cli("launch", "--name", "in-b", "--selector", "zone=b")
+    assert refused.code == 2 and "label zone=b does not match" in refused.err
+
+    done = cluster.ok("node", "label", "node-a", "zone=b", "rack=r1")
+    assert "zone=b" in done.out and "rack=r1" in done.out
+    node = cluster.node("node-a")
+    assert node["node_labels"] == {"zone": "a", "disk": "ssd"}  # what it says stays shown
+    assert node["admin_labels"] == {"zone": "b", "rack": "r1"}
+    assert node["labels"] == {"zone": "b", "disk": "ssd", "rack": "r1"}
+    cluster.ok("launch", "--name", "in-b", "--selector", "zone=b")
+    refused = cluster.cli("launch", "--name", "in-a", "--selector", "zone=a")
+    assert refused.code == 2 and "label zone=a does not match" in refused.err
+
+    # A re-join brings the node's own labels anew; the admin's are kept apart and still win.
+    cluster.workers["node-a"].kill()
+    proc = cluster.start_worker("node-a", "--labels", "zone=c", token="", wait=False)
+    wait_until(lambda: "joined as" in proc.output(), timeout=60)
+    wait_until(lambda: cluster.node("node-a")["node_labels"] == {"zone": "c"})
+    assert cluster.node("node-a")["labels"] == {"zone": "b", "rack": "r1"}
+
+    cluster.ok("node", "label", "node-a", "zone-", "rack-")
+    node = cluster.node("node-a")
+    assert node["admin_labels"] == {} and node["labels"] == {"zone": "c"}
+
+    before = cluster.node("node-a")
+    for args, code, words in (
+        (["node-a", "bad key!=v"], 1, "invalid label key"),
+        (["node-a", "zone"], 1, "key- to remove"),
+        (["ghost", "zone=a"], 2, "node 'ghost' does not exist"),
+    ):
+        result = cluster.cli("node", "label", *args)
+        assert result.code == code and words in result.err, result
+    headers = {"Authorization": f"Bearer {cluster.token}"}
+    response = cluster.http.patch(
+        f"{cluster.api}/api/v1/nodes/node-a/labels",
+        json={"labels": {"zone": "bad value!"}},
+        headers=headers,
+    )
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_argument"
+    assert cluster.node("node-a")["labels"] == before["labels"]

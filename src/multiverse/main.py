@@ -17,11 +17,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 
 import click
 
-from multiverse.client.cli import cli, labels_option, parsed, run
+from multiverse.client.cli import _duration, cli, labels_option, parsed, run
 from multiverse.client.config import ClientConfig, user_config_path
 from multiverse.core.errors import MultiverseError
 from multiverse.core.model import Resources
@@ -73,6 +74,15 @@ def _default_node_name() -> str:
 _capacity = parsed(Resources.parse)
 
 
+def _allowed_driver(name: str) -> str:
+    """Checked while parsing, so that ``up --detach`` refuses before it detaches."""
+    if name == "fake":
+        from multiverse.drivers.fake import require_allowed
+
+        require_allowed()
+    return name
+
+
 data_dir_option = click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -87,6 +97,15 @@ sync_option = click.option(
     show_default=True,
     help="Seconds between worker reports when nothing changes.",
 )
+
+
+def _certificate_lifetime(seconds: int | None) -> timedelta:
+    from multiverse.wire.pki import check_lifetime
+
+    try:
+        return check_lifetime(timedelta(seconds=seconds or 0))
+    except MultiverseError as exc:
+        raise click.BadParameter(exc.message) from exc
 
 
 @cli.command()
@@ -121,6 +140,13 @@ sync_option = click.option(
     show_default=True,
     help="Seconds without a report before a node is Down (its instances then Unknown).",
 )
+@click.option(
+    "--node-cert-ttl",
+    callback=lambda ctx, param, value: _certificate_lifetime(_duration(ctx, param, value)),
+    default="365d",
+    show_default=True,
+    help="Lifetime of the certificates signed for nodes; they renew at a third left.",
+)
 def master(
     listen: str,
     advertise: str,
@@ -131,6 +157,7 @@ def master(
     db: str,
     node_timeout: float,
     down_timeout: float,
+    node_cert_ttl: timedelta,
 ) -> None:
     """Run the master: cluster state, REST API, scheduler."""
     from multiverse.master.server import Master, MasterConfig
@@ -148,6 +175,7 @@ def master(
             node_timeout=node_timeout,
             down_timeout=max(down_timeout, node_timeout),
             user_config=user_config_path(),
+            node_cert_lifetime=node_cert_ttl,
         )
     )
 
@@ -185,6 +213,7 @@ def _worker_options(func: Callable[..., None]) -> Callable[..., None]:
         click.option(
             "--driver",
             type=click.Choice(["qemu", "firecracker", "multipass", "fake"]),
+            callback=parsed(_allowed_driver),
             default="qemu",
             show_default=True,
             help="The hypervisor this host runs.",

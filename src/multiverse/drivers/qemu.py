@@ -12,6 +12,7 @@ Each VM lives in ``<state_dir>/vms/<uuid>/``:
   through fw_cfg (see :mod:`multiverse.guest.image`); ``seed.iso``: the same for a ``disk``
   image's cloud-init (its NoCloud seed, see :mod:`multiverse.guest.cloudinit`), with the
   user's cloud-init file;
+- ``ssh_host_key.pub``: the guest's SSH host key, once known (see :class:`ProcessDriver`);
 - while it runs: ``vm.json`` (pid, process start time, SSH port, guest address), ``qmp.sock``,
   ``serial.log`` (the console; the previous boot's in ``serial.log.1``) and ``qemu.log``.
 
@@ -41,7 +42,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
 
-from multiverse.core.errors import DriverError, InvalidArgument
+from multiverse.core.errors import DriverError, InvalidArgument, Unavailable
 from multiverse.core.model import Resources
 from multiverse.core.sizes import MiB, format_size
 from multiverse.drivers.base import PowerState, VMConfig, VMStatus
@@ -288,10 +289,8 @@ class QemuDriver(ProcessDriver):
         """Return once cloud-init has finished in the guest (its errors are the user's to
         read in the guest's log: the VM runs either way)."""
         try:
-            await asyncio.wait_for(
-                self._guest(vm).run(CLOUD_INIT_WAIT), max(deadline - time.monotonic(), 1.0)
-            )
-        except TimeoutError:
+            await self._guest(vm).run(CLOUD_INIT_WAIT, timeout=max(deadline - time.monotonic(), 1))
+        except Unavailable:
             raise DriverError(
                 f"VM {vm.name}: cloud-init did not finish before the boot timeout; console:\n"
                 f"{tail(self._vm_dir(vm) / 'serial.log', LOG_TAIL)}"
@@ -315,7 +314,7 @@ class QemuDriver(ProcessDriver):
             await guest.wait_until_ready(
                 max(deadline - time.monotonic(), 1.0), alive=lambda: pid_alive(process.pid)
             )
-        except Exception:
+        except Unavailable:  # a refused host key is not a slow boot: it goes up as it is
             if not pid_alive(process.pid):
                 self._raise_exited(vm, process)
             raise DriverError(

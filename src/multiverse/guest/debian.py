@@ -39,6 +39,7 @@ from pathlib import Path
 from multiverse.core.sizes import GiB
 from multiverse.guest.image import (
     BOOT_OK_MARKER,
+    HOST_KEY_MARKER,
     INITRD_FILE,
     KERNEL_FILE,
     MANIFEST_FILE,
@@ -125,15 +126,19 @@ ssh:
   emit_keys_to_console: false
 """
 
-# Prints the driver's boot marker once SSH is up: the driver then tries SSH at once.
+# Once SSH is up, prints on the console the host key the driver must then be offered (made by
+# cloud-init at the first boot) and the driver's boot marker (it tries SSH at once).
 _READY_UNIT = f"""\
 [Unit]
-Description=Tell the Multiverse driver on the console that SSH is up
+Description=Tell the Multiverse driver on the console that SSH is up, and its host key
 After=ssh.service
 
 [Service]
 Type=oneshot
-ExecStart=/bin/sh -c 'echo "{BOOT_OK_MARKER} $(uname -r) $(hostname)" > /dev/console'
+StandardOutput=tty
+TTYPath=/dev/console
+ExecStart=/bin/sh -c 'echo "{HOST_KEY_MARKER}$(cat /etc/ssh/ssh_host_ed25519_key.pub)"'
+ExecStart=/bin/sh -c 'echo "{BOOT_OK_MARKER} $(uname -r) $(hostname)"'
 
 [Install]
 WantedBy=multi-user.target

@@ -12,9 +12,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import grpc
+import tomli_w
 import uvicorn
 
 from multiverse.core.errors import InvalidArgument
+from multiverse.core.files import private_dir, write_private
 from multiverse.core.model import NodeStatus
 from multiverse.master import auth
 from multiverse.master.api import create_app
@@ -45,15 +47,16 @@ class MasterConfig:
     advertise: str = ""  # the host workers reach the master at (default: guessed)
     insecure_http: bool = False  # plain HTTP API, for loopback-only use
     max_auth_failures: int = 20  # per client and minute; then it is refused for a while
+    node_cert_lifetime: timedelta = pki.NODE_CERT_LIFETIME  # workers renew at a third left
 
 
 def client_config_text(server: str, token: str, ca_pem: bytes | None) -> str:
     """The CLI's config: where the master is, an admin token, and the CA that the master's
     certificate must come from (pinned: no other trust store is asked)."""
-    text = f'# Written by `multiverse master`.\nserver = "{server}"\ntoken = "{token}"\n'
+    values = {"server": server, "token": token}
     if ca_pem is not None:
-        text += f"ca_certificate = '''\n{ca_pem.decode().strip()}\n'''\n"
-    return text
+        values["ca_certificate"] = ca_pem.decode().strip() + "\n"
+    return "# Written by `multiverse master`.\n" + tomli_w.dumps(values, multiline_strings=True)
 
 
 class _Uvicorn(uvicorn.Server):
@@ -67,7 +70,7 @@ class _Uvicorn(uvicorn.Server):
 class Master:
     def __init__(self, config: MasterConfig) -> None:
         self.config = config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(config.data_dir)  # its CA key, tokens and database
         self.store = Store(config.db) if config.db else Store.for_data_dir(config.data_dir)
         self.store.migrate()
         # The cluster CA, made at the first start; the listener's certificate is issued anew at
@@ -76,7 +79,11 @@ class Master:
         self.server_cert = pki.issue_server_cert(
             self.ca, dns_names=[socket.gethostname()], ips=_host_addresses()
         )
-        self.agents = Agents(self.ca, pki.sign_master_client_cert(self.ca))
+        self.agents = Agents(
+            self.ca,
+            pki.sign_master_client_cert(self.ca),
+            node_cert_lifetime=config.node_cert_lifetime,
+        )
         self.events = EventBus()
         self.operations = Operations(self.events)
         self.reconciler = Reconciler(self.store, self.agents, self.events)
@@ -87,6 +94,7 @@ class Master:
         self.nodes = Nodes(self.store, self.agents, self.instances)
         self.cluster = ClusterServicer(self.store, self.agents)
         self.cluster.on_change = self._changed
+        self.nodes.on_removed = self.cluster.forget
         self.api_url = ""
         self.grpc_port = 0
         self._grpc: grpc.aio.Server | None = None
@@ -106,7 +114,8 @@ class Master:
     ) -> tuple[auth.IssuedToken, str]:
         """A join token: where the master is, the CA's fingerprint, and a new secret."""
         issued = auth.issue_token(
-            self.store, auth.JOIN, ttl=ttl or auth.DEFAULT_JOIN_TTL, uses=uses,
+            self.store, auth.JOIN, ttl=ttl or auth.DEFAULT_JOIN_TTL,
+            uses=auth.DEFAULT_JOIN_USES if uses is None else uses,
             description=description,
         )  # fmt: skip
         host = self.config.advertise or _advertised_host(self.config.listen)
@@ -128,10 +137,10 @@ class Master:
         issued = auth.issue_token(self.store, auth.API, role="admin", description="first admin")
         ca_pem = None if self.config.insecure_http else self.ca.cert_pem
         text = client_config_text(self.api_url, issued.token, ca_pem)
-        pki.write_private(path, text.encode())
+        write_private(path, text.encode())
         user = self.config.user_config
         if user is not None and not user.exists():
-            pki.write_private(user, text.encode())
+            write_private(user, text.encode())
             log.info("wrote %s", user)
 
     def _tls_files(self, host: str) -> tuple[str | None, str | None]:

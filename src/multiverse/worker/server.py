@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 
 from multiverse.core.errors import InvalidArgument, MultiverseError
+from multiverse.core.files import private_dir
 from multiverse.core.model import Resources
 from multiverse.drivers.base import Driver
 from multiverse.wire import pki
@@ -17,7 +18,7 @@ from multiverse.wire.convert import GRPC_SERVER_OPTIONS, listen_grpc, split_addr
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
 from multiverse.worker.agent import Agent, AgentServicer, Ctx
 from multiverse.worker.localstore import LocalStore
-from multiverse.worker.sync import Identity, join, observe_forever, sync_forever
+from multiverse.worker.sync import Identity, join, observe_forever, renew_forever, sync_forever
 
 log = logging.getLogger("multiverse.worker")
 
@@ -32,7 +33,7 @@ class WorkerConfig:
     listen: str = "0.0.0.0:1339"
     advertise: str = ""
     name: str = ""
-    driver: str = "fake"
+    driver: str = "qemu"
     labels: dict[str, str] = field(default_factory=dict)
     capacity: Resources | None = None
     sync_interval: float = 5.0
@@ -73,7 +74,7 @@ class Worker:
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(config.data_dir)  # its key, its VMs' user data
         self.agent = Agent(make_driver(config), LocalStore(config.data_dir / "worker.db"))
         self.identity: Identity | None = None
         self._server: grpc.aio.Server | None = None
@@ -115,6 +116,7 @@ class Worker:
                 sync_forever(config.master, self.identity, self.agent, config.sync_interval)
             ),
             asyncio.create_task(observe_forever(self.agent, config.sync_interval)),
+            asyncio.create_task(renew_forever(config.master, self.identity, config.data_dir)),
         ]
         return self.identity
 
