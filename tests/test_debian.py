@@ -18,6 +18,7 @@ import pytest
 from harness import IMAGE_CACHE, Cluster, new_cluster, qemu_processes_under
 
 from multiverse.guest.debian import DISK_FILE, build_debian_image, image_is_valid
+from multiverse.guest.ssh import announced_host_key
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -72,6 +73,13 @@ def test_debian_guest_runs_cloud_init_and_keeps_its_root_fs(
     size = cluster.ok("exec", "deb-one", "--", "df", "-B1", "--output=size", "/").out.split()[-1]
     assert 3.5 * 2**30 < int(size) <= 4 * 2**30
 
+    # The host key cloud-init made is announced on the console and pinned by the driver; the
+    # exec after the restart below only connects if the guest still offers that key.
+    vm_dir = cluster.root / "node-a" / "qemu" / "vms" / instance["id"]
+    pinned = (vm_dir / "ssh_host_key.pub").read_text().split()[:2]
+    announced = announced_host_key((vm_dir / "serial.log").read_text(errors="replace"))
+    assert announced is not None and announced.split() == pinned
+
     cluster.ok("exec", "deb-one", "--", "sh", "-c", "echo kept > /var/kept && sync")
     cluster.ok("stop", "deb-one", "--timeout", BOOT_TIMEOUT, timeout=float(BOOT_TIMEOUT))
     assert cluster.instances()["deb-one"]["state"] == "Stopped"
@@ -83,7 +91,6 @@ def test_debian_guest_runs_cloud_init_and_keeps_its_root_fs(
     # Same instance id in the seed: cloud-init's once-per-instance steps did not run again.
     assert cluster.ok("exec", "deb-one", "--", "cat", "/var/lib/proof/runs").out == "deb-one ran\n"
 
-    vm_dir = cluster.root / "node-a" / "qemu" / "vms" / instance["id"]
     info = json.loads(
         subprocess.run(
             ["qemu-img", "info", "--output", "json", "-U", str(vm_dir / "disk.img")],

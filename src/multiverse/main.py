@@ -458,13 +458,16 @@ def image() -> None:
     """Guest images on this host."""
 
 
-@image.command(name="build-test")
-@data_dir_option
-@click.option(
+images_dir_option = click.option(
     "--images-dir",
     type=click.Path(file_okay=False, path_type=Path),
     help="Where to put it (default: <data-dir>/images).",
 )
+
+
+@image.command(name="build-test")
+@data_dir_option
+@images_dir_option
 def image_build_test(data_dir: Path, images_dir: Path | None) -> None:
     """Build the tiny test guest from Debian packages (cached; a no-op once built)."""
     built = _build_test_image(images_dir or data_dir / "images")
@@ -478,11 +481,7 @@ def image_build() -> None:
 
 @image_build.command(name="debian")
 @data_dir_option
-@click.option(
-    "--images-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Where to put it (default: <data-dir>/images).",
-)
+@images_dir_option
 def image_build_debian(data_dir: Path, images_dir: Path | None) -> None:
     """Build the Debian 12 guest (systemd, OpenSSH, cloud-init) with debootstrap; cached, and
     its slow debootstrap step cached apart. Needs root."""

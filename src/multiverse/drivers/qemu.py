@@ -35,7 +35,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -420,20 +420,14 @@ def make_data_disk(path: Path, size: int) -> None:
     mkfs = shutil.which("mkfs.ext4", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
     if mkfs is None:
         raise DriverError("mkfs.ext4 not found: install e2fsprogs")
-    partial = path.with_name(path.name + ".part")
-    with partial.open("wb") as file:
-        file.truncate(size)
-    result = subprocess.run(
-        [mkfs, "-q", "-F", "-L", "data", "-E", "lazy_itable_init=1,lazy_journal_init=1",
-         str(partial)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )  # fmt: skip
-    if result.returncode != 0:
-        partial.unlink(missing_ok=True)
-        raise DriverError(f"mkfs.ext4 failed: {result.stderr.strip()}")
-    partial.rename(path)
+
+    def command(partial: Path) -> list[str]:
+        with partial.open("wb") as file:
+            file.truncate(size)
+        return [mkfs, "-q", "-F", "-L", "data", "-E", "lazy_itable_init=1,lazy_journal_init=1",
+                str(partial)]  # fmt: skip
+
+    _make_file(path, command)
 
 
 def guest_mac(vm_id: str) -> str:
@@ -449,17 +443,22 @@ def make_overlay(path: Path, base: Path, base_format: str, size: int) -> None:
     The base is named by its absolute path (qemu-img records it in the overlay), so it must
     stay where it is while the overlay exists.
     """
-    partial = path.with_name(path.name + ".part")
-    result = subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format,
-         "-b", str(base.resolve()), str(partial), str(size)],
-        capture_output=True,
-        text=True,
-        check=False,
+    _make_file(
+        path,
+        lambda partial: ["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format,
+                         "-b", str(base.resolve()), str(partial), str(size)],
     )  # fmt: skip
+
+
+def _make_file(path: Path, command: Callable[[Path], Sequence[str]]) -> None:
+    """Run the command ``command(partial)`` gives, which writes the file at ``partial``, then
+    move it to ``path``: a failure or a crash leaves no half-made disk under its real name."""
+    partial = path.with_name(path.name + ".part")
+    argv = command(partial)
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         partial.unlink(missing_ok=True)
-        raise DriverError(f"qemu-img create failed: {result.stderr.strip()}")
+        raise DriverError(f"{Path(argv[0]).name} failed: {result.stderr.strip()}")
     partial.rename(path)
 
 

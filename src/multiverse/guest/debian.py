@@ -47,6 +47,7 @@ from multiverse.guest.image import (
     Progress,
     extract_vmlinux,
 )
+from multiverse.guest.image import image_is_valid as manifest_is_valid
 
 DEBIAN_IMAGE = "debian"
 IMAGE_KIND = "disk"
@@ -203,18 +204,8 @@ def build_debian_image(images_dir: Path, progress: Progress | None = None) -> Pa
 
 
 def image_is_valid(image_dir: Path) -> bool:
-    """Whether ``image_dir`` holds a complete image of the current recipe with intact files."""
-    try:
-        manifest = json.loads((image_dir / MANIFEST_FILE).read_text())
-        if manifest.get("recipe") != recipe_digest():
-            return False
-        for name, entry in manifest["files"].items():
-            path = image_dir / name
-            if path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
-                return False
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-    return True
+    """Whether ``image_dir`` holds a complete Debian image of this recipe with intact files."""
+    return manifest_is_valid(image_dir, recipe_digest())
 
 
 def recipe_digest() -> str:
