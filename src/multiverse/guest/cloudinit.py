@@ -41,10 +41,13 @@ CLOUD_CONFIG_HEADER = "#cloud-config"
 # The seed's files, in the order they are written; their ISO 9660 level-1 names are derived.
 SEED_FILES = ("meta-data", "user-data", "vendor-data", "network-config")
 NIC_NAME = "eth0"
+# The boot hint (an image manifest's ``boot.seed``) of images whose guest reads this seed.
+SEED_NOCLOUD = "nocloud"
 
 __all__ = [
     "SEED_FILES",
     "SEED_LABEL",
+    "SEED_NOCLOUD",
     "GuestNetwork",
     "Seed",
     "read_seed_iso",

@@ -11,7 +11,8 @@ Output, an image directory ``<images_dir>/debian/`` (the image store imports it 
   inside the image with just the modules that find and mount the root disk.
 - ``image.json``: like the tiny image's manifest (name, kind "disk", files with sha256 and
   size, digest, release) plus ``boot``: which file is the kernel, the initrd and the disk, the
-  kernel command line, and that cloud-init configures the guest (a NoCloud seed is wanted).
+  kernel command line, and ``seed: nocloud``: cloud-init configures the guest from a NoCloud
+  seed the driver attaches.
 
 Why debootstrap and an external kernel: everything comes from the Debian archive through
 Debian's own installer, and ``mkfs.ext4 -d`` turns the tree into a file system without loop
@@ -37,6 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from multiverse.core.sizes import GiB
+from multiverse.guest.cloudinit import SEED_NOCLOUD
 from multiverse.guest.image import (
     BOOT_OK_MARKER,
     HOST_KEY_MARKER,
@@ -351,14 +353,14 @@ def _write_image(root: Path, out: Path, kernel_version: str, progress: Progress)
         "size": sum(sizes.values()),
         "digest": "sha256:" + hashlib.sha256(summary.encode()).hexdigest(),
         "files": {name: {"sha256": digests[name], "size": sizes[name]} for name in names},
+        # Strings only, as the image store keeps boot hints; "seed": what configures the guest.
         "boot": {
             "kernel": KERNEL_FILE,
             "initrd": INITRD_FILE,
             "disk": DISK_FILE,
-            "disk_format": DISK_FORMAT,
-            "disk_size": DISK_SIZE,
+            "format": DISK_FORMAT,
             "cmdline": KERNEL_CMDLINE,
-            "cloud_init": True,
+            "seed": SEED_NOCLOUD,
         },
         "packages": sorted(packages),
         "recipe": recipe_digest(),
