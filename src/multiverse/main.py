@@ -493,7 +493,7 @@ def image_build_debian(data_dir: Path, images_dir: Path | None) -> None:
     started = time.monotonic()
     console = Console(stderr=True)
     columns = (SpinnerColumn(), TimeElapsedColumn(), TextColumn("{task.description}"))
-    with Progress(*columns, console=console) as progress:
+    with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("debian image: checking the cache")
 
         def step(message: str) -> None:

@@ -230,7 +230,7 @@ def bootstrap(cache_dir: Path, progress: Progress) -> Path:
     key = bootstrap_key()
     done = cache_dir / f"debian-{SUITE}-{key}"
     if (done / "etc" / "debian_version").is_file():
-        progress(f"debootstrap: cached in {done}")
+        progress(f"using the debootstrapped system cached in {done}")
         return done
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = done.with_name(done.name + ".partial")
