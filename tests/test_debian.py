@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from harness import IMAGE_CACHE, Cluster, new_cluster, qemu_processes_under
 
+from multiverse.drivers.qemu import BASE_FILE
 from multiverse.guest.debian import DISK_FILE, build_debian_image, image_is_valid
 from multiverse.guest.ssh import announced_host_key
 
@@ -98,7 +99,8 @@ def test_debian_guest_runs_cloud_init_and_keeps_its_root_fs(
         ).stdout
     )  # fmt: skip
     assert info["format"] == "qcow2" and info["virtual-size"] == 4 * 2**30
-    assert Path(info["backing-filename"]) == (debian_image / DISK_FILE).resolve()
+    assert info["backing-filename"] == BASE_FILE
+    assert (vm_dir / BASE_FILE).samefile(debian_image / DISK_FILE)
 
     cluster.ok("delete", "deb-one", "--timeout", BOOT_TIMEOUT, timeout=float(BOOT_TIMEOUT))
     assert not vm_dir.exists()

@@ -6,8 +6,9 @@ Each VM lives in ``<state_dir>/vms/<uuid>/``:
 - ``disk.img``: its disk. For a ``kernel+initrd`` image (the tiny guest) a data disk: a sparse
   raw file formatted ext4 on the host (``mkfs.ext4``), so the guest mounts it at once and no
   qemu-img or partitioning is involved. For a ``disk`` image (the Debian guest) a qcow2
-  overlay on the image's base disk, grown to the VM's disk size: the VM's whole root file
-  system, kept across stop/start; deleting the VM deletes the overlay only;
+  overlay on ``base.img`` (the image's disk, hard-linked: see :func:`hold_base`), grown to the
+  VM's disk size: the VM's whole root file system, kept across stop/start; deleting the VM
+  deletes the overlay and its link only;
 - ``hostname``, ``authorized_keys``, ``network``: the per-VM configuration the tiny guest reads
   through fw_cfg (see :mod:`multiverse.guest.image`); ``seed.iso``: the same for a ``disk``
   image's cloud-init (its NoCloud seed, see :mod:`multiverse.guest.cloudinit`), with the
@@ -93,6 +94,7 @@ TCG_KERNEL_CMDLINE = "mitigations=off acpi=noirq"
 ACCEL_ENV = "MULTIVERSE_QEMU_ACCEL"
 _PORT_TAKEN = "Could not set up host forwarding rule"
 SEED_FILE = "seed.iso"
+BASE_FILE = "base.img"  # a disk image's base disk, held by the VM (see hold_base)
 # A guest configured by cloud-init answers SSH before cloud-init has run the user's steps;
 # the VM counts as running once this returns, as Multipass waits for cloud-init too.
 CLOUD_INIT_WAIT = ("cloud-init", "status", "--wait")
@@ -193,7 +195,9 @@ class QemuDriver(ProcessDriver):
         if boot.disk is None:
             make_data_disk(path, vm.disk)
         else:
-            make_overlay(path, boot.disk, boot.disk_format, vm.disk)
+            base = path.with_name(BASE_FILE)
+            hold_base(boot.disk, base)
+            make_overlay(path, base, boot.disk_format, vm.disk)
 
     async def _boot(self, vm: VMConfig) -> None:
         """Start QEMU and wait until the guest's SSH answers; on failure leave nothing running."""
@@ -443,16 +447,34 @@ def guest_mac(vm_id: str) -> str:
     return "52:54:00:" + ":".join(f"{byte:02x}" for byte in digest[:3])
 
 
+def hold_base(image_disk: Path, base: Path) -> None:
+    """Give the VM its own name for its base disk: a hard link to the image's disk (a copy
+    across file systems).
+
+    Why: an overlay is only valid on the very bytes it was made on. Rebuilding or re-pulling
+    the image replaces its files; the VM keeps the old ones through its link, where a path into
+    the image directory would silently give it a different disk under its blocks.
+    """
+    partial = base.with_name(base.name + ".part")
+    partial.unlink(missing_ok=True)
+    try:
+        os.link(image_disk, partial)
+    except OSError:
+        shutil.copyfile(image_disk, partial)
+    partial.rename(base)
+
+
 def make_overlay(path: Path, base: Path, base_format: str, size: int) -> None:
     """A qcow2 file of ``size`` bytes that reads ``base`` and keeps every write itself.
 
-    The base is named by its absolute path (qemu-img records it in the overlay), so it must
-    stay where it is while the overlay exists.
+    The base is recorded by its name relative to the overlay (both are in the VM's directory),
+    so the VM's directory may move.
     """
+    relative = os.path.relpath(base, path.parent)
     _make_file(
         path,
         lambda partial: ["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format,
-                         "-b", str(base.resolve()), str(partial), str(size)],
+                         "-b", relative, str(partial), str(size)],
     )  # fmt: skip
 
 

@@ -197,4 +197,5 @@ def _iso9660_name(name: str) -> str:
 
 
 def _yaml(data: Mapping[str, Any]) -> str:
-    return yaml.safe_dump(dict(data), sort_keys=False, default_flow_style=False)
+    # No folding of long lines: keys stay one line each, greppable in the guest.
+    return yaml.safe_dump(dict(data), sort_keys=False, default_flow_style=False, width=1 << 16)
