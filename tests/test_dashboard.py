@@ -7,16 +7,15 @@ Screenshots land in .data/screenshots (docs/dashboard-overview.png is one of the
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import websockets
+import websockets.sync.client
 from harness import REPO, Cluster, new_cluster
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
@@ -102,7 +101,7 @@ def test_admin_launches_uses_the_terminal_and_deletes(ui: Cluster, page: Page) -
     expect(page.locator(".node-card")).to_have_count(2)
     expect(page.locator("#total-nodes")).to_have_text("2/2")
     assert accessibility_problems(page) == []
-    shutil.copyfile(screenshot(page, "overview"), SCREENSHOTS / "overview-empty.png")
+    screenshot(page, "overview-empty")
 
     page.get_by_role("link", name="Launch").click()
     page.get_by_label("Name").fill("web-1")
@@ -126,7 +125,7 @@ def test_admin_launches_uses_the_terminal_and_deletes(ui: Cluster, page: Page) -
     )
     first = terminal_sizes(page)[-1]
     shown = page.get_by_role("status").filter(has_text="connected").inner_text()
-    assert f"({first[1]}×{first[0]})" in shown  # what xterm.js fitted is what the shell has
+    assert f"({first[1]}x{first[0]})" in shown  # what xterm.js fitted is what the shell has
     assert first[0] > 5 and first[1] > 40
 
     page.set_viewport_size({"width": 375, "height": 700})  # a phone: the terminal follows
@@ -139,7 +138,7 @@ def test_admin_launches_uses_the_terminal_and_deletes(ui: Cluster, page: Page) -
     second = terminal_sizes(page)[-1]
     assert second != first and second[1] < first[1]
     shown = page.get_by_role("status").filter(has_text="connected").inner_text()
-    assert f"({second[1]}×{second[0]})" in shown
+    assert f"({second[1]}x{second[0]})" in shown
     page.set_viewport_size({"width": 1280, "height": 900})
     page.locator("#terminal").scroll_into_view_if_needed()
     screenshot(page, "terminal")
@@ -153,11 +152,16 @@ def test_admin_launches_uses_the_terminal_and_deletes(ui: Cluster, page: Page) -
 def test_overview_is_live_and_fits_a_phone(ui: Cluster, page: Page) -> None:
     page.set_viewport_size({"width": 375, "height": 800})
     log_in(page, ui, ui.token)
-    ui.ok("launch", "--name", "live-1", "--node", "node-a")  # from elsewhere: the CLI
+    # Launched and stopped from elsewhere (the CLI): the open page follows the events stream.
+    ui.ok("launch", "--name", "live-1", "--node", "node-a")
+    ui.ok("launch", "--name", "live-2", "--node", "node-b", "--cpus", "2", "--memory", "4G")
     try:
-        row = page.get_by_role("row").filter(has=page.get_by_role("link", name="live-1"))
-        expect(row).to_contain_text("Running")
-        expect(page.locator(".events")).to_contain_text("live-1")
+        ui.ok("stop", "live-2")
+        for name, state in (("live-1", "Running"), ("live-2", "Stopped")):
+            row = page.get_by_role("row").filter(has=page.get_by_role("link", name=name))
+            expect(row).to_contain_text(state)
+        expect(page.locator(".events")).to_contain_text("live-2: Stopping → Stopped")
+        expect(page.locator("#total-instances")).to_have_text("2")
         assert page.evaluate("document.documentElement.scrollWidth") <= 375
         assert accessibility_problems(page) == []
         screenshot(page, "overview-phone")
@@ -165,6 +169,7 @@ def test_overview_is_live_and_fits_a_phone(ui: Cluster, page: Page) -> None:
         screenshot(page, "overview")
     finally:
         ui.ok("delete", "live-1")
+        ui.ok("delete", "live-2")
 
 
 def test_launch_that_fits_nowhere_shows_each_nodes_reason(ui: Cluster, page: Page) -> None:
@@ -198,7 +203,8 @@ def test_viewer_sees_no_write_buttons_and_the_api_refuses_it(ui: Cluster, page: 
         # The page hides the buttons; the API refuses the writes whatever a page does.
         refused = page.evaluate(
             """async () => {
-              const headers = {Authorization: `Bearer ${sessionStorage.getItem("multiverse.token")}`};
+              const token = sessionStorage.getItem("multiverse.token");
+              const headers = {Authorization: `Bearer ${token}`};
               const calls = [["POST", "instances/seen/stop"], ["DELETE", "instances/seen"],
                              ["POST", "nodes/node-a/cordon"], ["GET", "tokens"]];
               const out = [];
@@ -261,22 +267,22 @@ def test_websocket_token_as_a_subprotocol(ui: Cluster) -> None:
     """A browser cannot send Authorization on a WebSocket: the token rides as a subprotocol,
     and the server answers with the plain protocol name, never echoing the token."""
 
-    async def connect(protocols: list[str]) -> str | None:
-        async with websockets.connect(
-            f"{ui.ws}/api/v1/events", ssl=ui.ssl_context, subprotocols=protocols  # type: ignore[arg-type]
+    def connect(protocols: list[str]) -> str | None:
+        with websockets.sync.client.connect(
+            f"{ui.ws}/api/v1/events",
+            ssl=ui.ssl_context,
+            subprotocols=protocols,  # type: ignore[arg-type]
         ) as ws:
             return ws.subprotocol
 
-    assert asyncio.run(connect(["multiverse.v1", f"bearer.multiverse.{ui.token}"])) == (
-        "multiverse.v1"
-    )
+    token = f"bearer.multiverse.{ui.token}"
+    assert connect(["multiverse.v1", token]) == "multiverse.v1"
     for protocols in (["multiverse.v1", "bearer.multiverse.mva.00.wrong"], ["multiverse.v1"]):
         with pytest.raises(websockets.InvalidStatus) as refused:
-            asyncio.run(connect(protocols))
+            connect(protocols)
         assert refused.value.response.status_code == 401
-        assert json.loads(refused.value.response.body or b"{}")["error"]["code"] == (
-            "unauthenticated"
-        )
+        body = json.loads(refused.value.response.body or b"{}")
+        assert body["error"]["code"] == "unauthenticated"
 
 
 def test_pages_are_served_with_a_strict_policy(ui: Cluster) -> None:

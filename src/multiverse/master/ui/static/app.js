@@ -54,6 +54,7 @@ function ago(iso) {
   return `${Math.round(seconds / 3600)} h ago`;
 }
 
+const plural = (count, word) => (count === 1 ? word : `${word}s`);
 const badge = (text) => h("span", { class: `badge s-${String(text).toLowerCase()}` }, text);
 
 function bar(label, used, total, format = String) {
@@ -63,7 +64,7 @@ function bar(label, used, total, format = String) {
     { class: "bar" },
     h("span", { class: "bar-label" }, label),
     h("progress", { max: total || 1, value: used, "aria-label": `${label} ${share}%` }),
-    h("span", { class: "bar-text" }, `${format(used)} / ${format(total)}`),
+    h("span", { class: "bar-text" }, `${format(used)} of ${format(total)} allocated`),
   );
 }
 
@@ -232,7 +233,7 @@ async function overview() {
         "div",
         { class: "totals" },
         h("div", { class: "total" }, h("strong", { id: "total-nodes" }, `${ready}/${nodes.length}`), " nodes ready"),
-        h("div", { class: "total" }, h("strong", {}, instances.length), " instances"),
+        h("div", { class: "total" }, h("strong", { id: "total-instances" }, instances.length), plural(instances.length, " instance")),
         bar("CPU", allocated("cpus"), sum("cpus", "total")),
         bar("Memory", allocated("memory"), sum("memory", "total"), bytes),
         bar("Disk", allocated("disk"), sum("disk", "total"), bytes),
@@ -250,7 +251,7 @@ async function overview() {
             "li",
             { class: "card node-card", "data-node": node.name },
             h("h3", {}, nodeLink(node.name), " ", badge(node.status), node.cordoned ? badge("Cordoned") : ""),
-            h("p", { class: "muted" }, `${node.driver} · ${node.instances} instances · synced `,
+            h("p", { class: "muted" }, `${node.driver} · ${node.instances}${plural(node.instances, " instance")} · synced `,
               h("time", { datetime: node.last_sync || "", title: node.last_sync || "" }, ago(node.last_sync))),
             bar("CPU", node.cpus.total - node.cpus.free, node.cpus.total),
             bar("Memory", node.memory.total - node.memory.free, node.memory.total, bytes),
@@ -427,7 +428,7 @@ function terminalSection(name, path) {
     const ws = socket(`${path}/shell?cols=${term.cols}&rows=${term.rows}`);
     const encoder = new TextEncoder();
     ws.onopen = () => {
-      status.textContent = `connected (${term.cols}×${term.rows})`;
+      status.textContent = `connected (${term.cols}x${term.rows})`;
       term.focus();
     };
     ws.onmessage = (message) => {
@@ -445,7 +446,7 @@ function terminalSection(name, path) {
     };
     term.onData((data) => ws.readyState === WebSocket.OPEN && ws.send(encoder.encode(data)));
     term.onResize(({ cols, rows }) => {
-      status.textContent = `connected (${cols}×${rows})`;
+      status.textContent = `connected (${cols}x${rows})`;
       if (ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "resize", cols, rows }));
     });
     const refit = () => fit.fit();
