@@ -9,6 +9,7 @@ const ROLE = "multiverse.role";
 const WS_PROTOCOL = "multiverse.v1";
 const WS_BEARER = "bearer.multiverse.";
 const MAX_EVENTS = 50;
+const DEFAULT_IMAGE = "tiny"; // the API's default, as `multiverse launch` without --image
 
 const view = document.getElementById("view");
 const state = { events: [], eventSocket: null, listeners: new Set(), cleanup: [] };
@@ -477,8 +478,8 @@ async function launchPage() {
     field("name", "Name", h("input", { id: "name", name: "name", required: true, maxlength: 63, pattern: "[A-Za-z][A-Za-z0-9-]*", autocomplete: "off" }),
       "Letters, digits and hyphens; starts with a letter."),
     field("image", "Image", h("select", { id: "image", name: "image" },
-      images.length ? images.map((i) => h("option", { value: i.name }, `${i.name} (${i.kind}, on ${i.nodes.join(", ")})`))
-        : h("option", { value: "tiny" }, "tiny"))),
+      images.length ? images.map((i) => h("option", { value: i.name, selected: i.name === DEFAULT_IMAGE }, `${i.name} (${i.kind}, on ${i.nodes.join(", ")})`))
+        : h("option", { value: DEFAULT_IMAGE }, DEFAULT_IMAGE))),
     field("cpus", "CPUs", h("input", { id: "cpus", name: "cpus", type: "number", min: 1, value: 1, required: true })),
     field("memory", "Memory", h("input", { id: "memory", name: "memory", value: "1G", required: true }), "e.g. 512M, 2G"),
     field("disk", "Disk", h("input", { id: "disk", name: "disk", value: "5G", required: true })),
