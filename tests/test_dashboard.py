@@ -24,6 +24,7 @@ AXE = REPO / "web" / "node_modules" / "axe-core" / "axe.min.js"  # `make ui` ins
 SCREENSHOTS = REPO / ".data" / "screenshots"
 UI_BUILT = REPO / "src" / "multiverse" / "master" / "ui" / "static" / "vendor" / "xterm.js"
 WAIT = 60_000  # ms; the machine is shared and slow at times
+expect.set_options(timeout=WAIT)
 
 if not (CHROMIUM.exists() and AXE.exists() and UI_BUILT.exists()):
     pytest.fail(
@@ -199,6 +200,32 @@ def test_launch_that_fits_nowhere_shows_each_nodes_reason(ui: Cluster, page: Pag
     assert "too-big" not in ui.instances()
 
 
+def test_node_page_asks_before_it_cordons(ui: Cluster, page: Page) -> None:
+    log_in(page, ui, ui.token)
+    page.get_by_role("link", name="node-a").click()
+    expect(page.get_by_role("heading", name=re.compile("Node node-a"))).to_be_visible()
+    assert accessibility_problems(page) == []
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    page.get_by_role("button", name="Cordon").click()
+    expect(page.get_by_role("button", name="Cordon")).to_be_enabled()
+    assert ui.node("node-a")["cordoned"] is False  # dismissed: nothing was asked of the API
+    try:
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.get_by_role("button", name="Cordon").click()
+        expect(page.locator("h1")).to_contain_text("Cordoned")  # redrawn by the node event
+        assert ui.node("node-a")["cordoned"] is True
+        page.get_by_role("button", name="Uncordon").click()
+        expect(page.locator("h1")).not_to_contain_text("Cordoned")
+    finally:
+        ui.ok("node", "uncordon", "node-a")
+    page.get_by_label("Add label").fill("zone=north")
+    page.get_by_role("button", name="Set").click()
+    expect(page.locator(".labels")).to_contain_text("zone=north")
+    page.get_by_role("button", name="Remove zone").click()
+    expect(page.locator("main")).to_contain_text("No labels.")
+    assert "zone" not in ui.node("node-a")["labels"]
+
+
 def test_viewer_sees_no_write_buttons_and_the_api_refuses_it(ui: Cluster, page: Page) -> None:
     viewer = ui.ok("token", "create", "--api", "--role", "viewer").out.strip()
     ui.ok("launch", "--name", "seen", "--node", "node-a")
@@ -310,3 +337,20 @@ def test_pages_are_served_with_a_strict_policy(ui: Cluster) -> None:
     missing = ui.http.get(f"{ui.api}/ui/static/nothing.js")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     assert ui.http.get(f"{ui.api}/api/v1/whoami").status_code == 401
+
+
+def test_a_package_without_built_assets_says_how_to_build_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from multiverse.master import ui as dashboard
+
+    (tmp_path / "index.html").write_text("<!doctype html>")
+    monkeypatch.setattr(dashboard, "STATIC", tmp_path)  # as a tree where `make ui` never ran
+    app = FastAPI()
+    dashboard.mount(app)
+    response = TestClient(app).get("/ui/")
+    assert response.status_code == 503
+    assert "make ui" in response.json()["error"]["message"]
