@@ -88,13 +88,36 @@ function table(headers, rows, empty = "None.") {
     h(
       "table",
       {},
-      h("thead", {}, h("tr", {}, headers.map((text) => h("th", { scope: "col" }, text)))),
-      h("tbody", {}, rows.map((cells) => h("tr", {}, cells.map((cell) => h("td", {}, cell))))),
+      h(
+        "thead",
+        {},
+        h(
+          "tr",
+          {},
+          headers.map((text) => h("th", { scope: "col" }, text)),
+        ),
+      ),
+      h(
+        "tbody",
+        {},
+        rows.map((cells) =>
+          h(
+            "tr",
+            {},
+            cells.map((cell) => h("td", {}, cell)),
+          ),
+        ),
+      ),
     ),
   );
 }
 
-const dl = (pairs) => h("dl", { class: "facts" }, pairs.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v ?? "—")]));
+const dl = (pairs) =>
+  h(
+    "dl",
+    { class: "facts" },
+    pairs.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v ?? "—")]),
+  );
 
 // ---- the API ----
 
@@ -166,7 +189,8 @@ function onEvents(listener) {
 
 function describe(event) {
   if (event.type === "instance") return `${event.name}: ${event.old || "new"} → ${event.state}`;
-  if (event.type === "node") return `node ${event.name}: ${event.status}${event.cordoned ? " (cordoned)" : ""}`;
+  if (event.type === "node")
+    return `node ${event.name}: ${event.status}${event.cordoned ? " (cordoned)" : ""}`;
   if (event.type === "operation") {
     return `${event.action} ${event.target}: ${event.status}${event.error ? ` (${event.error})` : ""}`;
   }
@@ -178,9 +202,17 @@ function eventList() {
   const fill = () =>
     list.replaceChildren(
       ...(state.events.length
-        ? state.events.slice(0, 20).map((event) =>
-            h("li", {}, h("time", { datetime: event.time }, event.time.slice(11, 19)), " ", describe(event)),
-          )
+        ? state.events
+            .slice(0, 20)
+            .map((event) =>
+              h(
+                "li",
+                {},
+                h("time", { datetime: event.time }, event.time.slice(11, 19)),
+                " ",
+                describe(event),
+              ),
+            )
         : [h("li", { class: "muted" }, "No events since this page opened.")]),
     );
   fill();
@@ -233,8 +265,18 @@ async function overview() {
       h(
         "div",
         { class: "totals" },
-        h("div", { class: "total" }, h("strong", { id: "total-nodes" }, `${ready}/${nodes.length}`), " nodes ready"),
-        h("div", { class: "total" }, h("strong", { id: "total-instances" }, instances.length), plural(instances.length, " instance")),
+        h(
+          "div",
+          { class: "total" },
+          h("strong", { id: "total-nodes" }, `${ready}/${nodes.length}`),
+          " nodes ready",
+        ),
+        h(
+          "div",
+          { class: "total" },
+          h("strong", { id: "total-instances" }, instances.length),
+          plural(instances.length, " instance"),
+        ),
         bar("CPU", allocated("cpus"), sum("cpus", "total")),
         bar("Memory", allocated("memory"), sum("memory", "total"), bytes),
         bar("Disk", allocated("disk"), sum("disk", "total"), bytes),
@@ -252,40 +294,74 @@ async function overview() {
             "li",
             { class: "card node-card", "data-node": node.name },
             h("h3", {}, nodeLink(node.name), " ", badge(node.status), node.cordoned ? badge("Cordoned") : ""),
-            h("p", { class: "muted" }, `${node.driver} · ${node.instances}${plural(node.instances, " instance")} · synced `,
-              h("time", { datetime: node.last_sync || "", title: node.last_sync || "" }, ago(node.last_sync))),
+            h(
+              "p",
+              { class: "muted" },
+              `${node.driver} · ${node.instances}${plural(node.instances, " instance")} · synced `,
+              h("time", { datetime: node.last_sync || "", title: node.last_sync || "" }, ago(node.last_sync)),
+            ),
             bar("CPU", node.cpus.total - node.cpus.free, node.cpus.total),
             bar("Memory", node.memory.total - node.memory.free, node.memory.total, bytes),
             bar("Disk", node.disk.total - node.disk.free, node.disk.total, bytes),
           ),
         ),
       ),
-      nodes.length ? "" : h("p", { class: "muted" }, "No node has joined yet: `multiverse token create`, then `multiverse worker`."),
+      nodes.length
+        ? ""
+        : h(
+            "p",
+            { class: "muted" },
+            "No node has joined yet: `multiverse token create`, then `multiverse worker`.",
+          ),
     ),
     h(
       "section",
       { "aria-labelledby": "instances-h" },
       h("h2", { id: "instances-h" }, "Instances"),
-      h("p", { class: "states" }, Object.entries(byState).sort().map(([name, count]) => h("span", {}, badge(name), ` ${count} `))),
+      h(
+        "p",
+        { class: "states" },
+        Object.entries(byState)
+          .sort()
+          .map(([name, count]) => h("span", {}, badge(name), ` ${count} `)),
+      ),
       instanceTable(instances),
     ),
-    h("section", { "aria-labelledby": "events-h" }, h("h2", { id: "events-h" }, "Recent events"), eventList()),
+    h(
+      "section",
+      { "aria-labelledby": "events-h" },
+      h("h2", { id: "events-h" }, "Recent events"),
+      eventList(),
+    ),
   ];
 }
 
 function instanceTable(instances) {
   return table(
     ["Name", "State", "Node", "IPv4", "Image", "CPUs", "Memory"],
-    instances.map((i) => [instanceLink(i.name), badge(i.state), nodeLink(i.node), i.ipv4 || "—", i.image, i.cpus, bytes(i.memory)]),
+    instances.map((i) => [
+      instanceLink(i.name),
+      badge(i.state),
+      nodeLink(i.node),
+      i.ipv4 || "—",
+      i.image,
+      i.cpus,
+      bytes(i.memory),
+    ]),
     "No instances.",
   );
 }
 
 async function nodePage(name) {
-  const [node, instances] = await Promise.all([api("GET", `nodes/${encodeURIComponent(name)}`), api("GET", "instances")]);
+  const [node, instances] = await Promise.all([
+    api("GET", `nodes/${encodeURIComponent(name)}`),
+    api("GET", "instances"),
+  ]);
   const path = `nodes/${encodeURIComponent(name)}`;
   const maintain = (action, text) =>
-    actionButton(action[0].toUpperCase() + action.slice(1), () => api("POST", `${path}/${action}`), { confirmText: text });
+    actionButton(action[0].toUpperCase() + action.slice(1), () => api("POST", `${path}/${action}`), {
+      confirmText: text,
+    });
   const labels = Object.entries(node.labels);
   return [
     h("h1", {}, `Node ${node.name} `, badge(node.status), node.cordoned ? badge("Cordoned") : ""),
@@ -306,17 +382,34 @@ async function nodePage(name) {
       ["Address", node.address],
       ["IPv4", node.ipv4],
       ["Version", node.version],
-      ["Last sync", h("time", { datetime: node.last_sync || "" }, `${node.last_sync || "never"} (${ago(node.last_sync)})`)],
+      [
+        "Last sync",
+        h(
+          "time",
+          { datetime: node.last_sync || "" },
+          `${node.last_sync || "never"} (${ago(node.last_sync)})`,
+        ),
+      ],
     ]),
     bar("CPU", node.cpus.total - node.cpus.free, node.cpus.total),
     bar("Memory", node.memory.total - node.memory.free, node.memory.total, bytes),
     bar("Disk", node.disk.total - node.disk.free, node.disk.total, bytes),
     h("h2", {}, "Labels"),
     labels.length
-      ? h("ul", { class: "labels" }, labels.map(([k, v]) => h("li", {}, h("code", {}, `${k}=${v}`),
-          isAdmin() && k in node.admin_labels
-            ? actionButton(`Remove ${k}`, () => api("PATCH", `${path}/labels`, { labels: { [k]: null } }))
-            : "")))
+      ? h(
+          "ul",
+          { class: "labels" },
+          labels.map(([k, v]) =>
+            h(
+              "li",
+              {},
+              h("code", {}, `${k}=${v}`),
+              isAdmin() && k in node.admin_labels
+                ? actionButton(`Remove ${k}`, () => api("PATCH", `${path}/labels`, { labels: { [k]: null } }))
+                : "",
+            ),
+          ),
+        )
       : h("p", { class: "muted" }, "No labels."),
     isAdmin() ? labelForm(path) : "",
     h("h2", {}, "Instances"),
@@ -325,7 +418,13 @@ async function nodePage(name) {
 }
 
 function labelForm(path) {
-  const input = h("input", { id: "label", name: "label", placeholder: "key=value", required: true, pattern: "[^=]+=.*" });
+  const input = h("input", {
+    id: "label",
+    name: "label",
+    placeholder: "key=value",
+    required: true,
+    pattern: "[^=]+=.*",
+  });
   return h(
     "form",
     {
@@ -366,7 +465,13 @@ async function instancePage(name) {
     const load = info.load ? info.load.map((x) => x.toFixed(2)).join(" ") : "—";
     const usage = (u) => (u ? `${bytes(u.used)} of ${bytes(u.total)}` : "—");
     details.replaceChildren(
-      h("p", { class: "state" }, "State ", h("strong", { id: "state" }, badge(info.state)), ` (desired ${info.desired})`),
+      h(
+        "p",
+        { class: "state" },
+        "State ",
+        h("strong", { id: "state" }, badge(info.state)),
+        ` (desired ${info.desired})`,
+      ),
       info.message ? h("p", { class: "notice" }, info.message) : "",
       isAdmin() ? instanceActions(name, path) : "",
       dl([
@@ -377,7 +482,12 @@ async function instancePage(name) {
         ["CPUs", info.cpus],
         ["Memory", bytes(info.memory)],
         ["Disk", bytes(info.disk)],
-        ["Labels", Object.entries(info.labels).map(([k, v]) => `${k}=${v}`).join(", ") || "—"],
+        [
+          "Labels",
+          Object.entries(info.labels)
+            .map(([k, v]) => `${k}=${v}`)
+            .join(", ") || "—",
+        ],
         ["Created", info.created_at],
         ["Restarts", info.restarts],
         ["Load", load],
@@ -399,8 +509,17 @@ async function instancePage(name) {
   return [
     h("h1", {}, `Instance ${name}`),
     details,
-    isAdmin() ? terminalSection(name, path) : h("p", { class: "muted" }, "The terminal and the console log need an admin token."),
-    isAdmin() ? h("section", { "aria-labelledby": "console-h" }, h("h2", { id: "console-h" }, "Console log"), consoleLog) : "",
+    isAdmin()
+      ? terminalSection(name, path)
+      : h("p", { class: "muted" }, "The terminal and the console log need an admin token."),
+    isAdmin()
+      ? h(
+          "section",
+          { "aria-labelledby": "console-h" },
+          h("h2", { id: "console-h" }, "Console log"),
+          consoleLog,
+        )
+      : "",
   ];
 }
 
@@ -411,7 +530,10 @@ function instanceActions(name, path) {
     actionButton("Start", () => api("POST", `${path}/start`)),
     actionButton("Stop", () => api("POST", `${path}/stop`, {}), { confirmText: `Stop ${name}?` }),
     actionButton("Restart", () => api("POST", `${path}/restart`), { confirmText: `Restart ${name}?` }),
-    actionButton("Delete", () => api("DELETE", path), { confirmText: `Delete ${name} and its disk?`, danger: true }),
+    actionButton("Delete", () => api("DELETE", path), {
+      confirmText: `Delete ${name} and its disk?`,
+      danger: true,
+    }),
   );
 }
 
@@ -475,19 +597,78 @@ async function launchPage() {
   const form = h(
     "form",
     { class: "launch", id: "launch-form" },
-    field("name", "Name", h("input", { id: "name", name: "name", required: true, maxlength: 63, pattern: "[A-Za-z][A-Za-z0-9-]*", autocomplete: "off" }),
-      "Letters, digits and hyphens; starts with a letter."),
-    field("image", "Image", h("select", { id: "image", name: "image" },
-      images.length ? images.map((i) => h("option", { value: i.name, selected: i.name === DEFAULT_IMAGE }, `${i.name} (${i.kind}, on ${i.nodes.join(", ")})`))
-        : h("option", { value: DEFAULT_IMAGE }, DEFAULT_IMAGE))),
-    field("cpus", "CPUs", h("input", { id: "cpus", name: "cpus", type: "number", min: 1, value: 1, required: true })),
-    field("memory", "Memory", h("input", { id: "memory", name: "memory", value: "1G", required: true }), "e.g. 512M, 2G"),
+    field(
+      "name",
+      "Name",
+      h("input", {
+        id: "name",
+        name: "name",
+        required: true,
+        maxlength: 63,
+        pattern: "[A-Za-z][A-Za-z0-9-]*",
+        autocomplete: "off",
+      }),
+      "Letters, digits and hyphens; starts with a letter.",
+    ),
+    field(
+      "image",
+      "Image",
+      h(
+        "select",
+        { id: "image", name: "image" },
+        images.length
+          ? images.map((i) =>
+              h(
+                "option",
+                { value: i.name, selected: i.name === DEFAULT_IMAGE },
+                `${i.name} (${i.kind}, on ${i.nodes.join(", ")})`,
+              ),
+            )
+          : h("option", { value: DEFAULT_IMAGE }, DEFAULT_IMAGE),
+      ),
+    ),
+    field(
+      "cpus",
+      "CPUs",
+      h("input", { id: "cpus", name: "cpus", type: "number", min: 1, value: 1, required: true }),
+    ),
+    field(
+      "memory",
+      "Memory",
+      h("input", { id: "memory", name: "memory", value: "1G", required: true }),
+      "e.g. 512M, 2G",
+    ),
     field("disk", "Disk", h("input", { id: "disk", name: "disk", value: "5G", required: true })),
-    field("node", "Node", h("select", { id: "node", name: "node" }, h("option", { value: "" }, "Any (the scheduler picks)"),
-      nodes.map((n) => h("option", { value: n.name }, `${n.name} (${n.status})`)))),
-    field("selector", "Node selector", h("input", { id: "selector", name: "selector", placeholder: "key=value, key=value" })),
-    field("strategy", "Strategy", h("select", { id: "strategy", name: "strategy" }, h("option", { value: "spread" }, "spread"), h("option", { value: "binpack" }, "binpack"))),
-    field("user_data", "Cloud-init user-data", h("textarea", { id: "user_data", name: "user_data", rows: 4 })),
+    field(
+      "node",
+      "Node",
+      h(
+        "select",
+        { id: "node", name: "node" },
+        h("option", { value: "" }, "Any (the scheduler picks)"),
+        nodes.map((n) => h("option", { value: n.name }, `${n.name} (${n.status})`)),
+      ),
+    ),
+    field(
+      "selector",
+      "Node selector",
+      h("input", { id: "selector", name: "selector", placeholder: "key=value, key=value" }),
+    ),
+    field(
+      "strategy",
+      "Strategy",
+      h(
+        "select",
+        { id: "strategy", name: "strategy" },
+        h("option", { value: "spread" }, "spread"),
+        h("option", { value: "binpack" }, "binpack"),
+      ),
+    ),
+    field(
+      "user_data",
+      "Cloud-init user-data",
+      h("textarea", { id: "user_data", name: "user_data", rows: 4 }),
+    ),
     h("button", { type: "submit" }, "Launch"),
   );
   form.addEventListener("submit", async (submit) => {
@@ -526,10 +707,14 @@ function explain(error) {
   if (error.code !== "unschedulable" || !reasons) return [h("p", { class: "error" }, error.message)];
   return [
     h("p", { class: "error" }, `${head}:`),
-    h("ul", { class: "why", id: "why" }, reasons.split("; ").map((reason) => {
-      const [node, why] = reason.split(/: (.*)/s);
-      return h("li", {}, why ? [h("strong", {}, node), `: ${why}`] : reason);
-    })),
+    h(
+      "ul",
+      { class: "why", id: "why" },
+      reasons.split("; ").map((reason) => {
+        const [node, why] = reason.split(/: (.*)/s);
+        return h("li", {}, why ? [h("strong", {}, node), `: ${why}`] : reason);
+      }),
+    ),
   ];
 }
 
@@ -539,14 +724,40 @@ async function tokensPage() {
   const form = h(
     "form",
     { class: "inline", id: "token-form" },
-    h("div", { class: "field" }, h("label", { for: "kind" }, "Kind"),
-      h("select", { id: "kind", name: "kind" }, h("option", { value: "api" }, "API"), h("option", { value: "join" }, "join (a worker)"))),
-    h("div", { class: "field" }, h("label", { for: "role" }, "Role"),
-      h("select", { id: "role", name: "role" }, h("option", { value: "viewer" }, "viewer"), h("option", { value: "admin" }, "admin"))),
-    h("div", { class: "field" }, h("label", { for: "ttl" }, "Lifetime (hours, empty: none)"),
-      h("input", { id: "ttl", name: "ttl", type: "number", min: 1 })),
-    h("div", { class: "field" }, h("label", { for: "description" }, "Description"),
-      h("input", { id: "description", name: "description", maxlength: 255 })),
+    h(
+      "div",
+      { class: "field" },
+      h("label", { for: "kind" }, "Kind"),
+      h(
+        "select",
+        { id: "kind", name: "kind" },
+        h("option", { value: "api" }, "API"),
+        h("option", { value: "join" }, "join (a worker)"),
+      ),
+    ),
+    h(
+      "div",
+      { class: "field" },
+      h("label", { for: "role" }, "Role"),
+      h(
+        "select",
+        { id: "role", name: "role" },
+        h("option", { value: "viewer" }, "viewer"),
+        h("option", { value: "admin" }, "admin"),
+      ),
+    ),
+    h(
+      "div",
+      { class: "field" },
+      h("label", { for: "ttl" }, "Lifetime (hours, empty: none)"),
+      h("input", { id: "ttl", name: "ttl", type: "number", min: 1 }),
+    ),
+    h(
+      "div",
+      { class: "field" },
+      h("label", { for: "description" }, "Description"),
+      h("input", { id: "description", name: "description", maxlength: 255 }),
+    ),
     h("button", { type: "submit" }, "Create"),
   );
   form.addEventListener("submit", async (submit) => {
@@ -557,10 +768,12 @@ async function tokensPage() {
     try {
       const created = await api("POST", "tokens", body);
       await render();
-      document.getElementById("new-token").replaceChildren(
-        h("p", {}, "The new token, shown this once (only a hash is kept):"),
-        h("pre", { class: "secret", tabindex: "0" }, created.token),
-      );
+      document
+        .getElementById("new-token")
+        .replaceChildren(
+          h("p", {}, "The new token, shown this once (only a hash is kept):"),
+          h("pre", { class: "secret", tabindex: "0" }, created.token),
+        );
     } catch (error) {
       toast(error.message, "error");
     }
@@ -572,11 +785,22 @@ async function tokensPage() {
     table(
       ["ID", "Kind", "Role", "Description", "Expires", "Created", ""],
       tokens.map((t) => [
-        h("code", {}, t.id), t.kind, t.role || "—", t.description || "—", t.expires_at || "never", t.created_at,
-        t.revoked ? "revoked" : actionButton("Revoke", async () => {
-          await api("DELETE", `tokens/${encodeURIComponent(t.id)}`);
-          render();
-        }, { confirmText: `Revoke token ${t.id}? What uses it stops working.`, danger: true }),
+        h("code", {}, t.id),
+        t.kind,
+        t.role || "—",
+        t.description || "—",
+        t.expires_at || "never",
+        t.created_at,
+        t.revoked
+          ? "revoked"
+          : actionButton(
+              "Revoke",
+              async () => {
+                await api("DELETE", `tokens/${encodeURIComponent(t.id)}`);
+                render();
+              },
+              { confirmText: `Revoke token ${t.id}? What uses it stops working.`, danger: true },
+            ),
       ]),
       "No tokens.",
     ),
@@ -584,7 +808,13 @@ async function tokensPage() {
 }
 
 function loginPage(message = "") {
-  const input = h("input", { id: "token", name: "token", type: "password", required: true, autocomplete: "off" });
+  const input = h("input", {
+    id: "token",
+    name: "token",
+    type: "password",
+    required: true,
+    autocomplete: "off",
+  });
   const form = h(
     "form",
     { class: "login" },
