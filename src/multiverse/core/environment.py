@@ -170,23 +170,26 @@ class _Source:
             return _dotted(path) or "document"
         return f"{self.filename}:{mark.line + 1}:{mark.column + 1}"
 
-    def in_template(self, path: Path, lineno: int, needle: str) -> str:
-        """Where line ``lineno`` (from 1) of the template at ``path`` is, and ``needle`` in it."""
+    def in_template(self, path: Path, lineno: int, *needles: str) -> str:
+        """Where line ``lineno`` (from 1) of the template at ``path`` is, and the first of
+        ``needles`` found in it."""
         if path in self.files:
             name, text = self.files[path]
-            return f"{name}:{lineno}:{_column(text.splitlines(), lineno - 1, needle)}"
+            return f"{name}:{lineno}:{_column(text.splitlines(), lineno - 1, needles)}"
         mark = self.values.get(path)
         if mark is None:
             return f"{_dotted(path)} (template line {lineno})"
         # A block's content starts on the line after its indicator.
         line = mark.line + lineno - (0 if path in self.block else 1)
-        return f"{self.filename}:{line + 1}:{_column(self.lines, line, needle)}"
+        return f"{self.filename}:{line + 1}:{_column(self.lines, line, needles)}"
 
 
-def _column(lines: Sequence[str], index: int, needle: str) -> int:
+def _column(lines: Sequence[str], index: int, needles: Sequence[str]) -> int:
     text = lines[index] if 0 <= index < len(lines) else ""
-    found = text.find(needle) if needle else -1
-    return (found if found >= 0 else len(text) - len(text.lstrip())) + 1
+    for needle in needles:
+        if needle and (found := text.find(needle)) >= 0:
+            return found + 1
+    return len(text) - len(text.lstrip()) + 1
 
 
 def _dotted(path: Path) -> str:
@@ -259,9 +262,7 @@ def _load(text: str, source: _Source) -> Any:
 # ---- parsing ----
 
 
-def parse_yaml(
-    text: str, filename: str, read: Callable[[str], str] | None = None
-) -> EnvironmentSpec:
+def parse_yaml(text: str, filename: str, read: Callable[[str], str]) -> EnvironmentSpec:
     """An environment file; ``read(name)`` returns a ``cloud-init: FILE``'s text.
 
     Raises InvalidArgument listing every problem as ``FILE:LINE:COLUMN: message``.
@@ -528,7 +529,7 @@ def _check_template(
     try:
         ast = _jinja.parse(member.cloud_init)
     except TemplateSyntaxError as exc:
-        problems.add(source.in_template(where, exc.lineno, ""), f"template: {exc.message}")
+        problems.add(source.in_template(where, exc.lineno), f"template: {exc.message}")
         return None
     before = len(problems.found)
     for unknown in sorted(meta.find_undeclared_variables(ast) - set(_TEMPLATE_NAMES)):
@@ -539,7 +540,7 @@ def _check_template(
     refs, dynamic = _references(ast)
     for lineno in dynamic:
         problems.add(
-            source.in_template(where, lineno, ""),
+            source.in_template(where, lineno),
             "template: name instances and groups literally (instances.NAME, "
             "instances['NAME'], groups.GROUP), so that apply knows what to create first",
         )
@@ -551,7 +552,7 @@ def _check_template(
             hint = f"; did you mean {close[0]!r}?" if close else ""
             what = "instance" if ref.kind == "instances" else "group"
             problems.add(
-                source.in_template(where, ref.lineno, ref.name),
+                source.in_template(where, ref.lineno, f"{ref.kind}.{ref.name}", ref.name),
                 f"template names {what} {ref.name!r}, which the file does not define{hint}",
             )
             continue
