@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness import Cluster
+from harness import Cluster, wait_until
 
 from multiverse.core.environment import (
     CLOUD_INIT_LABEL,
@@ -315,3 +315,53 @@ def test_a_bad_file_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert f"{path}:5:12: count must be a whole number of at least 1, not 0" in done.stderr
+
+
+# ---- real VMs ----
+
+VM_LAB = """\
+name: vm-lab
+instances:
+  - name: first
+    memory: 256M
+    disk: 1G
+  - name: second
+    memory: 256M
+    disk: 1G
+    cloud-init: |
+      #!/bin/sh
+      echo {{ instances.first.ipv4 }} > /root/first-address
+"""
+
+
+@pytest.mark.vm
+def test_user_data_of_real_vms_gets_the_other_vms_address(
+    cluster: Cluster, tmp_path: Path, tiny_image: Path
+) -> None:
+    cluster.start_master()
+    for name in ("node-a", "node-b"):
+        cluster.start_worker(name, driver="qemu", capacity="cpus=2,memory=4G,disk=20G")
+    path = tmp_path / "vm-lab.yaml"
+    path.write_text(VM_LAB)
+    cluster.ok("apply", "-f", str(path), timeout=600)
+    instances = cluster.instances()
+    assert instances["first"]["state"] == instances["second"]["state"] == "Running"
+    assert {instances["first"]["node"], instances["second"]["node"]} == {"node-a", "node-b"}
+    first_ipv4 = instances["first"]["ipv4"]
+    assert first_ipv4
+
+    # The script runs in the background at the first boot: wait for what it writes.
+    def written() -> str:
+        result = cluster.cli("exec", "second", "--", "cat", "/root/first-address")
+        return result.out if result.code == 0 else ""
+
+    assert wait_until(written, timeout=120, interval=1) == f"{first_ipv4}\n"
+    log = cluster.ok("logs", "second").out
+    assert "multiverse: user-data exited 0" in log
+    # Once only: a restart does not run it again.
+    cluster.ok("exec", "second", "--", "rm", "/root/first-address")
+    cluster.ok("restart", "second", timeout=300)
+    assert cluster.cli("exec", "second", "--", "cat", "/root/first-address").code != 0
+    assert "nothing to do" in cluster.ok("apply", "-f", str(path)).out
+    cluster.ok("delete", "-f", str(path), timeout=300)
+    assert cluster.instances() == {}
