@@ -382,6 +382,9 @@ def _expand(
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         problems.at((*path, "count"), f"count must be a whole number of at least 1, not {count!r}")
         count = 1
+    elif count > MAX_MEMBERS:
+        problems.at((*path, "count"), f"count {count} is over the limit of {MAX_MEMBERS}")
+        count = 1
     group = _GROUP_NAME.sub("", pattern).strip("-") if grouped else pattern
     cpus = entry.get("cpus", DEFAULT_CPUS)
     if isinstance(cpus, bool) or not isinstance(cpus, int):
