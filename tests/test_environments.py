@@ -287,6 +287,41 @@ def test_apply_a_file_across_three_workers(cluster: Cluster, tmp_path: Path) -> 
     assert resized.code == 2 and "db: memory 512.0MiB -> 1.0GiB" in resized.err
     assert "delete and re-create it (apply --recreate does)" in resized.err
 
+    # The file's state: stopped, then running again.
+    path.write_text(lab(2).replace("  - name: db\n", "  - name: db\n    state: stopped\n"))
+    assert cluster.ok("apply", "-f", str(path)).out.startswith("~ stop db")
+    assert cluster.instances()["db"]["state"] == "Stopped"
+    path.write_text(lab(2))
+    assert cluster.ok("apply", "-f", str(path)).out.startswith("~ start db")
+    assert cluster.instances()["db"]["state"] == "Running"
+
+    # The API checks the body as the CLI checks the file, by path instead of line.
+    headers = {"Authorization": f"Bearer {cluster.token}"}
+    url = f"{cluster.api}/api/v1/environments/lab"
+    bad = {"spec": {"name": "lab", "instances": [{"name": "w-{n}", "count": 0}]}}
+    answer = cluster.http.put(url, json=bad, headers=headers)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["message"] == (
+        "instances[0].count: count must be a whole number of at least 1, not 0"
+    )
+    other = {"spec": {"name": "elsewhere", "instances": [{"name": "a"}]}}
+    answer = cluster.http.put(url, json=other, headers=headers)
+    assert answer.status_code == 400 and "names environment 'elsewhere'" in answer.text
+    dry = cluster.http.put(
+        url,
+        params={"dry_run": "true"},
+        json={
+            "spec": {"name": "lab", "instances": [{"name": "db", "memory": "512M", "disk": "1G"}]},
+            "prune": True,
+        },
+        headers=headers,
+    )
+    assert dry.status_code == 200 and dry.json()["operation"] is None
+    assert [(a["action"], a["name"]) for a in dry.json()["actions"]] == [
+        ("delete", "web-1"),
+        ("delete", "web-2"),
+    ]
+
     listed = cluster.ok("envs", "--format", "json").json()
     assert [(e["name"], e["running"]) for e in listed] == [("lab", 3)]
     shown = cluster.ok("get", "env", "lab").out

@@ -46,7 +46,7 @@ recreate_option = click.option(
     help="Delete and re-create instances whose size, image or cloud-init changed.",
 )
 
-SYMBOLS = {"create": "+", "recreate": "±", "delete": "-", "start": "~", "stop": "~"}
+SYMBOLS = {"create": "+", "recreate": "-/+", "delete": "-", "start": "~", "stop": "~"}
 
 
 def _show_plan(answer: dict[str, Any]) -> None:
