@@ -277,16 +277,6 @@ def test_apply_a_file_across_three_workers(cluster: Cluster, tmp_path: Path) -> 
     assert pruned.out.startswith("- delete web-3")
     assert "web-3" not in cluster.instances()
 
-    # A size change is refused; nothing changes.
-    path.write_text(
-        lab(2).replace(
-            "memory: 512M\n    disk: 1G\n  - name: web", "memory: 1G\n    disk: 1G\n  - name: web"
-        )
-    )
-    resized = cluster.cli("apply", "-f", str(path))
-    assert resized.code == 2 and "db: memory 512.0MiB -> 1.0GiB" in resized.err
-    assert "delete and re-create it (apply --recreate does)" in resized.err
-
     # The file's state: stopped, then running again.
     path.write_text(lab(2).replace("  - name: db\n", "  - name: db\n    state: stopped\n"))
     assert cluster.ok("apply", "-f", str(path)).out.startswith("~ stop db")
@@ -321,6 +311,21 @@ def test_apply_a_file_across_three_workers(cluster: Cluster, tmp_path: Path) -> 
         ("delete", "web-1"),
         ("delete", "web-2"),
     ]
+
+    # A size change is refused, nothing changes; --recreate makes it anew.
+    path.write_text(
+        lab(2).replace(
+            "memory: 512M\n    disk: 1G\n  - name: web", "memory: 1G\n    disk: 1G\n  - name: web"
+        )
+    )
+    resized = cluster.cli("apply", "-f", str(path))
+    assert resized.code == 2 and "db: memory 512.0MiB -> 1.0GiB" in resized.err
+    assert "delete and re-create it (apply --recreate does)" in resized.err
+    assert cluster.instances()["db"]["memory"] == 512 * MiB
+    recreated = cluster.ok("apply", "-f", str(path), "--recreate")
+    assert recreated.out.startswith("-/+ recreate db (memory 512.0MiB -> 1.0GiB)")
+    db = cluster.instances()["db"]
+    assert db["state"] == "Running" and db["memory"] == GiB and db["id"] != members["db"]["id"]
 
     listed = cluster.ok("envs", "--format", "json").json()
     assert [(e["name"], e["running"]) for e in listed] == [("lab", 3)]
