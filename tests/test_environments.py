@@ -115,6 +115,10 @@ BAD_FILES = [
         "name: x\ninstances:\n  - name: w-{n}\n    count: 2\n  - name: w-2\n",
         "x.yaml:5:11: duplicate instance name 'w-2' (also at x.yaml:3:11)",
     ),
+    (  # a group and an instance that would carry the same group label
+        "name: x\ninstances:\n  - name: web-{n}\n    count: 2\n  - name: web\n",
+        "x.yaml:5:11: group 'web' is also the group of x.yaml:3:11; name them apart",
+    ),
     (
         "name: x\ninstances:\n  - name: w-{n}\n    count: 0\n",
         "x.yaml:4:12: count must be a whole number of at least 1, not 0",

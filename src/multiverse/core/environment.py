@@ -307,7 +307,16 @@ def _parse(document: Any, source: _Source, read: Callable[[str], str] | None) ->
         inline.append({**entry, "cloud-init": cloud_init} if cloud_init else entry)
         members += [(m, path) for m in _expand(entry, path, cloud_init, problems)]
     seen: dict[str, Path] = {}
+    group_of: dict[str, tuple[Path, bool]] = {}  # group label -> its entry, a group's?
     for member, path in members:
+        grouped = member.group != member.name
+        other, other_grouped = group_of.setdefault(member.group, (path, grouped))
+        if other != path and member.n == 1 and (grouped or other_grouped):
+            problems.at(
+                (*path, "name"),
+                f"group {member.group!r} is also the group of {source.at((*other, 'name'))}; "
+                "name them apart",
+            )
         if member.name in seen:
             problems.at(
                 (*path, "name"),
@@ -497,7 +506,8 @@ def _dependencies(
     names = {member.name for member, _ in members}
     groups: dict[str, list[str]] = {}
     for member, _ in members:
-        groups.setdefault(member.group, []).append(member.name)
+        if member.group != member.name:
+            groups.setdefault(member.group, []).append(member.name)
     checked: dict[Path, frozenset[str] | None] = {}
     result = []
     for member, path in members:
