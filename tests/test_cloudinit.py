@@ -98,6 +98,7 @@ def test_a_rewritten_seed_replaces_the_old_one(tmp_path: Path) -> None:
     write_seed_iso(seed("#!/bin/sh\necho two\n"), path)
     assert read_seed_iso(path)["user-data"] == b"#!/bin/sh\necho two\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["seed.iso"]
+    assert path.stat().st_mode & 0o777 == 0o600  # the user's data may hold secrets
 
 
 def test_user_cloud_config_stays_as_written_unless_it_touches_the_agents_access() -> None:

@@ -9,10 +9,10 @@ Each VM lives in ``<state_dir>/vms/<uuid>/``:
   overlay on ``base.img`` (the image's disk, hard-linked: see :func:`hold_base`), grown to the
   VM's disk size: the VM's whole root file system, kept across stop/start; deleting the VM
   deletes the overlay and its link only;
-- ``hostname``, ``authorized_keys``, ``network``: the per-VM configuration the tiny guest reads
-  through fw_cfg (see :mod:`multiverse.guest.image`); ``seed.iso``: the same for a ``disk``
-  image's cloud-init (its NoCloud seed, see :mod:`multiverse.guest.cloudinit`), with the
-  user's cloud-init file;
+- ``hostname``, ``authorized_keys``, ``network``, ``user-data`` (0600, when given): the per-VM
+  configuration the tiny guest reads through fw_cfg (see :mod:`multiverse.guest.image`);
+  ``seed.iso`` (0600): the same for a ``disk`` image's cloud-init (its NoCloud seed, see
+  :mod:`multiverse.guest.cloudinit`), with the user's cloud-init file;
 - ``ssh_host_key.pub``: the guest's SSH host key, once known (see :class:`ProcessDriver`);
 - while it runs: ``vm.json`` (pid, process start time, SSH port, guest address), ``qmp.sock``,
   ``serial.log`` (the console; the previous boot's in ``serial.log.1``) and ``qemu.log``.
@@ -44,6 +44,7 @@ from typing import Any
 from qemu.qmp import QMPClient, QMPError
 
 from multiverse.core.errors import DriverError, InvalidArgument, Unavailable
+from multiverse.core.files import write_private
 from multiverse.core.model import Resources
 from multiverse.core.sizes import MiB, format_size
 from multiverse.drivers.base import PowerState, VMConfig, VMStatus
@@ -268,6 +269,8 @@ class QemuDriver(ProcessDriver):
             ]  # fmt: skip
         for key in ("hostname", "authorized_keys", "network"):
             argv += ["-fw_cfg", f"name={FW_CFG_PREFIX}{key},file={key}"]
+        if vm.user_data and not boot.cloud_init:  # cloud-init reads it from the seed
+            argv += ["-fw_cfg", f"name={FW_CFG_PREFIX}user-data,file=user-data"]
         return argv
 
     def write_guest_config(self, vm: VMConfig) -> None:
@@ -279,6 +282,8 @@ class QemuDriver(ProcessDriver):
         (vm_dir / "network").write_text(
             f"address={network.address}\ngateway={network.gateway}\ndns={network.dns[0]}\n"
         )
+        if vm.user_data:  # may hold secrets
+            write_private(vm_dir / "user-data", vm.user_data.encode())
 
     def guest_network(self, vm: VMConfig) -> GuestNetwork:
         """The guest's address: QEMU's user-mode network, the same for every VM."""

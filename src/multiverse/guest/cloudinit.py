@@ -35,6 +35,7 @@ import pycdlib
 import yaml
 
 from multiverse.core.errors import InvalidArgument
+from multiverse.core.files import write_private
 
 SEED_LABEL = "cidata"
 CLOUD_CONFIG_HEADER = "#cloud-config"
@@ -154,7 +155,8 @@ def network_config(network: GuestNetwork) -> dict[str, Any]:
 
 
 def write_seed_iso(seed: Seed, path: Path) -> None:
-    """Write the seed volume to ``path`` (replaced atomically: a VM may boot from the old one)."""
+    """Write the seed volume to ``path``: mode 0600, replaced atomically (a VM may be reading
+    the old one)."""
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, vol_ident=SEED_LABEL, joliet=3, rock_ridge="1.09")
     for name, data in seed_files(seed).items():
@@ -165,12 +167,12 @@ def write_seed_iso(seed: Seed, path: Path) -> None:
             rr_name=name,
             joliet_path=f"/{name}",
         )
-    partial = path.with_name(path.name + ".part")
+    volume = io.BytesIO()
     try:
-        iso.write(str(partial))
+        iso.write_fp(volume)
     finally:
         iso.close()
-    partial.replace(path)
+    write_private(path, volume.getvalue())  # user data may hold secrets
 
 
 def read_seed_iso(path: Path) -> dict[str, bytes]:
