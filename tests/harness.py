@@ -259,6 +259,9 @@ def new_cluster(root: Path) -> Iterator[Cluster]:
         "XDG_CONFIG_HOME": str(home / ".config"),
         "XDG_DATA_HOME": str(home / ".local/share"),
         "MULTIVERSE_IMAGE_CACHE": str(IMAGE_CACHE),
+        # Tests share this host's network namespace: only tests that make their own
+        # namespaces (test_network.py) put workers on the cluster network.
+        "MULTIVERSE_NETWORK_MODE": "user",
     }
     for key in ("MULTIVERSE_SERVER", "MULTIVERSE_TOKEN", "MULTIVERSE_CONFIG"):
         env.pop(key, None)

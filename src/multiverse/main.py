@@ -121,7 +121,21 @@ sync_option = click.option(
     show_default=True,
     help="Seconds without a report before a node is Down (its instances then Unknown).",
 )
+@click.option(
+    "--network",
+    "network_cidr",
+    default="",
+    help="The cluster network's CIDR, fixed at the first start "
+    "(default: 10.77.0.0/16 or another that no route of this host overlaps).",
+)
+@click.option(
+    "--nat/--no-nat",
+    default=None,
+    help="Masquerade the VMs' outbound traffic on their nodes (default: on).",
+)
 def master(
+    network_cidr: str,
+    nat: bool | None,
     listen: str,
     advertise: str,
     max_auth_failures: int,
@@ -148,6 +162,8 @@ def master(
             node_timeout=node_timeout,
             down_timeout=max(down_timeout, node_timeout),
             user_config=user_config_path(),
+            network=network_cidr,
+            nat=nat,
         )
     )
 
@@ -199,6 +215,15 @@ def _worker_options(func: Callable[..., None]) -> Callable[..., None]:
             type=click.FloatRange(0),
             default=0.0,
             help="Seconds each fake VM action takes.",
+        ),
+        click.option(
+            "--network-mode",
+            type=click.Choice(["auto", "bridge", "user"]),
+            envvar="MULTIVERSE_NETWORK_MODE",
+            default="auto",
+            show_default=True,
+            help="bridge: VMs on the cluster network (needs CAP_NET_ADMIN); user: QEMU's NAT; "
+            "auto: bridge when this process may build networks.",
         ),
         sync_option,
     ]
@@ -253,6 +278,7 @@ def worker(
     driver: str,
     capacity: Resources | None,
     fake_delay: float,
+    network_mode: str,
     sync_interval: float,
 ) -> None:
     """Run a worker: join a master and run its VMs on this host."""
@@ -277,6 +303,7 @@ def worker(
             image_dirs=_image_dirs(),
             bridge=bridge,
             guest_cidr=guest_cidr,
+            network_mode=network_mode,
         )
     )
 
@@ -303,6 +330,7 @@ def up(
     driver: str,
     capacity: Resources | None,
     fake_delay: float,
+    network_mode: str,
     sync_interval: float,
 ) -> None:
     """Run a master and a worker for this machine in one process."""
@@ -345,6 +373,7 @@ def up(
                 sync_interval=sync_interval,
                 fake_delay=fake_delay,
                 image_dirs=[images_dir, *_image_dirs()],
+                network_mode=network_mode,
             )
         )
         identity = await worker_server.start()

@@ -211,6 +211,7 @@ class Node:
     last_sync: datetime | None = None
     version: str = ""
     instance_count: int = 0
+    network_mode: str = ""  # "bridge" or "user"; "" before the node said
 
     @property
     def free(self) -> Resources:
@@ -238,6 +239,9 @@ class Instance:
     restarts: int = 0
     moved_from: str | None = None
     held: bool = False
+    address: str = ""  # its address on the cluster network, leased by the master ("" none)
+    mac: str = ""
+    publish: tuple[str, ...] = ()  # node ports forwarded to it: "8080:80/tcp"
 
     @property
     def name(self) -> str:

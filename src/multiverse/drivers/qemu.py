@@ -137,6 +137,21 @@ class QemuDriver(ProcessDriver):
         _rotate(vm_dir / "serial.log")
         await self._close_guest(vm.id)
         deadline = time.monotonic() + self.boot_timeout
+        if vm.network is not None:  # on the cluster network: SSH to the guest's own address
+            ip = vm.network.nic.ip
+            process = self._spawn_process(
+                vm,
+                self.qemu_argv(vm, kernel, initrd, 0),
+                vm_dir / "qemu.log",
+                {"ssh_host": ip, "ssh_port": 22, "accel": self.accel, "ipv4": ip},
+            )
+            try:
+                await self._wait_for_guest(vm, process, deadline)
+            except BaseException:
+                await self._kill(vm, process.pid)
+                self._forget_runtime(vm)
+                raise
+            return
         for _attempt in range(5):
             port = self._free_port()
             process = self._spawn_process(
@@ -175,8 +190,7 @@ class QemuDriver(ProcessDriver):
             # Without an entropy source dropbear waits ~1 s for the kernel's RNG to be ready.
             "-device", "virtio-rng-pci",
             "-drive", "file=disk.img,format=raw,if=virtio,cache=writeback,discard=unmap",
-            "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22",
-            "-device", "virtio-net-pci,netdev=net0",
+            *self._nic_argv(vm, port),
             "-qmp", "unix:qmp.sock,server=on,wait=off",
         ]  # fmt: skip
         if self.accel.startswith("kvm"):
@@ -185,14 +199,25 @@ class QemuDriver(ProcessDriver):
             argv += ["-fw_cfg", f"name={FW_CFG_PREFIX}{key},file={key}"]
         return argv
 
+    def _nic_argv(self, vm: VMConfig, port: int) -> list[str]:
+        """The tap the node's network service made (bridge mode), else user mode with the
+        SSH port forward."""
+        if vm.network is None:
+            return [
+                "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22",
+                "-device", "virtio-net-pci,netdev=net0",
+            ]  # fmt: skip
+        return [
+            "-netdev", f"tap,id=net0,ifname={vm.network.tap},script=no,downscript=no",
+            "-device", f"virtio-net-pci,netdev=net0,mac={vm.network.nic.mac}",
+        ]  # fmt: skip
+
     def write_guest_config(self, vm: VMConfig) -> None:
         vm_dir = self._vm_dir(vm)
         public_key = self.key_path.with_suffix(".pub").read_text().strip()
         (vm_dir / "hostname").write_text(vm.name + "\n")
         (vm_dir / "authorized_keys").write_text(public_key + "\n")
-        (vm_dir / "network").write_text(
-            f"address={USER_NET_ADDRESS}\ngateway={USER_NET_GATEWAY}\ndns={USER_NET_DNS}\n"
-        )
+        (vm_dir / "network").write_text(guest_network_config(vm))
 
     async def _wait_for_guest(
         self, vm: VMConfig, process: subprocess.Popen[bytes], deadline: float
@@ -268,7 +293,7 @@ class QemuDriver(ProcessDriver):
 
     def _ssh_address(self, runtime: dict[str, Any]) -> tuple[str, int] | None:
         port = int(runtime.get("ssh_port", 0))
-        return ("127.0.0.1", port) if port else None
+        return (str(runtime.get("ssh_host") or "127.0.0.1"), port) if port else None
 
     async def _hypervisor_status(self, vm: VMConfig, ipv4: str) -> VMStatus:
         answer = await self._qmp(vm, "query-status")
@@ -297,6 +322,17 @@ class QemuDriver(ProcessDriver):
 
 class _PortTaken(Exception):
     """QEMU could not bind the SSH forward's port: try another."""
+
+
+def guest_network_config(vm: VMConfig) -> str:
+    """The ``network`` fw_cfg file: the cluster address, or QEMU user mode's fixed one."""
+    if vm.network is None:
+        return f"address={USER_NET_ADDRESS}\ngateway={USER_NET_GATEWAY}\ndns={USER_NET_DNS}\n"
+    nic = vm.network.nic
+    return (
+        f"address={nic.address}\ngateway={nic.gateway}\ndns={nic.dns}\n"
+        f"search={nic.domain}\nmtu={vm.network.mtu}\n"
+    )
 
 
 def choose_accel() -> str:

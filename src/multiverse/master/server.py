@@ -22,6 +22,7 @@ from multiverse.master.cluster import Agents, ClusterServicer
 from multiverse.master.events import EventBus
 from multiverse.master.health import watch_nodes
 from multiverse.master.instances import Instances
+from multiverse.master.network import Ipam
 from multiverse.master.nodes import Nodes
 from multiverse.master.operations import Operations
 from multiverse.master.reconciler import Reconciler
@@ -45,6 +46,8 @@ class MasterConfig:
     advertise: str = ""  # the host workers reach the master at (default: guessed)
     insecure_http: bool = False  # plain HTTP API, for loopback-only use
     max_auth_failures: int = 20  # per client and minute; then it is refused for a while
+    network: str = ""  # the cluster network's CIDR at the first start ("": a free default)
+    nat: bool | None = None  # masquerade guests' outbound traffic (None: keep as stored)
 
 
 def client_config_text(server: str, token: str, ca_pem: bytes | None) -> str:
@@ -70,6 +73,7 @@ class Master:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.db) if config.db else Store.for_data_dir(config.data_dir)
         self.store.migrate()
+        self.ipam = Ipam.open(self.store, config.network, config.nat)
         # The cluster CA, made at the first start; the listener's certificate is issued anew at
         # every start, so it names the addresses the host has now.
         self.ca = pki.ClusterCA.load_or_create(config.data_dir / "pki")
@@ -79,13 +83,13 @@ class Master:
         self.agents = Agents(self.ca, pki.sign_master_client_cert(self.ca))
         self.events = EventBus()
         self.operations = Operations(self.events)
-        self.reconciler = Reconciler(self.store, self.agents, self.events)
+        self.reconciler = Reconciler(self.store, self.agents, self.events, self.ipam)
         self.instances = Instances(
             self.store, self.agents, self.reconciler, self.operations, self.events,
-            placement_wait=config.node_timeout,
+            placement_wait=config.node_timeout, ipam=self.ipam,
         )  # fmt: skip
         self.nodes = Nodes(self.store, self.agents, self.instances)
-        self.cluster = ClusterServicer(self.store, self.agents)
+        self.cluster = ClusterServicer(self.store, self.agents, self.ipam)
         self.cluster.on_change = self._changed
         self.api_url = ""
         self.grpc_port = 0
@@ -164,6 +168,7 @@ class Master:
         app = create_app(
             self.store, self.instances, self.nodes, self.join_token, self.ca,
             self.cluster.image_catalog, max_auth_failures=config.max_auth_failures,
+            ipam=self.ipam,
         )  # fmt: skip
         certfile, keyfile = self._tls_files(host)
         self._http = _Uvicorn(

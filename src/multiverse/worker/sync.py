@@ -127,6 +127,7 @@ async def join(
         master = master or join_token.addresses[0]
         identity = await asyncio.to_thread(admit, join_token, master, name, data_dir)
     request = pb.JoinRequest(
+        network_mode="bridge" if agent.network is not None else "user",
         name=identity.name,
         agent_address=advertise,
         driver=driver,
@@ -153,14 +154,27 @@ async def sync_forever(master: str, identity: Identity, agent: Agent, interval: 
             ) as channel:
                 stub = pb_grpc.ClusterServiceStub(channel)
                 call = stub.Sync(_reports(agent, interval))
-                async for _ack in call:
+                async for ack in call:
                     backoff = 0.5
+                    await _apply_network(agent, ack)
         except grpc.aio.AioRpcError as exc:
             log.warning(
                 "sync with %s lost: %s; retrying in %.1fs", master, exc.code().name, backoff
             )
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, 5.0)
+
+
+async def _apply_network(agent: Agent, ack: pb.SyncAck) -> None:
+    """The cluster network as the master says it is now; a failure is logged and retried with
+    the next acknowledgement, and never ends the stream."""
+    plan = convert.plan_from_pb(ack.network) if ack.HasField("network") else None
+    if plan is None:
+        return
+    try:
+        await agent.apply_network(plan)
+    except Exception:  # the next sync tries again
+        log.exception("setting up the cluster network failed")
 
 
 async def _reports(agent: Agent, interval: float) -> AsyncIterator[pb.NodeReport]:
