@@ -25,6 +25,7 @@ from multiverse.client.output import FORMATS, Column, render
 from multiverse.client.terminal import attach, follow_events
 from multiverse.core.errors import MultiverseError
 from multiverse.core.model import DEFAULT_IMAGE, parse_labels
+from multiverse.core.network import parse_publish
 from multiverse.core.sizes import format_size, parse_size
 
 EXIT_USAGE, EXIT_FAILED, EXIT_UNREACHABLE = 1, 2, 3
@@ -84,6 +85,7 @@ NODE_COLUMNS = [
     Column("Mem", lambda n: _free_of(n["memory"])),
     Column("Disk", lambda n: _free_of(n["disk"])),
     Column("Instances", lambda n: n["instances"]),
+    Column("Network", lambda n: n.get("network_mode") or "--"),
     Column("Last Sync", lambda n: _ago(n["last_sync"])),
 ]
 INSTANCE_COLUMNS = [
@@ -111,6 +113,7 @@ INFO_COLUMNS = [
     Column("Memory", lambda i: _usage(i["memory_usage"])),
     Column("Release", lambda i: i["release"]),
     Column("Restarts", lambda i: i["restarts"]),
+    Column("Published", lambda i: ",".join(i.get("publish", [])) or "--"),
 ]
 
 
@@ -154,6 +157,33 @@ def images(fmt: str) -> None:
     click.echo(render(_client().images(), IMAGE_COLUMNS, fmt))
 
 
+NETWORK_NODE_COLUMNS = [
+    Column("Node Name", lambda n: n["name"]),
+    Column("Address", lambda n: n["address"]),
+    Column("VTEP", lambda n: n["vtep"]),
+    Column("Mode", lambda n: n["mode"] or "--"),
+]
+
+
+@cli.command()
+@format_option
+def network(fmt: str) -> None:
+    """Show the cluster network: its CIDR, how much of it is leased, each node's VTEP."""
+    body = _client().network()
+    if fmt in ("json", "yaml"):
+        click.echo(render([body], [], fmt))
+        return
+    if fmt == "csv":
+        click.echo(render(body["nodes"], NETWORK_NODE_COLUMNS, fmt))
+        return
+    nat = "on" if body["nat"] else "off"
+    click.echo(
+        f"Network {body['name']}: {body['cidr']} (VXLAN {body['vni']}, NAT {nat}), "
+        f"{body['used']} of {body['size']} addresses leased ({body['instances']} instances)"
+    )
+    click.echo(render(body["nodes"], NETWORK_NODE_COLUMNS, fmt))
+
+
 @cli.command()
 @click.argument("names", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="All instances (the default with no NAME).")
@@ -187,6 +217,13 @@ def parsed(
 
 _size = parsed(parse_size)
 labels_option = parsed(parse_labels)
+
+
+def _publish(text: str) -> str:
+    try:
+        return str(parse_publish(text))
+    except MultiverseError as exc:
+        raise click.BadParameter(exc.message, param_hint="'--publish'") from exc
 
 
 @contextmanager
@@ -265,6 +302,14 @@ def _with_wait(func: Callable[..., None]) -> Callable[..., None]:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="User-data file for the guest.",
 )
+@click.option("--ip", default="", help="A free address of the cluster network for it.")
+@click.option(
+    "--publish",
+    "-p",
+    multiple=True,
+    callback=lambda _ctx, _param, values: [_publish(value) for value in values],
+    help="Forward a port of its node to it: NODE_PORT:GUEST_PORT[/udp] (repeatable).",
+)
 @_with_wait
 @format_option
 def launch(
@@ -278,6 +323,8 @@ def launch(
     labels: dict[str, str],
     strategy: str,
     cloud_init: Path | None,
+    ip: str,
+    publish: list[str],
     no_wait: bool,
     timeout: float,
     fmt: str,
@@ -296,6 +343,10 @@ def launch(
         "strategy": strategy,
         "user_data": cloud_init.read_text() if cloud_init else "",
     }
+    if ip:
+        body["ip"] = ip
+    if publish:
+        body["publish"] = publish
     item = client.launch(body)
     if not no_wait:
         _wait(client, item["operation"], timeout, f"Launching {item['name']}", item["name"])

@@ -57,6 +57,9 @@ class ApiClient:
     def node(self, name: str) -> JSON:
         return dict(self._request("GET", f"/nodes/{name}"))
 
+    def network(self) -> JSON:
+        return dict(self._request("GET", "/network"))
+
     def images(self) -> list[JSON]:
         return list(self._request("GET", "/images"))
 

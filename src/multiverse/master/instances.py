@@ -119,9 +119,7 @@ class Instances:
         and ask the node to create it; ``ip`` asks for a given free address."""
         spec.validate()
         instance_id = str(uuid.uuid4())
-        picker = (
-            self.ipam.picker(instance_id, requested=ip, publish=publish) if self.ipam else None
-        )
+        picker = self.ipam.picker(instance_id, requested=ip, publish=publish) if self.ipam else None
         if picker is None and (ip or publish):
             raise InvalidArgument("this cluster has no network: --ip and --publish need one")
         async with self.placing:

@@ -98,9 +98,7 @@ class _Guarded:
     publish: tuple[Publish, ...] = ()
 
 
-def render_ruleset(
-    plan: NetworkPlan | None, guests: list[_Guarded], bridge: str = BRIDGE
-) -> str:
+def render_ruleset(plan: NetworkPlan | None, guests: list[_Guarded], bridge: str = BRIDGE) -> str:
     """The whole ``multiverse`` nftables state, replaced in one transaction.
 
     - bridge family, prerouting: a frame from a tap must carry that VM's MAC and, for IPv4 and
@@ -400,7 +398,10 @@ def _lookup(ipr: Any, name: str) -> int | None:
 
 def _device_with_address(ipr: Any, address: str) -> int | None:
     """The interface holding ``address``; None for loopback (one node alone: no overlay)."""
-    if not address or ipaddress.IPv4Address(address).is_loopback:
+    try:
+        if ipaddress.IPv4Address(address).is_loopback:
+            return None
+    except ValueError:  # a host name, or IPv6: no overlay on it
         return None
     found = ipr.get_addr(address=address)
     return int(found[0]["index"]) if found else None

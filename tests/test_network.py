@@ -1,0 +1,228 @@
+"""The cluster network with real VMs (issue 11): VMs on different hosts reach each other by
+address and by name over the VXLAN overlay, keep their addresses, and cannot forge another's.
+
+The test makes its own hosts: network namespaces on a veth "underlay" switched by a bridge in
+the master's namespace, one QEMU worker per namespace, as separate machines would be. Every
+namespace, and with it each bridge, tap, VXLAN and nftables table made in it, is deleted at the
+end, and the workers' dnsmasq processes are killed, whatever happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+from harness import Cluster, new_cluster, wait_until
+
+pytestmark = pytest.mark.vm
+
+CIDR = "10.99.0.0/24"
+UNDERLAY = "10.231.88"  # /24 of the test hosts' underlay
+VM = ("--memory", "192M", "--disk", "64M")
+BOOT = 300  # seconds: TCG under a loaded machine boots slowly
+
+
+@dataclass
+class Hosts:
+    tag: str
+    master_ns: str
+    switch: str
+    workers: dict[str, str] = field(default_factory=dict)  # node name -> namespace
+
+    def add(self, name: str, index: int) -> str:
+        """Another host on the underlay, at ``UNDERLAY.<index>``; returns its address."""
+        namespace = f"mvnet-{name}-{self.tag}"
+        subprocess.run(["ip", "netns", "add", namespace], check=True)
+        self.workers[name] = namespace
+        _ip(namespace, "link", "set", "lo", "up")
+        outside, inside = f"mvu{index}{self.tag}", f"ul{index}"
+        subprocess.run(
+            ["ip", "link", "add", outside, "netns", self.master_ns, "type", "veth",
+             "peer", "name", inside, "netns", namespace],
+            check=True,
+        )  # fmt: skip
+        _ip(self.master_ns, "link", "set", outside, "master", self.switch, "up")
+        address = f"{UNDERLAY}.{index}"
+        _ip(namespace, "addr", "add", f"{address}/24", "dev", inside)
+        _ip(namespace, "link", "set", inside, "up")
+        return address
+
+
+def _ip(namespace: str, *args: str) -> None:
+    subprocess.run(["ip", "netns", "exec", namespace, "ip", *args], check=True)
+
+
+def _kill_under(root: Path, name: str) -> None:
+    for process in psutil.process_iter(["name", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if name in (process.info["name"] or "") and str(root) in " ".join(
+                process.info["cmdline"] or []
+            ):
+                process.kill()
+
+
+@dataclass
+class Net:
+    cluster: Cluster
+    hosts: Hosts
+
+    def start_worker(self, name: str, index: int, *extra: str) -> None:
+        address = self.hosts.add(name, index)
+        self.cluster.start_worker(
+            name, "--network-mode", "bridge", *extra, driver="qemu",
+            capacity="cpus=2,memory=2G,disk=10G", host=address, master_host=f"{UNDERLAY}.1",
+            prefix=["ip", "netns", "exec", self.hosts.workers[name]],
+        )  # fmt: skip
+
+    def sh(self, vm: str, script: str, timeout: float = 120) -> str:
+        return self.cluster.ok("exec", vm, "--", "sh", "-c", script, timeout=timeout).out
+
+    def instance(self, name: str) -> dict[str, str]:
+        return dict(self.cluster.instances()[name])
+
+    def guest_ipv4(self, vm: str) -> str:
+        return self.sh(vm, "ip -4 -o addr show eth0 | awk '{print $4}'").strip().split("/")[0]
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory, tiny_image: Path) -> Iterator[Net]:
+    tag = uuid.uuid4().hex[:5]
+    hosts = Hosts(tag, f"mvnet-m-{tag}", f"mvsw{tag}")
+    root = tmp_path_factory.mktemp("net")
+    subprocess.run(["ip", "netns", "add", hosts.master_ns], check=True)
+    try:
+        _ip(hosts.master_ns, "link", "set", "lo", "up")
+        _ip(hosts.master_ns, "link", "add", hosts.switch, "type", "bridge")
+        _ip(hosts.master_ns, "addr", "add", f"{UNDERLAY}.1/24", "dev", hosts.switch)
+        _ip(hosts.master_ns, "link", "set", hosts.switch, "up")
+        with new_cluster(root) as cluster:
+            cluster.prefix = ["ip", "netns", "exec", hosts.master_ns]
+            try:
+                cluster.start_master(
+                    "--listen", f"0.0.0.0:{cluster.grpc_port}",
+                    "--api-listen", f"0.0.0.0:{cluster.api_port}",
+                    "--advertise", f"{UNDERLAY}.1", "--network", CIDR,
+                )  # fmt: skip
+                yield Net(cluster, hosts)
+            finally:
+                _kill_under(root, "dnsmasq")
+    finally:
+        for namespace in [*hosts.workers.values(), hosts.master_ns]:
+            subprocess.run(["ip", "netns", "del", namespace], check=False)
+
+
+@pytest.fixture(scope="module")
+def two(net: Net) -> Net:
+    """Two hosts with one VM each."""
+    net.start_worker("host-a", 11)
+    net.start_worker("host-b", 12)
+    net.cluster.ok("launch", "--name", "vm-a", "--node", "host-a", *VM, timeout=BOOT)
+    net.cluster.ok("launch", "--name", "vm-b", "--node", "host-b", *VM, timeout=BOOT)
+    return net
+
+
+def test_vms_on_two_hosts_reach_each_other_by_address_and_name(two: Net) -> None:
+    a, b = two.instance("vm-a"), two.instance("vm-b")
+    assert a["ipv4"] != b["ipv4"]
+    # Each row shows what the guest itself has.
+    assert two.guest_ipv4("vm-a") == a["ipv4"] == a["address"]
+    assert two.guest_ipv4("vm-b") == b["ipv4"] == b["address"]
+    for target in (b["ipv4"], "vm-b", "vm-b.multiverse"):
+        assert " 0% packet loss" in two.sh("vm-a", f"ping -c 2 -W 5 {target}")
+    assert " 0% packet loss" in two.sh("vm-b", "ping -c 2 -W 5 vm-a")
+
+
+def test_ten_megabytes_cross_intact(two: Net) -> None:
+    sent = two.sh(
+        "vm-a", "dd if=/dev/urandom of=/tmp/blob bs=1024 count=10240 2>/dev/null; md5sum /tmp/blob"
+    ).split()[0]
+    two.sh("vm-b", "rm -f /tmp/got; (nc -l -p 5001 > /tmp/got &) ; sleep 0.2")
+    two.sh("vm-a", "nc -w 10 vm-b 5001 < /tmp/blob", timeout=300)
+    wait_until(lambda: "10485760" in two.sh("vm-b", "wc -c < /tmp/got"), timeout=60)
+    received = two.sh("vm-b", "md5sum /tmp/got").split()[0]
+    assert received == sent
+    assert len(sent) == len(hashlib.md5().hexdigest())
+
+
+def test_a_vm_forging_a_source_address_gets_nothing_through(two: Net) -> None:
+    b = two.instance("vm-b")["ipv4"]
+    forged = "10.99.0.200"
+    two.sh("vm-a", f"ip addr add {forged}/24 dev eth0")
+    try:
+        forged_out = two.cluster.cli(
+            "exec", "vm-a", "--", "ping", "-c", "3", "-W", "2", "-I", forged, b
+        )
+        assert forged_out.code != 0 and "100% packet loss" in forged_out.out
+        # The same ping from its own address passes: the rule, not the route, dropped it.
+        assert " 0% packet loss" in two.sh("vm-a", f"ping -c 2 -W 5 {b}")
+    finally:
+        two.sh("vm-a", f"ip addr del {forged}/24 dev eth0")
+
+
+def test_a_third_host_joins_and_reaches_the_others(two: Net) -> None:
+    two.start_worker("host-c", 13)
+    two.cluster.ok("launch", "--name", "vm-c", "--node", "host-c", *VM, timeout=BOOT)
+    try:
+        for target in ("vm-a", "vm-b"):
+            assert " 0% packet loss" in two.sh("vm-c", f"ping -c 2 -W 5 {target}")
+        # ...and the first two reach it: their nodes learned the new peer within a sync.
+        assert " 0% packet loss" in two.sh("vm-a", "ping -c 2 -W 5 vm-c")
+        network = two.cluster.ok("network", "--format", "json").json()[0]
+        assert {n["name"]: n["vtep"] for n in network["nodes"]} == {
+            "host-a": f"{UNDERLAY}.11", "host-b": f"{UNDERLAY}.12", "host-c": f"{UNDERLAY}.13",
+        }  # fmt: skip
+        freed = two.instance("vm-c")["address"]
+    finally:
+        two.cluster.ok("delete", "vm-c", timeout=BOOT)
+    # Deleted frees its address: asking for it by --ip now works; a taken one is refused.
+    taken = two.cluster.cli("launch", "--name", "vm-x", "--ip", two.instance("vm-a")["address"])
+    assert taken.code != 0 and "taken" in taken.err
+    two.cluster.ok("launch", "--name", "vm-d", "--node", "host-c", "--ip", freed, *VM, timeout=BOOT)
+    assert two.instance("vm-d")["ipv4"] == freed
+    two.cluster.ok("delete", "vm-d", timeout=BOOT)
+
+
+def test_addresses_survive_stop_start_and_a_master_restart(two: Net) -> None:
+    before = {name: two.instance(name)["address"] for name in ("vm-a", "vm-b")}
+    two.cluster.ok("stop", "vm-a", timeout=BOOT)
+    assert two.instance("vm-a")["address"] == before["vm-a"]
+    two.cluster.ok("start", "vm-a", timeout=BOOT)
+    assert two.instance("vm-a")["ipv4"] == before["vm-a"]
+    assert two.cluster.master is not None
+    two.cluster.master.kill()
+    two.cluster.start_master(
+        "--listen", f"0.0.0.0:{two.cluster.grpc_port}",
+        "--api-listen", f"0.0.0.0:{two.cluster.api_port}",
+        "--advertise", f"{UNDERLAY}.1",
+    )  # fmt: skip
+    wait_until(lambda: two.instance("vm-b")["state"] == "Running", timeout=60)
+    assert {name: two.instance(name)["address"] for name in ("vm-a", "vm-b")} == before
+    assert " 0% packet loss" in two.sh("vm-b", "ping -c 2 -W 5 vm-a")
+
+
+def test_a_worker_without_cap_net_admin_runs_vms_in_user_mode(two: Net) -> None:
+    address = two.hosts.add("host-u", 14)
+    two.cluster.start_worker(
+        "host-u", "--network-mode", "auto", driver="qemu", capacity="cpus=2,memory=2G,disk=10G",
+        host=address, master_host=f"{UNDERLAY}.1",
+        prefix=["ip", "netns", "exec", two.hosts.workers["host-u"], "setpriv",
+                "--inh-caps=-net_admin", "--bounding-set=-net_admin"],
+    )  # fmt: skip
+    assert two.cluster.node("host-u")["network_mode"] == "user"
+    row = next(
+        line for line in two.cluster.ok("nodes").out.splitlines() if line.startswith("host-u")
+    )
+    assert " user " in row
+    two.cluster.ok("launch", "--name", "vm-u", "--node", "host-u", *VM, timeout=BOOT)
+    try:
+        assert two.instance("vm-u")["ipv4"] == "10.0.2.15"
+        assert two.sh("vm-u", "echo hi") == "hi\n"
+    finally:
+        two.cluster.ok("delete", "vm-u", timeout=BOOT)
