@@ -1,0 +1,162 @@
+"""Address management of the cluster network (master/network.py) over a real store: the pure
+picker, the defaults that avoid the host's routes, and no address handed out twice under
+concurrent launches, two masters on one database, or a master killed with SIGKILL mid-launch."""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from harness import Cluster, wait_until
+
+from multiverse.core.errors import Conflict, InvalidArgument, Unavailable
+from multiverse.core.model import DesiredState, Instance, InstanceSpec, InstanceState
+from multiverse.core.network import mac_for, parse_cidr, parse_publish
+from multiverse.master.network import Ipam, Picker, choose_cidr, host_routes
+from multiverse.store.repository import Store, now
+
+
+def _store(path: Path) -> Store:
+    store = Store(f"sqlite:///{path / 'multiverse.db'}")
+    store.migrate()
+    return store
+
+
+def _add(store: Store, ipam: Ipam, name: str, ip: str = "") -> Instance:
+    instance = Instance(
+        id=str(uuid.uuid4()),
+        spec=InstanceSpec(name=name),
+        node_id=None,
+        desired=DesiredState.RUNNING,
+        state=InstanceState.SCHEDULED,
+        created_at=now(),
+    )
+    return store.add_instance(instance, ipam.picker(instance.id, requested=ip))
+
+
+def test_the_picker_takes_the_lowest_free_or_the_asked_address() -> None:
+    pick = Picker("default", "10.9.0.0/29", "owner-1")
+    assert pick(set()).address == "10.9.0.1"
+    assert pick({"10.9.0.1", "10.9.0.2", "10.9.0.4"}).address == "10.9.0.3"
+    assert pick(set()).mac == mac_for("owner-1")
+    assert Picker("default", "10.9.0.0/29", "n", kind="node")(set()).mac == ""
+    with pytest.raises(Unavailable):
+        pick({f"10.9.0.{i}" for i in range(1, 7)})  # .0 and .7 are never handed out
+    asked = Picker("default", "10.9.0.0/29", "owner-1", requested="10.9.0.5")
+    assert asked({"10.9.0.1"}).address == "10.9.0.5"
+    with pytest.raises(Conflict):
+        asked({"10.9.0.5"})
+
+
+@pytest.mark.parametrize("bad", ["10.9.0.0", "10.9.0.7", "10.9.1.1", "nonsense", "10.9.0.1/29"])
+def test_an_address_outside_the_usable_range_is_refused(bad: str, tmp_path: Path) -> None:
+    ipam = Ipam.open(_store(tmp_path), "10.9.0.0/29")
+    with pytest.raises(InvalidArgument):
+        ipam.picker("x", requested=bad)
+
+
+def test_the_default_network_avoids_the_hosts_routes(tmp_path: Path) -> None:
+    routes = tmp_path / "route"
+    # /proc/net/route: 10.77.3.0/24 on eth0, and the default route.
+    routes.write_text(
+        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
+        "eth0\t00034D0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
+        "eth0\t00000000\t01034D0A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
+    )
+    found = host_routes(routes)
+    assert found == [ipaddress.IPv4Network("10.77.3.0/24")]
+    assert choose_cidr(found) == "10.78.0.0/16"
+    assert choose_cidr([]) == "10.77.0.0/16"
+
+
+def test_bad_networks_and_publishes_are_refused() -> None:
+    for bad in ("10.0.0.1/16", "10.0.0.0/30", "fe80::/64", "x"):
+        with pytest.raises(InvalidArgument):
+            parse_cidr(bad)
+    assert str(parse_publish("8080:80")) == "8080:80/tcp"
+    for bad in ("8080", "0:80", "80:70000", "a:b", "1:2/icmp"):
+        with pytest.raises(InvalidArgument):
+            parse_publish(bad)
+
+
+def test_the_network_is_fixed_at_the_first_start(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    assert Ipam.open(store, "10.9.0.0/24").network.cidr == "10.9.0.0/24"
+    assert Ipam.open(store).network.cidr == "10.9.0.0/24"  # kept without --network
+    with pytest.raises(InvalidArgument, match="10.9.0.0/24 already"):
+        Ipam.open(store, "10.10.0.0/24")
+    assert Ipam.open(store, nat=False).network.nat is False
+
+
+def test_fifty_concurrent_launches_on_two_masters_never_share_an_address(tmp_path: Path) -> None:
+    stores = [_store(tmp_path), _store(tmp_path)]  # two masters on one database
+    ipams = [Ipam.open(store, "10.9.0.0/24") for store in stores]
+    start = threading.Barrier(50)
+
+    def launch(index: int) -> str:
+        start.wait()
+        return _add(stores[index % 2], ipams[index % 2], f"vm-{index}").address
+
+    with ThreadPoolExecutor(50) as pool:
+        addresses = list(pool.map(launch, range(50)))
+    assert len(set(addresses)) == 50
+    assert sorted(lease.address for lease in stores[0].leases("default")) == sorted(addresses)
+    held = {i.name: i.address for i in stores[1].list_instances()}
+    assert set(held.values()) == set(addresses)
+
+
+def test_an_address_is_freed_with_its_instance_and_taken_ones_are_refused(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    ipam = Ipam.open(store, "10.9.0.0/24")
+    first, second = _add(store, ipam, "one"), _add(store, ipam, "two")
+    assert (first.address, second.address) == ("10.9.0.1", "10.9.0.2")
+    assert store.find_instance("one").mac == mac_for(first.id)
+    with pytest.raises(Conflict, match="taken"):
+        _add(store, ipam, "three", ip="10.9.0.2")
+    assert [i.name for i in store.list_instances()] == ["one", "two"]  # nothing half-made
+    store.delete_instance(first.id)
+    assert _add(store, ipam, "three", ip="10.9.0.1").address == "10.9.0.1"
+    assert ipam.node_address("node-1") == "10.9.0.3/24"
+    assert ipam.node_address("node-1") == "10.9.0.3/24"  # kept
+
+
+@pytest.mark.parametrize("kill_after", [5])
+def test_a_master_killed_during_fifty_launches_never_doubles_an_address(
+    cluster: Cluster, kill_after: int
+) -> None:
+    cluster.start_master("--network", "10.9.0.0/24")
+    cluster.start_worker("node-a", capacity="cpus=512,memory=1T,disk=100T")
+    headers = {"Authorization": f"Bearer {cluster.token}"}
+    launched = threading.Semaphore(0)
+
+    def launch(index: int) -> int:
+        body = {"name": f"vm-{index}", "memory": "16M", "disk": "16M"}
+        try:
+            answer = cluster.http.post(f"{cluster.api}/api/v1/instances", json=body, headers=headers)
+        except httpx.HTTPError:
+            return 0  # the master died under it
+        launched.release()
+        return answer.status_code
+
+    with ThreadPoolExecutor(50) as pool:
+        results = [pool.submit(launch, index) for index in range(50)]
+        for _ in range(kill_after):
+            launched.acquire(timeout=60)
+        assert cluster.master is not None
+        cluster.master.kill()  # SIGKILL, mid-flight
+        codes = [result.result() for result in results]
+    assert codes.count(202) >= kill_after
+    cluster.start_master()
+    wait_until(lambda: cluster.node("node-a").get("status") == "Ready", timeout=30)
+    for index in range(50, 55):  # and it goes on handing out free ones
+        cluster.ok("launch", "--name", f"vm-{index}", "--memory", "16M", "--disk", "16M")
+    instances = cluster.ok("instances", "--format", "json").json()
+    addresses = [i["address"] for i in instances]
+    assert all(addresses) and len(set(addresses)) == len(addresses)
+    network = cluster.ok("network", "--format", "json").json()[0]
+    assert network["instances"] == len(instances)  # no lease left without its instance
