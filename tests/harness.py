@@ -262,6 +262,7 @@ def new_cluster(root: Path) -> Iterator[Cluster]:
         # Tests share this host's network namespace: only tests that make their own
         # namespaces (test_network.py) put workers on the cluster network.
         "MULTIVERSE_NETWORK_MODE": "user",
+        "MULTIVERSE_ALLOW_FAKE": "1",  # the workers' default driver here; refused elsewhere
     }
     for key in ("MULTIVERSE_SERVER", "MULTIVERSE_TOKEN", "MULTIVERSE_CONFIG"):
         env.pop(key, None)

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 
 from multiverse.core.errors import InvalidArgument, MultiverseError
+from multiverse.core.files import private_dir
 from multiverse.core.model import Resources
 from multiverse.drivers.base import Driver
 from multiverse.wire import pki
@@ -33,7 +34,7 @@ class WorkerConfig:
     listen: str = "0.0.0.0:1339"
     advertise: str = ""
     name: str = ""
-    driver: str = "fake"
+    driver: str = "qemu"
     labels: dict[str, str] = field(default_factory=dict)
     capacity: Resources | None = None
     sync_interval: float = 5.0
@@ -77,7 +78,7 @@ class Worker:
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(config.data_dir)  # its key, its VMs' user data
         network = None
         if config.driver == "qemu" and detect_mode(config.network_mode) == "bridge":
             network = LinuxNetwork(config.data_dir / "network")

@@ -1,7 +1,7 @@
 """The cluster network: its definition, the addresses leased to instances and nodes (unique per
 network by the primary key), and each node's network mode.
 
-Revision ID: 0004
+Revision ID: 0005
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004"
-down_revision = "0003"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
