@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -190,9 +191,43 @@ def test_a_third_host_joins_and_reaches_the_others(two: Net) -> None:
     # Deleted frees its address: asking for it by --ip now works; a taken one is refused.
     taken = two.cluster.cli("launch", "--name", "vm-x", "--ip", two.instance("vm-a")["address"])
     assert taken.code != 0 and "taken" in taken.err
-    two.cluster.ok("launch", "--name", "vm-d", "--node", "host-c", "--ip", freed, *VM, timeout=BOOT)
-    assert two.instance("vm-d")["ipv4"] == freed
-    two.cluster.ok("delete", "vm-d", timeout=BOOT)
+    two.cluster.ok(
+        "launch", "--name", "vm-d", "--node", "host-c", "--ip", freed, "--publish", "8080:80",
+        *VM, timeout=BOOT,
+    )  # fmt: skip
+    try:
+        assert two.instance("vm-d")["ipv4"] == freed
+        # A node port goes to one VM only.
+        clash = two.cluster.cli("launch", "--name", "vm-y", "--node", "host-c", "-p", "8080:81")
+        assert clash.code != 0 and "published by vm-d" in clash.err
+        info = two.cluster.ok("info", "vm-d", "--format", "json").json()[0]
+        assert info["publish"] == ["8080:80/tcp"]
+        # From another host (the master's), the node's port 8080 reaches the guest's port 80.
+        two.sh("vm-d", "nc -l -p 80 -e echo published </dev/null >/dev/null 2>&1 &")
+        wait_until(lambda: ":0050 " in two.sh("vm-d", "cat /proc/net/tcp*"), timeout=30)
+        assert _fetch(two.hosts.master_ns, f"{UNDERLAY}.13", 8080) == "published\n"
+    finally:
+        two.cluster.ok("delete", "vm-d", timeout=BOOT)
+
+
+def test_vms_reach_outside_the_cluster_network_through_their_node(two: Net) -> None:
+    # The master's host is no VM and has no route to the cluster network: only the node's
+    # masquerade brings the answers back.
+    assert " 0% packet loss" in two.sh("vm-a", f"ping -c 2 -W 5 {UNDERLAY}.1")
+
+
+def _fetch(namespace: str, host: str, port: int) -> str:
+    """What a TCP server at host:port says, asked from inside ``namespace``."""
+    script = (
+        "import socket,sys\n"
+        f"s = socket.create_connection(({host!r}, {port}), timeout=20)\n"
+        "sys.stdout.write(s.makefile().read())\n"
+    )
+    done = subprocess.run(
+        ["ip", "netns", "exec", namespace, sys.executable, "-c", script],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return done.stdout
 
 
 def test_addresses_survive_stop_start_and_a_master_restart(two: Net) -> None:
