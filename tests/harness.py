@@ -14,7 +14,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,3 +292,97 @@ def kill_qemus_under(state_dir: Path) -> None:
         with contextlib.suppress(psutil.Error):
             process.kill()
             process.wait(10)
+
+
+# --- test hosts in network namespaces ---------------------------------------------------------
+
+UNDERLAY = "10.231.88"  # the /24 of the test hosts' underlay; the master's host is .1
+
+
+def netns_ip(namespace: str, *args: str) -> None:
+    subprocess.run(["ip", "netns", "exec", namespace, "ip", *args], check=True)
+
+
+def kill_under(root: Path, name: str) -> None:
+    """Kill the ``name`` processes whose command line mentions ``root`` (dnsmasq of workers)."""
+    for process in psutil.process_iter(["name", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if name in (process.info["name"] or "") and str(root) in " ".join(
+                process.info["cmdline"] or []
+            ):
+                process.kill()
+
+
+@dataclass
+class Hosts:
+    """Test hosts as network namespaces on one veth underlay, switched in the master's."""
+
+    tag: str
+    master_ns: str
+    switch: str
+    workers: dict[str, str] = field(default_factory=dict)  # node name -> namespace
+
+    def add(self, name: str, index: int) -> str:
+        """Another host on the underlay, at ``UNDERLAY.<index>``; returns its address."""
+        namespace = f"mvnet-{name}-{self.tag}"
+        subprocess.run(["ip", "netns", "add", namespace], check=True)
+        self.workers[name] = namespace
+        netns_ip(namespace, "link", "set", "lo", "up")
+        outside, inside = f"mvu{index}{self.tag}", f"ul{index}"
+        subprocess.run(
+            ["ip", "link", "add", outside, "netns", self.master_ns, "type", "veth",
+             "peer", "name", inside, "netns", namespace],
+            check=True,
+        )  # fmt: skip
+        netns_ip(self.master_ns, "link", "set", outside, "master", self.switch, "up")
+        address = f"{UNDERLAY}.{index}"
+        netns_ip(namespace, "addr", "add", f"{address}/24", "dev", inside)
+        netns_ip(namespace, "link", "set", inside, "up")
+        return address
+
+    def make_master_host(self) -> None:
+        """The master's host: its namespace, holding the switch of the underlay at ``.1``."""
+        subprocess.run(["ip", "netns", "add", self.master_ns], check=True)
+        netns_ip(self.master_ns, "link", "set", "lo", "up")
+        netns_ip(self.master_ns, "link", "add", self.switch, "type", "bridge")
+        netns_ip(self.master_ns, "addr", "add", f"{UNDERLAY}.1/24", "dev", self.switch)
+        netns_ip(self.master_ns, "link", "set", self.switch, "up")
+
+    def remove(self) -> None:
+        """Delete every namespace, and so every link, bridge and nftables table in them."""
+        for namespace in [*self.workers.values(), self.master_ns]:
+            subprocess.run(["ip", "netns", "del", namespace], check=False)
+
+
+@contextmanager
+def underlay(tag: str) -> Iterator[Hosts]:
+    """Test hosts on a veth underlay: the master's now, workers' with ``Hosts.add``."""
+    hosts = Hosts(tag, f"mvnet-m-{tag}", f"mvsw{tag}")
+    try:
+        hosts.make_master_host()
+        yield hosts
+    finally:
+        hosts.remove()
+
+
+def start_network_master(cluster: Cluster, hosts: Hosts, *extra: str) -> None:
+    """The master in its host's namespace, reachable from the others at ``UNDERLAY.1``."""
+    cluster.prefix = ["ip", "netns", "exec", hosts.master_ns]
+    cluster.start_master(
+        "--listen", f"0.0.0.0:{cluster.grpc_port}",
+        "--api-listen", f"0.0.0.0:{cluster.api_port}",
+        "--advertise", f"{UNDERLAY}.1", *extra,
+    )  # fmt: skip
+
+
+def start_host_worker(
+    cluster: Cluster, hosts: Hosts, name: str, index: int, *extra: str,
+    wrap: Sequence[str] = (),
+) -> Proc:  # fmt: skip
+    """A qemu worker on a new test host at ``UNDERLAY.<index>``; ``wrap`` runs it under a
+    command (e.g. setpriv dropping capabilities)."""
+    address = hosts.add(name, index)
+    return cluster.start_worker(
+        name, *extra, driver="qemu", capacity="cpus=2,memory=2G,disk=10G", host=address,
+        master_host=f"{UNDERLAY}.1", prefix=["ip", "netns", "exec", hosts.workers[name], *wrap],
+    )  # fmt: skip

@@ -9,63 +9,31 @@ end, and the workers' dnsmasq processes are killed, whatever happened.
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
-from harness import Cluster, new_cluster, wait_until
+from harness import (
+    UNDERLAY,
+    Cluster,
+    Hosts,
+    kill_under,
+    new_cluster,
+    start_host_worker,
+    start_network_master,
+    underlay,
+    wait_until,
+)
 
 pytestmark = pytest.mark.vm
 
 CIDR = "10.99.0.0/24"
-UNDERLAY = "10.231.88"  # /24 of the test hosts' underlay
 VM = ("--memory", "192M", "--disk", "64M")
 BOOT = 300  # seconds: TCG under a loaded machine boots slowly
-
-
-@dataclass
-class Hosts:
-    tag: str
-    master_ns: str
-    switch: str
-    workers: dict[str, str] = field(default_factory=dict)  # node name -> namespace
-
-    def add(self, name: str, index: int) -> str:
-        """Another host on the underlay, at ``UNDERLAY.<index>``; returns its address."""
-        namespace = f"mvnet-{name}-{self.tag}"
-        subprocess.run(["ip", "netns", "add", namespace], check=True)
-        self.workers[name] = namespace
-        _ip(namespace, "link", "set", "lo", "up")
-        outside, inside = f"mvu{index}{self.tag}", f"ul{index}"
-        subprocess.run(
-            ["ip", "link", "add", outside, "netns", self.master_ns, "type", "veth",
-             "peer", "name", inside, "netns", namespace],
-            check=True,
-        )  # fmt: skip
-        _ip(self.master_ns, "link", "set", outside, "master", self.switch, "up")
-        address = f"{UNDERLAY}.{index}"
-        _ip(namespace, "addr", "add", f"{address}/24", "dev", inside)
-        _ip(namespace, "link", "set", inside, "up")
-        return address
-
-
-def _ip(namespace: str, *args: str) -> None:
-    subprocess.run(["ip", "netns", "exec", namespace, "ip", *args], check=True)
-
-
-def _kill_under(root: Path, name: str) -> None:
-    for process in psutil.process_iter(["name", "cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            if name in (process.info["name"] or "") and str(root) in " ".join(
-                process.info["cmdline"] or []
-            ):
-                process.kill()
 
 
 @dataclass
@@ -74,12 +42,7 @@ class Net:
     hosts: Hosts
 
     def start_worker(self, name: str, index: int, *extra: str) -> None:
-        address = self.hosts.add(name, index)
-        self.cluster.start_worker(
-            name, "--network-mode", "bridge", *extra, driver="qemu",
-            capacity="cpus=2,memory=2G,disk=10G", host=address, master_host=f"{UNDERLAY}.1",
-            prefix=["ip", "netns", "exec", self.hosts.workers[name]],
-        )  # fmt: skip
+        start_host_worker(self.cluster, self.hosts, name, index, "--network-mode", "bridge", *extra)
 
     def sh(self, vm: str, script: str, timeout: float = 120) -> str:
         return self.cluster.ok("exec", vm, "--", "sh", "-c", script, timeout=timeout).out
@@ -93,29 +56,13 @@ class Net:
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory, tiny_image: Path) -> Iterator[Net]:
-    tag = uuid.uuid4().hex[:5]
-    hosts = Hosts(tag, f"mvnet-m-{tag}", f"mvsw{tag}")
     root = tmp_path_factory.mktemp("net")
-    subprocess.run(["ip", "netns", "add", hosts.master_ns], check=True)
-    try:
-        _ip(hosts.master_ns, "link", "set", "lo", "up")
-        _ip(hosts.master_ns, "link", "add", hosts.switch, "type", "bridge")
-        _ip(hosts.master_ns, "addr", "add", f"{UNDERLAY}.1/24", "dev", hosts.switch)
-        _ip(hosts.master_ns, "link", "set", hosts.switch, "up")
-        with new_cluster(root) as cluster:
-            cluster.prefix = ["ip", "netns", "exec", hosts.master_ns]
-            try:
-                cluster.start_master(
-                    "--listen", f"0.0.0.0:{cluster.grpc_port}",
-                    "--api-listen", f"0.0.0.0:{cluster.api_port}",
-                    "--advertise", f"{UNDERLAY}.1", "--network", CIDR,
-                )  # fmt: skip
-                yield Net(cluster, hosts)
-            finally:
-                _kill_under(root, "dnsmasq")
-    finally:
-        for namespace in [*hosts.workers.values(), hosts.master_ns]:
-            subprocess.run(["ip", "netns", "del", namespace], check=False)
+    with underlay(uuid.uuid4().hex[:5]) as hosts, new_cluster(root) as cluster:
+        try:
+            start_network_master(cluster, hosts, "--network", CIDR)
+            yield Net(cluster, hosts)
+        finally:
+            kill_under(root, "dnsmasq")
 
 
 @pytest.fixture(scope="module")
@@ -238,23 +185,16 @@ def test_addresses_survive_stop_start_and_a_master_restart(two: Net) -> None:
     assert two.instance("vm-a")["ipv4"] == before["vm-a"]
     assert two.cluster.master is not None
     two.cluster.master.kill()
-    two.cluster.start_master(
-        "--listen", f"0.0.0.0:{two.cluster.grpc_port}",
-        "--api-listen", f"0.0.0.0:{two.cluster.api_port}",
-        "--advertise", f"{UNDERLAY}.1",
-    )  # fmt: skip
+    start_network_master(two.cluster, two.hosts)
     wait_until(lambda: two.instance("vm-b")["state"] == "Running", timeout=60)
     assert {name: two.instance(name)["address"] for name in ("vm-a", "vm-b")} == before
     assert " 0% packet loss" in two.sh("vm-b", "ping -c 2 -W 5 vm-a")
 
 
 def test_a_worker_without_cap_net_admin_runs_vms_in_user_mode(two: Net) -> None:
-    address = two.hosts.add("host-u", 14)
-    two.cluster.start_worker(
-        "host-u", "--network-mode", "auto", driver="qemu", capacity="cpus=2,memory=2G,disk=10G",
-        host=address, master_host=f"{UNDERLAY}.1",
-        prefix=["ip", "netns", "exec", two.hosts.workers["host-u"], "setpriv",
-                "--inh-caps=-net_admin", "--bounding-set=-net_admin"],
+    start_host_worker(
+        two.cluster, two.hosts, "host-u", 14, "--network-mode", "auto",
+        wrap=["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin"],
     )  # fmt: skip
     assert two.cluster.node("host-u")["network_mode"] == "user"
     row = next(

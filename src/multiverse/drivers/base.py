@@ -41,6 +41,14 @@ class NetworkAttachment:
     nic: Nic
     mtu: int = 1500
 
+    def guest_config(self) -> str:
+        """The guest's ``network`` config (:mod:`multiverse.guest.image` reads it)."""
+        nic = self.nic
+        return (
+            f"address={nic.address}\ngateway={nic.gateway}\ndns={nic.dns}\n"
+            f"search={nic.domain}\nmtu={self.mtu}\n"
+        )
+
 
 @dataclass(frozen=True)
 class VMConfig:

@@ -329,11 +329,7 @@ def guest_network_config(vm: VMConfig) -> str:
     """The ``network`` fw_cfg file: the cluster address, or QEMU user mode's fixed one."""
     if vm.network is None:
         return f"address={USER_NET_ADDRESS}\ngateway={USER_NET_GATEWAY}\ndns={USER_NET_DNS}\n"
-    nic = vm.network.nic
-    return (
-        f"address={nic.address}\ngateway={nic.gateway}\ndns={nic.dns}\n"
-        f"search={nic.domain}\nmtu={vm.network.mtu}\n"
-    )
+    return vm.network.guest_config()
 
 
 def choose_accel() -> str:

@@ -24,6 +24,7 @@ from multiverse.worker.sync import Identity, join, observe_forever, sync_forever
 log = logging.getLogger("multiverse.worker")
 
 DRIVERS = ("qemu", "firecracker", "multipass", "fake")
+NETWORKED = ("qemu", "firecracker")  # the drivers that plug VMs into the cluster network
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Worker:
         self.config = config
         private_dir(config.data_dir)  # its key, its VMs' user data
         network = None
-        if config.driver == "qemu" and detect_mode(config.network_mode) == "bridge":
+        if config.driver in NETWORKED and detect_mode(config.network_mode) == "bridge":
             network = LinuxNetwork(config.data_dir / "network")
         self.agent = Agent(make_driver(config), LocalStore(config.data_dir / "worker.db"), network)
         self.identity: Identity | None = None
