@@ -15,10 +15,25 @@ import pytest
 from harness import Cluster, wait_until
 
 from multiverse.core.errors import Conflict, InvalidArgument, Unavailable
-from multiverse.core.model import DesiredState, Instance, InstanceSpec, InstanceState
-from multiverse.core.network import mac_for, parse_cidr, parse_publish
+from multiverse.core.model import (
+    DesiredState,
+    Instance,
+    InstanceSpec,
+    InstanceState,
+    Node,
+    NodeStatus,
+    Resources,
+)
+from multiverse.core.network import (
+    ClusterNetwork,
+    NetworkPlan,
+    mac_for,
+    parse_cidr,
+    parse_publish,
+)
 from multiverse.master.network import Ipam, Picker, choose_cidr, host_routes
 from multiverse.store.repository import Store, now
+from multiverse.worker.network import Guarded, render_ruleset
 
 
 def _store(path: Path) -> Store:
@@ -162,3 +177,53 @@ def test_a_master_killed_during_fifty_launches_never_doubles_an_address(
     assert all(addresses) and len(set(addresses)) == len(addresses)
     network = cluster.ok("network", "--format", "json").json()[0]
     assert network["instances"] == len(instances)  # no lease left without its instance
+
+
+def _node(store: Store, name: str, address: str, mode: str, status: NodeStatus) -> Node:
+    node = Node(
+        id=str(uuid.uuid4()), name=name, address=f"{address}:1339", driver="qemu",
+        status=status, labels={}, capacity=Resources(8, 8 << 30, 100 << 30),
+    )  # fmt: skip
+    store.add_node(node, cert_serial="")
+    store.update_node(node.id, network_mode=mode)
+    return node
+
+
+def test_each_node_plan_names_its_live_bridged_peers_and_its_instances(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    ipam = Ipam.open(store, "10.9.0.0/24")
+    a = _node(store, "a", "192.0.2.1", "bridge", NodeStatus.READY)
+    _node(store, "b", "192.0.2.2", "bridge", NodeStatus.READY)
+    _node(store, "down", "192.0.2.3", "bridge", NodeStatus.DOWN)  # left: no more flooding to it
+    user = _node(store, "u", "192.0.2.4", "user", NodeStatus.READY)
+    on_a = _add(store, ipam, "web-1")
+    store.update_instance(on_a.id, node_id=a.id)
+    on_user = _add(store, ipam, "db-1")
+    store.update_instance(on_user.id, node_id=user.id)
+    plan = ipam.plan(store.get_node(a.id))
+    assert plan.underlay == "192.0.2.1" and plan.peers == ("192.0.2.2",)
+    assert plan.gateway == ipam.node_address(a.id)
+    assert plan.records == {"web-1": on_a.address}  # db-1's node is not on the network
+    nic = plan.nics[on_a.id]
+    assert (nic.address, nic.mac) == (f"{on_a.address}/24", on_a.mac)
+    assert nic.gateway == nic.dns == plan.gateway.split("/")[0]
+    store.remove_node(a.id)  # its address and its instances' go back
+    owners = {lease.owner for lease in store.leases("default")}
+    assert a.id not in owners and on_a.id not in owners and on_user.id in owners
+
+
+def test_the_ruleset_guards_each_tap_and_follows_nat_and_publish() -> None:
+    guest = Guarded("mvt1", "02:00:00:00:00:01", "10.9.0.5", (parse_publish("8080:80"),))
+    plan = NetworkPlan(ClusterNetwork("default", "10.9.0.0/24"), "10.9.0.1/24", "192.0.2.1", ())
+    rules = render_ruleset(plan, [guest])
+    assert 'iifname "mvt1" ether saddr != 02:00:00:00:00:01 drop' in rules
+    assert 'iifname "mvt1" ether type ip ip saddr != 10.9.0.5 drop' in rules
+    assert 'iifname "mvt1" ether type arp arp saddr ip != 10.9.0.5 drop' in rules
+    assert "masquerade" in rules
+    assert "tcp dport 8080 dnat to 10.9.0.5:80" in rules
+    no_nat = NetworkPlan(
+        ClusterNetwork("default", "10.9.0.0/24", nat=False), "10.9.0.1/24", "192.0.2.1", ()
+    )
+    assert "masquerade" not in render_ruleset(no_nat, [guest])
+    # Replaced whole each time: the table is created, deleted and made again in one go.
+    assert rules.index("delete table bridge multiverse") < rules.index("chain guard")

@@ -184,6 +184,7 @@ class Ipam:
         gateway = self.node_address(node.id)
         nodes = self.store.list_nodes()
         instances = self.store.list_instances()
+        bridged = {other.id for other in nodes if other.network_mode == "bridge"}
         peers = tuple(
             sorted(
                 other.ipv4
@@ -202,7 +203,8 @@ class Ipam:
             gateway=gateway,
             underlay=node.ipv4,
             peers=peers,
-            records={i.name: i.address for i in instances if i.address},
+            # Only instances on the network have a name on it (not those of user-mode nodes).
+            records={i.name: i.address for i in instances if i.address and i.node_id in bridged},
             nics=nics,
         )
 

@@ -35,6 +35,7 @@ from multiverse.drivers.base import NetworkAttachment
 __all__ = [
     "BRIDGE",
     "VXLAN",
+    "Guarded",
     "LinuxNetwork",
     "NodeNetwork",
     "detect_mode",
@@ -89,7 +90,7 @@ def tap_name(vm_id: str) -> str:
 
 
 @dataclass(frozen=True)
-class _Guarded:
+class Guarded:
     """A plugged tap as the firewall sees it."""
 
     tap: str
@@ -98,7 +99,7 @@ class _Guarded:
     publish: tuple[Publish, ...] = ()
 
 
-def render_ruleset(plan: NetworkPlan | None, guests: list[_Guarded], bridge: str = BRIDGE) -> str:
+def render_ruleset(plan: NetworkPlan | None, guests: list[Guarded], bridge: str = BRIDGE) -> str:
     """The whole ``multiverse`` nftables state, replaced in one transaction.
 
     - bridge family, prerouting: a frame from a tap must carry that VM's MAC and, for IPv4 and
@@ -159,7 +160,7 @@ class LinuxNetwork:
         self.mtu = 1500
         self.ready = asyncio.Event()
         self._lock = asyncio.Lock()
-        self._guests: dict[str, _Guarded] = _load_guests(state_dir / "attachments.json")
+        self._guests: dict[str, Guarded] = _load_guests(state_dir / "attachments.json")
         self._applied_rules = ""
 
     # --- the port --------------------------------------------------------------------------
@@ -172,7 +173,7 @@ class LinuxNetwork:
             for vm_id, nic in plan.nics.items():
                 guest = self._guests.get(vm_id)
                 if guest is not None and guest.publish != nic.publish:
-                    self._guests[vm_id] = _Guarded(guest.tap, guest.mac, guest.ip, nic.publish)
+                    self._guests[vm_id] = Guarded(guest.tap, guest.mac, guest.ip, nic.publish)
             await self._apply_rules()
             await asyncio.to_thread(self._ensure_dns, plan)
             self.ready.set()
@@ -187,7 +188,7 @@ class LinuxNetwork:
         async with self._lock:
             tap = tap_name(vm_id)
             await asyncio.to_thread(self._ensure_tap, tap)
-            self._guests[vm_id] = _Guarded(tap, nic.mac, nic.ip, nic.publish)
+            self._guests[vm_id] = Guarded(tap, nic.mac, nic.ip, nic.publish)
             self._save_guests()
             await self._apply_rules()
             return NetworkAttachment(tap=tap, nic=nic, mtu=self.mtu)
@@ -376,7 +377,7 @@ class LinuxNetwork:
         temporary.replace(path)
 
 
-def _load_guests(path: Path) -> dict[str, _Guarded]:
+def _load_guests(path: Path) -> dict[str, Guarded]:
     from multiverse.core.network import parse_publish
 
     try:
@@ -384,7 +385,7 @@ def _load_guests(path: Path) -> dict[str, _Guarded]:
     except (OSError, ValueError):
         return {}
     return {
-        vm_id: _Guarded(
+        vm_id: Guarded(
             item["tap"], item["mac"], item["ip"], tuple(parse_publish(p) for p in item["publish"])
         )
         for vm_id, item in data.items()
