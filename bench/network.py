@@ -15,8 +15,9 @@ VXLAN interface with its head-end replication entry and a tap per VM are made wi
 the command line ``QemuDriver`` builds (so the two cannot drift) on those taps. The ratios
 stack / by hand are printed (throughput: higher is better; round trip: lower is better).
 
-At most three VMs run at once (the stack's are deleted before the hand-wired ones boot);
-every VM, process and namespace is cleaned up at the end, also on Ctrl-C or failure.
+Both setups run at once (six small VMs) and the runs alternate between them, so that a change
+in the host's load hits both alike; every VM, process and namespace is cleaned up at the end,
+also on Ctrl-C or failure.
 
     .venv/bin/python bench/network.py [--runs 3] [--megabytes 16] [--pings 10] [--format json]
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import statistics
@@ -32,8 +34,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +101,10 @@ def throughput_mbps(shell: Shell, source: str, target: str, target_ip: str, mb: 
 
 @dataclass
 class Figures:
-    rtt_same: list[float]
-    rtt_cross: list[float]
-    tput_same: list[float]
-    tput_cross: list[float]
+    rtt_same: list[float] = field(default_factory=list)
+    rtt_cross: list[float] = field(default_factory=list)
+    tput_same: list[float] = field(default_factory=list)
+    tput_cross: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, float]:
         return {
@@ -113,27 +115,37 @@ class Figures:
         }
 
 
-def measure(shell: Shell, vms: list[str], ips: list[str], args: argparse.Namespace) -> Figures:
-    figures = Figures([], [], [], [])
-    for run in range(args.runs):
-        say(f"  run {run + 1}/{args.runs}")
+@dataclass
+class Setup:
+    """Three running VMs (two on one host, one on another) and a way to run scripts in them."""
+
+    shell: Shell
+    vms: list[str]
+    ips: list[str]
+    figures: Figures = field(default_factory=Figures)
+
+    def measure(self, args: argparse.Namespace) -> None:
+        shell, vms, ips, figures = self.shell, self.vms, self.ips, self.figures
         figures.rtt_same.append(round_trip_ms(shell, vms[0], ips[1], args.pings))
         figures.rtt_cross.append(round_trip_ms(shell, vms[0], ips[2], args.pings))
         figures.tput_same.append(throughput_mbps(shell, vms[0], vms[1], ips[1], args.megabytes))
         figures.tput_cross.append(throughput_mbps(shell, vms[0], vms[2], ips[2], args.megabytes))
-    return figures
 
 
 # --- the stack --------------------------------------------------------------------------------
 
 
-def through_stack(root: Path, hosts: Hosts, args: argparse.Namespace) -> Figures:
+@contextlib.contextmanager
+def through_stack(root: Path, hosts: Hosts) -> Iterator[Setup]:
     (root / "stack").mkdir()
     with new_cluster(root / "stack") as cluster:
         try:
             start_network_master(cluster, hosts)
             for name, index in (("host-a", 11), ("host-b", 12)):
-                start_host_worker(cluster, hosts, name, index, "--network-mode", "bridge")
+                # The default sync interval (the tests' is 10x shorter), as a user runs it.
+                start_host_worker(
+                    cluster, hosts, name, index, "--network-mode", "bridge", "--sync-interval", "5"
+                )
             vms = ["vm-1", "vm-2", "vm-3"]
             for vm, node in zip(vms, ("host-a", "host-a", "host-b"), strict=True):
                 say(f"stack: launching {vm} on {node}")
@@ -146,8 +158,7 @@ def through_stack(root: Path, hosts: Hosts, args: argparse.Namespace) -> Figures
             def shell(vm: str, script: str) -> str:
                 return str(cluster.ok("exec", vm, "--", "sh", "-c", script, timeout=300).out)
 
-            say("stack: measuring")
-            return measure(shell, vms, ips, args)
+            yield Setup(shell, vms, ips)
         finally:
             kill_under(root / "stack", "dnsmasq")
 
@@ -232,22 +243,19 @@ def _hand_call_main(request: dict[str, Any]) -> int:
     return 0
 
 
-def by_hand(root: Path, hosts: Hosts, args: argparse.Namespace) -> Figures:
+@contextlib.contextmanager
+def by_hand(root: Path, hosts: Hosts) -> Iterator[Setup]:
     state_dir = root / "hand"
-    vms = [
-        HandVM("hand-1", "", "tap1", "10.98.0.11", "10.98.0.251"),
-        HandVM("hand-2", "", "tap2", "10.98.0.12", "10.98.0.251"),
-        HandVM("hand-3", "", "tap3", "10.98.0.13", "10.98.0.252"),
-    ]
     try:
         a, b = hosts.add("hand-a", 21), hosts.add("hand-b", 22)
+        on_a, on_b = hosts.workers["hand-a"], hosts.workers["hand-b"]
         vms = [
-            HandVM(vm.name, hosts.workers["hand-b" if vm.name == "hand-3" else "hand-a"],
-                   vm.tap, vm.ip, vm.gateway)
-            for vm in vms
-        ]  # fmt: skip
-        wire_host(hosts.workers["hand-a"], a, b, "10.98.0.251", ["tap1", "tap2"])
-        wire_host(hosts.workers["hand-b"], b, a, "10.98.0.252", ["tap3"])
+            HandVM("hand-1", on_a, "tap1", "10.98.0.11", "10.98.0.251"),
+            HandVM("hand-2", on_a, "tap2", "10.98.0.12", "10.98.0.251"),
+            HandVM("hand-3", on_b, "tap3", "10.98.0.13", "10.98.0.252"),
+        ]
+        wire_host(on_a, a, b, "10.98.0.251", ["tap1", "tap2"])
+        wire_host(on_b, b, a, "10.98.0.252", ["tap3"])
         by_name = {vm.name: vm for vm in vms}
         for vm in vms:
             say(f"by hand: booting {vm.name}")
@@ -256,8 +264,7 @@ def by_hand(root: Path, hosts: Hosts, args: argparse.Namespace) -> Figures:
         def shell(name: str, script: str) -> str:
             return hand_call(by_name[name], state_dir, script)
 
-        say("by hand: measuring")
-        return measure(shell, [vm.name for vm in vms], [vm.ip for vm in vms], args)
+        yield Setup(shell, [vm.name for vm in vms], [vm.ip for vm in vms])
     finally:
         kill_qemus_under(state_dir)
 
@@ -266,16 +273,23 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     build_test_image(IMAGE_CACHE)
     with underlay(uuid.uuid4().hex[:5]) as hosts:
         started = time.monotonic()
-        stack = through_stack(root, hosts, args).summary()
-        kill_qemus_under(root / "stack")
-        hand = by_hand(root, hosts, args).summary()
-    ratios = {key: round(stack[key] / hand[key], 3) if hand[key] else None for key in stack}
+        with through_stack(root, hosts) as stack, by_hand(root, hosts) as hand:
+            for run in range(args.runs):
+                # Alternating which goes first, so that a change in the host's load hits both.
+                pair = [("stack", stack), ("by hand", hand)]
+                for label, setup in pair if run % 2 == 0 else pair[::-1]:
+                    say(f"run {run + 1}/{args.runs}: {label}")
+                    setup.measure(args)
+            figures = {"stack": stack.figures.summary(), "by_hand": hand.figures.summary()}
+    ratios = {
+        key: round(value / figures["by_hand"][key], 3) if figures["by_hand"][key] else None
+        for key, value in figures["stack"].items()
+    }
     return {
         "runs": args.runs,
         "megabytes": args.megabytes,
         "pings": args.pings,
-        "stack": stack,
-        "by_hand": hand,
+        **figures,
         "ratio_stack_over_hand": ratios,
         "wall_s": round(time.monotonic() - started, 1),
     }

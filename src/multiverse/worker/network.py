@@ -106,7 +106,8 @@ def render_ruleset(plan: NetworkPlan | None, guests: list[Guarded], bridge: str 
       ARP, its address; anything else (IPv6 included) is dropped, so a guest cannot take over
       another's address;
     - ip family: masquerade of the guests' outbound traffic (unless the network has NAT off)
-      and DNAT of published node ports.
+      and DNAT of published node ports; no connection tracking for the overlay's packets
+      and for traffic within the cluster network.
     """
     lines = [
         f"table bridge {NFT_TABLE}",
@@ -126,6 +127,19 @@ def render_ruleset(plan: NetworkPlan | None, guests: list[Guarded], bridge: str 
         ]
     lines += ["  }", "}", f"table ip {NFT_TABLE}", f"delete table ip {NFT_TABLE}"]
     lines += [f"table ip {NFT_TABLE} {{"]
+    if plan is not None:
+        # A nat chain turns connection tracking on for every packet of the namespace, bridged
+        # ones too (br_netfilter); the overlay's own packets and traffic inside the cluster
+        # network need no NAT, so they skip it: the data path stays that of a plain bridge.
+        cidr = plan.network.cidr
+        for chain, hook in (("raw_prerouting", "prerouting"), ("raw_output", "output")):
+            lines += [
+                f"  chain {chain} {{",
+                f"    type filter hook {hook} priority raw; policy accept;",
+                f"    udp dport {VXLAN_PORT} notrack",
+                f"    ip saddr {cidr} ip daddr {cidr} notrack",
+                "  }",
+            ]
     lines += ["  chain postrouting {", "    type nat hook postrouting priority 100; policy accept;"]
     if plan is not None and plan.network.nat:
         cidr = plan.network.cidr
