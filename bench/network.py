@@ -140,9 +140,9 @@ def through_stack(root: Path, hosts: Hosts) -> Iterator[Setup]:
     (root / "stack").mkdir()
     with new_cluster(root / "stack") as cluster:
         try:
-            start_network_master(cluster, hosts)
+            # The default timings (the tests' are much shorter), as a user runs it.
+            start_network_master(cluster, hosts, "--node-timeout", "20", "--down-timeout", "120")
             for name, index in (("host-a", 11), ("host-b", 12)):
-                # The default sync interval (the tests' is 10x shorter), as a user runs it.
                 start_host_worker(
                     cluster, hosts, name, index, "--network-mode", "bridge", "--sync-interval", "5"
                 )

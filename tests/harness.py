@@ -377,12 +377,12 @@ def start_network_master(cluster: Cluster, hosts: Hosts, *extra: str) -> None:
 
 def start_host_worker(
     cluster: Cluster, hosts: Hosts, name: str, index: int, *extra: str,
-    wrap: Sequence[str] = (),
+    wrap: Sequence[str] = (), driver: str = "qemu",
 ) -> Proc:  # fmt: skip
     """A qemu worker on a new test host at ``UNDERLAY.<index>``; ``wrap`` runs it under a
     command (e.g. setpriv dropping capabilities)."""
     address = hosts.add(name, index)
     return cluster.start_worker(
-        name, *extra, driver="qemu", capacity="cpus=2,memory=2G,disk=10G", host=address,
+        name, *extra, driver=driver, capacity="cpus=2,memory=2G,disk=10G", host=address,
         master_host=f"{UNDERLAY}.1", prefix=["ip", "netns", "exec", hosts.workers[name], *wrap],
     )  # fmt: skip

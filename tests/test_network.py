@@ -31,6 +31,8 @@ from harness import (
 
 pytestmark = pytest.mark.vm
 
+STANDIN = Path(__file__).parent / "standins" / "firecracker"
+
 CIDR = "10.99.0.0/24"
 VM = ("--memory", "192M", "--disk", "64M")
 BOOT = 300  # seconds: TCG under a loaded machine boots slowly
@@ -207,3 +209,19 @@ def test_a_worker_without_cap_net_admin_runs_vms_in_user_mode(two: Net) -> None:
         assert two.sh("vm-u", "echo hi") == "hi\n"
     finally:
         two.cluster.ok("delete", "vm-u", timeout=BOOT)
+
+
+def test_a_firecracker_worker_plugs_its_vms_into_the_same_network(two: Net) -> None:
+    """One network service for both drivers: the Firecracker driver gets the node's tap, MAC
+    and address (its stand-in boots the guest with QEMU on that tap, with that MAC)."""
+    two.cluster.env["MULTIVERSE_FIRECRACKER"] = str(STANDIN)
+    start_host_worker(
+        two.cluster, two.hosts, "host-f", 15, "--network-mode", "bridge", driver="firecracker"
+    )
+    two.cluster.ok("launch", "--name", "vm-f", "--node", "host-f", *VM, timeout=BOOT)
+    try:
+        assert two.guest_ipv4("vm-f") == two.instance("vm-f")["address"]
+        assert " 0% packet loss" in two.sh("vm-f", "ping -c 2 -W 5 vm-a")
+        assert " 0% packet loss" in two.sh("vm-b", "ping -c 2 -W 5 vm-f")
+    finally:
+        two.cluster.ok("delete", "vm-f", timeout=BOOT)

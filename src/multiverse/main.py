@@ -344,6 +344,11 @@ def up(
     sync_interval: float,
 ) -> None:
     """Run a master and a worker for this machine in one process."""
+    source = click.get_current_context().get_parameter_source("network_mode")
+    if source == click.core.ParameterSource.DEFAULT:
+        # One host needs no overlay, and a quick start should not build a bridge and
+        # firewall rules on a machine unasked: user mode unless --network-mode says otherwise.
+        network_mode = "user"
     images_dir = data_dir / "images"
     if driver == "qemu":  # before detaching, so that the user sees the build's progress
         _build_test_image(Path(os.environ.get("MULTIVERSE_IMAGE_CACHE") or images_dir))
