@@ -47,7 +47,6 @@ from harness import (  # noqa: E402  (tests/ is put on the path just above)
     IMAGE_CACHE,
     Hosts,
     kill_qemus_under,
-    kill_under,
     netns_ip,
     new_cluster,
     start_host_worker,
@@ -139,28 +138,25 @@ class Setup:
 def through_stack(root: Path, hosts: Hosts) -> Iterator[Setup]:
     (root / "stack").mkdir()
     with new_cluster(root / "stack") as cluster:
-        try:
-            # The default timings (the tests' are much shorter), as a user runs it.
-            start_network_master(cluster, hosts, "--node-timeout", "20", "--down-timeout", "120")
-            for name, index in (("host-a", 11), ("host-b", 12)):
-                start_host_worker(
-                    cluster, hosts, name, index, "--network-mode", "bridge", "--sync-interval", "5"
-                )
-            vms = ["vm-1", "vm-2", "vm-3"]
-            for vm, node in zip(vms, ("host-a", "host-a", "host-b"), strict=True):
-                say(f"stack: launching {vm} on {node}")
-                cluster.ok(
-                    "launch", "--name", vm, "--node", node, "--memory", MEMORY, "--disk", "64M",
-                    timeout=BOOT_TIMEOUT,
-                )  # fmt: skip
-            ips = [cluster.instances()[vm]["ipv4"] for vm in vms]
+        # The default timings (the tests' are much shorter), as a user runs it.
+        start_network_master(cluster, hosts, "--node-timeout", "20", "--down-timeout", "120")
+        for name, index in (("host-a", 11), ("host-b", 12)):
+            start_host_worker(
+                cluster, hosts, name, index, "--network-mode", "bridge", "--sync-interval", "5"
+            )
+        vms = ["vm-1", "vm-2", "vm-3"]
+        for vm, node in zip(vms, ("host-a", "host-a", "host-b"), strict=True):
+            say(f"stack: launching {vm} on {node}")
+            cluster.ok(
+                "launch", "--name", vm, "--node", node, "--memory", MEMORY, "--disk", "64M",
+                timeout=BOOT_TIMEOUT,
+            )  # fmt: skip
+        ips = [cluster.instances()[vm]["ipv4"] for vm in vms]
 
-            def shell(vm: str, script: str) -> str:
-                return str(cluster.ok("exec", vm, "--", "sh", "-c", script, timeout=300).out)
+        def shell(vm: str, script: str) -> str:
+            return str(cluster.ok("exec", vm, "--", "sh", "-c", script, timeout=300).out)
 
-            yield Setup(shell, vms, ips)
-        finally:
-            kill_under(root / "stack", "dnsmasq")
+        yield Setup(shell, vms, ips)
 
 
 # --- by hand ----------------------------------------------------------------------------------

@@ -246,6 +246,7 @@ class Cluster:
             if proc is not None:
                 proc.kill()
         kill_qemus_under(self.root)  # VMs outlive their agents by design
+        kill_under(self.root, "dnsmasq")  # so do the names the workers serve them
 
 
 @contextmanager

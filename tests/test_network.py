@@ -4,7 +4,7 @@ address and by name over the VXLAN overlay, keep their addresses, and cannot for
 The test makes its own hosts: network namespaces on a veth "underlay" switched by a bridge in
 the master's namespace, one QEMU worker per namespace, as separate machines would be. Every
 namespace, and with it each bridge, tap, VXLAN and nftables table made in it, is deleted at the
-end, and the workers' dnsmasq processes are killed, whatever happened.
+end, and the workers' dnsmasq processes are killed with the cluster, whatever happened.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from harness import (
     UNDERLAY,
     Cluster,
     Hosts,
-    kill_under,
     new_cluster,
     start_host_worker,
     start_network_master,
@@ -60,11 +59,8 @@ class Net:
 def net(tmp_path_factory: pytest.TempPathFactory, tiny_image: Path) -> Iterator[Net]:
     root = tmp_path_factory.mktemp("net")
     with underlay(uuid.uuid4().hex[:5]) as hosts, new_cluster(root) as cluster:
-        try:
-            start_network_master(cluster, hosts, "--network", CIDR)
-            yield Net(cluster, hosts)
-        finally:
-            kill_under(root, "dnsmasq")
+        start_network_master(cluster, hosts, "--network", CIDR)
+        yield Net(cluster, hosts)
 
 
 @pytest.fixture(scope="module")
