@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import grpc
+import tomli_w
 import uvicorn
 
 from multiverse.core.errors import InvalidArgument
@@ -49,15 +50,16 @@ class MasterConfig:
     max_auth_failures: int = 20  # per client and minute; then it is refused for a while
     network: str = ""  # the cluster network's CIDR at the first start ("": a free default)
     nat: bool | None = None  # masquerade guests' outbound traffic (None: keep as stored)
+    node_cert_lifetime: timedelta = pki.NODE_CERT_LIFETIME  # workers renew at a third left
 
 
 def client_config_text(server: str, token: str, ca_pem: bytes | None) -> str:
     """The CLI's config: where the master is, an admin token, and the CA that the master's
     certificate must come from (pinned: no other trust store is asked)."""
-    text = f'# Written by `multiverse master`.\nserver = "{server}"\ntoken = "{token}"\n'
+    values = {"server": server, "token": token}
     if ca_pem is not None:
-        text += f"ca_certificate = '''\n{ca_pem.decode().strip()}\n'''\n"
-    return text
+        values["ca_certificate"] = ca_pem.decode().strip() + "\n"
+    return "# Written by `multiverse master`.\n" + tomli_w.dumps(values, multiline_strings=True)
 
 
 class _Uvicorn(uvicorn.Server):
@@ -81,7 +83,11 @@ class Master:
         self.server_cert = pki.issue_server_cert(
             self.ca, dns_names=[socket.gethostname()], ips=_host_addresses()
         )
-        self.agents = Agents(self.ca, pki.sign_master_client_cert(self.ca))
+        self.agents = Agents(
+            self.ca,
+            pki.sign_master_client_cert(self.ca),
+            node_cert_lifetime=config.node_cert_lifetime,
+        )
         self.events = EventBus()
         self.operations = Operations(self.events)
         self.reconciler = Reconciler(self.store, self.agents, self.events, self.ipam)
@@ -92,6 +98,7 @@ class Master:
         self.nodes = Nodes(self.store, self.agents, self.instances)
         self.cluster = ClusterServicer(self.store, self.agents, self.ipam)
         self.cluster.on_change = self._changed
+        self.nodes.on_removed = self.cluster.forget
         self.api_url = ""
         self.grpc_port = 0
         self._grpc: grpc.aio.Server | None = None

@@ -188,6 +188,18 @@ class SyncAck(_message.Message):
     network: NetworkPlan
     def __init__(self, network: _Optional[_Union[NetworkPlan, _Mapping]] = ...) -> None: ...
 
+class RenewRequest(_message.Message):
+    __slots__ = ("csr",)
+    CSR_FIELD_NUMBER: _ClassVar[int]
+    csr: str
+    def __init__(self, csr: _Optional[str] = ...) -> None: ...
+
+class RenewResponse(_message.Message):
+    __slots__ = ("certificate",)
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    certificate: str
+    def __init__(self, certificate: _Optional[str] = ...) -> None: ...
+
 class InstanceRef(_message.Message):
     __slots__ = ("id",)
     ID_FIELD_NUMBER: _ClassVar[int]
