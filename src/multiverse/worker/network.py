@@ -215,18 +215,6 @@ class LinuxNetwork:
                 self._save_guests()
                 await self._apply_rules()
 
-    async def teardown(self) -> None:
-        """Remove everything this node network made (bridge, VXLAN, taps, rules, dnsmasq)."""
-        async with self._lock:
-            self._stop_dns()
-            for guest in self._guests.values():
-                await asyncio.to_thread(self._remove_link, guest.tap)
-            self._guests.clear()
-            self._save_guests()
-            for name in (self.vxlan, self.bridge):
-                await asyncio.to_thread(self._remove_link, name)
-            await _nft(f"delete table bridge {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n", ok=True)
-
     # --- links (run in a thread: pyroute2 calls block) ----------------------------------------
 
     def _ensure_links(self, plan: NetworkPlan) -> None:
@@ -426,7 +414,7 @@ def _mtu(ipr: Any, index: int) -> int:
     return int(ipr.get_links(index)[0].get("IFLA_MTU") or 1500)
 
 
-async def _nft(script: str, *, ok: bool = False) -> None:
+async def _nft(script: str) -> None:
     """Apply ``script`` with ``nft -f -``: all of it or nothing."""
     binary = shutil.which("nft", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
     if binary is None:
@@ -435,5 +423,5 @@ async def _nft(script: str, *, ok: bool = False) -> None:
         binary, "-f", "-", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     _out, err = await process.communicate(script.encode())
-    if process.returncode != 0 and not ok:
+    if process.returncode != 0:
         raise DriverError(f"nft refused the network rules: {err.decode(errors='replace').strip()}")
