@@ -268,16 +268,19 @@ class LinuxNetwork:
         ipr.link("set", index=vxlan, master=bridge, mtu=self.mtu, state="up")
         # Head-end replication: one all-zero entry per peer floods broadcast and unknown
         # unicast to every other node; learning fills in the rest.
-        present = {
-            entry.get("NDA_DST")
+        entries = [
+            (str(entry.get("NDA_LLADDR")), str(entry.get("NDA_DST")))
             for entry in ipr.fdb("dump", ifindex=vxlan)
-            if entry.get("NDA_LLADDR") == _ZERO_MAC and entry.get("NDA_DST")
-        }
+            if entry.get("NDA_DST")
+        ]
+        present = {dst for mac, dst in entries if mac == _ZERO_MAC}
         wanted = set(plan.peers)
         for peer in sorted(wanted - present):
             ipr.fdb("append", ifindex=vxlan, lladdr=_ZERO_MAC, dst=peer)
-        for peer in sorted(present - wanted):
-            ipr.fdb("del", ifindex=vxlan, lladdr=_ZERO_MAC, dst=peer)
+        # A node that left takes its flood entry and what was learned behind it along.
+        for mac, dst in entries:
+            if dst not in wanted:
+                ipr.fdb("del", ifindex=vxlan, lladdr=mac, dst=dst)
         if wanted != present:
             log.info("network: VXLAN peers now %s", ", ".join(sorted(wanted)) or "(none)")
 
