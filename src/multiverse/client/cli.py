@@ -5,31 +5,49 @@ Exit codes, as Multipass: 0 ok, 1 usage error, 2 the request failed, 3 the maste
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
-from rich.console import Console
 
-from multiverse.client.config import ClientConfig
+from multiverse import __version__
 from multiverse.client.http import ApiClient, ApiError, Unreachable
 from multiverse.client.output import FORMATS, Column, render, render_one
-from multiverse.client.terminal import attach, follow_events
 from multiverse.core.errors import MultiverseError
 from multiverse.core.model import DEFAULT_IMAGE, parse_labels, validate_labels
 from multiverse.core.sizes import format_size, parse_size
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# Imported where a command needs them, not here: rich, httpx, websockets and asyncio together
+# cost several times what the rest of a call's start does (`python -X importtime -m multiverse
+# --version` shows it), and most commands need one of them at most.
+
 EXIT_USAGE, EXIT_FAILED, EXIT_UNREACHABLE = 1, 2, 3
 
-stderr = Console(stderr=True, soft_wrap=True)  # long messages stay on one line for grep
+
+class _LazyConsole:
+    """rich's Console on stderr, made on first use (a spinner, an error)."""
+
+    _console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            # soft_wrap: long messages stay on one line for grep
+            self._console = Console(stderr=True, soft_wrap=True)
+        return getattr(self._console, name)
+
+
+stderr = cast("Console", _LazyConsole())
 
 
 class Failure(Exception):
@@ -37,6 +55,8 @@ class Failure(Exception):
 
 
 def _client() -> ApiClient:
+    from multiverse.client.config import ClientConfig
+
     try:
         config = ClientConfig.load()
     except ValueError as exc:
@@ -115,7 +135,7 @@ INFO_COLUMNS = [
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="multiverse")
+@click.version_option(__version__)
 def cli() -> None:
     """Multiverse: launch and manage virtual machines on many hosts from one place."""
 
@@ -283,6 +303,8 @@ def launch(
     fmt: str,
 ) -> None:
     """Create and start an instance; waits until it is Running."""
+    import random
+
     client = _client()
     body = {
         "name": name or f"vm-{random.randbytes(3).hex()}",
@@ -405,6 +427,10 @@ def delete(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float) ->
 
 
 def _attach(name: str, command: Sequence[str], want_tty: bool) -> None:
+    import asyncio
+
+    from multiverse.client.terminal import attach
+
     client = _client()
     sys.exit(asyncio.run(attach(client, name, command, want_tty)))
 
@@ -548,6 +574,10 @@ _maintenance_command(
 @cli.command()
 def events() -> None:
     """Stream lifecycle events as JSON lines until interrupted."""
+    import asyncio
+
+    from multiverse.client.terminal import follow_events
+
     client = _client()
     with contextlib.suppress(KeyboardInterrupt):
         sys.exit(asyncio.run(follow_events(client)))

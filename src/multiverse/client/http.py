@@ -1,14 +1,28 @@
-"""A small typed client of the REST API (httpx). One method per route the CLI needs."""
+"""A small typed client of the REST API (httpx). One method per route the CLI needs.
+
+httpx is imported when a client is made, not with this module: importing it costs more than
+the rest of a CLI call's start, and commands that never reach the master (``--version``,
+``--help``, usage errors) should not pay for it. The errors below need no httpx.
+"""
 
 from __future__ import annotations
 
 import base64
 import json
-import ssl
+import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:
+    import ssl
+
+    import httpx
+
+# httpx's package imports its own command-line tool whenever click and rich are installed (they
+# are: the CLI uses them), and with it rich's console, tables and pygments: ~3x the import time
+# of httpx itself, for a tool we never run. A None entry in sys.modules makes that one import
+# fail, which httpx expects (its ``httpx.main`` becomes a stub); nothing else changes.
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
 
 class ApiError(Exception):
@@ -35,6 +49,8 @@ class ApiClient:
         self.server = server.rstrip("/")
         self.token = token
         self.verify = verify
+        import httpx
+
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
             base_url=f"{self.server}/api/v1", headers=headers, timeout=timeout, verify=verify
@@ -44,6 +60,8 @@ class ApiClient:
         self._http.close()
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        import httpx
+
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
@@ -84,6 +102,8 @@ class ApiClient:
 
     def exec(self, name: str, command: list[str], stdin: bytes = b"") -> Iterator[JSON]:
         """Yields ``{"stream", "data": bytes}`` chunks, then ``{"exit_code"}``."""
+        import httpx
+
         body = {"command": command, "stdin": base64.b64encode(stdin).decode()}
         try:
             with self._http.stream("POST", f"/instances/{name}/exec", json=body) as response:
