@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import click
 
 from multiverse import __version__
-from multiverse.client.http import ApiClient, ApiError, Unreachable
+from multiverse.client.errors import ApiError, Unreachable
 from multiverse.client.output import FORMATS, Column, render, render_one
 from multiverse.core.errors import MultiverseError
 from multiverse.core.model import DEFAULT_IMAGE, parse_labels, validate_labels
@@ -26,9 +26,11 @@ from multiverse.core.sizes import format_size, parse_size
 if TYPE_CHECKING:
     from rich.console import Console
 
-# Imported where a command needs them, not here: rich, httpx, websockets and asyncio together
-# cost several times what the rest of a call's start does (`python -X importtime -m multiverse
-# --version` shows it), and most commands need one of them at most.
+    from multiverse.client.http import ApiClient
+
+# Imported where a command needs them, not here: rich, websockets, asyncio, the HTTP client and
+# TLS together cost several times what the rest of a call's start does (`python -X importtime
+# -m multiverse --version` shows it), and most commands need one or two of them.
 
 EXIT_USAGE, EXIT_FAILED, EXIT_UNREACHABLE = 1, 2, 3
 
@@ -56,6 +58,7 @@ class Failure(Exception):
 
 def _client() -> ApiClient:
     from multiverse.client.config import ClientConfig
+    from multiverse.client.http import ApiClient
 
     try:
         config = ClientConfig.load()
