@@ -16,6 +16,8 @@ load hits all of them alike:
 
 Printed: p50 and p99 of each path (``--runs`` of each, ``--cli-runs`` for the CLI, after a few
 untimed ones), the cost each hop adds (difference of p50s) and the ratios to the ssh path.
+Then the CLI's own start: ``multiverse --version`` against ``python -c pass``, wall time and
+CPU time (user + system of the process, which a busy host inflates less than wall time).
 
 The cluster runs as real processes on loopback through tests/harness.py in a temporary
 directory; the guest image comes from the shared cache (``MULTIVERSE_IMAGE_CACHE``, default
@@ -30,7 +32,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -127,9 +131,38 @@ class Paths:
             raise RuntimeError(f"api: {response.status_code} {lines}")
 
     async def cli(self) -> None:
-        result = self.cluster.cli("exec", NAME, "--", *COMMAND, timeout=60)
-        if result.code != 0:
-            raise RuntimeError(f"cli: exit {result.code}: {result.err}")
+        code = run_process(["exec", NAME, "--", *COMMAND], self.cluster.env)[2]
+        if code != 0:
+            raise RuntimeError(f"cli: `multiverse exec` exited {code}")
+
+
+def run_process(
+    args: list[str], env: dict[str, str], python: bool = False
+) -> tuple[float, float, int]:
+    """Run ``multiverse ARGS`` (or ``python ARGS``): its wall and CPU milliseconds, exit code."""
+    argv = [sys.executable, *args] if python else [sys.executable, "-m", "multiverse", *args]
+    started = time.perf_counter()
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _pid, status, usage = os.wait4(process.pid, 0)
+    wall = (time.perf_counter() - started) * 1000
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return wall, (usage.ru_utime + usage.ru_stime) * 1000, process.returncode
+
+
+def cli_start(env: dict[str, str], runs: int) -> dict[str, Any]:
+    """Medians of wall and CPU ms of ``multiverse --version`` and ``python -c pass``,
+    interleaved."""
+    samples: dict[str, list[tuple[float, float, int]]] = {"python": [], "version": []}
+    for _ in range(runs):
+        samples["python"].append(run_process(["-c", "pass"], env, python=True))
+        samples["version"].append(run_process(["--version"], env))
+    return {
+        name: {
+            "wall_ms": round(statistics.median(s[0] for s in values), 1),
+            "cpu_ms": round(statistics.median(s[1] for s in values), 1),
+        }
+        for name, values in samples.items()
+    }
 
     async def close(self) -> None:
         self.http.close()
@@ -181,6 +214,8 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
             say(f"timing {args.runs} runs of each path ({args.cli_runs} of the CLI)")
             samples = asyncio.run(go())
+            say("timing the CLI's start")
+            start = cli_start(cluster.env, args.cli_runs)
         finally:
             cluster.cli("delete", NAME, timeout=60)
     summary = {
@@ -196,7 +231,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     for name in PATHS:
         summary[name]["ratio_p50"] = round(summary[name]["p50_ms"] / floor, 2)
         summary[name]["ratio_p99"] = round(summary[name]["p99_ms"] / summary["ssh"]["p99_ms"], 2)
-    return {"command": COMMAND, "paths": summary}
+    return {"command": COMMAND, "paths": summary, "cli_start": start}
 
 
 LABELS = {
@@ -233,6 +268,13 @@ def print_table(report: dict[str, Any]) -> None:
             f"{row['p99_ms']:>8.2f} {row['ratio_p50']:>8.2f}x {row['ratio_p99']:>8.2f}x  "
             f"{HOPS[name]} ({added:+.1f} ms)"
         )
+    start = report["cli_start"]
+    print()
+    print(
+        f"CLI start: `multiverse --version` {start['version']['wall_ms']:.1f} ms wall, "
+        f"{start['version']['cpu_ms']:.1f} ms CPU; `python -c pass` "
+        f"{start['python']['wall_ms']:.1f} ms wall, {start['python']['cpu_ms']:.1f} ms CPU"
+    )
 
 
 def main() -> int:
