@@ -135,6 +135,11 @@ class Paths:
         if code != 0:
             raise RuntimeError(f"cli: `multiverse exec` exited {code}")
 
+    async def close(self) -> None:
+        self.http.close()
+        await self.channel.close()
+        await self.guest.close()
+
 
 def run_process(
     args: list[str], env: dict[str, str], python: bool = False
@@ -163,11 +168,6 @@ def cli_start(env: dict[str, str], runs: int) -> dict[str, Any]:
         }
         for name, values in samples.items()
     }
-
-    async def close(self) -> None:
-        self.http.close()
-        await self.channel.close()
-        await self.guest.close()
 
 
 async def timed(call: Callable[[], Awaitable[None]]) -> float:
