@@ -49,10 +49,13 @@ def test_version_and_help_import_no_client_libraries_and_no_server_side() -> Non
     assert "version 0.1.0" in imported_by(["--version"])[1]
 
 
-def test_exec_loads_only_the_http_client_and_streams_output_as_it_comes(cluster: Cluster) -> None:
+def test_launch_and_exec_load_only_an_http_client_and_exec_streams_output(cluster: Cluster) -> None:
     cluster.start_master()
     cluster.start_worker("node-a")
-    cluster.ok("launch", "--name", "box")
+    # Waiting for Running shows a spinner on a terminal only; to a pipe it loads no rich.
+    modules, out = imported_by(["launch", "--name", "box"], cluster.env)
+    assert "Launched: box" in out
+    assert loaded(modules, NOT_FOR_EXEC) == []
 
     modules, out = imported_by(["exec", "box", "--", "echo", "hi"], cluster.env)
     assert out == "hi\n"

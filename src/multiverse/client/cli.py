@@ -214,6 +214,9 @@ labels_option = parsed(parse_labels)
 
 @contextmanager
 def _spinner(text: str) -> Iterator[Callable[[str], None]]:
+    if not sys.stderr.isatty():  # nobody would see it: spare scripts the import of rich
+        yield lambda state: None
+        return
     with stderr.status(text) as status:
         yield lambda state: status.update(f"{text}: {state}")
 
