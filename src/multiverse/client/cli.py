@@ -6,6 +6,7 @@ Exit codes, as Multipass: 0 ok, 1 usage error, 2 the request failed, 3 the maste
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from multiverse.client.http import ApiClient
+    from multiverse.core.environment import EnvironmentSpec
 
 # Imported where a command needs them, not here: rich, websockets, asyncio, the HTTP client and
 # TLS together cost several times what the rest of a call's start does (`python -X importtime
@@ -35,18 +37,20 @@ if TYPE_CHECKING:
 EXIT_USAGE, EXIT_FAILED, EXIT_UNREACHABLE = 1, 2, 3
 
 
-class _LazyConsole:
+@functools.cache
+def stderr_console() -> Console:
     """rich's Console on stderr, made on first use (a spinner, an error)."""
+    from rich.console import Console
 
-    _console: Console | None = None
+    return Console(stderr=True, soft_wrap=True)  # long messages stay on one line for grep
+
+
+class _LazyConsole:
+    """Stands for :func:`stderr_console` until something is asked of it. Where rich wants
+    a Console itself (``Live(console=...)``), pass ``stderr_console()``."""
 
     def __getattr__(self, name: str) -> Any:
-        if self._console is None:
-            from rich.console import Console
-
-            # soft_wrap: long messages stay on one line for grep
-            self._console = Console(stderr=True, soft_wrap=True)
-        return getattr(self._console, name)
+        return getattr(stderr_console(), name)
 
 
 stderr = cast("Console", _LazyConsole())
@@ -151,10 +155,11 @@ def nodes(fmt: str) -> None:
 
 
 @cli.command(name="instances")
+@click.option("--env", help="Only the instances of this environment (see `apply`).")
 @format_option
-def instances_(fmt: str) -> None:
+def instances_(env: str | None, fmt: str) -> None:
     """List instances (aliases: list, ls)."""
-    click.echo(render(_client().instances(), INSTANCE_COLUMNS, fmt))
+    click.echo(render(_client().instances(env=env), INSTANCE_COLUMNS, fmt))
 
 
 cli.add_command(instances_, name="list")
@@ -418,10 +423,37 @@ def restart(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float) -
     )
 
 
+def read_environment(path: Path) -> EnvironmentSpec:
+    """An environment file (`apply -f`), checked; a problem names its line and column."""
+    from multiverse.core.environment import parse_yaml  # yaml and jinja2: only for this
+
+    def read(name: str) -> str:
+        return (path.parent / name).read_text()  # cloud-init: FILE, beside the file
+
+    try:
+        return parse_yaml(path.read_text(), str(path), read)
+    except MultiverseError as exc:
+        raise click.ClickException(exc.message) from exc
+
+
 @cli.command()
 @_names
-def delete(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float) -> None:
+@click.option(
+    "-f",
+    "--file",
+    "path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Delete the environment this file describes (see `apply`), all of it.",
+)
+def delete(
+    names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float, path: Path | None
+) -> None:
     """Delete instances and everything they own; waits until they are gone."""
+    if path is not None:
+        if names or all_:
+            raise click.UsageError("give instance names or -f FILE, not both")
+        _delete_environment(read_environment(path).name, no_wait, timeout)
+        return
     _act(
         names,
         all_,
@@ -430,6 +462,15 @@ def delete(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float) ->
         "Deleting",
         "Deleted",
     )
+
+
+def _delete_environment(name: str, no_wait: bool, timeout: float) -> None:
+    client = _client()
+    started = client.delete_environment(name)
+    if not no_wait:
+        _wait(client, started["operation"], timeout, f"Deleting environment {name}")
+    gone = ", ".join(item["name"] for item in started["instances"])
+    click.echo(f"Deleted environment {name}: {gone}")
 
 
 def _attach(name: str, command: Sequence[str], want_tty: bool) -> None:
