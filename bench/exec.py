@@ -47,7 +47,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from common import run_benchmark  # noqa: E402
+from common import add_report_options, run_benchmark  # noqa: E402
 from harness import IMAGE_CACHE, Cluster, new_cluster  # noqa: E402  (tests/ is on the path now)
 
 from multiverse.guest.image import TEST_IMAGE, build_test_image  # noqa: E402
@@ -285,8 +285,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=100, help="timed runs per path (default 100)")
     parser.add_argument("--cli-runs", type=int, default=20, help="timed CLI runs (default 20)")
-    parser.add_argument("--format", choices=("table", "json"), default="table")
-    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs) at the end")
+    add_report_options(parser)
     args = parser.parse_args()
     if args.runs < 2 or args.cli_runs < 1:
         parser.error("--runs must be at least 2 and --cli-runs at least 1")
