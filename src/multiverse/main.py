@@ -7,13 +7,7 @@ that ``multiverse instances`` stays quick to start.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
-import re
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -24,9 +18,11 @@ import click
 
 from multiverse.client import environments
 from multiverse.client.cli import _duration, cli, labels_option, parsed, run
-from multiverse.client.config import ClientConfig, user_config_path
 from multiverse.core.errors import MultiverseError
 from multiverse.core.model import Resources
+
+# What only the servers need (asyncio, logging, subprocess, the client's config) is imported in
+# the commands that start them: every client call loads this module first.
 
 EXIT_FAILED = 2
 
@@ -37,6 +33,8 @@ def default_data_dir() -> Path:
 
 
 def _logging() -> None:
+    import logging
+
     logging.Formatter.converter = time.gmtime
     logging.basicConfig(
         level=os.environ.get("MULTIVERSE_LOG_LEVEL", "INFO"),
@@ -48,6 +46,8 @@ def _logging() -> None:
 
 def _serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]) -> None:
     """Run until SIGINT/SIGTERM, then stop cleanly. VMs are left running."""
+    import asyncio
+    import signal
 
     async def main() -> None:
         stopping = asyncio.Event()
@@ -68,6 +68,9 @@ def _serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[No
 
 
 def _default_node_name() -> str:
+    import re
+    import socket
+
     name = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()).strip("-") or "node"
     return name if name[0].isalpha() else f"node-{name}"
 
@@ -175,6 +178,7 @@ def master(
     node_cert_ttl: timedelta,
 ) -> None:
     """Run the master: cluster state, REST API, scheduler."""
+    from multiverse.client.config import user_config_path
     from multiverse.master.server import Master, MasterConfig
 
     _logging()
@@ -375,6 +379,7 @@ def up(
     if detach:
         _detach(data_dir)
         return
+    from multiverse.client.config import user_config_path
     from multiverse.master.server import Master, MasterConfig
     from multiverse.worker.server import Worker, WorkerConfig
 
@@ -429,7 +434,11 @@ def up(
 
 def _detach(data_dir: Path) -> None:
     """Start ``multiverse up`` in the background and return once its API answers."""
+    import subprocess
+
     import httpx
+
+    from multiverse.client.config import ClientConfig
 
     data_dir.mkdir(parents=True, exist_ok=True)
     pid_file = data_dir / "up.pid"
@@ -477,6 +486,8 @@ def _alive(pid: int) -> bool:
 @data_dir_option
 def down(data_dir: Path) -> None:
     """Stop a `multiverse up --detach` (its VMs keep running)."""
+    import signal
+
     pid_file = data_dir / "up.pid"
     if not pid_file.exists() or not _alive(pid := int(pid_file.read_text())):
         click.echo("multiverse is not running")

@@ -5,33 +5,56 @@ Exit codes, as Multipass: 0 ok, 1 usage error, 2 the request failed, 3 the maste
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import random
+import functools
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
-from rich.console import Console
 
-from multiverse.client.config import ClientConfig
-from multiverse.client.http import ApiClient, ApiError, Unreachable
+from multiverse import __version__
+from multiverse.client.errors import ApiError, Unreachable
 from multiverse.client.output import FORMATS, Column, render, render_one
-from multiverse.client.terminal import attach, follow_events
-from multiverse.core.environment import EnvironmentSpec, parse_yaml
 from multiverse.core.errors import MultiverseError
 from multiverse.core.model import DEFAULT_IMAGE, parse_labels, validate_labels
 from multiverse.core.network import parse_publish
 from multiverse.core.sizes import format_size, parse_size
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from multiverse.client.http import ApiClient
+    from multiverse.core.environment import EnvironmentSpec
+
+# Imported where a command needs them, not here: rich, websockets, asyncio, the HTTP client and
+# TLS together cost several times what the rest of a call's start does (`python -X importtime
+# -m multiverse --version` shows it), and most commands need one or two of them.
+
 EXIT_USAGE, EXIT_FAILED, EXIT_UNREACHABLE = 1, 2, 3
 
-stderr = Console(stderr=True, soft_wrap=True)  # long messages stay on one line for grep
+
+@functools.cache
+def stderr_console() -> Console:
+    """rich's Console on stderr, made on first use (a spinner, an error)."""
+    from rich.console import Console
+
+    return Console(stderr=True, soft_wrap=True)  # long messages stay on one line for grep
+
+
+class _LazyConsole:
+    """Stands for :func:`stderr_console` until something is asked of it. Where rich wants
+    a Console itself (``Live(console=...)``), pass ``stderr_console()``."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(stderr_console(), name)
+
+
+stderr = cast("Console", _LazyConsole())
 
 
 class Failure(Exception):
@@ -39,6 +62,9 @@ class Failure(Exception):
 
 
 def _client() -> ApiClient:
+    from multiverse.client.config import ClientConfig
+    from multiverse.client.http import ApiClient
+
     try:
         config = ClientConfig.load()
     except ValueError as exc:
@@ -119,7 +145,7 @@ INFO_COLUMNS = [
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="multiverse")
+@click.version_option(__version__)
 def cli() -> None:
     """Multiverse: launch and manage virtual machines on many hosts from one place."""
 
@@ -230,6 +256,9 @@ def _publish(text: str) -> str:
 
 @contextmanager
 def _spinner(text: str) -> Iterator[Callable[[str], None]]:
+    if not sys.stderr.isatty():  # nobody would see it: spare scripts the import of rich
+        yield lambda state: None
+        return
     with stderr.status(text) as status:
         yield lambda state: status.update(f"{text}: {state}")
 
@@ -332,6 +361,8 @@ def launch(
     fmt: str,
 ) -> None:
     """Create and start an instance; waits until it is Running."""
+    import random
+
     client = _client()
     body = {
         "name": name or f"vm-{random.randbytes(3).hex()}",
@@ -445,6 +476,7 @@ def restart(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float) -
 
 def read_environment(path: Path) -> EnvironmentSpec:
     """An environment file (`apply -f`), checked; a problem names its line and column."""
+    from multiverse.core.environment import parse_yaml  # yaml and jinja2: only for this
 
     def read(name: str) -> str:
         return (path.parent / name).read_text()  # cloud-init: FILE, beside the file
@@ -493,6 +525,10 @@ def _delete_environment(name: str, no_wait: bool, timeout: float) -> None:
 
 
 def _attach(name: str, command: Sequence[str], want_tty: bool) -> None:
+    import asyncio
+
+    from multiverse.client.terminal import attach
+
     client = _client()
     sys.exit(asyncio.run(attach(client, name, command, want_tty)))
 
@@ -636,6 +672,10 @@ _maintenance_command(
 @cli.command()
 def events() -> None:
     """Stream lifecycle events as JSON lines until interrupted."""
+    import asyncio
+
+    from multiverse.client.terminal import follow_events
+
     client = _client()
     with contextlib.suppress(KeyboardInterrupt):
         sys.exit(asyncio.run(follow_events(client)))
