@@ -147,6 +147,18 @@ def _certificate_lifetime(seconds: int | None) -> timedelta:
     show_default=True,
     help="Lifetime of the certificates signed for nodes; they renew at a third left.",
 )
+@click.option(
+    "--wheelhouse",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="MULTIVERSE_WHEELHOUSE",
+    help="Where `node add` caches the wheels it copies to hosts (default: <data-dir>/wheelhouse).",
+)
+@click.option(
+    "--install-service",
+    is_flag=True,
+    help="Write a systemd unit that runs this master with these options, enable and start it "
+    "(where systemd runs), and exit.",
+)
 def master(
     listen: str,
     advertise: str,
@@ -158,8 +170,13 @@ def master(
     node_timeout: float,
     down_timeout: float,
     node_cert_ttl: timedelta,
+    wheelhouse: Path | None,
+    install_service: bool,
 ) -> None:
     """Run the master: cluster state, REST API, scheduler."""
+    if install_service:
+        _install_master_service()
+        return
     from multiverse.master.server import Master, MasterConfig
 
     _logging()
@@ -176,6 +193,7 @@ def master(
             down_timeout=max(down_timeout, node_timeout),
             user_config=user_config_path(),
             node_cert_lifetime=node_cert_ttl,
+            wheelhouse=wheelhouse,
         )
     )
 
@@ -189,6 +207,24 @@ def master(
         )
 
     _serve(start, server.stop)
+
+
+def _install_master_service() -> None:
+    """`master --install-service`: the unit runs this very executable with the same options."""
+    from multiverse.core.files import write_private
+    from multiverse.master.provision import master_unit
+
+    args = [a for a in sys.argv[sys.argv.index("master") + 1 :] if a != "--install-service"]
+    unit_dir = Path(os.environ.get("MULTIVERSE_SYSTEMD_DIR", "/etc/systemd/system"))
+    path = unit_dir / "multiverse-master.service"
+    # 0644 as units are; it names no secret (the master's own files hold those).
+    write_private(path, master_unit(str(Path(sys.argv[0]).resolve()), args).encode(), 0o644)
+    if not Path("/run/systemd/system").is_dir():
+        click.echo(f"wrote {path}; systemd does not run here: start `multiverse master` yourself")
+        return
+    for command in (["daemon-reload"], ["enable", "--now", "multiverse-master.service"]):
+        subprocess.run(["systemctl", *command], check=True)
+    click.echo(f"wrote {path}; multiverse-master.service is enabled and started")
 
 
 def _image_dirs() -> list[Path]:

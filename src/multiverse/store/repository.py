@@ -97,6 +97,8 @@ class Store:
             version=node.version,
             last_sync=node.last_sync,
             created_at=now(),
+            message=node.message,
+            install=node.install,
         )
         try:
             with self._session() as session:
@@ -191,6 +193,8 @@ class Store:
                     last_sync=_utc(row.last_sync),
                     version=row.version,
                     instance_count=int(count or 0),
+                    message=row.message,
+                    install=dict(row.install),
                 )
                 for row, count, cpus, memory, disk in session.execute(query)
             ]

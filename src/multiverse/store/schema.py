@@ -31,6 +31,8 @@ class NodeRow(Base):
     version: Mapped[str] = mapped_column(String(32), default="")
     last_sync: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime]
+    message: Mapped[str] = mapped_column(Text, default="")  # `node add`: step or failure
+    install: Mapped[dict[str, Any]] = mapped_column(default=dict)  # `node add`: where, how
 
 
 class InstanceRow(Base):
