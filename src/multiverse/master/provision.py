@@ -61,6 +61,7 @@ AGENT_PORT = 1339
 JOIN_TTL = timedelta(minutes=15)
 JOIN_TIMEOUT = 120.0  # seconds from the service's start until the node must be Ready
 TAIL = 15  # lines of output a failure keeps
+STEP_TIMEOUT = 900.0  # seconds one remote command may take (apt-get, pip install)
 # Debian packages each driver needs on its host (`--install-deps`).
 DRIVER_PACKAGES = {
     "qemu": ["qemu-system-x86", "qemu-utils", "e2fsprogs", "iproute2"],
@@ -167,12 +168,14 @@ class _Host:
         return f"{self.root}/{name}"
 
     async def run(self, step: str, command: str, check: bool = True) -> str:
-        result = await self.connection.run(command, check=False)
+        try:
+            result = await asyncio.wait_for(self.connection.run(command, check=False), STEP_TIMEOUT)
+        except TimeoutError:
+            raise _StepFailed(step, f"no end after {STEP_TIMEOUT:.0f}s") from None
         output = f"{result.stdout or ''!s}{result.stderr or ''!s}"
         if check and result.exit_status != 0:
-            raise _StepFailed(step, f"`{command.split(' ', 1)[0]}` exited {result.exit_status}",
-                              str(output))  # fmt: skip
-        return str(output)
+            raise _StepFailed(step, f"the command exited {result.exit_status}", output)
+        return output
 
     async def write(self, path: str, data: str, mode: int) -> None:
         """A file of ``mode`` from its creation on (a token is never readable by others)."""
@@ -333,13 +336,13 @@ class Installer:
                     say("join", "waiting for the node to join and report")
                     await self._joined(host, node_id)
                     await host.run("join", f"rm -f {shlex.quote(host.path('join-token'))}")
-                except (_StepFailed, MultiverseError, OSError, asyncssh.Error):
+                except Exception:
                     if host.checked:  # before the check passed, nothing was written
                         progress.append("rollback: removing what this attempt installed")
                         with contextlib.suppress(_StepFailed, OSError, asyncssh.Error):
                             await _remove_install(host)
                     raise
-        except (_StepFailed, MultiverseError, OSError, asyncssh.Error) as exc:
+        except Exception as exc:  # whatever it was, the node must not stay Installing
             if isinstance(exc, _StepFailed):
                 reason, output = exc.reason, exc.output
             elif isinstance(exc, MultiverseError):
