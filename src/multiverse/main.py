@@ -210,7 +210,7 @@ def master(
 
 
 def _install_master_service() -> None:
-    """`master --install-service`: the unit runs this very executable with the same options."""
+    """`master --install-service`: the unit runs this very Python with the same options."""
     from multiverse.core.files import write_private
     from multiverse.master.provision import master_unit
 
@@ -218,7 +218,7 @@ def _install_master_service() -> None:
     unit_dir = Path(os.environ.get("MULTIVERSE_SYSTEMD_DIR", "/etc/systemd/system"))
     path = unit_dir / "multiverse-master.service"
     # 0644 as units are; it names no secret (the master's own files hold those).
-    write_private(path, master_unit(str(Path(sys.argv[0]).resolve()), args).encode(), 0o644)
+    write_private(path, master_unit(args).encode(), 0o644)
     if not Path("/run/systemd/system").is_dir():
         click.echo(f"wrote {path}; systemd does not run here: start `multiverse master` yourself")
         return

@@ -614,9 +614,11 @@ def worker_unit(root: str) -> str:
     )
 
 
-def master_unit(executable: str, args: list[str]) -> str:
-    """The systemd unit of a master run as ``executable master args`` (`--install-service`)."""
-    command = " ".join(shlex.quote(part) for part in [executable, "master", *args])
+def master_unit(args: list[str]) -> str:
+    """The systemd unit of a master run by this Python with ``args`` (`--install-service`)."""
+    command = " ".join(
+        shlex.quote(part) for part in [sys.executable, "-m", "multiverse", "master", *args]
+    )
     return (
         "[Unit]\nDescription=Multiverse master\n"
         "After=network-online.target\nWants=network-online.target\n\n"
