@@ -163,3 +163,34 @@ def test_master_install_service_writes_the_unit_with_its_options(tmp_path: Path)
     assert not data.exists()  # only the unit: no master ran
     if not Path("/run/systemd/system").is_dir():
         assert "systemd does not run here" in done.stdout
+
+
+def test_the_wheelhouse_is_built_once_per_source_and_keeps_only_the_newest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a stand-in for `pip wheel` (the real build is exercised by test_node_add.py)."""
+    calls: list[list[str]] = []
+
+    async def fake_exec(*args: str, **_: object) -> object:
+        calls.append(list(args))
+        Path(args[args.index("--wheel-dir") + 1], "multiverse-0.1.0-py3-none-any.whl").touch()
+
+        class Done:
+            returncode = 0
+
+            async def communicate(self) -> tuple[bytes, bytes]:
+                return b"", b""
+
+        return Done()
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", fake_exec)
+    cache = tmp_path / "cache"
+    (cache / "0.0.9-olderolderolder").mkdir(parents=True)
+    wheelhouse = Wheelhouse(cache)
+    built = asyncio.run(wheelhouse.ensure())
+    assert asyncio.run(wheelhouse.ensure()) == built
+    assert len(calls) == 1 and calls[0][1:4] == ["-m", "pip", "wheel"]
+    assert [path.name for path in Wheelhouse.wheels(built)] == [
+        "multiverse-0.1.0-py3-none-any.whl"
+    ]
+    assert sorted(path.name for path in cache.iterdir()) == [built.name]

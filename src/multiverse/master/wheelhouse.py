@@ -89,6 +89,9 @@ class Wheelhouse:
             (building / _COMPLETE).write_text(__version__)
             shutil.rmtree(target, ignore_errors=True)
             building.rename(target)
+            for older in self.cache_dir.iterdir():  # other code's wheels: never copied again
+                if older != target:
+                    shutil.rmtree(older, ignore_errors=True)
             return target
 
     @staticmethod
