@@ -295,6 +295,8 @@ def test_failures_end_failed_with_a_reason_and_leave_nothing(
         assert node["status"] == "Failed"
         assert reason in node["message"]
         assert _installed(ssh_host.root(name)) == []
+    table = cluster.ok("nodes").out
+    assert "Failed (connect)" in table and "Failed (check)" in table
 
     # A retry with what was missing (the pinned fingerprint) installs it.
     code, output = _add(cluster, ssh_host, "bad-key", "--identity", str(ssh_host.key),

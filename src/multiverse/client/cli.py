@@ -76,9 +76,18 @@ def _free_of(item: dict[str, Any], size: bool = True) -> str:
     return f"{show(item['free'])}/{show(item['total'])}"
 
 
+def _node_status(node: dict[str, Any]) -> str:
+    """``Installing (venv)``, ``Failed (connect)``: `node add`'s step, the message's head."""
+    step = (node.get("message") or "").replace(":", " ").split(" ", 1)[0]
+    return f"{node['status']} ({step})" if step and node["status"] in INSTALL_STATES else (
+        node["status"]
+    )
+
+
+INSTALL_STATES = ("Installing", "Failed")
 NODE_COLUMNS = [
     Column("Node Name", lambda n: n["name"]),
-    Column("Status", lambda n: n["status"] + (",Cordoned" if n.get("cordoned") else "")),
+    Column("Status", lambda n: _node_status(n) + (",Cordoned" if n.get("cordoned") else "")),
     Column("IPv4", lambda n: n["ipv4"]),
     Column("Cpu", lambda n: _free_of(n["cpus"], size=False)),
     Column("Mem", lambda n: _free_of(n["memory"])),
