@@ -210,6 +210,14 @@ def _add(cluster: Cluster, host: SSHHost, name: str, *login: str, stdin: bytes |
     return result.code, result.out + result.err
 
 
+def _worker_pids(root: Path) -> list[int]:
+    worker = f"{root}/venv/bin/multiverse worker"
+    return [
+        p.pid for p in psutil.process_iter(["cmdline"])
+        if worker in " ".join(p.info["cmdline"] or [])
+    ]  # fmt: skip
+
+
 def _uninstall(cluster: Cluster, host: SSHHost, name: str) -> None:
     result = cluster.cli("node", "remove", name, "--uninstall", "--identity", str(host.key))
     assert result.code == 0, result.err
@@ -239,6 +247,12 @@ def test_add_with_a_key_runs_a_worker_there_and_uninstall_leaves_nothing(
     root = ssh_host.root("far")
     assert (root / "worker.pid").exists() and not (root / "join-token").exists()
     assert (root / "worker.env").stat().st_mode & 0o077 == 0
+
+    # Supervised: a worker that dies is started again.
+    first = wait_until(lambda: len(pids := _worker_pids(root)) == 1 and pids)
+    os.kill(first[0], 9)
+    wait_until(lambda: _worker_pids(root) not in ([], first), timeout=60)
+    wait_until(lambda: cluster.node("far")["status"] == "Ready", timeout=60)
 
     cluster.ok("launch", "--name", "there", "--node", "far")
     assert cluster.instances()["there"]["state"] == "Running"

@@ -363,18 +363,22 @@ class Installer:
         log.info("node add %s: installed and joined", request.name)
         return {"name": request.name, "service": how}
 
-    async def _check(self, host: _Host) -> None:
-        want = f"{sys.version_info.major}.{sys.version_info.minor}"
-        output = await host.run(
-            "check",
-            "command -v python3 >/dev/null 2>&1 || "
-            "{ echo \"python3 not found (PATH=$PATH)\"; exit 3; }; "
-            "python3 -c 'import sys, venv; print(\"python=%d.%d\" % sys.version_info[:2])' && "
+    async def _check(self, host: _Host, need_python: bool = True) -> None:
+        """What the host is (root or not, systemd or not) and, to install, its python3."""
+        want = f"{sys.version_info.major}.{sys.version_info.minor}" if need_python else ""
+        command = (
             "echo uid=$(id -u) && "
-            "if [ -d /run/systemd/system ]; then echo systemd=yes; else echo systemd=no; fi",
+            "if [ -d /run/systemd/system ]; then echo systemd=yes; else echo systemd=no; fi"
         )
+        if want:
+            command += (
+                " && { command -v python3 >/dev/null 2>&1 || "
+                "{ echo \"python3 not found (PATH=$PATH)\"; exit 3; }; } && "
+                "python3 -c 'import sys, venv; print(\"python=%d.%d\" % sys.version_info[:2])'"
+            )
+        output = await host.run("check", command)
         facts = dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
-        if facts.get("python") != want:
+        if want and facts.get("python") != want:
             raise _StepFailed("check", f"the host's python3 is {facts.get('python')}; the "
                               f"wheelhouse is for Python {want}", output)  # fmt: skip
         host.sudo = "" if facts.get("uid") == "0" else "sudo -n "
@@ -517,14 +521,21 @@ class Installer:
         progress.append(f"connect: {target} (host key {node.install['host_key']})")
         try:
             connection, _ = await _connect(target, pinned)
-        except _StepFailed as exc:
-            raise InstallFailed(f"uninstall: {exc.reason}") from exc
-        async with connection:
-            host = _Host(connection, node.install["root"])
-            await self._check(host)
-            progress.append("service: stopping the worker")
-            await _remove_install(host)
-            progress.append(f"files: removed {host.root}")
+            del credentials, pinned
+            async with connection:
+                host = _Host(connection, node.install["root"])
+                await self._check(host, need_python=False)
+                progress.append("service: stopping the worker")
+                await _remove_install(host)
+                progress.append(f"files: removed {host.root}")
+        except (_StepFailed, OSError, asyncssh.Error) as exc:
+            if isinstance(exc, _StepFailed):
+                reason = f"{exc.step}: {exc.reason}"
+                if exc.output.strip():
+                    reason += f"\n{_tail(exc.output)}"
+            else:
+                reason = f"{type(exc).__name__}: {exc}"
+            raise InstallFailed(f"uninstall failed at {reason}; the node is kept") from exc
         self.on_uninstalled(node.name)
         return {"name": node.name}
 
