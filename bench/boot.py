@@ -52,7 +52,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from common import run_benchmark  # noqa: E402
+from common import add_report_options, run_benchmark  # noqa: E402
 from harness import (  # noqa: E402  (tests/ is put on the path just above)
     IMAGE_CACHE,
     Cluster,
@@ -337,8 +337,7 @@ def main() -> int:
         default=1.0,
         help="by hand: give up an SSH attempt after this long and retry (default 1 s)",
     )
-    parser.add_argument("--format", choices=("table", "json"), default="table")
-    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs) at the end")
+    add_report_options(parser)
     args = parser.parse_args()
     if args.runs < 1 or args.warmup < 0:
         parser.error("--runs must be at least 1 and --warmup at least 0")

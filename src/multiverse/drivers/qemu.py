@@ -211,13 +211,30 @@ class QemuDriver(ProcessDriver):
         await self._close_guest(vm.id)
         timeout = max(self.boot_timeout, CLOUD_INIT_BOOT_TIMEOUT if boot.cloud_init else 0.0)
         deadline = time.monotonic() + timeout
+        if vm.network is not None:  # on the cluster network: SSH to the guest's own address
+            ip = vm.network.nic.ip
+            process = self._spawn_process(
+                vm,
+                self.qemu_argv(vm, boot, 0),
+                vm_dir / "qemu.log",
+                {"ssh_host": ip, "ssh_port": 22, "accel": self.accel, "ipv4": ip},
+            )
+            try:
+                await self._wait_for_guest(vm, process, deadline)
+                if boot.cloud_init:
+                    await self._wait_for_cloud_init(vm, deadline)
+            except BaseException:
+                await self._kill(vm, process.pid)
+                self._forget_runtime(vm)
+                raise
+            return
         for _attempt in range(5):
             port = self._free_port()
             process = self._spawn_process(
                 vm,
                 self.qemu_argv(vm, boot, port),
                 vm_dir / "qemu.log",
-                {"ssh_port": port, "accel": self.accel, "ipv4": ""},
+                {"ssh_port": port, "accel": self.accel, "ipv4": USER_NET_ADDRESS.split("/")[0]},
             )
             try:
                 await self._wait_for_guest(vm, process, deadline)
@@ -253,8 +270,7 @@ class QemuDriver(ProcessDriver):
             "-device", "virtio-rng-pci",
             # The first virtio disk: /dev/vda, the root of a disk image.
             "-drive", f"file=disk.img,format={disk_format},if=virtio,cache=writeback,discard=unmap",
-            "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22",
-            "-device", f"virtio-net-pci,netdev=net0,mac={self.guest_network(vm).mac}",
+            *self._nic_argv(vm, port),
             "-qmp", "unix:qmp.sock,server=on,wait=off",
         ]  # fmt: skip
         if self.accel.startswith("kvm"):
@@ -273,21 +289,40 @@ class QemuDriver(ProcessDriver):
             argv += ["-fw_cfg", f"name={FW_CFG_PREFIX}user-data,file=user-data"]
         return argv
 
+    def _nic_argv(self, vm: VMConfig, port: int) -> list[str]:
+        """The tap the node's network service made (bridge mode), else user mode with the
+        SSH port forward."""
+        if vm.network is None:
+            return [
+                "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22",
+                "-device", f"virtio-net-pci,netdev=net0,mac={self.guest_network(vm).mac}",
+            ]  # fmt: skip
+        return [
+            "-netdev", f"tap,id=net0,ifname={vm.network.tap},script=no,downscript=no",
+            "-device", f"virtio-net-pci,netdev=net0,mac={vm.network.nic.mac}",
+        ]  # fmt: skip
+
     def write_guest_config(self, vm: VMConfig) -> None:
         vm_dir = self._vm_dir(vm)
         public_key = self.key_path.with_suffix(".pub").read_text().strip()
-        network = self.guest_network(vm)
         (vm_dir / "hostname").write_text(vm.name + "\n")
         (vm_dir / "authorized_keys").write_text(public_key + "\n")
-        (vm_dir / "network").write_text(
-            f"address={network.address}\ngateway={network.gateway}\ndns={network.dns[0]}\n"
-        )
+        (vm_dir / "network").write_text(guest_network_config(vm))
         if vm.user_data:  # may hold secrets
             write_private(vm_dir / "user-data", vm.user_data.encode())
 
     def guest_network(self, vm: VMConfig) -> GuestNetwork:
-        """The guest's address: QEMU's user-mode network, the same for every VM."""
-        return GuestNetwork(USER_NET_ADDRESS, USER_NET_GATEWAY, (USER_NET_DNS,), guest_mac(vm.id))
+        """The guest's NIC as cloud-init sets it: its cluster address, else QEMU's user-mode
+        network (the same address for every VM, a MAC of its own)."""
+        if vm.network is None:
+            return GuestNetwork(
+                USER_NET_ADDRESS, USER_NET_GATEWAY, (USER_NET_DNS,), guest_mac(vm.id)
+            )
+        nic = vm.network.nic
+        return GuestNetwork(
+            nic.address, nic.gateway, (nic.dns,) if nic.dns else (), nic.mac,
+            search=(nic.domain,) if nic.domain else (), mtu=vm.network.mtu,
+        )  # fmt: skip
 
     def seed(self, vm: VMConfig) -> Seed:
         """The cloud-init seed of a VM booting a ``disk`` image."""
@@ -336,10 +371,10 @@ class QemuDriver(ProcessDriver):
                 f"VM {vm.name} booted but its SSH did not answer within "
                 f"{self.boot_timeout:.0f} s; console:\n{tail(vm_dir / 'serial.log', LOG_TAIL)}"
             ) from None
-        ipv4 = await guest.ipv4()
         runtime = read_json(vm_dir / "vm.json") or {}
-        runtime["ipv4"] = ipv4
-        write_json(vm_dir / "vm.json", runtime)
+        if not runtime.get("ipv4"):  # else known from the start: one command less to boot
+            runtime["ipv4"] = await guest.ipv4()
+            write_json(vm_dir / "vm.json", runtime)
 
     def _raise_exited(self, vm: VMConfig, process: subprocess.Popen[bytes]) -> None:
         vm_dir = self._vm_dir(vm)
@@ -385,7 +420,7 @@ class QemuDriver(ProcessDriver):
 
     def _ssh_address(self, runtime: dict[str, Any]) -> tuple[str, int] | None:
         port = int(runtime.get("ssh_port", 0))
-        return ("127.0.0.1", port) if port else None
+        return (str(runtime.get("ssh_host") or "127.0.0.1"), port) if port else None
 
     async def _hypervisor_status(self, vm: VMConfig, ipv4: str) -> VMStatus:
         answer = await self._qmp(vm, "query-status")
@@ -414,6 +449,13 @@ class QemuDriver(ProcessDriver):
 
 class _PortTaken(Exception):
     """QEMU could not bind the SSH forward's port: try another."""
+
+
+def guest_network_config(vm: VMConfig) -> str:
+    """The ``network`` fw_cfg file: the cluster address, or QEMU user mode's fixed one."""
+    if vm.network is None:
+        return f"address={USER_NET_ADDRESS}\ngateway={USER_NET_GATEWAY}\ndns={USER_NET_DNS}\n"
+    return vm.network.guest_config()
 
 
 def choose_accel() -> str:

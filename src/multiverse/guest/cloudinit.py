@@ -71,6 +71,8 @@ class GuestNetwork:
     gateway: str = ""
     dns: tuple[str, ...] = ()
     mac: str = ""
+    search: tuple[str, ...] = ()  # DNS search domains
+    mtu: int = 0  # 0: the guest's default
 
 
 @dataclass(frozen=True)
@@ -149,8 +151,12 @@ def network_config(network: GuestNetwork) -> dict[str, Any]:
             nic["routes"] = [{"to": "0.0.0.0/0", "via": network.gateway}]
         if network.dns:
             nic["nameservers"] = {"addresses": list(network.dns)}
+            if network.search:
+                nic["nameservers"]["search"] = list(network.search)
     else:
         nic["dhcp4"] = True
+    if network.mtu:
+        nic["mtu"] = network.mtu
     return {"version": 2, "ethernets": {NIC_NAME: nic}}
 
 
