@@ -5,6 +5,7 @@ on small images; the Debian guest booting for real is tests/test_debian.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -13,10 +14,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 from multiverse.core.errors import InvalidArgument
+from multiverse.core.network import Nic
 from multiverse.core.sizes import GiB, MiB
-from multiverse.drivers.base import VMConfig
+from multiverse.drivers.base import NetworkAttachment, VMConfig
 from multiverse.drivers.qemu import BASE_FILE, SEED_FILE, QemuDriver, guest_mac
 from multiverse.guest.cloudinit import read_seed_iso, write_seed_iso
 
@@ -162,3 +165,26 @@ def test_an_image_without_boot_hints_boots_as_the_tiny_guest_does(tmp_path: Path
     argv = driver.qemu_argv(vm, boot, 2222)
     drives = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-drive"]
     assert len(drives) == 1 and "format=raw" in drives[0]
+
+
+def test_on_the_cluster_network_the_seed_carries_the_vms_own_address(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    make_image(images, 0xAB)
+    driver = QemuDriver(tmp_path / "state", [images])
+    nic = Nic("10.77.0.5/16", "52:54:00:aa:bb:cc", "10.77.0.1", "10.77.0.1", "multiverse")
+    vm = dataclasses.replace(new_vm(), network=NetworkAttachment("mvtap0", nic, mtu=1450))
+    argv = driver.qemu_argv(vm, driver.boot_files(IMAGE), 0)
+    assert "virtio-net-pci,netdev=net0,mac=52:54:00:aa:bb:cc" in argv
+    path = tmp_path / SEED_FILE
+    write_seed_iso(driver.seed(vm), path)
+    config = yaml.safe_load(read_seed_iso(path)["network-config"])
+    assert config["ethernets"] == {
+        "eth0": {
+            "match": {"macaddress": "52:54:00:aa:bb:cc"},
+            "set-name": "eth0",
+            "addresses": ["10.77.0.5/16"],
+            "routes": [{"to": "0.0.0.0/0", "via": "10.77.0.1"}],
+            "nameservers": {"addresses": ["10.77.0.1"], "search": ["multiverse"]},
+            "mtu": 1450,
+        }
+    }
