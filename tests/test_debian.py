@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import IMAGE_CACHE, Cluster, new_cluster, qemu_processes_under
+from harness import IMAGE_CACHE, Cluster, new_cluster, qemu_processes_under, wait_until
 
 from multiverse.drivers.qemu import BASE_FILE
 from multiverse.guest.debian import DISK_FILE, build_debian_image, image_is_valid
@@ -62,7 +62,9 @@ def test_debian_guest_runs_cloud_init_and_keeps_its_root_fs(
     print(f"debian: launch to Running (SSH up, cloud-init done) {time.monotonic() - started:.1f} s")
     instance = cluster.instances()["deb-one"]
     assert instance["state"] == "Running"
-    assert instance["release"] == "Debian GNU/Linux 12 (bookworm)"
+    # The release is read from the guest after Running, with the node's next report.
+    release = "Debian GNU/Linux 12 (bookworm)"
+    wait_until(lambda: cluster.instances()["deb-one"]["release"] == release, timeout=300)
 
     # Written by cloud-init's write_files (init stage) and runcmd (final stage, after SSH is
     # up: Running waits for cloud-init), with the hostname from the seed's meta-data.
