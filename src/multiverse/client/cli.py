@@ -495,6 +495,123 @@ def exec_(want_tty: bool, name: str, command: tuple[str, ...]) -> None:
     sys.exit(code)
 
 
+FAULT_COLUMNS = [
+    Column("ID", lambda f: f["id"]),
+    Column("Kind", lambda f: f["kind"]),
+    Column("Target", lambda f: ",".join(f["targets"])),
+    Column("Peers", lambda f: ",".join(f["peers"]) or "--"),
+    Column("Params", lambda f: " ".join(f"{k}={v}" for k, v in f["params"].items()) or "--"),
+    Column("Started", lambda f: _ago(f["started_at"])),
+    Column("Expires", lambda f: f["expires_at"] or "never"),
+]
+
+
+@cli.group()
+def fault() -> None:
+    """Inject faults from outside the guests: partitions, slow links, pauses, kills..."""
+
+
+def _fault(fmt: str, body: dict[str, Any]) -> None:
+    click.echo(render_one(_client().add_fault(body), FAULT_COLUMNS, fmt))
+
+
+_fault_duration = click.option("--duration", help="Heal by itself after this long (30s, 2m).")
+
+
+def _split(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+@fault.command(name="partition")
+@click.argument("sides", nargs=-1, required=True)
+@click.option("--one-way", is_flag=True, help="Cut only the first side's traffic to the second.")
+@_fault_duration
+@format_option
+def fault_partition(sides: tuple[str, ...], one_way: bool, duration: str | None, fmt: str) -> None:
+    """Cut the network between two sets of instances: `partition a,b / c,d`."""
+    text = " ".join(sides)
+    if text.count("/") != 1:
+        raise click.UsageError("give two sides separated by /: partition a,b / c,d")
+    left, right = text.split("/")
+    _fault(fmt, {"kind": "partition", "targets": _split(left), "peers": _split(right),
+                 "one_way": one_way, "duration": duration})  # fmt: skip
+
+
+@fault.command(name="link")
+@click.argument("name")
+@click.option("--to", "to", default="", help="Instances at the other end (default: all).")
+@click.option("--delay", help="e.g. 100ms")
+@click.option("--jitter", help="e.g. 20ms (with --delay)")
+@click.option("--loss", help="e.g. 5%")
+@click.option("--duplicate", help="e.g. 1%")
+@click.option("--reorder", help="e.g. 10% (with --delay)")
+@click.option("--rate", help="e.g. 1mbit")
+@_fault_duration
+@format_option
+def fault_link(name: str, to: str, duration: str | None, fmt: str, **params: str | None) -> None:
+    """Slow, lose or reorder the packets from NAME to --to (netem on the path)."""
+    given = {key: value for key, value in params.items() if value is not None}
+    _fault(fmt, {"kind": "link", "targets": [name], "peers": _split(to), "params": given,
+                 "duration": duration})  # fmt: skip
+
+
+def _single(kind: str, doc: str) -> None:
+    @fault.command(name=kind, help=doc)
+    @click.argument("name")
+    @_fault_duration
+    @format_option
+    def command(name: str, duration: str | None, fmt: str) -> None:
+        _fault(fmt, {"kind": kind, "targets": [name], "duration": duration})
+
+
+_single("pause", "Freeze NAME (QMP stop) until healed or --duration is over.")
+_single("kill", "Power NAME off hard; it stays desired running, so it comes back.")
+_single("reboot", "Reset NAME hard, as the reset button.")
+
+
+@fault.command(name="clock")
+@click.argument("name")
+@click.option("--skew", required=True, help="Step the guest's clock, e.g. +5s or -2m.")
+@_fault_duration
+@format_option
+def fault_clock(name: str, skew: str, duration: str | None, fmt: str) -> None:
+    """Step NAME's clock by --skew (stepped back when healed)."""
+    _fault(fmt, {"kind": "clock", "targets": [name], "params": {"skew": skew},
+                 "duration": duration})  # fmt: skip
+
+
+@fault.command(name="disk")
+@click.argument("name")
+@click.option("--full", is_flag=True, help="Fill the data disk to the brim.")
+@click.option("--slow", help="Throttle the data disk to one I/O per this long, e.g. 10ms.")
+@_fault_duration
+@format_option
+def fault_disk(name: str, full: bool, slow: str | None, duration: str | None, fmt: str) -> None:
+    """Fill NAME's data disk or slow it down."""
+    params = {"full": "true"} if full else {}
+    if slow:
+        params["slow"] = slow
+    _fault(fmt, {"kind": "disk", "targets": [name], "params": params, "duration": duration})
+
+
+@fault.command(name="list")
+@format_option
+def fault_list(fmt: str) -> None:
+    """The faults in force."""
+    click.echo(render(_client().faults(), FAULT_COLUMNS, fmt))
+
+
+@fault.command(name="heal")
+@click.argument("fault_id", required=False)
+@click.option("--all", "all_", is_flag=True, help="Heal every fault.")
+@format_option
+def fault_heal(fault_id: str | None, all_: bool, fmt: str) -> None:
+    """Heal one fault by its id, or all of them."""
+    if bool(fault_id) == all_:
+        raise click.UsageError("give a fault ID or --all")
+    click.echo(render(_client().heal_fault(None if all_ else fault_id), FAULT_COLUMNS, fmt))
+
+
 @cli.group()
 def node() -> None:
     """Node maintenance, as Incus: cordon, uncordon, drain, evacuate, restore; labels."""

@@ -57,6 +57,15 @@ class ApiClient:
     def node(self, name: str) -> JSON:
         return dict(self._request("GET", f"/nodes/{name}"))
 
+    def faults(self) -> list[JSON]:
+        return list(self._request("GET", "/faults"))
+
+    def add_fault(self, body: JSON) -> JSON:
+        return dict(self._request("POST", "/faults", json=body))
+
+    def heal_fault(self, fault_id: str | None) -> list[JSON]:
+        return list(self._request("DELETE", f"/faults/{fault_id}" if fault_id else "/faults"))
+
     def network(self) -> JSON:
         return dict(self._request("GET", "/network"))
 

@@ -186,6 +186,24 @@ class Driver(abc.ABC):
         """
         raise DriverError(f"the {self.name} driver has no interactive sessions")
 
+    # Fault injection (issue 19): hypervisor-level faults; drivers that cannot keep these.
+
+    async def pause(self, vm: VMConfig) -> None:
+        """Freeze the VM's CPUs; the guest sees a gap. Counter-action: :meth:`resume`."""
+        raise DriverError(f"the {self.name} driver cannot pause VMs")
+
+    async def resume(self, vm: VMConfig) -> None:
+        """Let a paused VM run on. Idempotent."""
+        raise DriverError(f"the {self.name} driver cannot pause VMs")
+
+    async def reset(self, vm: VMConfig) -> None:
+        """Hard reset, as the reset button: no shutdown in the guest."""
+        raise DriverError(f"the {self.name} driver cannot reset VMs")
+
+    async def throttle_disk(self, vm: VMConfig, iops: int) -> None:
+        """Limit the data disk to ``iops`` operations per second (0: no limit). Idempotent."""
+        raise DriverError(f"the {self.name} driver cannot throttle disks")
+
     async def images(self) -> list[ImageInfo]:
         """The images this host has ready (listed, not downloaded)."""
         return []

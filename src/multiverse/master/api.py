@@ -32,6 +32,7 @@ from multiverse.core.errors import (
     RateLimited,
     Unauthenticated,
 )
+from multiverse.core.faults import FaultKind, parse_duration
 from multiverse.core.model import (
     DEFAULT_CPUS,
     DEFAULT_DISK,
@@ -44,6 +45,7 @@ from multiverse.core.model import (
 from multiverse.core.network import parse_publish
 from multiverse.core.sizes import parse_size
 from multiverse.master import auth
+from multiverse.master.faults import Faults
 from multiverse.master.instances import InstanceInfo, Instances
 from multiverse.master.metrics import CONTENT_TYPE, Metrics
 from multiverse.master.network import Ipam
@@ -95,6 +97,15 @@ class LaunchBody(BaseModel):
     strategy: Strategy = "spread"
     ip: str = Field("", max_length=64)  # a given free address of the cluster network
     publish: list[str] = Field([], max_length=64)  # "8080:80" or "5353:53/udp"
+
+
+class FaultBody(BaseModel):
+    kind: FaultKind
+    targets: list[str] = Field(max_length=256)
+    peers: list[str] = Field([], max_length=256)
+    params: dict[str, str] = Field({}, max_length=16)
+    one_way: bool = False
+    duration: str | None = Field(None, max_length=32)  # "30s"
 
 
 class StopBody(BaseModel):
@@ -344,6 +355,7 @@ def create_app(
     image_catalog: Callable[[], list[dict[str, Any]]],
     max_auth_failures: int = 20,
     ipam: Ipam | None = None,
+    faults: Faults | None = None,
 ) -> FastAPI:
     app = FastAPI(title="Multiverse", version=__version__, docs_url="/docs")
     metrics = Metrics(store, instances.reconciler)
@@ -395,6 +407,32 @@ def create_app(
         if ipam is None:
             raise NotFound("this cluster has no network")
         return ipam.usage()
+
+    def _faults() -> Faults:
+        if faults is None:
+            raise NotFound("this master takes no faults")
+        return faults
+
+    @app.get("/api/v1/faults")
+    async def list_faults(_: Reader) -> list[dict[str, object]]:
+        return [fault.json() for fault in _faults().in_force()]
+
+    @app.post("/api/v1/faults", status_code=201)
+    async def add_fault(body: FaultBody, _: Admin) -> dict[str, object]:
+        duration = None if body.duration is None else parse_duration(body.duration, "duration")
+        fault = await _faults().add(
+            body.kind, tuple(body.targets), tuple(body.peers), body.params,
+            one_way=body.one_way, duration=duration,
+        )  # fmt: skip
+        return fault.json()
+
+    @app.delete("/api/v1/faults/{fault_id}")
+    async def heal_fault(fault_id: str, _: Admin) -> list[dict[str, object]]:
+        return [fault.json() for fault in await _faults().heal(fault_id)]
+
+    @app.delete("/api/v1/faults")
+    async def heal_all_faults(_: Admin) -> list[dict[str, object]]:
+        return [fault.json() for fault in await _faults().heal(None)]
 
     @app.get("/api/v1/images")
     async def images(_: Reader) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from multiverse.master import auth
 from multiverse.master.api import create_app
 from multiverse.master.cluster import Agents, ClusterServicer
 from multiverse.master.events import EventBus
+from multiverse.master.faults import Faults
 from multiverse.master.health import watch_nodes
 from multiverse.master.instances import Instances
 from multiverse.master.network import Ipam
@@ -99,6 +100,8 @@ class Master:
         self.cluster = ClusterServicer(self.store, self.agents, self.ipam)
         self.cluster.on_change = self._changed
         self.nodes.on_removed = self.cluster.forget
+        self.faults = Faults(self.store, self.agents, self.events)
+        self.cluster.fault_plan = self.faults.plan_for
         self.api_url = ""
         self.grpc_port = 0
         self._grpc: grpc.aio.Server | None = None
@@ -177,7 +180,7 @@ class Master:
         app = create_app(
             self.store, self.instances, self.nodes, self.join_token, self.ca,
             self.cluster.image_catalog, max_auth_failures=config.max_auth_failures,
-            ipam=self.ipam,
+            ipam=self.ipam, faults=self.faults,
         )  # fmt: skip
         certfile, keyfile = self._tls_files(host)
         self._http = _Uvicorn(
@@ -214,6 +217,7 @@ class Master:
                 watch_nodes(self.store, config.node_timeout, config.down_timeout, self._changed)
             ),
             asyncio.create_task(self.reconciler.run()),
+            asyncio.create_task(self.faults.run()),
         ]
         log.info("master addr: %s / api server addr: %s", config.listen, config.api_listen)
 

@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from multiverse.core.errors import AlreadyExists, Conflict, NotFound
+from multiverse.core.faults import Fault, FaultKind
 from multiverse.core.files import private_sqlite
 from multiverse.core.model import (
     DesiredState,
@@ -32,6 +33,7 @@ from multiverse.core.model import (
 )
 from multiverse.core.network import ClusterNetwork, Lease, parse_publish
 from multiverse.store.schema import (
+    FaultRow,
     InstanceRow,
     LeaseRow,
     NetworkRow,
@@ -429,6 +431,32 @@ class Store:
 
     # ---- tokens ----
 
+    # ---- faults ----
+
+    def add_fault(self, fault: Fault) -> None:
+        with self._session() as session:
+            session.add(
+                FaultRow(
+                    id=fault.id, kind=fault.kind.value, targets=list(fault.targets),
+                    peers=list(fault.peers), params=dict(fault.params), one_way=fault.one_way,
+                    started_at=fault.started_at or now(), duration=fault.duration,
+                )
+            )  # fmt: skip
+
+    def list_faults(self) -> list[Fault]:
+        with self._session() as session:
+            rows = session.scalars(select(FaultRow).order_by(FaultRow.started_at)).all()
+            return [_fault(row) for row in rows]
+
+    def remove_fault(self, fault_id: str) -> bool:
+        """Whether it was there (a heal and an expiry may race: one of them wins)."""
+        with self._session() as session:
+            row = session.get(FaultRow, fault_id)
+            if row is None:
+                return False
+            session.delete(row)
+            return True
+
     def add_token(
         self,
         token_id: str,
@@ -568,6 +596,14 @@ def _instance(row: InstanceRow, node_name: str, lease: LeaseRow | None = None) -
         mac=lease.mac if lease else "",
         publish=tuple(item for item in lease.publish.split(",") if item) if lease else (),
     )
+
+
+def _fault(row: FaultRow) -> Fault:
+    return Fault(
+        id=row.id, kind=FaultKind(row.kind), targets=tuple(row.targets), peers=tuple(row.peers),
+        params={str(k): str(v) for k, v in row.params.items()}, one_way=row.one_way,
+        started_at=_utc(row.started_at), duration=row.duration,
+    )  # fmt: skip
 
 
 def _token(row: TokenRow) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     String,
@@ -125,3 +126,18 @@ class TokenRow(Base):
     uses_left: Mapped[int | None] = mapped_column(Integer, default=None)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime]
+
+
+class FaultRow(Base):
+    """A fault in force; healing deletes it (the events tell its history)."""
+
+    __tablename__ = "faults"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    targets: Mapped[list[str]] = mapped_column(JSON)
+    peers: Mapped[list[str]] = mapped_column(JSON)
+    params: Mapped[dict[str, Any]] = mapped_column()
+    one_way: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[datetime]
+    duration: Mapped[float | None] = mapped_column(Float, default=None)

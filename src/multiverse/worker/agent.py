@@ -11,11 +11,19 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeAlias
 
 import grpc
 
-from multiverse.core.errors import Conflict, MultiverseError, NotFound, Unauthenticated
+from multiverse.core.errors import (
+    Conflict,
+    MultiverseError,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+)
+from multiverse.core.faults import NodeFaults
 from multiverse.core.model import InstanceSpec, InstanceState, ensure_running
 from multiverse.core.network import NetworkPlan, Nic
 from multiverse.drivers.base import (
@@ -30,6 +38,7 @@ from multiverse.drivers.base import (
 from multiverse.wire import convert
 from multiverse.wire.v1 import multiverse_pb2 as pb
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
+from multiverse.worker.faults import NodeFaultsApplier
 from multiverse.worker.localstore import LocalStore, VMRecord
 from multiverse.worker.network import NodeNetwork
 
@@ -58,8 +67,9 @@ class Agent:
     """This host's instances over one Driver."""
 
     def __init__(
-        self, driver: Driver, store: LocalStore, network: NodeNetwork | None = None
-    ) -> None:
+        self, driver: Driver, store: LocalStore, network: NodeNetwork | None = None,
+        faults_dir: Path | None = None,
+    ) -> None:  # fmt: skip
         self.driver = driver
         self.store = store
         # The cluster network on this node (bridge mode); None: the driver's user-mode fallback.
@@ -69,6 +79,12 @@ class Agent:
         self.images: list[ImageInfo] = []  # what the driver can boot, as of the last observe()
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # The faults in force on this node (issue 19); None: this agent takes none.
+        self.faults = (
+            NodeFaultsApplier(driver, self._fault_vm, faults_dir, networked=network is not None)
+            if faults_dir is not None
+            else None
+        )
 
     # ---- state ----
 
@@ -233,6 +249,16 @@ class Agent:
                 record.nic = nic
                 self.store.save(record)
 
+    def _fault_vm(self, instance_id: str) -> VMConfig | None:
+        record = self.records.get(instance_id)
+        return _vm(record) if record is not None else None
+
+    async def apply_faults(self, faults: NodeFaults) -> None:
+        """Converge this node to the faults the master says are in force here."""
+        if self.faults is None:
+            raise Unavailable("this node does not take faults")
+        await self.faults.converge(faults)
+
     # ---- the hypervisor's truth ----
 
     async def observe(self) -> None:
@@ -392,6 +418,14 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         except MultiverseError as exc:
             await context.abort(*convert.error_to_rpc(exc))
             raise AssertionError("unreachable") from exc
+
+    async def ApplyFaults(self, request: pb.NodeFaults, context: Ctx) -> pb.Empty:
+        await self._guard(context)
+        try:
+            await self.agent.apply_faults(convert.faults_from_pb(request))
+        except MultiverseError as exc:
+            await context.abort(*convert.error_to_rpc(exc))
+        return pb.Empty()
 
     async def Report(self, request: pb.Empty, context: Ctx) -> pb.NodeReport:
         await self._guard(context)

@@ -83,7 +83,10 @@ class Worker:
         network = None
         if config.driver in NETWORKED and detect_mode(config.network_mode) == "bridge":
             network = LinuxNetwork(config.data_dir / "network")
-        self.agent = Agent(make_driver(config), LocalStore(config.data_dir / "worker.db"), network)
+        self.agent = Agent(
+            make_driver(config), LocalStore(config.data_dir / "worker.db"), network,
+            faults_dir=config.data_dir / "faults",
+        )  # fmt: skip
         self.identity: Identity | None = None
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []

@@ -183,10 +183,64 @@ class NodeReport(_message.Message):
     def __init__(self, capacity: _Optional[_Union[Resources, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[ImageInfo, _Mapping]]] = ...) -> None: ...
 
 class SyncAck(_message.Message):
-    __slots__ = ("network",)
+    __slots__ = ("network", "faults")
     NETWORK_FIELD_NUMBER: _ClassVar[int]
+    FAULTS_FIELD_NUMBER: _ClassVar[int]
     network: NetworkPlan
-    def __init__(self, network: _Optional[_Union[NetworkPlan, _Mapping]] = ...) -> None: ...
+    faults: NodeFaults
+    def __init__(self, network: _Optional[_Union[NetworkPlan, _Mapping]] = ..., faults: _Optional[_Union[NodeFaults, _Mapping]] = ...) -> None: ...
+
+class Param(_message.Message):
+    __slots__ = ("name", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: str
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
+class LinkRule(_message.Message):
+    __slots__ = ("fault_id", "instance_id", "sources", "params")
+    FAULT_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    fault_id: str
+    instance_id: str
+    sources: _containers.RepeatedScalarFieldContainer[str]
+    params: _containers.RepeatedCompositeFieldContainer[Param]
+    def __init__(self, fault_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ..., params: _Optional[_Iterable[_Union[Param, _Mapping]]] = ...) -> None: ...
+
+class Shot(_message.Message):
+    __slots__ = ("fault_id", "kind", "instance_id", "params")
+    FAULT_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    fault_id: str
+    kind: str
+    instance_id: str
+    params: _containers.RepeatedCompositeFieldContainer[Param]
+    def __init__(self, fault_id: _Optional[str] = ..., kind: _Optional[str] = ..., instance_id: _Optional[str] = ..., params: _Optional[_Iterable[_Union[Param, _Mapping]]] = ...) -> None: ...
+
+class Drop(_message.Message):
+    __slots__ = ("source", "destination")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    destination: str
+    def __init__(self, source: _Optional[str] = ..., destination: _Optional[str] = ...) -> None: ...
+
+class NodeFaults(_message.Message):
+    __slots__ = ("drops", "links", "shots", "generation")
+    DROPS_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    SHOTS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    drops: _containers.RepeatedCompositeFieldContainer[Drop]
+    links: _containers.RepeatedCompositeFieldContainer[LinkRule]
+    shots: _containers.RepeatedCompositeFieldContainer[Shot]
+    generation: int
+    def __init__(self, drops: _Optional[_Iterable[_Union[Drop, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[LinkRule, _Mapping]]] = ..., shots: _Optional[_Iterable[_Union[Shot, _Mapping]]] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class RenewRequest(_message.Message):
     __slots__ = ("csr",)

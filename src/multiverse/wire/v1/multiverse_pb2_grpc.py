@@ -243,6 +243,11 @@ class AgentServiceStub:
                 request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.SerializeToString,
                 response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.NodeReport.FromString,
                 _registered_method=True)
+        self.ApplyFaults = channel.unary_unary(
+                '/multiverse.v1.AgentService/ApplyFaults',
+                request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.NodeFaults.SerializeToString,
+                response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -311,6 +316,13 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyFaults(self, request, context):
+        """Converge this node to the faults in force now (also sent with every sync acknowledgement).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -363,6 +375,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Report,
                     request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.FromString,
                     response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.NodeReport.SerializeToString,
+            ),
+            'ApplyFaults': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyFaults,
+                    request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.NodeFaults.FromString,
+                    response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -635,6 +652,33 @@ class AgentService:
             '/multiverse.v1.AgentService/Report',
             multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.SerializeToString,
             multiverse_dot_wire_dot_v1_dot_multiverse__pb2.NodeReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyFaults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/multiverse.v1.AgentService/ApplyFaults',
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.NodeFaults.SerializeToString,
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,
