@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from multiverse.core.errors import MultiverseError
+from multiverse.core.errors import DriverError, MultiverseError
 from multiverse.core.faults import FaultKind, LinkRule, NodeFaults, Shot, parse_duration
 from multiverse.drivers.base import Driver, VMConfig
 
@@ -83,13 +83,16 @@ class NodeFaultsApplier:
                 return  # an acknowledgement computed before the latest change
             self._generation = faults.generation
             errors: list[str] = []
-            if self.networked:
-                await self._converge_drops(faults.drops)
-                await asyncio.to_thread(self._converge_links, faults.links)
+            try:
+                if self.networked:
+                    await self._converge_drops(faults.drops)
+                    await asyncio.to_thread(self._converge_links, faults.links)
+            except MultiverseError as exc:
+                errors.append(exc.message)
             await self._converge_shots(faults.shots, errors)
             self._save()
             if errors:
-                raise MultiverseError("; ".join(errors))
+                raise DriverError("; ".join(errors))
 
     # --- partitions -------------------------------------------------------------------------
 
@@ -103,6 +106,8 @@ class NodeFaultsApplier:
     # --- links ------------------------------------------------------------------------------
 
     def _converge_links(self, links: tuple[LinkRule, ...]) -> None:
+        if not links and not self._links:
+            return
         wanted: dict[str, list[list[Any]]] = {}
         for rule in links:
             wanted.setdefault(tap_name(rule.instance_id), []).append(
@@ -119,10 +124,19 @@ class NodeFaultsApplier:
                 if not index:
                     continue  # the VM is not plugged (yet): retried with the next sync
                 _clear_qdisc(ipr, index[0])
-                if rules:
+                self._links.pop(tap, None)
+                if not rules:
+                    continue
+                try:
                     _install_netem(ipr, index[0], rules)
-                    log.info("faults: netem on %s for %d rule(s)", tap, len(rules))
-            self._links = {tap: rules for tap, rules in wanted.items()}
+                except Exception as exc:  # pyroute2's NetlinkError: say what it means here
+                    _clear_qdisc(ipr, index[0])
+                    raise DriverError(
+                        f"cannot put netem on {tap}: {exc} (does this kernel have the prio "
+                        "and netem qdiscs, sch_prio and sch_netem?)"
+                    ) from exc
+                self._links[tap] = rules
+                log.info("faults: netem on %s for %d rule(s)", tap, len(rules))
 
     # --- actions on VMs ---------------------------------------------------------------------
 
