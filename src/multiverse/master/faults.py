@@ -92,7 +92,7 @@ class Faults:
                 self.store.remove_fault(fault.id)
                 await self._push(None)  # whatever part some node applied goes away
                 raise
-        self.events.publish("fault", action="applied", **fault.json())
+        self.events.publish("fault", action="applied", fault=fault.json())
         log.info("fault %s applied: %s %s", fault.id, kind.value, ",".join(targets))
         self._wake.set()
         return fault
@@ -108,7 +108,7 @@ class Faults:
             if healed:
                 await self._push(None)
         for fault in healed:
-            self.events.publish("fault", action=reason, **fault.json())
+            self.events.publish("fault", action=reason, fault=fault.json())
             log.info("fault %s %s", fault.id, reason)
         return healed
 
@@ -124,7 +124,7 @@ class Faults:
         )
         if fault is not None and fault.kind == FaultKind.LINK and not fault.peers:
             involved = {p.node_id for p in placements.values()}
-        failures: list[str] = []
+        failures: list[MultiverseError] = []
         for node in self.store.list_nodes():
             if node.status in (NodeStatus.DOWN, NodeStatus.NOT_READY) and node.id not in involved:
                 continue
@@ -134,11 +134,11 @@ class Faults:
                 await self.agents.call(node, stub.ApplyFaults, convert.faults_to_pb(plan))
             except MultiverseError as exc:
                 if node.id in involved:
-                    failures.append(f"{node.name}: {exc.message}")
+                    failures.append(type(exc)(f"{node.name}: {exc.message}"))
                 else:
                     log.warning("fault push to %s failed: %s", node.name, exc.message)
-        if failures:
-            raise MultiverseError("; ".join(failures))
+        if failures:  # the first one's kind (refused, unreachable...), every node's reason
+            raise type(failures[0])("; ".join(f.message for f in failures))
 
     async def run(self) -> None:
         """Heal each fault when its time is up, also those of a previous master's life."""

@@ -154,11 +154,7 @@ class NodeFaultsApplier:
             self._done.pop(fault_id, None)
         for shot in shots:
             if shot.fault_id in self._held or shot.fault_id in self._done:
-                if shot.kind == FaultKind.PAUSE and shot.fault_id in self._held:
-                    vm = self.vm_of(shot.instance_id)
-                    if vm is not None:  # cheap: a VM restarted meanwhile is paused again
-                        await self._attempt(errors, shot, self.driver.pause(vm))
-                continue
+                continue  # the VM process (paused, throttled) outlives a restarted agent
             vm = self.vm_of(shot.instance_id)
             if vm is None:
                 continue
