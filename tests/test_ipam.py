@@ -1,9 +1,12 @@
 """Address management of the cluster network (master/network.py) over a real store: the pure
 picker, the defaults that avoid the host's routes, and no address handed out twice under
-concurrent launches, two masters on one database, or a master killed with SIGKILL mid-launch."""
+concurrent launches, two masters on one database, or a master killed with SIGKILL mid-launch.
+Also the pieces around it that need no VM: each node's plan, the nftables ruleset, and the
+agent's use of the node network port (a recording fake)."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import threading
 import uuid
@@ -27,12 +30,18 @@ from multiverse.core.model import (
 from multiverse.core.network import (
     ClusterNetwork,
     NetworkPlan,
+    Nic,
+    Publish,
     mac_for,
     parse_cidr,
     parse_publish,
 )
+from multiverse.drivers.base import NetworkAttachment, VMConfig, VMStatus
+from multiverse.drivers.fake import FakeDriver
 from multiverse.master.network import Ipam, Picker, choose_cidr, host_routes
 from multiverse.store.repository import Store, now
+from multiverse.worker.agent import Agent
+from multiverse.worker.localstore import LocalStore, VMRecord
 from multiverse.worker.network import Guarded, render_ruleset
 
 
@@ -227,3 +236,78 @@ def test_the_ruleset_guards_each_tap_and_follows_nat_and_publish() -> None:
     assert "masquerade" not in render_ruleset(no_nat, [guest])
     # Replaced whole each time: the table is created, deleted and made again in one go.
     assert rules.index("delete table bridge multiverse") < rules.index("chain guard")
+
+
+class _RecordingNetwork:
+    """A NodeNetwork that records the calls the agent makes, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.plans: list[NetworkPlan] = []
+
+    async def ensure(self, plan: NetworkPlan) -> None:
+        self.plans.append(plan)
+
+    async def attach(self, vm_id: str, nic: Nic) -> NetworkAttachment:
+        self.calls.append(("attach", vm_id))
+        return NetworkAttachment(tap="mvt-test", nic=nic, mtu=1450)
+
+    async def detach(self, vm_id: str) -> None:
+        self.calls.append(("detach", vm_id))
+
+
+class _SeeingDriver(FakeDriver):
+    """The fake driver, remembering the network each start was given."""
+
+    started_with: list[NetworkAttachment | None]
+
+    async def start(self, vm: VMConfig) -> VMStatus:
+        self.started_with.append(vm.network)
+        return await super().start(vm)
+
+
+def test_the_agent_attaches_before_each_boot_and_detaches_after_stop_and_delete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MULTIVERSE_ALLOW_FAKE", "1")
+    nic = Nic(address="10.9.0.5/24", mac=mac_for("i-1"), gateway="10.9.0.1", dns="10.9.0.1")
+
+    async def scenario() -> None:
+        network = _RecordingNetwork()
+        driver = _SeeingDriver(tmp_path / "fake")
+        driver.started_with = []
+        agent = Agent(driver, LocalStore(tmp_path / "agent.db"), network)
+        record = await agent.launch("i-1", InstanceSpec(name="web-1"), nic)
+
+        async def settled(state: InstanceState) -> None:
+            while record.state != state:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(settled(InstanceState.RUNNING), 10)
+        assert driver.started_with == [NetworkAttachment("mvt-test", nic, 1450)]
+        await agent.stop("i-1")
+        await asyncio.wait_for(settled(InstanceState.STOPPED), 10)
+        await agent.start("i-1")
+        await asyncio.wait_for(settled(InstanceState.RUNNING), 10)
+        await agent.delete("i-1")
+        await asyncio.wait_for(_gone(agent, "i-1"), 10)
+        assert network.calls == [
+            ("attach", "i-1"), ("detach", "i-1"), ("attach", "i-1"), ("detach", "i-1"),
+        ]  # fmt: skip
+        await agent.shutdown()
+
+    asyncio.run(scenario())
+
+
+async def _gone(agent: Agent, vm_id: str) -> None:
+    while vm_id in agent.records:
+        await asyncio.sleep(0.01)
+
+
+def test_the_worker_keeps_each_vm_interface_across_restarts(tmp_path: Path) -> None:
+    nic = Nic("10.9.0.5/24", mac_for("i-1"), "10.9.0.1", "10.9.0.1", publish=(Publish(80, 8),))
+    store = LocalStore(tmp_path / "agent.db")
+    store.save(VMRecord(id="i-1", spec=InstanceSpec(name="web-1"), nic=nic))
+    store.close()
+    (loaded,) = LocalStore(tmp_path / "agent.db").load()
+    assert loaded.nic == nic

@@ -155,6 +155,23 @@ def test_a_third_host_joins_and_reaches_the_others(two: Net) -> None:
         two.cluster.ok("delete", "vm-d", timeout=BOOT)
 
 
+def test_a_node_that_leaves_is_dropped_from_every_forwarding_table(two: Net) -> None:
+    def flood_to(host: str) -> set[str]:
+        table = subprocess.run(
+            ["ip", "netns", "exec", two.hosts.workers[host], "bridge", "fdb", "show", "dev",
+             "mvvx0"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        return {line.split("dst ")[1].split()[0] for line in table.splitlines() if "dst " in line}
+
+    gone = f"{UNDERLAY}.13"
+    assert gone in flood_to("host-a") and gone in flood_to("host-b")
+    two.cluster.workers["host-c"].kill()
+    two.cluster.ok("node", "remove", "host-c")
+    wait_until(lambda: gone not in flood_to("host-a") | flood_to("host-b"), timeout=10)
+    assert flood_to("host-a") >= {f"{UNDERLAY}.12"}  # the others stay
+
+
 def test_vms_reach_outside_the_cluster_network_through_their_node(two: Net) -> None:
     # The master's host is no VM and has no route to the cluster network: only the node's
     # masquerade brings the answers back.

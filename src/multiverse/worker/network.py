@@ -215,18 +215,6 @@ class LinuxNetwork:
                 self._save_guests()
                 await self._apply_rules()
 
-    async def teardown(self) -> None:
-        """Remove everything this node network made (bridge, VXLAN, taps, rules, dnsmasq)."""
-        async with self._lock:
-            self._stop_dns()
-            for guest in self._guests.values():
-                await asyncio.to_thread(self._remove_link, guest.tap)
-            self._guests.clear()
-            self._save_guests()
-            for name in (self.vxlan, self.bridge):
-                await asyncio.to_thread(self._remove_link, name)
-            await _nft(f"delete table bridge {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n", ok=True)
-
     # --- links (run in a thread: pyroute2 calls block) ----------------------------------------
 
     def _ensure_links(self, plan: NetworkPlan) -> None:
@@ -280,16 +268,19 @@ class LinuxNetwork:
         ipr.link("set", index=vxlan, master=bridge, mtu=self.mtu, state="up")
         # Head-end replication: one all-zero entry per peer floods broadcast and unknown
         # unicast to every other node; learning fills in the rest.
-        present = {
-            entry.get("NDA_DST")
+        entries = [
+            (str(entry.get("NDA_LLADDR")), str(entry.get("NDA_DST")))
             for entry in ipr.fdb("dump", ifindex=vxlan)
-            if entry.get("NDA_LLADDR") == _ZERO_MAC and entry.get("NDA_DST")
-        }
+            if entry.get("NDA_DST")
+        ]
+        present = {dst for mac, dst in entries if mac == _ZERO_MAC}
         wanted = set(plan.peers)
         for peer in sorted(wanted - present):
             ipr.fdb("append", ifindex=vxlan, lladdr=_ZERO_MAC, dst=peer)
-        for peer in sorted(present - wanted):
-            ipr.fdb("del", ifindex=vxlan, lladdr=_ZERO_MAC, dst=peer)
+        # A node that left takes its flood entry and what was learned behind it along.
+        for mac, dst in entries:
+            if dst not in wanted:
+                ipr.fdb("del", ifindex=vxlan, lladdr=mac, dst=dst)
         if wanted != present:
             log.info("network: VXLAN peers now %s", ", ".join(sorted(wanted)) or "(none)")
 
@@ -426,7 +417,7 @@ def _mtu(ipr: Any, index: int) -> int:
     return int(ipr.get_links(index)[0].get("IFLA_MTU") or 1500)
 
 
-async def _nft(script: str, *, ok: bool = False) -> None:
+async def _nft(script: str) -> None:
     """Apply ``script`` with ``nft -f -``: all of it or nothing."""
     binary = shutil.which("nft", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
     if binary is None:
@@ -435,5 +426,5 @@ async def _nft(script: str, *, ok: bool = False) -> None:
         binary, "-f", "-", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     _out, err = await process.communicate(script.encode())
-    if process.returncode != 0 and not ok:
+    if process.returncode != 0:
         raise DriverError(f"nft refused the network rules: {err.decode(errors='replace').strip()}")
