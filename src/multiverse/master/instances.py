@@ -44,7 +44,7 @@ from multiverse.master.events import EventBus
 from multiverse.master.network import Ipam
 from multiverse.master.operations import Operation, Operations
 from multiverse.master.reconciler import PERMANENT, Reconciler
-from multiverse.master.scheduler import Strategy, place
+from multiverse.master.scheduler import Strategy, place, spread_conflict
 from multiverse.store.repository import Change, Store, now
 from multiverse.wire import convert
 from multiverse.wire.v1 import multiverse_pb2 as pb
@@ -114,9 +114,12 @@ class Instances:
         strategy: Strategy = "spread",
         ip: str = "",
         publish: Sequence[Publish] = (),
+        apart_from: Mapping[str, str] | None = None,
     ) -> tuple[Instance, Operation]:
         """Place, record (with its address on the cluster network, in the same transaction)
-        and ask the node to create it; ``ip`` asks for a given free address."""
+        and ask the node to create it; ``ip`` asks for a given free address. ``apart_from``:
+        labels; no node holding an instance with all of them is chosen (anti-affinity, as an
+        environment's ``spread: true`` group asks)."""
         spec.validate()
         instance_id = str(uuid.uuid4())
         picker = self.ipam.picker(instance_id, requested=ip, publish=publish) if self.ipam else None
@@ -127,7 +130,7 @@ class Instances:
                 raise AlreadyExists(f"an instance named {spec.name!r} exists already")
             node = place(
                 spec.resources, await self._candidates(node_name), selector=selector,
-                strategy=strategy,
+                strategy=strategy, avoid=self._holding(apart_from) if apart_from else None,
             )  # fmt: skip
             if publish and self.ipam:
                 self.ipam.check_publish(node.id, publish)
@@ -156,6 +159,14 @@ class Instances:
             "launch", spec.name, self.until(instance.id, {InstanceState.RUNNING})
         )
         return self.store.get_instance(instance.id), operation
+
+    def _holding(self, labels: Mapping[str, str]) -> dict[str, str]:
+        """Node id -> why not there: it holds an instance carrying all of ``labels``."""
+        return {
+            instance.node_id: spread_conflict(instance.name)
+            for instance in self.store.list_instances()
+            if instance.node_id and labels.items() <= instance.spec.labels.items()
+        }
 
     async def _set_desired(
         self, name: str, desired: DesiredState, *, force: bool = False
