@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from multiverse.core.errors import InvalidArgument
 
@@ -23,11 +24,13 @@ __all__ = [
     "LinkRule",
     "NodeFaults",
     "Placement",
+    "ScheduledFault",
     "Shot",
     "check_fault",
     "node_faults",
     "parse_duration",
     "parse_percent",
+    "parse_scheduled",
 ]
 
 
@@ -257,3 +260,68 @@ def node_faults(faults: Iterable[Fault], placements: Mapping[str, Placement],
                      tuple(sorted(fault.params.items())))
             )  # fmt: skip
     return NodeFaults(tuple(sorted(drops)), tuple(links), tuple(shots), generation)
+
+
+# ---- a schedule of faults (the ``faults:`` section of an environment file) -----------------
+
+
+@dataclass(frozen=True)
+class ScheduledFault:
+    """``at`` seconds after the environment is up, add the fault ``body`` (the API's form)."""
+
+    at: float
+    body: Mapping[str, Any]
+
+    def describe(self) -> str:
+        body = self.body
+        what = " / ".join(
+            ",".join(side) for side in (body["targets"], body.get("peers", ())) if side
+        )
+        params = " ".join(f"--{k} {v}" for k, v in body.get("params", {}).items())
+        span = f" for {body['duration']}" if body.get("duration") else ""
+        return " ".join(filter(None, (body["kind"], what, params))) + span
+
+
+_SCHEDULE_KEYS = {"at", "for", "one-way", *(k.value for k in FaultKind)}
+
+
+def parse_scheduled(entry: Any, names: Iterable[str]) -> ScheduledFault:
+    """One entry of a schedule, e.g. ``{at: 30s, partition: "a / b,c", for: 20s}``,
+    ``{at: 5s, link: {from: a, to: b, delay: 100ms}}``, ``{at: 0s, pause: b, for: 5s}``,
+    ``{at: 1m, clock: {name: b, skew: +5s}}``, ``{at: 0s, disk: {name: b, full: true}}``.
+    Checked as the API checks a fault, against the environment's instance ``names``."""
+    if not isinstance(entry, dict):
+        raise InvalidArgument("each fault must be a mapping with at and one kind")
+    unknown = sorted(set(entry) - _SCHEDULE_KEYS)
+    if unknown:
+        raise InvalidArgument(f"unknown key(s) {', '.join(map(repr, unknown))} in a fault")
+    kinds = [k for k in FaultKind if k.value in entry]
+    if len(kinds) != 1:
+        raise InvalidArgument(f"a fault names exactly one kind: {', '.join(FaultKind)}")
+    kind, value = kinds[0], entry[kinds[0].value]
+    at = parse_duration(str(entry.get("at", "0s")), "at")
+    duration = parse_duration(str(entry["for"]), "for") if "for" in entry else None
+    peers: tuple[str, ...] = ()
+    params: dict[str, str] = {}
+    if kind == FaultKind.PARTITION:
+        if not isinstance(value, str) or value.count("/") != 1:
+            raise InvalidArgument('a partition is written "a,b / c,d"')
+        left, right = value.split("/")
+        targets = tuple(n.strip() for n in left.split(",") if n.strip())
+        peers = tuple(n.strip() for n in right.split(",") if n.strip())
+    elif isinstance(value, dict):
+        options = {str(k): v for k, v in value.items()}
+        first = options.pop("from" if kind == FaultKind.LINK else "name", None)
+        targets = (str(first),) if first else ()
+        to = options.pop("to", "") if kind == FaultKind.LINK else ""
+        peers = tuple(n.strip() for n in str(to or "").split(",") if n.strip())
+        params = {k: ("true" if v is True else str(v)) for k, v in options.items()}
+    else:
+        targets = (str(value),)
+    fault = Fault("scheduled", kind, targets, peers, params, bool(entry.get("one-way")),
+                  duration=duration)  # fmt: skip
+    check_fault(fault, names)
+    body = {"kind": kind.value, "targets": list(targets), "peers": list(peers),
+            "params": params, "one_way": fault.one_way,
+            "duration": str(entry["for"]) if "for" in entry else None}  # fmt: skip
+    return ScheduledFault(at, body)
