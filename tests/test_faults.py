@@ -131,7 +131,7 @@ def test_link_delay_slows_a_to_b_only(healed: Lab) -> None:
 
 def test_pause_with_a_duration_freezes_b_then_heals_by_itself(healed: Lab) -> None:
     lab = healed
-    fault = lab.fault("pause", "b", "--duration", "5s")
+    fault = lab.fault("pause", "b", "--duration", "15s")
     assert fault["expires_at"]
     assert not lab.ping("a", "b")  # frozen: no answer
     wait_until(lambda: lab.faults() == [], timeout=60, interval=0.5)
@@ -185,3 +185,51 @@ def test_bad_input_is_refused_and_applies_nothing(
     assert done.code != 0 and message in done.err, done.err
     assert healed.faults() == []
     assert healed.host_rules("host-a") == "" and healed.host_rules("host-b") == ""
+
+
+def _now(lab: Lab, vm: str) -> int:
+    return int(lab.cluster.ok("exec", vm, "--", "date", "+%s").out)
+
+
+def test_clock_skew_steps_the_guests_clock_and_heal_steps_it_back(healed: Lab) -> None:
+    lab = healed
+    assert abs(_now(lab, "b") - _now(lab, "a")) < 30
+    fault = lab.fault("clock", "b", "--skew", "+600s")
+    assert 570 < _now(lab, "b") - _now(lab, "a") < 630
+    lab.cluster.ok("fault", "heal", str(fault["id"]))
+    assert abs(_now(lab, "b") - _now(lab, "a")) < 30
+
+
+def _uptime(lab: Lab, vm: str) -> float:
+    return float(lab.cluster.ok("exec", vm, "--", "cat", "/proc/uptime").out.split()[0])
+
+
+def test_reboot_resets_the_vm_and_it_comes_back(healed: Lab) -> None:
+    lab = healed
+    before = _uptime(lab, "c")
+    lab.fault("reboot", "c")
+
+    def rebooted() -> bool:
+        done = lab.cluster.cli("exec", "c", "--", "cat", "/proc/uptime", timeout=60)
+        return done.code == 0 and float(done.out.split()[0]) < before
+
+    wait_until(rebooted, timeout=300, interval=2)
+    wait_until(lambda: lab.ping("c", "b"), timeout=120)
+
+
+def test_disk_full_fills_the_data_disk_and_slow_throttles_it(healed: Lab) -> None:
+    lab = healed
+
+    def use(vm: str) -> int:
+        line = lab.cluster.ok("exec", vm, "--", "df", "-P", "/data").out.splitlines()[-1]
+        return int(line.split()[4].rstrip("%"))
+
+    assert use("b") < 90
+    full = lab.fault("disk", "b", "--full")
+    assert use("b") >= 99
+    lab.cluster.ok("fault", "heal", str(full["id"]))
+    assert use("b") < 90
+    slow = lab.fault("disk", "b", "--slow", "10ms")  # QEMU's throttling took it: no error
+    lab.cluster.ok("fault", "heal", str(slow["id"]))
+    refused = lab.cluster.cli("fault", "disk", "b", "--full", "--slow", "10ms")
+    assert refused.code != 0 and "exactly one of --full or --slow" in refused.err

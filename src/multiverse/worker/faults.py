@@ -40,7 +40,10 @@ log = logging.getLogger("multiverse.worker")
 FAULTS_TABLE = "multiverse_faults"
 _ROOT = 0xFFFFFFFF  # TC_H_ROOT
 _PRIO = 0x4D560000  # "MV": our root qdisc's handle, so we only ever remove our own
-_FILL = "/var/lib/multiverse-fault-fill"  # the file a disk-full fault writes in the guest
+# Where a disk-full fault writes in the guest: on the data disk (/data in the test guest), else
+# on the root file system's /var/tmp (not /tmp: often RAM).
+_FILL_DIR = "$(grep -q ' /data ' /proc/mounts && echo /data || echo /var/tmp)"
+_FILL = ".multiverse-fault-fill"
 _ETH_P_IP = 0x0800
 
 
@@ -189,7 +192,9 @@ class NodeFaultsApplier:
             if params.get("slow"):
                 await self.driver.throttle_disk(vm, _iops(params["slow"]))
             else:  # fill the data disk to the brim: dd ends with "no space left"
-                await self._guest(vm, f"dd if=/dev/zero of={_FILL} bs=1M 2>/dev/null; sync; true")
+                await self._guest(
+                    vm, f"dd if=/dev/zero of={_FILL_DIR}/{_FILL} bs=1M 2>/dev/null; sync; true"
+                )
 
     async def _undo(self, shot: Shot, vm: VMConfig) -> None:
         params = dict(shot.params)
@@ -201,7 +206,7 @@ class NodeFaultsApplier:
             if params.get("slow"):
                 await self.driver.throttle_disk(vm, 0)
             else:
-                await self._guest(vm, f"rm -f {_FILL}; sync")
+                await self._guest(vm, f"rm -f /data/{_FILL} /var/tmp/{_FILL}; sync")
 
     async def _step_clock(self, vm: VMConfig, seconds: float) -> None:
         await self._guest(vm, f"date -s @$(( $(date +%s) + {round(seconds)} )) >/dev/null")
