@@ -42,6 +42,12 @@ class Lab:
         done = self.cluster.cli("exec", vm, "--", "ping", "-c", "2", "-W", "2", target)
         return done.code == 0 and " 0% packet loss" in done.out
 
+    def tcp(self, vm: str, target: str) -> bool:
+        """Whether ``vm`` opens a TCP connection to ``target``'s SSH port (dropbear's banner)."""
+        script = f"nc -w 3 {target} 22 </dev/null | head -c 4"
+        done = self.cluster.cli("exec", vm, "--", "sh", "-c", script)
+        return done.code == 0 and done.out == "SSH-"
+
     def fault(self, *args: str) -> dict[str, object]:
         return dict(self.cluster.ok("fault", *args, "--format", "json").json())
 
@@ -80,9 +86,10 @@ def healed(lab: Lab) -> Iterator[Lab]:
 
 def test_partition_cuts_a_from_b_and_c_and_heal_restores(healed: Lab) -> None:
     lab = healed
-    assert lab.ping("a", "b") and lab.ping("b", "c")
+    assert lab.ping("a", "b") and lab.ping("b", "c") and lab.tcp("a", "b")
     fault = lab.fault("partition", "a", "/", "b,c")
     assert not lab.ping("a", "b") and not lab.ping("a", "c")
+    assert not lab.tcp("a", "b") and lab.tcp("b", "c")
     assert not lab.ping("c", "a")
     assert lab.ping("b", "c") and lab.ping("c", "b")  # same side: untouched
     # On the hosts, not in the guests: each sender's node holds its drops.
@@ -93,6 +100,7 @@ def test_partition_cuts_a_from_b_and_c_and_heal_restores(healed: Lab) -> None:
     lab.cluster.ok("fault", "heal", str(fault["id"]))
     assert lab.faults() == []
     assert lab.ping("a", "b") and lab.ping("a", "c") and lab.ping("c", "a")
+    assert lab.tcp("a", "b")
     assert lab.host_rules("host-a") == "" and lab.host_rules("host-b") == ""
 
 
