@@ -30,6 +30,7 @@ IMAGE_CACHE = Path(os.environ.get("MULTIVERSE_IMAGE_CACHE", REPO / ".data" / "im
 NODE_TIMEOUT = 3.0  # seconds; short so that the NotReady tests stay quick
 DOWN_TIMEOUT = 6.0
 SYNC_INTERVAL = 0.5
+JOINED = "joined as "  # what a worker prints once it joined and its agent listens
 
 
 def free_port() -> int:
@@ -235,10 +236,19 @@ class Cluster:
         env = {**self.env, "MULTIVERSE_JOIN_TOKEN": token or ""}  # not in argv: ps shows that
         where = self.prefix if prefix is None else prefix
         proc = Proc(name, [*args, *extra], self.root / f"{name}.log", env, where)
+        joined_before = proc.output().count(JOINED) if proc.log.exists() else 0
         proc.start()
         self.workers[name] = proc
         if wait:
-            wait_until(lambda: self.node(name).get("status") == "Ready", timeout=60)
+            # Ready alone may still be the previous process's state (a restart within the node
+            # timeout); this one says it joined once its agent listens.
+            wait_until(
+                lambda: (
+                    proc.output().count(JOINED) > joined_before
+                    and self.node(name).get("status") == "Ready"
+                ),
+                timeout=60,
+            )
         return proc
 
     def node(self, name: str) -> dict[str, Any]:

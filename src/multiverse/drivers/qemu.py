@@ -160,7 +160,7 @@ class QemuDriver(ProcessDriver):
                 vm,
                 self.qemu_argv(vm, kernel, initrd, port),
                 vm_dir / "qemu.log",
-                {"ssh_port": port, "accel": self.accel, "ipv4": ""},
+                {"ssh_port": port, "accel": self.accel, "ipv4": USER_NET_ADDRESS.split("/")[0]},
             )
             try:
                 await self._wait_for_guest(vm, process, deadline)
@@ -250,10 +250,10 @@ class QemuDriver(ProcessDriver):
                 f"VM {vm.name} booted but its SSH did not answer within "
                 f"{self.boot_timeout:.0f} s; console:\n{tail(vm_dir / 'serial.log', LOG_TAIL)}"
             ) from None
-        ipv4 = await guest.ipv4()
         runtime = read_json(vm_dir / "vm.json") or {}
-        runtime["ipv4"] = ipv4
-        write_json(vm_dir / "vm.json", runtime)
+        if not runtime.get("ipv4"):  # else known from the start: one command less to boot
+            runtime["ipv4"] = await guest.ipv4()
+            write_json(vm_dir / "vm.json", runtime)
 
     def _raise_exited(self, vm: VMConfig, process: subprocess.Popen[bytes]) -> None:
         vm_dir = self._vm_dir(vm)

@@ -120,6 +120,8 @@ class Store:
             version=node.version,
             last_sync=node.last_sync,
             created_at=now(),
+            message=node.message,
+            install=node.install,
         )
         try:
             with self._session() as session:
@@ -217,6 +219,8 @@ class Store:
                     version=row.version,
                     instance_count=int(count or 0),
                     network_mode=row.network_mode,
+                    message=row.message,
+                    install=dict(row.install),
                 )
                 for row, count, cpus, memory, disk in session.execute(query)
             ]
