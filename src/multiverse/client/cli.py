@@ -214,11 +214,21 @@ def _wait(
                 raise Failure(operation["error"] or f"{label} failed")
             if time.monotonic() > deadline:
                 raise Failure(f"{label}: still not done after {timeout:.0f}s")
-            if instance:
+            if progress := operation.get("progress"):
+                show(_move_progress(progress))
+            elif instance:
                 try:
                     show(client.instance(instance)["state"])
                 except ApiError:
                     show("gone")
+
+
+def _move_progress(progress: dict[str, Any]) -> str:
+    """A move's phase and the disk bytes sent so far."""
+    total = progress.get("disk_bytes_total") or 0
+    sent = progress.get("disk_bytes_sent") or 0
+    figures = f" {format_size(sent)}/{format_size(total)}" if total else ""
+    return f"{progress.get('phase', '')}{figures}"
 
 
 wait_options = [
@@ -588,6 +598,26 @@ def events() -> None:
     client = _client()
     with contextlib.suppress(KeyboardInterrupt):
         sys.exit(asyncio.run(follow_events(client)))
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--node", "target", required=True, help="The node to move the instance to.")
+@click.option(
+    "--live/--cold",
+    default=False,
+    help="Keep it running while it moves (QEMU), or stop, copy its disk and start it there.",
+)
+@_with_wait
+def move(name: str, target: str, live: bool, no_wait: bool, timeout: float) -> None:
+    """Move an instance to another node with its disk; it ends as it was (running or not)."""
+    client = _client()
+    answer = client.move(name, target, "live" if live else "cold")
+    if no_wait:
+        click.echo(answer["operation"])
+        return
+    _wait(client, answer["operation"], timeout, f"Moving {name} to {target}")
+    click.echo(f"Moved {name} to {target}")
 
 
 @cli.command()

@@ -78,6 +78,12 @@ class ApiClient:
         """``start``, ``stop`` or ``restart``."""
         return dict(self._request("POST", f"/instances/{name}/{verb}", json=body or {}))
 
+    def move(self, name: str, node: str, kind: str = "cold") -> JSON:
+        """Start moving the instance to ``node``; the answer names the operation."""
+        return dict(
+            self._request("POST", f"/instances/{name}/move", json={"node": node, "kind": kind})
+        )
+
     def delete(self, name: str) -> JSON:
         return dict(self._request("DELETE", f"/instances/{name}"))
 

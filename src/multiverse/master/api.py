@@ -40,6 +40,7 @@ from multiverse.core.model import (
     Instance,
     InstanceSpec,
     InstanceState,
+    MigrationKind,
     Node,
 )
 from multiverse.core.sizes import parse_size
@@ -47,6 +48,7 @@ from multiverse.master import auth, ui
 from multiverse.master.environments import Environments
 from multiverse.master.instances import InstanceInfo, Instances
 from multiverse.master.metrics import CONTENT_TYPE, Metrics
+from multiverse.master.moves import migration_json
 from multiverse.master.nodes import Nodes
 from multiverse.master.operations import Operation
 from multiverse.master.scheduler import Strategy
@@ -103,6 +105,11 @@ class ApplyBody(BaseModel):
 
 class StopBody(BaseModel):
     force: bool = False
+
+
+class MoveBody(BaseModel):
+    node: str = Field(min_length=1, max_length=63)
+    kind: Literal["cold", "live"] = "cold"
 
 
 class TokenBody(BaseModel):
@@ -557,6 +564,15 @@ def create_app(
     @app.post("/api/v1/instances/{name}/restart", status_code=202)
     async def restart(name: str, _: Admin) -> dict[str, Any]:
         return _accepted(await instances.restart(name))
+
+    @app.post("/api/v1/instances/{name}/move", status_code=202)
+    async def move(name: str, body: MoveBody, _: Admin) -> dict[str, Any]:
+        """Move to ``body.node``; the operation's ``progress`` tells the phase and bytes sent."""
+        migration, operation = await nodes.moves.move(name, body.node, MigrationKind(body.kind))
+        return {
+            **instance_json(instances.get(name)), "operation": operation.id,
+            "move": migration_json(migration),
+        }  # fmt: skip
 
     @app.delete("/api/v1/instances/{name}", status_code=202)
     async def delete(name: str, _: Admin) -> dict[str, Any]:

@@ -30,7 +30,9 @@ from multiverse.core.model import (
 from multiverse.master import auth
 from multiverse.master.cluster import Agents
 from multiverse.master.instances import Instances
+from multiverse.master.moves import Moves
 from multiverse.master.operations import Operation
+from multiverse.master.ports import AgentNodeClient
 from multiverse.master.scheduler import place
 from multiverse.store.repository import Change, Store, now
 from multiverse.wire import pki
@@ -46,6 +48,7 @@ class Nodes:
         self.instances = instances
         # What else holds state of a node drops it here (the master wires the cluster service).
         self.on_removed: Callable[[str], None] = agents.forget
+        self.moves = Moves(store, AgentNodeClient(agents), instances)
 
     def set_cordon(self, name: str, cordoned: bool) -> Node:
         node = self.store.find_node(name)

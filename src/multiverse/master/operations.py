@@ -42,6 +42,8 @@ class Operation:
     created_at: str = field(default_factory=_now)
     updated_at: str = field(default_factory=_now)
     result: Any = None
+    # How far it is, asked at each lookup (a move's phase and bytes); None: no figures.
+    progress: Callable[[], Any] | None = field(default=None, repr=False)
     done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     ended: float = field(default=0.0, repr=False)  # on the registry's clock, once done
 
@@ -49,7 +51,7 @@ class Operation:
         return {
             "id": self.id, "kind": self.kind, "target": self.target, "status": self.status,
             "error": self.error, "created_at": self.created_at, "updated_at": self.updated_at,
-            "result": self.result,
+            "result": self.result, "progress": self.progress() if self.progress else None,
         }  # fmt: skip
 
 

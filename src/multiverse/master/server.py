@@ -210,6 +210,8 @@ class Master:
             ),
             asyncio.create_task(self.reconciler.run()),
         ]
+        # Before the reconciler's first round: the moves own their instances again.
+        await self.nodes.moves.resume()
         log.info("master addr: %s / api server addr: %s", config.listen, config.api_listen)
 
     async def stop(self) -> None:

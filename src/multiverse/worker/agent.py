@@ -18,6 +18,7 @@ import grpc
 
 from multiverse.core.errors import (
     Conflict,
+    DriverError,
     InvalidArgument,
     MultiverseError,
     NotFound,
@@ -267,7 +268,11 @@ class Agent:
         lock = self._locks.setdefault(instance_id, asyncio.Lock())
         async with lock:
             stub = self.peer(*source)
-            await moves.pull(stub, source[0], instance_id, files, driver.incoming_dir(vm), progress)
+            try:
+                await moves.pull(stub, source[0], instance_id, files, driver.incoming_dir(vm),
+                                 progress)  # fmt: skip
+            except OSError as exc:
+                raise DriverError(f"cannot write the moved files: {exc}") from exc
             await driver.adopt_incoming(vm)
             record = VMRecord(id=instance_id, spec=spec)
             self.records[instance_id] = record

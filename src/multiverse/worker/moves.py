@@ -95,7 +95,7 @@ async def pull(
             have = 0
         done += have
         progress(done, total)
-        if have < item.size:
+        if have < item.size or not path.exists():
             request = pb.ReadFileRequest(id=instance_id, name=item.name, offset=have)
             with path.open("r+b" if have else "wb") as file:
                 file.seek(have)

