@@ -10,7 +10,10 @@ import os
 from pathlib import Path
 
 import httpx
-from harness import Cluster, wait_until
+import pytest
+from harness import Cluster, new_cluster, qemu_processes_under, wait_until
+
+from multiverse.drivers.process import HOST_KEY_FILE
 
 
 def _api(cluster: Cluster, method: str, path: str, **body: object) -> httpx.Response:
@@ -74,8 +77,10 @@ def test_a_stopped_instance_moves_and_stays_stopped(cluster: Cluster) -> None:
     assert answer.status_code == 202, answer.text
     operation = answer.json()["operation"]
     done = wait_until(
-        lambda: (o := _api(cluster, "GET", f"/operations/{operation}").json())["status"]
-        != "running" and o,
+        lambda: (
+            (o := _api(cluster, "GET", f"/operations/{operation}").json())["status"] != "running"
+            and o
+        ),
         timeout=60,
     )
     assert done["status"] == "success", done
@@ -125,8 +130,39 @@ def test_master_killed_mid_move_finishes_it_after_restart(cluster: Cluster) -> N
     cluster.master.kill()
     cluster.start_master()
     wait_until(
-        lambda: (i := cluster.instances()["phoenix"])["node"] == "node-b"
-        and i["state"] == "Running",
+        lambda: (
+            (i := cluster.instances()["phoenix"])["node"] == "node-b" and i["state"] == "Running"
+        ),
         timeout=90,
     )
     assert cluster.node("node-a")["instances"] == 0
+
+
+@pytest.mark.vm
+def test_cold_move_of_a_real_vm_keeps_its_disk_and_host_key(
+    tmp_path: Path, tiny_image: Path
+) -> None:
+    """A QEMU VM (TCG) with a 20 MiB file on its data disk moves cold: the file has the same
+    sha256 on the target, the guest keeps its SSH host key (no new key is trusted on first use:
+    the recorded one moved with the VM), and it runs there."""
+    with new_cluster(tmp_path) as cluster:
+        cluster.start_master()
+        for name in ("node-a", "node-b"):
+            cluster.start_worker(name, driver="qemu", capacity="cpus=2,memory=4G,disk=20G")
+        cluster.ok("launch", "--name", "vm-mover", "--node", "node-a",
+                   "--memory", "256M", "--disk", "256M", timeout=300)  # fmt: skip
+        write = "head -c 20971520 /dev/urandom > /data/big && sync && sha256sum /data/big"
+        digest = cluster.ok("exec", "vm-mover", "--", "sh", "-c", write).out.split()[0]
+        instance_id = _instance_id(cluster, "vm-mover")
+        key = (cluster.root / "node-a" / "qemu" / "vms" / instance_id / HOST_KEY_FILE).read_text()
+
+        cluster.ok("move", "vm-mover", "--node", "node-b", timeout=600)
+
+        instance = cluster.instances()["vm-mover"]
+        assert (instance["node"], instance["state"]) == ("node-b", "Running")
+        moved = cluster.ok("exec", "vm-mover", "--", "sha256sum", "/data/big").out.split()[0]
+        assert moved == digest
+        target_dir = cluster.root / "node-b" / "qemu" / "vms" / instance_id
+        assert (target_dir / HOST_KEY_FILE).read_text() == key
+        assert not qemu_processes_under(cluster.root / "node-a")
+        wait_until(lambda: not (cluster.root / "node-a" / "qemu" / "vms" / instance_id).exists())

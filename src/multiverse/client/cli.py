@@ -585,7 +585,7 @@ def _maintenance_command(action: str, summary: str) -> None:
 
 _maintenance_command("drain", "Cordon the node and stop its instances (restore starts them).")
 _maintenance_command(
-    "evacuate", "Cordon the node and re-create its instances on other nodes (fresh disks)."
+    "evacuate", "Cordon the node and move its instances, disks included, to other nodes."
 )
 _maintenance_command(
     "restore", "Uncordon the node, bring evacuated instances back and start drained ones."

@@ -2,10 +2,10 @@
 
 - cordon: no new instances are placed on the node; uncordon undoes it.
 - drain: cordon, then stop the node's running instances (marked, so restore starts them).
-- evacuate: cordon, then re-create every instance of the node on other nodes from its spec,
-  stopping it first. There is no disk transfer yet, so the new instance starts with a fresh
-  disk: whatever was written inside the old one stays behind (and is deleted with it when the
-  node is reachable). Each instance's outcome is reported.
+- evacuate: cordon, then move every instance of the node to other nodes with its disk (a cold
+  move: master/moves.py; it ends running if it was). A node that is away cannot hand its disks
+  over: its instances are re-created elsewhere from their specs, with fresh disks. Each
+  instance's outcome is reported.
 - restore: uncordon, move evacuated instances back the same way, start drained ones.
 """
 
@@ -36,7 +36,6 @@ from multiverse.master.ports import AgentNodeClient
 from multiverse.master.scheduler import place
 from multiverse.store.repository import Change, Store, now
 from multiverse.wire import pki
-from multiverse.wire.v1 import multiverse_pb2 as pb
 
 log = logging.getLogger("multiverse.master")
 
@@ -173,29 +172,44 @@ class Nodes:
     async def _move(
         self, instance: Instance, source: Node, targets: list[Node], moved_from: str | None
     ) -> str:
-        """Re-create ``instance`` on one of ``targets``; what happened, in words."""
-        wanted = instance.desired
+        """Move ``instance`` with its disk to one of ``targets`` (master/moves.py); when its
+        node is away, its disk cannot be read: re-create it there from its spec instead."""
+        try:
+            target = place(instance.spec.resources, targets)
+        except MultiverseError as exc:
+            return f"stayed on {source.name}: {exc.message}"
+        if source.status != NodeStatus.READY:
+            return await self._recreate(instance, source, target, moved_from)
+        try:
+            _migration, operation = await self.moves.move(instance.name, target.name)
+        except MultiverseError as exc:
+            return f"stayed on {source.name}: {exc.message}"
+        await operation.done.wait()
+        if operation.status != "success":
+            return f"stayed on {source.name}: {operation.error}"
+        self.store.update_instance(instance.id, moved_from=moved_from)
+        return f"moved to {target.name}"
+
+    async def _recreate(
+        self, instance: Instance, source: Node, target: Node, moved_from: str | None
+    ) -> str:
+        """Point the instance at ``target`` with a fresh disk (its old VM stays on ``source``,
+        which is away). Recorded under the placement lock, so launches see the reservation."""
         async with self.instances.placing:
             try:
-                target = place(instance.spec.resources, targets)
+                place(instance.spec.resources, [target])
             except MultiverseError as exc:
                 return f"stayed on {source.name}: {exc.message}"
-            reachable = source.status == NodeStatus.READY
-            try:
-                if reachable:
-                    if instance.state != InstanceState.STOPPED:
-                        await self._stop(instance, source)
-                    ref = pb.InstanceRef(id=instance.id)
-                    await self.agents.call(source, self.agents.stub(source).Delete, ref)
-            except MultiverseError as exc:
-                return f"stayed on {source.name}: could not stop it there: {exc.message}"
             self.store.update_instance(
                 instance.id, node_id=target.id, state=InstanceState.SCHEDULED, version=0,
-                desired=wanted, moved_from=moved_from, message="", ipv4="",
+                moved_from=moved_from, message="", ipv4="",
             )  # fmt: skip
-        log.info("instance %s moved from %s to %s", instance.name, source.name, target.name)
+        log.info("instance %s re-created on %s (%s is away)", instance.name, target.name,
+                 source.name)  # fmt: skip
         self.instances.reconciler.publish_changes(
             [Change(instance.id, instance.name, instance.state.value, "Scheduled")]
         )
-        left = "" if reachable else f"; its old VM is left on {source.name}, which is away"
-        return f"moved to {target.name} with a fresh disk{left}"
+        return (
+            f"moved to {target.name} with a fresh disk; its old VM is left on {source.name}, "
+            "which is away"
+        )

@@ -113,9 +113,7 @@ class Worker:
                 ("grpc.ssl_target_name_override", pki.node_server_name(node_id)),
                 *GRPC_CHANNEL_OPTIONS,
             )
-            channel = grpc.aio.secure_channel(
-                address, self.identity.channel_credentials(), options
-            )
+            channel = grpc.aio.secure_channel(address, self.identity.channel_credentials(), options)
             cached = self._peers[node_id] = (address, channel)
         return pb_grpc.AgentServiceStub(cached[1])
 
