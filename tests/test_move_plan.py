@@ -86,7 +86,7 @@ class FakeNodes:
 
 def _setup(
     tmp_path: Path, desired: DesiredState = DesiredState.RUNNING
-) -> tuple[Moves, FakeNodes, Store]:  # noqa: E501
+) -> tuple[Moves, FakeNodes, Store]:
     store = Store.for_data_dir(tmp_path)
     store.migrate()  # the alembic chain, 0005 (migrations) included
     for node_id in ("a", "b"):

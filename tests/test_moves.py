@@ -166,3 +166,35 @@ def test_cold_move_of_a_real_vm_keeps_its_disk_and_host_key(
         assert (target_dir / HOST_KEY_FILE).read_text() == key
         assert not qemu_processes_under(cluster.root / "node-a")
         wait_until(lambda: not (cluster.root / "node-a" / "qemu" / "vms" / instance_id).exists())
+
+
+def test_target_killed_mid_transfer_rolls_back_and_leaves_nothing(cluster: Cluster) -> None:
+    cluster.start_master()
+    cluster.start_worker("node-a")
+    target = cluster.start_worker("node-b")
+    cluster.ok("launch", "--name", "stay", "--node", "node-a")
+    instance_id = _instance_id(cluster, "stay")
+    with (_vm_dir(cluster, "node-a", instance_id) / "disk.img").open("wb") as disk:
+        for _ in range(300):  # random, so no hole shortens the transfer
+            disk.write(os.urandom(1024 * 1024))
+    answer = _api(cluster, "POST", "/instances/stay/move", node="node-b")
+    assert answer.status_code == 202, answer.text
+    incoming = cluster.root / "node-b" / "fake" / "incoming" / instance_id
+    wait_until(lambda: (incoming / "disk.img").exists(), timeout=60, interval=0.02)
+    target.kill()
+    operation = answer.json()["operation"]
+    # Back on its source, running as it was, while the target is still away.
+    wait_until(lambda: cluster.instances()["stay"]["state"] == "Running", timeout=90)
+    assert cluster.instances()["stay"]["node"] == "node-a"
+    assert incoming.exists()  # the target could not be cleaned yet
+    cluster.start_worker("node-b")
+    done = wait_until(
+        lambda: (o := _api(cluster, "GET", f"/operations/{operation}").json())["status"]
+        != "running" and o,
+        timeout=90,
+    )  # fmt: skip
+    assert done["status"] == "failure" and "rolled back" in done["error"]
+    assert not incoming.exists()  # cleaned once it was back
+    vms = cluster.root / "node-b" / "fake" / "vms.json"
+    assert not vms.exists() or instance_id not in json.loads(vms.read_text())
+    assert cluster.node("node-b")["instances"] == 0

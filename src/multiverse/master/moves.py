@@ -273,6 +273,9 @@ class Moves:
             )
 
         try:
+            if migration.phase == MigrationPhase.ROLLING_BACK:  # a master died rolling back
+                await self._roll_back(migration)
+                raise Conflict(f"the move failed and was rolled back: {migration.message}")
             while True:
                 await self.instances.events.wait_for(known, self.wait)
                 try:
@@ -306,15 +309,28 @@ class Moves:
         )
 
     async def _roll_back(self, migration: Migration) -> None:
-        """Remove what the target got; the reconciler then brings the instance back to what
-        the user wanted on its source (its desired state never changed)."""
-        target = self.store.get_node(migration.target_id)
-        try:
-            await self.client.abort_import(target, migration.instance_id)
-            message = migration.message
-        except MultiverseError as exc:
-            # The target is away: it drops unadopted imports itself when told again.
-            message = f"{migration.message}; could not clean {target.name}: {exc.message}"
+        """Give the instance back to its source at once (the reconciler brings it to what the
+        user wanted there: its desired state never changed), then remove what the target got;
+        a target that is away is cleaned when it is back (until ``wait`` runs out)."""
+        self.instances.reconciler.paused.discard(migration.instance_id)
+        self.instances.reconciler.kick()
+        deadline = time.monotonic() + self.wait
+        message = migration.message
+        while True:
+            target = self.store.get_node(migration.target_id)
+            try:
+                await self.client.abort_import(target, migration.instance_id)
+                break
+            except MultiverseError as exc:
+                if time.monotonic() > deadline:
+                    message = f"{migration.message}; could not clean {target.name}: {exc.message}"
+                    break
+
+            def back() -> bool:
+                return self.store.get_node(migration.target_id).status == NodeStatus.READY
+
+            await self.instances.events.wait_for(back, max(deadline - time.monotonic(), 0))
+            await asyncio.sleep(self.poll)
         self.store.update_migration(migration.id, phase=MigrationPhase.FAILED, message=message)
 
     # ---- helpers of the steps ----
