@@ -198,3 +198,40 @@ def test_target_killed_mid_transfer_rolls_back_and_leaves_nothing(cluster: Clust
     vms = cluster.root / "node-b" / "fake" / "vms.json"
     assert not vms.exists() or instance_id not in json.loads(vms.read_text())
     assert cluster.node("node-b")["instances"] == 0
+
+
+def test_evacuate_moves_instances_with_their_files_and_restore_brings_them_back(
+    cluster: Cluster,
+) -> None:
+    cluster.start_master()
+    cluster.start_worker("node-a")
+    cluster.start_worker("node-b")
+    ids = {}
+    for name in ("app-0", "app-1"):
+        cluster.ok("launch", "--name", name, "--node", "node-a")
+        ids[name] = _instance_id(cluster, name)
+        (_vm_dir(cluster, "node-a", ids[name]) / "mine.txt").write_text(name)
+    cluster.ok("stop", "app-1")  # ends stopped where it goes
+
+    evacuated = cluster.ok("node", "evacuate", "node-a", "--format", "json", timeout=180).json()
+    assert sorted(o["outcome"] for o in evacuated) == ["moved to node-b"] * 2, evacuated
+    instances = cluster.instances()
+    assert [instances[n]["node"] for n in ids] == ["node-b", "node-b"]
+    assert [instances[n]["state"] for n in ids] == ["Running", "Stopped"]
+    for name, instance_id in ids.items():
+        assert (_vm_dir(cluster, "node-b", instance_id) / "mine.txt").read_text() == name
+
+    back = cluster.ok("node", "restore", "node-a", "--format", "json", timeout=180).json()
+    assert sorted(o["outcome"] for o in back) == ["moved to node-a"] * 2, back
+    for name, instance_id in ids.items():
+        assert (_vm_dir(cluster, "node-a", instance_id) / "mine.txt").read_text() == name
+
+    # Today's behaviour, when asked for: fresh instances from their specs, the files gone.
+    recreated = cluster.ok(
+        "node", "evacuate", "node-a", "--mode", "recreate", "--format", "json", timeout=180
+    ).json()
+    assert all(o["outcome"] == "moved to node-b with a fresh disk" for o in recreated), recreated
+    wait_until(lambda: cluster.instances()["app-0"]["state"] == "Running", timeout=60)
+    assert not (_vm_dir(cluster, "node-b", ids["app-0"]) / "mine.txt").exists()
+    bad = cluster.cli("node", "evacuate", "node-a", "--mode", "sideways")
+    assert bad.code != 0 and "sideways" in bad.err

@@ -554,9 +554,11 @@ def remove(name: str, force: bool) -> None:
     click.echo(f"Removed {name}; its certificate is revoked")
 
 
-def _maintain(action: str, name: str, no_wait: bool, timeout: float, fmt: str) -> None:
+def _maintain(
+    action: str, name: str, no_wait: bool, timeout: float, fmt: str, mode: str = ""
+) -> None:
     client = _client()
-    operation = client.node_action(name, action)
+    operation = client.node_action(name, action, {"mode": mode} if mode else None)
     if no_wait:
         click.echo(operation["id"])
         return
@@ -584,9 +586,24 @@ def _maintenance_command(action: str, summary: str) -> None:
 
 
 _maintenance_command("drain", "Cordon the node and stop its instances (restore starts them).")
-_maintenance_command(
-    "evacuate", "Cordon the node and move its instances, disks included, to other nodes."
+
+
+@node.command()
+@click.argument("name")
+@click.option(
+    "--mode",
+    type=click.Choice(["move", "recreate"]),
+    default="move",
+    show_default=True,
+    help="move: with their disks; recreate: fresh instances from their specs (disks lost).",
 )
+@format_option
+@_with_wait
+def evacuate(name: str, mode: str, no_wait: bool, timeout: float, fmt: str) -> None:
+    """Cordon the node and move its instances, disks included, to other nodes."""
+    _maintain("evacuate", name, no_wait, timeout, fmt, mode)
+
+
 _maintenance_command(
     "restore", "Uncordon the node, bring evacuated instances back and start drained ones."
 )

@@ -134,10 +134,10 @@ class ApiClient:
         params = {"timeout": timeout}
         return dict(self._request("GET", f"/operations/{operation_id}/wait", params=params))
 
-    def node_action(self, name: str, action: str) -> JSON:
+    def node_action(self, name: str, action: str, params: dict[str, str] | None = None) -> JSON:
         """``cordon``, ``uncordon`` (the node) or ``drain``, ``evacuate``, ``restore``
-        (an operation)."""
-        return dict(self._request("POST", f"/nodes/{name}/{action}"))
+        (an operation); ``params``: e.g. evacuate's ``mode``."""
+        return dict(self._request("POST", f"/nodes/{name}/{action}", params=params))
 
     def remove_node(self, name: str, force: bool = False) -> JSON:
         return dict(self._request("DELETE", f"/nodes/{name}", params={"force": force}))

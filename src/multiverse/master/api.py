@@ -488,9 +488,15 @@ def create_app(
 
     @app.post("/api/v1/nodes/{name}/{action}", status_code=202)
     async def maintain(
-        name: str, action: Literal["drain", "evacuate", "restore"], _: Admin
+        name: str,
+        action: Literal["drain", "evacuate", "restore"],
+        _: Admin,
+        mode: Literal["move", "recreate"] = "move",
     ) -> dict[str, Any]:
-        start = {"drain": nodes.drain, "evacuate": nodes.evacuate, "restore": nodes.restore}
+        """``mode`` (evacuate): ``move`` with the disks, ``recreate`` from the specs."""
+        if action == "evacuate":
+            return (await nodes.evacuate(name, recreate=mode == "recreate")).json()
+        start = {"drain": nodes.drain, "restore": nodes.restore}
         return (await start[action](name)).json()
 
     @app.get("/api/v1/operations/{operation_id}")

@@ -139,15 +139,19 @@ class Nodes:
         await self.instances.reconciler.reconcile(instance, node, by_user=True)
         await self.instances.until(instance.id, {InstanceState.STOPPED})
 
-    async def evacuate(self, name: str) -> Operation:
+    async def evacuate(self, name: str, *, recreate: bool = False) -> Operation:
+        """``recreate``: re-create the instances from their specs (fresh disks) instead of
+        moving them, for users who want today's behaviour."""
         node = self.set_cordon(name, True)
-        return self.instances.operations.start("evacuate", name, self._evacuate(node))
+        return self.instances.operations.start("evacuate", name, self._evacuate(node, recreate))
 
-    async def _evacuate(self, node: Node) -> list[dict[str, Any]]:
+    async def _evacuate(self, node: Node, recreate: bool) -> list[dict[str, Any]]:
         outcomes = []
         for instance in self._on_node(node):
             others = [n for n in self.store.list_nodes() if n.id != node.id]
-            outcome = await self._move(instance, node, others, moved_from=node.id)
+            outcome = await self._move(
+                instance, node, others, moved_from=node.id, recreate=recreate
+            )
             outcomes.append({"name": instance.name, "outcome": outcome})
         return outcomes
 
@@ -170,7 +174,13 @@ class Nodes:
         return outcomes
 
     async def _move(
-        self, instance: Instance, source: Node, targets: list[Node], moved_from: str | None
+        self,
+        instance: Instance,
+        source: Node,
+        targets: list[Node],
+        moved_from: str | None,
+        *,
+        recreate: bool = False,
     ) -> str:
         """Move ``instance`` with its disk to one of ``targets`` (master/moves.py); when its
         node is away, its disk cannot be read: re-create it there from its spec instead."""
@@ -178,7 +188,7 @@ class Nodes:
             target = place(instance.spec.resources, targets)
         except MultiverseError as exc:
             return f"stayed on {source.name}: {exc.message}"
-        if source.status != NodeStatus.READY:
+        if recreate or source.status != NodeStatus.READY:
             return await self._recreate(instance, source, target, moved_from)
         try:
             _migration, operation = await self.moves.move(instance.name, target.name)
@@ -194,22 +204,26 @@ class Nodes:
         self, instance: Instance, source: Node, target: Node, moved_from: str | None
     ) -> str:
         """Point the instance at ``target`` with a fresh disk (its old VM stays on ``source``,
-        which is away). Recorded under the placement lock, so launches see the reservation."""
+        which is away, or is deleted first when reachable). Recorded under the placement lock,
+        so launches see the reservation."""
+        wanted = instance.desired
+        reachable = source.status == NodeStatus.READY
         async with self.instances.placing:
             try:
                 place(instance.spec.resources, [target])
+                if reachable:
+                    if instance.state != InstanceState.STOPPED:
+                        await self._stop(instance, source)
+                    await self.moves.client.delete(source, instance.id)
             except MultiverseError as exc:
                 return f"stayed on {source.name}: {exc.message}"
             self.store.update_instance(
                 instance.id, node_id=target.id, state=InstanceState.SCHEDULED, version=0,
-                moved_from=moved_from, message="", ipv4="",
+                desired=wanted, moved_from=moved_from, message="", ipv4="",
             )  # fmt: skip
-        log.info("instance %s re-created on %s (%s is away)", instance.name, target.name,
-                 source.name)  # fmt: skip
+        log.info("instance %s re-created on %s", instance.name, target.name)
         self.instances.reconciler.publish_changes(
             [Change(instance.id, instance.name, instance.state.value, "Scheduled")]
         )
-        return (
-            f"moved to {target.name} with a fresh disk; its old VM is left on {source.name}, "
-            "which is away"
-        )
+        left = "" if reachable else f"; its old VM is left on {source.name}, which is away"
+        return f"moved to {target.name} with a fresh disk{left}"
