@@ -88,7 +88,7 @@ def _setup(
     tmp_path: Path, desired: DesiredState = DesiredState.RUNNING
 ) -> tuple[Moves, FakeNodes, Store]:
     store = Store.for_data_dir(tmp_path)
-    store.migrate()  # the alembic chain, 0005 (migrations) included
+    store.migrate()  # the alembic chain, 0007 (migrations) included
     for node_id in ("a", "b"):
         node = Node(
             id=node_id, name=f"node-{node_id}", address="x:1", driver="fake",

@@ -84,8 +84,8 @@ def test_a_stopped_instance_moves_and_stays_stopped(cluster: Cluster) -> None:
         timeout=60,
     )
     assert done["status"] == "success", done
-    assert done["progress"]["phase"] == "done"
-    assert done["progress"]["disk_bytes_sent"] == done["progress"]["disk_bytes_total"] > 0
+    assert done["figures"]["phase"] == "done"
+    assert done["figures"]["disk_bytes_sent"] == done["figures"]["disk_bytes_total"] > 0
     instance = cluster.instances()["sleeper"]
     assert (instance["node"], instance["state"], instance["desired"]) == (
         "node-b", "Stopped", "stopped",

@@ -243,7 +243,7 @@ class Moves:
     def _run(self, migration: Migration, name: str) -> Operation:
         self.instances.reconciler.paused.add(migration.instance_id)
         operation = self.instances.operations.start("move", name, self._execute(migration.id))
-        operation.progress = lambda: migration_json(self.store.get_migration(migration.id))
+        operation.figures = lambda: migration_json(self.store.get_migration(migration.id))
         self.operations[migration.id] = operation
         return operation
 
