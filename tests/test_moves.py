@@ -119,13 +119,16 @@ def test_moves_that_cannot_work_are_refused_and_change_nothing(cluster: Cluster)
 
 def test_master_killed_mid_move_finishes_it_after_restart(cluster: Cluster) -> None:
     cluster.start_master()
-    cluster.start_worker("node-a", "--fake-delay", "3")
+    cluster.start_worker("node-a", "--fake-delay", "8")
     cluster.start_worker("node-b")
     cluster.ok("launch", "--name", "phoenix", "--node", "node-a", timeout=60)
     answer = _api(cluster, "POST", "/instances/phoenix/move", node="node-b")
     assert answer.status_code == 202, answer.text
-    # The stop on the source takes 3 s (the fake's delay): kill the master while it waits.
+    # The stop on the source takes 8 s (the fake's delay): kill the master while it waits.
     wait_until(lambda: cluster.instances()["phoenix"]["state"] == "Stopping", timeout=20)
+    # The move holds no lock while it waits: a launch elsewhere goes through meanwhile.
+    cluster.ok("launch", "--name", "bystander", "--node", "node-b")
+    assert cluster.instances()["phoenix"]["node"] == "node-a"  # the move is still waiting
     assert cluster.master is not None
     cluster.master.kill()
     cluster.start_master()
