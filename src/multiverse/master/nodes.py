@@ -47,7 +47,7 @@ class Nodes:
         self.instances = instances
         # What else holds state of a node drops it here (the master wires the cluster service).
         self.on_removed: Callable[[str], None] = agents.forget
-        self.moves = Moves(store, AgentNodeClient(agents), instances)
+        self.moves = Moves(store, AgentNodeClient(agents, instances.reconciler.ipam), instances)
 
     def set_cordon(self, name: str, cordoned: bool) -> Node:
         node = self.store.find_node(name)

@@ -14,6 +14,7 @@ import grpc
 
 from multiverse.core.model import Instance, InstanceState, Node
 from multiverse.master.cluster import Agents
+from multiverse.master.network import Ipam
 from multiverse.wire import convert
 from multiverse.wire.v1 import multiverse_pb2 as pb
 
@@ -69,8 +70,10 @@ class NodeClient(Protocol):
 class AgentNodeClient:
     """:class:`NodeClient` over the agents' gRPC service (the master's mTLS channels)."""
 
-    def __init__(self, agents: Agents) -> None:
+    def __init__(self, agents: Agents, ipam: Ipam | None = None) -> None:
         self.agents = agents
+        # The cluster network's allocations: a moved instance keeps its address and MAC.
+        self.ipam = ipam
 
     async def observe(self, node: Node, instance_id: str) -> Observation | None:
         report = await self.agents.call(node, self.agents.stub(node).Report, pb.Empty())
@@ -100,8 +103,9 @@ class AgentNodeClient:
         self, node: Node, instance: Instance, source: Node, files: list[MoveFile],
         progress: Progress,
     ) -> None:  # fmt: skip
+        nic = self.ipam.nic(instance, self.ipam.node_address(node.id)) if self.ipam else None
         request = pb.ImportRequest(
-            spec=convert.spec_to_pb(instance.id, instance.spec), source_node_id=source.id,
+            spec=convert.spec_to_pb(instance.id, instance.spec, nic), source_node_id=source.id,
             source_address=source.address,
             files=[pb.MoveFile(name=f.name, size=f.size, sha256=f.sha256) for f in files],
         )  # fmt: skip

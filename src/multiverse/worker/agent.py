@@ -271,6 +271,7 @@ class Agent:
         source: tuple[str, str],
         files: list[moves.MoveFile],
         progress: Callable[[int, int], None],
+        nic: Nic | None = None,
     ) -> VMRecord:
         """Pull the instance's files from the source node (id, address) and hold it Stopped.
 
@@ -294,7 +295,8 @@ class Agent:
             except OSError as exc:
                 raise DriverError(f"cannot write the moved files: {exc}") from exc
             await driver.adopt_incoming(vm)
-            record = VMRecord(id=instance_id, spec=spec)
+            # Its address and MAC as on the source: the cluster network moves with it.
+            record = VMRecord(id=instance_id, spec=spec, nic=nic if self.network else None)
             self.records[instance_id] = record
             self._set(record, InstanceState.STOPPED)
         return record
@@ -524,6 +526,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             self.agent.import_(
                 instance_id, spec, (request.source_node_id, request.source_address), files,
                 lambda done, total: updates.put_nowait((done, total)),
+                convert.nic_from_pb(request.spec.nic),
             )
         )  # fmt: skip
         try:
