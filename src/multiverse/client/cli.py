@@ -293,11 +293,21 @@ def _wait(
                 raise Failure(operation["error"] or f"{label} failed")
             if time.monotonic() > deadline:
                 raise Failure(f"{label}: still not done after {timeout:.0f}s")
-            if instance:
+            if figures := operation.get("figures"):
+                show(_move_progress(figures))
+            elif instance:
                 try:
                     show(client.instance(instance)["state"])
                 except ApiError:
                     show("gone")
+
+
+def _move_progress(progress: dict[str, Any]) -> str:
+    """A move's phase and the disk bytes sent so far."""
+    total = progress.get("disk_bytes_total") or 0
+    sent = progress.get("disk_bytes_sent") or 0
+    figures = f" {format_size(sent)}/{format_size(total)}" if total else ""
+    return f"{progress.get('phase', '')}{figures}"
 
 
 wait_options = [
@@ -890,9 +900,11 @@ def remove(
     click.echo(f"Removed {name}; its certificate is revoked")
 
 
-def _maintain(action: str, name: str, no_wait: bool, timeout: float, fmt: str) -> None:
+def _maintain(
+    action: str, name: str, no_wait: bool, timeout: float, fmt: str, mode: str = ""
+) -> None:
     client = _client()
-    operation = client.node_action(name, action)
+    operation = client.node_action(name, action, {"mode": mode} if mode else None)
     if no_wait:
         click.echo(operation["id"])
         return
@@ -920,9 +932,24 @@ def _maintenance_command(action: str, summary: str) -> None:
 
 
 _maintenance_command("drain", "Cordon the node and stop its instances (restore starts them).")
-_maintenance_command(
-    "evacuate", "Cordon the node and re-create its instances on other nodes (fresh disks)."
+
+
+@node.command()
+@click.argument("name")
+@click.option(
+    "--mode",
+    type=click.Choice(["move", "recreate"]),
+    default="move",
+    show_default=True,
+    help="move: with their disks; recreate: fresh instances from their specs (disks lost).",
 )
+@format_option
+@_with_wait
+def evacuate(name: str, mode: str, no_wait: bool, timeout: float, fmt: str) -> None:
+    """Cordon the node and move its instances, disks included, to other nodes."""
+    _maintain("evacuate", name, no_wait, timeout, fmt, mode)
+
+
 _maintenance_command(
     "restore", "Uncordon the node, bring evacuated instances back and start drained ones."
 )
@@ -938,6 +965,26 @@ def events() -> None:
     client = _client()
     with contextlib.suppress(KeyboardInterrupt):
         sys.exit(asyncio.run(follow_events(client)))
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--node", "target", required=True, help="The node to move the instance to.")
+@click.option(
+    "--live/--cold",
+    default=False,
+    help="Keep it running while it moves (QEMU), or stop, copy its disk and start it there.",
+)
+@_with_wait
+def move(name: str, target: str, live: bool, no_wait: bool, timeout: float) -> None:
+    """Move an instance to another node with its disk; it ends as it was (running or not)."""
+    client = _client()
+    answer = client.move(name, target, "live" if live else "cold")
+    if no_wait:
+        click.echo(answer["operation"])
+        return
+    _wait(client, answer["operation"], timeout, f"Moving {name} to {target}")
+    click.echo(f"Moved {name} to {target}")
 
 
 @cli.command()

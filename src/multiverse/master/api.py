@@ -43,6 +43,7 @@ from multiverse.core.model import (
     Instance,
     InstanceSpec,
     InstanceState,
+    MigrationKind,
     Node,
 )
 from multiverse.core.network import parse_publish
@@ -52,6 +53,7 @@ from multiverse.master.environments import Environments
 from multiverse.master.faults import Faults
 from multiverse.master.instances import InstanceInfo, Instances
 from multiverse.master.metrics import CONTENT_TYPE, Metrics
+from multiverse.master.moves import migration_json
 from multiverse.master.network import Ipam
 from multiverse.master.nodes import Nodes
 from multiverse.master.operations import Operation
@@ -127,6 +129,11 @@ class ApplyBody(BaseModel):
 
 class StopBody(BaseModel):
     force: bool = False
+
+
+class MoveBody(BaseModel):
+    node: str = Field(min_length=1, max_length=63)
+    kind: Literal["cold", "live"] = "cold"
 
 
 class TokenBody(BaseModel):
@@ -590,9 +597,15 @@ def create_app(
 
     @app.post("/api/v1/nodes/{name}/{action}", status_code=202)
     async def maintain(
-        name: str, action: Literal["drain", "evacuate", "restore"], _: Admin
+        name: str,
+        action: Literal["drain", "evacuate", "restore"],
+        _: Admin,
+        mode: Literal["move", "recreate"] = "move",
     ) -> dict[str, Any]:
-        start = {"drain": nodes.drain, "evacuate": nodes.evacuate, "restore": nodes.restore}
+        """``mode`` (evacuate): ``move`` with the disks, ``recreate`` from the specs."""
+        if action == "evacuate":
+            return (await nodes.evacuate(name, recreate=mode == "recreate")).json()
+        start = {"drain": nodes.drain, "restore": nodes.restore}
         return (await start[action](name)).json()
 
     @app.get("/api/v1/operations/{operation_id}")
@@ -667,6 +680,15 @@ def create_app(
     @app.post("/api/v1/instances/{name}/restart", status_code=202)
     async def restart(name: str, _: Admin) -> dict[str, Any]:
         return _accepted(await instances.restart(name))
+
+    @app.post("/api/v1/instances/{name}/move", status_code=202)
+    async def move(name: str, body: MoveBody, _: Admin) -> dict[str, Any]:
+        """Move to ``body.node``; the operation's ``figures`` tell the phase and bytes sent."""
+        migration, operation = await nodes.moves.move(name, body.node, MigrationKind(body.kind))
+        return {
+            **instance_json(instances.get(name)), "operation": operation.id,
+            "move": migration_json(migration),
+        }  # fmt: skip
 
     @app.delete("/api/v1/instances/{name}", status_code=202)
     async def delete(name: str, _: Admin) -> dict[str, Any]:

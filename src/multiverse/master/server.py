@@ -244,6 +244,8 @@ class Master:
             asyncio.create_task(self.reconciler.run()),
             asyncio.create_task(self.faults.run()),
         ]
+        # Before the reconciler's first round: the moves own their instances again.
+        await self.nodes.moves.resume()
         log.info("master addr: %s / api server addr: %s", config.listen, config.api_listen)
 
     async def stop(self) -> None:

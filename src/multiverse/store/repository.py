@@ -6,6 +6,7 @@ master serialises the decisions that must not race (placement) in one event loop
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ from multiverse.core.model import (
     Instance,
     InstanceSpec,
     InstanceState,
+    Migration,
+    MigrationKind,
+    MigrationPhase,
     Node,
     NodeStatus,
     Resources,
@@ -36,6 +40,7 @@ from multiverse.store.schema import (
     FaultRow,
     InstanceRow,
     LeaseRow,
+    MigrationRow,
     NetworkRow,
     NodeRow,
     RevokedCertificateRow,
@@ -202,7 +207,22 @@ class Store:
             query = query.where(NodeRow.id.in_(ids))
         if names is not None:
             query = query.where(NodeRow.name.in_(names))
+        # An instance being moved takes its resources on its target too, until the move ends.
+        moving = (
+            select(
+                MigrationRow.target_id,
+                func.count(InstanceRow.id),
+                func.coalesce(func.sum(InstanceRow.cpus), 0),
+                func.coalesce(func.sum(InstanceRow.memory), 0),
+                func.coalesce(func.sum(InstanceRow.disk), 0),
+            )
+            .join(InstanceRow, InstanceRow.id == MigrationRow.instance_id)
+            .where(MigrationRow.phase.not_in([p.value for p in _FINAL_PHASES]))
+            .where(InstanceRow.node_id != MigrationRow.target_id)
+            .group_by(MigrationRow.target_id)
+        )
         with self._session() as session:
+            extra = {row[0]: row[1:] for row in session.execute(moving)}
             return [
                 Node(
                     id=row.id,
@@ -213,7 +233,11 @@ class Store:
                     labels=dict(row.labels),
                     admin_labels=dict(row.admin_labels),
                     capacity=Resources(row.cpus, row.memory, row.disk),
-                    allocated=Resources(int(cpus or 0), int(memory or 0), int(disk or 0)),
+                    allocated=Resources(
+                        int(cpus or 0) + int(extra.get(row.id, (0, 0))[1]),
+                        int(memory or 0) + int(extra.get(row.id, (0, 0, 0))[2]),
+                        int(disk or 0) + int(extra.get(row.id, (0, 0, 0, 0))[3]),
+                    ),
                     cordoned=row.cordoned,
                     last_sync=_utc(row.last_sync),
                     version=row.version,
@@ -426,6 +450,56 @@ class Store:
                     row.state, row.message = state.value, message
         return changes
 
+    # ---- migrations (moves) ----
+
+    def add_migration(self, migration: Migration) -> Migration:
+        """Record a move; refused while the instance has another one unfinished."""
+        if self.active_migration(migration.instance_id) is not None:
+            raise Conflict("the instance is being moved already; wait for that move to end")
+        with self._session() as session:
+            session.add(
+                MigrationRow(
+                    id=migration.id, instance_id=migration.instance_id,
+                    kind=migration.kind.value, source_id=migration.source_id,
+                    target_id=migration.target_id,
+                    desired_after=migration.desired_after.value, phase=migration.phase.value,
+                    attempts=migration.attempts, message=migration.message,
+                    created_at=migration.created_at or now(),
+                )
+            )  # fmt: skip
+        return self.get_migration(migration.id)
+
+    def get_migration(self, migration_id: str) -> Migration:
+        with self._session() as session:
+            row = session.get(MigrationRow, migration_id)
+            if row is None:
+                raise NotFound(f"move {migration_id} does not exist")
+            return _migration(row)
+
+    def list_migrations(
+        self, *, active: bool = False, instance_id: str | None = None
+    ) -> list[Migration]:
+        query = select(MigrationRow).order_by(MigrationRow.created_at)
+        if active:
+            query = query.where(MigrationRow.phase.not_in([p.value for p in _FINAL_PHASES]))
+        if instance_id is not None:
+            query = query.where(MigrationRow.instance_id == instance_id)
+        with self._session() as session:
+            return [_migration(row) for row in session.scalars(query)]
+
+    def active_migration(self, instance_id: str) -> Migration | None:
+        found = self.list_migrations(active=True, instance_id=instance_id)
+        return found[0] if found else None
+
+    def update_migration(self, migration_id: str, **fields: Any) -> Migration:
+        with self._session() as session:
+            row = session.get(MigrationRow, migration_id)
+            if row is None:
+                raise NotFound(f"move {migration_id} does not exist")
+            for key, value in fields.items():
+                setattr(row, key, value.value if isinstance(value, enum.Enum) else value)
+        return self.get_migration(migration_id)
+
     def delete_instance(self, instance_id: str) -> None:
         with self._session() as session:
             row = session.get(InstanceRow, instance_id)
@@ -545,6 +619,17 @@ def _observe(row: InstanceRow, item: dict[str, Any]) -> Change | None:
     return change
 
 
+_FINAL_PHASES = (MigrationPhase.DONE, MigrationPhase.FAILED)
+
+
+def _migration(row: MigrationRow) -> Migration:
+    return Migration(
+        id=row.id, instance_id=row.instance_id, kind=MigrationKind(row.kind),
+        source_id=row.source_id, target_id=row.target_id,
+        desired_after=DesiredState(row.desired_after), phase=MigrationPhase(row.phase),
+        attempts=row.attempts, message=row.message, bytes_done=row.bytes_done,
+        bytes_total=row.bytes_total, created_at=_utc(row.created_at),
+    )  # fmt: skip
 class _AddressTaken(Exception):
     """Another transaction took the address first."""
 

@@ -367,3 +367,73 @@ class LogsResponse(_message.Message):
 class Empty(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class MoveFile(_message.Message):
+    __slots__ = ("name", "size", "sha256")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    sha256: str
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class ExportRequest(_message.Message):
+    __slots__ = ("id", "target_node_id")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    target_node_id: str
+    def __init__(self, id: _Optional[str] = ..., target_node_id: _Optional[str] = ...) -> None: ...
+
+class ExportManifest(_message.Message):
+    __slots__ = ("files",)
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedCompositeFieldContainer[MoveFile]
+    def __init__(self, files: _Optional[_Iterable[_Union[MoveFile, _Mapping]]] = ...) -> None: ...
+
+class ReadFileRequest(_message.Message):
+    __slots__ = ("id", "name", "offset")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    offset: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class FileChunk(_message.Message):
+    __slots__ = ("data", "zeros")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    ZEROS_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    zeros: int
+    def __init__(self, data: _Optional[bytes] = ..., zeros: _Optional[int] = ...) -> None: ...
+
+class ImportRequest(_message.Message):
+    __slots__ = ("spec", "source_node_id", "source_address", "files")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    spec: InstanceSpec
+    source_node_id: str
+    source_address: str
+    files: _containers.RepeatedCompositeFieldContainer[MoveFile]
+    def __init__(self, spec: _Optional[_Union[InstanceSpec, _Mapping]] = ..., source_node_id: _Optional[str] = ..., source_address: _Optional[str] = ..., files: _Optional[_Iterable[_Union[MoveFile, _Mapping]]] = ...) -> None: ...
+
+class ImportProgress(_message.Message):
+    __slots__ = ("bytes_done", "bytes_total", "status")
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    bytes_done: int
+    bytes_total: int
+    status: InstanceStatus
+    def __init__(self, bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., status: _Optional[_Union[InstanceStatus, _Mapping]] = ...) -> None: ...
+
+class AbortImportRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
