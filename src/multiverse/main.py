@@ -21,10 +21,11 @@ from pathlib import Path
 
 import click
 
-from multiverse.client.cli import cli, labels_option, parsed, run
+from multiverse.client.cli import _wait_with_bar, cli, image, labels_option, parsed, run
 from multiverse.client.config import ClientConfig, user_config_path
 from multiverse.core.errors import MultiverseError
 from multiverse.core.model import Resources
+from multiverse.core.sizes import parse_size
 
 EXIT_FAILED = 2
 
@@ -105,6 +106,12 @@ sync_option = click.option(
     help="Serve the API over plain HTTP (loopback only: tokens would cross the network in clear).",
 )
 @click.option("--api-listen", default="0.0.0.0:1338", show_default=True, help="REST API address.")
+@click.option(
+    "--image-rate-limit",
+    callback=parsed(parse_size),
+    default="0",
+    help="Bytes per second each image transfer to a worker may take, e.g. 100M (0: no limit).",
+)
 @data_dir_option
 @click.option("--db", default="", help="SQLAlchemy database URL (default: SQLite in the data dir).")
 @click.option(
@@ -127,12 +134,13 @@ def master(
     max_auth_failures: int,
     insecure_http: bool,
     api_listen: str,
+    image_rate_limit: int,
     data_dir: Path,
     db: str,
     node_timeout: float,
     down_timeout: float,
 ) -> None:
-    """Run the master: cluster state, REST API, scheduler."""
+    """Run the master: cluster state, REST API, scheduler, image store."""
     from multiverse.master.server import Master, MasterConfig
 
     _logging()
@@ -148,6 +156,8 @@ def master(
             node_timeout=node_timeout,
             down_timeout=max(down_timeout, node_timeout),
             user_config=user_config_path(),
+            image_dirs=[data_dir / "images", *_image_dirs()],
+            image_rate_limit=float(image_rate_limit),
         )
     )
 
@@ -201,6 +211,13 @@ def _worker_options(func: Callable[..., None]) -> Callable[..., None]:
             help="Seconds each fake VM action takes.",
         ),
         sync_option,
+        click.option(
+            "--image-cache",
+            callback=parsed(parse_size),
+            default="20G",
+            show_default=True,
+            help="How much the node's image cache may hold; least recently used images go.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -254,6 +271,7 @@ def worker(
     capacity: Resources | None,
     fake_delay: float,
     sync_interval: float,
+    image_cache: int,
 ) -> None:
     """Run a worker: join a master and run its VMs on this host."""
     from multiverse.worker.server import Worker, WorkerConfig
@@ -275,6 +293,7 @@ def worker(
             sync_interval=sync_interval,
             fake_delay=fake_delay,
             image_dirs=_image_dirs(),
+            image_cache=image_cache,
             bridge=bridge,
             guest_cidr=guest_cidr,
         )
@@ -304,6 +323,7 @@ def up(
     capacity: Resources | None,
     fake_delay: float,
     sync_interval: float,
+    image_cache: int,
 ) -> None:
     """Run a master and a worker for this machine in one process."""
     images_dir = data_dir / "images"
@@ -322,6 +342,7 @@ def up(
             listen=listen,
             api_listen=api_listen,
             user_config=user_config_path(),
+            image_dirs=[images_dir, *_image_dirs()],
         )
     )
     worker_dir = data_dir / "worker"
@@ -345,6 +366,7 @@ def up(
                 sync_interval=sync_interval,
                 fake_delay=fake_delay,
                 image_dirs=[images_dir, *_image_dirs()],
+                image_cache=image_cache,
             )
         )
         identity = await worker_server.start()
@@ -424,65 +446,57 @@ def down(data_dir: Path) -> None:
     click.echo("multiverse is down")
 
 
-@cli.group()
-def image() -> None:
-    """Guest images on this host."""
+@image.group(name="build")
+def image_build() -> None:
+    """Build a guest image on this host and import it into the master's store."""
 
 
-@image.command(name="build-test")
-@data_dir_option
-@click.option(
+def _build_and_import(images_dir: Path, import_it: bool) -> None:
+    """Build the tiny guest (cached), then send it to the configured master's store."""
+    built = _build_test_image(images_dir)
+    click.echo(f"image tiny built in {built}")
+    if not import_it:
+        return
+    from multiverse.client.cli import _client, upload_files
+
+    client = _client()
+    if any(item["name"] == "tiny" for item in client.stored_images()):
+        click.echo("image tiny is in the master's store already")
+        return
+    files = {path.name: path for path in sorted(built.iterdir()) if path.is_file()}
+    operation = client.import_image({"name": "tiny", "files": upload_files(client, files)})
+    result = _wait_with_bar(client, operation, 3600)
+    click.echo(f"image tiny imported: {result['digest']}")
+
+
+images_dir_option = click.option(
     "--images-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Where to put it (default: <data-dir>/images).",
+    help="Where to build (default: <data-dir>/images).",
 )
-def image_build_test(data_dir: Path, images_dir: Path | None) -> None:
-    """Build the tiny test guest from Debian packages (cached; a no-op once built)."""
-    built = _build_test_image(images_dir or data_dir / "images")
-    click.echo(f"image tiny: {built}")
 
 
-@image.command(name="import")
-@click.option(
-    "--oci",
-    "layout",
-    required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="An OCI image layout directory (index.json, blobs/).",
-)
-@click.argument("name")
-@click.option("--size", default="2G", show_default=True, help="Size of the ext4 root file system.")
+@image_build.command(name="tiny")
 @data_dir_option
-@click.option("--images-dir", type=click.Path(file_okay=False, path_type=Path))
-def image_import(
-    layout: Path, name: str, size: str, data_dir: Path, images_dir: Path | None
-) -> None:
-    """Turn an OCI image layout into image NAME: an ext4 root file system for Firecracker
-    hosts, booted with the tiny guest's kernel and initramfs (built if missing)."""
-    import shutil
+@images_dir_option
+@click.option(
+    "--import/--no-import",
+    "import_it",
+    default=True,
+    show_default=True,
+    help="Import the result into the configured master's store.",
+)
+def image_build_tiny(data_dir: Path, images_dir: Path | None, import_it: bool) -> None:
+    """The tiny test guest from Debian packages (kernel, busybox, dropbear); a no-op once built."""
+    _build_and_import(images_dir or data_dir / "images", import_it)
 
-    from multiverse.core.model import validate_name
-    from multiverse.core.sizes import parse_size
-    from multiverse.drivers.rootfs import import_oci
-    from multiverse.guest.image import INITRD_FILE, KERNEL_FILE
 
-    try:
-        validate_name(name, "image")
-        size_bytes = parse_size(size)
-    except MultiverseError as exc:
-        raise click.BadParameter(exc.message) from exc
-    images = images_dir or data_dir / "images"
-    tiny = _build_test_image(Path(os.environ.get("MULTIVERSE_IMAGE_CACHE") or images))
-    target = images / name
-    target.mkdir(parents=True, exist_ok=True)
-    from rich.console import Console
-
-    with Console(stderr=True).status(f"importing {layout} as {name}"):
-        import_oci(layout, target / "rootfs.ext4", size_bytes)
-        for file in (KERNEL_FILE, INITRD_FILE):
-            if not (target / file).exists():
-                shutil.copyfile(tiny / file, target / file)
-    click.echo(f"image {name}: {target}")
+@image.command(name="build-test", hidden=True)
+@data_dir_option
+@images_dir_option
+def image_build_test(data_dir: Path, images_dir: Path | None) -> None:
+    """The old name of `image build tiny --no-import`."""
+    _build_and_import(images_dir or data_dir / "images", False)
 
 
 def main() -> None:

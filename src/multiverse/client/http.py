@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,6 +27,7 @@ class Unreachable(Exception):
 
 
 JSON = dict[str, Any]
+UPLOAD_CHUNK = 1024 * 1024
 
 
 class ApiClient:
@@ -59,6 +61,50 @@ class ApiClient:
 
     def images(self) -> list[JSON]:
         return list(self._request("GET", "/images"))
+
+    def stored_images(self) -> list[JSON]:
+        return list(self._request("GET", "/image-store"))
+
+    def import_image(self, body: JSON) -> JSON:
+        """Starts the import; the operation's result is the image."""
+        return dict(self._request("POST", "/image-store", json=body))
+
+    def delete_image(self, name: str) -> JSON:
+        return dict(self._request("DELETE", f"/image-store/{name}"))
+
+    def pull_image(self, name: str, nodes: list[str], all_nodes: bool) -> JSON:
+        body = {"nodes": nodes, "all": all_nodes}
+        return dict(self._request("POST", f"/image-store/{name}/pull", json=body))
+
+    def has_blob(self, sha256: str) -> bool:
+        try:
+            response = self._http.head(f"/blobs/sha256:{sha256}")
+        except httpx.TransportError as exc:
+            raise Unreachable(f"cannot reach the master at {self.server}: {exc}") from exc
+        if response.status_code == 404:
+            return False
+        _raise_for_error(response)
+        return True
+
+    def put_blob(
+        self, sha256: str, path: Path, progress: Callable[[int, int], None] | None = None
+    ) -> JSON:
+        """Stream a file to the master in chunks: never the whole file in memory."""
+        total = path.stat().st_size
+
+        def chunks() -> Iterator[bytes]:
+            done = 0
+            with path.open("rb") as file:
+                while block := file.read(UPLOAD_CHUNK):
+                    done += len(block)
+                    if progress:
+                        progress(done, total)
+                    yield block
+
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(total)}
+        return dict(
+            self._request("PUT", f"/blobs/sha256:{sha256}", content=chunks(), headers=headers)
+        )
 
     def instances(self) -> list[JSON]:
         return list(self._request("GET", "/instances"))

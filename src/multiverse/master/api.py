@@ -29,6 +29,7 @@ from multiverse.core.errors import (
     RateLimited,
     Unauthenticated,
 )
+from multiverse.core.images import parse_sha256
 from multiverse.core.model import (
     DEFAULT_CPUS,
     DEFAULT_DISK,
@@ -40,6 +41,7 @@ from multiverse.core.model import (
 )
 from multiverse.core.sizes import parse_size
 from multiverse.master import auth
+from multiverse.master.images import FileSource, Images, image_json
 from multiverse.master.instances import InstanceInfo, Instances
 from multiverse.master.metrics import CONTENT_TYPE, Metrics
 from multiverse.master.nodes import Nodes
@@ -88,6 +90,22 @@ class LaunchBody(BaseModel):
     node: str | None = None
     selector: dict[str, str] = {}
     strategy: Strategy = "spread"
+
+
+class ImportBody(BaseModel):
+    """Either ``files`` uploaded before (``PUT /api/v1/blobs/...``) or a ``url`` and its sha256."""
+
+    name: str = Field(max_length=63)
+    aliases: list[str] = Field([], max_length=16)
+    files: dict[str, str] = Field({}, max_length=100_000)  # relative path -> sha256
+    url: str = Field("", max_length=4096)
+    sha256: str = Field("", max_length=71)
+    rootfs_size: Size = "2G"  # an OCI layout becomes an ext4 of this size
+
+
+class PullBody(BaseModel):
+    nodes: list[str] = Field([], max_length=10_000)
+    all: bool = False
 
 
 class StopBody(BaseModel):
@@ -184,6 +202,12 @@ def info_json(info: InstanceInfo) -> dict[str, Any]:
 
 
 MAX_BODY = 1024 * 1024  # bytes; the largest legitimate body (user-data) is far smaller
+# Routes whose body is a stream of any size, written to disk as it comes (image files).
+STREAMED_BODIES = ("/api/v1/blobs/",)
+
+
+def body_limit_applies(path: str) -> bool:
+    return not path.startswith(STREAMED_BODIES)
 
 
 class _FailedAuth:
@@ -244,10 +268,11 @@ def create_app(
     join_token: JoinTokenIssuer,
     ca: pki.ClusterCA,
     image_catalog: Callable[[], list[dict[str, Any]]],
+    image_store: Images,
     max_auth_failures: int = 20,
 ) -> FastAPI:
     app = FastAPI(title="Multiverse", version=__version__, docs_url="/docs")
-    metrics = Metrics(store, instances.reconciler)
+    metrics = Metrics(store, instances.reconciler, image_store)
 
     @app.middleware("http")
     async def _timed(request: Request, call_next: Any) -> Any:
@@ -288,7 +313,7 @@ def create_app(
     @app.middleware("http")
     async def _limit_body(request: Request, call_next: Any) -> Any:
         length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > MAX_BODY:
+        if body_limit_applies(request.url.path) and length.isdigit() and int(length) > MAX_BODY:
             return error_response(413, "too_large", f"request body over {MAX_BODY} bytes")
         return await call_next(request)
 
@@ -299,6 +324,60 @@ def create_app(
     @app.get("/api/v1/images")
     async def images(_: Reader) -> list[dict[str, Any]]:
         return image_catalog()
+
+    @app.get("/api/v1/image-store")
+    async def list_stored_images(_: Reader) -> list[dict[str, Any]]:
+        return [image_json(image) for image in image_store.all()]
+
+    @app.get("/api/v1/image-store/{name}")
+    async def get_stored_image(name: str, _: Reader) -> dict[str, Any]:
+        return image_json(image_store.get(name))
+
+    @app.post("/api/v1/image-store", status_code=202)
+    async def import_image(body: ImportBody, _: Admin) -> dict[str, Any]:
+        """Import uploaded files or a URL; the operation tells the progress and the image."""
+        source: FileSource | tuple[str, str]
+        if body.url and body.files:
+            raise InvalidArgument("give files or a url, not both")
+        if body.url:
+            if not body.sha256:
+                raise InvalidArgument("a url needs its sha256, to check what arrives")
+            source = (body.url, body.sha256)
+        elif body.files:
+            source = FileSource(
+                {path: parse_sha256(sha) for path, sha in body.files.items()},
+                rootfs_size=parse_size(body.rootfs_size),
+            )
+        else:
+            raise InvalidArgument("nothing to import: give files or a url")
+        return image_store.start_import(body.name, body.aliases, source).json()
+
+    @app.delete("/api/v1/image-store/{name}")
+    async def delete_image(name: str, _: Admin) -> dict[str, Any]:
+        return image_json(image_store.delete(name))
+
+    @app.post("/api/v1/image-store/{name}/pull", status_code=202)
+    async def pull_image(name: str, body: PullBody, _: Admin) -> dict[str, Any]:
+        """Warm the caches of some nodes (or all Ready ones) ahead of launches."""
+        if body.all:
+            targets = [node for node in store.list_nodes() if node.status.value == "Ready"]
+        else:
+            targets = [store.find_node(node_name) for node_name in body.nodes]
+        return image_store.start_pull(name, targets).json()
+
+    @app.head("/api/v1/blobs/{digest}")
+    async def has_blob(digest: str, _: Admin) -> Response:
+        """200 when the master has this file already: the client skips its upload."""
+        found = image_store.blobs.has(parse_sha256(digest))
+        return Response(status_code=200 if found else 404)
+
+    @app.put("/api/v1/blobs/{digest}", status_code=201)
+    async def put_blob(digest: str, request: Request, _: Admin) -> dict[str, Any]:
+        """One file of an image, streamed: hashed while written, kept only if it is ``digest``."""
+        sha256 = parse_sha256(digest)
+        if not image_store.blobs.has(sha256):
+            await image_store.blobs.add_stream(request.stream(), sha256)
+        return {"digest": f"sha256:{sha256}", "size": image_store.blobs.size(sha256)}
 
     @app.get("/api/v1/cluster/ca")
     async def cluster_ca() -> dict[str, str]:

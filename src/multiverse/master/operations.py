@@ -26,6 +26,21 @@ def _now() -> str:
 
 
 @dataclass
+class Progress:
+    """How far a long operation got (bytes of an import or a pull), for progress bars."""
+
+    stage: str = ""
+    done: int = 0
+    total: int = 0  # 0 while unknown
+
+    def advance_to(self, done: int) -> None:
+        self.done = done
+
+    def json(self) -> dict[str, Any]:
+        return {"stage": self.stage, "done": self.done, "total": self.total}
+
+
+@dataclass
 class Operation:
     id: str
     kind: str
@@ -35,6 +50,7 @@ class Operation:
     created_at: str = field(default_factory=_now)
     updated_at: str = field(default_factory=_now)
     result: Any = None
+    progress: Progress | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def json(self) -> dict[str, Any]:
@@ -42,6 +58,7 @@ class Operation:
             "id": self.id, "kind": self.kind, "target": self.target, "status": self.status,
             "error": self.error, "created_at": self.created_at, "updated_at": self.updated_at,
             "result": self.result,
+            "progress": self.progress.json() if self.progress else None,
         }  # fmt: skip
 
 
@@ -51,8 +68,14 @@ class Operations:
         self._operations: dict[str, Operation] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def start(self, kind: str, target: str, work: Coroutine[Any, Any, Any]) -> Operation:
-        operation = Operation(str(uuid.uuid4()), kind, target)
+    def start(
+        self,
+        kind: str,
+        target: str,
+        work: Coroutine[Any, Any, Any],
+        progress: Progress | None = None,
+    ) -> Operation:
+        operation = Operation(str(uuid.uuid4()), kind, target, progress=progress)
         self._operations[operation.id] = operation
         while len(self._operations) > KEEP:
             oldest = next(iter(self._operations.values()))

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from multiverse.master.api import create_app
 from multiverse.master.cluster import Agents, ClusterServicer
 from multiverse.master.events import EventBus
 from multiverse.master.health import watch_nodes
+from multiverse.master.images import Images, ImageServicer
 from multiverse.master.instances import Instances
 from multiverse.master.nodes import Nodes
 from multiverse.master.operations import Operations
@@ -45,6 +46,9 @@ class MasterConfig:
     advertise: str = ""  # the host workers reach the master at (default: guessed)
     insecure_http: bool = False  # plain HTTP API, for loopback-only use
     max_auth_failures: int = 20  # per client and minute; then it is refused for a while
+    # Where the tiny guest may be found for its import at the first start (a build's output).
+    image_dirs: list[Path] = field(default_factory=list)
+    image_rate_limit: float = 0.0  # bytes/s per image transfer to a worker; 0: no limit
 
 
 def client_config_text(server: str, token: str, ca_pem: bytes | None) -> str:
@@ -85,6 +89,10 @@ class Master:
             placement_wait=config.node_timeout,
         )  # fmt: skip
         self.nodes = Nodes(self.store, self.agents, self.instances)
+        self.images = Images(
+            self.store, config.data_dir / "images", self.operations, self.agents,
+            rate_limit=config.image_rate_limit,
+        )  # fmt: skip
         self.cluster = ClusterServicer(self.store, self.agents)
         self.cluster.on_change = self._changed
         self.api_url = ""
@@ -152,8 +160,12 @@ class Master:
         # Until a node reports, the master cannot know what happened while it was away.
         for node in self.store.list_nodes():
             self.store.update_node(node.id, status=NodeStatus.UNKNOWN)
+        await asyncio.to_thread(self.images.import_builtin, config.image_dirs)
         self._grpc = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
         pb_grpc.add_ClusterServiceServicer_to_server(self.cluster, self._grpc)
+        pb_grpc.add_ImageServiceServicer_to_server(
+            ImageServicer(self.images, self.cluster.peer_node), self._grpc
+        )
         credentials = pki.server_credentials(
             self.ca.cert_pem, self.server_cert, require_client_auth=True
         )
@@ -163,7 +175,7 @@ class Master:
         host, port = split_address(config.api_listen)
         app = create_app(
             self.store, self.instances, self.nodes, self.join_token, self.ca,
-            self.cluster.image_catalog, max_auth_failures=config.max_auth_failures,
+            self.cluster.image_catalog, self.images, max_auth_failures=config.max_auth_failures,
         )  # fmt: skip
         certfile, keyfile = self._tls_files(host)
         self._http = _Uvicorn(
