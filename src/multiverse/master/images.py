@@ -505,7 +505,10 @@ def image_json(image: StoredImage) -> dict[str, Any]:
         "architecture": manifest.architecture,
         "size": manifest.size,
         "digest": image.digest,
-        "files": sorted(manifest.files),
+        "files": {
+            name: {"sha256": entry.sha256, "size": entry.size}
+            for name, entry in sorted(manifest.files.items())
+        },
         "nodes": list(image.nodes),
         "created_at": image.created_at.isoformat().replace("+00:00", "Z")
         if image.created_at
