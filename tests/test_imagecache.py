@@ -63,7 +63,9 @@ class Source:
             yield piece
 
 
-def new_cache(root: Path, source: Source, limit: int, in_use: set[str] | None = None) -> NodeImageCache:
+def new_cache(
+    root: Path, source: Source, limit: int, in_use: set[str] | None = None
+) -> NodeImageCache:
     cache = NodeImageCache(root, limit, in_use=lambda: in_use or set())
     cache.source = source
     return cache

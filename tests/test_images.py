@@ -212,10 +212,10 @@ def test_url_import_checks_the_sha256_and_bad_input_changes_nothing(
     assert status("PUT", f"/blobs/sha256:{mismatched}", content=b"abc") == (400, "invalid_argument")
     assert not (blobs / mismatched).exists()
     assert status("POST", "/image-store", json={"name": "x", "files": {"a": "1" * 64}})[0] == 400
-    assert status("POST", "/image-store", json={"name": "cloud", "url": f"{base}/cloud.qcow2",
-                                                "sha256": sha}) == (409, "already_exists")  # fmt: skip
-    assert status("POST", "/image-store", json={"name": "bad name!", "url": f"{base}/x",
-                                                "sha256": sha})[0] == 400  # fmt: skip
+    again = {"name": "cloud", "url": f"{base}/cloud.qcow2", "sha256": sha}
+    assert status("POST", "/image-store", json=again) == (409, "already_exists")
+    bad_name = {"name": "bad name!", "url": f"{base}/x", "sha256": sha}
+    assert status("POST", "/image-store", json=bad_name)[0] == 400
     assert [i["name"] for i in cluster.ok("image", "list", "--format", "json").json()] == ["cloud"]
     assert len(list(blobs.iterdir())) == 1
 
