@@ -233,3 +233,30 @@ def test_delete_is_refused_while_an_instance_uses_the_image(
     assert [i["name"] for i in cluster.ok("image", "list", "--format", "json").json()] == ["tiny"]
     missing = cluster.cli("image", "delete", "nosuch")
     assert missing.code != 0 and "does not exist" in missing.err
+
+
+def _metric(cluster: Cluster, name: str) -> float:
+    headers = {"Authorization": f"Bearer {cluster.token}"}
+    text = cluster.http.get(f"{cluster.api}/metrics", headers=headers).text
+    match = re.search(rf"^{name}_total (\S+)$", text, re.MULTILINE)
+    assert match, text
+    return float(match.group(1))
+
+
+def test_workers_pulling_one_image_at_once_share_the_masters_reads(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    _no_seeds(cluster)
+    disk = tmp_path / "shared.raw"
+    disk.write_bytes(os.urandom(48 * MiB))
+    cluster.start_master("--image-rate-limit", "24M")  # both pulls run side by side
+    cluster.ok("image", "import", str(disk), "--name", "shared")
+    for name in ("w1", "w2"):
+        cluster.start_worker(name, driver="qemu")
+    cluster.ok("image", "pull", "shared", "--all", timeout=300)
+    for name in ("w1", "w2"):
+        cached = list((cluster.root / name / "images" / "sha256").glob("*/disk.raw"))
+        assert [_sha256(path) for path in cached] == [_sha256(disk)]
+    assert _metric(cluster, "multiverse_image_sent_bytes") == 2 * 48 * MiB
+    # Read once for both (a chunk or two more at most, where one puller got ahead).
+    assert _metric(cluster, "multiverse_image_read_bytes") <= 50 * MiB

@@ -78,7 +78,7 @@ class ApiClient:
 
     def has_blob(self, sha256: str) -> bool:
         try:
-            response = self._http.head(f"/blobs/sha256:{sha256}")
+            response = self._http.get(f"/blobs/sha256:{sha256}")
         except httpx.TransportError as exc:
             raise Unreachable(f"cannot reach the master at {self.server}: {exc}") from exc
         if response.status_code == 404:

@@ -365,11 +365,11 @@ def create_app(
             targets = [store.find_node(node_name) for node_name in body.nodes]
         return image_store.start_pull(name, targets).json()
 
-    @app.head("/api/v1/blobs/{digest}")
-    async def has_blob(digest: str, _: Admin) -> Response:
-        """200 when the master has this file already: the client skips its upload."""
-        found = image_store.blobs.has(parse_sha256(digest))
-        return Response(status_code=200 if found else 404)
+    @app.get("/api/v1/blobs/{digest}")
+    async def get_blob(digest: str, _: Admin) -> dict[str, Any]:
+        """Whether the master has this file already (404 if not): the client skips its upload."""
+        sha256 = parse_sha256(digest)
+        return {"digest": f"sha256:{sha256}", "size": image_store.blobs.size(sha256)}
 
     @app.put("/api/v1/blobs/{digest}", status_code=201)
     async def put_blob(digest: str, request: Request, _: Admin) -> dict[str, Any]:

@@ -106,6 +106,9 @@ class Worker:
     async def start(self) -> Identity:
         config = self.config
         await self.agent.observe()  # adopt what kept running while we were away
+        if self.agent.image_cache is not None:  # the limit may have shrunk since the last run
+            cache = self.agent.image_cache
+            await asyncio.to_thread(cache.prune, cache.max_bytes)
         port = split_address(config.listen)[1]
         if port == 0:
             raise InvalidArgument("--listen needs a port: the master must know where to call")
