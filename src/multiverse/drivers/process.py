@@ -154,9 +154,7 @@ class ProcessDriver(Driver):
     ) -> None:
         """``images``: the port to the node's images, or plain image directories."""
         super().__init__(state_dir)
-        self.image_cache = (
-            images if isinstance(images, ImageCache) else ImageDirectories(images)
-        )
+        self.image_cache = images if isinstance(images, ImageCache) else ImageDirectories(images)
         self.boot_timeout = boot_timeout
         self.stop_timeout = stop_timeout
         self._capacity = capacity

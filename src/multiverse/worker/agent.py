@@ -428,9 +428,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         await self._guard(context)
         return await self.agent.report()
 
-    async def PullImage(
-        self, request: pb.ImageRef, context: Ctx
-    ) -> AsyncIterator[pb.PullProgress]:
+    async def PullImage(self, request: pb.ImageRef, context: Ctx) -> AsyncIterator[pb.PullProgress]:
         await self._guard(context)
         try:
             async for digest, done, total in self.agent.pull_image(request.name):
