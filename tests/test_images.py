@@ -18,15 +18,9 @@ import httpx
 import pytest
 from harness import Cluster, wait_until
 
+from multiverse.core.images import sha256_file
+
 MiB = 1024 * 1024
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while block := file.read(MiB):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _no_seeds(cluster: Cluster) -> None:
@@ -86,7 +80,7 @@ def test_a_fresh_worker_pulls_verifies_and_boots_an_imported_image(
     assert cluster.instances()["vm1"]["state"] == "Running"
     cached = worker_images / "sha256" / image["digest"].removeprefix("sha256:")
     for name, entry in image["files"].items():
-        assert _sha256(cached / name) == entry["sha256"]
+        assert sha256_file(cached / name) == entry["sha256"]
     exec_result = cluster.ok("exec", "vm1", "--", "uname", "-r")
     assert exec_result.out.strip().endswith("-amd64")
     # The store knows who holds it (from the worker's reports), and `images` shows the node.
@@ -111,7 +105,7 @@ def test_a_killed_pull_resumes_from_its_offset_and_a_damaged_copy_is_pulled_agai
     with disk.open("wb") as file:
         for _ in range(200):
             file.write(os.urandom(MiB))
-    sha = _sha256(disk)
+    sha = sha256_file(disk)
     # Throttled, so that the worker can be killed half-way whatever the machine's speed.
     cluster.start_master("--image-rate-limit", "40M")
     image = cluster.ok("image", "import", str(disk), "--name", "big", "--format", "json").json()[0]
@@ -132,7 +126,7 @@ def test_a_killed_pull_resumes_from_its_offset_and_a_damaged_copy_is_pulled_agai
     cluster.start_worker("w1", driver="qemu")  # the same data dir: it re-joins and resumes
     cluster.ok("image", "pull", "big", "--node", "w1", timeout=300)
     cached = cluster.root / "w1" / "images" / "sha256" / image["digest"].removeprefix("sha256:")
-    assert _sha256(cached / "disk.raw") == sha
+    assert sha256_file(cached / "disk.raw") == sha
     wait_until(lambda: (offset, 200 * MiB - offset, "complete") in _transfers(cluster, sha, "w1"))
 
     # One flipped byte in the cached copy: found at the next use, pulled again in full.
@@ -142,7 +136,7 @@ def test_a_killed_pull_resumes_from_its_offset_and_a_damaged_copy_is_pulled_agai
         file.seek(123_456)
         file.write(bytes([byte[0] ^ 0x01]))
     cluster.ok("image", "pull", "big", "--node", "w1", timeout=300)
-    assert _sha256(cached / "disk.raw") == sha
+    assert sha256_file(cached / "disk.raw") == sha
     wait_until(lambda: (0, 200 * MiB, "complete") in _transfers(cluster, sha, "w1"))
     listed = cluster.ok("image", "list", "--format", "json").json()
     wait_until(lambda: cluster.ok("image", "list", "--format", "json").json()[0]["nodes"] == ["w1"])
@@ -179,7 +173,7 @@ def test_url_import_checks_the_sha256_and_bad_input_changes_nothing(
     base, root = web_server
     qcow2 = root / "cloud.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "64M"], check=True)
-    sha = _sha256(qcow2)
+    sha = sha256_file(qcow2)
     cluster.start_master()
 
     wrong = cluster.cli("image", "import", f"{base}/cloud.qcow2", "--name", "cloud",
@@ -256,7 +250,7 @@ def test_workers_pulling_one_image_at_once_share_the_masters_reads(
     cluster.ok("image", "pull", "shared", "--all", timeout=300)
     for name in ("w1", "w2"):
         cached = list((cluster.root / name / "images" / "sha256").glob("*/disk.raw"))
-        assert [_sha256(path) for path in cached] == [_sha256(disk)]
+        assert [sha256_file(path) for path in cached] == [sha256_file(disk)]
     assert _metric(cluster, "multiverse_image_sent_bytes") == 2 * 48 * MiB
     # Read once for both (a chunk or two more at most, where one puller got ahead).
     assert _metric(cluster, "multiverse_image_read_bytes") <= 50 * MiB

@@ -18,6 +18,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from multiverse.core.errors import InvalidArgument
@@ -34,6 +35,7 @@ __all__ = [
     "StoredImage",
     "image_digest",
     "parse_sha256",
+    "sha256_file",
 ]
 
 MANIFEST_FILE = "image.json"
@@ -55,6 +57,15 @@ def parse_sha256(text: str) -> str:
     if not _HEX.match(value):
         raise InvalidArgument(f"invalid sha256 {text!r}: 64 hexadecimal digits expected")
     return value
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks (images are large)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(1024 * 1024):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def image_digest(files: Mapping[str, str]) -> str:

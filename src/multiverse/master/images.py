@@ -59,6 +59,7 @@ from multiverse.core.images import (
     ImageManifest,
     StoredImage,
     parse_sha256,
+    sha256_file,
 )
 from multiverse.core.model import Node, validate_name
 from multiverse.master.cluster import Agents
@@ -111,11 +112,7 @@ class Blobs:
     def commit(self, temporary: Path, expected: str | None) -> ImageFile:
         """Hash ``temporary`` (already written) and move it to its name; refused if it is not
         the ``expected`` content (the file is dropped then)."""
-        digest = hashlib.sha256()
-        with temporary.open("rb") as file:
-            while block := file.read(COPY_BUFFER):
-                digest.update(block)
-        return self._place(temporary, digest.hexdigest(), expected)
+        return self._place(temporary, sha256_file(temporary), expected)
 
     def _place(self, temporary: Path, actual: str, expected: str | None) -> ImageFile:
         if expected is not None and actual != expected:
@@ -128,12 +125,12 @@ class Blobs:
         if target.exists():
             temporary.unlink()
         else:
-            temporary.chmod(0o444)
             temporary.rename(target)
         return ImageFile(actual, size)
 
     def add_file(self, source: Path) -> ImageFile:
-        """Copy a local file in (hard link where possible), hashing it on the way."""
+        """Copy a local file in (hard link where possible), hashing it on the way. A link shares
+        the file: blobs are never written to, and builders replace files rather than edit them."""
         temporary = self.temporary()
         try:
             os.link(source, temporary)

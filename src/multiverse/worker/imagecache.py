@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from typing import Protocol
 import grpc
 
 from multiverse.core.errors import DriverError, NotFound, Unavailable
-from multiverse.core.images import MANIFEST_FILE, ImageManifest
+from multiverse.core.images import MANIFEST_FILE, ImageManifest, sha256_file
 from multiverse.core.sizes import format_size
 from multiverse.drivers.base import ImageInfo
 from multiverse.drivers.images import (
@@ -53,7 +52,6 @@ from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
 log = logging.getLogger("multiverse.worker")
 
 Progress = Callable[[int, int], None]  # (bytes here, bytes in all)
-HASH_BUFFER = 1024 * 1024
 
 
 class ImageSource(Protocol):
@@ -223,7 +221,7 @@ class NodeImageCache:
             path = staging / name
             for attempt in (1, 2):
                 await self._fetch(source, entry.sha256, entry.size, path, name, advance)
-                if await asyncio.to_thread(_sha256_file, path) == entry.sha256:
+                if await asyncio.to_thread(sha256_file, path) == entry.sha256:
                     break
                 log.warning(
                     "image %s: %s does not match its sha256; discarded, pulling it again",
@@ -333,7 +331,7 @@ class NodeImageCache:
                 continue
             if stamps.get(name) == [stat.st_size, stat.st_mtime_ns]:
                 continue
-            if stat.st_size == entry.size and _sha256_file(path) == entry.sha256:
+            if stat.st_size == entry.size and sha256_file(path) == entry.sha256:
                 stamps[name] = [stat.st_size, stat.st_mtime_ns]
                 continue
             log.warning("image %s: cached %s is damaged; pulling it again", manifest.name, name)
@@ -380,14 +378,6 @@ def _touch(path: Path) -> None:
     with contextlib.suppress(OSError):
         path.touch()
         os.utime(path)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while block := file.read(HASH_BUFFER):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 __all__ = ["ImageSource", "MasterImages", "NodeImageCache"]
