@@ -78,6 +78,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     say(f"writing {args.megabytes} MB of random bytes")
     make_file(source, args.megabytes)
     size = source.stat().st_size
+    (root / "cluster").mkdir()
     with new_cluster(root / "cluster") as cluster:
         cluster.env.pop("MULTIVERSE_IMAGE_CACHE", None)
         cluster.start_master()

@@ -19,6 +19,8 @@ from multiverse.core.errors import MultiverseError
 from multiverse.core.sizes import GiB, MiB
 from multiverse.drivers.base import VMConfig
 from multiverse.drivers.firecracker import FirecrackerDriver, tap_name
+from multiverse.drivers.process import HOST_KEY_FILE
+from multiverse.guest.ssh import announced_host_key
 
 
 def taps() -> list[str]:
@@ -53,6 +55,10 @@ async def scenario(args: dict[str, Any]) -> dict[str, Any]:
             result["status"] = [status.power.value, status.ipv4]
             result["taps_running"] = taps()
             result["leases_running"] = driver.pool.leases()
+            vm_dir = driver.vms_dir / vm.id
+            result["host_key_recorded"] = (vm_dir / HOST_KEY_FILE).read_text()
+            console = (vm_dir / driver.console_log).read_text(errors="replace")
+            result["host_key_announced"] = announced_host_key(console)
             chunks = [chunk async for chunk in driver.exec(vm, ["uname", "-r"])]
             out = b"".join(chunk.data for chunk in chunks if chunk.stream == 1)
             result["uname"] = [chunks[-1].exit_code, out.decode().strip()]

@@ -259,6 +259,7 @@ def new_cluster(root: Path) -> Iterator[Cluster]:
         "XDG_CONFIG_HOME": str(home / ".config"),
         "XDG_DATA_HOME": str(home / ".local/share"),
         "MULTIVERSE_IMAGE_CACHE": str(IMAGE_CACHE),
+        "MULTIVERSE_ALLOW_FAKE": "1",  # the workers' default driver here; refused elsewhere
     }
     for key in ("MULTIVERSE_SERVER", "MULTIVERSE_TOKEN", "MULTIVERSE_CONFIG"):
         env.pop(key, None)

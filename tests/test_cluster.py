@@ -194,3 +194,48 @@ def test_concurrent_launches_never_lose_duplicate_or_oversubscribe(cluster: Clus
         responses = list(pool.map(launch, ["same"] * 5))
     assert sorted(r.status_code for r in responses) == [202] + [409] * 4
     assert len(cluster.instances()) == 30 - 6 - 6 + 1
+
+
+def test_an_admins_node_labels_win_and_survive_rejoins(cluster: Cluster) -> None:
+    cluster.start_master()
+    cluster.start_worker("node-a", "--labels", "zone=a,disk=ssd")
+    refused = cluster.cli("launch", "--name", "in-b", "--selector", "zone=b")
+    assert refused.code == 2 and "label zone=b does not match" in refused.err
+
+    done = cluster.ok("node", "label", "node-a", "zone=b", "rack=r1")
+    assert "zone=b" in done.out and "rack=r1" in done.out
+    node = cluster.node("node-a")
+    assert node["node_labels"] == {"zone": "a", "disk": "ssd"}  # what it says stays shown
+    assert node["admin_labels"] == {"zone": "b", "rack": "r1"}
+    assert node["labels"] == {"zone": "b", "disk": "ssd", "rack": "r1"}
+    cluster.ok("launch", "--name", "in-b", "--selector", "zone=b")
+    refused = cluster.cli("launch", "--name", "in-a", "--selector", "zone=a")
+    assert refused.code == 2 and "label zone=a does not match" in refused.err
+
+    # A re-join brings the node's own labels anew; the admin's are kept apart and still win.
+    cluster.workers["node-a"].kill()
+    proc = cluster.start_worker("node-a", "--labels", "zone=c", token="", wait=False)
+    wait_until(lambda: "joined as" in proc.output(), timeout=60)
+    wait_until(lambda: cluster.node("node-a")["node_labels"] == {"zone": "c"})
+    assert cluster.node("node-a")["labels"] == {"zone": "b", "rack": "r1"}
+
+    cluster.ok("node", "label", "node-a", "zone-", "rack-")
+    node = cluster.node("node-a")
+    assert node["admin_labels"] == {} and node["labels"] == {"zone": "c"}
+
+    before = cluster.node("node-a")
+    for args, code, words in (
+        (["node-a", "bad key!=v"], 1, "invalid label key"),
+        (["node-a", "zone"], 1, "key- to remove"),
+        (["ghost", "zone=a"], 2, "node 'ghost' does not exist"),
+    ):
+        result = cluster.cli("node", "label", *args)
+        assert result.code == code and words in result.err, result
+    headers = {"Authorization": f"Bearer {cluster.token}"}
+    response = cluster.http.patch(
+        f"{cluster.api}/api/v1/nodes/node-a/labels",
+        json={"labels": {"zone": "bad value!"}},
+        headers=headers,
+    )
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_argument"
+    assert cluster.node("node-a")["labels"] == before["labels"]

@@ -18,6 +18,8 @@ from multiverse.core.sizes import GiB, MiB, format_size, parse_size
         ("2GiB", 2 * GiB),
         ("100", 100),
         ("4g", 4 * GiB),
+        ("2KB", 2048),
+        ("1P", 1024**5),
         (123, 123),
     ],
 )
@@ -29,6 +31,17 @@ def test_parse_size(text: str | int, size: int) -> None:
 def test_parse_size_rejects(text: str | int) -> None:
     with pytest.raises(InvalidArgument):
         parse_size(text)
+
+
+def test_the_size_message_tells_what_is_accepted() -> None:
+    """Every suffix it names works, and it says that they are binary."""
+    with pytest.raises(InvalidArgument) as refused:
+        parse_size("lots")
+    message = refused.value.message
+    for suffix in ("K", "M", "G", "T", "P"):
+        assert f" {suffix}" in message or f"{suffix} " in message
+        assert parse_size(f"1{suffix}") == 1024 ** ("KMGTP".index(suffix) + 1)
+    assert "1024^3" in message
 
 
 def test_format_size() -> None:

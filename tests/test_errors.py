@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 
 import pytest
 from harness import Cluster, new_cluster
@@ -127,7 +128,7 @@ def test_join_needs_a_valid_unexpired_token(cluster: Cluster) -> None:
         assert proc.process is not None
         assert proc.process.wait(timeout=30) != 0
         assert words in proc.output()
-    once = cluster.ok("token", "create", "--uses", "1").out.strip()
+    once = cluster.ok("token", "create").out.strip()  # one use is the default
     cluster.start_worker("first", token=once)
     second = cluster.start_worker("second", token=once, wait=False)
     assert second.process is not None and second.process.wait(timeout=30) != 0
@@ -153,3 +154,85 @@ def test_regressions_found_by_the_api_fuzzer(small_cluster: Cluster) -> None:
     nul = {"command": ["echo", "a\u0000b"]}
     response = small_cluster.http.post(f"{api}/instances/existing/exec", json=nul, headers=headers)
     assert response.status_code == 400 and "NUL" in response.json()["error"]["message"]
+
+
+def test_join_tokens_default_to_one_use_for_an_hour(small_cluster: Cluster) -> None:
+    created = small_cluster.ok("token", "create", "--format", "json").json()
+    listed = {t["id"]: t for t in small_cluster.ok("token", "list", "--format", "json").json()}
+    mine = listed[created["id"]]
+    assert mine["uses_left"] == 1
+    lifetime = datetime.fromisoformat(mine["expires_at"]) - datetime.fromisoformat(
+        mine["created_at"]
+    )
+    assert timedelta(minutes=59) < lifetime <= timedelta(hours=1)
+    more = small_cluster.ok("token", "create", "--uses", "3", "--ttl", "2h", "--format", "json")
+    listed = {t["id"]: t for t in small_cluster.ok("token", "list", "--format", "json").json()}
+    assert listed[more.json()["id"]]["uses_left"] == 3
+
+
+TOKEN_CASES = [
+    # (CLI args, exit code, words) for `token create`: none is a 500, none makes a token
+    (["--api", "--uses", "3"], 1, "--uses is for join tokens only"),
+    (["--uses", "0"], 1, "0"),
+    (["--uses", "lots"], 1, "lots"),
+    (["--uses", "1001"], 2, "less than or equal to 1000"),
+    (["--uses", "99999999999999999999999"], 2, "less than or equal to 1000"),
+    (["--ttl", "366d"], 2, "less than or equal to 31536000"),
+    (["--ttl", "99999999999999999999999d"], 2, "less than or equal to 31536000"),
+    (["--ttl", "soon"], 1, "invalid duration"),
+    (["--ttl", "0s"], 1, "invalid duration"),
+]
+
+
+@pytest.mark.parametrize(("args", "code", "words"), TOKEN_CASES, ids=lambda v: str(v))
+def test_token_bounds(small_cluster: Cluster, args: list[str], code: int, words: str) -> None:
+    before = len(small_cluster.ok("token", "list", "--format", "json").json())
+    result = small_cluster.cli("token", "create", *args)
+    assert result.code == code and words in result.err, result
+    assert result.out == ""
+    assert len(small_cluster.ok("token", "list", "--format", "json").json()) == before
+
+
+def test_api_tokens_refuse_uses_and_bounds_give_400(small_cluster: Cluster) -> None:
+    api = f"{small_cluster.api}/api/v1"
+    headers = {"Authorization": f"Bearer {small_cluster.token}"}
+    before = len(small_cluster.ok("token", "list", "--format", "json").json())
+    for body, words in (
+        ({"kind": "api", "uses": 5}, "join tokens only"),
+        ({"kind": "join", "uses": 1001}, "uses"),
+        ({"kind": "join", "uses": 2**70}, "uses"),
+        ({"kind": "join", "ttl_seconds": 366 * 86400}, "ttl_seconds"),
+        ({"kind": "join", "ttl_seconds": "1h"}, "ttl_seconds"),
+    ):
+        response = small_cluster.http.post(f"{api}/tokens", json=body, headers=headers)
+        assert response.status_code == 400, (body, response.text)
+        assert words in response.json()["error"]["message"]
+    assert len(small_cluster.ok("token", "list", "--format", "json").json()) == before
+
+
+def test_token_create_tells_the_id_and_revoke_takes_the_token(small_cluster: Cluster) -> None:
+    made = small_cluster.ok("token", "create", "--api", "--role", "viewer")
+    token = made.out.strip()
+    assert "\n" not in token and token.startswith("mva.")  # stdout is the token alone
+    token_id = token.split(".")[1]
+    assert f"Token id: {token_id}" in made.err
+    created = small_cluster.ok("token", "create", "--format", "json").json()
+    assert {"id", "token", "kind", "expires_at"} <= set(created) and created["kind"] == "join"
+    assert small_cluster.ok("token", "create", "--format", "yaml").out.startswith("id: ")
+
+    api = f"{small_cluster.api}/api/v1"
+    viewer = {"Authorization": f"Bearer {token}"}
+    assert small_cluster.http.get(f"{api}/nodes", headers=viewer).status_code == 200
+    wrong = token[:-4] + ("aaaa" if not token.endswith("aaaa") else "bbbb")
+    refused = small_cluster.cli("token", "revoke", wrong)
+    assert refused.code == 2 and "no such token" in refused.err
+    assert small_cluster.cli("token", "revoke", "mva.nonsense").code == 2
+    assert small_cluster.ok("token", "revoke", token).out.strip() == f"Revoked {token_id}"
+    assert small_cluster.ok("token", "revoke", created["token"]).out.strip() == (
+        f"Revoked {created['id']}"
+    )
+    listed = {t["id"]: t for t in small_cluster.ok("token", "list", "--format", "json").json()}
+    assert listed[token_id]["revoked"] and listed[created["id"]]["revoked"]
+    assert small_cluster.http.get(f"{api}/nodes", headers=viewer).status_code == 401
+    by_id = small_cluster.ok("token", "create", "--format", "json").json()["id"]
+    assert small_cluster.ok("token", "revoke", by_id).out.strip() == f"Revoked {by_id}"

@@ -293,7 +293,8 @@ def test_binary_and_run_dir_choices(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def _layer(entries: dict[str, bytes | str | None], compress: bool) -> tuple[bytes, str]:
-    """A layer tarball: bytes are files, "DIR" a directory, None a whiteout marker file."""
+    """A layer tarball: bytes are files, "DIR" a directory, "->T" a symlink to T, "=>T" a hard
+    link to T, "CHR"/"BLK" a device node, None a whiteout marker file."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:
         for name, content in entries.items():
@@ -303,6 +304,13 @@ def _layer(entries: dict[str, bytes | str | None], compress: bool) -> tuple[byte
                 archive.addfile(info)
             elif isinstance(content, str) and content.startswith("->"):
                 info.type, info.linkname = tarfile.SYMTYPE, content[2:]
+                archive.addfile(info)
+            elif isinstance(content, str) and content.startswith("=>"):
+                info.type, info.linkname = tarfile.LNKTYPE, content[2:]
+                archive.addfile(info)
+            elif content in ("CHR", "BLK"):
+                info.type = tarfile.CHRTYPE if content == "CHR" else tarfile.BLKTYPE
+                info.mode, info.devmajor, info.devminor = 0o666, 1, 3
                 archive.addfile(info)
             else:
                 data = content if isinstance(content, bytes) else b""
@@ -410,13 +418,6 @@ def test_import_oci_refuses_bad_layouts(tmp_path: Path) -> None:
     write_oci_layout(evil, [_layer({"../outside": b"x"}, compress=False)])
     with pytest.raises(InvalidArgument, match="leaves the root"):
         import_oci(evil, tmp_path / "evil.ext4", 16 * MiB)
-    escape = tmp_path / "escape"
-    write_oci_layout(
-        escape,
-        [_layer({"link": "->/tmp"}, compress=False), _layer({"link/owned": b"x"}, compress=False)],
-    )
-    with pytest.raises(InvalidArgument, match="outside the root"):
-        import_oci(escape, tmp_path / "escape.ext4", 16 * MiB)
     corrupt = tmp_path / "corrupt"
     write_oci_layout(corrupt, [_layer({"a": b"a"}, compress=True)])
     manifest_blobs = sorted(
@@ -428,6 +429,133 @@ def test_import_oci_refuses_bad_layouts(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="corrupt"):
         import_oci(corrupt, tmp_path / "corrupt.ext4", 16 * MiB)
     assert not list(tmp_path.glob("*.ext4"))
+
+
+def _tree(directory: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``directory`` with its content and link count."""
+    return {
+        str(path.relative_to(directory)): (path.read_bytes(), path.stat().st_nlink)
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _in_image(image: Path, path: str) -> bool:
+    found = subprocess.run(["debugfs", "-R", f"stat {path}", str(image)], capture_output=True)
+    return b"File not found" not in found.stderr
+
+
+@pytest.mark.parametrize(
+    ("case", "layers", "error", "inside", "absent"),
+    [
+        ("dot-dot", [{"../victim/owned": b"x"}], "leaves the root", [], []),
+        ("absolute path", [{"{victim}/abs": b"x"}], None, ["{victim}/abs"], []),
+        (
+            "symlink then whiteout",
+            [{"link": "->{victim}", "{victim}/secret": b"image"}, {"link/.wh.secret": None}],
+            None,
+            [],
+            ["{victim}/secret"],  # the image's own file went, the host's stayed
+        ),
+        (
+            "relative symlink then whiteout",
+            [{"a/b/up": "->" + "../" * 40}, {"a/b/up{victim}/.wh.secret": None}],
+            None,
+            [],
+            [],
+        ),
+        (
+            "symlink then opaque directory",
+            [{"link": "->{victim}"}, {"link/keep/.wh..wh..opq": None}],
+            None,
+            [],
+            [],
+        ),
+        (
+            "symlink then write",
+            [{"link": "->{victim}"}, {"link/owned": b"x", "link/keep/more": b"y"}],
+            None,
+            ["{victim}/owned", "{victim}/keep/more", "/link"],
+            [],
+        ),
+        (
+            "double-slash symlink",
+            [{"link": "->//{victim}"}, {"link/owned": b"x"}],
+            None,
+            ["{victim}/owned"],
+            [],
+        ),
+        (
+            "symlink then write, same layer",
+            [{"up": "->..", "up/owned": b"x"}],
+            None,
+            ["/owned"],
+            [],
+        ),
+        ("whiteout of the parent", [{"a": "DIR"}, {".wh...": None}], "whiteout", [], []),
+        ("hard link to outside", [{"stolen": "=>{victim}/secret"}], "stolen", [], []),
+        (
+            "hard link through a symlink",
+            [{"link": "->{victim}", "{victim}/secret": b"image"}, {"stolen": "=>link/secret"}],
+            None,
+            ["/stolen"],  # linked to the image's file, not the host's
+            [],
+        ),
+        ("symlink loop", [{"a": "->b", "b": "->a"}, {"a/owned": b"x"}], "symbolic links", [], []),
+        (
+            "device nodes",
+            [{"dev/null": "CHR", "dev/sda": "BLK"}],
+            None,
+            [],
+            ["/dev/null", "/dev/sda"],
+        ),
+    ],
+)
+def test_import_oci_never_touches_files_outside_its_root(
+    tmp_path: Path,
+    case: str,
+    layers: list[dict[str, bytes | str | None]],
+    error: str | None,
+    inside: list[str],
+    absent: list[str],
+) -> None:
+    """Hostile layers: nothing they name, through whatever symlinks earlier layers left, reads,
+    writes, links or deletes a file of the host. Symlinks resolve inside the image, as the
+    guest will resolve them."""
+    victim = tmp_path / "victim"
+    (victim / "keep").mkdir(parents=True)
+    (victim / "secret").write_bytes(b"host")
+    (victim / "keep" / "precious").write_bytes(b"host")
+    before = _tree(victim)
+    work = tmp_path / "work"
+    work.mkdir()
+    layout = work / "layout"
+
+    def place(text: Any) -> Any:
+        return text.format(victim=victim) if isinstance(text, str) else text
+
+    write_oci_layout(
+        layout,
+        [
+            _layer({place(name): place(value) for name, value in layer.items()}, compress=False)
+            for layer in layers
+        ],
+    )
+    image = work / "rootfs.ext4"
+    if error is None:
+        import_oci(layout, image, 16 * MiB)
+        for path in inside:
+            assert _in_image(image, path.format(victim=victim)), (case, path)
+        for path in absent:
+            assert not _in_image(image, path.format(victim=victim)), (case, path)
+    else:
+        with pytest.raises(InvalidArgument, match=error):
+            import_oci(layout, image, 16 * MiB)
+        assert not image.exists()
+    assert _tree(victim) == before, case
+    assert sorted(path.name for path in work.iterdir()) == sorted(
+        ["layout"] + (["rootfs.ext4"] if error is None else [])
+    ), case  # nothing left beside the image either
 
 
 # --- in a network namespace of the test's own ------------------------------------------------
@@ -516,6 +644,9 @@ def test_real_boot_in_a_namespace(netns: str, tmp_path: Path) -> None:
     assert "start_error" not in answer, answer.get("start_error")
     assert answer["status"] == ["running", "172.31.90.2"]
     assert answer["tap"] in answer["taps_running"]
+    # The key the guest printed on its console is the one its first login recorded.
+    assert answer["host_key_announced"].startswith("ssh-ed25519 ")
+    assert answer["host_key_recorded"].split()[:2] == answer["host_key_announced"].split()
     assert answer["uname"][0] == 0 and answer["uname"][1].endswith("-amd64")
     assert answer["stats"]["ipv4"] == "172.31.90.2" and answer["stats"]["memory_total"] > 0
     assert answer["status_stopped"] == "stopped" and answer["status_deleted"] == "missing"

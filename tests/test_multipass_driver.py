@@ -111,6 +111,7 @@ def test_lifecycle(driver: MultipassDriver, standin_state: Path) -> None:
         # The launch carried the spec: cpus, memory, disk, cloud-init, the mapped image.
         assert (record["cpus"], record["memory"], record["disk"]) == (2, 512 * MiB, 5 * GiB)
         assert record["cloud_init"] == vm.user_data and record["image"] == "lts"
+        assert record["cloud_init_mode"] == 0o600  # user data may hold secrets
         assert list((driver.state_dir / "created").iterdir()) == []  # no cloud-init file left
         assert (await driver.start(vm)).power == PowerState.RUNNING  # idempotent
 

@@ -24,11 +24,13 @@ from typing import TypeVar
 
 import psutil
 import pytest
+from asyncssh import generate_private_key
 from harness import kill_qemus_under, qemu_processes_under
 
 from multiverse.core.errors import Conflict, InvalidArgument, NotFound
 from multiverse.core.sizes import GiB, MiB
 from multiverse.drivers.base import ExecChunk, PowerState, VMConfig
+from multiverse.drivers.process import HOST_KEY_FILE
 from multiverse.drivers.qemu import QemuDriver
 from multiverse.guest.image import (
     ImageBuildError,
@@ -37,7 +39,14 @@ from multiverse.guest.image import (
     module_load_order,
     needed_libraries,
 )
-from multiverse.guest.ssh import GuestConnection, parse_ipv4, parse_stats
+from multiverse.guest.ssh import (
+    GuestConnection,
+    HostKeyMismatch,
+    KnownHost,
+    announced_host_key,
+    parse_ipv4,
+    parse_stats,
+)
 
 T = TypeVar("T")
 
@@ -321,7 +330,9 @@ def test_stats_are_read_inside_the_guest(booted: Booted) -> None:
 @pytest.mark.vm
 def test_pty_shell_follows_window_size(booted: Booted) -> None:
     port = json.loads((booted.state_dir / "vms" / booted.vm.id / "vm.json").read_text())
-    guest = GuestConnection("127.0.0.1", port["ssh_port"], booted.driver.key_path)
+    vm_dir = booted.state_dir / "vms" / booted.vm.id
+    known = KnownHost(vm_dir / HOST_KEY_FILE, "VM shared")
+    guest = GuestConnection("127.0.0.1", port["ssh_port"], booted.driver.key_path, known)
 
     async def step() -> tuple[bytes, int]:
         shell = await guest.open_shell(size=(80, 24), command="stty size; read line; stty size")
@@ -385,6 +396,38 @@ def test_stop_and_start_keep_the_data_disk(images: Path, state_dir: Path) -> Non
     assert qemu_processes_under(state_dir)[0].pid != first_pid
     code, out, _ = run(driver, lambda: exec_collect(driver, vm, "sh", "-c", "cat /data/file ~/f"))
     assert (code, out) == (0, b"kept\nhome\n")
+
+
+@pytest.mark.vm
+def test_guest_host_key_is_announced_recorded_kept_and_checked(
+    images: Path, state_dir: Path
+) -> None:
+    driver = QemuDriver(state_dir, [images], stop_timeout=60)
+    vm = new_vm("keyed")
+    vm_dir = state_dir / "vms" / vm.id
+    record = vm_dir / HOST_KEY_FILE
+    run(driver, lambda: driver.start(vm))
+    # What the guest printed on its console is what was recorded, and is the key dropbear has.
+    announced = announced_host_key((vm_dir / "serial.log").read_text(errors="replace"))
+    assert announced is not None and announced.startswith("ssh-ed25519 ")
+    assert record.read_text().split()[:2] == announced.split()
+    show_key = ("dropbearkey", "-y", "-f", "/etc/dropbear/dropbear_ed25519_host_key")
+    code, out, _ = run(driver, lambda: exec_collect(driver, vm, *show_key))
+    assert code == 0 and announced in out.decode()
+
+    # Kept across stop/start (on the data disk): the new boot's key passes the check.
+    run(driver, lambda: driver.stop(vm))
+    assert record.read_text().split()[:2] == announced.split()
+    assert run(driver, lambda: driver.start(vm)).power is PowerState.RUNNING
+    assert announced_host_key((vm_dir / "serial.log").read_text(errors="replace")) == announced
+    assert run(driver, lambda: exec_collect(driver, vm, "true"))[0] == 0
+
+    # Another key recorded (as if someone else had answered first): refused, clearly.
+    record.write_bytes(generate_private_key("ssh-ed25519").export_public_key())
+    with pytest.raises(HostKeyMismatch) as refused:
+        run(driver, lambda: exec_collect(driver, vm, "true"))
+    assert refused.value.message.startswith("host key of VM keyed changed: it offered ssh-ed25519")
+    assert f"run `rm {record}` on its node" in refused.value.message
 
 
 @pytest.mark.vm

@@ -80,3 +80,13 @@ def test_shortfalls_name_what_is_missing() -> None:
 def test_no_nodes_at_all() -> None:
     with pytest.raises(Unschedulable, match="no nodes"):
         place(NEED, [])
+
+
+def test_an_admins_label_wins_over_the_nodes_own() -> None:
+    told = node("told", labels={"zone": "a", "disk": "ssd"})
+    told.admin_labels = {"zone": "b"}
+    assert why_not(told, NEED, {"zone": "b", "disk": "ssd"}) is None
+    assert why_not(told, NEED, {"zone": "a"}) == "label zone=a does not match"
+    assert place(
+        NEED, [told, node("other", labels={"zone": "a"})], selector={"zone": "a"}
+    ).name == ("other")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,9 +20,14 @@ import httpx
 import pytest
 from harness import Cluster, new_cluster
 
+from multiverse.core.errors import RateLimited
+from multiverse.core.files import private_dir
+from multiverse.master.api import _FailedAuth
+from multiverse.store.repository import Store
 from multiverse.wire import pki
 from multiverse.wire.v1 import multiverse_pb2 as pb
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
+from multiverse.worker.localstore import LocalStore
 
 WRITE_ROUTES = [
     ("POST", "/instances", {"name": "intruder"}),
@@ -33,6 +40,8 @@ WRITE_ROUTES = [
     ("POST", "/nodes/node-a/cordon", None),
     ("POST", "/nodes/node-a/drain", None),
     ("DELETE", "/nodes/node-a", None),
+    ("PATCH", "/nodes/node-a/labels", {"labels": {"zone": "stolen"}}),
+    ("POST", "/tokens/revoke", {"token": "mva.0123456789abcdef.secret"}),
 ]
 
 
@@ -49,7 +58,7 @@ def _state(cluster: Cluster) -> tuple[object, ...]:
     nodes = cluster.ok("nodes", "--format", "json").json()
     instances = cluster.instances()
     return (
-        [(n["name"], n["cordoned"], n["status"]) for n in nodes],
+        [(n["name"], n["cordoned"], n["status"], n["labels"]) for n in nodes],
         {name: (i["state"], i["desired"]) for name, i in instances.items()},
         len(cluster.ok("token", "list", "--format", "json").json()),
     )
@@ -58,7 +67,7 @@ def _state(cluster: Cluster) -> tuple[object, ...]:
 def test_every_write_route_refuses_without_the_right_token(secured: Cluster) -> None:
     before = _state(secured)
     viewer = secured.ok("token", "create", "--api", "--role", "viewer").out.strip()
-    revoked = secured.ok("token", "create", "--api", "--format", "json").json()[0]
+    revoked = secured.ok("token", "create", "--api", "--format", "json").json()
     secured.ok("token", "revoke", revoked["id"])
     before = _state(secured)
     api = f"{secured.api}/api/v1"
@@ -207,10 +216,31 @@ def test_no_secret_leaks_into_logs_responses_ps_or_loose_files(tmp_path: Path) -
             tmp_path / "master" / "pki" / "server.key",
             tmp_path / "node-a" / "pki" / "node.key",
             tmp_path / "node-a" / "node.json",
+            # The databases hold user data and token hashes; their WALs hold the same rows.
+            *(tmp_path / "master" / f"multiverse.db{end}" for end in ("", "-wal", "-shm")),
+            *(tmp_path / "node-a" / f"worker.db{end}" for end in ("", "-wal", "-shm")),
         ]
         for path in private:
             mode = stat.S_IMODE(os.stat(path).st_mode)
             assert mode == 0o600, f"{path} is {oct(mode)}"
+        for directory in (tmp_path / "master", tmp_path / "node-a"):
+            mode = stat.S_IMODE(os.stat(directory).st_mode)
+            assert mode == 0o700, f"{directory} is {oct(mode)}"
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), in bytes: a spike between two
+    samples counts too, and it never goes down."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc")
+
+
+def _chunks(total: int, size: int = 64 * 1024) -> Iterator[bytes]:
+    """A body without Content-Length: httpx sends a generator chunked."""
+    for _ in range(total // size):
+        yield b"x" * size
 
 
 def test_limits_on_bodies_and_failed_logins(tmp_path: Path) -> None:
@@ -227,9 +257,120 @@ def test_limits_on_bodies_and_failed_logins(tmp_path: Path) -> None:
             == 400
         )
 
+        # Chunked bodies have no Content-Length: the bytes are counted as they come, on every
+        # route (join needs no token), and the master never holds them.
+        assert cluster.master is not None and cluster.master.process is not None
+        pid = cluster.master.process.pid
+        as_json = {**headers, "Content-Type": "application/json"}
+        small = cluster.http.post(
+            f"{api}/tokens", content=iter([b'{"kind": ', b'"join"}']), headers=as_json
+        )
+        assert small.status_code == 201, small.text  # chunked and small: served as any other
+        before = _peak_rss(pid)
+        for path, auth in (("/cluster/join", {}), ("/instances", headers)):
+            response = cluster.http.post(
+                api + path,
+                content=_chunks(50 * 1024 * 1024),
+                headers={**auth, "Content-Type": "application/json"},
+            )
+            assert response.status_code == 413, (path, response.text)
+            assert response.json()["error"]["code"] == "too_large"
+        grown = _peak_rss(pid) - before
+        assert grown < 20 * 1024 * 1024, f"the master grew {grown / 2**20:.0f} MiB"
+        assert cluster.http.get(f"{api}/health").status_code == 200
+
+        # Failures are counted and, past 20 a minute, refused with 429; the right token from
+        # the same address still passes at once (a NAT or proxy must not lock the admin out).
         wrong = {"Authorization": "Bearer mva.0000000000000000.guess"}
         codes = [cluster.http.get(f"{api}/nodes", headers=wrong).status_code for _ in range(25)]
         assert codes[:20] == [401] * 20 and set(codes[20:]) == {429}
-        limited = cluster.http.get(f"{api}/nodes", headers=headers)
-        assert limited.status_code == 429  # even the right token waits: the client is throttled
+        limited = cluster.http.get(f"{api}/nodes", headers=wrong)
         assert "too many failed" in limited.json()["error"]["message"]
+        assert cluster.http.get(f"{api}/nodes", headers=headers).status_code == 200
+        assert cluster.ok("nodes", "--format", "json").json() == []
+        assert cluster.http.get(f"{api}/nodes", headers=wrong).status_code == 429
+
+
+def test_the_failed_login_table_is_bounded_and_pruned() -> None:
+    clock = [0.0]
+    limiter = _FailedAuth(limit=2, window=60, max_clients=3, clock=lambda: clock[0])
+    for client in ("a", "b", "c", "d"):
+        limiter.failed(client)
+    assert len(limiter) == 3  # the least recently failed address went first
+    limiter.failed("b")
+    with pytest.raises(RateLimited):
+        limiter.failed("b")
+    clock[0] = 61.0
+    limiter.failed("e")
+    assert len(limiter) == 1  # the others' failures aged out of the window
+    limiter.failed("b")  # counted afresh, not refused
+
+
+def test_the_fake_driver_is_refused_unless_allowed(tmp_path: Path) -> None:
+    """It runs its VMs' commands on the host: a worker must not run it by mistake. Refused
+    while the options are read, before anything starts (or detaches, for ``up``)."""
+    env = {key: value for key, value in os.environ.items() if key != "MULTIVERSE_ALLOW_FAKE"}
+    commands = [
+        ["worker", "--master", "127.0.0.1:9", "--data-dir", str(tmp_path / "w")],
+        ["up", "--data-dir", str(tmp_path / "up"), "--listen", "127.0.0.1:0",
+         "--api-listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"],
+    ]  # fmt: skip
+    for command in commands:
+        for allow in (None, "0", "yes"):
+            run_env = env if allow is None else {**env, "MULTIVERSE_ALLOW_FAKE": allow}
+            done = subprocess.run(
+                [sys.executable, "-m", "multiverse", *command, "--driver", "fake"],
+                env=run_env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode != 0, (command, allow)
+            assert "set MULTIVERSE_ALLOW_FAKE=1" in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing made
+
+
+def test_fake_exec_and_shell_do_not_see_the_worker_environment(secured: Cluster) -> None:
+    """The worker's environment holds its join token (MULTIVERSE_JOIN_TOKEN, as the harness
+    starts it): a command in a fake VM gets a guest's few variables, none of the worker's."""
+    token = secured.workers["node-a"].env["MULTIVERSE_JOIN_TOKEN"]
+    assert token
+    variables = dict(
+        line.split("=", 1) for line in secured.ok("exec", "guarded", "--", "env").out.splitlines()
+    )
+    assert sorted(variables) == ["HOME", "LANG", "PATH"]
+    assert token not in str(variables)
+    shell = secured.cli("shell", "guarded", stdin=b"env\n")
+    assert shell.code == 0 and "PATH=" in shell.out, shell.err
+    assert "MULTIVERSE" not in shell.out and token not in shell.out
+
+
+def test_databases_left_readable_by_an_older_version_are_tightened(tmp_path: Path) -> None:
+    """Data from before: a 0755 directory and databases with their WAL, 0644. Opening them
+    leaves every file 0600 and the directory 0700."""
+    older = tmp_path / "data"
+    older.mkdir(mode=0o755)
+    paths = {name: older / name for name in ("multiverse.db", "worker.db")}
+    left_open = []
+    for path in paths.values():
+        connection = sqlite3.connect(path, isolation_level=None)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("CREATE TABLE t (x)")
+        left_open.append(connection)  # so that -wal and -shm stay
+    files = [older / f"{name}{end}" for name in paths for end in ("", "-wal", "-shm")]
+    for path in files:
+        path.chmod(0o644)
+    try:
+        private_dir(older)
+        store = Store.for_data_dir(older)
+        local = LocalStore(paths["worker.db"])
+        try:
+            modes = {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in files}
+            assert modes == {path.name: oct(0o600) for path in files}
+            assert stat.S_IMODE(older.stat().st_mode) == 0o700
+        finally:
+            local.close()
+            store.close()
+    finally:
+        for connection in left_open:
+            connection.close()

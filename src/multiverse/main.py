@@ -74,6 +74,15 @@ def _default_node_name() -> str:
 _capacity = parsed(Resources.parse)
 
 
+def _allowed_driver(name: str) -> str:
+    """Checked while parsing, so that ``up --detach`` refuses before it detaches."""
+    if name == "fake":
+        from multiverse.drivers.fake import require_allowed
+
+        require_allowed()
+    return name
+
+
 data_dir_option = click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -195,6 +204,7 @@ def _worker_options(func: Callable[..., None]) -> Callable[..., None]:
         click.option(
             "--driver",
             type=click.Choice(["qemu", "firecracker", "multipass", "fake"]),
+            callback=parsed(_allowed_driver),
             default="qemu",
             show_default=True,
             help="The hypervisor this host runs.",

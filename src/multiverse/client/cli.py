@@ -21,10 +21,10 @@ from rich.console import Console
 
 from multiverse.client.config import ClientConfig
 from multiverse.client.http import ApiClient, ApiError, Unreachable
-from multiverse.client.output import FORMATS, Column, render
+from multiverse.client.output import FORMATS, Column, render, render_one
 from multiverse.client.terminal import attach, follow_events
 from multiverse.core.errors import MultiverseError
-from multiverse.core.model import DEFAULT_IMAGE, parse_labels
+from multiverse.core.model import DEFAULT_IMAGE, parse_labels, validate_labels
 from multiverse.core.sizes import format_size, parse_size
 
 EXIT_USAGE, EXIT_FAILED, EXIT_UNREACHABLE = 1, 2, 3
@@ -452,7 +452,7 @@ def exec_(want_tty: bool, name: str, command: tuple[str, ...]) -> None:
 
 @cli.group()
 def node() -> None:
-    """Node maintenance, as Incus: cordon, uncordon, drain, evacuate, restore."""
+    """Node maintenance, as Incus: cordon, uncordon, drain, evacuate, restore; labels."""
 
 
 @node.command()
@@ -469,6 +469,39 @@ def uncordon(name: str) -> None:
     """Place instances on the node again."""
     _client().node_action(name, "uncordon")
     click.echo(f"Uncordoned {name}")
+
+
+def _label_changes(items: tuple[str, ...]) -> dict[str, str | None]:
+    """``k=v`` sets, ``k-`` removes (as kubectl label)."""
+    changes: dict[str, str | None] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if sep:
+            validate_labels({key: value})
+            changes[key] = value
+        elif item.endswith("-") and len(item) > 1:
+            changes[item[:-1]] = None
+        else:
+            raise click.BadParameter(f"{item!r}: use key=value to set, key- to remove")
+    return changes
+
+
+@node.command()
+@click.argument("name")
+@click.argument("labels", nargs=-1, required=True)
+def label(name: str, labels: tuple[str, ...]) -> None:
+    """Set labels on a node: k=v sets, k- removes (as kubectl label).
+
+    They win over the labels the node reports of itself for placement, and its re-joins keep
+    them; removing one lets the node's own label of that key count again.
+    """
+    try:
+        changes = _label_changes(labels)
+    except MultiverseError as exc:
+        raise click.BadParameter(exc.message) from exc
+    item = _client().label_node(name, changes)
+    shown = ",".join(f"{k}={v}" for k, v in sorted(item["admin_labels"].items())) or "none"
+    click.echo(f"Labelled {name}; labels set by admins: {shown}")
 
 
 @node.command()
@@ -559,14 +592,21 @@ def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     show_default=True,
     help="With --api.",
 )
-@click.option("--ttl", callback=_duration, help="Lifetime, e.g. 1h (join tokens: default 24h).")
-@click.option("--uses", type=click.IntRange(1), help="How many times it may be used.")
+@click.option("--ttl", callback=_duration, help="Lifetime, e.g. 1h (join tokens: default 1h).")
+@click.option(
+    "--uses", type=click.IntRange(1), help="Join tokens: how many workers may use it (default 1)."
+)
 @click.option("--description", default="")
 @format_option
 def token_create(
     api: bool, role: str, ttl: int | None, uses: int | None, description: str, fmt: str
 ) -> None:
-    """Create a token; prints it once (it is not stored)."""
+    """Create a token; prints it once (it is not stored) and its id (on stderr)."""
+    if api and uses is not None:
+        raise click.UsageError(
+            "--uses is for join tokens only: an API token is valid for every request until it "
+            "expires (--ttl) or is revoked"
+        )
     item = _client().create_token(
         {
             "kind": "api" if api else "join",
@@ -577,9 +617,16 @@ def token_create(
         }
     )
     if fmt == "table":
+        # The token alone on stdout, so that `$(multiverse token create)` is the token.
         click.echo(item["token"])
+        stderr.print(
+            f"Token id: {item['id']} (`multiverse token revoke {item['id']}` revokes it)",
+            highlight=False,
+            markup=False,
+        )
     else:
-        click.echo(render([item], [Column("Token", lambda t: t["token"])], fmt))
+        columns = [Column("ID", lambda t: t["id"]), Column("Token", lambda t: t["token"])]
+        click.echo(render_one(item, columns, fmt))
 
 
 TOKEN_COLUMNS = [
@@ -600,11 +647,15 @@ def token_list(fmt: str) -> None:
 
 
 @token.command(name="revoke")
-@click.argument("token_id")
-def token_revoke(token_id: str) -> None:
-    """Revoke a token by its id."""
-    _client().revoke_token(token_id)
-    click.echo(f"Revoked {token_id}")
+@click.argument("token_or_id")
+def token_revoke(token_or_id: str) -> None:
+    """Revoke a token, given by its id or whole, as `token create` printed it."""
+    client = _client()
+    if "." in token_or_id:  # ids are hex; every token form has a dot
+        done = client.revoke_token_itself(token_or_id)
+    else:
+        done = client.revoke_token(token_or_id)
+    click.echo(f"Revoked {done['id']}")
 
 
 def run(group: click.Group, args: Sequence[str] | None = None) -> int:

@@ -172,6 +172,14 @@ class ApiClient:
     def revoke_token(self, token_id: str) -> JSON:
         return dict(self._request("DELETE", f"/tokens/{token_id}"))
 
+    def revoke_token_itself(self, token: str) -> JSON:
+        """Revoke by the whole token, sent in the body (never in a URL, which gets logged)."""
+        return dict(self._request("POST", "/tokens/revoke", json={"token": token}))
+
+    def label_node(self, name: str, labels: dict[str, str | None]) -> JSON:
+        """Set the admin's labels of a node; a None value removes one."""
+        return dict(self._request("PATCH", f"/nodes/{name}/labels", json={"labels": labels}))
+
 
 def _raise_for_error(response: httpx.Response) -> None:
     if not response.is_error:

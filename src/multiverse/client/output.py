@@ -46,6 +46,15 @@ def render(rows: Sequence[dict[str, Any]], columns: Sequence[Column], fmt: str) 
     )
 
 
+def render_one(row: dict[str, Any], columns: Sequence[Column], fmt: str) -> str:
+    """One object: JSON and YAML give the object itself, not a list of one."""
+    if fmt == "json":
+        return json.dumps(row, indent=2)
+    if fmt == "yaml":
+        return yaml.safe_dump(row, sort_keys=False).rstrip()
+    return render([row], columns, fmt)
+
+
 def _cell(value: object) -> str:
     if value is None or value == "":
         return "--"

@@ -211,6 +211,14 @@ class Node:
     last_sync: datetime | None = None
     version: str = ""
     instance_count: int = 0
+    # Set by an admin (`node label`); ``labels`` are what the node says of itself at every
+    # join. The admin's win: a node cannot talk itself into (or out of) a selector.
+    admin_labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def effective_labels(self) -> dict[str, str]:
+        """The labels placement matches selectors against."""
+        return {**self.labels, **self.admin_labels}
 
     @property
     def free(self) -> Resources:

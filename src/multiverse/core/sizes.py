@@ -1,6 +1,7 @@
 """Sizes as people write them (``512M``, ``4G``) and as bytes.
 
-Suffixes are binary, as in Multipass: ``1G`` is 1024**3 bytes.
+Suffixes are binary, as in Multipass: ``1G`` is 1024**3 bytes. (pydantic's ``ByteSize`` reads
+``1G`` as 10**9, so it is not used: the same text must mean the same size here as there.)
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def parse_size(text: str | int) -> int:
     match = _SIZE.match(text)
     if not match:
         raise InvalidArgument(
-            f"invalid size {text!r}: use a number with an optional K, M, G or T suffix, e.g. 4G"
+            f"invalid size {text!r}: use a number of bytes, or one with a K, M, G, T or P "
+            "suffix (binary: 1G is 1024^3 bytes; KiB/KB and the like mean the same), e.g. 4G"
         )
     number, unit = match.groups()
     return int(float(number) * _UNITS[unit.upper()])

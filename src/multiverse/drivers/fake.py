@@ -3,7 +3,9 @@
 Its "hypervisor state" lives in ``state_dir/vms.json``, apart from the agent's records, the way
 QEMU processes live apart from the agent: a restarted agent finds its fake VMs still running.
 ``exec`` runs the command on this host in the VM's directory, so the exec path through the
-whole cluster can be tested without booting anything.
+whole cluster can be tested without booting anything. That makes it a test tool: it is refused
+unless ``MULTIVERSE_ALLOW_FAKE=1`` is set, and its commands get a guest's few variables, never
+the worker's environment (which may hold the join token).
 """
 
 from __future__ import annotations
@@ -32,6 +34,17 @@ from multiverse.drivers.base import (
 from multiverse.drivers.localpty import LocalSession
 
 KNOWN_IMAGES = ("tiny", "ubuntu", "debian")
+ALLOW_ENV = "MULTIVERSE_ALLOW_FAKE"
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def require_allowed() -> None:
+    """Refuse the fake driver where nobody asked for it: its VMs' commands run on this host."""
+    if os.environ.get(ALLOW_ENV) != "1":
+        raise InvalidArgument(
+            f"the fake driver is a test tool that runs commands on this host; "
+            f"set {ALLOW_ENV}=1 to use it"
+        )
 
 
 class FakeDriver(Driver):
@@ -40,6 +53,7 @@ class FakeDriver(Driver):
     def __init__(
         self, state_dir: Path, capacity: Resources | None = None, delay: float = 0.0
     ) -> None:
+        require_allowed()
         super().__init__(state_dir)
         self._capacity = capacity
         self.delay = delay
@@ -124,6 +138,10 @@ class FakeDriver(Driver):
             ipv4=_fake_ip(vm.id),
         )
 
+    def _environment(self, vm: VMConfig) -> dict[str, str]:
+        """What a command in a fake VM sees: a guest's variables, none of the worker's."""
+        return {"PATH": GUEST_PATH, "HOME": str(self.state_dir / "vms" / vm.id), "LANG": "C.UTF-8"}
+
     async def open_session(
         self, vm: VMConfig, command: Sequence[str] | None, size: TerminalSize | None
     ) -> Session:
@@ -133,7 +151,7 @@ class FakeDriver(Driver):
             list(command) if command else ["/bin/sh", "-i"] if size else ["/bin/sh"],
             size,
             cwd=self.state_dir / "vms" / vm.id,
-            env={"PS1": f"{vm.name}$ "},
+            env={**self._environment(vm), "PS1": f"{vm.name}$ "},
         )
 
     async def exec(
@@ -147,6 +165,7 @@ class FakeDriver(Driver):
             process = await asyncio.create_subprocess_exec(
                 *command,
                 cwd=self.state_dir / "vms" / vm.id,
+                env=self._environment(vm),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,

@@ -6,7 +6,9 @@ Each VM lives in ``<state_dir>/vms/<uuid>/``:
 - ``rootfs.ext4``: its disk, a copy (reflinked where possible) of the image's ``rootfs.ext4``,
   or an empty ext4 file for kernel+initrd images (the "tiny" guest mounts it on /data);
 - while it runs: ``vm.json`` (pid, process start time, tap, address) and ``firecracker.log``
-  (the process' output, which carries the guest's serial console).
+  (the process' output, which carries the guest's serial console);
+- ``ssh_host_key.pub``: the guest's SSH host key once known; the tiny guest announces it on
+  its console, so it is checked from the first login (see :class:`ProcessDriver`).
 
 The API socket is ``<run_dir>/<uuid>.sock``. The process runs as our child in its own session
 (it outlives a killed agent, which adopts it by pid and start time, as the QEMU driver does).

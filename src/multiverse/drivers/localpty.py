@@ -41,7 +41,9 @@ class LocalSession:
         cwd: Path | None = None,
         env: dict[str, str] | None = None,
     ) -> LocalSession:
-        environment = {**os.environ, **(env or {})}
+        """``env`` is the whole environment of the process, not additions to this one's: what
+        runs in a fake VM must not see the worker's secrets. Default: this process's."""
+        environment = dict(os.environ if env is None else env)
         try:
             if size is None:
                 process = await asyncio.create_subprocess_exec(

@@ -49,6 +49,7 @@ from multiverse.core.errors import (
     NotFound,
     Unavailable,
 )
+from multiverse.core.files import write_private
 from multiverse.core.model import GuestStats, Resources
 from multiverse.core.sizes import MiB, format_size
 from multiverse.drivers.base import (
@@ -279,7 +280,7 @@ class MultipassDriver(Driver):
         ]  # fmt: skip
         cloud_init = self.state_dir / "created" / f"{vm.id}.cloud-init.yaml"
         if vm.user_data:
-            cloud_init.write_text(vm.user_data)
+            write_private(cloud_init, vm.user_data.encode())
             argv += ["--cloud-init", str(cloud_init)]
         argv.append(self.image_aliases.get(vm.image, vm.image))
         try:

@@ -43,10 +43,11 @@ from multiverse.drivers.images import (
     ImageDirectories,
     check_image_name,
 )
-from multiverse.guest.ssh import GuestConnection
+from multiverse.guest.ssh import COMMAND_TIMEOUT, GuestConnection, KnownHost, announced_host_key
 
 UNIX_PATH_MAX = 107  # a sockaddr_un's path, less its terminating NUL
 LOG_TAIL = 4000  # how much of a log an error message quotes
+HOST_KEY_FILE = "ssh_host_key.pub"  # the guest's SSH host key once known, in the VM's directory
 _VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -97,6 +98,14 @@ def tail(path: Path, size: int) -> str:
         return ""
 
 
+def head(path: Path, size: int) -> str:
+    try:
+        with path.open("rb") as file:
+            return file.read(size).decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
@@ -130,6 +139,12 @@ class ProcessDriver(Driver):
     ``vm.json`` records the process (``pid``, ``create_time``, ``started_at`` and what the
     subclass adds). ``vm.json`` is removed on every stop the driver makes, so one found beside a
     dead process means the VM ended by itself.
+
+    The guest's SSH host key is kept in ``ssh_host_key.pub`` there (see
+    :class:`multiverse.guest.ssh.KnownHost`): before the first login it must match the key the
+    guest printed on its console at this boot (the test guest does; an image that prints
+    none is trusted on first use); from then on it must match the recorded one, across
+    stop/start (the test guest keeps its key on its data disk), until the VM is deleted.
     """
 
     hypervisor: ClassVar[str] = ""  # its name in messages: "QEMU", "Firecracker"
@@ -161,6 +176,8 @@ class ProcessDriver(Driver):
         self.vms_dir = state_dir / "vms"
         self.vms_dir.mkdir(parents=True, exist_ok=True)
         self.key_path = ensure_ssh_key(state_dir / "ssh" / "id_ed25519")
+        # How long a command the driver itself runs in the guest (stats, its address) may take.
+        self.command_timeout = COMMAND_TIMEOUT
         self._guests: dict[str, GuestConnection] = {}
         self._locks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Lock]] = {}
 
@@ -459,9 +476,22 @@ class ProcessDriver(Driver):
             raise Conflict(f"VM {vm.name} is not running")
         guest = self._guests.get(vm.id)
         if guest is None or (guest.host, guest.port) != address:
-            # A boot shorter than SSH's usual connect timeout must not wait for it.
-            timeout = min(15.0, self.boot_timeout)
-            guest = GuestConnection(*address, self.key_path, connect_timeout=timeout)
+            vm_dir = self._vm_dir(vm)
+            console = vm_dir / self.console_log
+            known = KnownHost(
+                vm_dir / HOST_KEY_FILE,
+                f"VM {vm.name}",
+                # Read when needed: the guest prints its key early in each boot.
+                announced=lambda: announced_host_key(head(console, 64 * 1024)),
+            )
+            guest = GuestConnection(
+                *address,
+                self.key_path,
+                known,
+                # A boot shorter than SSH's usual connect timeout must not wait for it.
+                connect_timeout=min(15.0, self.boot_timeout),
+                command_timeout=self.command_timeout,
+            )
             self._guests[vm.id] = guest
         return guest
 

@@ -7,6 +7,7 @@ Each VM lives in ``<state_dir>/vms/<uuid>/``:
   the guest mounts it at once and no qemu-img or partitioning is involved;
 - ``hostname``, ``authorized_keys``, ``network``: the per-VM configuration the guest reads
   through fw_cfg (see :mod:`multiverse.guest.image`);
+- ``ssh_host_key.pub``: the guest's SSH host key, once known (see :class:`ProcessDriver`);
 - while it runs: ``vm.json`` (pid, process start time, SSH port, guest address), ``qmp.sock``,
   ``serial.log`` (the console; the previous boot's in ``serial.log.1``) and ``qemu.log``.
 
@@ -33,7 +34,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
 
-from multiverse.core.errors import DriverError, NotFound
+from multiverse.core.errors import DriverError, NotFound, Unavailable
 from multiverse.core.model import Resources
 from multiverse.core.sizes import MiB
 from multiverse.drivers.base import PowerState, VMConfig, VMStatus
@@ -205,7 +206,7 @@ class QemuDriver(ProcessDriver):
             await guest.wait_until_ready(
                 max(deadline - time.monotonic(), 1.0), alive=lambda: pid_alive(process.pid)
             )
-        except Exception:
+        except Unavailable:  # a refused host key is not a slow boot: it goes up as it is
             if not pid_alive(process.pid):
                 self._raise_exited(vm, process)
             raise DriverError(

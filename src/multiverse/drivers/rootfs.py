@@ -28,6 +28,7 @@ from multiverse.core.errors import DriverError, InvalidArgument, NotFound
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_WHITEOUT = ".wh..wh..opq"
+_MAX_SYMLINKS = 40  # as Linux's path walk (MAXSYMLINKS): past it, a loop
 _LAYER_TYPES = {
     "application/vnd.oci.image.layer.v1.tar": "",
     "application/vnd.oci.image.layer.v1.tar+gzip": "gz",
@@ -199,8 +200,15 @@ def apply_layer(root: Path, blob: Path, compression: str = "") -> None:
     """Apply one layer tarball to the tree at ``root``, as overlayfs would see it stacked.
 
     ``.wh.NAME`` removes NAME from the layers below; ``.wh..wh..opq`` empties its directory
-    of everything the layers below put there (entries of this same layer stay). Member paths
-    are confined to ``root``: absolute paths, ``..`` and links leading out are refused.
+    of everything the layers below put there (entries of this same layer stay). Every path a
+    member names (its own, a whiteout's, a hard link's target) is resolved by :func:`_inside`,
+    never by the host: absolute paths start at ``root``, ``..`` in a name is refused, symlinks
+    left by earlier layers lead where they will in the guest, never out of ``root``.
+
+    Not ``tarfile``'s extraction filters: they are made for data archives, not root file
+    systems. Both clear setuid and sticky bits (``su``, ``/tmp``), ``data`` refuses absolute
+    symlinks (``/etc/localtime``) and devices, and their checks resolve symlinks on the host, so
+    they refuse a write under an image's absolute ``/var/run -> /run``.
     """
     try:
         with (
@@ -215,9 +223,12 @@ def apply_layer(root: Path, blob: Path, compression: str = "") -> None:
                     continue
                 name = path.name
                 if name == OPAQUE_WHITEOUT:
-                    _empty_dir(root / path.parent)
+                    _empty_dir(_inside(root, path.parent))
                 elif name.startswith(WHITEOUT_PREFIX):
-                    _remove(root / path.parent / name[len(WHITEOUT_PREFIX) :])
+                    hidden = name[len(WHITEOUT_PREFIX) :]
+                    if hidden in ("", ".", ".."):
+                        raise InvalidArgument(f"a whiteout names no file: {member.name!r}")
+                    _remove(_inside(root, path.parent / hidden))
             for member in members:
                 path = _member_path(member.name)
                 if path is None or path.name.startswith(WHITEOUT_PREFIX):
@@ -238,8 +249,7 @@ def _member_path(name: str) -> PurePosixPath | None:
 def _extract(
     archive: tarfile.TarFile, member: tarfile.TarInfo, root: Path, path: PurePosixPath
 ) -> None:
-    target = root / path
-    _ensure_inside(root, target.parent)
+    target = _inside(root, path)
     target.parent.mkdir(parents=True, exist_ok=True)
     if member.isdir():
         if target.is_symlink() or (target.exists() and not target.is_dir()):
@@ -254,7 +264,7 @@ def _extract(
     if member.isreg():
         source = archive.extractfile(member)
         assert source is not None
-        with source, target.open("wb") as out:
+        with source, target.open("xb") as out:  # exclusive: never through a symlink
             shutil.copyfileobj(source, out)
         target.chmod(member.mode & 0o7777)
     elif member.issym():
@@ -263,19 +273,40 @@ def _extract(
         linked = _member_path(member.linkname)
         if linked is None:
             raise InvalidArgument(f"hard link {member.name!r} to the root")
-        source_path = root / linked
-        _ensure_inside(root, source_path)
-        os.link(source_path, target, follow_symlinks=False)
+        os.link(_inside(root, linked), target, follow_symlinks=False)
     elif member.isfifo():
         os.mkfifo(target, member.mode & 0o7777)
     # Device nodes need root to create and have no place in a VM's image (devtmpfs makes them).
 
 
-def _ensure_inside(root: Path, path: Path) -> None:
-    """Refuse a path whose existing parts (symlinks of earlier layers) lead out of ``root``."""
-    resolved = path.resolve()
-    if not resolved.is_relative_to(root.resolve()):
-        raise InvalidArgument(f"a layer writes outside the root through a symlink: {path}")
+def _inside(root: Path, path: PurePosixPath) -> Path:
+    """Where the image's ``path`` is in the tree at ``root``: each symlink among its parents is
+    followed as the guest's kernel will follow it, inside ``root`` (an absolute target starts
+    again at ``root``, ``..`` stops there), so no name leads out of the tree. The last
+    component is not followed: a whiteout, a link or a write replaces a symlink, never its
+    target."""
+    pending = list(path.parts)
+    walked: list[str] = []
+    followed = 0
+    while pending:
+        part = pending.pop(0)
+        if part == "..":
+            del walked[-1:]
+            continue
+        here = root.joinpath(*walked, part)
+        if not pending or not here.is_symlink():
+            walked.append(part)
+            continue
+        followed += 1
+        if followed > _MAX_SYMLINKS:
+            raise InvalidArgument(f"too many levels of symbolic links in {str(path)!r}")
+        target = PurePosixPath(os.readlink(here))
+        if target.is_absolute():  # "/" or "//": its first part
+            walked = []
+            pending = [*target.parts[1:], *pending]
+        else:
+            pending = [*target.parts, *pending]
+    return root.joinpath(*walked)
 
 
 def _empty_dir(directory: Path) -> None:

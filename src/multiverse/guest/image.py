@@ -23,7 +23,8 @@ it carries any bytes (keys, later user data) without quoting rules or the 2 KiB 
 
 In the guest, busybox ``init`` is PID 1 (it reaps orphans and respawns the services); its
 sysinit script loads the modules, mounts the data disk ``/dev/vda`` (ext4) on ``/data`` with
-root's home on it (so what users write survives stop/start), starts networking and prints
+root's home on it (so what users write survives stop/start) and the SSH host key (made at the
+first boot), starts networking, prints ``multiverse: host key <key>`` and then
 ``multiverse: boot ok`` on the serial console; dropbear and acpid then run as respawned services.
 The ACPI power button (QMP ``system_powerdown``) syncs, unmounts and powers off at once.
 """
@@ -60,6 +61,7 @@ OS_VERSION = "1"
 # The fw_cfg names the guest reads; the driver writes files under these names.
 FW_CFG_PREFIX = "opt/multiverse/"
 BOOT_OK_MARKER = "multiverse: boot ok"
+HOST_KEY_MARKER = "multiverse: host key "  # then the SSH host key, printed before the boot line
 DATA_MOUNT = "/data"
 
 # The meta-package that names the current kernel; its versioned dependency is the real kernel.
@@ -211,9 +213,13 @@ chmod 700 "$keys" /root /root/.ssh
 ln -sfn "$keys" /etc/dropbear
 config authorized_keys > /root/.ssh/authorized_keys
 chmod 600 /root/.ssh/authorized_keys
-if [ ! -s /etc/dropbear/dropbear_ed25519_host_key ]; then
-    dropbearkey -t ed25519 -f /etc/dropbear/dropbear_ed25519_host_key > /dev/null 2>&1
+host_key=/etc/dropbear/dropbear_ed25519_host_key
+if [ ! -s "$host_key" ]; then
+    dropbearkey -t ed25519 -f "$host_key" > /dev/null 2>&1
 fi
+# The host checks SSH logins against this key: it reads it from the hypervisor's console log,
+# a channel no one on the network can write, before dropbear even starts.
+echo "multiverse: host key $(dropbearkey -y -f "$host_key" | grep '^ssh-')"
 
 echo "multiverse: boot ok $(uname -r) $(hostname) $(ip -4 -o addr show eth0 | awk '{print $4}')"
 """

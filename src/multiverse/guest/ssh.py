@@ -6,24 +6,40 @@ the emulated CPU) while a command on an open one takes ~15 ms. The connection is
 use and again after it broke; callers never see a half-open state.
 
 Errors reaching callers are :class:`multiverse.core.errors.Unavailable` (the guest could not be
-reached or dropped the connection), never asyncssh's or the socket's own exceptions.
+reached, dropped the connection or did not answer in time) or :class:`HostKeyMismatch`, never
+asyncssh's or the socket's own exceptions.
+
+Host keys: the guest's key is checked on every connection against the one recorded for the VM
+(:class:`KnownHost`). Before any key is recorded, the key the guest announced out of band (the
+test guest prints it on its serial console at boot, before its SSH server starts; the host
+reads that log from the hypervisor, which no one on the network can write) must match; a guest
+that announces nothing (a cloud image with its own sshd) is trusted on first use. The key is
+recorded after the first successful login and any other key is refused from then on.
+
+Bounds: a command run to its end (``run``, ``stats``, ``ipv4``) has a time limit, and opening a
+command's channel has one too, so a hung guest never holds a caller (and the VM's lock) for
+ever; streamed output waits in a small queue, so a slow reader slows the guest down (SSH flow
+control) instead of piling the output up in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import shlex
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 
-from multiverse.core.errors import Unavailable
+from multiverse.core.errors import Conflict, Unavailable
 from multiverse.core.model import GuestStats
+from multiverse.guest.image import HOST_KEY_MARKER
 
 STDOUT, STDERR = 1, 2
 
@@ -40,6 +56,116 @@ sed -n 's/^PRETTY_NAME=//p' /etc/os-release 2>/dev/null; echo {_STATS_SEPARATOR}
 ip -4 -o addr show scope global 2>/dev/null
 """
 _IPV4_SCRIPT = "ip -4 -o addr show scope global"
+
+# Chunks of streamed output waiting for the reader: a bound, not a buffer (64 KiB each).
+EXEC_QUEUE_CHUNKS = 16
+# How long ``stats`` and ``ipv4`` may take, and opening a command's channel: generous for a
+# loaded TCG guest (a command takes ~15 ms there), short enough that a hung one is let go.
+COMMAND_TIMEOUT = 30.0
+
+
+class HostKeyMismatch(Conflict):
+    """The guest offered another SSH host key than the one recorded or announced for it."""
+
+
+class KnownHost:
+    """The SSH host key of one guest: recorded in a file once known, and checked.
+
+    ``announced`` reads the key the guest announced out of band (None: it announced none);
+    it is consulted only while no key is recorded.
+    """
+
+    def __init__(
+        self,
+        record: Path,
+        name: str,
+        announced: Callable[[], str | None] | None = None,
+    ) -> None:
+        self.record = record
+        self.name = name
+        self.announced = announced
+
+    def recorded(self) -> asyncssh.SSHKey | None:
+        try:
+            return asyncssh.import_public_key(self.record.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, asyncssh.KeyImportError) as error:
+            raise HostKeyMismatch(
+                f"the recorded host key of {self.name} in {self.record} is unreadable "
+                f"({error}); remove the file to trust the guest's key again"
+            ) from error
+
+    def expected(self) -> tuple[asyncssh.SSHKey | None, str]:
+        """The key the guest must offer (None: any, trusted on first use) and where it is from."""
+        key = self.recorded()
+        if key is not None:
+            return key, "recorded"
+        text = self.announced() if self.announced else None
+        if text:
+            with contextlib.suppress(asyncssh.KeyImportError):
+                return asyncssh.import_public_key(text), "announced"
+        return None, ""
+
+    def check(self, offered: asyncssh.SSHKey) -> None:
+        """Raise HostKeyMismatch unless ``offered`` is the key this guest must have."""
+        expected, source = self.expected()
+        if expected is None or expected == offered:
+            return
+        if source == "recorded":
+            raise HostKeyMismatch(
+                f"host key of {self.name} changed: it offered {_fingerprint(offered)}, but "
+                f"{_fingerprint(expected)} is recorded in {self.record}. Someone else may be "
+                f"answering at its address. If you re-created the guest (a new disk or "
+                f"system), run `rm {self.record}` on its node and start it again."
+            )
+        raise HostKeyMismatch(
+            f"host key of {self.name} is not the one it announced on its console: it offered "
+            f"{_fingerprint(offered)}, it announced {_fingerprint(expected)}. Someone else may "
+            "be answering at its address; refusing to connect."
+        )
+
+    def remember(self, key: asyncssh.SSHKey) -> None:
+        """Record ``key`` unless a key is recorded already (the first one stays)."""
+        if self.record.exists():
+            return
+        temporary = self.record.with_name(f".{self.record.name}.{os.getpid()}.tmp")
+        temporary.write_bytes(key.export_public_key())
+        try:
+            os.link(temporary, self.record)  # never replaces a key recorded meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            temporary.unlink(missing_ok=True)
+
+
+def announced_host_key(console: str) -> str | None:
+    """The public key the guest printed on its console at boot, if it printed one (the first)."""
+    for line in console.splitlines():
+        _before, marker, key = line.partition(HOST_KEY_MARKER)
+        if marker and len(fields := key.split()) >= 2:
+            return f"{fields[0]} {fields[1]}"
+    return None
+
+
+class _HostKeyClient(asyncssh.SSHClient):
+    """Checks the server's key with :class:`KnownHost` during the key exchange."""
+
+    def __init__(self, known: KnownHost) -> None:
+        self.known = known
+        self.offered: asyncssh.SSHKey | None = None
+        self.refused: HostKeyMismatch | None = None
+
+    def validate_host_public_key(
+        self, host: str, addr: str, port: int, key: asyncssh.SSHKey
+    ) -> bool:
+        self.offered = key
+        try:
+            self.known.check(key)
+        except HostKeyMismatch as error:
+            self.refused = error
+            return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -72,14 +198,18 @@ class GuestConnection:
         host: str,
         port: int,
         key_path: Path,
+        known_host: KnownHost,
         user: str = "root",
         connect_timeout: float = 15.0,
+        command_timeout: float = COMMAND_TIMEOUT,
     ) -> None:
         self.host = host
         self.port = port
         self.key_path = key_path
+        self.known_host = known_host
         self.user = user
         self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
         self._connection: asyncssh.SSHClientConnection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
@@ -99,16 +229,17 @@ class GuestConnection:
             if self._connection is not None and not self._connection.is_closed():
                 return self._connection
             self._connection = None
+            checker = _HostKeyClient(self.known_host)
             try:
-                self._connection = await asyncio.wait_for(
+                connection = await asyncio.wait_for(
                     asyncssh.connect(
                         self.host,
                         self.port,
                         username=self.user,
                         client_keys=[str(self.key_path)],
-                        # The guest makes a new host key on its first boot and we reach it only
-                        # through a port forward on 127.0.0.1 that we set up ourselves.
-                        known_hosts=None,
+                        # No key trusted up front: every key goes through the checker.
+                        known_hosts=([], [], []),
+                        client_factory=lambda: checker,
                         agent_path=None,
                         config=None,
                         # Ask for the key type the guest has, so it never generates RSA keys.
@@ -118,10 +249,16 @@ class GuestConnection:
                     timeout=self.connect_timeout,
                 )
             except (TimeoutError, OSError, asyncssh.Error) as error:
+                if checker.refused is not None:
+                    raise checker.refused from None
                 raise Unavailable(
                     f"cannot reach the guest over SSH at {self.address}: {_describe(error)}"
                 ) from None
-            return self._connection
+            # Recorded only now: a key counts once the guest also accepted our login.
+            if checker.offered is not None:
+                self.known_host.remember(checker.offered)
+            self._connection = connection
+            return connection
 
     async def wait_until_ready(
         self,
@@ -132,6 +269,7 @@ class GuestConnection:
         """Connect, retrying while the guest boots, until ``timeout`` seconds have passed.
 
         ``alive`` lets the caller stop early when the VM died; then the last error is raised.
+        A refused host key (HostKeyMismatch) ends the wait at once: waiting would not mend it.
         """
         deadline = time.monotonic() + timeout
         while True:
@@ -145,7 +283,7 @@ class GuestConnection:
 
     async def exec(
         self, command: Sequence[str] | str, stdin: bytes = b""
-    ) -> AsyncIterator[GuestOutput]:
+    ) -> AsyncGenerator[GuestOutput, None]:
         """Run ``command`` (a list is quoted for the guest's shell), streaming its output.
 
         stdout and stderr come as they arrive, each on its own stream; the last item carries the
@@ -153,25 +291,19 @@ class GuestConnection:
         early closes the command's channel.
         """
         text = command if isinstance(command, str) else shlex.join(command)
-        connection = await self.connect()
-        try:
-            process = await connection.create_process(text, encoding=None)
-        except (OSError, asyncssh.Error) as error:
-            self._drop(connection)
-            raise Unavailable(
-                f"cannot run a command in the guest at {self.address}: {_describe(error)}"
-            ) from None
-
-        queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue()
+        process = await self._open("run a command", text)
+        # Bounded: while it is full the pumps stop reading, the channel's window closes and
+        # the guest's writes block, so output never piles up here faster than it is read.
+        queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(EXEC_QUEUE_CHUNKS)
 
         async def pump(reader: asyncssh.SSHReader[bytes], stream: int) -> None:
             try:
                 while chunk := await reader.read(65536):
-                    queue.put_nowait((stream, chunk))
+                    await queue.put((stream, chunk))
             except (OSError, asyncssh.Error):
                 pass  # the channel or connection closed: the exit code tells the rest
             finally:
-                queue.put_nowait(None)
+                await queue.put(None)
 
         pumps = [
             asyncio.create_task(pump(process.stdout, STDOUT)),
@@ -198,14 +330,28 @@ class GuestConnection:
             if not finished:
                 process.close()
 
-    async def run(self, command: Sequence[str] | str, stdin: bytes = b"") -> GuestResult:
-        """Run ``command`` to its end and collect its output."""
+    async def run(
+        self, command: Sequence[str] | str, stdin: bytes = b"", timeout: float | None = None
+    ) -> GuestResult:
+        """Run ``command`` to its end and collect its output.
+
+        Unavailable if it has not ended within ``timeout`` seconds (default: the connection's
+        ``command_timeout``); its channel is closed then, the connection stays for others.
+        """
+        limit = self.command_timeout if timeout is None else timeout
         out, err = bytearray(), bytearray()
         exit_code = UNKNOWN_EXIT
-        async for chunk in self.exec(command, stdin):
-            if chunk.exit_code is not None:
-                exit_code = chunk.exit_code
-            (out if chunk.stream == STDOUT else err).extend(chunk.data)
+        try:
+            async with asyncio.timeout(limit):
+                async with contextlib.aclosing(self.exec(command, stdin)) as chunks:
+                    async for chunk in chunks:
+                        if chunk.exit_code is not None:
+                            exit_code = chunk.exit_code
+                        (out if chunk.stream == STDOUT else err).extend(chunk.data)
+        except TimeoutError:
+            raise Unavailable(
+                f"the guest at {self.address} did not finish a command within {limit:g} s"
+            ) from None
         return GuestResult(exit_code, bytes(out), bytes(err))
 
     async def stats(self) -> GuestStats:
@@ -227,22 +373,32 @@ class GuestConnection:
         """An interactive session on a PTY of ``size`` (columns, rows): the login shell, or
         ``command``. The PTY merges stdout and stderr, as a terminal does. Without a size,
         no PTY: plain pipes, as ``ssh host < script`` (stderr then merged into stdout)."""
-        connection = await self.connect()
         text = command if command is None or isinstance(command, str) else shlex.join(command)
+        process = await self._open(
+            "open a shell",
+            text,
+            term_type=term_type if size else None,
+            term_size=size,
+            stderr=asyncssh.STDOUT,
+        )
+        return GuestShell(process)
+
+    async def _open(
+        self, what: str, command: str | None, **options: Any
+    ) -> asyncssh.SSHClientProcess[bytes]:
+        """A new channel running ``command``; a guest that does not open one within
+        ``command_timeout`` (hung, or a dead connection not yet noticed) loses its connection."""
+        connection = await self.connect()
         try:
-            process = await connection.create_process(
-                text,
-                encoding=None,
-                term_type=term_type if size else None,
-                term_size=size,
-                stderr=asyncssh.STDOUT,
+            return await asyncio.wait_for(
+                connection.create_process(command, encoding=None, **options),
+                timeout=self.command_timeout,
             )
-        except (OSError, asyncssh.Error) as error:
+        except (TimeoutError, OSError, asyncssh.Error) as error:
             self._drop(connection)
             raise Unavailable(
-                f"cannot open a shell in the guest at {self.address}: {_describe(error)}"
+                f"cannot {what} in the guest at {self.address}: {_describe(error)}"
             ) from None
-        return GuestShell(process)
 
     async def close(self) -> None:
         """Close the connection (if open in this loop); the next call opens a new one."""
@@ -359,6 +515,10 @@ def _exit_code(returncode: int | None) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def _fingerprint(key: asyncssh.SSHKey) -> str:
+    return f"{key.algorithm.decode()} {key.get_fingerprint()}"
+
+
 def _describe(error: BaseException) -> str:
     if isinstance(error, asyncio.TimeoutError):
         return "timed out"
@@ -374,6 +534,9 @@ __all__ = [
     "GuestOutput",
     "GuestResult",
     "GuestShell",
+    "HostKeyMismatch",
+    "KnownHost",
+    "announced_host_key",
     "parse_ipv4",
     "parse_stats",
 ]

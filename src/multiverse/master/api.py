@@ -9,7 +9,7 @@ import contextlib
 import json
 import logging
 import time
-from collections import defaultdict, deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
@@ -18,8 +18,10 @@ from fastapi import Depends, FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
 from multiverse import __version__
@@ -115,9 +117,17 @@ class StopBody(BaseModel):
 class TokenBody(BaseModel):
     kind: Literal["join", "api"] = "join"
     role: Literal["admin", "viewer"] = "admin"
-    ttl_seconds: int | None = Field(None, ge=1, le=3650 * 86400)
-    uses: int | None = Field(None, ge=1)
+    ttl_seconds: int | None = Field(None, ge=1, le=int(auth.MAX_TTL.total_seconds()))
+    uses: int | None = Field(None, ge=1, le=auth.MAX_USES)
     description: str = Field("", max_length=255)
+
+
+class RevokeBody(BaseModel):
+    token: str = Field(max_length=1024)
+
+
+class LabelsBody(BaseModel):
+    labels: dict[str, str | None]  # a None value removes the label
 
 
 class JoinBody(BaseModel):
@@ -158,7 +168,9 @@ def node_json(node: Node) -> dict[str, Any]:
         "cpus": {"total": node.capacity.cpus, "free": free.cpus},
         "memory": {"total": node.capacity.memory, "free": free.memory},
         "disk": {"total": node.capacity.disk, "free": free.disk},
-        "labels": node.labels,
+        "labels": node.effective_labels,  # what placement matches selectors against
+        "node_labels": node.labels,
+        "admin_labels": node.admin_labels,
         "cordoned": node.cordoned,
         "instances": node.instance_count,
         "last_sync": _iso(node.last_sync),
@@ -202,7 +214,8 @@ def info_json(info: InstanceInfo) -> dict[str, Any]:
 
 
 MAX_BODY = 1024 * 1024  # bytes; the largest legitimate body (user-data) is far smaller
-# Routes whose body is a stream of any size, written to disk as it comes (image files).
+# Routes whose body is a stream of any size, written to disk as it comes (image files): the
+# route itself reads it chunk by chunk, and only an admin token gets that far.
 STREAMED_BODIES = ("/api/v1/blobs/",)
 
 
@@ -210,34 +223,110 @@ def body_limit_applies(path: str) -> bool:
     return not path.startswith(STREAMED_BODIES)
 
 
-class _FailedAuth:
-    """Failed authentications per client address in a sliding window: past the limit, the
-    client is refused before its token is even looked at (guessing gets slow)."""
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes, counted as they arrive (ASGI middleware).
 
-    def __init__(self, limit: int = 20, window: float = 60.0) -> None:
+    ``Content-Length`` alone is not enough: a chunked body has none, and a route would read it
+    whole before any check (``/api/v1/cluster/join`` even before authentication). So every
+    ``http.request`` message is counted as the app receives it; past the limit the client gets
+    413 at once and the app sees a disconnect. Nothing is buffered here.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY) -> None:
+        self.app = app
         self.limit = limit
-        self.window = window
-        self._failures: dict[str, deque[float]] = defaultdict(deque)
 
-    def check(self, client: str) -> None:
-        failures = self._failures.get(client)
-        cutoff = time.monotonic() - self.window
-        while failures and failures[0] < cutoff:
-            failures.popleft()
-        if failures is not None and len(failures) >= self.limit:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not body_limit_applies(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        received = 0
+        refused = started = False
+
+        async def counted() -> Message:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    refused = True
+                    if not started:
+                        await self._refuse(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return  # the client has its 413 already; what the app says now goes nowhere
+            started = True
+            await send(message)
+
+        await self.app(scope, counted, guarded)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # No "Connection: close": closing a socket with unread data makes the kernel send a
+        # reset, and a client still sending would lose the 413 with it. The server discards
+        # the rest of the body instead (never holding it) and keeps the connection.
+        response = error_response(413, "too_large", f"request body over {self.limit} bytes")
+        await response(scope, receive, send)
+
+
+class _FailedAuth:
+    """Failed authentications per client address in a sliding window.
+
+    Only failures count and only failures are refused: past ``limit`` failures in ``window``
+    seconds a client's wrong tokens get 429 instead of 401 (guessing gets slow), while a valid
+    token always passes, so a client behind the same address (a NAT, a proxy, another local
+    user) is never locked out. The table holds at most ``max_clients`` addresses, least
+    recently failed dropped first, and forgets an address once its last failure is out of the
+    window.
+    """
+
+    def __init__(
+        self,
+        limit: int = 20,
+        window: float = 60.0,
+        max_clients: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = limit
+        self.clock = clock
+        self.window = window
+        self.max_clients = max_clients
+        # Ordered by last failure, oldest first; each keeps at most ``limit`` times.
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._failures)
+
+    def failed(self, client: str) -> None:
+        """Count a failure; raises RateLimited when ``client`` failed ``limit`` times in the
+        window before this one."""
+        moment = self.clock()
+        cutoff = moment - self.window
+        while self._failures and next(iter(self._failures.values()))[-1] < cutoff:
+            self._failures.popitem(last=False)
+        failures = self._failures.pop(client, None) or deque(maxlen=self.limit)
+        limited = len(failures) == self.limit and failures[0] >= cutoff
+        failures.append(moment)
+        self._failures[client] = failures
+        while len(self._failures) > self.max_clients:
+            self._failures.popitem(last=False)
+        if limited:
             raise RateLimited(
                 f"too many failed authentications from {client}; wait {self.window:.0f}s"
             )
 
-    def failed(self, client: str) -> None:
-        self._failures[client].append(time.monotonic())
-
 
 def _caller(request: HTTPConnection) -> dict[str, object]:
     """The API token's record; every route but health needs one."""
-    client = request.client.host if request.client else "unknown"
-    limiter: _FailedAuth = request.app.state.failed_auth
-    limiter.check(client)
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     try:
@@ -245,7 +334,8 @@ def _caller(request: HTTPConnection) -> dict[str, object]:
             raise Unauthenticated("missing API token: send Authorization: Bearer <token>")
         return auth.verify_token(request.app.state.store, auth.API, token.strip())
     except Unauthenticated:
-        limiter.failed(client)
+        limiter: _FailedAuth = request.app.state.failed_auth
+        limiter.failed(request.client.host if request.client else "unknown")
         raise
 
 
@@ -310,12 +400,7 @@ def create_app(
     app.state.store = store
     app.state.failed_auth = _FailedAuth(limit=max_auth_failures)
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length", "")
-        if body_limit_applies(request.url.path) and length.isdigit() and int(length) > MAX_BODY:
-            return error_response(413, "too_large", f"request body over {MAX_BODY} bytes")
-        return await call_next(request)
+    app.add_middleware(BodyLimit)  # added last: outermost, before anything reads a body
 
     @app.get("/api/v1/health")
     async def health() -> dict[str, str]:
@@ -413,6 +498,10 @@ def create_app(
     @app.post("/api/v1/nodes/{name}/cordon")
     async def cordon(name: str, _: Admin) -> dict[str, Any]:
         return node_json(nodes.set_cordon(name, True))
+
+    @app.patch("/api/v1/nodes/{name}/labels")
+    async def label_node(name: str, body: LabelsBody, _: Admin) -> dict[str, Any]:
+        return node_json(nodes.label(name, body.labels))
 
     @app.post("/api/v1/nodes/{name}/uncordon")
     async def uncordon(name: str, _: Admin) -> dict[str, Any]:
@@ -590,6 +679,11 @@ def create_app(
     async def revoke_token(token_id: str, _: Admin) -> dict[str, str]:
         store.revoke_token(token_id)
         return {"id": token_id, "status": "revoked"}
+
+    @app.post("/api/v1/tokens/revoke")
+    async def revoke_token_itself(body: RevokeBody, _: Admin) -> dict[str, str]:
+        """Revoke a token given whole (in the body: a secret never goes into a URL)."""
+        return await revoke_token(auth.find_token(store, body.token.strip()), _)
 
     return app
 

@@ -13,14 +13,18 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from multiverse.core.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from multiverse.core.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from multiverse.store.repository import Store, now
+from multiverse.wire import pki
 
 API, JOIN = "api", "join"
 _PREFIX = {API: "mva", JOIN: "mvj"}
 ROLES = ("admin", "viewer")
-DEFAULT_JOIN_TTL = timedelta(hours=24)
-MAX_TTL = timedelta(days=3650)
+# A join token is meant for one worker now: one use within the hour unless asked for more.
+DEFAULT_JOIN_TTL = timedelta(hours=1)
+DEFAULT_JOIN_USES = 1
+MAX_TTL = timedelta(days=365)
+MAX_USES = 1000
 
 
 def hash_secret(secret: str) -> str:
@@ -54,9 +58,15 @@ def issue_token(
     if kind == API and role not in ROLES:
         raise InvalidArgument(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
     if ttl is not None and not timedelta(seconds=1) <= ttl <= MAX_TTL:
-        raise InvalidArgument("ttl must be between 1s and 3650 days")
-    if uses is not None and uses < 1:
-        raise InvalidArgument("uses must be at least 1")
+        raise InvalidArgument(f"ttl must be between 1s and {MAX_TTL.days} days")
+    if kind == API and uses is not None:
+        # Counting requests would make the token die in the middle of a user's work.
+        raise InvalidArgument(
+            "uses applies to join tokens only: an API token is valid for every request "
+            "until it expires (--ttl) or is revoked"
+        )
+    if uses is not None and not 1 <= uses <= MAX_USES:
+        raise InvalidArgument(f"uses must be between 1 and {MAX_USES}")
     token_id = secrets.token_hex(8)
     secret = new_secret()
     expires_at = now() + ttl if ttl is not None else None
@@ -94,6 +104,24 @@ def verify_token(store: Store, kind: str, token: str) -> dict[str, object]:
             f"the {what} has expired; create a new one with `multiverse token create`"
         )
     return record
+
+
+def find_token(store: Store, token: str) -> str:
+    """The id of ``token`` as ``token create`` printed it (``mva.<id>.<secret>``,
+    ``mvj.<id>.<secret>`` or an encoded join token), if it is one of ours, expired and revoked
+    ones too: the secret must match, so a mistyped token names no other."""
+    if token.startswith(pki.JOIN_TOKEN_PREFIX):
+        join = pki.JoinToken.decode(token)
+        token_id, secret = join.token_id, join.secret
+    else:
+        prefix, _, rest = token.partition(".")
+        token_id, _, secret = rest.partition(".")
+        if prefix not in _PREFIX.values():
+            token_id = ""
+    record = store.get_token(token_id) if token_id and secret else None
+    if record is None or not secret_matches(secret, str(record["secret_hash"])):
+        raise NotFound("no such token: give the whole token `token create` printed, or its id")
+    return token_id
 
 
 def require_role(record: dict[str, object], role: str) -> None:

@@ -23,6 +23,7 @@ from multiverse.core.model import (
     Node,
     NodeStatus,
     Resources,
+    validate_labels,
     validate_name,
 )
 from multiverse.master import auth
@@ -47,6 +48,21 @@ class Nodes:
         node = self.store.find_node(name)
         self.store.update_node(node.id, cordoned=cordoned)
         self.instances.events.publish("node", name=name, cordoned=cordoned, status=node.status)
+        return self.store.find_node(name)
+
+    def label(self, name: str, changes: dict[str, str | None]) -> Node:
+        """Set (or, with None, remove) an admin's labels on a node; they win over the node's
+        own labels of the same keys for placement, and its re-joins do not touch them."""
+        node = self.store.find_node(name)
+        labels = dict(node.admin_labels)
+        for key, value in changes.items():
+            if value is None:
+                validate_labels({key: ""})
+                labels.pop(key, None)
+            else:
+                labels[key] = value
+        self.store.update_node(node.id, admin_labels=validate_labels(labels))
+        self.instances.events.publish("node", name=name, labels=labels, status=node.status)
         return self.store.find_node(name)
 
     def admit(self, token: str, csr_pem: bytes, name: str) -> tuple[Node, bytes]:

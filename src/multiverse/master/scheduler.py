@@ -1,6 +1,7 @@
 """Placement: which node gets a new instance. Pure functions over core types.
 
-Feasible nodes are Ready, not cordoned, carry the requested labels and have room for the
+Feasible nodes are Ready, not cordoned, carry the requested labels (an admin's label wins over
+the node's own of the same key) and have room for the
 instance after everything already placed on them. Among those, ``spread`` picks the emptiest
 (what Nomad and Kubernetes do by default) and ``binpack`` the fullest.
 """
@@ -23,7 +24,7 @@ def why_not(node: Node, need: Resources, selector: Mapping[str, str]) -> str | N
     if node.status != NodeStatus.READY:
         return f"not ready ({node.status.value})"
     for key, value in selector.items():
-        if node.labels.get(key) != value:
+        if node.effective_labels.get(key) != value:
             return f"label {key}={value} does not match"
     lacks = need.shortfalls(node.free)
     return ", ".join(lacks) if lacks else None

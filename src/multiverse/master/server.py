@@ -15,6 +15,7 @@ import grpc
 import uvicorn
 
 from multiverse.core.errors import InvalidArgument
+from multiverse.core.files import private_dir, write_private
 from multiverse.core.model import NodeStatus
 from multiverse.master import auth
 from multiverse.master.api import create_app
@@ -71,7 +72,7 @@ class _Uvicorn(uvicorn.Server):
 class Master:
     def __init__(self, config: MasterConfig) -> None:
         self.config = config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(config.data_dir)  # its CA key, tokens and database
         self.store = Store(config.db) if config.db else Store.for_data_dir(config.data_dir)
         self.store.migrate()
         # The cluster CA, made at the first start; the listener's certificate is issued anew at
@@ -114,7 +115,8 @@ class Master:
     ) -> tuple[auth.IssuedToken, str]:
         """A join token: where the master is, the CA's fingerprint, and a new secret."""
         issued = auth.issue_token(
-            self.store, auth.JOIN, ttl=ttl or auth.DEFAULT_JOIN_TTL, uses=uses,
+            self.store, auth.JOIN, ttl=ttl or auth.DEFAULT_JOIN_TTL,
+            uses=auth.DEFAULT_JOIN_USES if uses is None else uses,
             description=description,
         )  # fmt: skip
         host = self.config.advertise or _advertised_host(self.config.listen)
@@ -136,10 +138,10 @@ class Master:
         issued = auth.issue_token(self.store, auth.API, role="admin", description="first admin")
         ca_pem = None if self.config.insecure_http else self.ca.cert_pem
         text = client_config_text(self.api_url, issued.token, ca_pem)
-        pki.write_private(path, text.encode())
+        write_private(path, text.encode())
         user = self.config.user_config
         if user is not None and not user.exists():
-            pki.write_private(user, text.encode())
+            write_private(user, text.encode())
             log.info("wrote %s", user)
 
     def _tls_files(self, host: str) -> tuple[str | None, str | None]:

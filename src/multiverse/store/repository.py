@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from multiverse.core.errors import AlreadyExists, NotFound
+from multiverse.core.files import private_sqlite
 from multiverse.core.images import ImageManifest, StoredImage
 from multiverse.core.model import (
     DesiredState,
@@ -60,6 +61,8 @@ class Store:
         self.url = url
         self.engine: Engine = create_engine(url)
         if url.startswith("sqlite"):
+            if self.engine.url.database not in (None, "", ":memory:"):
+                private_sqlite(Path(self.engine.url.database))  # it holds user data and tokens
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
@@ -92,6 +95,7 @@ class Store:
             address=node.address,
             driver=node.driver,
             labels=node.labels,
+            admin_labels=node.admin_labels,
             status=node.status.value,
             cordoned=node.cordoned,
             cpus=node.capacity.cpus,
@@ -188,6 +192,7 @@ class Store:
                     driver=row.driver,
                     status=NodeStatus(row.status),
                     labels=dict(row.labels),
+                    admin_labels=dict(row.admin_labels),
                     capacity=Resources(row.cpus, row.memory, row.disk),
                     allocated=Resources(int(cpus or 0), int(memory or 0), int(disk or 0)),
                     cordoned=row.cordoned,

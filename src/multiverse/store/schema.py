@@ -20,7 +20,8 @@ class NodeRow(Base):
     name: Mapped[str] = mapped_column(String(63), unique=True)
     address: Mapped[str] = mapped_column(String(255))
     driver: Mapped[str] = mapped_column(String(32))
-    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the node's own, from its join
+    admin_labels: Mapped[dict[str, Any]] = mapped_column(default=dict)  # `node label`: these win
     status: Mapped[str] = mapped_column(String(16))
     cordoned: Mapped[bool] = mapped_column(Boolean, default=False)
     cpus: Mapped[int] = mapped_column(Integer, default=0)

@@ -25,21 +25,18 @@ shows it), it is small and fast, and every TLS stack knows it. Ed25519 is not an
 grpcio 1.85 the handshake fails with NO_COMMON_SIGNATURE_ALGORITHMS.
 
 Everything here is a pure function of its inputs, except :meth:`ClusterCA.load`,
-:meth:`ClusterCA.save`, :meth:`CertKey.save` and :func:`write_private`, which name their files.
+:meth:`ClusterCA.save` and :meth:`CertKey.save`, which name their files.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
 import json
-import os
 import re
-import tempfile
 import uuid
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +51,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from multiverse.core.errors import InvalidArgument, Unauthenticated
+from multiverse.core.files import write_private
 
 NODE_URI_PREFIX = "multiverse://node/"
 MASTER_URI = "multiverse://master"
@@ -123,26 +121,6 @@ _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 def serial_of(cert: CertInput) -> str:
     """The serial as lowercase hex: what the master stores for a revoked certificate."""
     return format(as_cert(cert).serial_number, "x")
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` with mode 0600, atomically.
-
-    A temporary file in the same directory is created 0600 and renamed over the target, so the
-    key is never readable by others, not even for a moment, and not when an older file with
-    looser permissions was there (``open(O_CREAT, 0o600)`` keeps an existing file's mode).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _write_public(path: Path, data: bytes) -> None:

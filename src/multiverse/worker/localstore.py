@@ -11,6 +11,7 @@ import sqlite3
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from multiverse.core.files import private_sqlite
 from multiverse.core.model import InstanceSpec, InstanceState
 
 _SCHEMA = """
@@ -39,7 +40,7 @@ class VMRecord:
 
 class LocalStore:
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db = sqlite3.connect(private_sqlite(path), isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
 

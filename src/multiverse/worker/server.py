@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 
 from multiverse.core.errors import InvalidArgument, MultiverseError
+from multiverse.core.files import private_dir
 from multiverse.core.model import Resources
 from multiverse.core.sizes import GiB
 from multiverse.drivers.base import Driver
@@ -35,7 +36,7 @@ class WorkerConfig:
     listen: str = "0.0.0.0:1339"
     advertise: str = ""
     name: str = ""
-    driver: str = "fake"
+    driver: str = "qemu"
     labels: dict[str, str] = field(default_factory=dict)
     capacity: Resources | None = None
     sync_interval: float = 5.0
@@ -81,7 +82,7 @@ class Worker:
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(config.data_dir)  # its key, its VMs' user data
         images = make_image_cache(config)
         driver = make_driver(config, images)
         # Only drivers that boot files from the cache use it (Multipass keeps its own images).

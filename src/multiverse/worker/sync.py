@@ -23,6 +23,7 @@ import httpx
 
 from multiverse import __version__
 from multiverse.core.errors import InvalidArgument, Unavailable
+from multiverse.core.files import write_private
 from multiverse.wire import convert, pki
 from multiverse.wire.v1 import multiverse_pb2 as pb
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
@@ -56,8 +57,8 @@ class Identity:
 
     def save(self, data_dir: Path) -> None:
         self.cert.save(data_dir / "pki", "node")
-        pki.write_private(data_dir / "pki" / "ca.crt", self.ca_pem)
-        pki.write_private(
+        write_private(data_dir / "pki" / "ca.crt", self.ca_pem)
+        write_private(
             data_dir / "node.json",
             json.dumps({"node_id": self.node_id, "name": self.name}).encode(),
         )
