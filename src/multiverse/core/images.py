@@ -59,13 +59,14 @@ def parse_sha256(text: str) -> str:
     return value
 
 
-def sha256_file(path: Path) -> str:
-    """The hex sha256 of a file, read in 1 MiB blocks (images are large)."""
-    digest = hashlib.sha256()
+def sha256_file(path: Path, digest: Any = None) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks (images are large); with ``digest``
+    (a ``hashlib.sha256()`` object) the file is added to it, to go on with what follows."""
+    digest = digest if digest is not None else hashlib.sha256()
     with path.open("rb") as file:
         while block := file.read(1024 * 1024):
             digest.update(block)
-    return digest.hexdigest()
+    return str(digest.hexdigest())
 
 
 def image_digest(files: Mapping[str, str]) -> str:

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, BinaryIO, Protocol
 
 import grpc
 
@@ -220,8 +221,7 @@ class NodeImageCache:
         for name, entry in sorted(manifest.files.items()):
             path = staging / name
             for attempt in (1, 2):
-                await self._fetch(source, entry.sha256, entry.size, path, name, advance)
-                if await asyncio.to_thread(sha256_file, path) == entry.sha256:
+                if await self._fetch(source, entry.sha256, entry.size, path, name, advance):
                     break
                 log.warning(
                     "image %s: %s does not match its sha256; discarded, pulling it again",
@@ -249,24 +249,29 @@ class NodeImageCache:
         path: Path,
         name: str,
         advance: Callable[[str, int], None],
-    ) -> None:
-        """Append to ``path`` from where it ends until it has ``size`` bytes."""
+    ) -> bool:
+        """Append to ``path`` from where it ends until it has ``size`` bytes; whether the whole
+        file has the ``sha256`` it must have. Hashed as it is written (the part a broken pull
+        left is hashed first), so the check costs no second read of the file."""
         offset = _size(path)
         if offset > size:
             path.unlink()
             offset = 0
-        if offset == size:
-            return
+        digest = hashlib.sha256()
         if offset:
-            log.info("resuming the pull of %s (sha256:%s) at offset %d", name, sha256, offset)
-        with path.open("ab") as file:
-            async for data in source.fetch(sha256, offset):
-                await asyncio.to_thread(file.write, data)
-                offset += len(data)
-                advance(name, offset)
-            file.flush()
-        if offset != size:
-            raise Unavailable(f"the transfer of {name} ended at {offset} of {size} bytes")
+            await asyncio.to_thread(sha256_file, path, digest)
+        if offset < size:
+            if offset:
+                log.info("resuming the pull of %s (sha256:%s) at offset %d", name, sha256, offset)
+            with path.open("ab") as file:
+                async for data in source.fetch(sha256, offset):
+                    await asyncio.to_thread(_write, file, digest, data)
+                    offset += len(data)
+                    advance(name, offset)
+                file.flush()
+            if offset != size:
+                raise Unavailable(f"the transfer of {name} ended at {offset} of {size} bytes")
+        return digest.hexdigest() == sha256
 
     # --- keeping it small ---
 
@@ -362,6 +367,11 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+def _write(file: BinaryIO, digest: Any, data: bytes) -> None:
+    digest.update(data)
+    file.write(data)
 
 
 def _tree_size(root: Path) -> int:
