@@ -66,7 +66,8 @@ def test_a_fresh_worker_pulls_verifies_and_boots_an_imported_image(
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 is not installed")
     _no_seeds(cluster)
-    cluster.start_master()
+    # Throttled (about 3 s for the 70 MB guest), so that the pull's progress can be seen.
+    cluster.start_master("--image-rate-limit", "24M")
     assert cluster.ok("image", "list", "--format", "json").json() == []
     imported = cluster.ok("image", "import", str(tiny_dir), "--name", "tiny", "--format", "json")
     image = imported.json()[0]
@@ -75,9 +76,16 @@ def test_a_fresh_worker_pulls_verifies_and_boots_an_imported_image(
     worker_images = cluster.root / "fresh" / "images"
     assert not (worker_images / "sha256").exists() or not any((worker_images / "sha256").iterdir())
 
+    unknown = cluster.cli("launch", "nosuch", "--name", "vm0")
+    assert unknown.code != 0 and "'nosuch' does not exist" in unknown.err
+    assert "vm0" not in cluster.instances()
+
     cluster.ok("launch", "tiny", "--name", "vm1", "--memory", "256M", "--disk", "64M",
-               timeout=600)  # fmt: skip
-    assert cluster.instances()["vm1"]["state"] == "Running"
+               "--no-wait")  # fmt: skip
+    # While it is Creating, the instance (and so the launch's progress) tells the pull.
+    wait_until(lambda: "pulling image tiny" in cluster.instances()["vm1"]["message"], timeout=60)
+    wait_until(lambda: cluster.instances()["vm1"]["state"] == "Running", timeout=600, interval=1)
+    assert cluster.instances()["vm1"]["message"] == ""
     cached = worker_images / "sha256" / image["digest"].removeprefix("sha256:")
     for name, entry in image["files"].items():
         assert sha256_file(cached / name) == entry["sha256"]

@@ -21,7 +21,15 @@ from pathlib import Path
 
 import click
 
-from multiverse.client.cli import _wait_with_bar, cli, image, labels_option, parsed, run
+from multiverse.client.cli import (
+    wait_with_progress,
+    cli,
+    format_option,
+    image,
+    labels_option,
+    parsed,
+    run,
+)
 from multiverse.client.config import ClientConfig, user_config_path
 from multiverse.core.errors import MultiverseError
 from multiverse.core.model import Resources
@@ -461,22 +469,29 @@ def image_build() -> None:
     """Build a guest image on this host and import it into the master's store."""
 
 
-def _build_and_import(images_dir: Path, import_it: bool) -> None:
+def _build_and_import(images_dir: Path, import_it: bool, fmt: str = "table") -> None:
     """Build the tiny guest (cached), then send it to the configured master's store."""
-    built = _build_test_image(images_dir)
-    click.echo(f"image tiny built in {built}")
-    if not import_it:
-        return
-    from multiverse.client.cli import _client, upload_files
+    import json
 
-    client = _client()
-    if any(item["name"] == "tiny" for item in client.stored_images()):
-        click.echo("image tiny is in the master's store already")
-        return
-    files = {path.name: path for path in sorted(built.iterdir()) if path.is_file()}
-    operation = client.import_image({"name": "tiny", "files": upload_files(client, files)})
-    result = _wait_with_bar(client, operation, 3600)
-    click.echo(f"image tiny imported: {result['digest']}")
+    from multiverse.core.images import ImageManifest
+
+    built = _build_test_image(images_dir)
+    digest = ImageManifest.from_json(json.loads((built / "image.json").read_text())).digest
+    result: dict[str, object] = {"name": "tiny", "path": str(built), "digest": digest}
+    if import_it:
+        from multiverse.client.cli import _client, upload_files
+
+        client = _client()
+        if not any(item["digest"] == digest for item in client.stored_images()):
+            files = {path.name: path for path in sorted(built.iterdir()) if path.is_file()}
+            body = {"name": "tiny", "files": upload_files(client, files)}
+            wait_with_progress(client, client.import_image(body), 3600)
+        result["imported"] = True
+    if fmt == "json":
+        click.echo(json.dumps(result, indent=2))
+    else:
+        where = "; in the master's store" if import_it else ""
+        click.echo(f"image tiny {digest[:19]} built in {built}{where}")
 
 
 images_dir_option = click.option(
@@ -496,9 +511,10 @@ images_dir_option = click.option(
     show_default=True,
     help="Import the result into the configured master's store.",
 )
-def image_build_tiny(data_dir: Path, images_dir: Path | None, import_it: bool) -> None:
+@format_option
+def image_build_tiny(data_dir: Path, images_dir: Path | None, import_it: bool, fmt: str) -> None:
     """The tiny test guest from Debian packages (kernel, busybox, dropbear); a no-op once built."""
-    _build_and_import(images_dir or data_dir / "images", import_it)
+    _build_and_import(images_dir or data_dir / "images", import_it, fmt)
 
 
 @image.command(name="build-test", hidden=True)

@@ -730,7 +730,7 @@ def _bar(label: str, total: int) -> Iterator[Callable[[int, int], None]]:
         yield update
 
 
-def _wait_with_bar(client: ApiClient, operation: dict[str, Any], timeout: float) -> Any:
+def wait_with_progress(client: ApiClient, operation: dict[str, Any], timeout: float) -> Any:
     """Wait for an import or pull operation, its bytes as a bar; its result once it succeeded."""
     deadline = time.monotonic() + timeout
     label = f"{operation['kind']} {operation['target']}"
@@ -815,7 +815,7 @@ def image_import(
             files = {path.name: path}
         body["files"] = upload_files(client, files)
     operation = client.import_image(body)
-    result = _wait_with_bar(client, operation, timeout)
+    result = wait_with_progress(client, operation, timeout)
     click.echo(render([result], STORED_IMAGE_COLUMNS, fmt))
 
 
@@ -847,7 +847,7 @@ def image_pull(name: str, nodes: tuple[str, ...], all_: bool, timeout: float, fm
         raise click.UsageError("name a node with --node, or use --all")
     client = _client()
     operation = client.pull_image(name, list(nodes), all_)
-    result = _wait_with_bar(client, operation, timeout)
+    result = wait_with_progress(client, operation, timeout)
     if fmt == "table":
         click.echo(f"pulled {result['image']} to {', '.join(result['nodes'])}")
     else:
