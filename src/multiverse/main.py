@@ -22,13 +22,13 @@ from pathlib import Path
 import click
 
 from multiverse.client.cli import (
-    wait_with_progress,
     cli,
     format_option,
     image,
     labels_option,
     parsed,
     run,
+    wait_with_progress,
 )
 from multiverse.client.config import ClientConfig, user_config_path
 from multiverse.core.errors import MultiverseError

@@ -33,7 +33,12 @@ ROOTFS_FILE = "rootfs.ext4"
 
 @dataclass(frozen=True)
 class CachedImage:
-    """An image whose files are on this host, under ``root``."""
+    """An image whose files are on this host, under ``root``.
+
+    ``boot`` carries the manifest's hints: the files that play the roles ``kernel``,
+    ``initrd``, ``disk`` and ``rootfs`` (see :meth:`file`), and as plain values the disk's
+    ``format`` (raw, qcow2) and a kernel ``cmdline`` when the image asks for one.
+    """
 
     name: str
     kind: str

@@ -40,6 +40,7 @@ from multiverse.core.model import (
     Instance,
     InstanceSpec,
     Node,
+    NodeStatus,
 )
 from multiverse.core.sizes import parse_size
 from multiverse.master import auth
@@ -445,7 +446,7 @@ def create_app(
     async def pull_image(name: str, body: PullBody, _: Admin) -> dict[str, Any]:
         """Warm the caches of some nodes (or all Ready ones) ahead of launches."""
         if body.all:
-            targets = [node for node in store.list_nodes() if node.status.value == "Ready"]
+            targets = [node for node in store.list_nodes() if node.status == NodeStatus.READY]
         else:
             targets = [store.find_node(node_name) for node_name in body.nodes]
         return image_store.start_pull(name, targets).json()

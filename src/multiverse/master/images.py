@@ -388,8 +388,6 @@ class Images:
             output = Path(work) / ROOTFS_FILE
             try:
                 import_oci(layout, output, size)
-            except MultiverseError:
-                raise
             except (OSError, ValueError, KeyError) as exc:
                 raise InvalidArgument(f"not a usable OCI image layout: {exc}") from exc
             rootfs = self.blobs.add_file(output)
