@@ -333,7 +333,7 @@ class Images:
     def _manifest_of(self, name: str, source: FileSource, progress: Progress) -> ImageManifest:
         files = dict(source.files)
         if MANIFEST_FILE in files:
-            return self._kernel_image(name, files)
+            return self._described_image(name, files)
         if "oci-layout" in files or "index.json" in files:
             progress.stage = "converting the OCI layout to ext4"
             return self._rootfs_image(name, files, source.rootfs_size)
@@ -344,7 +344,9 @@ class Images:
             "image.json, or an OCI image layout"
         )
 
-    def _kernel_image(self, name: str, files: dict[str, str]) -> ImageManifest:
+    def _described_image(self, name: str, files: dict[str, str]) -> ImageManifest:
+        """A directory that says what it is in its image.json (the tiny guest; any kind a
+        builder writes, with its boot hints): the files must be exactly the ones it lists."""
         text = self.blobs.path(files.pop(MANIFEST_FILE)).read_text()
         try:
             described = ImageManifest.from_json(json.loads(text))
