@@ -5,6 +5,7 @@ Used by the tests (through conftest.py) and by the benchmarks in bench/.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -46,6 +47,14 @@ def wait_until(predicate: Any, timeout: float = 20.0, interval: float = 0.1) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+async def async_wait_until(predicate: Any, timeout: float = 20.0, interval: float = 0.05) -> Any:
+    """:func:`wait_until` while the event loop runs on: for a condition the loop brings about.
+
+    The predicate runs in a worker thread, so it should only read (attributes, files).
+    """
+    return await asyncio.to_thread(wait_until, predicate, timeout, interval)
 
 
 @dataclass

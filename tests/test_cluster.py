@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
 import io
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
+import websockets
 import yaml
 from harness import NODE_TIMEOUT, Cluster, wait_until
 
@@ -194,6 +203,49 @@ def test_concurrent_launches_never_lose_duplicate_or_oversubscribe(cluster: Clus
         responses = list(pool.map(launch, ["same"] * 5))
     assert sorted(r.status_code for r in responses) == [202] + [409] * 4
     assert len(cluster.instances()) == 30 - 6 - 6 + 1
+
+
+def test_streams_to_a_frozen_agent_end_with_an_error_instead_of_hanging(cluster: Cluster) -> None:
+    """Issue 10, item 11: a worker that stops answering (SIGSTOP: its TCP still ACKs, nothing
+    else) ends the master's Exec and Session streams to it by keepalive, as "unreachable",
+    instead of leaving the client waiting on silence. With gRPC's default ping timeout (60 s,
+    which overrides keepalive_timeout_ms) the CLI's own read timeout struck first."""
+    cluster.start_master()
+    worker = cluster.start_worker("node-a")
+    cluster.ok("launch", "--name", "vm")
+    command = ["sh", "-c", "echo started; sleep 600"]
+    exec_ = subprocess.Popen(
+        [sys.executable, "-m", "multiverse", "exec", "vm", "--", *command],
+        env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+    async def session() -> list[Any]:
+        query = "&".join(f"command={part}" for part in ["sh", "-c", "echo%20started;sleep%20600"])
+        url = f"{cluster.ws}/api/v1/instances/vm/shell?tty=false&{query}"
+        headers = {"Authorization": f"Bearer {cluster.token}"}
+        frames: list[Any] = []
+        async with websockets.connect(
+            url, additional_headers=headers, ssl=cluster.ssl_context
+        ) as ws:
+            with contextlib.suppress(websockets.ConnectionClosed):
+                async for frame in ws:
+                    frames.append(frame)
+                    if frame == b"started\n":
+                        os.killpg(worker.process.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+        return frames
+
+    try:
+        assert exec_.stdout is not None
+        assert exec_.stdout.readline() == b"started\n"
+        frames = asyncio.run(asyncio.wait_for(session(), 120))
+        err = exec_.communicate(timeout=120)[1]
+    finally:
+        exec_.kill()
+        os.killpg(worker.process.pid, signal.SIGCONT)  # type: ignore[union-attr]
+    assert exec_.returncode != 0
+    assert "node node-a is unreachable" in err.decode()
+    error = json.loads(frames[-1])
+    assert error["type"] == "error" and "node-a is unreachable" in error["message"]
 
 
 def test_an_admins_node_labels_win_and_survive_rejoins(cluster: Cluster) -> None:

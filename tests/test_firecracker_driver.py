@@ -15,11 +15,11 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import psutil
 import pytest
-from harness import Cluster
+from harness import Cluster, wait_until
 
 from multiverse.core.errors import Conflict, DriverError, InvalidArgument, NotFound, Unavailable
 from multiverse.core.sizes import MiB
@@ -42,12 +42,10 @@ from multiverse.drivers.firecracker import (
     tap_name,
 )
 from multiverse.drivers.rootfs import import_oci
-from multiverse.guest.image import ImageBuildError, build_test_image
 
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = REPO / "tests" / "standins" / "firecracker"
 SCENARIO = REPO / "tests" / "firecracker_scenario.py"
-IMAGE_CACHE = Path(os.environ.get("MULTIVERSE_IMAGE_CACHE", str(REPO / ".data" / "images")))
 T = TypeVar("T")
 
 
@@ -77,10 +75,8 @@ def standin(tmp_path: Path) -> Iterator[FirecrackerAPI]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 10
-        while not socket_path.exists():
-            assert process.poll() is None and time.monotonic() < deadline, "stand-in did not start"
-            time.sleep(0.02)
+        wait_until(lambda: socket_path.exists() or process.poll() is not None, 10, 0.02)
+        assert process.poll() is None, "stand-in did not start"
         api = FirecrackerAPI(socket_path, "test-vm")
         api.process = process  # type: ignore[attr-defined]
         yield api
@@ -97,12 +93,11 @@ def test_api_follows_the_swagger(standin: FirecrackerAPI, tmp_path: Path) -> Non
 
     async def scenario() -> None:
         info = await standin.get("/")
-        assert info == {
-            "id": "test-vm",
-            "state": "Not started",
-            "vmm_version": info["vmm_version"],
-            "app_name": "Firecracker",
-        }
+        version = info.pop("vmm_version")
+        # A release with --enable-pci (1.13+), told the same by both routes.
+        assert re.fullmatch(r"1\.(1[3-9]|[2-9][0-9])\.[0-9]+(-standin)?", version), version
+        assert await standin.get("/version") == {"firecracker_version": version}
+        assert info == {"id": "test-vm", "state": "Not started", "app_name": "Firecracker"}
         # Bad bodies: a 400 whose fault_message reaches the caller in a DriverError.
         for path, body, words in (
             ("/machine-config", {"vcpu_count": 1}, "missing field `mem_size_mib`"),
@@ -118,6 +113,7 @@ def test_api_follows_the_swagger(standin: FirecrackerAPI, tmp_path: Path) -> Non
                 {"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "zz"},
                 "Invalid MAC",
             ),
+            ("/entropy", {"rate": 1}, "unknown field `rate`"),
             ("/actions", {"action_type": "Explode"}, "unknown variant"),
             ("/actions", {"action_type": "InstanceStart"}, "without kernel configuration"),
             ("/actions", {"action_type": "SendCtrlAltDel"}, "before starting"),
@@ -144,8 +140,11 @@ def test_api_follows_the_swagger(standin: FirecrackerAPI, tmp_path: Path) -> Non
             "/network-interfaces/eth0",
             {"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "02:00:00:00:00:01"},
         )
+        await standin.put("/entropy", {})
         await standin.put("/actions", {"action_type": "InstanceStart"})
         assert (await standin.get("/"))["state"] == "Running"
+        with pytest.raises(Conflict, match="after starting"):
+            await standin.put("/entropy", {})
 
         # Pre-boot configuration, and a second start, are refused once started: Conflict.
         with pytest.raises(Conflict, match="after starting"):
@@ -189,7 +188,9 @@ def test_tap_names_and_macs() -> None:
     ids = [str(uuid.uuid4()) for _ in range(200)]
     names = {tap_name(vm_id) for vm_id in ids}
     assert len(names) == 200 and all(len(name) == 15 and name.startswith("mv") for name in names)
-    assert tap_name(ids[0]) == tap_name(ids[0]) == "mv" + ids[0].replace("-", "")[:13]
+    # Stable, and the same name the uuid gives wherever it is written (with or without dashes).
+    assert tap_name(ids[0]) == tap_name(ids[0].replace("-", "").upper())
+    assert tap_name("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0") == "mv0f1e2d3c4b5a6"
     assert len(tap_name("not-a-uuid")) == 15
     mac = mac_address(ids[0])
     assert mac == mac_address(ids[0]) and mac.startswith("02:") and len(mac.split(":")) == 6
@@ -624,19 +625,11 @@ def test_failed_launch_gives_back_tap_and_address(netns: str, tmp_path: Path, im
     assert processes_under(tmp_path / "state") == []
 
 
-@pytest.mark.vm
-def test_real_boot_in_a_namespace(netns: str, tmp_path: Path) -> None:
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed")
-    try:
-        build_test_image(IMAGE_CACHE)
-    except ImageBuildError as error:
-        pytest.skip(f"cannot build the test image: {error.message}")
-    state = tmp_path / "state"
+def boot_in_netns(netns: str, state: Path, images: Path, **args: Any) -> dict[str, Any]:
+    """One VM through the scenario (boot, exec, stop, delete); no process left whatever happens."""
     try:
         answer = in_netns(
-            netns,
-            {"state_dir": str(state), "images": str(IMAGE_CACHE), "binary": str(STANDIN)},
+            netns, {"state_dir": str(state), "images": str(images), "binary": str(STANDIN), **args}
         )
     finally:
         for process in processes_under(state):  # only if the scenario died half-way
@@ -644,21 +637,56 @@ def test_real_boot_in_a_namespace(netns: str, tmp_path: Path) -> None:
     assert "start_error" not in answer, answer.get("start_error")
     assert answer["status"] == ["running", "172.31.90.2"]
     assert answer["tap"] in answer["taps_running"]
+    # The tap belongs to the user that runs Firecracker (here: the test's user).
+    assert answer["tap_owner"] == str(os.geteuid())
     # The key the guest printed on its console is the one its first login recorded.
     assert answer["host_key_announced"].startswith("ssh-ed25519 ")
     assert answer["host_key_recorded"].split()[:2] == answer["host_key_announced"].split()
-    assert answer["uname"][0] == 0 and answer["uname"][1].endswith("-amd64")
-    assert answer["stats"]["ipv4"] == "172.31.90.2" and answer["stats"]["memory_total"] > 0
     assert answer["status_stopped"] == "stopped" and answer["status_deleted"] == "missing"
     assert vm_taps(answer["taps_after"]) == [] and answer["leases_after"] == {}
+    return answer
+
+
+@pytest.mark.vm
+def test_real_boot_in_a_namespace(netns: str, tmp_path: Path, tiny_image: Path) -> None:
+    """Firecracker's defaults: virtio-MMIO, entropy only when asked, Ctrl+Alt+Del to stop."""
+    answer = boot_in_netns(netns, tmp_path / "state", tiny_image.parent)
+    assert answer["uname"][0] == 0 and answer["uname"][1].endswith("-amd64")
+    assert answer["stats"]["ipv4"] == "172.31.90.2" and answer["stats"]["memory_total"] > 0
+    device, rng = answer["outputs"][0].split()
+    # eth0 sits on the MMIO transport (an ACPI platform device), not on PCI.
+    assert "/pci" not in device and "LNRO0005" in device, device
+    assert rng.startswith("virtio_rng"), rng  # the driver asked for an entropy device
+    # Stop was Ctrl+Alt+Del: the guest's init synced, unmounted and rebooted; the reset ended
+    # the process (a kill would leave no "Restarting system" on the console).
+    console = answer["console"]
+    assert "The system is going down NOW!" in console and "reboot: Restarting system" in console
+    assert "guest guest-reset" in console
     print(
         f"firecracker stand-in: boot to SSH {answer['boot_seconds']} s, "
         f"stop {answer['stop_seconds']} s"
     )
 
 
-def test_image_import_turns_an_oci_layout_into_a_rootfs_image(
-    cluster: Cluster, tmp_path: Path, tiny_image: Path
+@pytest.mark.vm
+def test_pci_when_asked_and_poweroff_keeps_the_process(
+    netns: str, tmp_path: Path, tiny_image: Path
+) -> None:
+    """``--enable-pci`` gives PCI devices; a guest poweroff leaves Firecracker running (no ACPI
+    power-off on x86), and stop still ends it (a kill after ``stop_timeout``)."""
+    answer = boot_in_netns(
+        netns, tmp_path / "state", tiny_image.parent, enable_pci=True, poweroff=True,
+        stop_timeout=2,
+    )  # fmt: skip
+    device, _rng = answer["outputs"][0].split()
+    assert "/pci" in device, device
+    assert answer["after_poweroff"] == "process alive: True, driver says running"
+    assert "reboot: Restarting system" not in answer["console"]
+
+
+@pytest.mark.vm
+def test_image_import_turns_an_oci_layout_into_a_bootable_rootfs_image(
+    cluster: Cluster, netns: str, tmp_path: Path, tiny_image: Path
 ) -> None:
     layout = tmp_path / "layout"
     write_oci_layout(layout, [_layer({"etc/motd": b"from an OCI image\n"}, compress=True)])
@@ -680,3 +708,13 @@ def test_image_import_turns_an_oci_layout_into_a_rootfs_image(
     assert bad.code != 0 and "manifest" in bad.err.lower(), bad.err
     names = [i["name"] for i in cluster.ok("image", "list", "--format", "json").json()]
     assert names == ["tiny", "web"]
+    # Bootable: the image's files as a node's cache holds them, and a VM of it starts with the
+    # layer's file on its disk.
+    images = tmp_path / "images"
+    (images / "web").mkdir(parents=True)
+    for name, entry in image["files"].items():
+        os.link(blobs / entry["sha256"], images / "web" / name)
+    answer = boot_in_netns(
+        netns, tmp_path / "state", images, image="web", commands=[["cat", "/data/etc/motd"]]
+    )
+    assert answer["outputs"][1] == "from an OCI image\n"

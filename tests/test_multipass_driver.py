@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from harness import async_wait_until
 
 from multiverse.core.errors import (
     AlreadyExists,
@@ -34,6 +36,7 @@ from multiverse.drivers.multipass import (
     BINARY_ENV,
     MultipassDriver,
     error_for,
+    first_ipv4,
     parse_info_stats,
     parse_list,
 )
@@ -111,8 +114,9 @@ def test_lifecycle(driver: MultipassDriver, standin_state: Path) -> None:
         # The launch carried the spec: cpus, memory, disk, cloud-init, the mapped image.
         assert (record["cpus"], record["memory"], record["disk"]) == (2, 512 * MiB, 5 * GiB)
         assert record["cloud_init"] == vm.user_data and record["image"] == "lts"
-        assert record["cloud_init_mode"] == 0o600  # user data may hold secrets
-        assert list((driver.state_dir / "created").iterdir()) == []  # no cloud-init file left
+        # On stdin, never in a file: the snap cannot read files outside a non-hidden home.
+        assert record["cloud_init_from"] == "stdin"
+        assert list((driver.state_dir / "created").iterdir()) == []
         assert (await driver.start(vm)).power == PowerState.RUNNING  # idempotent
 
         stats = await driver.stats(vm)
@@ -122,7 +126,7 @@ def test_lifecycle(driver: MultipassDriver, standin_state: Path) -> None:
         assert 0 <= stats.load[0] <= 1
 
         await driver.stop(vm)
-        assert (await driver.status(vm)) == (await driver.status(vm))
+        assert standin_instances(standin_state)[vm.name]["state"] == "Stopped"
         stopped = await driver.status(vm)
         assert stopped.power == PowerState.STOPPED and stopped.ipv4 == ""
         await driver.stop(vm)  # idempotent
@@ -216,7 +220,7 @@ def test_exec_splits_streams_and_passes_the_exit_code(driver: MultipassDriver) -
         with pytest.raises(InvalidArgument):
             await collect(driver, vm, [])
         await driver.stop(vm)
-        with pytest.raises(Conflict, match="not running"):
+        with pytest.raises(Conflict, match="is stopped; start it first"):
             await collect(driver, vm, ["true"])
         await driver.delete(vm)
         with pytest.raises(NotFound):
@@ -280,8 +284,10 @@ def test_shell_session_on_a_local_pty_with_resize(driver: MultipassDriver) -> No
         await ending.close()
 
         await driver.stop(vm)
-        with pytest.raises(Conflict):
+        with pytest.raises(Conflict, match="is stopped; start it first"):
             await driver.open_session(vm, None, None)
+        # Refused before the client ran: Multipass' own client would have started it.
+        assert (await driver.status(vm)).power == PowerState.STOPPED
 
     run(scenario)
 
@@ -297,6 +303,8 @@ def test_shell_session_on_a_local_pty_with_resize(driver: MultipassDriver) -> No
         ("strange-state", DriverError, "'Levitating'"),
         ("missing-fields", DriverError, "without a state"),
         ("daemon-down", Unavailable, "cannot connect to the multipass socket"),
+        ("socket-denied", Unavailable, "multipass socket access denied"),
+        ("unauthenticated", Unavailable, "The client is not authenticated"),
     ],
 )
 def test_malformed_output_gives_a_typed_error(
@@ -366,6 +374,132 @@ def test_command_line_error_and_name_clash(driver: MultipassDriver) -> None:
     run(scenario)
 
 
+def standin(*argv: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """The stand-in CLI run directly, as a user would run ``multipass``."""
+    return subprocess.run(
+        [str(STANDIN), *argv], input=stdin, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_daemon_refusals_are_exit_2_and_bad_arguments_are_typed(driver: MultipassDriver) -> None:
+    """Name, memory and disk are judged by the daemon: exit 2, "Invalid arguments supplied"."""
+    for argv, words in (
+        (["--name", "bad_name"], "Invalid instance name supplied: bad_name"),
+        (["--name", "ok", "--memory", "64M"], "Invalid memory size value supplied: 64M."),
+        (["--name", "ok", "--disk", "100M"], "Invalid disk size value supplied: 100M."),
+    ):
+        answer = standin("launch", *argv, "lts")
+        assert answer.returncode == 2
+        assert answer.stderr.startswith("launch failed: Invalid arguments supplied\n" + words)
+        with pytest.raises(InvalidArgument, match=words):
+            run(lambda argv=argv: driver._run_checked("launch", *argv, "lts"))  # type: ignore[misc]
+
+
+def test_unreachable_daemon_is_exit_2(standin_state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for fault in ("daemon-down", "socket-denied", "unauthenticated"):
+        monkeypatch.setenv("MULTIPASS_STANDIN_FAULT", fault)
+        answer = standin("list", "--format", "json")
+        assert answer.returncode == 2 and answer.stderr.startswith("list failed: ")
+
+
+def test_user_data_must_be_a_cloud_config_mapping(
+    driver: MultipassDriver, standin_state: Path
+) -> None:
+    for user_data in ("#!/bin/sh\necho hi\n", "- a\n- b\n", "just text\n", "a: [\n"):
+        vm = new_vm("scripted", user_data=user_data)
+        with pytest.raises(InvalidArgument, match="cloud-config YAML"):
+            run(lambda vm=vm: driver.create(vm))  # type: ignore[misc]
+    assert list((driver.state_dir / "created").iterdir()) == []
+    # Multipass' client refuses it too, from stdin, before asking the daemon.
+    answer = standin("launch", "--name", "x", "--cloud-init", "-", "lts", stdin="- a\n")
+    assert answer.returncode == 1 and "error loading cloud-init config" in answer.stderr
+    assert not standin_state.exists() or standin_instances(standin_state) == {}
+
+
+def test_launch_and_start_pass_a_timeout_multipass_answers_first(
+    driver: MultipassDriver, standin_state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--timeout`` reaches the client, whose own "Timed out" (exit 5) comes before our limit."""
+    vm = new_vm("slow")
+    driver.launch_timeout = driver.start_timeout = 1
+
+    async def scenario() -> None:
+        await driver.create(vm)
+        monkeypatch.setenv("MULTIPASS_STANDIN_DELAY", "3")
+        with pytest.raises(Unavailable, match="Timed out waiting for instance launch"):
+            await driver.start(vm)
+        # Like Multipass, the launch goes on after the client gave up: the VM is Starting.
+        assert standin_instances(standin_state)[vm.name]["state"] == "Starting"
+        monkeypatch.delenv("MULTIPASS_STANDIN_DELAY")
+        assert (await driver.start(vm)).power == PowerState.RUNNING
+        await driver.stop(vm)
+        monkeypatch.setenv("MULTIPASS_STANDIN_DELAY", "3")
+        with pytest.raises(Unavailable, match="Timed out waiting for instance to start"):
+            await driver.start(vm)
+        monkeypatch.delenv("MULTIPASS_STANDIN_DELAY")
+        await driver.delete(vm)
+
+    run(scenario)
+
+
+def test_starting_is_running_but_not_yet_usable(
+    driver: MultipassDriver, standin_state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vm = new_vm("booting")
+
+    async def scenario() -> None:
+        await driver.create(vm)
+        monkeypatch.setenv("MULTIPASS_STANDIN_DELAY", "3")
+        launch = asyncio.create_task(driver.start(vm))
+        try:
+            await async_wait_until(
+                lambda: (
+                    standin_state.exists()
+                    and standin_instances(standin_state).get(vm.name, {}).get("state") == "Starting"
+                )
+            )
+            status = await driver.status(vm)
+            assert status.power == PowerState.RUNNING and "Starting" in status.message
+            with pytest.raises(Conflict, match=r"not running \(Multipass: Starting\)"):
+                await collect(driver, vm, ["true"])
+            assert (await launch).power == PowerState.RUNNING
+        finally:
+            launch.cancel()
+            monkeypatch.delenv("MULTIPASS_STANDIN_DELAY")
+            await driver.delete(vm)
+
+    run(scenario)
+
+
+def test_no_address_yet_is_no_address(
+    driver: MultipassDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vm = new_vm()
+
+    async def scenario() -> None:
+        await driver.create(vm)
+        assert (await driver.start(vm)).ipv4
+        monkeypatch.setenv("MULTIPASS_STANDIN_FAULT", "no-address")
+        status = await driver.status(vm)
+        assert status.power == PowerState.RUNNING and status.ipv4 == ""
+        assert (await driver.stats(vm)).ipv4 == ""
+
+    run(scenario)
+
+
+def test_standin_exec_on_a_stopped_instance_starts_it_as_multipass_does(
+    driver: MultipassDriver, standin_state: Path
+) -> None:
+    """The stand-in follows the real client here; the driver refuses before (tested above)."""
+    vm = new_vm()
+    run(lambda: driver.create(vm))
+    run(lambda: driver.start(vm))
+    run(lambda: driver.stop(vm))
+    answer = standin("exec", vm.name, "--", "sh", "-c", "echo inside")
+    assert (answer.returncode, answer.stdout) == (0, "inside\n")
+    assert standin_instances(standin_state)[vm.name]["state"] == "Running"
+
+
 def test_deleted_but_not_purged_is_missing_with_a_reason(driver: MultipassDriver) -> None:
     vm = new_vm()
 
@@ -390,7 +524,17 @@ def test_error_for_maps_every_exit_code() -> None:
     assert isinstance(error_for("launch", 2, 'instance "x" already exists'), AlreadyExists)
     assert isinstance(error_for("exec", 2, 'instance "x" is not running'), Conflict)
     assert isinstance(error_for("start", 2, "boom"), DriverError)
-    assert isinstance(error_for("list", 3, ""), Unavailable)
+    # A daemon that is down or refuses us is exit 2, told apart only by its text.
+    for reason in (
+        "list failed: cannot connect to the multipass socket",
+        "list failed: multipass socket access denied\nPlease check ...",
+        "list failed: The client is not authenticated with the Multipass service.",
+    ):
+        assert isinstance(error_for("list", 2, reason), Unavailable), reason
+    invalid = "launch failed: Invalid arguments supplied\nInvalid memory size value supplied: 1M."
+    assert isinstance(error_for("launch", 2, invalid), InvalidArgument)
+    assert isinstance(error_for("launch", 5, "Timed out waiting for instance launch."), Unavailable)
+    assert type(error_for("list", 3, "")) is DriverError  # no Multipass exits 3
     other = error_for("list", -9, "")
     assert (
         type(other) is DriverError
@@ -434,6 +578,21 @@ def test_parse_info_stats_mixed_and_missing_fields() -> None:
     assert parse_info_stats({"image_release": "22.04 LTS"}).release == "22.04 LTS"
 
 
+@pytest.mark.parametrize(
+    ("value", "address"),
+    [
+        (["N/A"], ""),
+        ("N/A", ""),
+        (["--", "UNKNOWN", "10.1.2.3"], "10.1.2.3"),
+        ([], ""),
+        (["fe80::1", "192.168.64.2"], "192.168.64.2"),
+        (" 10.0.0.9 ", "10.0.0.9"),
+    ],
+)
+def test_first_ipv4_takes_only_addresses(value: Any, address: str) -> None:
+    assert first_ipv4(value) == address
+
+
 # --- through the worker agent ---------------------------------------------------------------
 
 
@@ -454,16 +613,16 @@ def test_agent_shows_unknown_with_the_reason_and_keeps_going(
         instance_id = str(uuid.uuid4())
         spec = InstanceSpec(name="watched", memory=512 * MiB, disk=5 * GiB)
         record = await agent.launch(instance_id, spec)
-        for _ in range(200):
-            if record.state == InstanceState.RUNNING:
-                break
-            await asyncio.sleep(0.05)
+        await async_wait_until(
+            lambda: record.state in (InstanceState.RUNNING, InstanceState.FAILED), 10
+        )
         assert record.state == InstanceState.RUNNING, record.message
         for fault, words in (
             ("truncated-json", "malformed JSON"),
             ("unknown-state", "Unknown"),
             ("missing-fields", "without a state"),
             ("daemon-down", "daemon is unreachable"),
+            ("unauthenticated", "daemon is unreachable"),
         ):
             monkeypatch.setenv("MULTIPASS_STANDIN_FAULT", fault)
             await agent.observe()

@@ -17,11 +17,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 
 import click
 
 from multiverse.client.cli import (
+    _duration,
     cli,
     format_option,
     image,
@@ -107,6 +109,15 @@ sync_option = click.option(
 )
 
 
+def _certificate_lifetime(seconds: int | None) -> timedelta:
+    from multiverse.wire.pki import check_lifetime
+
+    try:
+        return check_lifetime(timedelta(seconds=seconds or 0))
+    except MultiverseError as exc:
+        raise click.BadParameter(exc.message) from exc
+
+
 @cli.command()
 @click.option("--listen", default="0.0.0.0:1337", show_default=True, help="Cluster gRPC address.")
 @click.option("--advertise", default="", help="Host workers reach the master at (join tokens).")
@@ -145,6 +156,13 @@ sync_option = click.option(
     show_default=True,
     help="Seconds without a report before a node is Down (its instances then Unknown).",
 )
+@click.option(
+    "--node-cert-ttl",
+    callback=lambda ctx, param, value: _certificate_lifetime(_duration(ctx, param, value)),
+    default="365d",
+    show_default=True,
+    help="Lifetime of the certificates signed for nodes; they renew at a third left.",
+)
 def master(
     listen: str,
     advertise: str,
@@ -156,6 +174,7 @@ def master(
     db: str,
     node_timeout: float,
     down_timeout: float,
+    node_cert_ttl: timedelta,
 ) -> None:
     """Run the master: cluster state, REST API, scheduler, image store."""
     from multiverse.master.server import Master, MasterConfig
@@ -175,6 +194,7 @@ def master(
             user_config=user_config_path(),
             image_dirs=[data_dir / "images", *_image_dirs()],
             image_rate_limit=float(image_rate_limit),
+            node_cert_lifetime=node_cert_ttl,
         )
     )
 

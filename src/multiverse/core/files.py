@@ -15,19 +15,20 @@ from pathlib import Path
 __all__ = ["private_dir", "private_sqlite", "write_private"]
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` with mode 0600, atomically.
+def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` with ``mode`` (0600 unless told), atomically.
 
     A temporary file in the same directory is created 0600 and renamed over the target, so the
     key is never readable by others, not even for a moment, and not when an older file with
-    looser permissions was there (``open(O_CREAT, 0o600)`` keeps an existing file's mode).
+    looser permissions was there (``open(O_CREAT, 0o600)`` keeps an existing file's mode); and
+    a reader (a worker renewing its certificate) sees the old file or the new, never half.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(data)
-        os.chmod(tmp, 0o600)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

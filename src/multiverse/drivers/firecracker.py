@@ -26,6 +26,17 @@ The guest learns its address and the node's SSH key from the kernel command line
 - ``multiverse.authorized_keys=<base64>``: root's authorized_keys line.
 
 Exec, stats and sessions go over SSH to the guest's address (:mod:`multiverse.guest.ssh`).
+
+Devices and power, as Firecracker has them on x86:
+
+- virtio over MMIO, described by ACPI (Firecracker >= 1.8), unless the driver is made with
+  ``enable_pci`` and Firecracker started with ``--enable-pci`` (>= 1.13): the guest must load
+  the transport it is given (the tiny guest loads both ``virtio_mmio`` and ``virtio_pci``);
+- an entropy device only when asked for (``PUT /entropy``): we ask, so that the guest's SSH
+  server does not wait for the kernel's RNG;
+- stop is ``SendCtrlAltDel``, a key press on the i8042: the guest's init reboots and, with
+  ``reboot=k``, the reset ends the process. There is no ACPI power-off: after a ``poweroff``
+  in the guest the process stays, and stop kills it after ``stop_timeout``.
 """
 
 from __future__ import annotations
@@ -118,6 +129,7 @@ class FirecrackerDriver(ProcessDriver):
         boot_timeout: float = 120.0,
         stop_timeout: float = 20.0,
         api_timeout: float = 10.0,
+        enable_pci: bool = False,
     ) -> None:
         """``binary``: the firecracker executable (default: $MULTIVERSE_FIRECRACKER, else PATH).
 
@@ -136,6 +148,7 @@ class FirecrackerDriver(ProcessDriver):
         self.pool = IpPool(state_dir / "ip-pool.json", cidr)
         self.boot_args = boot_args
         self.api_timeout = api_timeout
+        self.enable_pci = enable_pci
 
     # --- creating ------------------------------------------------------------------------
 
@@ -200,6 +213,7 @@ class FirecrackerDriver(ProcessDriver):
                 "/network-interfaces/eth0",
                 {"iface_id": "eth0", "host_dev_name": tap, "guest_mac": mac_address(vm.id)},
             )
+            await api.put("/entropy", {})
             await api.put("/actions", {"action_type": "InstanceStart"})
             guest = self._guest(vm)
             try:
@@ -238,9 +252,10 @@ class FirecrackerDriver(ProcessDriver):
     def _spawn(self, vm: VMConfig, tap: str, ipv4: str) -> subprocess.Popen[bytes]:
         socket_path = self._control_socket(vm)
         socket_path.unlink(missing_ok=True)  # Firecracker refuses to start on a stale socket
+        pci = ["--enable-pci"] if self.enable_pci else []
         return self._spawn_process(
             vm,
-            [self.binary, "--api-sock", str(socket_path), "--id", vm.id],
+            [self.binary, "--api-sock", str(socket_path), "--id", vm.id, *pci],
             self._vm_dir(vm) / self.console_log,
             {"tap": tap, "ipv4": ipv4},
         )
@@ -408,8 +423,10 @@ class HostNetwork:
         await self._ip("link", "set", self.bridge, "up")
 
     async def add_tap(self, name: str) -> None:
+        """A tap owned by the user that runs Firecracker (us: we start it), so that Firecracker
+        can open it without CAP_NET_ADMIN."""
         if not await self._exists(name):
-            await self._ip("tuntap", "add", "dev", name, "mode", "tap")
+            await self._ip("tuntap", "add", "dev", name, "mode", "tap", "user", str(os.geteuid()))
         await self._ip("link", "set", name, "master", self.bridge)
         await self._ip("link", "set", name, "up")
 

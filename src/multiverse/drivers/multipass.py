@@ -12,9 +12,25 @@ What the CLI may answer, from Multipass' own sources and docs, and how it maps:
 - exit 0: success; ``list``/``info`` print JSON whose fields have mixed types (counts and disk
   sizes as strings, memory as integers) and are left out when unknown;
 - exit 1: command-line error -> :class:`InvalidArgument` (a bug on our side, or a too-old CLI);
-- exit 2: the command failed -> :class:`NotFound` ("does not exist"), :class:`AlreadyExists`,
-  :class:`Conflict` ("not running", "deleted") or :class:`DriverError`;
-- exit 3: the daemon is unreachable -> :class:`Unavailable`.
+- exit 2: the command failed. The client prints ``<command> failed: <reason>`` for everything the
+  daemon (or the connection to it) refused, so the reason decides: "cannot connect to the
+  multipass socket", "multipass socket access denied" and "The client is not authenticated"
+  (daemon down, or refusing this client) -> :class:`Unavailable`; "Invalid arguments supplied"
+  (the daemon's check of name, memory, disk) -> :class:`InvalidArgument`; "does not exist" ->
+  :class:`NotFound`; "already exists" -> :class:`AlreadyExists`; "not running", "deleted" ->
+  :class:`Conflict`; anything else :class:`DriverError`;
+- exit 5: ``--timeout`` passed (the client's own timer) -> :class:`Unavailable`.
+
+``launch`` and ``start`` get ``--timeout`` (the client's wait for the instance to come up); our
+own limit on the client process is longer, so Multipass' answer arrives before we give up.
+User data goes to ``launch --cloud-init -`` on stdin, never in a file: the snap's confinement
+cannot read files outside a non-hidden home directory. Multipass takes only cloud-config (a
+YAML mapping), so :meth:`MultipassDriver.validate` refuses anything else up front.
+
+``exec`` and ``shell`` on a stopped instance: Multipass' client starts the instance first;
+Multiverse does not. A stopped VM stays stopped until the user starts it, as with the other
+drivers, so :meth:`exec` and :meth:`open_session` refuse with :class:`Conflict` ("is stopped;
+start it first") before they run the client.
 
 Malformed output (truncated JSON, a missing ``state``, a state we do not know) never escapes as a
 Python exception: :meth:`status` raises a :class:`DriverError` saying what Multipass printed, and
@@ -32,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import shutil
@@ -39,6 +56,8 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from multiverse.core.errors import (
     AlreadyExists,
@@ -49,7 +68,6 @@ from multiverse.core.errors import (
     NotFound,
     Unavailable,
 )
-from multiverse.core.files import write_private
 from multiverse.core.model import GuestStats, Resources
 from multiverse.core.sizes import MiB, format_size
 from multiverse.drivers.base import (
@@ -76,8 +94,20 @@ MIN_DISK = 512 * MiB
 # "tiny", the project's test guest, which Multipass cannot boot: the nearest is Ubuntu LTS.
 DEFAULT_IMAGES: Mapping[str, str] = {"tiny": "lts", "ubuntu": "lts"}
 
-# The exit codes of Multipass' client (its ReturnCode enum).
-EXIT_OK, EXIT_COMMAND_LINE, EXIT_FAILED, EXIT_DAEMON = 0, 1, 2, 3
+# The exit codes of Multipass' client (its ReturnCode enum; 5 is its timeout_exit_code).
+EXIT_OK, EXIT_COMMAND_LINE, EXIT_FAILED, EXIT_TIMEOUT = 0, 1, 2, 5
+
+# What the client says, after "<command> failed: ", when it cannot talk to the daemon.
+_UNREACHABLE = (
+    "cannot connect to the multipass socket",
+    "multipass socket access denied",
+    "the client is not authenticated",
+)
+# The daemon's answer to a launch whose name, memory or disk it refuses.
+_INVALID = "invalid arguments supplied"
+
+# How much longer than the ``--timeout`` we give Multipass we wait for its client to exit.
+CLIENT_GRACE = 30.0
 
 # Multipass' instance states, and what each says about the VM's power.
 _RUNNING_STATES = {"Running", "Starting", "Restarting", "Delayed Shutdown", "Suspending"}
@@ -101,9 +131,13 @@ class MultipassDriver(Driver):
         images: Mapping[str, str] | None = None,
         command_timeout: float = 120.0,
         launch_timeout: float = 900.0,
+        start_timeout: float = 300.0,
         list_ttl: float = 1.0,
     ) -> None:
         """``binary``: the multipass executable (default: $MULTIVERSE_MULTIPASS, else PATH).
+
+        ``launch_timeout``/``start_timeout``: the ``--timeout`` given to ``multipass launch`` and
+        ``multipass start`` (whole seconds); the client process gets :data:`CLIENT_GRACE` more.
 
         ``list_ttl``: how long one ``multipass list`` answers ``status()`` for every VM, so a
         sync of many VMs costs one CLI call, not one per VM.
@@ -116,6 +150,7 @@ class MultipassDriver(Driver):
         self.image_aliases = dict(DEFAULT_IMAGES if images is None else images)
         self.command_timeout = command_timeout
         self.launch_timeout = launch_timeout
+        self.start_timeout = start_timeout
         self.list_ttl = list_ttl
         self._created_dir = state_dir / "created"
         self._created_dir.mkdir(parents=True, exist_ok=True)
@@ -143,6 +178,7 @@ class MultipassDriver(Driver):
             )
         if not vm.name or vm.name.startswith("-"):
             raise InvalidArgument(f"invalid instance name {vm.name!r}")
+        check_cloud_config(vm.user_data)
 
     async def create(self, vm: VMConfig) -> None:
         await self.validate(vm)
@@ -159,7 +195,7 @@ class MultipassDriver(Driver):
                 raise NotFound(f"VM {vm.name} was never created on this node")
             await self._launch(vm)
         elif _state(entry) != "Running":
-            await self._run_checked("start", vm.name)
+            await self._run_checked(*_with_timeout(["start", vm.name], self.start_timeout))
         self._listing = None
         status = await self.status(vm)
         if status.power != PowerState.RUNNING:
@@ -278,15 +314,13 @@ class MultipassDriver(Driver):
             "--memory", _size_argument(vm.memory),
             "--disk", _size_argument(vm.disk),
         ]  # fmt: skip
-        cloud_init = self.state_dir / "created" / f"{vm.id}.cloud-init.yaml"
         if vm.user_data:
-            write_private(cloud_init, vm.user_data.encode())
-            argv += ["--cloud-init", str(cloud_init)]
+            argv += ["--cloud-init", "-"]
         argv.append(self.image_aliases.get(vm.image, vm.image))
-        try:
-            await self._run_checked(*argv, timeout=self.launch_timeout)
-        finally:
-            cloud_init.unlink(missing_ok=True)
+        await self._run_checked(
+            *_with_timeout(argv, self.launch_timeout),
+            stdin=vm.user_data.encode() if vm.user_data else None,
+        )
         self._created_file(vm).unlink(missing_ok=True)
 
     async def _find(self, name: str) -> dict[str, Any] | None:
@@ -301,24 +335,30 @@ class MultipassDriver(Driver):
         entry = await self._find(vm.name)
         if entry is None:
             raise NotFound(f"VM {vm.name} does not exist in Multipass")
-        if _state(entry) != "Running":
-            raise Conflict(f"VM {vm.name} is not running (Multipass: {_state(entry) or '?'})")
+        state = _state(entry)
+        if state in _STOPPED_STATES:
+            raise Conflict(f"VM {vm.name} is stopped; start it first")
+        if state != "Running":
+            raise Conflict(f"VM {vm.name} is not running (Multipass: {state or '?'})")
 
     async def _json(self, *argv: str) -> dict[str, Any]:
         return parse_json(await self._run_checked(*argv, "--format", "json"), argv[0])
 
-    async def _run_checked(self, *argv: str, timeout: float | None = None) -> str:
-        """Run ``multipass ARGV``; its stdout, or the typed error its exit code stands for."""
-        process = await self._spawn(list(argv))
+    async def _run_checked(self, *argv: str, stdin: bytes | None = None) -> str:
+        """Run ``multipass ARGV``; its stdout, or the typed error its exit code stands for.
+
+        With ``--timeout N`` in ``argv`` the client gets N + :data:`CLIENT_GRACE` seconds (so
+        Multipass' own timeout answers first), else ``command_timeout``.
+        """
+        limit = self.command_timeout
+        if "--timeout" in argv:
+            limit = float(argv[argv.index("--timeout") + 1]) + CLIENT_GRACE
+        process = await self._spawn(list(argv), stdin=stdin is not None)
         try:
-            stdout, stderr = await asyncio.wait_for(
-                process.communicate(), timeout or self.command_timeout
-            )
+            stdout, stderr = await asyncio.wait_for(process.communicate(stdin), limit)
         except TimeoutError:
             await _end(process)
-            raise Unavailable(
-                f"multipass {argv[0]} did not finish within {timeout or self.command_timeout:.0f} s"
-            ) from None
+            raise Unavailable(f"multipass {argv[0]} did not finish within {limit:.0f} s") from None
         finally:
             await _end(process)
         code = process.returncode
@@ -354,12 +394,16 @@ class MultipassDriver(Driver):
 def error_for(command: str, code: int, stderr: str) -> MultiverseError:
     """The typed error for a failed ``multipass COMMAND`` that exited with ``code``."""
     text = stderr.strip()[:_OUTPUT_IN_ERRORS] or "(no message)"
-    if code == EXIT_DAEMON:
-        return Unavailable(f"the Multipass daemon is unreachable: {text}")
     if code == EXIT_COMMAND_LINE:
         return InvalidArgument(f"multipass {command} refused its arguments: {text}")
+    if code == EXIT_TIMEOUT:
+        return Unavailable(f"multipass {command} timed out: {text}")
     if code == EXIT_FAILED:
         lowered = text.lower()
+        if any(words in lowered for words in _UNREACHABLE):
+            return Unavailable(f"the Multipass daemon is unreachable: {text}")
+        if _INVALID in lowered:
+            return InvalidArgument(text)
         if "does not exist" in lowered:
             return NotFound(text)
         if "already exists" in lowered:
@@ -426,14 +470,35 @@ def _status_of(name: str, entry: Mapping[str, Any]) -> VMStatus:
 
 
 def first_ipv4(value: Any) -> str:
-    """The first address of an ``ipv4`` field (a list of strings; tolerate one string)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        for item in value:
-            if isinstance(item, str) and item:
-                return item
+    """The first address of an ``ipv4`` field (a list of strings; tolerate one string).
+
+    Multipass fills the field with placeholders when it knows no address (``["N/A"]``, ``"--"``,
+    ``"UNKNOWN"``): only a string that is an IPv4 address counts.
+    """
+    items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    for item in items:
+        if isinstance(item, str):
+            with contextlib.suppress(ValueError):
+                return str(ipaddress.IPv4Address(item.strip()))
     return ""
+
+
+def check_cloud_config(user_data: str) -> None:
+    """Refuse user data Multipass cannot take: it passes only a cloud-config YAML mapping."""
+    if not user_data:
+        return
+    try:
+        document = yaml.safe_load(user_data)
+    except yaml.YAMLError as error:
+        raise InvalidArgument(
+            f"the multipass driver takes user-data only as cloud-config YAML: {error}"
+        ) from None
+    if not isinstance(document, dict):
+        raise InvalidArgument(
+            "the multipass driver takes user-data only as a cloud-config YAML mapping "
+            "(#cloud-config with keys); scripts and other formats are not supported, got "
+            f"{type(document).__name__ if document is not None else 'an empty document'}"
+        )
 
 
 def parse_info_stats(entry: Mapping[str, Any]) -> GuestStats:
@@ -474,6 +539,11 @@ def _number(value: Any) -> int:
         with contextlib.suppress(ValueError):
             return max(int(value), 0)
     return 0
+
+
+def _with_timeout(argv: list[str], seconds: float) -> list[str]:
+    """``argv`` with ``--timeout`` in whole seconds (Multipass takes a positive integer)."""
+    return [*argv, "--timeout", str(max(int(seconds), 1))]
 
 
 def _size_argument(size: int) -> str:

@@ -27,6 +27,9 @@ root's home on it (so what users write survives stop/start) and the SSH host key
 first boot), starts networking, prints ``multiverse: host key <key>`` and then
 ``multiverse: boot ok`` on the serial console; dropbear and acpid then run as respawned services.
 The ACPI power button (QMP ``system_powerdown``) syncs, unmounts and powers off at once.
+Ctrl+Alt+Del (Firecracker's ``SendCtrlAltDel``, through the i8042 keyboard: Firecracker has no
+ACPI power-off on x86) reboots after the same sync and unmount; with ``reboot=k`` that ends the
+Firecracker process, which has no reset.
 """
 
 from __future__ import annotations
@@ -83,6 +86,9 @@ USERLAND_PACKAGES = (
 # SSE4.2, which TCG's default CPU lacks).
 GUEST_MODULES = (
     "virtio_pci",
+    # Firecracker's transport (unless --enable-pci). Debian's kernel lacks
+    # VIRTIO_MMIO_CMDLINE_DEVICES: it finds the devices through ACPI (Firecracker >= 1.8).
+    "virtio_mmio",
     "virtio_net",
     "virtio_blk",
     "virtio_console",
@@ -235,6 +241,7 @@ _INITTAB = """\
 ::sysinit:/etc/init.d/rcS
 ::respawn:/usr/sbin/dropbear -F -E -s -p 22 -r /etc/dropbear/dropbear_ed25519_host_key
 ::respawn:/sbin/acpid -f -c /etc/acpi -l /var/log/acpid.log
+::ctrlaltdel:/sbin/reboot
 ::shutdown:/bin/sh -c 'sync; umount /root; umount -a -r'
 """
 

@@ -5,8 +5,10 @@ It also holds the other direction, :class:`Agents`: one mutual-TLS channel per n
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -54,13 +56,38 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             raise Unauthenticated("this certificate belongs to no node of this cluster")
         return identity.node_id
 
-    async def Join(self, request: pb.JoinRequest, context: Ctx) -> pb.JoinResponse:
+    async def _answer(self, context: Ctx, what: str, answer: Callable[[], Reply]) -> Reply:
+        """``answer()``, or the call aborted with our error's code (logged: refusals of nodes
+        are what an operator looks for)."""
         try:
-            return self._join(request, context)
+            return answer()
         except MultiverseError as exc:
-            log.info("join refused from %s: %s", context.peer(), exc.message)
+            log.info("%s refused from %s: %s", what, context.peer(), exc.message)
             await context.abort(*convert.error_to_rpc(exc))
             raise AssertionError("unreachable") from exc
+
+    async def Join(self, request: pb.JoinRequest, context: Ctx) -> pb.JoinResponse:
+        return await self._answer(context, "join", lambda: self._join(request, context))
+
+    async def Renew(self, request: pb.RenewRequest, context: Ctx) -> pb.RenewResponse:
+        return await self._answer(context, "renewal", lambda: self._renew(request, context))
+
+    def _renew(self, request: pb.RenewRequest, context: Ctx) -> pb.RenewResponse:
+        """A new certificate for the calling node, for the key in its CSR. Only a node whose
+        current certificate is good may ask: a removed node's is revoked, an expired one fails
+        the handshake (that node must be admitted again with a join token)."""
+        node_id = self._peer_node(context)
+        if node_id is None:
+            raise Unauthenticated("renewal needs the node's certificate")
+        node = self.store.get_node(node_id)
+        certificate = pki.sign_node_csr(
+            self.agents.ca, request.csr, node_id, node.name, self.agents.node_cert_lifetime
+        )
+        # The serial that `node remove` revokes is the newest one.
+        self.store.update_node(node_id, cert_serial=pki.serial_of(certificate))
+        expires = pki.as_cert(certificate).not_valid_after_utc.isoformat()
+        log.info("node %s renewed its certificate, valid until %s", node.name, expires)
+        return pb.RenewResponse(certificate=certificate.decode())
 
     def _join(self, request: pb.JoinRequest, context: Ctx) -> pb.JoinResponse:
         """Register (again) where a node's agent is and what it offers. The node was admitted
@@ -98,6 +125,11 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         async for report in request_iterator:
             self.apply(node_id, report)
             yield pb.SyncAck()
+
+    def forget(self, node_id: str) -> None:
+        """A removed node leaves nothing behind here: its images, its agent's channel."""
+        self.images.pop(node_id, None)
+        self.agents.forget(node_id)
 
     def image_catalog(self) -> list[dict[str, Any]]:
         """Every image some node can boot, with the nodes that hold it (``multiverse images``)."""
@@ -148,15 +180,29 @@ class Agents:
     the one the CA issued to *that* node (by its name override), whatever its address.
     """
 
-    def __init__(self, ca: pki.ClusterCA, client: pki.CertKey, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        ca: pki.ClusterCA,
+        client: pki.CertKey,
+        timeout: float = 30.0,
+        node_cert_lifetime: timedelta = pki.NODE_CERT_LIFETIME,
+    ) -> None:
         self.ca = ca
+        # How long the certificates this master signs for nodes (at admission and renewal) last.
+        self.node_cert_lifetime = pki.check_lifetime(node_cert_lifetime)
         self._credentials = pki.channel_credentials(ca.cert_pem, client)
         self.timeout = timeout
         self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     def forget(self, node_id: str) -> None:
-        """Drop a node's channel (its address may have changed); closed lazily by gRPC."""
-        self._channels.pop(node_id, None)
+        """Drop a node's channel (the node re-joined, maybe elsewhere, or was removed) and close
+        it; calls still on it get the usual call timeout to finish."""
+        cached = self._channels.pop(node_id, None)
+        if cached is not None:
+            closing = asyncio.get_running_loop().create_task(cached[1].close(grace=self.timeout))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
 
     def stub(self, node: Node) -> pb_grpc.AgentServiceStub:
         cached = self._channels.get(node.id)
@@ -183,3 +229,4 @@ class Agents:
         for _address, channel in self._channels.values():
             await channel.close(grace=None)
         self._channels.clear()
+        await asyncio.gather(*self._closing, return_exceptions=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from multiverse.core.errors import AlreadyExists, Conflict, MultiverseError, Unauthenticated
@@ -43,6 +44,8 @@ class Nodes:
         self.store = store
         self.agents = agents
         self.instances = instances
+        # What else holds state of a node drops it here (the master wires the cluster service).
+        self.on_removed: Callable[[str], None] = agents.forget
 
     def set_cordon(self, name: str, cordoned: bool) -> Node:
         node = self.store.find_node(name)
@@ -73,7 +76,9 @@ class Nodes:
         if self.store.list_nodes(names=[name]):
             raise AlreadyExists(f"a node named {name!r} exists already; pick another --name")
         node_id = str(uuid.uuid4())
-        certificate = pki.sign_node_csr(self.agents.ca, csr_pem, node_id, name)
+        certificate = pki.sign_node_csr(
+            self.agents.ca, csr_pem, node_id, name, self.agents.node_cert_lifetime
+        )
         if not self.store.consume_token_use(str(record["id"])):
             raise Unauthenticated("invalid join token")  # used up: same words as any bad token
         node = Node(
@@ -96,7 +101,7 @@ class Nodes:
                 f"node {name} still holds {names}: delete or evacuate them, or use --force"
             )
         self.store.remove_node(node.id)
-        self.agents.forget(node.id)
+        self.on_removed(node.id)
         self.instances.events.publish("node", name=name, status="Removed")
         log.info("node %s removed; its certificate is revoked", name)
         return node

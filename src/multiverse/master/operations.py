@@ -3,14 +3,20 @@
 An API call that starts one answers at once with its id; ``GET /api/v1/operations/{id}`` tells
 how it is going and ``.../wait?timeout=`` waits for its end. Kept in memory, as LXD does: after
 a master restart the instances' own states tell the rest.
+
+The table is bounded by count and by age: finished operations are kept for lookups for
+``keep_for`` seconds, and beyond ``keep`` operations the oldest go first, finished ones before
+running ones, so that one that never ends (a drain waiting on a node that is gone) cannot pin
+the table. A running operation dropped from it keeps running; only its lookup is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -18,7 +24,8 @@ from typing import Any
 from multiverse.core.errors import MultiverseError, NotFound
 from multiverse.master.events import EventBus
 
-KEEP = 1000  # finished operations kept for lookups; the oldest go first
+KEEP = 1000  # operations kept for lookups at most
+KEEP_FOR = 3600.0  # seconds a finished operation stays for lookups
 
 
 def _now() -> str:
@@ -52,6 +59,7 @@ class Operation:
     result: Any = None
     progress: Progress | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    ended: float = field(default=0.0, repr=False)  # on the registry's clock, once done
 
     def json(self) -> dict[str, Any]:
         return {
@@ -63,10 +71,33 @@ class Operation:
 
 
 class Operations:
-    def __init__(self, events: EventBus) -> None:
+    def __init__(
+        self,
+        events: EventBus,
+        *,
+        keep: int = KEEP,
+        keep_for: float = KEEP_FOR,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.events = events
-        self._operations: dict[str, Operation] = {}
+        self.keep = keep
+        self.keep_for = keep_for
+        self._clock = clock
+        self._operations: dict[str, Operation] = {}  # oldest first
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._operations)
+
+    def _prune(self) -> None:
+        moment = self._clock()
+        finished = [op for op in self._operations.values() if op.done.is_set()]
+        running = [op for op in self._operations.values() if not op.done.is_set()]
+        expired = [op for op in finished if moment - op.ended >= self.keep_for]
+        fresh = [op for op in finished if moment - op.ended < self.keep_for]
+        excess = max(len(self._operations) - len(expired) - self.keep, 0)
+        for operation in [*expired, *(fresh + running)[:excess]]:
+            del self._operations[operation.id]
 
     def start(
         self,
@@ -77,11 +108,7 @@ class Operations:
     ) -> Operation:
         operation = Operation(str(uuid.uuid4()), kind, target, progress=progress)
         self._operations[operation.id] = operation
-        while len(self._operations) > KEEP:
-            oldest = next(iter(self._operations.values()))
-            if not oldest.done.is_set():
-                break
-            del self._operations[oldest.id]
+        self._prune()
         task = asyncio.create_task(self._run(operation, work))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -96,6 +123,7 @@ class Operations:
         except Exception as exc:  # a bug must still end the operation, not hang its waiters
             operation.status, operation.error = "failure", f"{type(exc).__name__}: {exc}"
         operation.updated_at = _now()
+        operation.ended = self._clock()
         operation.done.set()
         self.events.publish(
             "operation", id=operation.id, action=operation.kind, target=operation.target,

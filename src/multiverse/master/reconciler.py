@@ -116,9 +116,14 @@ class Reconciler:
 
     async def reconcile_all(self) -> None:
         nodes = {node.id: node for node in self.store.list_nodes()}
+        instances = self.store.list_instances()
+        # Instances gone from the store (deleted, or forgotten with their removed node) take
+        # their backoff with them.
+        for gone in self._backoff.keys() - {instance.id for instance in instances}:
+            del self._backoff[gone]
         steps = [
             self.reconcile(instance, nodes.get(instance.node_id or ""))
-            for instance in self.store.list_instances()
+            for instance in instances
             if instance.id not in self._busy
         ]
         await asyncio.gather(*steps)

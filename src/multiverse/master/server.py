@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import grpc
+import tomli_w
 import uvicorn
 
 from multiverse.core.errors import InvalidArgument
@@ -50,15 +51,16 @@ class MasterConfig:
     # Where the tiny guest may be found for its import at the first start (a build's output).
     image_dirs: list[Path] = field(default_factory=list)
     image_rate_limit: float = 0.0  # bytes/s per image transfer to a worker; 0: no limit
+    node_cert_lifetime: timedelta = pki.NODE_CERT_LIFETIME  # workers renew at a third left
 
 
 def client_config_text(server: str, token: str, ca_pem: bytes | None) -> str:
     """The CLI's config: where the master is, an admin token, and the CA that the master's
     certificate must come from (pinned: no other trust store is asked)."""
-    text = f'# Written by `multiverse master`.\nserver = "{server}"\ntoken = "{token}"\n'
+    values = {"server": server, "token": token}
     if ca_pem is not None:
-        text += f"ca_certificate = '''\n{ca_pem.decode().strip()}\n'''\n"
-    return text
+        values["ca_certificate"] = ca_pem.decode().strip() + "\n"
+    return "# Written by `multiverse master`.\n" + tomli_w.dumps(values, multiline_strings=True)
 
 
 class _Uvicorn(uvicorn.Server):
@@ -81,7 +83,11 @@ class Master:
         self.server_cert = pki.issue_server_cert(
             self.ca, dns_names=[socket.gethostname()], ips=_host_addresses()
         )
-        self.agents = Agents(self.ca, pki.sign_master_client_cert(self.ca))
+        self.agents = Agents(
+            self.ca,
+            pki.sign_master_client_cert(self.ca),
+            node_cert_lifetime=config.node_cert_lifetime,
+        )
         self.events = EventBus()
         self.operations = Operations(self.events)
         self.reconciler = Reconciler(self.store, self.agents, self.events)
@@ -96,6 +102,7 @@ class Master:
         )  # fmt: skip
         self.cluster = ClusterServicer(self.store, self.agents)
         self.cluster.on_change = self._changed
+        self.nodes.on_removed = self.cluster.forget
         self.api_url = ""
         self.grpc_port = 0
         self._grpc: grpc.aio.Server | None = None

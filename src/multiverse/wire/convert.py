@@ -125,13 +125,17 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, peer: str) -> errors.MultiverseErr
 
 
 # gRPC would otherwise share a busy port (SO_REUSEPORT) and split calls between two servers.
-# Keepalive pings both ways: a link that silently died (a partition sends no RST) is noticed
-# within seconds, not after TCP's minutes of retransmissions, so the worker reconnects once the
-# network is back.
+# Keepalive pings both ways: a link that silently died (a partition sends no RST) or a peer
+# that stopped answering is noticed within seconds, not after TCP's minutes of retransmissions:
+# the worker reconnects once the network is back, and the master's Exec and Session streams to
+# an agent end as "unreachable" instead of hanging on silence (the streams carry no deadline: a
+# command or a shell may rightly run for hours). gRPC (1.85) times a keepalive ping out after
+# ``grpc.http2.ping_timeout_ms``, default 60 s, whatever ``keepalive_timeout_ms`` says.
 GRPC_SERVER_OPTIONS = (
     ("grpc.so_reuseport", 0),
     ("grpc.keepalive_time_ms", 5000),
     ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.http2.ping_timeout_ms", 5000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 4000),
     ("grpc.http2.max_ping_strikes", 0),
@@ -141,6 +145,7 @@ GRPC_CHANNEL_OPTIONS = (
     ("grpc.keepalive_timeout_ms", 5000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.ping_timeout_ms", 5000),
 )
 
 

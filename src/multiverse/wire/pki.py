@@ -38,7 +38,7 @@ import ipaddress
 import json
 import re
 import uuid
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -61,8 +61,13 @@ CA_KEY_FILE = "ca.key"
 
 CA_DAYS = 3650
 CERT_DAYS = 365
+# A node certificate's default life; workers renew theirs when a third of it is left
+# (:func:`renewal_due`), so it never runs out while the node is in touch with its master.
+NODE_CERT_LIFETIME = dt.timedelta(days=CERT_DAYS)
+MIN_CERT_LIFETIME = dt.timedelta(seconds=10)
 # Certificates start a little in the past, so a node whose clock lags the master's still
-# accepts a certificate issued a moment ago.
+# accepts a certificate issued a moment ago; by a tenth of a short life at most, so that
+# backdating does not eat the life of a certificate issued for seconds (as tests do).
 CLOCK_SKEW = dt.timedelta(minutes=5)
 # A CSR is a few hundred bytes; anything far larger is hostile and is refused before parsing.
 MAX_CSR_BYTES = 16 * 1024
@@ -123,11 +128,6 @@ def serial_of(cert: CertInput) -> str:
     return format(as_cert(cert).serial_number, "x")
 
 
-def _write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-
-
 @dataclass(frozen=True)
 class CertKey:
     """A certificate and its private key, both PEM: what a TLS listener or client presents."""
@@ -138,7 +138,7 @@ class CertKey:
     def save(self, directory: Path, stem: str) -> None:
         """``<stem>.crt`` (0644) and ``<stem>.key`` (0600) in ``directory``."""
         write_private(directory / f"{stem}.key", self.key_pem)
-        _write_public(directory / f"{stem}.crt", self.cert_pem)
+        write_private(directory / f"{stem}.crt", self.cert_pem, 0o644)
 
     @staticmethod
     def load(directory: Path, stem: str) -> CertKey:
@@ -218,7 +218,7 @@ class ClusterCA:
     def save(self, directory: Path) -> None:
         """``ca.key`` (0600) first, then ``ca.crt``: a crash leaves no certificate without key."""
         write_private(directory / CA_KEY_FILE, _key_pem(self.key))
-        _write_public(directory / CA_CERT_FILE, self.cert_pem)
+        write_private(directory / CA_CERT_FILE, self.cert_pem, 0o644)
 
     @property
     def cert_pem(self) -> bytes:
@@ -234,14 +234,14 @@ class ClusterCA:
         subject: x509.Name,
         sans: Sequence[x509.GeneralName],
         usages: Sequence[x509.ObjectIdentifier],
-        days: int,
+        lifetime: dt.timedelta,
     ) -> x509.Certificate:
-        if not 1 <= days <= CA_DAYS:
-            raise InvalidArgument(f"days must be between 1 and {CA_DAYS}, not {days}")
-        start = _now() - CLOCK_SKEW
+        check_lifetime(lifetime)
+        issued = _now()
+        start = issued - min(CLOCK_SKEW, lifetime / 10)
         # Never outlive the CA: a client would refuse the chain anyway, and later than a
         # server's own certificate, which confuses whoever debugs it.
-        end = min(start + dt.timedelta(days=days), self.cert.not_valid_after_utc)
+        end = min(issued + lifetime, self.cert.not_valid_after_utc)
         ca_ski = self.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         return (
             x509.CertificateBuilder()
@@ -277,6 +277,16 @@ class ClusterCA:
         )
 
 
+def check_lifetime(lifetime: dt.timedelta) -> dt.timedelta:
+    """``lifetime`` if a certificate may be issued for that long; InvalidArgument otherwise."""
+    if not MIN_CERT_LIFETIME <= lifetime <= dt.timedelta(days=CA_DAYS):
+        raise InvalidArgument(
+            f"a certificate's lifetime must be between {MIN_CERT_LIFETIME.seconds}s and "
+            f"{CA_DAYS} days, not {lifetime}"
+        )
+    return lifetime
+
+
 # ---- the master's certificates ----
 
 
@@ -310,7 +320,8 @@ def issue_server_cert(
             x509.NameAttribute(NameOID.COMMON_NAME, "multiverse master"),
         ]
     )
-    cert = ca._issue(key.public_key(), subject, sans, [ExtendedKeyUsageOID.SERVER_AUTH], days)
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH]
+    cert = ca._issue(key.public_key(), subject, sans, usages, dt.timedelta(days=days))
     return CertKey(_cert_pem(cert), _key_pem(key))
 
 
@@ -328,7 +339,8 @@ def sign_master_client_cert(ca: ClusterCA, name: str = "master", days: int = CER
         ]
     )
     sans = [x509.UniformResourceIdentifier(MASTER_URI)]
-    cert = ca._issue(key.public_key(), subject, sans, [ExtendedKeyUsageOID.CLIENT_AUTH], days)
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    cert = ca._issue(key.public_key(), subject, sans, usages, dt.timedelta(days=days))
     return CertKey(_cert_pem(cert), _key_pem(key))
 
 
@@ -356,13 +368,36 @@ def new_key_and_csr(node_name: str) -> tuple[bytes, bytes]:
     The CSR's subject carries the node's name only as a hint for the operator; the master
     writes the real identity when it signs.
     """
-    key = _new_key()
+    key_pem = _key_pem(_new_key())
+    return key_pem, csr_for_key(key_pem, node_name)
+
+
+def csr_for_key(key_pem: bytes, node_name: str) -> bytes:
+    """A CSR (PEM) for a key the worker holds already: what a renewal sends.
+
+    Renewing keeps the key, so only the certificate file changes, in one atomic rename: a crash
+    mid-renewal can never leave a key that does not match its certificate.
+    """
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise InvalidArgument("the node's key is not an EC private key")
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_name[:64] or "-")]))
         .sign(key, hashes.SHA256())
     )
-    return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM)
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def renewal_due(cert: CertInput) -> dt.datetime:
+    """When a worker renews its certificate: once a third of its life is left.
+
+    A third leaves room to retry through a master outage of that long (four months for the
+    default year), as kubelet's rotation does at 70-90 % of the life.
+    """
+    parsed = as_cert(cert)
+    start, end = parsed.not_valid_before_utc, parsed.not_valid_after_utc
+    return start + (end - start) * 2 / 3
 
 
 def sign_node_csr(
@@ -370,7 +405,7 @@ def sign_node_csr(
     csr_pem: bytes | str,
     node_id: str,
     node_name: str,
-    days: int = CERT_DAYS,
+    lifetime: dt.timedelta = NODE_CERT_LIFETIME,
 ) -> bytes:
     """Master side: the node's certificate (PEM) for the key in ``csr_pem``.
 
@@ -410,7 +445,7 @@ def sign_node_csr(
         x509.DNSName(node_server_name(node_id)),
     ]
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
-    return _cert_pem(ca._issue(public, subject, sans, usages, days))
+    return _cert_pem(ca._issue(public, subject, sans, usages, lifetime))
 
 
 # ---- identities and checks ----
@@ -539,6 +574,34 @@ def server_credentials(
         [(own.key_pem, own.cert_pem)],
         root_certificates=ca_pem,
         require_client_auth=require_client_auth,
+    )
+
+
+def reloading_server_credentials(
+    ca_pem: bytes, current: Callable[[], CertKey]
+) -> grpc.ServerCredentials:
+    """TLS for an agent's listener (client certificates required) that serves whatever
+    ``current()`` returns at each new handshake: a renewed certificate is used without a
+    restart, and connections made before keep theirs."""
+    served = current()
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        nonlocal served
+        latest = current()
+        if latest == served:
+            return None  # gRPC keeps the configuration it has
+        served = latest
+        return grpc.ssl_server_certificate_configuration(
+            [(latest.key_pem, latest.cert_pem)], root_certificates=ca_pem
+        )
+
+    initial = grpc.ssl_server_certificate_configuration(
+        [(served.key_pem, served.cert_pem)], root_certificates=ca_pem
+    )
+    return grpc.dynamic_ssl_server_credentials(
+        initial,
+        fetch,  # type: ignore[arg-type]  # grpc-stubs: but gRPC documents None as "unchanged"
+        require_client_authentication=True,
     )
 
 

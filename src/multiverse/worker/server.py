@@ -21,7 +21,7 @@ from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
 from multiverse.worker.agent import Agent, AgentServicer, Ctx
 from multiverse.worker.imagecache import MasterImages, NodeImageCache
 from multiverse.worker.localstore import LocalStore
-from multiverse.worker.sync import Identity, join, observe_forever, sync_forever
+from multiverse.worker.sync import Identity, join, observe_forever, renew_forever, sync_forever
 
 log = logging.getLogger("multiverse.worker")
 
@@ -138,6 +138,7 @@ class Worker:
                 sync_forever(config.master, self.identity, self.agent, config.sync_interval)
             ),
             asyncio.create_task(observe_forever(self.agent, config.sync_interval)),
+            asyncio.create_task(renew_forever(config.master, self.identity, config.data_dir)),
         ]
         return self.identity
 

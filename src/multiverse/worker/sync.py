@@ -3,16 +3,20 @@
 The identity the master gave (node id and name in ``<data-dir>/node.json``; the certificate,
 its key and the cluster CA under ``<data-dir>/pki/``, all 0600) lets a restarted worker re-join
 as the same node without a join token, over mutual TLS. Reports go out at once on every change
-and every ``interval`` seconds otherwise; a lost stream is reopened with capped backoff and the
-first report on it is a full one.
+and every ``interval`` seconds otherwise; a lost stream is reopened with jittered, capped
+backoff and the first report on it is a full one. The certificate is renewed over the same
+mutual TLS when a third of its life is left (:func:`renew_forever`); new connections, the
+agent's listener included, present the renewed one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
+import random
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,7 +26,13 @@ import grpc
 import httpx
 
 from multiverse import __version__
-from multiverse.core.errors import InvalidArgument, Unavailable
+from multiverse.core.errors import (
+    InvalidArgument,
+    MultiverseError,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from multiverse.core.files import write_private
 from multiverse.wire import convert, pki
 from multiverse.wire.v1 import multiverse_pb2 as pb
@@ -67,7 +77,11 @@ class Identity:
         return pki.channel_credentials(self.ca_pem, self.cert)
 
     def server_credentials(self) -> grpc.ServerCredentials:
-        return pki.server_credentials(self.ca_pem, self.cert, require_client_auth=True)
+        """The agent listener's TLS; it follows :attr:`cert` as renewals replace it."""
+        return pki.reloading_server_credentials(self.ca_pem, lambda: self.cert)
+
+    def expired(self) -> bool:
+        return pki.as_cert(self.cert.cert_pem).not_valid_after_utc <= dt.datetime.now(dt.UTC)
 
 
 def admit(token: pki.JoinToken, master: str, name: str, data_dir: Path) -> Identity:
@@ -127,6 +141,12 @@ async def join(
         join_token = pki.JoinToken.decode(token)
         master = master or join_token.addresses[0]
         identity = await asyncio.to_thread(admit, join_token, master, name, data_dir)
+    if identity.expired():
+        raise Unauthenticated(
+            f"this node's certificate expired while it was away (it renews only while running); "
+            f"remove the node on the master (`multiverse node remove {identity.name}`), delete "
+            f"{data_dir / 'node.json'} and join again with a new token"
+        )
     request = pb.JoinRequest(
         name=identity.name,
         agent_address=advertise,
@@ -143,25 +163,87 @@ async def join(
     return identity
 
 
+def retry_delay(attempt: int, base: float = 0.5, cap: float = 5.0) -> float:
+    """Seconds to wait before retry number ``attempt`` (0 for the first): "full jitter"
+    exponential backoff, uniform in [0, min(cap, base * 2**attempt)].
+
+    The jitter spreads the reconnects of many workers after a master restart, so that they do
+    not all arrive in the same instant; the cap keeps a returning master found within seconds.
+    """
+    return random.uniform(0, min(cap, base * 2 ** min(attempt, 32)))
+
+
 async def sync_forever(master: str, identity: Identity, agent: Agent, interval: float) -> None:
     """Push reports to the master until cancelled, reconnecting as often as it takes."""
-    backoff = 0.5
+    attempt = 0
     while True:
         try:
-            credentials = identity.channel_credentials()
+            credentials = identity.channel_credentials()  # the newest certificate
             async with grpc.aio.secure_channel(
                 master, credentials, convert.GRPC_CHANNEL_OPTIONS
             ) as channel:
                 stub = pb_grpc.ClusterServiceStub(channel)
                 call = stub.Sync(_reports(agent, interval))
                 async for _ack in call:
-                    backoff = 0.5
+                    attempt = 0
         except grpc.aio.AioRpcError as exc:
-            log.warning(
-                "sync with %s lost: %s; retrying in %.1fs", master, exc.code().name, backoff
+            delay = retry_delay(attempt)
+            why = exc.code().name
+            if identity.expired():
+                why += " (this node's certificate has expired: admit it again with a join token)"
+            log.warning("sync with %s lost: %s; retrying in %.1fs", master, why, delay)
+        else:
+            delay = retry_delay(attempt)
+        attempt += 1
+        await asyncio.sleep(delay)
+
+
+async def renew(master: str, identity: Identity, data_dir: Path) -> None:
+    """Get a new certificate for this node's key over mutual TLS; keep it and use it from now.
+
+    Only the certificate file changes (atomically): the key stays, so no crash can part them.
+    """
+    csr = pki.csr_for_key(identity.cert.key_pem, identity.name)
+    async with grpc.aio.secure_channel(master, identity.channel_credentials()) as channel:
+        try:
+            reply = await pb_grpc.ClusterServiceStub(channel).Renew(
+                pb.RenewRequest(csr=csr.decode()), timeout=15
             )
-        await asyncio.sleep(backoff)
-        backoff = min(backoff * 2, 5.0)
+        except grpc.aio.AioRpcError as exc:
+            raise convert.error_from_rpc(exc, f"master {master}") from exc
+    renewed = pki.CertKey(reply.certificate.encode(), identity.cert.key_pem)
+    cert = pki.as_cert(renewed.cert_pem)
+    if (
+        pki.node_id_of(cert) != identity.node_id
+        or cert.public_key() != pki.as_cert(identity.cert.cert_pem).public_key()
+    ):
+        raise Unauthenticated("the master answered the renewal with another node's certificate")
+    write_private(data_dir / "pki" / "node.crt", renewed.cert_pem, 0o644)
+    identity.cert = renewed
+    log.info("node certificate renewed, valid until %s", cert.not_valid_after_utc.isoformat())
+
+
+async def renew_forever(master: str, identity: Identity, data_dir: Path) -> None:
+    """Renew the certificate each time a third of its life is left, until cancelled.
+
+    Failures are retried with backoff until the certificate runs out; a refusal (this node was
+    removed, its certificate revoked) ends the loop: asking again cannot help.
+    """
+    attempt = 0
+    while True:
+        due = pki.renewal_due(identity.cert.cert_pem)
+        await asyncio.sleep(max((due - dt.datetime.now(dt.UTC)).total_seconds(), 0.0))
+        try:
+            await renew(master, identity, data_dir)
+            attempt = 0
+        except (Unauthenticated, PermissionDenied) as exc:
+            log.error("the master refused to renew this node's certificate: %s", exc.message)
+            return
+        except MultiverseError as exc:
+            delay = retry_delay(attempt, base=1.0, cap=60.0)
+            attempt += 1
+            log.warning("certificate renewal failed: %s; retrying in %.1fs", exc.message, delay)
+            await asyncio.sleep(delay)
 
 
 async def _reports(agent: Agent, interval: float) -> AsyncIterator[pb.NodeReport]:

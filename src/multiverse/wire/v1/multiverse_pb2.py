@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#multiverse/wire/v1/multiverse.proto\x12\rmultiverse.v1\"7\n\tResources\x12\x0c\n\x04\x63pus\x18\x01 \x01(\x03\x12\x0e\n\x06memory\x18\x02 \x01(\x03\x12\x0c\n\x04\x64isk\x18\x03 \x01(\x03\"\xde\x01\n\x0cInstanceSpec\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04\x63pus\x18\x03 \x01(\x03\x12\x0e\n\x06memory\x18\x04 \x01(\x03\x12\x0c\n\x04\x64isk\x18\x05 \x01(\x03\x12\r\n\x05image\x18\x06 \x01(\t\x12\x11\n\tuser_data\x18\x07 \x01(\t\x12\x37\n\x06labels\x18\x08 \x03(\x0b\x32\'.multiverse.v1.InstanceSpec.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"z\n\x0eInstanceStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0c\n\x04ipv4\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\x03\x12\x0f\n\x07release\x18\x07 \x01(\t\"\xf8\x01\n\x0bJoinRequest\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x15\n\ragent_address\x18\x05 \x01(\t\x12\x0e\n\x06\x64river\x18\x06 \x01(\t\x12\x36\n\x06labels\x18\x07 \x03(\x0b\x32&.multiverse.v1.JoinRequest.LabelsEntry\x12*\n\x08\x63\x61pacity\x18\x08 \x01(\x0b\x32\x18.multiverse.v1.Resources\x12\x0f\n\x07version\x18\t \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04\"P\n\x0cJoinResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x15\n\ragent_address\x18\x04 \x01(\tJ\x04\x08\x03\x10\x04J\x04\x08\x05\x10\x06\"E\n\tImageInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\"\x9a\x01\n\nNodeReport\x12*\n\x08\x63\x61pacity\x18\x01 \x01(\x0b\x32\x18.multiverse.v1.Resources\x12\x30\n\tinstances\x18\x02 \x03(\x0b\x32\x1d.multiverse.v1.InstanceStatus\x12(\n\x06images\x18\x04 \x03(\x0b\x32\x18.multiverse.v1.ImageInfoJ\x04\x08\x03\x10\x04\"\x0f\n\x07SyncAckJ\x04\x08\x01\x10\x02\"\x18\n\x08ImageRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1d\n\rImageManifest\x12\x0c\n\x04json\x18\x01 \x01(\t\".\n\x0c\x46\x65tchRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x19\n\x0bInstanceRef\x12\n\n\x02id\x18\x01 \x01(\t\":\n\rLaunchRequest\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.multiverse.v1.InstanceSpec\"(\n\x0bStopRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\xce\x01\n\x0cInstanceInfo\x12-\n\x06status\x18\x01 \x01(\x0b\x32\x1d.multiverse.v1.InstanceStatus\x12\r\n\x05load1\x18\x02 \x01(\x01\x12\r\n\x05load5\x18\x03 \x01(\x01\x12\x0e\n\x06load15\x18\x04 \x01(\x01\x12\x13\n\x0bmemory_used\x18\x05 \x01(\x03\x12\x14\n\x0cmemory_total\x18\x06 \x01(\x03\x12\x11\n\tdisk_used\x18\x07 \x01(\x03\x12\x12\n\ndisk_total\x18\x08 \x01(\x03\x12\x0f\n\x07release\x18\t \x01(\t\"9\n\x0b\x45xecRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x03(\t\x12\r\n\x05stdin\x18\x03 \x01(\x0c\"M\n\nExecOutput\x12\x0e\n\x06stream\x18\x01 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06\x65xited\x18\x03 \x01(\x08\x12\x11\n\texit_code\x18\x04 \x01(\x05\"*\n\x0cTerminalSize\x12\x0c\n\x04\x63ols\x18\x01 \x01(\r\x12\x0c\n\x04rows\x18\x02 \x01(\r\"c\n\x0cSessionStart\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x03(\t\x12\x0b\n\x03tty\x18\x03 \x01(\x08\x12)\n\x04size\x18\x04 \x01(\x0b\x32\x1b.multiverse.v1.TerminalSize\"\x92\x01\n\x0cSessionInput\x12,\n\x05start\x18\x01 \x01(\x0b\x32\x1b.multiverse.v1.SessionStartH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12-\n\x06resize\x18\x03 \x01(\x0b\x32\x1b.multiverse.v1.TerminalSizeH\x00\x12\r\n\x03\x65of\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"<\n\rSessionOutput\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\x13\n\texit_code\x18\x02 \x01(\x05H\x00\x42\x06\n\x04kind\"\x1c\n\x0cLogsResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x07\n\x05\x45mpty\";\n\x0cPullProgress\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x32\x90\x01\n\x0e\x43lusterService\x12?\n\x04Join\x12\x1a.multiverse.v1.JoinRequest\x1a\x1b.multiverse.v1.JoinResponse\x12=\n\x04Sync\x12\x19.multiverse.v1.NodeReport\x1a\x16.multiverse.v1.SyncAck(\x01\x30\x01\x32\x8e\x01\n\x0cImageService\x12@\n\x07Resolve\x12\x17.multiverse.v1.ImageRef\x1a\x1c.multiverse.v1.ImageManifest\x12<\n\x05\x46\x65tch\x12\x1b.multiverse.v1.FetchRequest\x1a\x14.multiverse.v1.Chunk0\x01\x32\xf4\x05\n\x0c\x41gentService\x12\x45\n\x06Launch\x12\x1c.multiverse.v1.LaunchRequest\x1a\x1d.multiverse.v1.InstanceStatus\x12\x42\n\x05Start\x12\x1a.multiverse.v1.InstanceRef\x1a\x1d.multiverse.v1.InstanceStatus\x12\x41\n\x04Stop\x12\x1a.multiverse.v1.StopRequest\x1a\x1d.multiverse.v1.InstanceStatus\x12\x44\n\x07Restart\x12\x1a.multiverse.v1.InstanceRef\x1a\x1d.multiverse.v1.InstanceStatus\x12\x43\n\x06\x44\x65lete\x12\x1a.multiverse.v1.InstanceRef\x1a\x1d.multiverse.v1.InstanceStatus\x12?\n\x04Info\x12\x1a.multiverse.v1.InstanceRef\x1a\x1b.multiverse.v1.InstanceInfo\x12?\n\x04\x45xec\x12\x1a.multiverse.v1.ExecRequest\x1a\x19.multiverse.v1.ExecOutput0\x01\x12?\n\x04Logs\x12\x1a.multiverse.v1.InstanceRef\x1a\x1b.multiverse.v1.LogsResponse\x12H\n\x07Session\x12\x1b.multiverse.v1.SessionInput\x1a\x1c.multiverse.v1.SessionOutput(\x01\x30\x01\x12\x39\n\x06Report\x12\x14.multiverse.v1.Empty\x1a\x19.multiverse.v1.NodeReport\x12\x43\n\tPullImage\x12\x17.multiverse.v1.ImageRef\x1a\x1b.multiverse.v1.PullProgress0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#multiverse/wire/v1/multiverse.proto\x12\rmultiverse.v1\"7\n\tResources\x12\x0c\n\x04\x63pus\x18\x01 \x01(\x03\x12\x0e\n\x06memory\x18\x02 \x01(\x03\x12\x0c\n\x04\x64isk\x18\x03 \x01(\x03\"\xde\x01\n\x0cInstanceSpec\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04\x63pus\x18\x03 \x01(\x03\x12\x0e\n\x06memory\x18\x04 \x01(\x03\x12\x0c\n\x04\x64isk\x18\x05 \x01(\x03\x12\r\n\x05image\x18\x06 \x01(\t\x12\x11\n\tuser_data\x18\x07 \x01(\t\x12\x37\n\x06labels\x18\x08 \x03(\x0b\x32\'.multiverse.v1.InstanceSpec.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"z\n\x0eInstanceStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0c\n\x04ipv4\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\x03\x12\x0f\n\x07release\x18\x07 \x01(\t\"\xf8\x01\n\x0bJoinRequest\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x15\n\ragent_address\x18\x05 \x01(\t\x12\x0e\n\x06\x64river\x18\x06 \x01(\t\x12\x36\n\x06labels\x18\x07 \x03(\x0b\x32&.multiverse.v1.JoinRequest.LabelsEntry\x12*\n\x08\x63\x61pacity\x18\x08 \x01(\x0b\x32\x18.multiverse.v1.Resources\x12\x0f\n\x07version\x18\t \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04\"P\n\x0cJoinResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x15\n\ragent_address\x18\x04 \x01(\tJ\x04\x08\x03\x10\x04J\x04\x08\x05\x10\x06\"E\n\tImageInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\"\x9a\x01\n\nNodeReport\x12*\n\x08\x63\x61pacity\x18\x01 \x01(\x0b\x32\x18.multiverse.v1.Resources\x12\x30\n\tinstances\x18\x02 \x03(\x0b\x32\x1d.multiverse.v1.InstanceStatus\x12(\n\x06images\x18\x04 \x03(\x0b\x32\x18.multiverse.v1.ImageInfoJ\x04\x08\x03\x10\x04\"\x0f\n\x07SyncAckJ\x04\x08\x01\x10\x02\"\x1b\n\x0cRenewRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\t\"$\n\rRenewResponse\x12\x13\n\x0b\x63\x65rtificate\x18\x01 \x01(\t\"\x18\n\x08ImageRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1d\n\rImageManifest\x12\x0c\n\x04json\x18\x01 \x01(\t\".\n\x0c\x46\x65tchRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x19\n\x0bInstanceRef\x12\n\n\x02id\x18\x01 \x01(\t\":\n\rLaunchRequest\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.multiverse.v1.InstanceSpec\"(\n\x0bStopRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\xce\x01\n\x0cInstanceInfo\x12-\n\x06status\x18\x01 \x01(\x0b\x32\x1d.multiverse.v1.InstanceStatus\x12\r\n\x05load1\x18\x02 \x01(\x01\x12\r\n\x05load5\x18\x03 \x01(\x01\x12\x0e\n\x06load15\x18\x04 \x01(\x01\x12\x13\n\x0bmemory_used\x18\x05 \x01(\x03\x12\x14\n\x0cmemory_total\x18\x06 \x01(\x03\x12\x11\n\tdisk_used\x18\x07 \x01(\x03\x12\x12\n\ndisk_total\x18\x08 \x01(\x03\x12\x0f\n\x07release\x18\t \x01(\t\"9\n\x0b\x45xecRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x03(\t\x12\r\n\x05stdin\x18\x03 \x01(\x0c\"M\n\nExecOutput\x12\x0e\n\x06stream\x18\x01 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06\x65xited\x18\x03 \x01(\x08\x12\x11\n\texit_code\x18\x04 \x01(\x05\"*\n\x0cTerminalSize\x12\x0c\n\x04\x63ols\x18\x01 \x01(\r\x12\x0c\n\x04rows\x18\x02 \x01(\r\"c\n\x0cSessionStart\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x03(\t\x12\x0b\n\x03tty\x18\x03 \x01(\x08\x12)\n\x04size\x18\x04 \x01(\x0b\x32\x1b.multiverse.v1.TerminalSize\"\x92\x01\n\x0cSessionInput\x12,\n\x05start\x18\x01 \x01(\x0b\x32\x1b.multiverse.v1.SessionStartH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12-\n\x06resize\x18\x03 \x01(\x0b\x32\x1b.multiverse.v1.TerminalSizeH\x00\x12\r\n\x03\x65of\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"<\n\rSessionOutput\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\x13\n\texit_code\x18\x02 \x01(\x05H\x00\x42\x06\n\x04kind\"\x1c\n\x0cLogsResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x07\n\x05\x45mpty\";\n\x0cPullProgress\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x32\xd4\x01\n\x0e\x43lusterService\x12?\n\x04Join\x12\x1a.multiverse.v1.JoinRequest\x1a\x1b.multiverse.v1.JoinResponse\x12\x42\n\x05Renew\x12\x1b.multiverse.v1.RenewRequest\x1a\x1c.multiverse.v1.RenewResponse\x12=\n\x04Sync\x12\x19.multiverse.v1.NodeReport\x1a\x16.multiverse.v1.SyncAck(\x01\x30\x01\x32\x8e\x01\n\x0cImageService\x12@\n\x07Resolve\x12\x17.multiverse.v1.ImageRef\x1a\x1c.multiverse.v1.ImageManifest\x12<\n\x05\x46\x65tch\x12\x1b.multiverse.v1.FetchRequest\x1a\x14.multiverse.v1.Chunk0\x01\x32\xf4\x05\n\x0c\x41gentService\x12\x45\n\x06Launch\x12\x1c.multiverse.v1.LaunchRequest\x1a\x1d.multiverse.v1.InstanceStatus\x12\x42\n\x05Start\x12\x1a.multiverse.v1.InstanceRef\x1a\x1d.multiverse.v1.InstanceStatus\x12\x41\n\x04Stop\x12\x1a.multiverse.v1.StopRequest\x1a\x1d.multiverse.v1.InstanceStatus\x12\x44\n\x07Restart\x12\x1a.multiverse.v1.InstanceRef\x1a\x1d.multiverse.v1.InstanceStatus\x12\x43\n\x06\x44\x65lete\x12\x1a.multiverse.v1.InstanceRef\x1a\x1d.multiverse.v1.InstanceStatus\x12?\n\x04Info\x12\x1a.multiverse.v1.InstanceRef\x1a\x1b.multiverse.v1.InstanceInfo\x12?\n\x04\x45xec\x12\x1a.multiverse.v1.ExecRequest\x1a\x19.multiverse.v1.ExecOutput0\x01\x12?\n\x04Logs\x12\x1a.multiverse.v1.InstanceRef\x1a\x1b.multiverse.v1.LogsResponse\x12H\n\x07Session\x12\x1b.multiverse.v1.SessionInput\x1a\x1c.multiverse.v1.SessionOutput(\x01\x30\x01\x12\x39\n\x06Report\x12\x14.multiverse.v1.Empty\x1a\x19.multiverse.v1.NodeReport\x12\x43\n\tPullImage\x12\x17.multiverse.v1.ImageRef\x1a\x1b.multiverse.v1.PullProgress0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,44 +55,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODEREPORT']._serialized_end=1019
   _globals['_SYNCACK']._serialized_start=1021
   _globals['_SYNCACK']._serialized_end=1036
-  _globals['_IMAGEREF']._serialized_start=1038
-  _globals['_IMAGEREF']._serialized_end=1062
-  _globals['_IMAGEMANIFEST']._serialized_start=1064
-  _globals['_IMAGEMANIFEST']._serialized_end=1093
-  _globals['_FETCHREQUEST']._serialized_start=1095
-  _globals['_FETCHREQUEST']._serialized_end=1141
-  _globals['_CHUNK']._serialized_start=1143
-  _globals['_CHUNK']._serialized_end=1164
-  _globals['_INSTANCEREF']._serialized_start=1166
-  _globals['_INSTANCEREF']._serialized_end=1191
-  _globals['_LAUNCHREQUEST']._serialized_start=1193
-  _globals['_LAUNCHREQUEST']._serialized_end=1251
-  _globals['_STOPREQUEST']._serialized_start=1253
-  _globals['_STOPREQUEST']._serialized_end=1293
-  _globals['_INSTANCEINFO']._serialized_start=1296
-  _globals['_INSTANCEINFO']._serialized_end=1502
-  _globals['_EXECREQUEST']._serialized_start=1504
-  _globals['_EXECREQUEST']._serialized_end=1561
-  _globals['_EXECOUTPUT']._serialized_start=1563
-  _globals['_EXECOUTPUT']._serialized_end=1640
-  _globals['_TERMINALSIZE']._serialized_start=1642
-  _globals['_TERMINALSIZE']._serialized_end=1684
-  _globals['_SESSIONSTART']._serialized_start=1686
-  _globals['_SESSIONSTART']._serialized_end=1785
-  _globals['_SESSIONINPUT']._serialized_start=1788
-  _globals['_SESSIONINPUT']._serialized_end=1934
-  _globals['_SESSIONOUTPUT']._serialized_start=1936
-  _globals['_SESSIONOUTPUT']._serialized_end=1996
-  _globals['_LOGSRESPONSE']._serialized_start=1998
-  _globals['_LOGSRESPONSE']._serialized_end=2026
-  _globals['_EMPTY']._serialized_start=2028
-  _globals['_EMPTY']._serialized_end=2035
-  _globals['_PULLPROGRESS']._serialized_start=2037
-  _globals['_PULLPROGRESS']._serialized_end=2096
-  _globals['_CLUSTERSERVICE']._serialized_start=2099
-  _globals['_CLUSTERSERVICE']._serialized_end=2243
-  _globals['_IMAGESERVICE']._serialized_start=2246
-  _globals['_IMAGESERVICE']._serialized_end=2388
-  _globals['_AGENTSERVICE']._serialized_start=2391
-  _globals['_AGENTSERVICE']._serialized_end=3147
+  _globals['_RENEWREQUEST']._serialized_start=1038
+  _globals['_RENEWREQUEST']._serialized_end=1065
+  _globals['_RENEWRESPONSE']._serialized_start=1067
+  _globals['_RENEWRESPONSE']._serialized_end=1103
+  _globals['_IMAGEREF']._serialized_start=1105
+  _globals['_IMAGEREF']._serialized_end=1129
+  _globals['_IMAGEMANIFEST']._serialized_start=1131
+  _globals['_IMAGEMANIFEST']._serialized_end=1160
+  _globals['_FETCHREQUEST']._serialized_start=1162
+  _globals['_FETCHREQUEST']._serialized_end=1208
+  _globals['_CHUNK']._serialized_start=1210
+  _globals['_CHUNK']._serialized_end=1231
+  _globals['_INSTANCEREF']._serialized_start=1233
+  _globals['_INSTANCEREF']._serialized_end=1258
+  _globals['_LAUNCHREQUEST']._serialized_start=1260
+  _globals['_LAUNCHREQUEST']._serialized_end=1318
+  _globals['_STOPREQUEST']._serialized_start=1320
+  _globals['_STOPREQUEST']._serialized_end=1360
+  _globals['_INSTANCEINFO']._serialized_start=1363
+  _globals['_INSTANCEINFO']._serialized_end=1569
+  _globals['_EXECREQUEST']._serialized_start=1571
+  _globals['_EXECREQUEST']._serialized_end=1628
+  _globals['_EXECOUTPUT']._serialized_start=1630
+  _globals['_EXECOUTPUT']._serialized_end=1707
+  _globals['_TERMINALSIZE']._serialized_start=1709
+  _globals['_TERMINALSIZE']._serialized_end=1751
+  _globals['_SESSIONSTART']._serialized_start=1753
+  _globals['_SESSIONSTART']._serialized_end=1852
+  _globals['_SESSIONINPUT']._serialized_start=1855
+  _globals['_SESSIONINPUT']._serialized_end=2001
+  _globals['_SESSIONOUTPUT']._serialized_start=2003
+  _globals['_SESSIONOUTPUT']._serialized_end=2063
+  _globals['_LOGSRESPONSE']._serialized_start=2065
+  _globals['_LOGSRESPONSE']._serialized_end=2093
+  _globals['_EMPTY']._serialized_start=2095
+  _globals['_EMPTY']._serialized_end=2102
+  _globals['_PULLPROGRESS']._serialized_start=2104
+  _globals['_PULLPROGRESS']._serialized_end=2163
+  _globals['_CLUSTERSERVICE']._serialized_start=2166
+  _globals['_CLUSTERSERVICE']._serialized_end=2378
+  _globals['_IMAGESERVICE']._serialized_start=2381
+  _globals['_IMAGESERVICE']._serialized_end=2523
+  _globals['_AGENTSERVICE']._serialized_start=2526
+  _globals['_AGENTSERVICE']._serialized_end=3282
 # @@protoc_insertion_point(module_scope)

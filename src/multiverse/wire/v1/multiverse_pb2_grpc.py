@@ -39,6 +39,11 @@ class ClusterServiceStub:
                 request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.JoinRequest.SerializeToString,
                 response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.JoinResponse.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/multiverse.v1.ClusterService/Renew',
+                request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.RenewRequest.SerializeToString,
+                response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.RenewResponse.FromString,
+                _registered_method=True)
         self.Sync = channel.stream_stream(
                 '/multiverse.v1.ClusterService/Sync',
                 request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.NodeReport.SerializeToString,
@@ -50,6 +55,12 @@ class ClusterServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Join(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Renew(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -69,6 +80,11 @@ def add_ClusterServiceServicer_to_server(servicer, server):
                     servicer.Join,
                     request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.JoinRequest.FromString,
                     response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.JoinResponse.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.RenewRequest.FromString,
+                    response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.RenewResponse.SerializeToString,
             ),
             'Sync': grpc.stream_stream_rpc_method_handler(
                     servicer.Sync,
@@ -103,6 +119,33 @@ class ClusterService:
             '/multiverse.v1.ClusterService/Join',
             multiverse_dot_wire_dot_v1_dot_multiverse__pb2.JoinRequest.SerializeToString,
             multiverse_dot_wire_dot_v1_dot_multiverse__pb2.JoinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/multiverse.v1.ClusterService/Renew',
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.RenewRequest.SerializeToString,
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.RenewResponse.FromString,
             options,
             channel_credentials,
             insecure,
