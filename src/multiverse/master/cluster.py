@@ -76,7 +76,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         """A new certificate for the calling node, for the key in its CSR. Only a node whose
         current certificate is good may ask: a removed node's is revoked, an expired one fails
         the handshake (that node must be admitted again with a join token)."""
-        node_id = self._peer_node(context)
+        node_id = self.peer_node(context)
         if node_id is None:
             raise Unauthenticated("renewal needs the node's certificate")
         node = self.store.get_node(node_id)
