@@ -22,6 +22,7 @@ from pathlib import Path
 
 import click
 
+from multiverse.client import environments
 from multiverse.client.cli import (
     _duration,
     cli,
@@ -543,6 +544,10 @@ def image_build_tiny(data_dir: Path, images_dir: Path | None, import_it: bool, f
 def image_build_test(data_dir: Path, images_dir: Path | None) -> None:
     """The old name of `image build tiny --no-import`."""
     _build_and_import(images_dir or data_dir / "images", False)
+
+
+for _command in (environments.apply, environments.diff, environments.envs, environments.get):
+    cli.add_command(_command)
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
 from multiverse import __version__
+from multiverse.core.environment import ENV_LABEL, parse_document
 from multiverse.core.errors import (
     InvalidArgument,
     MultiverseError,
@@ -39,11 +40,13 @@ from multiverse.core.model import (
     DEFAULT_MEMORY,
     Instance,
     InstanceSpec,
+    InstanceState,
     Node,
     NodeStatus,
 )
 from multiverse.core.sizes import parse_size
-from multiverse.master import auth
+from multiverse.master import auth, ui
+from multiverse.master.environments import Environments
 from multiverse.master.images import FileSource, Images, image_json
 from multiverse.master.instances import InstanceInfo, Instances
 from multiverse.master.metrics import CONTENT_TYPE, Metrics
@@ -109,6 +112,12 @@ class ImportBody(BaseModel):
 class PullBody(BaseModel):
     nodes: list[str] = Field([], max_length=10_000)
     all: bool = False
+
+
+class ApplyBody(BaseModel):
+    spec: dict[str, Any]  # the environment file's JSON form (core/environment.py)
+    prune: bool = False
+    recreate: bool = False
 
 
 class StopBody(BaseModel):
@@ -197,6 +206,14 @@ def instance_json(instance: Instance) -> dict[str, Any]:
         "message": instance.message,
         "restarts": instance.restarts,
         "created_at": _iso(instance.created_at),
+    }
+
+
+def environment_json(name: str, members: list[Instance]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "instances": [instance_json(instance) for instance in members],
+        "running": sum(instance.state == InstanceState.RUNNING for instance in members),
     }
 
 
@@ -326,14 +343,39 @@ class _FailedAuth:
             )
 
 
+# A browser cannot set headers on a WebSocket, only subprotocols: it offers
+# [WS_PROTOCOL, WS_BEARER + token] (as Kubernetes' "base64url.bearer.authorization.k8s.io."),
+# so the token stays out of the URL and the logs; the server answers with WS_PROTOCOL.
+WS_PROTOCOL = "multiverse.v1"
+WS_BEARER = "bearer.multiverse."
+
+
+def _bearer(request: HTTPConnection) -> str:
+    """The token from ``Authorization: Bearer``, or from a WebSocket's subprotocols."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    if request.scope["type"] == "websocket":
+        for protocol in request.scope.get("subprotocols", []):
+            if protocol.startswith(WS_BEARER):
+                return str(protocol[len(WS_BEARER) :])
+    return ""
+
+
+async def _accept(websocket: WebSocket) -> None:
+    """Accept, naming WS_PROTOCOL when offered: a browser that offered subprotocols drops a
+    connection whose answer names none."""
+    offered = websocket.scope.get("subprotocols", [])
+    await websocket.accept(subprotocol=WS_PROTOCOL if WS_PROTOCOL in offered else None)
+
+
 def _caller(request: HTTPConnection) -> dict[str, object]:
     """The API token's record; every route but health needs one."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+    token = _bearer(request)
     try:
-        if scheme.lower() != "bearer" or not token:
+        if not token:
             raise Unauthenticated("missing API token: send Authorization: Bearer <token>")
-        return auth.verify_token(request.app.state.store, auth.API, token.strip())
+        return auth.verify_token(request.app.state.store, auth.API, token)
     except Unauthenticated:
         limiter: _FailedAuth = request.app.state.failed_auth
         limiter.failed(request.client.host if request.client else "unknown")
@@ -406,6 +448,16 @@ def create_app(
     @app.get("/api/v1/health")
     async def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
+
+    @app.get("/api/v1/whoami")
+    async def whoami(record: Reader) -> dict[str, Any]:
+        """The caller's own token (never its secret): the dashboard asks which buttons to show."""
+        return {
+            "id": record["id"],
+            "role": record["role"],
+            "description": record["description"],
+            "expires_at": _iso(record["expires_at"]),  # type: ignore[arg-type]
+        }
 
     @app.get("/api/v1/images")
     async def images(_: Reader) -> list[dict[str, Any]]:
@@ -534,7 +586,7 @@ def create_app(
             status = HTTP_STATUS.get(exc.code, 500)
             await websocket.send_denial_response(error_response(status, exc.code, exc.message))
             return
-        await websocket.accept()
+        await _accept(websocket)
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):
             async for event in instances.events.listen():
                 await websocket.send_text(json.dumps(event))
@@ -546,8 +598,13 @@ def create_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/api/v1/instances")
-    async def list_instances(_: Reader) -> list[dict[str, Any]]:
-        return [instance_json(instance) for instance in store.list_instances()]
+    async def list_instances(_: Reader, env: str | None = None) -> list[dict[str, Any]]:
+        """Every instance, or an environment's (``?env=NAME``)."""
+        return [
+            instance_json(instance)
+            for instance in store.list_instances()
+            if env is None or instance.spec.labels.get(ENV_LABEL) == env
+        ]
 
     @app.get("/api/v1/instances/{name}")
     async def get_instance(name: str, _: Reader) -> dict[str, Any]:
@@ -639,8 +696,38 @@ def create_app(
             status = HTTP_STATUS.get(exc.code, 500)
             await websocket.send_denial_response(error_response(status, exc.code, exc.message))
             return
-        await websocket.accept()
+        await _accept(websocket)
         await relay(websocket, call, node_name)
+
+    environments = Environments(store, instances)
+
+    @app.get("/api/v1/environments")
+    async def list_environments(_: Reader) -> list[dict[str, Any]]:
+        return [environment_json(name, items) for name, items in environments.all().items()]
+
+    @app.get("/api/v1/environments/{name}")
+    async def get_environment(name: str, _: Reader) -> dict[str, Any]:
+        return environment_json(name, environments.get(name))
+
+    @app.put("/api/v1/environments/{name}", status_code=202)
+    async def apply_environment(
+        name: str, body: ApplyBody, _: Admin, response: Response, dry_run: bool = False
+    ) -> dict[str, Any]:
+        """Make the environment as ``spec`` says; ``dry_run`` only tells what that takes."""
+        spec = parse_document(body.spec)
+        if spec.name != name:
+            raise InvalidArgument(f"the spec names environment {spec.name!r}, the path {name!r}")
+        if dry_run:
+            response.status_code = 200
+            diff = environments.diff(spec, prune=body.prune, recreate=body.recreate)
+            return {**diff.json(), "operation": None}
+        steps, operation = await environments.apply(spec, prune=body.prune, recreate=body.recreate)
+        return {**steps.json(), "operation": operation.id}
+
+    @app.delete("/api/v1/environments/{name}", status_code=202)
+    async def delete_environment(name: str, _: Admin) -> dict[str, Any]:
+        members, operation = await environments.delete(name)
+        return {**environment_json(name, members), "operation": operation.id}
 
     @app.post("/api/v1/tokens", status_code=201)
     async def create_token(body: TokenBody, _: Admin) -> dict[str, Any]:
@@ -686,6 +773,7 @@ def create_app(
         """Revoke a token given whole (in the body: a secret never goes into a URL)."""
         return await revoke_token(auth.find_token(store, body.token.strip()), _)
 
+    ui.mount(app)
     return app
 
 

@@ -41,7 +41,7 @@ from multiverse.master.cluster import Agents
 from multiverse.master.events import EventBus
 from multiverse.master.operations import Operation, Operations
 from multiverse.master.reconciler import PERMANENT, Reconciler
-from multiverse.master.scheduler import Strategy, place
+from multiverse.master.scheduler import Strategy, place, spread_conflict
 from multiverse.store.repository import Change, Store, now
 from multiverse.wire import convert
 from multiverse.wire.v1 import multiverse_pb2 as pb
@@ -107,14 +107,17 @@ class Instances:
         node_name: str | None = None,
         selector: Mapping[str, str] | None = None,
         strategy: Strategy = "spread",
+        apart_from: Mapping[str, str] | None = None,
     ) -> tuple[Instance, Operation]:
+        """``apart_from``: labels; no node holding an instance with all of them is chosen
+        (anti-affinity, as an environment's ``spread: true`` group asks)."""
         spec.validate()
         async with self.placing:
             if self.store.list_instances(names=[spec.name]):
                 raise AlreadyExists(f"an instance named {spec.name!r} exists already")
             node = place(
                 spec.resources, await self._candidates(node_name), selector=selector,
-                strategy=strategy,
+                strategy=strategy, avoid=self._holding(apart_from) if apart_from else None,
             )  # fmt: skip
             instance = Instance(
                 id=str(uuid.uuid4()),
@@ -141,6 +144,14 @@ class Instances:
             "launch", spec.name, self.until(instance.id, {InstanceState.RUNNING})
         )
         return self.store.get_instance(instance.id), operation
+
+    def _holding(self, labels: Mapping[str, str]) -> dict[str, str]:
+        """Node id -> why not there: it holds an instance carrying all of ``labels``."""
+        return {
+            instance.node_id: spread_conflict(instance.name)
+            for instance in self.store.list_instances()
+            if instance.node_id and labels.items() <= instance.spec.labels.items()
+        }
 
     async def _set_desired(
         self, name: str, desired: DesiredState, *, force: bool = False
