@@ -7,13 +7,7 @@ that ``multiverse instances`` stays quick to start.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
-import re
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -33,10 +27,12 @@ from multiverse.client.cli import (
     run,
     wait_with_progress,
 )
-from multiverse.client.config import ClientConfig, user_config_path
 from multiverse.core.errors import MultiverseError
 from multiverse.core.model import Resources
 from multiverse.core.sizes import parse_size
+
+# What only the servers need (asyncio, logging, subprocess, the client's config) is imported in
+# the commands that start them: every client call loads this module first.
 
 EXIT_FAILED = 2
 
@@ -47,6 +43,8 @@ def default_data_dir() -> Path:
 
 
 def _logging() -> None:
+    import logging
+
     logging.Formatter.converter = time.gmtime
     logging.basicConfig(
         level=os.environ.get("MULTIVERSE_LOG_LEVEL", "INFO"),
@@ -58,6 +56,8 @@ def _logging() -> None:
 
 def _serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]) -> None:
     """Run until SIGINT/SIGTERM, then stop cleanly. VMs are left running."""
+    import asyncio
+    import signal
 
     async def main() -> None:
         stopping = asyncio.Event()
@@ -78,6 +78,9 @@ def _serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[No
 
 
 def _default_node_name() -> str:
+    import re
+    import socket
+
     name = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()).strip("-") or "node"
     return name if name[0].isalpha() else f"node-{name}"
 
@@ -164,7 +167,33 @@ def _certificate_lifetime(seconds: int | None) -> timedelta:
     show_default=True,
     help="Lifetime of the certificates signed for nodes; they renew at a third left.",
 )
+@click.option(
+    "--network",
+    "network_cidr",
+    default="",
+    help="The cluster network's CIDR, fixed at the first start "
+    "(default: 10.77.0.0/16 or another that no route of this host overlaps).",
+)
+@click.option(
+    "--nat/--no-nat",
+    default=None,
+    help="Masquerade the VMs' outbound traffic on their nodes (default: on).",
+)
+@click.option(
+    "--wheelhouse",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="MULTIVERSE_WHEELHOUSE",
+    help="Where `node add` caches the wheels it copies to hosts (default: <data-dir>/wheelhouse).",
+)
+@click.option(
+    "--install-service",
+    is_flag=True,
+    help="Write a systemd unit that runs this master with these options, enable and start it "
+    "(where systemd runs), and exit.",
+)
 def master(
+    network_cidr: str,
+    nat: bool | None,
     listen: str,
     advertise: str,
     max_auth_failures: int,
@@ -176,8 +205,14 @@ def master(
     node_timeout: float,
     down_timeout: float,
     node_cert_ttl: timedelta,
+    wheelhouse: Path | None,
+    install_service: bool,
 ) -> None:
     """Run the master: cluster state, REST API, scheduler, image store."""
+    if install_service:
+        _install_master_service()
+        return
+    from multiverse.client.config import user_config_path
     from multiverse.master.server import Master, MasterConfig
 
     _logging()
@@ -195,7 +230,10 @@ def master(
             user_config=user_config_path(),
             image_dirs=[data_dir / "images", *_image_dirs()],
             image_rate_limit=float(image_rate_limit),
+            network=network_cidr,
+            nat=nat,
             node_cert_lifetime=node_cert_ttl,
+            wheelhouse=wheelhouse,
         )
     )
 
@@ -209,6 +247,26 @@ def master(
         )
 
     _serve(start, server.stop)
+
+
+def _install_master_service() -> None:
+    """`master --install-service`: the unit runs this very Python with the same options."""
+    import subprocess
+
+    from multiverse.core.files import write_private
+    from multiverse.master.provision import master_unit
+
+    args = [a for a in sys.argv[sys.argv.index("master") + 1 :] if a != "--install-service"]
+    unit_dir = Path(os.environ.get("MULTIVERSE_SYSTEMD_DIR", "/etc/systemd/system"))
+    path = unit_dir / "multiverse-master.service"
+    # 0644 as units are; it names no secret (the master's own files hold those).
+    write_private(path, master_unit(args).encode(), 0o644)
+    if not Path("/run/systemd/system").is_dir():
+        click.echo(f"wrote {path}; systemd does not run here: start `multiverse master` yourself")
+        return
+    for command in (["daemon-reload"], ["enable", "--now", "multiverse-master.service"]):
+        subprocess.run(["systemctl", *command], check=True)
+    click.echo(f"wrote {path}; multiverse-master.service is enabled and started")
 
 
 def _image_dirs() -> list[Path]:
@@ -248,6 +306,15 @@ def _worker_options(func: Callable[..., None]) -> Callable[..., None]:
             type=click.FloatRange(0),
             default=0.0,
             help="Seconds each fake VM action takes.",
+        ),
+        click.option(
+            "--network-mode",
+            type=click.Choice(["auto", "bridge", "user"]),
+            envvar="MULTIVERSE_NETWORK_MODE",
+            default="auto",
+            show_default=True,
+            help="bridge: VMs on the cluster network (needs CAP_NET_ADMIN); user: QEMU's NAT; "
+            "auto: bridge when this process may build networks.",
         ),
         sync_option,
         click.option(
@@ -309,6 +376,7 @@ def worker(
     driver: str,
     capacity: Resources | None,
     fake_delay: float,
+    network_mode: str,
     sync_interval: float,
     image_cache: int,
 ) -> None:
@@ -335,6 +403,7 @@ def worker(
             image_cache=image_cache,
             bridge=bridge,
             guest_cidr=guest_cidr,
+            network_mode=network_mode,
         )
     )
 
@@ -361,16 +430,23 @@ def up(
     driver: str,
     capacity: Resources | None,
     fake_delay: float,
+    network_mode: str,
     sync_interval: float,
     image_cache: int,
 ) -> None:
     """Run a master and a worker for this machine in one process."""
+    source = click.get_current_context().get_parameter_source("network_mode")
+    if source == click.core.ParameterSource.DEFAULT:
+        # One host needs no overlay, and a quick start should not build a bridge and
+        # firewall rules on a machine unasked: user mode unless --network-mode says otherwise.
+        network_mode = "user"
     images_dir = data_dir / "images"
     if driver == "qemu":  # before detaching, so that the user sees the build's progress
         _build_test_image(Path(os.environ.get("MULTIVERSE_IMAGE_CACHE") or images_dir))
     if detach:
         _detach(data_dir)
         return
+    from multiverse.client.config import user_config_path
     from multiverse.master.server import Master, MasterConfig
     from multiverse.worker.server import Worker, WorkerConfig
 
@@ -406,6 +482,7 @@ def up(
                 fake_delay=fake_delay,
                 image_dirs=[images_dir, *_image_dirs()],
                 image_cache=image_cache,
+                network_mode=network_mode,
             )
         )
         identity = await worker_server.start()
@@ -426,7 +503,11 @@ def up(
 
 def _detach(data_dir: Path) -> None:
     """Start ``multiverse up`` in the background and return once its API answers."""
+    import subprocess
+
     import httpx
+
+    from multiverse.client.config import ClientConfig
 
     data_dir.mkdir(parents=True, exist_ok=True)
     pid_file = data_dir / "up.pid"
@@ -474,6 +555,8 @@ def _alive(pid: int) -> bool:
 @data_dir_option
 def down(data_dir: Path) -> None:
     """Stop a `multiverse up --detach` (its VMs keep running)."""
+    import signal
+
     pid_file = data_dir / "up.pid"
     if not pid_file.exists() or not _alive(pid := int(pid_file.read_text())):
         click.echo("multiverse is not running")

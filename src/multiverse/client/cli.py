@@ -5,32 +5,56 @@ Exit codes, as Multipass: 0 ok, 1 usage error, 2 the request failed, 3 the maste
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import random
+import functools
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
-from rich.console import Console
 
-from multiverse.client.config import ClientConfig
-from multiverse.client.http import ApiClient, ApiError, Unreachable
+from multiverse import __version__
+from multiverse.client.errors import ApiError, Unreachable
 from multiverse.client.output import FORMATS, Column, render, render_one
-from multiverse.client.terminal import attach, follow_events
-from multiverse.core.environment import EnvironmentSpec, parse_yaml
 from multiverse.core.errors import MultiverseError
 from multiverse.core.model import DEFAULT_IMAGE, parse_labels, validate_labels
+from multiverse.core.network import parse_publish
 from multiverse.core.sizes import format_size, parse_size
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from multiverse.client.http import ApiClient
+    from multiverse.core.environment import EnvironmentSpec
+
+# Imported where a command needs them, not here: rich, websockets, asyncio, the HTTP client and
+# TLS together cost several times what the rest of a call's start does (`python -X importtime
+# -m multiverse --version` shows it), and most commands need one or two of them.
 
 EXIT_USAGE, EXIT_FAILED, EXIT_UNREACHABLE = 1, 2, 3
 
-stderr = Console(stderr=True, soft_wrap=True)  # long messages stay on one line for grep
+
+@functools.cache
+def stderr_console() -> Console:
+    """rich's Console on stderr, made on first use (a spinner, an error)."""
+    from rich.console import Console
+
+    return Console(stderr=True, soft_wrap=True)  # long messages stay on one line for grep
+
+
+class _LazyConsole:
+    """Stands for :func:`stderr_console` until something is asked of it. Where rich wants
+    a Console itself (``Live(console=...)``), pass ``stderr_console()``."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(stderr_console(), name)
+
+
+stderr = cast("Console", _LazyConsole())
 
 
 class Failure(Exception):
@@ -38,6 +62,9 @@ class Failure(Exception):
 
 
 def _client() -> ApiClient:
+    from multiverse.client.config import ClientConfig
+    from multiverse.client.http import ApiClient
+
     try:
         config = ClientConfig.load()
     except ValueError as exc:
@@ -77,14 +104,26 @@ def _free_of(item: dict[str, Any], size: bool = True) -> str:
     return f"{show(item['free'])}/{show(item['total'])}"
 
 
+def _node_status(node: dict[str, Any]) -> str:
+    """``Installing (venv)``, ``Failed (connect)``: `node add`'s step, the message's head."""
+    step = (node.get("message") or "").replace(":", " ").split(" ", 1)[0]
+    return (
+        f"{node['status']} ({step})"
+        if step and node["status"] in INSTALL_STATES
+        else (node["status"])
+    )
+
+
+INSTALL_STATES = ("Installing", "Failed")
 NODE_COLUMNS = [
     Column("Node Name", lambda n: n["name"]),
-    Column("Status", lambda n: n["status"] + (",Cordoned" if n.get("cordoned") else "")),
+    Column("Status", lambda n: _node_status(n) + (",Cordoned" if n.get("cordoned") else "")),
     Column("IPv4", lambda n: n["ipv4"]),
     Column("Cpu", lambda n: _free_of(n["cpus"], size=False)),
     Column("Mem", lambda n: _free_of(n["memory"])),
     Column("Disk", lambda n: _free_of(n["disk"])),
     Column("Instances", lambda n: n["instances"]),
+    Column("Network", lambda n: n.get("network_mode") or "--"),
     Column("Last Sync", lambda n: _ago(n["last_sync"])),
 ]
 INSTANCE_COLUMNS = [
@@ -112,11 +151,12 @@ INFO_COLUMNS = [
     Column("Memory", lambda i: _usage(i["memory_usage"])),
     Column("Release", lambda i: i["release"]),
     Column("Restarts", lambda i: i["restarts"]),
+    Column("Published", lambda i: ",".join(i.get("publish", [])) or "--"),
 ]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="multiverse")
+@click.version_option(__version__)
 def cli() -> None:
     """Multiverse: launch and manage virtual machines on many hosts from one place."""
 
@@ -156,6 +196,33 @@ def images(fmt: str) -> None:
     click.echo(render(_client().images(), IMAGE_COLUMNS, fmt))
 
 
+NETWORK_NODE_COLUMNS = [
+    Column("Node Name", lambda n: n["name"]),
+    Column("Address", lambda n: n["address"]),
+    Column("VTEP", lambda n: n["vtep"]),
+    Column("Mode", lambda n: n["mode"] or "--"),
+]
+
+
+@cli.command()
+@format_option
+def network(fmt: str) -> None:
+    """Show the cluster network: its CIDR, how much of it is leased, each node's VTEP."""
+    body = _client().network()
+    if fmt in ("json", "yaml"):
+        click.echo(render([body], [], fmt))
+        return
+    if fmt == "csv":
+        click.echo(render(body["nodes"], NETWORK_NODE_COLUMNS, fmt))
+        return
+    nat = "on" if body["nat"] else "off"
+    click.echo(
+        f"Network {body['name']}: {body['cidr']} (VXLAN {body['vni']}, NAT {nat}), "
+        f"{body['used']} of {body['size']} addresses leased ({body['instances']} instances)"
+    )
+    click.echo(render(body["nodes"], NETWORK_NODE_COLUMNS, fmt))
+
+
 @cli.command()
 @click.argument("names", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="All instances (the default with no NAME).")
@@ -191,8 +258,18 @@ _size = parsed(parse_size)
 labels_option = parsed(parse_labels)
 
 
+def _publish(text: str) -> str:
+    try:
+        return str(parse_publish(text))
+    except MultiverseError as exc:
+        raise click.BadParameter(exc.message, param_hint="'--publish'") from exc
+
+
 @contextmanager
 def _spinner(text: str) -> Iterator[Callable[[str], None]]:
+    if not sys.stderr.isatty():  # nobody would see it: spare scripts the import of rich
+        yield lambda state: None
+        return
     with stderr.status(text) as status:
         yield lambda state: status.update(f"{text}: {state}")
 
@@ -205,16 +282,20 @@ def _wait(
     Returns the operation once it succeeded; raises Failure with its error otherwise.
     """
     deadline = time.monotonic() + timeout
+    shown = 0
     with _spinner(label) as show:
         while True:
             operation = client.wait_operation(operation_id, timeout=1)
+            for line in operation.get("progress", [])[shown:]:
+                stderr.print(line, markup=False, highlight=False)
+                shown += 1
             if operation["status"] == "success":
                 return operation
             if operation["status"] == "failure":
                 raise Failure(operation["error"] or f"{label} failed")
             if time.monotonic() > deadline:
                 raise Failure(f"{label}: still not done after {timeout:.0f}s")
-            progress = operation.get("progress")
+            progress = operation.get("transfer")
             if instance:
                 try:
                     item = client.instance(instance)
@@ -273,6 +354,14 @@ def _with_wait(func: Callable[..., None]) -> Callable[..., None]:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="User-data file for the guest.",
 )
+@click.option("--ip", default="", help="A free address of the cluster network for it.")
+@click.option(
+    "--publish",
+    "-p",
+    multiple=True,
+    callback=lambda _ctx, _param, values: [_publish(value) for value in values],
+    help="Forward a port of its node to it: NODE_PORT:GUEST_PORT[/udp] (repeatable).",
+)
 @_with_wait
 @format_option
 def launch(
@@ -286,11 +375,15 @@ def launch(
     labels: dict[str, str],
     strategy: str,
     cloud_init: Path | None,
+    ip: str,
+    publish: list[str],
     no_wait: bool,
     timeout: float,
     fmt: str,
 ) -> None:
     """Create and start an instance; waits until it is Running."""
+    import random
+
     client = _client()
     body = {
         "name": name or f"vm-{random.randbytes(3).hex()}",
@@ -304,6 +397,10 @@ def launch(
         "strategy": strategy,
         "user_data": cloud_init.read_text() if cloud_init else "",
     }
+    if ip:
+        body["ip"] = ip
+    if publish:
+        body["publish"] = publish
     item = client.launch(body)
     if not no_wait:
         _wait(client, item["operation"], timeout, f"Launching {item['name']}", item["name"])
@@ -400,6 +497,7 @@ def restart(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float) -
 
 def read_environment(path: Path) -> EnvironmentSpec:
     """An environment file (`apply -f`), checked; a problem names its line and column."""
+    from multiverse.core.environment import parse_yaml  # yaml and jinja2: only for this
 
     def read(name: str) -> str:
         return (path.parent / name).read_text()  # cloud-init: FILE, beside the file
@@ -448,6 +546,10 @@ def _delete_environment(name: str, no_wait: bool, timeout: float) -> None:
 
 
 def _attach(name: str, command: Sequence[str], want_tty: bool) -> None:
+    import asyncio
+
+    from multiverse.client.terminal import attach
+
     client = _client()
     sys.exit(asyncio.run(attach(client, name, command, want_tty)))
 
@@ -541,12 +643,141 @@ def label(name: str, labels: tuple[str, ...]) -> None:
     click.echo(f"Labelled {name}; labels set by admins: {shown}")
 
 
+def _ssh_credentials(identity: Path | None, password_stdin: bool) -> dict[str, str]:
+    """The SSH login for the master to use: a key's text or a password read from stdin (never
+    an argument: `ps` shows those). Sent in the request body, over TLS."""
+    if identity is not None and password_stdin:
+        raise click.UsageError("give --identity or --password-stdin, not both")
+    if identity is not None:
+        try:
+            return {"identity": identity.read_text()}
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(f"cannot read {identity}: {exc}") from exc
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise click.UsageError("--password-stdin read an empty password")
+        return {"password": password}
+    raise click.UsageError("give --identity KEY (preferred) or --password-stdin")
+
+
+ssh_login_options = [
+    click.option(
+        "--identity",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="Private key to log in with (preferred over a password).",
+    ),
+    click.option(
+        "--password-stdin",
+        is_flag=True,
+        help="Read the SSH password from stdin (a key is preferred; it is never stored).",
+    ),
+]
+
+
+def _with_ssh_login(func: Callable[..., None]) -> Callable[..., None]:
+    for option in reversed(ssh_login_options):
+        func = option(func)
+    return func
+
+
+@node.command(name="add")
+@click.argument("name")
+@click.option("--ssh", "target", required=True, help="The host: user@host[:port].")
+@_with_ssh_login
+@click.option(
+    "--host-key-fingerprint",
+    default="",
+    help="Trust this host key (SHA256:..., as `ssh-keygen -lf` prints it) instead of "
+    "looking the host up in --known-hosts.",
+)
+@click.option(
+    "--known-hosts",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=lambda: Path.home() / ".ssh" / "known_hosts",
+    show_default="~/.ssh/known_hosts",
+    help="The host keys you trust; an unknown key is refused.",
+)
+@click.option(
+    "--driver",
+    type=click.Choice(["qemu", "firecracker", "multipass", "fake"]),
+    default="qemu",
+    show_default=True,
+)
+@click.option("--labels", callback=labels_option, default="", help="Node labels: k=v,...")
+@click.option("--install-deps", is_flag=True, help="apt-get install the driver's packages too.")
+@click.option(
+    "--root", default="/opt/multiverse", show_default=True, help="Install root on the host."
+)
+@_with_wait
+def add(
+    name: str,
+    target: str,
+    identity: Path | None,
+    password_stdin: bool,
+    host_key_fingerprint: str,
+    known_hosts: Path,
+    driver: str,
+    labels: dict[str, str],
+    install_deps: bool,
+    root: str,
+    no_wait: bool,
+    timeout: float,
+) -> None:
+    """Install a worker on a host over SSH and join it as node NAME.
+
+    The master logs in (a key is preferred: --identity; or --password-stdin), checks the host
+    key, copies its own wheels, installs a venv under --root, starts the worker as a systemd
+    unit (or a supervised process where systemd does not run) and waits until it joins.
+    Running it again retries a failed install.
+    """
+    body: dict[str, Any] = {
+        "name": name, "ssh": target, "driver": driver, "labels": labels,
+        "install_deps": install_deps, "root": root,
+        "host_key_fingerprint": host_key_fingerprint,
+        **_ssh_credentials(identity, password_stdin),
+    }  # fmt: skip
+    if not host_key_fingerprint and known_hosts.is_file():
+        body["known_hosts"] = known_hosts.read_text(errors="replace")
+    client = _client()
+    operation = client.add_node(body)
+    if no_wait:
+        click.echo(operation["id"])
+        return
+    done = _wait(client, operation["id"], timeout, f"Installing {name}")
+    service = (done["result"] or {}).get("service", "")
+    click.echo(f"Node {name} is Ready; its worker runs as {service}")
+
+
 @node.command()
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Also forget its instances (their VMs stay there).")
-def remove(name: str, force: bool) -> None:
+@click.option(
+    "--uninstall",
+    is_flag=True,
+    help="Also stop the worker `node add` installed and remove its unit, venv and data dir "
+    "(over SSH: give --identity or --password-stdin).",
+)
+@_with_ssh_login
+@click.option("--timeout", type=click.FloatRange(1), default=600, show_default=True)
+def remove(
+    name: str,
+    force: bool,
+    uninstall: bool,
+    identity: Path | None,
+    password_stdin: bool,
+    timeout: float,
+) -> None:
     """Forget a node and revoke its certificate; it can come back only with a new token."""
-    _client().remove_node(name, force)
+    client = _client()
+    if uninstall:
+        if force:
+            raise click.UsageError("--uninstall needs the node's instances gone; no --force")
+        operation = client.uninstall_node(name, _ssh_credentials(identity, password_stdin))
+        _wait(client, operation["id"], timeout, f"Uninstalling {name}")
+        click.echo(f"Removed {name}: its worker, unit, venv and data dir are gone")
+        return
+    client.remove_node(name, force)
     click.echo(f"Removed {name}; its certificate is revoked")
 
 
@@ -591,6 +822,10 @@ _maintenance_command(
 @cli.command()
 def events() -> None:
     """Stream lifecycle events as JSON lines until interrupted."""
+    import asyncio
+
+    from multiverse.client.terminal import follow_events
+
     client = _client()
     with contextlib.suppress(KeyboardInterrupt):
         sys.exit(asyncio.run(follow_events(client)))
@@ -780,7 +1015,7 @@ def wait_with_progress(client: ApiClient, operation: dict[str, Any], timeout: fl
                 raise Failure(operation["error"] or f"{label} failed")
             if time.monotonic() > deadline:
                 raise Failure(f"{label}: still not done after {timeout:.0f}s")
-            progress = operation.get("progress") or {}
+            progress = operation.get("transfer") or {}
             update(int(progress.get("done", 0)), int(progress.get("total", 0)))
 
 

@@ -1,33 +1,34 @@
-"""A small typed client of the REST API (httpx). One method per route the CLI needs."""
+"""A small typed client of the REST API. One method per route the CLI needs.
+
+It speaks HTTP/1.1 with the standard library's http.client over one kept-alive connection:
+every CLI call makes a client and then a request or a few, so the import of an HTTP library
+would be most of a call's start-up (httpx with httpcore and h11 cost ~3x http.client with ssl,
+measured with ``python -X importtime``), for features (HTTP/2, proxies, cookies, retries) that
+a CLI talking to its own master does not use.
+"""
 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
-import httpx
+from multiverse.client.errors import ApiError, Unreachable
 
-
-class ApiError(Exception):
-    """The master answered with an error (4xx/5xx and its JSON error body)."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-class Unreachable(Exception):
-    """No answer from the master at all."""
+__all__ = ["ApiClient", "ApiError", "Unreachable"]
 
 
 JSON = dict[str, Any]
 UPLOAD_CHUNK = 1024 * 1024
+
+# A kept-alive connection the master closed while idle fails this way on its next request,
+# which then never reached the master: sent again on a new connection, once.
+_STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
 
 
 class ApiClient:
@@ -37,27 +38,99 @@ class ApiClient:
         self.server = server.rstrip("/")
         self.token = token
         self.verify = verify
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(
-            base_url=f"{self.server}/api/v1", headers=headers, timeout=timeout, verify=verify
-        )
+        self.timeout = timeout
+        self._headers = {"Accept": "application/json"}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        self._connection: http.client.HTTPConnection | None = None
 
     def close(self) -> None:
-        self._http.close()
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def _connect(self) -> http.client.HTTPConnection:
+        if self._connection is not None:
+            return self._connection
+        url = urlsplit(self.server)
+        if url.scheme == "https" and url.hostname:
+            context = self.verify if isinstance(self.verify, ssl.SSLContext) else None
+            if context is None:
+                context = ssl.create_default_context()
+                if not self.verify:
+                    context.check_hostname = False
+                    context.verify_mode = ssl.CERT_NONE
+            self._connection = http.client.HTTPSConnection(
+                url.hostname, url.port, timeout=self.timeout, context=context
+            )
+        elif url.scheme == "http" and url.hostname:
+            self._connection = http.client.HTTPConnection(
+                url.hostname, url.port, timeout=self.timeout
+            )
+        else:
+            raise Unreachable(
+                f"cannot reach the master at {self.server}: not an http:// or https:// address"
+            )
+        return self._connection
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        params: JSON | None = None,
+        content: Iterable[bytes] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> http.client.HTTPResponse:
+        """Send a request; the response with its body still to read. ``content`` is a body
+        streamed as it is iterated (give its length in ``headers``)."""
+        target = f"{urlsplit(self.server).path}/api/v1{path}"
+        if params:
+            target += "?" + urlencode({k: _query_value(v) for k, v in params.items()})
+        headers = {**self._headers, **(headers or {})}
+        body: bytes | Iterable[bytes] | None = content
+        if json is not None:
+            body = _json_dumps(json)
+            headers["Content-Type"] = "application/json"
+        # A streamed body cannot be sent twice: no retry on a stale connection for it.
+        reused = (
+            content is None and self._connection is not None and self._connection.sock is not None
+        )
+        try:
+            connection = self._connect()
+            try:
+                connection.request(method, target, body=body, headers=headers)
+                return connection.getresponse()
+            except _STALE:
+                if not reused:
+                    raise
+                connection.close()
+                connection.request(method, target, body=body, headers=headers)
+                return connection.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise Unreachable(
+                f"cannot reach the master at {self.server}: {_describe(exc)}"
+            ) from exc
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._send(method, path, **kwargs)
         try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise Unreachable(f"cannot reach the master at {self.server}: {exc}") from exc
-        _raise_for_error(response)
-        return response.json()
+            data = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise Unreachable(f"lost the master at {self.server}: {_describe(exc)}") from exc
+        _raise_for_error(response.status, data)
+        return json.loads(data)
 
     def nodes(self) -> list[JSON]:
         return list(self._request("GET", "/nodes"))
 
     def node(self, name: str) -> JSON:
         return dict(self._request("GET", f"/nodes/{name}"))
+
+    def network(self) -> JSON:
+        return dict(self._request("GET", "/network"))
 
     def images(self) -> list[JSON]:
         return list(self._request("GET", "/images"))
@@ -78,12 +151,11 @@ class ApiClient:
 
     def has_blob(self, sha256: str) -> bool:
         try:
-            response = self._http.get(f"/blobs/sha256:{sha256}")
-        except httpx.TransportError as exc:
-            raise Unreachable(f"cannot reach the master at {self.server}: {exc}") from exc
-        if response.status_code == 404:
-            return False
-        _raise_for_error(response)
+            self._request("GET", f"/blobs/sha256:{sha256}")
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
         return True
 
     def put_blob(
@@ -131,24 +203,29 @@ class ApiClient:
         return str(self._request("GET", f"/instances/{name}/logs")["log"])
 
     def exec(self, name: str, command: list[str], stdin: bytes = b"") -> Iterator[JSON]:
-        """Yields ``{"stream", "data": bytes}`` chunks, then ``{"exit_code"}``."""
+        """Yields ``{"stream", "data": bytes}`` chunks, then ``{"exit_code"}``, each as soon as
+        its line arrives."""
         body = {"command": command, "stdin": base64.b64encode(stdin).decode()}
+        response = self._send("POST", f"/instances/{name}/exec", json=body)
+        finished = False
         try:
-            with self._http.stream("POST", f"/instances/{name}/exec", json=body) as response:
-                if response.is_error:
-                    response.read()
-                    _raise_for_error(response)
-                for line in response.iter_lines():
-                    if not line:
-                        continue
-                    item = json.loads(line)
-                    if "error" in item:
-                        raise ApiError(502, item["error"]["code"], item["error"]["message"])
-                    if "data" in item:
-                        item["data"] = base64.b64decode(item["data"])
-                    yield item
-        except httpx.TransportError as exc:
-            raise Unreachable(f"lost the master at {self.server}: {exc}") from exc
+            if response.status >= 400:
+                _raise_for_error(response.status, response.read())
+            while line := response.readline():
+                if not line.strip():
+                    continue
+                item = json.loads(line)
+                if "error" in item:
+                    raise ApiError(502, item["error"]["code"], item["error"]["message"])
+                if "data" in item:
+                    item["data"] = base64.b64decode(item["data"])
+                yield item
+            finished = True
+        except (OSError, http.client.HTTPException) as exc:
+            raise Unreachable(f"lost the master at {self.server}: {_describe(exc)}") from exc
+        finally:
+            if not finished:  # the rest of the answer is unread: the connection is unusable
+                self.close()
 
     def apply_environment(
         self, spec: JSON, *, prune: bool, recreate: bool, dry_run: bool = False
@@ -179,6 +256,13 @@ class ApiClient:
         (an operation)."""
         return dict(self._request("POST", f"/nodes/{name}/{action}"))
 
+    def add_node(self, body: JSON) -> JSON:
+        """Install a worker over SSH: an operation (credentials go in the body, over TLS)."""
+        return dict(self._request("POST", "/nodes", json=body))
+
+    def uninstall_node(self, name: str, credentials: JSON) -> JSON:
+        return dict(self._request("POST", f"/nodes/{name}/uninstall", json=credentials))
+
     def remove_node(self, name: str, force: bool = False) -> JSON:
         return dict(self._request("DELETE", f"/nodes/{name}", params={"force": force}))
 
@@ -200,11 +284,29 @@ class ApiClient:
         return dict(self._request("PATCH", f"/nodes/{name}/labels", json={"labels": labels}))
 
 
-def _raise_for_error(response: httpx.Response) -> None:
-    if not response.is_error:
+def _raise_for_error(status: int, body: bytes) -> None:
+    if status < 400:
         return
     try:
-        error = response.json()["error"]
-        raise ApiError(response.status_code, error["code"], error["message"])
+        error = json.loads(body)["error"]
+        raise ApiError(status, error["code"], error["message"])
     except (ValueError, KeyError, TypeError):
-        raise ApiError(response.status_code, "http_error", response.text[:200]) from None
+        text = body.decode(errors="replace")[:200]
+        raise ApiError(status, "http_error", text) from None
+
+
+def _json_dumps(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+def _query_value(value: Any) -> str:
+    """As the API reads query values: booleans as true/false."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    return str(error) or type(error).__name__

@@ -29,8 +29,10 @@ from multiverse.core.environment import ENV_LABEL, parse_document
 from multiverse.core.errors import (
     InvalidArgument,
     MultiverseError,
+    NotFound,
     RateLimited,
     Unauthenticated,
+    Unavailable,
 )
 from multiverse.core.images import parse_sha256
 from multiverse.core.model import (
@@ -44,14 +46,23 @@ from multiverse.core.model import (
     Node,
     NodeStatus,
 )
+from multiverse.core.network import parse_publish
 from multiverse.core.sizes import parse_size
 from multiverse.master import auth, ui
 from multiverse.master.environments import Environments
 from multiverse.master.images import FileSource, Images, image_json
 from multiverse.master.instances import InstanceInfo, Instances
 from multiverse.master.metrics import CONTENT_TYPE, Metrics
+from multiverse.master.network import Ipam
 from multiverse.master.nodes import Nodes
 from multiverse.master.operations import Operation
+from multiverse.master.provision import (
+    DEFAULT_ROOT,
+    Credentials,
+    Installer,
+    InstallRequest,
+    SSHTarget,
+)
 from multiverse.master.scheduler import Strategy
 from multiverse.master.sessions import MAX_TERMINAL, relay
 from multiverse.store.repository import Store
@@ -96,6 +107,8 @@ class LaunchBody(BaseModel):
     node: str | None = None
     selector: dict[str, str] = {}
     strategy: Strategy = "spread"
+    ip: str = Field("", max_length=64)  # a given free address of the cluster network
+    publish: list[str] = Field([], max_length=64)  # "8080:80" or "5353:53/udp"
 
 
 class ImportBody(BaseModel):
@@ -146,6 +159,25 @@ class JoinBody(BaseModel):
     name: str = Field(max_length=63)
 
 
+class NodeCredentialsBody(BaseModel):
+    """How the master logs in to a host over SSH. Used for that connection and then dropped:
+    never stored, logged or returned."""
+
+    identity: str = Field("", max_length=64 * 1024)  # a private key (preferred)
+    password: str = Field("", max_length=4096)
+
+
+class NodeAddBody(NodeCredentialsBody):
+    name: str = Field(max_length=63)
+    ssh: str = Field(max_length=300)  # user@host[:port]
+    host_key_fingerprint: str = Field("", max_length=100)
+    known_hosts: str = Field("", max_length=512 * 1024)
+    driver: Literal["qemu", "firecracker", "multipass", "fake"] = "qemu"
+    labels: dict[str, str] = {}
+    install_deps: bool = False
+    root: str = Field(DEFAULT_ROOT, max_length=255)
+
+
 class ExecBody(BaseModel):
     command: list[str] = Field(min_length=1, max_length=4096)
     stdin: str = ""  # base64
@@ -185,6 +217,8 @@ def node_json(node: Node) -> dict[str, Any]:
         "instances": node.instance_count,
         "last_sync": _iso(node.last_sync),
         "version": node.version,
+        "network_mode": node.network_mode,
+        "message": node.message,  # `node add`: the step running, or why it failed
     }
 
 
@@ -206,6 +240,9 @@ def instance_json(instance: Instance) -> dict[str, Any]:
         "message": instance.message,
         "restarts": instance.restarts,
         "created_at": _iso(instance.created_at),
+        "address": instance.address,
+        "mac": instance.mac,
+        "publish": list(instance.publish),
     }
 
 
@@ -403,6 +440,8 @@ def create_app(
     image_catalog: Callable[[], list[dict[str, Any]]],
     image_store: Images,
     max_auth_failures: int = 20,
+    ipam: Ipam | None = None,
+    installer: Installer | None = None,
 ) -> FastAPI:
     app = FastAPI(title="Multiverse", version=__version__, docs_url="/docs")
     metrics = Metrics(store, instances.reconciler, image_store)
@@ -448,6 +487,12 @@ def create_app(
     @app.get("/api/v1/health")
     async def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
+
+    @app.get("/api/v1/network")
+    async def network(_: Reader) -> dict[str, Any]:
+        if ipam is None:
+            raise NotFound("this cluster has no network")
+        return ipam.usage()
 
     @app.get("/api/v1/whoami")
     async def whoami(record: Reader) -> dict[str, Any]:
@@ -535,6 +580,32 @@ def create_app(
             "ca_certificate": ca.cert_pem.decode(),
         }
 
+    def _installer() -> Installer:
+        if installer is None:
+            raise Unavailable("this master does not install nodes")
+        return installer
+
+    @app.post("/api/v1/nodes", status_code=202)
+    async def add_node(body: NodeAddBody, _: Admin) -> dict[str, Any]:
+        """Install a worker on a host over SSH and wait for it to join: an operation with one
+        progress line per step; the node is Installing meanwhile, then Ready or Failed."""
+        request = InstallRequest(
+            name=body.name, target=SSHTarget.parse(body.ssh), driver=body.driver,
+            labels=body.labels, install_deps=body.install_deps, root=body.root,
+        )  # fmt: skip
+        credentials = Credentials(
+            password=body.password, identity=body.identity, known_hosts=body.known_hosts,
+            host_key_fingerprint=body.host_key_fingerprint,
+        )  # fmt: skip
+        return _installer().add(request, credentials).json()
+
+    @app.post("/api/v1/nodes/{name}/uninstall", status_code=202)
+    async def uninstall_node(name: str, body: NodeCredentialsBody, _: Admin) -> dict[str, Any]:
+        """Stop the worker `node add` installed, remove its unit, venv and data dir, then forget
+        the node; refused while it holds instances."""
+        credentials = Credentials(password=body.password, identity=body.identity)
+        return _installer().uninstall(name, credentials).json()
+
     @app.delete("/api/v1/nodes/{name}")
     async def remove_node(name: str, _: Admin, force: bool = False) -> dict[str, Any]:
         """Forget a node and revoke its certificate; it can join again only with a token."""
@@ -621,11 +692,12 @@ def create_app(
             user_data=body.user_data,
             labels=body.labels,
         )
-        return _accepted(
-            await instances.launch(
-                spec, node_name=body.node, selector=body.selector, strategy=body.strategy
-            )
-        )
+        publish = [parse_publish(item) for item in body.publish]
+        launched = await instances.launch(
+            spec, node_name=body.node, selector=body.selector, strategy=body.strategy,
+            ip=body.ip, publish=publish,
+        )  # fmt: skip
+        return _accepted(launched)
 
     @app.post("/api/v1/instances/{name}/start", status_code=202)
     async def start(name: str, _: Admin) -> dict[str, Any]:

@@ -291,7 +291,7 @@ class Images:
             if not url.startswith(("https://", "http://")):
                 raise InvalidArgument(f"only http(s) URLs can be imported, not {url!r}")
             work = self._import_url(name, aliases, url, parse_sha256(sha256), progress)
-        return self.operations.start("image-import", name, work, progress=progress)
+        return self.operations.start("image-import", name, work, transfer=progress)
 
     async def _import_url(
         self, name: str, aliases: Sequence[str], url: str, sha256: str, progress: Progress
@@ -472,7 +472,7 @@ class Images:
         progress = Progress(stage=f"pulling to {', '.join(n.name for n in nodes)}")
         progress.total = image.manifest.size * len(nodes)
         return self.operations.start(
-            "image-pull", image.name, self._pull(image, nodes, progress), progress=progress
+            "image-pull", image.name, self._pull(image, nodes, progress), transfer=progress
         )
 
     async def _pull(

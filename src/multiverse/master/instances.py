@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -23,6 +23,7 @@ from multiverse.core.errors import (
     AlreadyExists,
     Conflict,
     DriverError,
+    InvalidArgument,
     MultiverseError,
     NotFound,
     Unavailable,
@@ -37,8 +38,10 @@ from multiverse.core.model import (
     NodeStatus,
     ensure_running,
 )
+from multiverse.core.network import Publish
 from multiverse.master.cluster import Agents
 from multiverse.master.events import EventBus
+from multiverse.master.network import Ipam
 from multiverse.master.operations import Operation, Operations
 from multiverse.master.reconciler import PERMANENT, Reconciler
 from multiverse.master.scheduler import Strategy, place, spread_conflict
@@ -69,6 +72,7 @@ class Instances:
         operations: Operations,
         events: EventBus,
         placement_wait: float = 20.0,
+        ipam: Ipam | None = None,
     ) -> None:
         self.store = store
         self.agents = agents
@@ -77,6 +81,7 @@ class Instances:
         self.events = events
         self.placement_wait = placement_wait
         self.placing = asyncio.Lock()
+        self.ipam = ipam
 
     def get(self, name: str) -> Instance:
         return self.store.find_instance(name)
@@ -107,11 +112,19 @@ class Instances:
         node_name: str | None = None,
         selector: Mapping[str, str] | None = None,
         strategy: Strategy = "spread",
+        ip: str = "",
+        publish: Sequence[Publish] = (),
         apart_from: Mapping[str, str] | None = None,
     ) -> tuple[Instance, Operation]:
-        """``apart_from``: labels; no node holding an instance with all of them is chosen
-        (anti-affinity, as an environment's ``spread: true`` group asks)."""
+        """Place, record (with its address on the cluster network, in the same transaction)
+        and ask the node to create it; ``ip`` asks for a given free address. ``apart_from``:
+        labels; no node holding an instance with all of them is chosen (anti-affinity, as an
+        environment's ``spread: true`` group asks)."""
         spec.validate()
+        instance_id = str(uuid.uuid4())
+        picker = self.ipam.picker(instance_id, requested=ip, publish=publish) if self.ipam else None
+        if picker is None and (ip or publish):
+            raise InvalidArgument("this cluster has no network: --ip and --publish need one")
         async with self.placing:
             if self.store.list_instances(names=[spec.name]):
                 raise AlreadyExists(f"an instance named {spec.name!r} exists already")
@@ -119,8 +132,10 @@ class Instances:
                 spec.resources, await self._candidates(node_name), selector=selector,
                 strategy=strategy, avoid=self._holding(apart_from) if apart_from else None,
             )  # fmt: skip
+            if publish and self.ipam:
+                self.ipam.check_publish(node.id, publish)
             instance = Instance(
-                id=str(uuid.uuid4()),
+                id=instance_id,
                 spec=spec,
                 node_id=node.id,
                 node_name=node.name,
@@ -128,7 +143,7 @@ class Instances:
                 state=InstanceState.SCHEDULED,
                 created_at=now(),
             )
-            self.store.add_instance(instance)
+            self.store.add_instance(instance, picker)
         log.info("instance %s scheduled on node %s", spec.name, node.name)
         self.reconciler.publish_changes([Change(instance.id, spec.name, "", "Scheduled")])
         try:

@@ -57,7 +57,8 @@ class Operation:
     created_at: str = field(default_factory=_now)
     updated_at: str = field(default_factory=_now)
     result: Any = None
-    progress: Progress | None = None
+    progress: list[str] = field(default_factory=list)  # one line per step, as it goes
+    transfer: Progress | None = None  # bytes moved, for imports and pulls
     done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     ended: float = field(default=0.0, repr=False)  # on the registry's clock, once done
 
@@ -65,8 +66,8 @@ class Operation:
         return {
             "id": self.id, "kind": self.kind, "target": self.target, "status": self.status,
             "error": self.error, "created_at": self.created_at, "updated_at": self.updated_at,
-            "result": self.result,
-            "progress": self.progress.json() if self.progress else None,
+            "result": self.result, "progress": list(self.progress),
+            "transfer": self.transfer.json() if self.transfer else None,
         }  # fmt: skip
 
 
@@ -104,9 +105,13 @@ class Operations:
         kind: str,
         target: str,
         work: Coroutine[Any, Any, Any],
-        progress: Progress | None = None,
+        progress: list[str] | None = None,
+        transfer: Progress | None = None,
     ) -> Operation:
-        operation = Operation(str(uuid.uuid4()), kind, target, progress=progress)
+        """Run ``work`` as an operation; ``progress`` is the list ``work`` appends its steps to."""
+        operation = Operation(str(uuid.uuid4()), kind, target, transfer=transfer)
+        if progress is not None:
+            operation.progress = progress
         self._operations[operation.id] = operation
         self._prune()
         task = asyncio.create_task(self._run(operation, work))

@@ -11,15 +11,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy import Engine, create_engine, delete, event, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from multiverse.core.errors import AlreadyExists, NotFound
+from multiverse.core.errors import AlreadyExists, Conflict, NotFound
 from multiverse.core.files import private_sqlite
 from multiverse.core.images import ImageManifest, StoredImage
 from multiverse.core.model import (
@@ -31,14 +31,30 @@ from multiverse.core.model import (
     NodeStatus,
     Resources,
 )
+from multiverse.core.network import ClusterNetwork, Lease, parse_publish
 from multiverse.store.schema import (
     ImageLocationRow,
     ImageRow,
     InstanceRow,
+    LeaseRow,
+    NetworkRow,
     NodeRow,
     RevokedCertificateRow,
     TokenRow,
 )
+
+_LEASE_TRIES = 20
+
+
+class LeasePicker(Protocol):
+    """Chooses a lease in ``network`` given the addresses taken there (master/network.py);
+    raises a MultiverseError when none fits."""
+
+    @property
+    def network(self) -> str: ...
+
+    def __call__(self, used: set[str]) -> Lease: ...
+
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -105,6 +121,8 @@ class Store:
             version=node.version,
             last_sync=node.last_sync,
             created_at=now(),
+            message=node.message,
+            install=node.install,
         )
         try:
             with self._session() as session:
@@ -136,7 +154,9 @@ class Store:
             for instance in session.scalars(
                 select(InstanceRow).where(InstanceRow.node_id == node_id)
             ):
+                _release(session, instance.id)
                 session.delete(instance)
+            _release(session, node_id)
             if row.cert_serial:
                 session.merge(
                     RevokedCertificateRow(
@@ -199,13 +219,27 @@ class Store:
                     last_sync=_utc(row.last_sync),
                     version=row.version,
                     instance_count=int(count or 0),
+                    network_mode=row.network_mode,
+                    message=row.message,
+                    install=dict(row.install),
                 )
                 for row, count, cpus, memory, disk in session.execute(query)
             ]
 
     # ---- instances ----
 
-    def add_instance(self, instance: Instance) -> Instance:
+    def add_instance(self, instance: Instance, lease: LeasePicker | None = None) -> Instance:
+        """Record a new instance and, with ``lease``, its address, in one transaction: a
+        crash leaves both or neither. A lost race for an address (another master, another
+        process) picks again."""
+        for _attempt in range(_LEASE_TRIES):
+            try:
+                return self._add_instance(instance, lease)
+            except _AddressTaken:
+                continue
+        raise Conflict("could not lease an address: too many concurrent launches; try again")
+
+    def _add_instance(self, instance: Instance, lease: LeasePicker | None) -> Instance:
         spec = instance.spec
         row = InstanceRow(
             id=instance.id,
@@ -225,12 +259,84 @@ class Store:
             version=instance.version,
             created_at=instance.created_at or now(),
         )
-        try:
-            with self._session() as session:
-                session.add(row)
-        except IntegrityError as exc:
-            raise AlreadyExists(f"an instance named {spec.name!r} exists already") from exc
+        with self._session() as session:
+            session.add(row)
+            try:
+                session.flush()
+            except IntegrityError as exc:
+                raise AlreadyExists(f"an instance named {spec.name!r} exists already") from exc
+            if lease is not None:
+                held = self._take_lease(session, instance.id, lease)
+                instance.address, instance.mac = held.address, held.mac
+                instance.publish = tuple(str(item) for item in held.publish)
         return instance
+
+    # ---- the cluster network ----
+
+    def get_network(self, name: str) -> ClusterNetwork | None:
+        with self._session() as session:
+            row = session.get(NetworkRow, name)
+            if row is None:
+                return None
+            return ClusterNetwork(name=row.name, cidr=row.cidr, nat=row.nat, vni=row.vni)
+
+    def put_network(self, network: ClusterNetwork) -> None:
+        with self._session() as session:
+            session.merge(
+                NetworkRow(name=network.name, cidr=network.cidr, nat=network.nat, vni=network.vni)
+            )
+
+    def leases(self, network: str) -> list[Lease]:
+        with self._session() as session:
+            rows = session.scalars(
+                select(LeaseRow).where(LeaseRow.network == network).order_by(LeaseRow.address)
+            )
+            return [_lease(row) for row in rows]
+
+    def lease_of(self, owner: str) -> Lease | None:
+        with self._session() as session:
+            row = session.scalars(select(LeaseRow).where(LeaseRow.owner == owner)).first()
+            return _lease(row) if row is not None else None
+
+    def ensure_lease(self, owner: str, lease: LeasePicker) -> Lease:
+        """The owner's lease (a node's gateway address): the one it holds, else a new one."""
+        for _attempt in range(_LEASE_TRIES):
+            try:
+                with self._session() as session:
+                    row = session.scalars(select(LeaseRow).where(LeaseRow.owner == owner)).first()
+                    if row is not None:
+                        return _lease(row)
+                    return self._take_lease(session, owner, lease)
+            except _AddressTaken:
+                continue
+        raise Conflict("could not lease an address: too many concurrent requests; try again")
+
+    def _take_lease(self, session: Session, owner: str, pick: LeasePicker) -> Lease:
+        """Insert the lease ``pick`` chooses; leases whose instance is gone are swept first
+        (an address goes back with its instance whichever way the instance row went)."""
+        instances = select(InstanceRow.id)
+        session.execute(
+            delete(LeaseRow).where(LeaseRow.kind == "instance", LeaseRow.owner.not_in(instances))
+        )
+        used = set(
+            session.scalars(select(LeaseRow.address).where(LeaseRow.network == pick.network))
+        )
+        chosen = pick(used)
+        session.add(
+            LeaseRow(
+                network=chosen.network,
+                address=chosen.address,
+                owner=owner,
+                kind=chosen.kind,
+                mac=chosen.mac,
+                publish=",".join(str(item) for item in chosen.publish),
+            )
+        )
+        try:
+            session.flush()
+        except IntegrityError as exc:
+            raise _AddressTaken from exc
+        return chosen
 
     def find_instance(self, name: str) -> Instance:
         found = self.list_instances(names=[name])
@@ -253,8 +359,9 @@ class Store:
         ids: Sequence[str] | None = None,
     ) -> list[Instance]:
         query = (
-            select(InstanceRow, NodeRow.name)
+            select(InstanceRow, NodeRow.name, LeaseRow)
             .outerjoin(NodeRow, NodeRow.id == InstanceRow.node_id)
+            .outerjoin(LeaseRow, LeaseRow.owner == InstanceRow.id)
             .order_by(InstanceRow.name)
         )
         if names is not None:
@@ -264,7 +371,10 @@ class Store:
         if ids is not None:
             query = query.where(InstanceRow.id.in_(ids))
         with self._session() as session:
-            return [_instance(row, node_name or "") for row, node_name in session.execute(query)]
+            return [
+                _instance(row, node_name or "", lease)
+                for row, node_name, lease in session.execute(query)
+            ]
 
     def update_instance(self, instance_id: str, **fields: Any) -> None:
         for key in ("state", "desired"):
@@ -291,6 +401,7 @@ class Store:
                 item = by_id.get(row.id)
                 if item is None:
                     if row.desired == DesiredState.DELETED.value:
+                        _release(session, row.id)
                         session.delete(row)
                         changes.append(Change(row.id, row.name, row.state, ""))
                     continue
@@ -320,6 +431,7 @@ class Store:
         with self._session() as session:
             row = session.get(InstanceRow, instance_id)
             if row is not None:
+                _release(session, row.id)
                 session.delete(row)
 
     # ---- images ----
@@ -483,6 +595,25 @@ def _observe(row: InstanceRow, item: dict[str, Any]) -> Change | None:
     return change
 
 
+class _AddressTaken(Exception):
+    """Another transaction took the address first."""
+
+
+def _release(session: Session, owner: str) -> None:
+    session.execute(delete(LeaseRow).where(LeaseRow.owner == owner))
+
+
+def _lease(row: LeaseRow) -> Lease:
+    return Lease(
+        network=row.network,
+        address=row.address,
+        owner=row.owner,
+        kind=row.kind,
+        mac=row.mac,
+        publish=tuple(parse_publish(item) for item in row.publish.split(",") if item),
+    )
+
+
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -491,7 +622,7 @@ def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _instance(row: InstanceRow, node_name: str) -> Instance:
+def _instance(row: InstanceRow, node_name: str, lease: LeaseRow | None = None) -> Instance:
     return Instance(
         id=row.id,
         spec=InstanceSpec(
@@ -515,6 +646,9 @@ def _instance(row: InstanceRow, node_name: str) -> Instance:
         restarts=row.restarts,
         moved_from=row.moved_from,
         held=row.held,
+        address=lease.address if lease else "",
+        mac=lease.mac if lease else "",
+        publish=tuple(item for item in lease.publish.split(",") if item) if lease else (),
     )
 
 

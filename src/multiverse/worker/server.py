@@ -21,11 +21,13 @@ from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
 from multiverse.worker.agent import Agent, AgentServicer, Ctx
 from multiverse.worker.imagecache import MasterImages, NodeImageCache
 from multiverse.worker.localstore import LocalStore
+from multiverse.worker.network import LinuxNetwork, detect_mode
 from multiverse.worker.sync import Identity, join, observe_forever, renew_forever, sync_forever
 
 log = logging.getLogger("multiverse.worker")
 
 DRIVERS = ("qemu", "firecracker", "multipass", "fake")
+NETWORKED = ("qemu", "firecracker")  # the drivers that plug VMs into the cluster network
 
 
 @dataclass
@@ -45,6 +47,9 @@ class WorkerConfig:
     image_cache: int = 20 * GiB  # bytes the image cache may hold
     bridge: str = "mvbr0"  # firecracker: the bridge its taps join
     guest_cidr: str = "172.31.90.0/24"  # firecracker: guest addresses (the bridge takes the first)
+    # "bridge": VMs on the cluster network; "user": QEMU's NAT; "auto": bridge when this
+    # process holds CAP_NET_ADMIN (only the qemu driver plugs into the cluster network).
+    network_mode: str = "auto"
 
 
 def make_image_cache(config: WorkerConfig) -> NodeImageCache:
@@ -83,12 +88,18 @@ class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         private_dir(config.data_dir)  # its key, its VMs' user data
+        network = None
+        if config.driver in NETWORKED and detect_mode(config.network_mode) == "bridge":
+            network = LinuxNetwork(config.data_dir / "network")
         images = make_image_cache(config)
         driver = make_driver(config, images)
         # Only drivers that boot files from the cache use it (Multipass keeps its own images).
         uses_cache = isinstance(driver, ProcessDriver)
         self.agent = Agent(
-            driver, LocalStore(config.data_dir / "worker.db"), images if uses_cache else None
+            driver,
+            LocalStore(config.data_dir / "worker.db"),
+            network,
+            images if uses_cache else None,
         )
         images.in_use = lambda: {record.spec.image for record in self.agent.records.values()}
         self.image_source: MasterImages | None = None
