@@ -993,7 +993,7 @@ def _bar(label: str, total: int) -> Iterator[Callable[[int, int], None]]:
         DownloadColumn(binary_units=True),
         TransferSpeedColumn(),
     )
-    with Progress(*columns, console=stderr, transient=True) as bar:
+    with Progress(*columns, console=stderr_console(), transient=True) as bar:
         task = bar.add_task(label, total=total or None)
 
         def update(done: int, new_total: int) -> None:
