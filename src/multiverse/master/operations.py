@@ -59,6 +59,8 @@ class Operation:
     result: Any = None
     progress: list[str] = field(default_factory=list)  # one line per step, as it goes
     transfer: Progress | None = None  # bytes moved, for imports and pulls
+    # How far it is in numbers, asked at each lookup (a move's phase and bytes sent).
+    figures: Callable[[], Any] | None = field(default=None, repr=False)
     done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     ended: float = field(default=0.0, repr=False)  # on the registry's clock, once done
 
@@ -68,6 +70,7 @@ class Operation:
             "error": self.error, "created_at": self.created_at, "updated_at": self.updated_at,
             "result": self.result, "progress": list(self.progress),
             "transfer": self.transfer.json() if self.transfer else None,
+            "figures": self.figures() if self.figures else None,
         }  # fmt: skip
 
 

@@ -1,6 +1,6 @@
 """The image store: images by digest with their manifests, and which nodes cache them.
 
-Revision ID: 0007
+Revision ID: 0009
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007"
-down_revision = "0006"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
