@@ -152,7 +152,7 @@ class ByHand:
     """Boots VMs with QEMU directly, using ``QemuDriver``'s argv builder and guest files."""
 
     def __init__(self, state_dir: Path, connect_timeout: float) -> None:
-        self.driver = QemuDriver(state_dir, image_dirs=[IMAGE_CACHE])
+        self.driver = QemuDriver(state_dir, [IMAGE_CACHE])
         self.connect_timeout = connect_timeout
         self.live: list[subprocess.Popen[bytes]] = []
 

@@ -43,11 +43,12 @@ from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
 
-from multiverse.core.errors import DriverError, InvalidArgument, Unavailable
+from multiverse.core.errors import DriverError, InvalidArgument, NotFound, Unavailable
 from multiverse.core.files import write_private
 from multiverse.core.model import Resources
 from multiverse.core.sizes import MiB, format_size
 from multiverse.drivers.base import PowerState, VMConfig, VMStatus
+from multiverse.drivers.images import CachedImage, ImageCache
 from multiverse.drivers.process import (
     LOG_TAIL,
     UNIX_PATH_MAX,
@@ -65,13 +66,7 @@ from multiverse.guest.cloudinit import (
     user_data,
     write_seed_iso,
 )
-from multiverse.guest.image import (
-    BOOT_OK_MARKER,
-    FW_CFG_PREFIX,
-    INITRD_FILE,
-    KERNEL_FILE,
-    MANIFEST_FILE,
-)
+from multiverse.guest.image import BOOT_OK_MARKER, FW_CFG_PREFIX
 
 # `-m 64` does not boot the Debian kernel with our initramfs; 96 MiB does (measured).
 MIN_MEMORY = 96 * MiB
@@ -137,7 +132,7 @@ class QemuDriver(ProcessDriver):
     def __init__(
         self,
         state_dir: Path,
-        image_dirs: Sequence[Path],
+        images: ImageCache | Sequence[Path],
         capacity: Resources | None = None,
         *,
         qemu_binary: str = "qemu-system-x86_64",
@@ -145,7 +140,7 @@ class QemuDriver(ProcessDriver):
         stop_timeout: float = 30.0,
     ) -> None:
         super().__init__(
-            state_dir, image_dirs, capacity, boot_timeout=boot_timeout, stop_timeout=stop_timeout
+            state_dir, images, capacity, boot_timeout=boot_timeout, stop_timeout=stop_timeout
         )
         self.qemu_binary = qemu_binary
         self.accel = choose_accel()
@@ -155,41 +150,44 @@ class QemuDriver(ProcessDriver):
 
     # --- creating and booting ----------------------------------------------------------
 
-    def _check_image(self, image: str) -> None:
-        self.boot_files(image)
-
     def _validate(self, vm: VMConfig) -> None:
         super()._validate(vm)
-        boot = self.boot_files(vm.image)
-        if boot.disk is not None:
-            base = disk_virtual_size(boot.disk, boot.disk_format)
-            if vm.disk < base:
-                raise InvalidArgument(
-                    f"disk {format_size(vm.disk)} is smaller than image {vm.image}'s own disk "
-                    f"({format_size(base)})"
-                )
-        if boot.cloud_init:
-            user_data(vm.user_data, ())  # a broken cloud-config fails the launch, not the boot
+        found = self.image_cache.lookup(vm.image)
+        # An image not pulled to this node yet is checked again by create, after the agent's
+        # pull (create validates first): its disk's virtual size is only known from the file.
+        if found is not None:
+            boot = self._boot_files(found)
+            if boot.disk is not None:
+                base = disk_virtual_size(boot.disk, boot.disk_format)
+                if vm.disk < base:
+                    raise InvalidArgument(
+                        f"disk {format_size(vm.disk)} is smaller than image {vm.image}'s own "
+                        f"disk ({format_size(base)})"
+                    )
+            if boot.cloud_init:
+                user_data(vm.user_data, ())  # a broken cloud-config fails the launch, not the boot
 
     def boot_files(self, image: str) -> BootFiles:
-        """The image's boot files, from the first image directory that has them all: those its
-        manifest's ``boot`` section names, else the tiny guest's kernel and initrd."""
-        for directory in self._image_candidates(image):
-            hints = (read_json(directory / MANIFEST_FILE) or {}).get("boot")
-            if not isinstance(hints, dict):
-                hints = {}
-            files = BootFiles(
-                kernel=directory / str(hints.get("kernel", KERNEL_FILE)),
-                initrd=directory / str(hints.get("initrd", INITRD_FILE)),
-                cmdline=str(hints.get("cmdline", "")),
-                disk=directory / str(hints["disk"]) if hints.get("disk") else None,
-                disk_format=str(hints.get("format", "qcow2")),
-                cloud_init=hints.get("seed") == SEED_NOCLOUD,
+        """The image's boot files, as its manifest's ``boot`` hints name them."""
+        return self._boot_files(self._image(image))
+
+    def _boot_files(self, found: CachedImage) -> BootFiles:
+        kernel, initrd = found.file("kernel"), found.file("initrd")
+        if kernel is None or initrd is None:
+            raise NotFound(
+                f"image {found.name!r} not found on this node: it has no kernel and initrd"
             )
-            needed = [files.kernel, files.initrd, *([files.disk] if files.disk else [])]
-            if all(path.is_file() for path in needed):
-                return files
-        raise self._image_not_found(image, f"{image}/{KERNEL_FILE} and {image}/{INITRD_FILE}")
+        disk = found.file("disk")
+        if found.boot.get("disk") and disk is None:
+            raise NotFound(f"image {found.name!r} not found on this node: it has no disk")
+        return BootFiles(
+            kernel=kernel,
+            initrd=initrd,
+            cmdline=found.boot.get("cmdline", ""),
+            disk=disk,
+            disk_format=found.boot.get("format", "qcow2"),
+            cloud_init=found.boot.get("seed") == SEED_NOCLOUD,
+        )
 
     def _make_disk(self, vm: VMConfig, path: Path) -> None:
         boot = self.boot_files(vm.image)
@@ -428,7 +426,25 @@ class QemuDriver(ProcessDriver):
         message = "" if qemu_state == "running" else f"QEMU reports the VM as {qemu_state!r}"
         return VMStatus(PowerState.RUNNING, ipv4, message=message)
 
-    async def _qmp(self, vm: VMConfig, command: str, timeout: float = 5.0) -> Any:
+    async def pause(self, vm: VMConfig) -> None:
+        await self._qmp(vm, "stop")
+
+    async def resume(self, vm: VMConfig) -> None:
+        await self._qmp(vm, "cont")
+
+    async def reset(self, vm: VMConfig) -> None:
+        await self._qmp(vm, "system_reset")
+
+    async def throttle_disk(self, vm: VMConfig, iops: int) -> None:
+        # The data disk is the first virtio drive; QEMU names it "virtio0". All six limits are
+        # required by the command; 0 means unlimited.
+        limits = {key: 0 for key in ("bps", "bps_rd", "bps_wr", "iops_rd", "iops_wr")}
+        await self._qmp(vm, "block_set_io_throttle", {"device": "virtio0", "iops": iops, **limits})
+
+    async def _qmp(
+        self, vm: VMConfig, command: str, arguments: dict[str, Any] | None = None,
+        timeout: float = 5.0,
+    ) -> Any:  # fmt: skip
         """Run one QMP command on a fresh connection; QEMU's monitor serves one client at once,
         and a connection held open would lock out an agent that adopts the VM."""
         sock_path = self._control_socket(vm)
@@ -436,7 +452,7 @@ class QemuDriver(ProcessDriver):
         try:
             sock = await asyncio.wait_for(asyncio.to_thread(_connect_unix, sock_path), timeout)
             await asyncio.wait_for(client.connect(sock), timeout)
-            return await asyncio.wait_for(client.execute(command), timeout)
+            return await asyncio.wait_for(client.execute(command, arguments), timeout)
         except (OSError, QMPError, TimeoutError) as error:
             raise DriverError(
                 f"QEMU monitor of VM {vm.name} did not answer {command}: "
