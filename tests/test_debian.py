@@ -1,6 +1,8 @@
-"""The real guest through the whole stack: `launch debian --cloud-init FILE` on a qemu worker
-(TCG), the user's cloud-config applied by cloud-init from the NoCloud seed, `exec` into it, and
-its root file system (a qcow2 overlay on the image's disk) kept across stop/start.
+"""The real guest through the whole stack: `image build debian` imports it into the master's
+store, a qemu worker (TCG) that has no image of its own pulls it at `launch debian --cloud-init
+FILE`, the user's cloud-config is applied by cloud-init from the NoCloud seed, `exec` reads what
+it wrote, and the root file system (a qcow2 overlay on the cached image's disk) is kept across
+stop/start.
 
 The Debian image is built once into the shared cache (`make test` builds it before pytest; the
 debootstrap step is cached apart) and never written by a VM: each boots its own overlay.
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 from harness import IMAGE_CACHE, Cluster, new_cluster, qemu_processes_under, wait_until
 
+from multiverse.core.images import sha256_file
 from multiverse.drivers.qemu import BASE_FILE
 from multiverse.guest.debian import DISK_FILE, build_debian_image, image_is_valid
 from multiverse.guest.ssh import announced_host_key
@@ -44,9 +47,24 @@ def debian_image() -> Path:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, debian_image: Path) -> Iterator[Cluster]:
     with new_cluster(tmp_path_factory.mktemp("debian")) as created:
+        # No shared image directory for the processes: the master's store holds only what is
+        # imported below, and the worker only what it pulls from it.
+        created.env.pop("MULTIVERSE_IMAGE_CACHE", None)
         created.start_master()
+        built = created.ok(
+            "image", "build", "debian", "--images-dir", str(debian_image.parent),
+            "--format", "json", timeout=3600,
+        ).json()  # fmt: skip
+        assert built["imported"] is True and Path(built["path"]) == debian_image
         created.start_worker("node-a", driver="qemu", capacity="cpus=2,memory=4G,disk=40G")
         yield created
+
+
+def _cached(cluster: Cluster, node: str) -> Path:
+    """The node's cached copy of the debian image, pulled from the master."""
+    [stored] = [i for i in cluster.ok("image", "list", "--format", "json").json()
+                if i["name"] == "debian"]  # fmt: skip
+    return cluster.root / node / "images" / "sha256" / stored["digest"].removeprefix("sha256:")
 
 
 def test_debian_guest_runs_cloud_init_and_keeps_its_root_fs(
@@ -102,16 +120,25 @@ def test_debian_guest_runs_cloud_init_and_keeps_its_root_fs(
     )  # fmt: skip
     assert info["format"] == "qcow2" and info["virtual-size"] == 4 * 2**30
     assert info["backing-filename"] == BASE_FILE
-    assert (vm_dir / BASE_FILE).samefile(debian_image / DISK_FILE)
+    # The base is the worker's pulled copy (it had no other), its boot hints kept by the store.
+    cached = _cached(cluster, "node-a")
+    assert (vm_dir / BASE_FILE).samefile(cached / DISK_FILE)
+    assert json.loads((cached / "image.json").read_text())["boot"]["seed"] == "nocloud"
 
     cluster.ok("delete", "deb-one", "--timeout", BOOT_TIMEOUT, timeout=float(BOOT_TIMEOUT))
     assert not vm_dir.exists()
-    assert image_is_valid(debian_image)  # the base disk is untouched by all of the above
+    assert image_is_valid(debian_image)  # the base disks are untouched by all of the above
+    assert (
+        sha256_file(cached / DISK_FILE)
+        == json.loads((cached / "image.json").read_text())["files"][DISK_FILE]["sha256"]
+    )
 
 
 def test_launch_refuses_a_disk_smaller_than_the_image_and_a_broken_cloud_config(
     cluster: Cluster, tmp_path: Path
 ) -> None:
+    # Pulled ahead (a no-op after the test above): the disk's own size is read from the file.
+    cluster.ok("image", "pull", "debian", "--node", "node-a", timeout=600)
     vms_dir = cluster.root / "node-a" / "qemu" / "vms"
     before = sorted(vms_dir.iterdir()) if vms_dir.exists() else []
     small = cluster.cli("launch", "debian", "--name", "deb-small", "--disk", "1G")

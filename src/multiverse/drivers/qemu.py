@@ -152,20 +152,18 @@ class QemuDriver(ProcessDriver):
 
     def _validate(self, vm: VMConfig) -> None:
         super()._validate(vm)
+        user_data(vm.user_data, ())  # a broken cloud-config fails the launch, not the boot
         found = self.image_cache.lookup(vm.image)
-        # An image not pulled to this node yet is checked again by create, after the agent's
-        # pull (create validates first): its disk's virtual size is only known from the file.
-        if found is not None:
-            boot = self._boot_files(found)
-            if boot.disk is not None:
-                base = disk_virtual_size(boot.disk, boot.disk_format)
-                if vm.disk < base:
-                    raise InvalidArgument(
-                        f"disk {format_size(vm.disk)} is smaller than image {vm.image}'s own "
-                        f"disk ({format_size(base)})"
-                    )
-            if boot.cloud_init:
-                user_data(vm.user_data, ())  # a broken cloud-config fails the launch, not the boot
+        # An image not pulled to this node yet is checked by create, after the agent's pull
+        # (create validates first): a qcow2 disk's virtual size is only known from the file.
+        boot = self._boot_files(found) if found is not None else None
+        if boot is not None and boot.disk is not None:
+            base = disk_virtual_size(boot.disk, boot.disk_format)
+            if vm.disk < base:
+                raise InvalidArgument(
+                    f"disk {format_size(vm.disk)} is smaller than image {vm.image}'s own "
+                    f"disk ({format_size(base)})"
+                )
 
     def boot_files(self, image: str) -> BootFiles:
         """The image's boot files, as its manifest's ``boot`` hints name them."""
