@@ -19,7 +19,8 @@ import yaml
 from multiverse.core.errors import InvalidArgument
 from multiverse.core.network import Nic
 from multiverse.core.sizes import GiB, MiB
-from multiverse.drivers.base import NetworkAttachment, VMConfig
+from multiverse.drivers.base import ImageInfo, NetworkAttachment, VMConfig
+from multiverse.drivers.images import CachedImage, ImageDirectories
 from multiverse.drivers.qemu import BASE_FILE, SEED_FILE, QemuDriver, guest_mac
 from multiverse.guest.cloudinit import read_seed_iso, write_seed_iso
 
@@ -121,6 +122,40 @@ def test_launch_checks_disk_size_and_cloud_config_before_making_anything(
         asyncio.run(driver.validate(new_vm(disk=2 * GiB, user_data="#cloud-config\na: [\n")))
     asyncio.run(driver.validate(new_vm(disk=2 * GiB, user_data="#!/bin/sh\ntrue\n")))
     assert list(driver.vms_dir.iterdir()) == []
+
+
+class PulledLater:
+    """An image cache whose source knows the image before its files are on the node, as a
+    worker's cache is at launch time (the agent pulls before the driver's create)."""
+
+    def __init__(self, images: Path) -> None:
+        self.directories = ImageDirectories([images])
+        self.pulled = False
+
+    def lookup(self, name: str) -> CachedImage | None:
+        return self.directories.lookup(name) if self.pulled else None
+
+    def available(self, name: str) -> bool:
+        return name == IMAGE
+
+    def held(self) -> list[ImageInfo]:
+        return self.directories.held() if self.pulled else []
+
+
+def test_an_image_not_pulled_yet_has_its_disk_size_checked_after_the_pull(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    make_image(images, 0xAB, size="2G")
+    cache = PulledLater(images)
+    driver = QemuDriver(tmp_path / "state", cache)
+    asyncio.run(driver.validate(new_vm(disk=1 * GiB)))  # not here: its disk is not known yet
+    with pytest.raises(InvalidArgument, match="not valid YAML"):  # known without the image
+        asyncio.run(driver.validate(new_vm(disk=2 * GiB, user_data="#cloud-config\na: [\n")))
+    cache.pulled = True
+    with pytest.raises(InvalidArgument, match=r"smaller than image disky's own disk \(2"):
+        asyncio.run(driver.create(new_vm(disk=1 * GiB)))
+    assert list(driver.vms_dir.iterdir()) == []
+    boot = driver.boot_files(IMAGE)  # the manifest's hints, seed included, reach the driver
+    assert boot.cloud_init and boot.cmdline.startswith("root=/dev/vda")
 
 
 def test_qemu_is_given_the_images_kernel_its_cmdline_the_seed_and_a_mac(tmp_path: Path) -> None:
