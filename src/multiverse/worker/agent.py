@@ -62,7 +62,7 @@ class Agent:
     ) -> None:
         self.driver = driver
         self.store = store
-        # The cluster network on this node (bridge mode); None: the driver's user-mode fallback.
+        # The cluster network on this node (bridge mode); None: user mode (QEMU's NAT).
         self.network = network
         self.records: dict[str, VMRecord] = {record.id: record for record in store.load()}
         self.changed = asyncio.Event()
@@ -272,8 +272,19 @@ class Agent:
         ):
             why = "" if record.state in _SETTLED else f"interrupted while {record.state.value}"
             self._set(record, InstanceState.STOPPED, why, ipv4="")
+            await self._detach(record)  # it stopped by itself (a guest poweroff): no tap kept
         elif power == PowerState.MISSING and record.state != InstanceState.FAILED:
             self._set(record, InstanceState.FAILED, "the hypervisor has no such VM")
+            await self._detach(record)
+
+    async def _detach(self, record: VMRecord) -> None:
+        """Unplug a VM found down; a failure is retried by its next start or delete."""
+        if self.network is None:
+            return
+        try:
+            await self.network.detach(record.id)
+        except MultiverseError as exc:
+            log.warning("instance %s: cannot detach its network: %s", record.spec.name, exc)
 
     async def shutdown(self) -> None:
         for task in list(self._tasks):

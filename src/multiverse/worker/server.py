@@ -41,8 +41,6 @@ class WorkerConfig:
     sync_interval: float = 5.0
     fake_delay: float = 0.0
     image_dirs: list[Path] = field(default_factory=list)
-    bridge: str = "mvbr0"  # firecracker: the bridge its taps join
-    guest_cidr: str = "172.31.90.0/24"  # firecracker: guest addresses (the bridge takes the first)
     # "bridge": VMs on the cluster network; "user": QEMU's NAT; "auto": bridge when this
     # process holds CAP_NET_ADMIN (only the qemu driver plugs into the cluster network).
     network_mode: str = "auto"
@@ -63,10 +61,7 @@ def make_driver(config: WorkerConfig) -> Driver:
     if config.driver == "firecracker":
         from multiverse.drivers.firecracker import FirecrackerDriver
 
-        return FirecrackerDriver(
-            state_dir, image_dirs, capacity=config.capacity, bridge=config.bridge,
-            cidr=config.guest_cidr,
-        )  # fmt: skip
+        return FirecrackerDriver(state_dir, image_dirs, capacity=config.capacity)
     if config.driver == "multipass":
         from multiverse.drivers.multipass import MultipassDriver
 
@@ -98,6 +93,11 @@ class Worker:
 
     async def start(self) -> Identity:
         config = self.config
+        if config.driver == "firecracker" and self.agent.network is None:
+            from multiverse.drivers.firecracker import NO_NETWORK
+
+            # Refused before joining rather than at each launch: no VM here could ever boot.
+            raise InvalidArgument(NO_NETWORK)
         await self.agent.observe()  # adopt what kept running while we were away
         port = split_address(config.listen)[1]
         if port == 0:
