@@ -172,11 +172,12 @@ class Ipam:
     def nic(self, instance: Instance, gateway: str) -> Nic | None:
         if not instance.address:
             return None
+        node_ip = gateway.split("/", 1)[0]
         return Nic(
             address=f"{instance.address}/{self.subnet.prefixlen}",
             mac=instance.mac,
-            gateway=gateway.split("/", 1)[0],
-            dns=gateway.split("/", 1)[0],
+            gateway=node_ip,
+            dns=node_ip,
             publish=tuple(parse_publish(text) for text in instance.publish),
         )
 
@@ -189,9 +190,7 @@ class Ipam:
             sorted(
                 other.ipv4
                 for other in nodes
-                if other.id != node.id
-                and other.network_mode == "bridge"
-                and other.status != NodeStatus.DOWN
+                if other.id in bridged and other.id != node.id and other.status != NodeStatus.DOWN
             )
         )
         nics = {}
