@@ -5,8 +5,9 @@ start, delete through the whole stack (CLI -> API -> master -> agent -> driver).
 - qemu: real VMs (TCG here).
 - multipass: against tests/standins/multipass (no Multipass can be installed here).
 - firecracker: against tests/standins/firecracker, which serves Firecracker's API and boots the
-  guest with QEMU on the tap the driver made; the whole cluster runs in a network namespace the
-  test creates, so the bridge and guest addresses exist nowhere else.
+  guest with QEMU on the tap the node's network service made (the worker, root there, runs in
+  bridge mode); the whole cluster runs in a network namespace the test creates, so the bridge
+  and guest addresses exist nowhere else.
 """
 
 from __future__ import annotations
