@@ -169,6 +169,11 @@ class Ipam:
         lease = self.store.ensure_lease(node_id, self.picker(node_id, kind="node"))
         return f"{lease.address}/{self.subnet.prefixlen}"
 
+    def nic_on(self, instance: Instance, node_id: str) -> Nic | None:
+        """The interface a launch or a move hands ``node_id`` for ``instance``; None for an
+        instance off the network (a user-mode node's), which leases the node no gateway."""
+        return self.nic(instance, self.node_address(node_id)) if instance.address else None
+
     def nic(self, instance: Instance, gateway: str) -> Nic | None:
         if not instance.address:
             return None

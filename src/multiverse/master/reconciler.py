@@ -175,9 +175,7 @@ class Reconciler:
         ref = pb.InstanceRef(id=instance.id)
         log.info("reconcile: %s %s on %s", action.value, instance.name, node.name)
         if action == Action.LAUNCH:
-            nic = None
-            if self.ipam and instance.address:  # a user-mode node's VMs have none, nor it
-                nic = self.ipam.nic(instance, self.ipam.node_address(node.id))
+            nic = self.ipam.nic_on(instance, node.id) if self.ipam else None
             request = pb.LaunchRequest(spec=convert.spec_to_pb(instance.id, instance.spec, nic))
             return await self.agents.call(node, stub.Launch, request)
         if action == Action.START:

@@ -319,6 +319,7 @@ class Agent:
             await self._migratable().abort_incoming(spec_vm)
             return
         await self.delete(instance_id)
+
     async def apply_network(self, plan: NetworkPlan) -> None:
         """Converge this node to the master's view of the network; records launched before
         their node had the network learn their interface from it."""
