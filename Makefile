@@ -44,7 +44,7 @@ stop: venv
 
 # Tests share one built guest image, cached in .data/images (not in git).
 test: venv deps test-deps ui
-	$(VENV)/bin/multiverse image build-test --images-dir $(CURDIR)/.data/images
+	$(VENV)/bin/multiverse image build tiny --no-import --images-dir $(CURDIR)/.data/images
 	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) -m pytest -q
 
 lint: venv
@@ -53,10 +53,11 @@ lint: venv
 
 # Figures, printed; not tests (see bench/README.md).
 bench: venv deps
-	$(VENV)/bin/multiverse image build-test --images-dir $(CURDIR)/.data/images
+	$(VENV)/bin/multiverse image build tiny --no-import --images-dir $(CURDIR)/.data/images
 	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) bench/boot.py
 	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) bench/shell.py
 	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) bench/exec.py
+	$(PY) bench/images.py
 
 # Regenerates src/multiverse/wire/v1/*_pb2*.py from proto/; tests check it is fresh.
 proto: venv

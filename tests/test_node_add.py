@@ -130,7 +130,9 @@ def ssh_host() -> Iterator[SSHHost]:
                 sshds.append(
                     subprocess.Popen(
                         [*inns, str(SSHD), "-D", "-e", "-f", str(config)],
-                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
                     )
                 )
             wait_until(lambda: _reachable(f"{subnet}.2", port), timeout=20)
@@ -268,9 +270,7 @@ def test_add_with_a_key_runs_a_worker_there_and_uninstall_leaves_nothing(
     _uninstall(cluster, ssh_host, "far")
 
 
-def test_add_with_a_password_on_stdin_never_shows_it(
-    cluster: Cluster, ssh_host: SSHHost
-) -> None:
+def test_add_with_a_password_on_stdin_never_shows_it(cluster: Cluster, ssh_host: SSHHost) -> None:
     with PsWatch() as ps:
         code, output = _add(
             cluster, ssh_host, "pw", "--password-stdin", stdin=f"{ssh_host.password}\n".encode()

@@ -190,7 +190,5 @@ def test_the_wheelhouse_is_built_once_per_source_and_keeps_only_the_newest(
     built = asyncio.run(wheelhouse.ensure())
     assert asyncio.run(wheelhouse.ensure()) == built
     assert len(calls) == 1 and calls[0][1:4] == ["-m", "pip", "wheel"]
-    assert [path.name for path in Wheelhouse.wheels(built)] == [
-        "multiverse-0.1.0-py3-none-any.whl"
-    ]
+    assert [path.name for path in Wheelhouse.wheels(built)] == ["multiverse-0.1.0-py3-none-any.whl"]
     assert sorted(path.name for path in cache.iterdir()) == [built.name]

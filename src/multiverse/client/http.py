@@ -13,7 +13,8 @@ import base64
 import http.client
 import json
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -23,6 +24,7 @@ __all__ = ["ApiClient", "ApiError", "Unreachable"]
 
 
 JSON = dict[str, Any]
+UPLOAD_CHUNK = 1024 * 1024
 
 # A kept-alive connection the master closed while idle fails this way on its next request,
 # which then never reached the master: sent again on a new connection, once.
@@ -72,18 +74,28 @@ class ApiClient:
         return self._connection
 
     def _send(
-        self, method: str, path: str, json: Any = None, params: JSON | None = None
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        params: JSON | None = None,
+        content: Iterable[bytes] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> http.client.HTTPResponse:
-        """Send a request; the response with its body still to read."""
+        """Send a request; the response with its body still to read. ``content`` is a body
+        streamed as it is iterated (give its length in ``headers``)."""
         target = f"{urlsplit(self.server).path}/api/v1{path}"
         if params:
             target += "?" + urlencode({k: _query_value(v) for k, v in params.items()})
-        headers = dict(self._headers)
-        body = None
+        headers = {**self._headers, **(headers or {})}
+        body: bytes | Iterable[bytes] | None = content
         if json is not None:
             body = _json_dumps(json)
             headers["Content-Type"] = "application/json"
-        reused = self._connection is not None and self._connection.sock is not None
+        # A streamed body cannot be sent twice: no retry on a stale connection for it.
+        reused = (
+            content is None and self._connection is not None and self._connection.sock is not None
+        )
         try:
             connection = self._connect()
             try:
@@ -131,6 +143,49 @@ class ApiClient:
 
     def images(self) -> list[JSON]:
         return list(self._request("GET", "/images"))
+
+    def stored_images(self) -> list[JSON]:
+        return list(self._request("GET", "/image-store"))
+
+    def import_image(self, body: JSON) -> JSON:
+        """Starts the import; the operation's result is the image."""
+        return dict(self._request("POST", "/image-store", json=body))
+
+    def delete_image(self, name: str) -> JSON:
+        return dict(self._request("DELETE", f"/image-store/{name}"))
+
+    def pull_image(self, name: str, nodes: list[str], all_nodes: bool) -> JSON:
+        body = {"nodes": nodes, "all": all_nodes}
+        return dict(self._request("POST", f"/image-store/{name}/pull", json=body))
+
+    def has_blob(self, sha256: str) -> bool:
+        try:
+            self._request("GET", f"/blobs/sha256:{sha256}")
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def put_blob(
+        self, sha256: str, path: Path, progress: Callable[[int, int], None] | None = None
+    ) -> JSON:
+        """Stream a file to the master in chunks: never the whole file in memory."""
+        total = path.stat().st_size
+
+        def chunks() -> Iterator[bytes]:
+            done = 0
+            with path.open("rb") as file:
+                while block := file.read(UPLOAD_CHUNK):
+                    done += len(block)
+                    if progress:
+                        progress(done, total)
+                    yield block
+
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(total)}
+        return dict(
+            self._request("PUT", f"/blobs/sha256:{sha256}", content=chunks(), headers=headers)
+        )
 
     def instances(self, env: str | None = None) -> list[JSON]:
         """Every instance, or an environment's."""

@@ -34,11 +34,12 @@ from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
 
-from multiverse.core.errors import DriverError, Unavailable
+from multiverse.core.errors import DriverError, NotFound, Unavailable
 from multiverse.core.files import write_private
 from multiverse.core.model import Resources
 from multiverse.core.sizes import MiB
 from multiverse.drivers.base import PowerState, VMConfig, VMStatus
+from multiverse.drivers.images import ImageCache
 from multiverse.drivers.process import (
     LOG_TAIL,
     UNIX_PATH_MAX,
@@ -49,12 +50,7 @@ from multiverse.drivers.process import (
     wait_exit,
     write_json,
 )
-from multiverse.guest.image import (
-    BOOT_OK_MARKER,
-    FW_CFG_PREFIX,
-    INITRD_FILE,
-    KERNEL_FILE,
-)
+from multiverse.guest.image import BOOT_OK_MARKER, FW_CFG_PREFIX
 
 # `-m 64` does not boot the Debian kernel with our initramfs; 96 MiB does (measured).
 MIN_MEMORY = 96 * MiB
@@ -99,7 +95,7 @@ class QemuDriver(ProcessDriver):
     def __init__(
         self,
         state_dir: Path,
-        image_dirs: Sequence[Path],
+        images: ImageCache | Sequence[Path],
         capacity: Resources | None = None,
         *,
         qemu_binary: str = "qemu-system-x86_64",
@@ -107,7 +103,7 @@ class QemuDriver(ProcessDriver):
         stop_timeout: float = 30.0,
     ) -> None:
         super().__init__(
-            state_dir, image_dirs, capacity, boot_timeout=boot_timeout, stop_timeout=stop_timeout
+            state_dir, images, capacity, boot_timeout=boot_timeout, stop_timeout=stop_timeout
         )
         self.qemu_binary = qemu_binary
         self.accel = choose_accel()
@@ -117,16 +113,13 @@ class QemuDriver(ProcessDriver):
 
     # --- creating and booting ----------------------------------------------------------
 
-    def _check_image(self, image: str) -> None:
-        self.image_files(image)
-
     def image_files(self, image: str) -> tuple[Path, Path]:
-        """The image's kernel and initrd, from the first image directory that has both."""
-        for directory in self._image_candidates(image):
-            kernel, initrd = directory / KERNEL_FILE, directory / INITRD_FILE
-            if kernel.is_file() and initrd.is_file():
-                return kernel, initrd
-        raise self._image_not_found(image, f"{image}/{KERNEL_FILE} and {image}/{INITRD_FILE}")
+        """The image's kernel and initrd."""
+        found = self._image(image)
+        kernel, initrd = found.file("kernel"), found.file("initrd")
+        if kernel is None or initrd is None:
+            raise NotFound(f"image {image!r} not found on this node: it has no kernel and initrd")
+        return kernel, initrd
 
     def _make_disk(self, vm: VMConfig, path: Path) -> None:
         make_data_disk(path, vm.disk)

@@ -35,6 +35,7 @@ from multiverse.core.errors import (
     Unavailable,
 )
 from multiverse.core.faults import FaultKind, parse_duration
+from multiverse.core.images import parse_sha256
 from multiverse.core.model import (
     DEFAULT_CPUS,
     DEFAULT_DISK,
@@ -45,12 +46,14 @@ from multiverse.core.model import (
     InstanceState,
     MigrationKind,
     Node,
+    NodeStatus,
 )
 from multiverse.core.network import parse_publish
 from multiverse.core.sizes import parse_size
 from multiverse.master import auth, ui
 from multiverse.master.environments import Environments
 from multiverse.master.faults import Faults
+from multiverse.master.images import FileSource, Images, image_json
 from multiverse.master.instances import InstanceInfo, Instances
 from multiverse.master.metrics import CONTENT_TYPE, Metrics
 from multiverse.master.moves import migration_json
@@ -110,6 +113,22 @@ class LaunchBody(BaseModel):
     strategy: Strategy = "spread"
     ip: str = Field("", max_length=64)  # a given free address of the cluster network
     publish: list[str] = Field([], max_length=64)  # "8080:80" or "5353:53/udp"
+
+
+class ImportBody(BaseModel):
+    """Either ``files`` uploaded before (``PUT /api/v1/blobs/...``) or a ``url`` and its sha256."""
+
+    name: str = Field(max_length=63)
+    aliases: list[str] = Field([], max_length=16)
+    files: dict[str, str] = Field({}, max_length=100_000)  # relative path -> sha256
+    url: str = Field("", max_length=4096)
+    sha256: str = Field("", max_length=71)
+    rootfs_size: Size = "2G"  # an OCI layout becomes an ext4 of this size
+
+
+class PullBody(BaseModel):
+    nodes: list[str] = Field([], max_length=10_000)
+    all: bool = False
 
 
 class FaultBody(BaseModel):
@@ -268,6 +287,13 @@ def info_json(info: InstanceInfo) -> dict[str, Any]:
 
 
 MAX_BODY = 1024 * 1024  # bytes; the largest legitimate body (user-data) is far smaller
+# Routes whose body is a stream of any size, written to disk as it comes (image files): the
+# route itself reads it chunk by chunk, and only an admin token gets that far.
+STREAMED_BODIES = ("/api/v1/blobs/",)
+
+
+def body_limit_applies(path: str) -> bool:
+    return not path.startswith(STREAMED_BODIES)
 
 
 class BodyLimit:
@@ -284,7 +310,7 @@ class BodyLimit:
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or not body_limit_applies(scope["path"]):
             await self.app(scope, receive, send)
             return
         length = Headers(scope=scope).get("content-length", "")
@@ -430,13 +456,14 @@ def create_app(
     join_token: JoinTokenIssuer,
     ca: pki.ClusterCA,
     image_catalog: Callable[[], list[dict[str, Any]]],
+    image_store: Images,
     max_auth_failures: int = 20,
     ipam: Ipam | None = None,
     faults: Faults | None = None,
     installer: Installer | None = None,
 ) -> FastAPI:
     app = FastAPI(title="Multiverse", version=__version__, docs_url="/docs")
-    metrics = Metrics(store, instances.reconciler)
+    metrics = Metrics(store, instances.reconciler, image_store)
 
     @app.middleware("http")
     async def _timed(request: Request, call_next: Any) -> Any:
@@ -525,6 +552,60 @@ def create_app(
     @app.get("/api/v1/images")
     async def images(_: Reader) -> list[dict[str, Any]]:
         return image_catalog()
+
+    @app.get("/api/v1/image-store")
+    async def list_stored_images(_: Reader) -> list[dict[str, Any]]:
+        return [image_json(image) for image in image_store.all()]
+
+    @app.get("/api/v1/image-store/{name}")
+    async def get_stored_image(name: str, _: Reader) -> dict[str, Any]:
+        return image_json(image_store.get(name))
+
+    @app.post("/api/v1/image-store", status_code=202)
+    async def import_image(body: ImportBody, _: Admin) -> dict[str, Any]:
+        """Import uploaded files or a URL; the operation tells the progress and the image."""
+        source: FileSource | tuple[str, str]
+        if body.url and body.files:
+            raise InvalidArgument("give files or a url, not both")
+        if body.url:
+            if not body.sha256:
+                raise InvalidArgument("a url needs its sha256, to check what arrives")
+            source = (body.url, body.sha256)
+        elif body.files:
+            source = FileSource(
+                {path: parse_sha256(sha) for path, sha in body.files.items()},
+                rootfs_size=parse_size(body.rootfs_size),
+            )
+        else:
+            raise InvalidArgument("nothing to import: give files or a url")
+        return image_store.start_import(body.name, body.aliases, source).json()
+
+    @app.delete("/api/v1/image-store/{name}")
+    async def delete_image(name: str, _: Admin) -> dict[str, Any]:
+        return image_json(image_store.delete(name))
+
+    @app.post("/api/v1/image-store/{name}/pull", status_code=202)
+    async def pull_image(name: str, body: PullBody, _: Admin) -> dict[str, Any]:
+        """Warm the caches of some nodes (or all Ready ones) ahead of launches."""
+        if body.all:
+            targets = [node for node in store.list_nodes() if node.status == NodeStatus.READY]
+        else:
+            targets = [store.find_node(node_name) for node_name in body.nodes]
+        return image_store.start_pull(name, targets).json()
+
+    @app.get("/api/v1/blobs/{digest}")
+    async def get_blob(digest: str, _: Admin) -> dict[str, Any]:
+        """Whether the master has this file already (404 if not): the client skips its upload."""
+        sha256 = parse_sha256(digest)
+        return {"digest": f"sha256:{sha256}", "size": image_store.blobs.size(sha256)}
+
+    @app.put("/api/v1/blobs/{digest}", status_code=201)
+    async def put_blob(digest: str, request: Request, _: Admin) -> dict[str, Any]:
+        """One file of an image, streamed: hashed while written, kept only if it is ``digest``."""
+        sha256 = parse_sha256(digest)
+        if not image_store.blobs.has(sha256):
+            await image_store.blobs.add_stream(request.stream(), sha256)
+        return {"digest": f"sha256:{sha256}", "size": image_store.blobs.size(sha256)}
 
     @app.get("/api/v1/cluster/ca")
     async def cluster_ca() -> dict[str, str]:

@@ -53,7 +53,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         # A node's part of the faults in force (master/faults.py), sent with every ack.
         self.fault_plan: Callable[[str], NodeFaults] | None = None
 
-    def _peer_node(self, context: Ctx) -> str | None:
+    def peer_node(self, context: Ctx) -> str | None:
         """The node id of the caller's certificate; refused if revoked or not a node's."""
         cert = pki.peer_cert_of(context.auth_context())
         identity = pki.check_peer_cert(self.agents.ca, cert, self.store.revoked_serials())
@@ -81,7 +81,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         """A new certificate for the calling node, for the key in its CSR. Only a node whose
         current certificate is good may ask: a removed node's is revoked, an expired one fails
         the handshake (that node must be admitted again with a join token)."""
-        node_id = self._peer_node(context)
+        node_id = self.peer_node(context)
         if node_id is None:
             raise Unauthenticated("renewal needs the node's certificate")
         node = self.store.get_node(node_id)
@@ -97,7 +97,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
     def _join(self, request: pb.JoinRequest, context: Ctx) -> pb.JoinResponse:
         """Register (again) where a node's agent is and what it offers. The node was admitted
         before (``POST /api/v1/cluster/join`` with a join token gave it its certificate)."""
-        node_id = self._peer_node(context)
+        node_id = self.peer_node(context)
         if node_id is None:
             raise Unauthenticated("join needs the node's certificate; admit it with a join token")
         address = request.agent_address
@@ -122,7 +122,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         self, request_iterator: AsyncIterator[pb.NodeReport], context: Ctx
     ) -> AsyncIterator[pb.SyncAck]:
         try:
-            node_id = self._peer_node(context)
+            node_id = self.peer_node(context)
             if node_id is None:
                 raise Unauthenticated("sync needs the node's certificate")
         except MultiverseError as exc:
@@ -172,6 +172,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             {"name": i.name, "kind": i.kind, "digest": i.digest, "size": i.size}
             for i in report.images
         ]
+        self.store.set_node_images(node_id, [i.digest for i in report.images if i.digest])
         back = [(node.name, NodeStatus.READY)] if node.status != NodeStatus.READY else []
         self.on_change(back, changes)
 

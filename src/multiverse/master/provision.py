@@ -113,9 +113,7 @@ class Credentials:
 
     def check(self) -> Credentials:
         if bool(self.password) == bool(self.identity):
-            raise InvalidArgument(
-                "give one of identity (a private key; preferred) or password"
-            )
+            raise InvalidArgument("give one of identity (a private key; preferred) or password")
         if self.host_key_fingerprint and not _FINGERPRINT.match(self.host_key_fingerprint):
             raise InvalidArgument(
                 f"invalid host key fingerprint {self.host_key_fingerprint!r}: "
@@ -180,9 +178,7 @@ class _Host:
     async def write(self, path: str, data: str, mode: int) -> None:
         """A file of ``mode`` from its creation on (a token is never readable by others)."""
         async with self.connection.start_sftp_client() as sftp:
-            async with sftp.open(
-                path, "w", attrs=asyncssh.SFTPAttrs(permissions=mode)
-            ) as remote:
+            async with sftp.open(path, "w", attrs=asyncssh.SFTPAttrs(permissions=mode)) as remote:
                 await remote.write(data)
             await sftp.chmod(path, mode)
 
@@ -373,7 +369,7 @@ class Installer:
         if want:
             command += (
                 " && { command -v python3 >/dev/null 2>&1 || "
-                "{ echo \"python3 not found (PATH=$PATH)\"; exit 3; }; } && "
+                '{ echo "python3 not found (PATH=$PATH)"; exit 3; }; } && '
                 "python3 -c 'import sys, venv; print(\"python=%d.%d\" % sys.version_info[:2])'"
             )
         output = await host.run("check", command)

@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from multiverse.master.cluster import Agents, ClusterServicer
 from multiverse.master.events import EventBus
 from multiverse.master.faults import Faults
 from multiverse.master.health import watch_nodes
+from multiverse.master.images import Images, ImageServicer
 from multiverse.master.instances import Instances
 from multiverse.master.network import Ipam
 from multiverse.master.nodes import Nodes
@@ -53,6 +54,9 @@ class MasterConfig:
     advertise: str = ""  # the host workers reach the master at (default: guessed)
     insecure_http: bool = False  # plain HTTP API, for loopback-only use
     max_auth_failures: int = 20  # per client and minute; then it is refused for a while
+    # Where the tiny guest may be found for its import at the first start (a build's output).
+    image_dirs: list[Path] = field(default_factory=list)
+    image_rate_limit: float = 0.0  # bytes/s per image transfer to a worker; 0: no limit
     network: str = ""  # the cluster network's CIDR at the first start ("": a free default)
     nat: bool | None = None  # masquerade guests' outbound traffic (None: keep as stored)
     node_cert_lifetime: timedelta = pki.NODE_CERT_LIFETIME  # workers renew at a third left
@@ -102,6 +106,10 @@ class Master:
             placement_wait=config.node_timeout, ipam=self.ipam,
         )  # fmt: skip
         self.nodes = Nodes(self.store, self.agents, self.instances)
+        self.images = Images(
+            self.store, config.data_dir / "images", self.operations, self.agents,
+            rate_limit=config.image_rate_limit,
+        )  # fmt: skip
         self.cluster = ClusterServicer(self.store, self.agents, self.ipam)
         self.cluster.on_change = self._changed
         self.nodes.on_removed = self.cluster.forget
@@ -192,8 +200,12 @@ class Master:
                 )  # fmt: skip
             elif node.status != NodeStatus.FAILED:
                 self.store.update_node(node.id, status=NodeStatus.UNKNOWN)
+        await asyncio.to_thread(self.images.import_builtin, config.image_dirs)
         self._grpc = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
         pb_grpc.add_ClusterServiceServicer_to_server(self.cluster, self._grpc)
+        pb_grpc.add_ImageServiceServicer_to_server(
+            ImageServicer(self.images, self.cluster.peer_node), self._grpc
+        )
         credentials = pki.server_credentials(
             self.ca.cert_pem, self.server_cert, require_client_auth=True
         )
@@ -203,7 +215,7 @@ class Master:
         host, port = split_address(config.api_listen)
         app = create_app(
             self.store, self.instances, self.nodes, self.join_token, self.ca,
-            self.cluster.image_catalog, max_auth_failures=config.max_auth_failures,
+            self.cluster.image_catalog, self.images, max_auth_failures=config.max_auth_failures,
             ipam=self.ipam, faults=self.faults,
             installer=self.installer,
         )  # fmt: skip

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from multiverse.core.errors import AlreadyExists, Conflict, NotFound
 from multiverse.core.faults import Fault, FaultKind
 from multiverse.core.files import private_sqlite
+from multiverse.core.images import ImageManifest, StoredImage
 from multiverse.core.model import (
     DesiredState,
     Instance,
@@ -38,6 +39,8 @@ from multiverse.core.model import (
 from multiverse.core.network import ClusterNetwork, Lease, parse_publish
 from multiverse.store.schema import (
     FaultRow,
+    ImageLocationRow,
+    ImageRow,
     InstanceRow,
     LeaseRow,
     MigrationRow,
@@ -506,6 +509,81 @@ class Store:
             if row is not None:
                 _release(session, row.id)
                 session.delete(row)
+
+    # ---- images ----
+
+    def add_image(self, manifest: ImageManifest, aliases: Sequence[str] = ()) -> StoredImage:
+        """Record an image whose blobs are in place; its name and aliases must be free."""
+        taken = {ref for image in self.list_images() for ref in (image.name, *image.aliases)}
+        clash = sorted(taken & {manifest.name, *aliases})
+        if clash:
+            raise AlreadyExists(f"an image named {clash[0]!r} exists already")
+        row = ImageRow(
+            digest=manifest.digest,
+            name=manifest.name,
+            aliases=list(aliases),
+            kind=manifest.kind,
+            architecture=manifest.architecture,
+            size=manifest.size,
+            manifest=manifest.to_json(),
+            created_at=now(),
+        )
+        try:
+            with self._session() as session:
+                session.add(row)
+        except IntegrityError as exc:
+            raise AlreadyExists(f"image {manifest.digest} exists already") from exc
+        return self.find_image(manifest.digest)
+
+    def list_images(self) -> list[StoredImage]:
+        with self._session() as session:
+            names = {row.id: row.name for row in session.scalars(select(NodeRow))}
+            holders: dict[str, list[str]] = {}
+            for location in session.scalars(select(ImageLocationRow)):
+                if location.node_id in names:
+                    holders.setdefault(location.digest, []).append(names[location.node_id])
+            return [
+                StoredImage(
+                    manifest=ImageManifest.from_json(row.manifest),
+                    aliases=tuple(row.aliases),
+                    created_at=_utc(row.created_at),
+                    nodes=tuple(sorted(holders.get(row.digest, []))),
+                )
+                for row in session.scalars(select(ImageRow).order_by(ImageRow.name))
+            ]
+
+    def find_image(self, ref: str) -> StoredImage:
+        """The image a name, an alias or a digest means."""
+        for image in self.list_images():
+            if image.answers_to(ref):
+                return image
+        raise NotFound(f"image {ref!r} does not exist; `multiverse image list` lists them")
+
+    def delete_image(self, digest: str) -> None:
+        with self._session() as session:
+            row = session.get(ImageRow, digest)
+            if row is not None:
+                session.delete(row)
+            for location in session.scalars(
+                select(ImageLocationRow).where(ImageLocationRow.digest == digest)
+            ):
+                session.delete(location)
+
+    def set_node_images(self, node_id: str, digests: Sequence[str]) -> None:
+        """What a node's cache holds now, as its report said; written only when it changed."""
+        wanted = set(digests)
+        with self._session() as session:
+            rows = list(
+                session.scalars(select(ImageLocationRow).where(ImageLocationRow.node_id == node_id))
+            )
+            held = {row.digest for row in rows}
+            if held == wanted:
+                return
+            for row in rows:
+                if row.digest not in wanted:
+                    session.delete(row)
+            for digest in sorted(wanted - held):
+                session.add(ImageLocationRow(digest=digest, node_id=node_id))
 
     # ---- tokens ----
 

@@ -130,6 +130,32 @@ class TokenRow(Base):
     created_at: Mapped[datetime]
 
 
+class ImageRow(Base):
+    """An image of the master's store; its files are blobs named by their sha256."""
+
+    __tablename__ = "images"
+
+    digest: Mapped[str] = mapped_column(String(71), primary_key=True)  # "sha256:" + 64 hex
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    aliases: Mapped[list[str]] = mapped_column(JSON, default=list)
+    kind: Mapped[str] = mapped_column(String(16))
+    architecture: Mapped[str] = mapped_column(String(16))
+    size: Mapped[int] = mapped_column(BigInteger)
+    manifest: Mapped[dict[str, Any]]  # the image.json, as workers get it
+    created_at: Mapped[datetime]
+
+
+class ImageLocationRow(Base):
+    """Which node holds which image in its cache, as the node's last report said."""
+
+    __tablename__ = "image_locations"
+
+    digest: Mapped[str] = mapped_column(String(71), primary_key=True)
+    node_id: Mapped[str] = mapped_column(
+        ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True
+    )
+
+
 class FaultRow(Base):
     """A fault in force; healing deletes it (the events tell its history)."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -28,6 +29,7 @@ from multiverse.core.errors import (
 from multiverse.core.faults import NodeFaults
 from multiverse.core.model import InstanceSpec, InstanceState, ensure_running
 from multiverse.core.network import NetworkPlan, Nic
+from multiverse.core.sizes import format_size
 from multiverse.drivers.base import (
     Driver,
     ImageInfo,
@@ -43,6 +45,7 @@ from multiverse.wire.v1 import multiverse_pb2 as pb
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
 from multiverse.worker import moves
 from multiverse.worker.faults import NodeFaultsApplier
+from multiverse.worker.imagecache import NodeImageCache
 from multiverse.worker.localstore import LocalStore, VMRecord
 from multiverse.worker.network import NodeNetwork
 
@@ -71,13 +74,19 @@ class Agent:
     """This host's instances over one Driver."""
 
     def __init__(
-        self, driver: Driver, store: LocalStore, network: NodeNetwork | None = None,
+        self,
+        driver: Driver,
+        store: LocalStore,
+        network: NodeNetwork | None = None,
+        image_cache: NodeImageCache | None = None,
         faults_dir: Path | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.driver = driver
         self.store = store
         # The cluster network on this node (bridge mode); None: user mode (QEMU's NAT).
         self.network = network
+        # The node's image cache, for drivers that boot files from it (QEMU, Firecracker).
+        self.image_cache = image_cache
         self.records: dict[str, VMRecord] = {record.id: record for record in store.load()}
         self.changed = asyncio.Event()
         self.images: list[ImageInfo] = []  # what the driver can boot, as of the last observe()
@@ -167,6 +176,8 @@ class Agent:
         if record is not None:  # a retried launch: idempotent
             return record
         record = VMRecord(id=instance_id, spec=spec, nic=nic if self.network else None)
+        if self.image_cache is not None:
+            await self.image_cache.resolve(spec.image)  # an unknown image is refused at once
         await self.driver.validate(_vm(record))
         self.records[instance_id] = record
         self._set(record, InstanceState.CREATING)
@@ -221,9 +232,64 @@ class Agent:
         return record
 
     async def _create_and_boot(self, record: VMRecord) -> None:
+        if self.image_cache is not None:
+            await self._pull_for(record)
         await self.driver.create(_vm(record))
         self._set(record, InstanceState.STARTING)
         await self._boot(record)
+
+    async def _pull_for(self, record: VMRecord) -> None:
+        """Get the instance's image into the cache; the instance's message tells the progress
+        (the launch operation shows it), at most twice a second."""
+        assert self.image_cache is not None
+        image = record.spec.image
+        shown = 0.0
+
+        def progress(done: int, total: int) -> None:
+            nonlocal shown
+            if done >= total or time.monotonic() - shown < 0.5:
+                return
+            shown = time.monotonic()
+            message = f"pulling image {image}: {format_size(done)} of {format_size(total)}"
+            self._set(record, InstanceState.CREATING, message)
+
+        await self.image_cache.ensure(image, progress)
+        if record.message:
+            self._set(record, InstanceState.CREATING)
+        await self.refresh_images()
+
+    async def pull_image(self, name: str) -> AsyncIterator[tuple[str, int, int]]:
+        """Warm the cache with ``name``: (digest, bytes here, bytes in all) as it goes."""
+        if self.image_cache is None:
+            raise Conflict(f"the {self.driver.name} driver keeps no image cache")
+        updates: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        pulling = asyncio.create_task(
+            self.image_cache.ensure(name, lambda done, total: updates.put_nowait((done, total)))
+        )
+        try:
+            while not pulling.done() or not updates.empty():
+                waiter = asyncio.ensure_future(updates.get())
+                await asyncio.wait({waiter, pulling}, return_when=asyncio.FIRST_COMPLETED)
+                if waiter.done():
+                    yield ("", *waiter.result())
+                else:
+                    waiter.cancel()
+            image = pulling.result()
+        finally:
+            pulling.cancel()
+        await self.refresh_images()
+        yield (image.digest, image.size, image.size)
+
+    async def refresh_images(self) -> None:
+        """What the driver can boot now, told to the master with the next report."""
+        try:
+            images = await self.driver.images()
+        except (MultiverseError, OSError) as exc:
+            log.warning("cannot list the images: %s", exc)
+            return
+        if images != self.images:
+            self.images = images
+            self.changed.set()
 
     async def _boot(self, record: VMRecord) -> None:
         attachment = None
@@ -350,10 +416,7 @@ class Agent:
         Also used once at start, where it adopts the VMs that kept running while the agent
         was away and settles the actions the agent was killed in the middle of.
         """
-        try:
-            self.images = await self.driver.images()
-        except (MultiverseError, OSError) as exc:
-            log.warning("cannot list the images: %s", exc)
+        await self.refresh_images()
         for record in list(self.records.values()):
             lock = self._locks.setdefault(record.id, asyncio.Lock())
             if lock.locked():
@@ -531,6 +594,14 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def Report(self, request: pb.Empty, context: Ctx) -> pb.NodeReport:
         await self._guard(context)
         return await self.agent.report()
+
+    async def PullImage(self, request: pb.ImageRef, context: Ctx) -> AsyncIterator[pb.PullProgress]:
+        await self._guard(context)
+        try:
+            async for digest, done, total in self.agent.pull_image(request.name):
+                yield pb.PullProgress(digest=digest, done=done, total=total)
+        except MultiverseError as exc:
+            await context.abort(*convert.error_to_rpc(exc))
 
     async def Export(self, request: pb.ExportRequest, context: Ctx) -> pb.ExportManifest:
         await self._guard(context)

@@ -12,7 +12,9 @@ import grpc
 from multiverse.core.errors import InvalidArgument, MultiverseError
 from multiverse.core.files import private_dir
 from multiverse.core.model import Resources
+from multiverse.core.sizes import GiB
 from multiverse.drivers.base import Driver
+from multiverse.drivers.process import ProcessDriver
 from multiverse.wire import pki
 from multiverse.wire.convert import (
     GRPC_CHANNEL_OPTIONS,
@@ -22,6 +24,7 @@ from multiverse.wire.convert import (
 )
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
 from multiverse.worker.agent import Agent, AgentServicer, Ctx
+from multiverse.worker.imagecache import MasterImages, NodeImageCache
 from multiverse.worker.localstore import LocalStore
 from multiverse.worker.network import LinuxNetwork, detect_mode
 from multiverse.worker.sync import Identity, join, observe_forever, renew_forever, sync_forever
@@ -45,16 +48,21 @@ class WorkerConfig:
     capacity: Resources | None = None
     sync_interval: float = 5.0
     fake_delay: float = 0.0
-    image_dirs: list[Path] = field(default_factory=list)
+    image_dirs: list[Path] = field(default_factory=list)  # images already here (seeds)
+    image_cache: int = 20 * GiB  # bytes the image cache may hold
     # "bridge": VMs on the cluster network; "user": QEMU's NAT; "auto": bridge when this
     # process holds CAP_NET_ADMIN (only the qemu driver plugs into the cluster network).
     network_mode: str = "auto"
 
 
-def make_driver(config: WorkerConfig) -> Driver:
+def make_image_cache(config: WorkerConfig) -> NodeImageCache:
+    root = config.data_dir / "images"
+    return NodeImageCache(root, config.image_cache, seeds=[root, *config.image_dirs])
+
+
+def make_driver(config: WorkerConfig, images: NodeImageCache) -> Driver:
     """The adapter named by ``--driver``; imported lazily, each pulls in its own libraries."""
     state_dir = config.data_dir / config.driver
-    image_dirs = [config.data_dir / "images", *config.image_dirs]
     if config.driver == "fake":
         from multiverse.drivers.fake import FakeDriver
 
@@ -62,11 +70,11 @@ def make_driver(config: WorkerConfig) -> Driver:
     if config.driver == "qemu":
         from multiverse.drivers.qemu import QemuDriver
 
-        return QemuDriver(state_dir, image_dirs=image_dirs, capacity=config.capacity)
+        return QemuDriver(state_dir, images, capacity=config.capacity)
     if config.driver == "firecracker":
         from multiverse.drivers.firecracker import FirecrackerDriver
 
-        return FirecrackerDriver(state_dir, image_dirs, capacity=config.capacity)
+        return FirecrackerDriver(state_dir, images, capacity=config.capacity)
     if config.driver == "multipass":
         from multiverse.drivers.multipass import MultipassDriver
 
@@ -83,10 +91,19 @@ class Worker:
         network = None
         if config.driver in NETWORKED and detect_mode(config.network_mode) == "bridge":
             network = LinuxNetwork(config.data_dir / "network")
+        images = make_image_cache(config)
+        driver = make_driver(config, images)
+        # Only drivers that boot files from the cache use it (Multipass keeps its own images).
+        uses_cache = isinstance(driver, ProcessDriver)
         self.agent = Agent(
-            make_driver(config), LocalStore(config.data_dir / "worker.db"), network,
+            driver,
+            LocalStore(config.data_dir / "worker.db"),
+            network,
+            images if uses_cache else None,
             faults_dir=config.data_dir / "faults",
-        )  # fmt: skip
+        )
+        images.in_use = lambda: {record.spec.image for record in self.agent.records.values()}
+        self.image_source: MasterImages | None = None
         self.identity: Identity | None = None
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -131,6 +148,9 @@ class Worker:
             # Refused before joining rather than at each launch: no VM here could ever boot.
             raise InvalidArgument(NO_NETWORK)
         await self.agent.observe()  # adopt what kept running while we were away
+        if self.agent.image_cache is not None:  # the limit may have shrunk since the last run
+            cache = self.agent.image_cache
+            await asyncio.to_thread(cache.prune, cache.max_bytes)
         port = split_address(config.listen)[1]
         if port == 0:
             raise InvalidArgument("--listen needs a port: the master must know where to call")
@@ -145,6 +165,9 @@ class Worker:
             labels=config.labels,
             agent=self.agent,
         )
+        if self.agent.image_cache is not None:
+            self.image_source = MasterImages(config.master, self.identity.channel_credentials())
+            self.agent.image_cache.source = self.image_source
         self._server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
         pb_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(self.agent, self._authorize, self._peer_node), self._server
@@ -169,4 +192,6 @@ class Worker:
         for _address, channel in self._peers.values():
             await channel.close(grace=None)
         await self.agent.shutdown()
+        if self.image_source is not None:
+            await self.image_source.close()
         self.agent.store.close()

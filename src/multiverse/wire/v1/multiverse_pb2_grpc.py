@@ -184,6 +184,122 @@ class ClusterService:
             _registered_method=True)
 
 
+class ImageServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Resolve = channel.unary_unary(
+                '/multiverse.v1.ImageService/Resolve',
+                request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImageRef.SerializeToString,
+                response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImageManifest.FromString,
+                _registered_method=True)
+        self.Fetch = channel.unary_stream(
+                '/multiverse.v1.ImageService/Fetch',
+                request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.FetchRequest.SerializeToString,
+                response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Chunk.FromString,
+                _registered_method=True)
+
+
+class ImageServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Resolve(self, request, context):
+        """Mutual TLS: any node of the cluster may read any image.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fetch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ImageServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Resolve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resolve,
+                    request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImageRef.FromString,
+                    response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImageManifest.SerializeToString,
+            ),
+            'Fetch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Fetch,
+                    request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.FetchRequest.FromString,
+                    response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Chunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'multiverse.v1.ImageService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('multiverse.v1.ImageService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ImageService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Resolve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/multiverse.v1.ImageService/Resolve',
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImageRef.SerializeToString,
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImageManifest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/multiverse.v1.ImageService/Fetch',
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.FetchRequest.SerializeToString,
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class AgentServiceStub:
     """Missing associated documentation comment in .proto file."""
 
@@ -242,6 +358,11 @@ class AgentServiceStub:
                 '/multiverse.v1.AgentService/Report',
                 request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.SerializeToString,
                 response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.NodeReport.FromString,
+                _registered_method=True)
+        self.PullImage = channel.unary_stream(
+                '/multiverse.v1.AgentService/PullImage',
+                request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImageRef.SerializeToString,
+                response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.PullProgress.FromString,
                 _registered_method=True)
         self.ApplyFaults = channel.unary_unary(
                 '/multiverse.v1.AgentService/ApplyFaults',
@@ -336,6 +457,13 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullImage(self, request, context):
+        """Warm the node's image cache; progress until the image is cached and verified.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ApplyFaults(self, request, context):
         """Converge this node to the faults in force now (also sent with every sync acknowledgement).
         """
@@ -421,6 +549,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Report,
                     request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.FromString,
                     response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.NodeReport.SerializeToString,
+            ),
+            'PullImage': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullImage,
+                    request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImageRef.FromString,
+                    response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.PullProgress.SerializeToString,
             ),
             'ApplyFaults': grpc.unary_unary_rpc_method_handler(
                     servicer.ApplyFaults,
@@ -718,6 +851,33 @@ class AgentService:
             '/multiverse.v1.AgentService/Report',
             multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.SerializeToString,
             multiverse_dot_wire_dot_v1_dot_multiverse__pb2.NodeReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/multiverse.v1.AgentService/PullImage',
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImageRef.SerializeToString,
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.PullProgress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -889,8 +889,17 @@ async function render() {
   showPage([h("h1", {}, "Not found"), h("p", {}, link("", "Back to the overview"))]);
 }
 
+function typing() {
+  // Text typed into one of the page's forms and not sent yet: a redraw would throw it away.
+  return [...document.querySelectorAll("main form input, main form textarea")].some(
+    (field) => field.value !== field.defaultValue,
+  );
+}
+
 async function refresh(page, match) {
-  // A live page redraws from fresh data, keeping the reader's scroll position.
+  // A live page redraws from fresh data, keeping the reader's scroll position. While a form on
+  // it holds unsent text it stays as it is; the next event (or sending the form) redraws it.
+  if (typing()) return;
   const y = window.scrollY;
   const previous = state.cleanup.splice(0);
   try {
