@@ -29,6 +29,7 @@ from multiverse.core.model import (
     Node,
     NodeStatus,
     Resources,
+    Usage,
 )
 from multiverse.core.network import ClusterNetwork, Lease, parse_publish
 from multiverse.store.schema import (
@@ -127,10 +128,13 @@ class Store:
         return node
 
     def update_node(self, node_id: str, **fields: Any) -> None:
-        """Set columns of one node; ``capacity`` and ``status`` take core types."""
+        """Set columns of one node; ``capacity``, ``used`` and ``status`` take core types."""
         if "capacity" in fields:
             capacity: Resources = fields.pop("capacity")
             fields.update(cpus=capacity.cpus, memory=capacity.memory, disk=capacity.disk)
+        if "used" in fields:
+            used: Usage = fields.pop("used")
+            fields.update(used_cpus=used.cpus, used_memory=used.memory, used_disk=used.disk)
         if isinstance(fields.get("status"), NodeStatus):
             fields["status"] = fields["status"].value
         with self._session() as session:
@@ -210,6 +214,7 @@ class Store:
                     admin_labels=dict(row.admin_labels),
                     capacity=Resources(row.cpus, row.memory, row.disk),
                     allocated=Resources(int(cpus or 0), int(memory or 0), int(disk or 0)),
+                    used=Usage(row.used_cpus, row.used_memory, row.used_disk),
                     cordoned=row.cordoned,
                     last_sync=_utc(row.last_sync),
                     version=row.version,

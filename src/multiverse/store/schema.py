@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     String,
@@ -42,6 +43,10 @@ class NodeRow(Base):
     created_at: Mapped[datetime]
     # "bridge" (its VMs are on the cluster network) or "user" (no CAP_NET_ADMIN: QEMU's NAT).
     network_mode: Mapped[str] = mapped_column(String(16), default="")
+    # What the host measured it uses, as of its last report (cores busy; bytes).
+    used_cpus: Mapped[float] = mapped_column(Float, default=0.0)
+    used_memory: Mapped[int] = mapped_column(BigInteger, default=0)
+    used_disk: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class InstanceRow(Base):

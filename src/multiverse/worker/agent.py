@@ -32,6 +32,7 @@ from multiverse.wire.v1 import multiverse_pb2 as pb
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
 from multiverse.worker.localstore import LocalStore, VMRecord
 from multiverse.worker.network import NodeNetwork
+from multiverse.worker.usage import HostUsage
 
 log = logging.getLogger("multiverse.worker")
 
@@ -58,12 +59,17 @@ class Agent:
     """This host's instances over one Driver."""
 
     def __init__(
-        self, driver: Driver, store: LocalStore, network: NodeNetwork | None = None
+        self,
+        driver: Driver,
+        store: LocalStore,
+        network: NodeNetwork | None = None,
+        usage: HostUsage | None = None,
     ) -> None:
         self.driver = driver
         self.store = store
         # The cluster network on this node (bridge mode); None: the driver's user-mode fallback.
         self.network = network
+        self.usage = usage  # None: reports carry no "used" (the master shows zeros)
         self.records: dict[str, VMRecord] = {record.id: record for record in store.load()}
         self.changed = asyncio.Event()
         self.images: list[ImageInfo] = []  # what the driver can boot, as of the last observe()
@@ -115,6 +121,7 @@ class Agent:
                 pb.ImageInfo(name=i.name, kind=i.kind, digest=i.digest, size=i.size)
                 for i in self.images
             ],
+            used=convert.usage_to_pb(self.usage.measure()) if self.usage else None,
         )
 
     # ---- actions: each returns at once, the work goes on in a task ----

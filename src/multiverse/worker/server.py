@@ -20,6 +20,7 @@ from multiverse.worker.agent import Agent, AgentServicer, Ctx
 from multiverse.worker.localstore import LocalStore
 from multiverse.worker.network import LinuxNetwork, detect_mode
 from multiverse.worker.sync import Identity, join, observe_forever, renew_forever, sync_forever
+from multiverse.worker.usage import HostUsage
 
 log = logging.getLogger("multiverse.worker")
 
@@ -83,7 +84,12 @@ class Worker:
         network = None
         if config.driver in NETWORKED and detect_mode(config.network_mode) == "bridge":
             network = LinuxNetwork(config.data_dir / "network")
-        self.agent = Agent(make_driver(config), LocalStore(config.data_dir / "worker.db"), network)
+        self.agent = Agent(
+            make_driver(config),
+            LocalStore(config.data_dir / "worker.db"),
+            network,
+            HostUsage(config.data_dir),
+        )
         self.identity: Identity | None = None
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
