@@ -414,7 +414,7 @@ async function nodePage(name) {
         ),
       ],
     ]),
-    bars(node),
+    ...bars(node),
     h("h2", {}, "Labels"),
     labels.length
       ? h(
