@@ -31,9 +31,10 @@ $(UI_BUILT): web/node_modules/.package-lock.json web/build.mjs
 
 ui: $(UI_BUILT)
 
-# What only the tests need: the browser the dashboard's tests drive.
+# What only the tests need: the browser the dashboard's tests drive, the SSH server `node add`'s
+# tests install a worker through.
 test-deps:
-	@bash scripts/host-deps.sh chromium
+	@bash scripts/host-deps.sh chromium openssh-server
 
 run: venv deps ui
 	DATA_DIR=$(DATA_DIR) bash scripts/quickstart.sh

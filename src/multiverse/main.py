@@ -163,6 +163,18 @@ def _certificate_lifetime(seconds: int | None) -> timedelta:
     default=None,
     help="Masquerade the VMs' outbound traffic on their nodes (default: on).",
 )
+@click.option(
+    "--wheelhouse",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="MULTIVERSE_WHEELHOUSE",
+    help="Where `node add` caches the wheels it copies to hosts (default: <data-dir>/wheelhouse).",
+)
+@click.option(
+    "--install-service",
+    is_flag=True,
+    help="Write a systemd unit that runs this master with these options, enable and start it "
+    "(where systemd runs), and exit.",
+)
 def master(
     network_cidr: str,
     nat: bool | None,
@@ -176,8 +188,13 @@ def master(
     node_timeout: float,
     down_timeout: float,
     node_cert_ttl: timedelta,
+    wheelhouse: Path | None,
+    install_service: bool,
 ) -> None:
     """Run the master: cluster state, REST API, scheduler."""
+    if install_service:
+        _install_master_service()
+        return
     from multiverse.client.config import user_config_path
     from multiverse.master.server import Master, MasterConfig
 
@@ -197,6 +214,7 @@ def master(
             network=network_cidr,
             nat=nat,
             node_cert_lifetime=node_cert_ttl,
+            wheelhouse=wheelhouse,
         )
     )
 
@@ -210,6 +228,26 @@ def master(
         )
 
     _serve(start, server.stop)
+
+
+def _install_master_service() -> None:
+    """`master --install-service`: the unit runs this very Python with the same options."""
+    import subprocess
+
+    from multiverse.core.files import write_private
+    from multiverse.master.provision import master_unit
+
+    args = [a for a in sys.argv[sys.argv.index("master") + 1 :] if a != "--install-service"]
+    unit_dir = Path(os.environ.get("MULTIVERSE_SYSTEMD_DIR", "/etc/systemd/system"))
+    path = unit_dir / "multiverse-master.service"
+    # 0644 as units are; it names no secret (the master's own files hold those).
+    write_private(path, master_unit(args).encode(), 0o644)
+    if not Path("/run/systemd/system").is_dir():
+        click.echo(f"wrote {path}; systemd does not run here: start `multiverse master` yourself")
+        return
+    for command in (["daemon-reload"], ["enable", "--now", "multiverse-master.service"]):
+        subprocess.run(["systemctl", *command], check=True)
+    click.echo(f"wrote {path}; multiverse-master.service is enabled and started")
 
 
 def _image_dirs() -> list[Path]:

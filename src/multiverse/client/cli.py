@@ -104,9 +104,18 @@ def _free_of(item: dict[str, Any], size: bool = True) -> str:
     return f"{show(item['free'])}/{show(item['total'])}"
 
 
+def _node_status(node: dict[str, Any]) -> str:
+    """``Installing (venv)``, ``Failed (connect)``: `node add`'s step, the message's head."""
+    step = (node.get("message") or "").replace(":", " ").split(" ", 1)[0]
+    return f"{node['status']} ({step})" if step and node["status"] in INSTALL_STATES else (
+        node["status"]
+    )
+
+
+INSTALL_STATES = ("Installing", "Failed")
 NODE_COLUMNS = [
     Column("Node Name", lambda n: n["name"]),
-    Column("Status", lambda n: n["status"] + (",Cordoned" if n.get("cordoned") else "")),
+    Column("Status", lambda n: _node_status(n) + (",Cordoned" if n.get("cordoned") else "")),
     Column("IPv4", lambda n: n["ipv4"]),
     Column("Cpu", lambda n: _free_of(n["cpus"], size=False)),
     Column("Mem", lambda n: _free_of(n["memory"])),
@@ -271,9 +280,13 @@ def _wait(
     Returns the operation once it succeeded; raises Failure with its error otherwise.
     """
     deadline = time.monotonic() + timeout
+    shown = 0
     with _spinner(label) as show:
         while True:
             operation = client.wait_operation(operation_id, timeout=1)
+            for line in operation.get("progress", [])[shown:]:
+                stderr.print(line, markup=False, highlight=False)
+                shown += 1
             if operation["status"] == "success":
                 return operation
             if operation["status"] == "failure":
@@ -622,12 +635,141 @@ def label(name: str, labels: tuple[str, ...]) -> None:
     click.echo(f"Labelled {name}; labels set by admins: {shown}")
 
 
+def _ssh_credentials(identity: Path | None, password_stdin: bool) -> dict[str, str]:
+    """The SSH login for the master to use: a key's text or a password read from stdin (never
+    an argument: `ps` shows those). Sent in the request body, over TLS."""
+    if identity is not None and password_stdin:
+        raise click.UsageError("give --identity or --password-stdin, not both")
+    if identity is not None:
+        try:
+            return {"identity": identity.read_text()}
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(f"cannot read {identity}: {exc}") from exc
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise click.UsageError("--password-stdin read an empty password")
+        return {"password": password}
+    raise click.UsageError("give --identity KEY (preferred) or --password-stdin")
+
+
+ssh_login_options = [
+    click.option(
+        "--identity",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="Private key to log in with (preferred over a password).",
+    ),
+    click.option(
+        "--password-stdin",
+        is_flag=True,
+        help="Read the SSH password from stdin (a key is preferred; it is never stored).",
+    ),
+]
+
+
+def _with_ssh_login(func: Callable[..., None]) -> Callable[..., None]:
+    for option in reversed(ssh_login_options):
+        func = option(func)
+    return func
+
+
+@node.command(name="add")
+@click.argument("name")
+@click.option("--ssh", "target", required=True, help="The host: user@host[:port].")
+@_with_ssh_login
+@click.option(
+    "--host-key-fingerprint",
+    default="",
+    help="Trust this host key (SHA256:..., as `ssh-keygen -lf` prints it) instead of "
+    "looking the host up in --known-hosts.",
+)
+@click.option(
+    "--known-hosts",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=lambda: Path.home() / ".ssh" / "known_hosts",
+    show_default="~/.ssh/known_hosts",
+    help="The host keys you trust; an unknown key is refused.",
+)
+@click.option(
+    "--driver",
+    type=click.Choice(["qemu", "firecracker", "multipass", "fake"]),
+    default="qemu",
+    show_default=True,
+)
+@click.option("--labels", callback=labels_option, default="", help="Node labels: k=v,...")
+@click.option("--install-deps", is_flag=True, help="apt-get install the driver's packages too.")
+@click.option(
+    "--root", default="/opt/multiverse", show_default=True, help="Install root on the host."
+)
+@_with_wait
+def add(
+    name: str,
+    target: str,
+    identity: Path | None,
+    password_stdin: bool,
+    host_key_fingerprint: str,
+    known_hosts: Path,
+    driver: str,
+    labels: dict[str, str],
+    install_deps: bool,
+    root: str,
+    no_wait: bool,
+    timeout: float,
+) -> None:
+    """Install a worker on a host over SSH and join it as node NAME.
+
+    The master logs in (a key is preferred: --identity; or --password-stdin), checks the host
+    key, copies its own wheels, installs a venv under --root, starts the worker as a systemd
+    unit (or a supervised process where systemd does not run) and waits until it joins.
+    Running it again retries a failed install.
+    """
+    body: dict[str, Any] = {
+        "name": name, "ssh": target, "driver": driver, "labels": labels,
+        "install_deps": install_deps, "root": root,
+        "host_key_fingerprint": host_key_fingerprint,
+        **_ssh_credentials(identity, password_stdin),
+    }  # fmt: skip
+    if not host_key_fingerprint and known_hosts.is_file():
+        body["known_hosts"] = known_hosts.read_text(errors="replace")
+    client = _client()
+    operation = client.add_node(body)
+    if no_wait:
+        click.echo(operation["id"])
+        return
+    done = _wait(client, operation["id"], timeout, f"Installing {name}")
+    service = (done["result"] or {}).get("service", "")
+    click.echo(f"Node {name} is Ready; its worker runs as {service}")
+
+
 @node.command()
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Also forget its instances (their VMs stay there).")
-def remove(name: str, force: bool) -> None:
+@click.option(
+    "--uninstall",
+    is_flag=True,
+    help="Also stop the worker `node add` installed and remove its unit, venv and data dir "
+    "(over SSH: give --identity or --password-stdin).",
+)
+@_with_ssh_login
+@click.option("--timeout", type=click.FloatRange(1), default=600, show_default=True)
+def remove(
+    name: str,
+    force: bool,
+    uninstall: bool,
+    identity: Path | None,
+    password_stdin: bool,
+    timeout: float,
+) -> None:
     """Forget a node and revoke its certificate; it can come back only with a new token."""
-    _client().remove_node(name, force)
+    client = _client()
+    if uninstall:
+        if force:
+            raise click.UsageError("--uninstall needs the node's instances gone; no --force")
+        operation = client.uninstall_node(name, _ssh_credentials(identity, password_stdin))
+        _wait(client, operation["id"], timeout, f"Uninstalling {name}")
+        click.echo(f"Removed {name}: its worker, unit, venv and data dir are gone")
+        return
+    client.remove_node(name, force)
     click.echo(f"Removed {name}; its certificate is revoked")
 
 

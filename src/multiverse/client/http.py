@@ -201,6 +201,13 @@ class ApiClient:
         (an operation)."""
         return dict(self._request("POST", f"/nodes/{name}/{action}"))
 
+    def add_node(self, body: JSON) -> JSON:
+        """Install a worker over SSH: an operation (credentials go in the body, over TLS)."""
+        return dict(self._request("POST", "/nodes", json=body))
+
+    def uninstall_node(self, name: str, credentials: JSON) -> JSON:
+        return dict(self._request("POST", f"/nodes/{name}/uninstall", json=credentials))
+
     def remove_node(self, name: str, force: bool = False) -> JSON:
         return dict(self._request("DELETE", f"/nodes/{name}", params={"force": force}))
 

@@ -22,6 +22,9 @@ class NodeStatus(enum.StrEnum):
     DRAINING = "Draining"
     DOWN = "Down"
     UNKNOWN = "Unknown"
+    # Set up over SSH by the master (`node add`): its message tells the step, then why it failed.
+    INSTALLING = "Installing"
+    FAILED = "Failed"
 
 
 class InstanceState(enum.StrEnum):
@@ -228,6 +231,11 @@ class Node:
     # Set by an admin (`node label`); ``labels`` are what the node says of itself at every
     # join. The admin's win: a node cannot talk itself into (or out of) a selector.
     admin_labels: dict[str, str] = field(default_factory=dict)
+    # `node add`: the step running, or why the install failed (with the output's last lines).
+    message: str = ""
+    # `node add`: where and how it was installed (SSH target, host key, root), for a retry
+    # and for `node remove --uninstall`. Never a credential.
+    install: dict[str, str] = field(default_factory=dict)
 
     @property
     def effective_labels(self) -> dict[str, str]:

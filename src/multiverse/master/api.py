@@ -32,6 +32,7 @@ from multiverse.core.errors import (
     NotFound,
     RateLimited,
     Unauthenticated,
+    Unavailable,
 )
 from multiverse.core.model import (
     DEFAULT_CPUS,
@@ -52,6 +53,13 @@ from multiverse.master.metrics import CONTENT_TYPE, Metrics
 from multiverse.master.network import Ipam
 from multiverse.master.nodes import Nodes
 from multiverse.master.operations import Operation
+from multiverse.master.provision import (
+    DEFAULT_ROOT,
+    Credentials,
+    Installer,
+    InstallRequest,
+    SSHTarget,
+)
 from multiverse.master.scheduler import Strategy
 from multiverse.master.sessions import MAX_TERMINAL, relay
 from multiverse.store.repository import Store
@@ -132,6 +140,25 @@ class JoinBody(BaseModel):
     name: str = Field(max_length=63)
 
 
+class NodeCredentialsBody(BaseModel):
+    """How the master logs in to a host over SSH. Used for that connection and then dropped:
+    never stored, logged or returned."""
+
+    identity: str = Field("", max_length=64 * 1024)  # a private key (preferred)
+    password: str = Field("", max_length=4096)
+
+
+class NodeAddBody(NodeCredentialsBody):
+    name: str = Field(max_length=63)
+    ssh: str = Field(max_length=300)  # user@host[:port]
+    host_key_fingerprint: str = Field("", max_length=100)
+    known_hosts: str = Field("", max_length=512 * 1024)
+    driver: Literal["qemu", "firecracker", "multipass", "fake"] = "qemu"
+    labels: dict[str, str] = {}
+    install_deps: bool = False
+    root: str = Field(DEFAULT_ROOT, max_length=255)
+
+
 class ExecBody(BaseModel):
     command: list[str] = Field(min_length=1, max_length=4096)
     stdin: str = ""  # base64
@@ -174,6 +201,7 @@ def node_json(node: Node) -> dict[str, Any]:
         "last_sync": _iso(node.last_sync),
         "version": node.version,
         "network_mode": node.network_mode,
+        "message": node.message,  # `node add`: the step running, or why it failed
     }
 
 
@@ -388,6 +416,7 @@ def create_app(
     image_catalog: Callable[[], list[dict[str, Any]]],
     max_auth_failures: int = 20,
     ipam: Ipam | None = None,
+    installer: Installer | None = None,
 ) -> FastAPI:
     app = FastAPI(title="Multiverse", version=__version__, docs_url="/docs")
     metrics = Metrics(store, instances.reconciler)
@@ -471,6 +500,32 @@ def create_app(
             "certificate": certificate.decode(),
             "ca_certificate": ca.cert_pem.decode(),
         }
+
+    def _installer() -> Installer:
+        if installer is None:
+            raise Unavailable("this master does not install nodes")
+        return installer
+
+    @app.post("/api/v1/nodes", status_code=202)
+    async def add_node(body: NodeAddBody, _: Admin) -> dict[str, Any]:
+        """Install a worker on a host over SSH and wait for it to join: an operation with one
+        progress line per step; the node is Installing meanwhile, then Ready or Failed."""
+        request = InstallRequest(
+            name=body.name, target=SSHTarget.parse(body.ssh), driver=body.driver,
+            labels=body.labels, install_deps=body.install_deps, root=body.root,
+        )  # fmt: skip
+        credentials = Credentials(
+            password=body.password, identity=body.identity, known_hosts=body.known_hosts,
+            host_key_fingerprint=body.host_key_fingerprint,
+        )  # fmt: skip
+        return _installer().add(request, credentials).json()
+
+    @app.post("/api/v1/nodes/{name}/uninstall", status_code=202)
+    async def uninstall_node(name: str, body: NodeCredentialsBody, _: Admin) -> dict[str, Any]:
+        """Stop the worker `node add` installed, remove its unit, venv and data dir, then forget
+        the node; refused while it holds instances."""
+        credentials = Credentials(password=body.password, identity=body.identity)
+        return _installer().uninstall(name, credentials).json()
 
     @app.delete("/api/v1/nodes/{name}")
     async def remove_node(name: str, _: Admin, force: bool = False) -> dict[str, Any]:

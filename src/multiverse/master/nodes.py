@@ -73,9 +73,12 @@ class Nodes:
         over mutual TLS) and its certificate, signed from its CSR (its key stays with it)."""
         record = auth.verify_token(self.store, auth.JOIN, token)
         validate_name(name, "node")
-        if self.store.list_nodes(names=[name]):
+        found = self.store.list_nodes(names=[name])
+        # A node `node add` is installing joins into the record that tells its install.
+        installing = found[0] if found and found[0].status == NodeStatus.INSTALLING else None
+        if found and installing is None:
             raise AlreadyExists(f"a node named {name!r} exists already; pick another --name")
-        node_id = str(uuid.uuid4())
+        node_id = installing.id if installing else str(uuid.uuid4())
         certificate = pki.sign_node_csr(
             self.agents.ca, csr_pem, node_id, name, self.agents.node_cert_lifetime
         )
@@ -85,7 +88,13 @@ class Nodes:
             id=node_id, name=name, address="", driver="", status=NodeStatus.JOINING, labels={},
             capacity=Resources(), last_sync=now(),
         )  # fmt: skip
-        self.store.add_node(node, pki.serial_of(certificate))
+        if installing:
+            self.store.update_node(
+                node_id, status=NodeStatus.JOINING, last_sync=now(),
+                cert_serial=pki.serial_of(certificate),
+            )  # fmt: skip
+        else:
+            self.store.add_node(node, pki.serial_of(certificate))
         self.instances.events.publish("node", name=name, status=NodeStatus.JOINING.value)
         log.info("node %s admitted as %s", name, node_id)
         return node, certificate

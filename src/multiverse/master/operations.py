@@ -42,6 +42,7 @@ class Operation:
     created_at: str = field(default_factory=_now)
     updated_at: str = field(default_factory=_now)
     result: Any = None
+    progress: list[str] = field(default_factory=list)  # one line per step, as it goes
     done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     ended: float = field(default=0.0, repr=False)  # on the registry's clock, once done
 
@@ -49,7 +50,7 @@ class Operation:
         return {
             "id": self.id, "kind": self.kind, "target": self.target, "status": self.status,
             "error": self.error, "created_at": self.created_at, "updated_at": self.updated_at,
-            "result": self.result,
+            "result": self.result, "progress": list(self.progress),
         }  # fmt: skip
 
 
@@ -82,8 +83,17 @@ class Operations:
         for operation in [*expired, *(fresh + running)[:excess]]:
             del self._operations[operation.id]
 
-    def start(self, kind: str, target: str, work: Coroutine[Any, Any, Any]) -> Operation:
+    def start(
+        self,
+        kind: str,
+        target: str,
+        work: Coroutine[Any, Any, Any],
+        progress: list[str] | None = None,
+    ) -> Operation:
+        """Run ``work`` as an operation; ``progress`` is the list ``work`` appends its steps to."""
         operation = Operation(str(uuid.uuid4()), kind, target)
+        if progress is not None:
+            operation.progress = progress
         self._operations[operation.id] = operation
         self._prune()
         task = asyncio.create_task(self._run(operation, work))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import uvicorn
 from multiverse.core.errors import InvalidArgument
 from multiverse.core.files import private_dir, write_private
 from multiverse.core.model import NodeStatus
+from multiverse.drivers.fake import ALLOW_ENV
 from multiverse.master import auth
 from multiverse.master.api import create_app
 from multiverse.master.cluster import Agents, ClusterServicer
@@ -27,7 +29,9 @@ from multiverse.master.instances import Instances
 from multiverse.master.network import Ipam
 from multiverse.master.nodes import Nodes
 from multiverse.master.operations import Operations
+from multiverse.master.provision import Installer
 from multiverse.master.reconciler import Reconciler
+from multiverse.master.wheelhouse import Wheelhouse
 from multiverse.store.repository import Change, Store
 from multiverse.wire import pki
 from multiverse.wire.convert import GRPC_SERVER_OPTIONS, listen_grpc, split_address
@@ -51,6 +55,7 @@ class MasterConfig:
     network: str = ""  # the cluster network's CIDR at the first start ("": a free default)
     nat: bool | None = None  # masquerade guests' outbound traffic (None: keep as stored)
     node_cert_lifetime: timedelta = pki.NODE_CERT_LIFETIME  # workers renew at a third left
+    wheelhouse: Path | None = None  # `node add`'s wheel cache (default: <data-dir>/wheelhouse)
 
 
 def client_config_text(server: str, token: str, ca_pem: bytes | None) -> str:
@@ -99,6 +104,13 @@ class Master:
         self.cluster = ClusterServicer(self.store, self.agents, self.ipam)
         self.cluster.on_change = self._changed
         self.nodes.on_removed = self.cluster.forget
+        self.installer = Installer(
+            self.store, self.events, self.operations,
+            Wheelhouse(config.wheelhouse or config.data_dir / "wheelhouse"),
+            self._install_token, lambda: self.grpc_port,
+            worker_env={ALLOW_ENV: "1"} if os.environ.get(ALLOW_ENV) == "1" else {},
+        )  # fmt: skip
+        self.installer.on_uninstalled = lambda name: self.nodes.remove(name)
         self.api_url = ""
         self.grpc_port = 0
         self._grpc: grpc.aio.Server | None = None
@@ -113,8 +125,14 @@ class Master:
         if transitions:
             self.reconciler.kick()
 
+    def _install_token(self, host: str, ttl: timedelta, description: str) -> tuple[str, str]:
+        """`node add`'s join token: one use, short-lived, naming the master as the new host
+        reaches it (the address of the installer's SSH connection) unless --advertise says."""
+        issued, token = self.join_token(ttl, 1, description, host=self.config.advertise or host)
+        return issued.id, token
+
     def join_token(
-        self, ttl: timedelta | None, uses: int | None, description: str = ""
+        self, ttl: timedelta | None, uses: int | None, description: str = "", host: str = ""
     ) -> tuple[auth.IssuedToken, str]:
         """A join token: where the master is, the CA's fingerprint, and a new secret."""
         issued = auth.issue_token(
@@ -122,7 +140,7 @@ class Master:
             uses=auth.DEFAULT_JOIN_USES if uses is None else uses,
             description=description,
         )  # fmt: skip
-        host = self.config.advertise or _advertised_host(self.config.listen)
+        host = host or self.config.advertise or _advertised_host(self.config.listen)
         api_port = split_address(self.config.api_listen)[1]
         _, token_id, secret = issued.token.split(".")
         token = pki.JoinToken(
@@ -164,7 +182,13 @@ class Master:
         config = self.config
         # Until a node reports, the master cannot know what happened while it was away.
         for node in self.store.list_nodes():
-            self.store.update_node(node.id, status=NodeStatus.UNKNOWN)
+            if node.status == NodeStatus.INSTALLING:  # its install ran in the old process
+                self.store.update_node(
+                    node.id, status=NodeStatus.FAILED,
+                    message=f"{node.message}: the master restarted; run `node add` again",
+                )  # fmt: skip
+            elif node.status != NodeStatus.FAILED:
+                self.store.update_node(node.id, status=NodeStatus.UNKNOWN)
         self._grpc = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
         pb_grpc.add_ClusterServiceServicer_to_server(self.cluster, self._grpc)
         credentials = pki.server_credentials(
@@ -178,6 +202,7 @@ class Master:
             self.store, self.instances, self.nodes, self.join_token, self.ca,
             self.cluster.image_catalog, max_auth_failures=config.max_auth_failures,
             ipam=self.ipam,
+            installer=self.installer,
         )  # fmt: skip
         certfile, keyfile = self._tls_files(host)
         self._http = _Uvicorn(

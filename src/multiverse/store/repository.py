@@ -119,6 +119,8 @@ class Store:
             version=node.version,
             last_sync=node.last_sync,
             created_at=now(),
+            message=node.message,
+            install=node.install,
         )
         try:
             with self._session() as session:
@@ -220,6 +222,8 @@ class Store:
                     version=row.version,
                     instance_count=int(count or 0),
                     network_mode=row.network_mode,
+                    message=row.message,
+                    install=dict(row.install),
                 )
                 for row, count, cpus, memory, disk in session.execute(query)
             ]
