@@ -293,11 +293,21 @@ def _wait(
                 raise Failure(operation["error"] or f"{label} failed")
             if time.monotonic() > deadline:
                 raise Failure(f"{label}: still not done after {timeout:.0f}s")
-            if instance:
+            if figures := operation.get("figures"):
+                show(_move_progress(figures))
+            elif instance:
                 try:
                     show(client.instance(instance)["state"])
                 except ApiError:
                     show("gone")
+
+
+def _move_progress(progress: dict[str, Any]) -> str:
+    """A move's phase and the disk bytes sent so far."""
+    total = progress.get("disk_bytes_total") or 0
+    sent = progress.get("disk_bytes_sent") or 0
+    figures = f" {format_size(sent)}/{format_size(total)}" if total else ""
+    return f"{progress.get('phase', '')}{figures}"
 
 
 wait_options = [
@@ -581,6 +591,123 @@ def exec_(want_tty: bool, name: str, command: tuple[str, ...]) -> None:
     sys.exit(code)
 
 
+FAULT_COLUMNS = [
+    Column("ID", lambda f: f["id"]),
+    Column("Kind", lambda f: f["kind"]),
+    Column("Target", lambda f: ",".join(f["targets"])),
+    Column("Peers", lambda f: ",".join(f["peers"]) or "--"),
+    Column("Params", lambda f: " ".join(f"{k}={v}" for k, v in f["params"].items()) or "--"),
+    Column("Started", lambda f: _ago(f["started_at"])),
+    Column("Expires", lambda f: f["expires_at"] or "never"),
+]
+
+
+@cli.group()
+def fault() -> None:
+    """Inject faults from outside the guests: partitions, slow links, pauses, kills..."""
+
+
+def _fault(fmt: str, body: dict[str, Any]) -> None:
+    click.echo(render_one(_client().add_fault(body), FAULT_COLUMNS, fmt))
+
+
+_fault_duration = click.option("--duration", help="Heal by itself after this long (30s, 2m).")
+
+
+def _split(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+@fault.command(name="partition")
+@click.argument("sides", nargs=-1, required=True)
+@click.option("--one-way", is_flag=True, help="Cut only the first side's traffic to the second.")
+@_fault_duration
+@format_option
+def fault_partition(sides: tuple[str, ...], one_way: bool, duration: str | None, fmt: str) -> None:
+    """Cut the network between two sets of instances: `partition a,b / c,d`."""
+    text = " ".join(sides)
+    if text.count("/") != 1:
+        raise click.UsageError("give two sides separated by /: partition a,b / c,d")
+    left, right = text.split("/")
+    _fault(fmt, {"kind": "partition", "targets": _split(left), "peers": _split(right),
+                 "one_way": one_way, "duration": duration})  # fmt: skip
+
+
+@fault.command(name="link")
+@click.argument("name")
+@click.option("--to", "to", default="", help="Instances at the other end (default: all).")
+@click.option("--delay", help="e.g. 100ms")
+@click.option("--jitter", help="e.g. 20ms (with --delay)")
+@click.option("--loss", help="e.g. 5%")
+@click.option("--duplicate", help="e.g. 1%")
+@click.option("--reorder", help="e.g. 10% (with --delay)")
+@click.option("--rate", help="e.g. 1mbit")
+@_fault_duration
+@format_option
+def fault_link(name: str, to: str, duration: str | None, fmt: str, **params: str | None) -> None:
+    """Slow, lose or reorder the packets from NAME to --to (netem on the path)."""
+    given = {key: value for key, value in params.items() if value is not None}
+    _fault(fmt, {"kind": "link", "targets": [name], "peers": _split(to), "params": given,
+                 "duration": duration})  # fmt: skip
+
+
+def _single(kind: str, doc: str) -> None:
+    @fault.command(name=kind, help=doc)
+    @click.argument("name")
+    @_fault_duration
+    @format_option
+    def command(name: str, duration: str | None, fmt: str) -> None:
+        _fault(fmt, {"kind": kind, "targets": [name], "duration": duration})
+
+
+_single("pause", "Freeze NAME (QMP stop) until healed or --duration is over.")
+_single("kill", "Power NAME off hard; it stays desired running, so it comes back.")
+_single("reboot", "Reset NAME hard, as the reset button.")
+
+
+@fault.command(name="clock")
+@click.argument("name")
+@click.option("--skew", required=True, help="Step the guest's clock, e.g. +5s or -2m.")
+@_fault_duration
+@format_option
+def fault_clock(name: str, skew: str, duration: str | None, fmt: str) -> None:
+    """Step NAME's clock by --skew (stepped back when healed)."""
+    _fault(fmt, {"kind": "clock", "targets": [name], "params": {"skew": skew},
+                 "duration": duration})  # fmt: skip
+
+
+@fault.command(name="disk")
+@click.argument("name")
+@click.option("--full", is_flag=True, help="Fill the data disk to the brim.")
+@click.option("--slow", help="Throttle the data disk to one I/O per this long, e.g. 10ms.")
+@_fault_duration
+@format_option
+def fault_disk(name: str, full: bool, slow: str | None, duration: str | None, fmt: str) -> None:
+    """Fill NAME's data disk or slow it down."""
+    params = {"full": "true"} if full else {}
+    if slow:
+        params["slow"] = slow
+    _fault(fmt, {"kind": "disk", "targets": [name], "params": params, "duration": duration})
+
+
+@fault.command(name="list")
+@format_option
+def fault_list(fmt: str) -> None:
+    """The faults in force."""
+    click.echo(render(_client().faults(), FAULT_COLUMNS, fmt))
+
+
+@fault.command(name="heal")
+@click.argument("fault_id", required=False)
+@click.option("--all", "all_", is_flag=True, help="Heal every fault.")
+@format_option
+def fault_heal(fault_id: str | None, all_: bool, fmt: str) -> None:
+    """Heal one fault by its id, or all of them."""
+    if bool(fault_id) == all_:
+        raise click.UsageError("give a fault ID or --all")
+    click.echo(render(_client().heal_fault(None if all_ else fault_id), FAULT_COLUMNS, fmt))
+
+
 @cli.group()
 def node() -> None:
     """Node maintenance, as Incus: cordon, uncordon, drain, evacuate, restore; labels."""
@@ -773,9 +900,11 @@ def remove(
     click.echo(f"Removed {name}; its certificate is revoked")
 
 
-def _maintain(action: str, name: str, no_wait: bool, timeout: float, fmt: str) -> None:
+def _maintain(
+    action: str, name: str, no_wait: bool, timeout: float, fmt: str, mode: str = ""
+) -> None:
     client = _client()
-    operation = client.node_action(name, action)
+    operation = client.node_action(name, action, {"mode": mode} if mode else None)
     if no_wait:
         click.echo(operation["id"])
         return
@@ -803,9 +932,24 @@ def _maintenance_command(action: str, summary: str) -> None:
 
 
 _maintenance_command("drain", "Cordon the node and stop its instances (restore starts them).")
-_maintenance_command(
-    "evacuate", "Cordon the node and re-create its instances on other nodes (fresh disks)."
+
+
+@node.command()
+@click.argument("name")
+@click.option(
+    "--mode",
+    type=click.Choice(["move", "recreate"]),
+    default="move",
+    show_default=True,
+    help="move: with their disks; recreate: fresh instances from their specs (disks lost).",
 )
+@format_option
+@_with_wait
+def evacuate(name: str, mode: str, no_wait: bool, timeout: float, fmt: str) -> None:
+    """Cordon the node and move its instances, disks included, to other nodes."""
+    _maintain("evacuate", name, no_wait, timeout, fmt, mode)
+
+
 _maintenance_command(
     "restore", "Uncordon the node, bring evacuated instances back and start drained ones."
 )
@@ -821,6 +965,26 @@ def events() -> None:
     client = _client()
     with contextlib.suppress(KeyboardInterrupt):
         sys.exit(asyncio.run(follow_events(client)))
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--node", "target", required=True, help="The node to move the instance to.")
+@click.option(
+    "--live/--cold",
+    default=False,
+    help="Keep it running while it moves (QEMU), or stop, copy its disk and start it there.",
+)
+@_with_wait
+def move(name: str, target: str, live: bool, no_wait: bool, timeout: float) -> None:
+    """Move an instance to another node with its disk; it ends as it was (running or not)."""
+    client = _client()
+    answer = client.move(name, target, "live" if live else "cold")
+    if no_wait:
+        click.echo(answer["operation"])
+        return
+    _wait(client, answer["operation"], timeout, f"Moving {name} to {target}")
+    click.echo(f"Moved {name} to {target}")
 
 
 @cli.command()

@@ -117,6 +117,15 @@ class ApiClient:
     def node(self, name: str) -> JSON:
         return dict(self._request("GET", f"/nodes/{name}"))
 
+    def faults(self) -> list[JSON]:
+        return list(self._request("GET", "/faults"))
+
+    def add_fault(self, body: JSON) -> JSON:
+        return dict(self._request("POST", "/faults", json=body))
+
+    def heal_fault(self, fault_id: str | None) -> list[JSON]:
+        return list(self._request("DELETE", f"/faults/{fault_id}" if fault_id else "/faults"))
+
     def network(self) -> JSON:
         return dict(self._request("GET", "/network"))
 
@@ -140,6 +149,12 @@ class ApiClient:
     def action(self, name: str, verb: str, body: JSON | None = None) -> JSON:
         """``start``, ``stop`` or ``restart``."""
         return dict(self._request("POST", f"/instances/{name}/{verb}", json=body or {}))
+
+    def move(self, name: str, node: str, kind: str = "cold") -> JSON:
+        """Start moving the instance to ``node``; the answer names the operation."""
+        return dict(
+            self._request("POST", f"/instances/{name}/move", json={"node": node, "kind": kind})
+        )
 
     def delete(self, name: str) -> JSON:
         return dict(self._request("DELETE", f"/instances/{name}"))
@@ -196,10 +211,10 @@ class ApiClient:
         params = {"timeout": timeout}
         return dict(self._request("GET", f"/operations/{operation_id}/wait", params=params))
 
-    def node_action(self, name: str, action: str) -> JSON:
+    def node_action(self, name: str, action: str, params: dict[str, str] | None = None) -> JSON:
         """``cordon``, ``uncordon`` (the node) or ``drain``, ``evacuate``, ``restore``
-        (an operation)."""
-        return dict(self._request("POST", f"/nodes/{name}/{action}"))
+        (an operation); ``params``: e.g. evacuate's ``mode``."""
+        return dict(self._request("POST", f"/nodes/{name}/{action}", params=params))
 
     def add_node(self, body: JSON) -> JSON:
         """Install a worker over SSH: an operation (credentials go in the body, over TLS)."""

@@ -297,3 +297,51 @@ class GuestStats:
     disk_total: int = 0
     release: str = ""
     ipv4: str = ""
+
+
+class MigrationKind(enum.StrEnum):
+    """How an instance moves: ``cold`` stops it and copies its disk; ``live`` keeps it running."""
+
+    COLD = "cold"
+    LIVE = "live"
+
+
+class MigrationPhase(enum.StrEnum):
+    """Where a move stands; ``done`` and ``failed`` are final (a failed move left the instance
+    where it was)."""
+
+    PENDING = "pending"
+    STOPPING = "stopping"
+    TRANSFERRING = "transferring"
+    SWITCHING = "switching"
+    STARTING = "starting"
+    CLEANING = "cleaning"
+    ROLLING_BACK = "rolling-back"
+    DONE = "done"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (MigrationPhase.DONE, MigrationPhase.FAILED)
+
+
+@dataclass(frozen=True)
+class Migration:
+    """A move of one instance, persisted so that a restarted master finishes it.
+
+    ``desired_after`` is what the user wanted of the instance before the move (a cold move
+    stops it on the way): the move leaves it so, wherever it ends.
+    """
+
+    id: str
+    instance_id: str
+    kind: MigrationKind
+    source_id: str
+    target_id: str
+    desired_after: DesiredState
+    phase: MigrationPhase = MigrationPhase.PENDING
+    attempts: int = 0
+    message: str = ""
+    bytes_done: int = 0
+    bytes_total: int = 0
+    created_at: datetime | None = None

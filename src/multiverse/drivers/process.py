@@ -44,6 +44,7 @@ UNIX_PATH_MAX = 107  # a sockaddr_un's path, less its terminating NUL
 LOG_TAIL = 4000  # how much of a log an error message quotes
 HOST_KEY_FILE = "ssh_host_key.pub"  # the guest's SSH host key once known, in the VM's directory
 _VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_RUNTIME_FILES = {"vm.json"}  # a running process's; never part of a move
 
 
 def ensure_ssh_key(path: Path) -> Path:
@@ -467,6 +468,35 @@ class ProcessDriver(Driver):
         self._existing_dir(vm)
         if self._running_pid(vm) is None:
             raise Conflict(f"VM {vm.name} is not running")
+
+    # --- cold moves (base.Migratable) ------------------------------------------------------
+
+    def export_files(self, vm: VMConfig) -> dict[str, Path]:
+        vm_dir = self._existing_dir(vm)
+        if self._running_pid(vm) is not None:
+            raise Conflict(f"VM {vm.name} is running; a cold move needs it stopped")
+        return {
+            str(path.relative_to(vm_dir)): path
+            for path in sorted(vm_dir.rglob("*"))
+            if path.is_file() and not path.is_symlink() and path.name not in _RUNTIME_FILES
+        }
+
+    def incoming_dir(self, vm: VMConfig) -> Path:
+        self._vm_dir(vm)  # refuses an id that could name a path elsewhere
+        return self.state_dir / "incoming" / vm.id
+
+    async def adopt_incoming(self, vm: VMConfig) -> None:
+        async with self._lock(vm.id):
+            incoming, vm_dir = self.incoming_dir(vm), self._vm_dir(vm)
+            if vm_dir.is_dir() and not incoming.exists():
+                return  # adopted already
+            if vm_dir.is_dir():
+                raise Conflict(f"VM {vm.name} exists on this node already")
+            vm_dir.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(incoming, vm_dir)
+
+    async def abort_incoming(self, vm: VMConfig) -> None:
+        await asyncio.to_thread(shutil.rmtree, self.incoming_dir(vm), True)
 
     # --- helpers -------------------------------------------------------------------------
 

@@ -307,7 +307,25 @@ class QemuDriver(ProcessDriver):
         message = "" if qemu_state == "running" else f"QEMU reports the VM as {qemu_state!r}"
         return VMStatus(PowerState.RUNNING, ipv4, message=message)
 
-    async def _qmp(self, vm: VMConfig, command: str, timeout: float = 5.0) -> Any:
+    async def pause(self, vm: VMConfig) -> None:
+        await self._qmp(vm, "stop")
+
+    async def resume(self, vm: VMConfig) -> None:
+        await self._qmp(vm, "cont")
+
+    async def reset(self, vm: VMConfig) -> None:
+        await self._qmp(vm, "system_reset")
+
+    async def throttle_disk(self, vm: VMConfig, iops: int) -> None:
+        # The data disk is the first virtio drive; QEMU names it "virtio0". All six limits are
+        # required by the command; 0 means unlimited.
+        limits = {key: 0 for key in ("bps", "bps_rd", "bps_wr", "iops_rd", "iops_wr")}
+        await self._qmp(vm, "block_set_io_throttle", {"device": "virtio0", "iops": iops, **limits})
+
+    async def _qmp(
+        self, vm: VMConfig, command: str, arguments: dict[str, Any] | None = None,
+        timeout: float = 5.0,
+    ) -> Any:  # fmt: skip
         """Run one QMP command on a fresh connection; QEMU's monitor serves one client at once,
         and a connection held open would lock out an agent that adopts the VM."""
         sock_path = self._control_socket(vm)
@@ -315,7 +333,7 @@ class QemuDriver(ProcessDriver):
         try:
             sock = await asyncio.wait_for(asyncio.to_thread(_connect_unix, sock_path), timeout)
             await asyncio.wait_for(client.connect(sock), timeout)
-            return await asyncio.wait_for(client.execute(command), timeout)
+            return await asyncio.wait_for(client.execute(command, arguments), timeout)
         except (OSError, QMPError, TimeoutError) as error:
             raise DriverError(
                 f"QEMU monitor of VM {vm.name} did not answer {command}: "

@@ -34,6 +34,7 @@ from multiverse.core.errors import (
     Unauthenticated,
     Unavailable,
 )
+from multiverse.core.faults import FaultKind, parse_duration
 from multiverse.core.model import (
     DEFAULT_CPUS,
     DEFAULT_DISK,
@@ -42,14 +43,17 @@ from multiverse.core.model import (
     Instance,
     InstanceSpec,
     InstanceState,
+    MigrationKind,
     Node,
 )
 from multiverse.core.network import parse_publish
 from multiverse.core.sizes import parse_size
 from multiverse.master import auth, ui
 from multiverse.master.environments import Environments
+from multiverse.master.faults import Faults
 from multiverse.master.instances import InstanceInfo, Instances
 from multiverse.master.metrics import CONTENT_TYPE, Metrics
+from multiverse.master.moves import migration_json
 from multiverse.master.network import Ipam
 from multiverse.master.nodes import Nodes
 from multiverse.master.operations import Operation
@@ -108,6 +112,15 @@ class LaunchBody(BaseModel):
     publish: list[str] = Field([], max_length=64)  # "8080:80" or "5353:53/udp"
 
 
+class FaultBody(BaseModel):
+    kind: FaultKind
+    targets: list[str] = Field(max_length=256)
+    peers: list[str] = Field([], max_length=256)
+    params: dict[str, str] = Field({}, max_length=16)
+    one_way: bool = False
+    duration: str | None = Field(None, max_length=32)  # "30s"
+
+
 class ApplyBody(BaseModel):
     spec: dict[str, Any]  # the environment file's JSON form (core/environment.py)
     prune: bool = False
@@ -116,6 +129,11 @@ class ApplyBody(BaseModel):
 
 class StopBody(BaseModel):
     force: bool = False
+
+
+class MoveBody(BaseModel):
+    node: str = Field(min_length=1, max_length=63)
+    kind: Literal["cold", "live"] = "cold"
 
 
 class TokenBody(BaseModel):
@@ -416,6 +434,7 @@ def create_app(
     image_catalog: Callable[[], list[dict[str, Any]]],
     max_auth_failures: int = 20,
     ipam: Ipam | None = None,
+    faults: Faults | None = None,
     installer: Installer | None = None,
 ) -> FastAPI:
     app = FastAPI(title="Multiverse", version=__version__, docs_url="/docs")
@@ -468,6 +487,32 @@ def create_app(
         if ipam is None:
             raise NotFound("this cluster has no network")
         return ipam.usage()
+
+    def _faults() -> Faults:
+        if faults is None:
+            raise NotFound("this master takes no faults")
+        return faults
+
+    @app.get("/api/v1/faults")
+    async def list_faults(_: Reader) -> list[dict[str, object]]:
+        return [fault.json() for fault in _faults().in_force()]
+
+    @app.post("/api/v1/faults", status_code=201)
+    async def add_fault(body: FaultBody, _: Admin) -> dict[str, object]:
+        duration = None if body.duration is None else parse_duration(body.duration, "duration")
+        fault = await _faults().add(
+            body.kind, tuple(body.targets), tuple(body.peers), body.params,
+            one_way=body.one_way, duration=duration,
+        )  # fmt: skip
+        return fault.json()
+
+    @app.delete("/api/v1/faults/{fault_id}")
+    async def heal_fault(fault_id: str, _: Admin) -> list[dict[str, object]]:
+        return [fault.json() for fault in await _faults().heal(fault_id)]
+
+    @app.delete("/api/v1/faults")
+    async def heal_all_faults(_: Admin) -> list[dict[str, object]]:
+        return [fault.json() for fault in await _faults().heal(None)]
 
     @app.get("/api/v1/whoami")
     async def whoami(record: Reader) -> dict[str, Any]:
@@ -554,9 +599,15 @@ def create_app(
 
     @app.post("/api/v1/nodes/{name}/{action}", status_code=202)
     async def maintain(
-        name: str, action: Literal["drain", "evacuate", "restore"], _: Admin
+        name: str,
+        action: Literal["drain", "evacuate", "restore"],
+        _: Admin,
+        mode: Literal["move", "recreate"] = "move",
     ) -> dict[str, Any]:
-        start = {"drain": nodes.drain, "evacuate": nodes.evacuate, "restore": nodes.restore}
+        """``mode`` (evacuate): ``move`` with the disks, ``recreate`` from the specs."""
+        if action == "evacuate":
+            return (await nodes.evacuate(name, recreate=mode == "recreate")).json()
+        start = {"drain": nodes.drain, "restore": nodes.restore}
         return (await start[action](name)).json()
 
     @app.get("/api/v1/operations/{operation_id}")
@@ -631,6 +682,15 @@ def create_app(
     @app.post("/api/v1/instances/{name}/restart", status_code=202)
     async def restart(name: str, _: Admin) -> dict[str, Any]:
         return _accepted(await instances.restart(name))
+
+    @app.post("/api/v1/instances/{name}/move", status_code=202)
+    async def move(name: str, body: MoveBody, _: Admin) -> dict[str, Any]:
+        """Move to ``body.node``; the operation's ``figures`` tell the phase and bytes sent."""
+        migration, operation = await nodes.moves.move(name, body.node, MigrationKind(body.kind))
+        return {
+            **instance_json(instances.get(name)), "operation": operation.id,
+            "move": migration_json(migration),
+        }  # fmt: skip
 
     @app.delete("/api/v1/instances/{name}", status_code=202)
     async def delete(name: str, _: Admin) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 
 from multiverse.core.errors import MultiverseError, Unauthenticated
+from multiverse.core.faults import NodeFaults
 from multiverse.core.model import Node, NodeStatus, validate_labels
 from multiverse.master.network import Ipam
 from multiverse.store.repository import Change, Store, now
@@ -49,6 +50,8 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         )
         # What each node last said it can boot; in memory: every node says it again at once.
         self.images: dict[str, list[dict[str, Any]]] = {}
+        # A node's part of the faults in force (master/faults.py), sent with every ack.
+        self.fault_plan: Callable[[str], NodeFaults] | None = None
 
     def _peer_node(self, context: Ctx) -> str | None:
         """The node id of the caller's certificate; refused if revoked or not a node's."""
@@ -130,11 +133,13 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             yield self.ack(node_id)
 
     def ack(self, node_id: str) -> pb.SyncAck:
-        """The acknowledgement of a report, with the network as the node must now have it."""
+        """The acknowledgement of a report, with the network as the node must now have it
+        (and the faults in force there, when the master has faults)."""
         node = self.store.get_node(node_id)
+        faults = convert.faults_to_pb(self.fault_plan(node_id)) if self.fault_plan else None
         if self.ipam is None or node.network_mode != "bridge":
-            return pb.SyncAck()
-        return pb.SyncAck(network=convert.plan_to_pb(self.ipam.plan(node)))
+            return pb.SyncAck(faults=faults)
+        return pb.SyncAck(network=convert.plan_to_pb(self.ipam.plan(node)), faults=faults)
 
     def forget(self, node_id: str) -> None:
         """A removed node leaves nothing behind here: its images, its agent's channel."""

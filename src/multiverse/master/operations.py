@@ -43,6 +43,8 @@ class Operation:
     updated_at: str = field(default_factory=_now)
     result: Any = None
     progress: list[str] = field(default_factory=list)  # one line per step, as it goes
+    # How far it is in numbers, asked at each lookup (a move's phase and bytes sent).
+    figures: Callable[[], Any] | None = field(default=None, repr=False)
     done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     ended: float = field(default=0.0, repr=False)  # on the registry's clock, once done
 
@@ -51,6 +53,7 @@ class Operation:
             "id": self.id, "kind": self.kind, "target": self.target, "status": self.status,
             "error": self.error, "created_at": self.created_at, "updated_at": self.updated_at,
             "result": self.result, "progress": list(self.progress),
+            "figures": self.figures() if self.figures else None,
         }  # fmt: skip
 
 

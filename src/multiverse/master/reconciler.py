@@ -93,6 +93,8 @@ class Reconciler:
         self._backoff: dict[str, _Backoff] = {}
         self._kick = asyncio.Event()
         self._busy: set[str] = set()
+        # Instances a move owns (master/moves.py): its plan acts on them, not the reconciler.
+        self.paused: set[str] = set()
 
     def kick(self) -> None:
         """Reconcile soon (a report or an API write changed something)."""
@@ -127,7 +129,7 @@ class Reconciler:
         steps = [
             self.reconcile(instance, nodes.get(instance.node_id or ""))
             for instance in instances
-            if instance.id not in self._busy
+            if instance.id not in self._busy and instance.id not in self.paused
         ]
         await asyncio.gather(*steps)
 

@@ -24,6 +24,7 @@ from multiverse.master import auth
 from multiverse.master.api import create_app
 from multiverse.master.cluster import Agents, ClusterServicer
 from multiverse.master.events import EventBus
+from multiverse.master.faults import Faults
 from multiverse.master.health import watch_nodes
 from multiverse.master.instances import Instances
 from multiverse.master.network import Ipam
@@ -104,6 +105,8 @@ class Master:
         self.cluster = ClusterServicer(self.store, self.agents, self.ipam)
         self.cluster.on_change = self._changed
         self.nodes.on_removed = self.cluster.forget
+        self.faults = Faults(self.store, self.agents, self.events)
+        self.cluster.fault_plan = self.faults.plan_for
         self.installer = Installer(
             self.store, self.events, self.operations,
             Wheelhouse(config.wheelhouse or config.data_dir / "wheelhouse"),
@@ -201,7 +204,7 @@ class Master:
         app = create_app(
             self.store, self.instances, self.nodes, self.join_token, self.ca,
             self.cluster.image_catalog, max_auth_failures=config.max_auth_failures,
-            ipam=self.ipam,
+            ipam=self.ipam, faults=self.faults,
             installer=self.installer,
         )  # fmt: skip
         certfile, keyfile = self._tls_files(host)
@@ -239,7 +242,10 @@ class Master:
                 watch_nodes(self.store, config.node_timeout, config.down_timeout, self._changed)
             ),
             asyncio.create_task(self.reconciler.run()),
+            asyncio.create_task(self.faults.run()),
         ]
+        # Before the reconciler's first round: the moves own their instances again.
+        await self.nodes.moves.resume()
         log.info("master addr: %s / api server addr: %s", config.listen, config.api_listen)
 
     async def stop(self) -> None:

@@ -6,6 +6,7 @@ master serialises the decisions that must not race (placement) in one event loop
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,12 +21,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from multiverse.core.errors import AlreadyExists, Conflict, NotFound
+from multiverse.core.faults import Fault, FaultKind
 from multiverse.core.files import private_sqlite
 from multiverse.core.model import (
     DesiredState,
     Instance,
     InstanceSpec,
     InstanceState,
+    Migration,
+    MigrationKind,
+    MigrationPhase,
     Node,
     NodeStatus,
     Resources,
@@ -33,8 +38,10 @@ from multiverse.core.model import (
 )
 from multiverse.core.network import ClusterNetwork, Lease, parse_publish
 from multiverse.store.schema import (
+    FaultRow,
     InstanceRow,
     LeaseRow,
+    MigrationRow,
     NetworkRow,
     NodeRow,
     RevokedCertificateRow,
@@ -204,7 +211,22 @@ class Store:
             query = query.where(NodeRow.id.in_(ids))
         if names is not None:
             query = query.where(NodeRow.name.in_(names))
+        # An instance being moved takes its resources on its target too, until the move ends.
+        moving = (
+            select(
+                MigrationRow.target_id,
+                func.count(InstanceRow.id),
+                func.coalesce(func.sum(InstanceRow.cpus), 0),
+                func.coalesce(func.sum(InstanceRow.memory), 0),
+                func.coalesce(func.sum(InstanceRow.disk), 0),
+            )
+            .join(InstanceRow, InstanceRow.id == MigrationRow.instance_id)
+            .where(MigrationRow.phase.not_in([p.value for p in _FINAL_PHASES]))
+            .where(InstanceRow.node_id != MigrationRow.target_id)
+            .group_by(MigrationRow.target_id)
+        )
         with self._session() as session:
+            extra = {row[0]: row[1:] for row in session.execute(moving)}
             return [
                 Node(
                     id=row.id,
@@ -215,7 +237,11 @@ class Store:
                     labels=dict(row.labels),
                     admin_labels=dict(row.admin_labels),
                     capacity=Resources(row.cpus, row.memory, row.disk),
-                    allocated=Resources(int(cpus or 0), int(memory or 0), int(disk or 0)),
+                    allocated=Resources(
+                        int(cpus or 0) + int(extra.get(row.id, (0, 0))[1]),
+                        int(memory or 0) + int(extra.get(row.id, (0, 0, 0))[2]),
+                        int(disk or 0) + int(extra.get(row.id, (0, 0, 0, 0))[3]),
+                    ),
                     used=Usage(row.used_cpus, row.used_memory, row.used_disk),
                     cordoned=row.cordoned,
                     last_sync=_utc(row.last_sync),
@@ -429,6 +455,56 @@ class Store:
                     row.state, row.message = state.value, message
         return changes
 
+    # ---- migrations (moves) ----
+
+    def add_migration(self, migration: Migration) -> Migration:
+        """Record a move; refused while the instance has another one unfinished."""
+        if self.active_migration(migration.instance_id) is not None:
+            raise Conflict("the instance is being moved already; wait for that move to end")
+        with self._session() as session:
+            session.add(
+                MigrationRow(
+                    id=migration.id, instance_id=migration.instance_id,
+                    kind=migration.kind.value, source_id=migration.source_id,
+                    target_id=migration.target_id,
+                    desired_after=migration.desired_after.value, phase=migration.phase.value,
+                    attempts=migration.attempts, message=migration.message,
+                    created_at=migration.created_at or now(),
+                )
+            )  # fmt: skip
+        return self.get_migration(migration.id)
+
+    def get_migration(self, migration_id: str) -> Migration:
+        with self._session() as session:
+            row = session.get(MigrationRow, migration_id)
+            if row is None:
+                raise NotFound(f"move {migration_id} does not exist")
+            return _migration(row)
+
+    def list_migrations(
+        self, *, active: bool = False, instance_id: str | None = None
+    ) -> list[Migration]:
+        query = select(MigrationRow).order_by(MigrationRow.created_at)
+        if active:
+            query = query.where(MigrationRow.phase.not_in([p.value for p in _FINAL_PHASES]))
+        if instance_id is not None:
+            query = query.where(MigrationRow.instance_id == instance_id)
+        with self._session() as session:
+            return [_migration(row) for row in session.scalars(query)]
+
+    def active_migration(self, instance_id: str) -> Migration | None:
+        found = self.list_migrations(active=True, instance_id=instance_id)
+        return found[0] if found else None
+
+    def update_migration(self, migration_id: str, **fields: Any) -> Migration:
+        with self._session() as session:
+            row = session.get(MigrationRow, migration_id)
+            if row is None:
+                raise NotFound(f"move {migration_id} does not exist")
+            for key, value in fields.items():
+                setattr(row, key, value.value if isinstance(value, enum.Enum) else value)
+        return self.get_migration(migration_id)
+
     def delete_instance(self, instance_id: str) -> None:
         with self._session() as session:
             row = session.get(InstanceRow, instance_id)
@@ -437,6 +513,32 @@ class Store:
                 session.delete(row)
 
     # ---- tokens ----
+
+    # ---- faults ----
+
+    def add_fault(self, fault: Fault) -> None:
+        with self._session() as session:
+            session.add(
+                FaultRow(
+                    id=fault.id, kind=fault.kind.value, targets=list(fault.targets),
+                    peers=list(fault.peers), params=dict(fault.params), one_way=fault.one_way,
+                    started_at=fault.started_at or now(), duration=fault.duration,
+                )
+            )  # fmt: skip
+
+    def list_faults(self) -> list[Fault]:
+        with self._session() as session:
+            rows = session.scalars(select(FaultRow).order_by(FaultRow.started_at)).all()
+            return [_fault(row) for row in rows]
+
+    def remove_fault(self, fault_id: str) -> bool:
+        """Whether it was there (a heal and an expiry may race: one of them wins)."""
+        with self._session() as session:
+            row = session.get(FaultRow, fault_id)
+            if row is None:
+                return False
+            session.delete(row)
+            return True
 
     def add_token(
         self,
@@ -522,6 +624,17 @@ def _observe(row: InstanceRow, item: dict[str, Any]) -> Change | None:
     return change
 
 
+_FINAL_PHASES = (MigrationPhase.DONE, MigrationPhase.FAILED)
+
+
+def _migration(row: MigrationRow) -> Migration:
+    return Migration(
+        id=row.id, instance_id=row.instance_id, kind=MigrationKind(row.kind),
+        source_id=row.source_id, target_id=row.target_id,
+        desired_after=DesiredState(row.desired_after), phase=MigrationPhase(row.phase),
+        attempts=row.attempts, message=row.message, bytes_done=row.bytes_done,
+        bytes_total=row.bytes_total, created_at=_utc(row.created_at),
+    )  # fmt: skip
 class _AddressTaken(Exception):
     """Another transaction took the address first."""
 
@@ -577,6 +690,14 @@ def _instance(row: InstanceRow, node_name: str, lease: LeaseRow | None = None) -
         mac=lease.mac if lease else "",
         publish=tuple(item for item in lease.publish.split(",") if item) if lease else (),
     )
+
+
+def _fault(row: FaultRow) -> Fault:
+    return Fault(
+        id=row.id, kind=FaultKind(row.kind), targets=tuple(row.targets), peers=tuple(row.peers),
+        params={str(k): str(v) for k, v in row.params.items()}, one_way=row.one_way,
+        started_at=_utc(row.started_at), duration=row.duration,
+    )  # fmt: skip
 
 
 def _token(row: TokenRow) -> dict[str, Any]:

@@ -132,3 +132,37 @@ class TokenRow(Base):
     uses_left: Mapped[int | None] = mapped_column(Integer, default=None)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime]
+
+
+class FaultRow(Base):
+    """A fault in force; healing deletes it (the events tell its history)."""
+
+    __tablename__ = "faults"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    targets: Mapped[list[str]] = mapped_column(JSON)
+    peers: Mapped[list[str]] = mapped_column(JSON)
+    params: Mapped[dict[str, Any]] = mapped_column()
+    one_way: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[datetime]
+    duration: Mapped[float | None] = mapped_column(Float, default=None)
+
+
+class MigrationRow(Base):
+    """Moves of instances between nodes (master/moves.py); kept after they end, as a log."""
+
+    __tablename__ = "migrations"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    instance_id: Mapped[str] = mapped_column(String(36), index=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    source_id: Mapped[str] = mapped_column(String(36))
+    target_id: Mapped[str] = mapped_column(String(36))
+    desired_after: Mapped[str] = mapped_column(String(16))
+    phase: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    message: Mapped[str] = mapped_column(Text, default="")
+    bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime]

@@ -14,7 +14,12 @@ from multiverse.core.files import private_dir
 from multiverse.core.model import Resources
 from multiverse.drivers.base import Driver
 from multiverse.wire import pki
-from multiverse.wire.convert import GRPC_SERVER_OPTIONS, listen_grpc, split_address
+from multiverse.wire.convert import (
+    GRPC_CHANNEL_OPTIONS,
+    GRPC_SERVER_OPTIONS,
+    listen_grpc,
+    split_address,
+)
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
 from multiverse.worker.agent import Agent, AgentServicer, Ctx
 from multiverse.worker.localstore import LocalStore
@@ -88,11 +93,14 @@ class Worker:
             make_driver(config),
             LocalStore(config.data_dir / "worker.db"),
             network,
-            HostUsage(config.data_dir),
+            faults_dir=config.data_dir / "faults",
+            usage=HostUsage(config.data_dir),
         )
         self.identity: Identity | None = None
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._peers: dict[str, tuple[str, grpc.aio.Channel]] = {}
+        self.agent.peer = self._dial_peer
 
     def _authorize(self, context: Ctx) -> bool:
         """TLS checked the chain; the agent serves only the master's identity."""
@@ -101,6 +109,28 @@ class Worker:
             return pki.identity_of(cert).kind == "master"
         except MultiverseError:
             return False
+
+    def _peer_node(self, context: Ctx) -> str | None:
+        """The calling node's id, for the one method nodes may call (reading a move's files)."""
+        try:
+            identity = pki.identity_of(pki.peer_cert_of(context.auth_context()))
+        except MultiverseError:
+            return None
+        return identity.node_id if identity.kind == "node" else None
+
+    def _dial_peer(self, node_id: str, address: str) -> pb_grpc.AgentServiceStub:
+        """Another node's agent, over a channel kept per node, with this node's certificate;
+        the peer must present the certificate the CA issued to ``node_id``."""
+        assert self.identity is not None
+        cached = self._peers.get(node_id)
+        if cached is None or cached[0] != address:
+            options = (
+                ("grpc.ssl_target_name_override", pki.node_server_name(node_id)),
+                *GRPC_CHANNEL_OPTIONS,
+            )
+            channel = grpc.aio.secure_channel(address, self.identity.channel_credentials(), options)
+            cached = self._peers[node_id] = (address, channel)
+        return pb_grpc.AgentServiceStub(cached[1])
 
     async def start(self) -> Identity:
         config = self.config
@@ -121,7 +151,7 @@ class Worker:
         )
         self._server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
         pb_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(self.agent, self._authorize), self._server
+            AgentServicer(self.agent, self._authorize, self._peer_node), self._server
         )
         listen_grpc(self._server, config.listen, self.identity.server_credentials())
         await self._server.start()
@@ -140,5 +170,7 @@ class Worker:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server:
             await self._server.stop(grace=1)
+        for _address, channel in self._peers.values():
+            await channel.close(grace=None)
         await self.agent.shutdown()
         self.agent.store.close()

@@ -1,6 +1,6 @@
 """What each node measured it uses (cores busy, memory and disk bytes), from its reports.
 
-Revision ID: 0007
+Revision ID: 0009
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007"
-down_revision = "0006"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
