@@ -48,6 +48,7 @@ from multiverse.worker.faults import NodeFaultsApplier
 from multiverse.worker.imagecache import NodeImageCache
 from multiverse.worker.localstore import LocalStore, VMRecord
 from multiverse.worker.network import NodeNetwork
+from multiverse.worker.usage import HostUsage
 
 log = logging.getLogger("multiverse.worker")
 
@@ -80,6 +81,7 @@ class Agent:
         network: NodeNetwork | None = None,
         image_cache: NodeImageCache | None = None,
         faults_dir: Path | None = None,
+        usage: HostUsage | None = None,
     ) -> None:
         self.driver = driver
         self.store = store
@@ -87,6 +89,7 @@ class Agent:
         self.network = network
         # The node's image cache, for drivers that boot files from it (QEMU, Firecracker).
         self.image_cache = image_cache
+        self.usage = usage  # None: reports carry no "used" (the master shows zeros)
         self.records: dict[str, VMRecord] = {record.id: record for record in store.load()}
         self.changed = asyncio.Event()
         self.images: list[ImageInfo] = []  # what the driver can boot, as of the last observe()
@@ -148,6 +151,7 @@ class Agent:
                 pb.ImageInfo(name=i.name, kind=i.kind, digest=i.digest, size=i.size)
                 for i in self.images
             ],
+            used=convert.usage_to_pb(self.usage.measure()) if self.usage else None,
         )
 
     # ---- actions: each returns at once, the work goes on in a task ----

@@ -28,6 +28,7 @@ from multiverse.worker.imagecache import MasterImages, NodeImageCache
 from multiverse.worker.localstore import LocalStore
 from multiverse.worker.network import LinuxNetwork, detect_mode
 from multiverse.worker.sync import Identity, join, observe_forever, renew_forever, sync_forever
+from multiverse.worker.usage import HostUsage
 
 log = logging.getLogger("multiverse.worker")
 
@@ -101,6 +102,7 @@ class Worker:
             network,
             images if uses_cache else None,
             faults_dir=config.data_dir / "faults",
+            usage=HostUsage(config.data_dir),
         )
         images.in_use = lambda: {record.spec.image for record in self.agent.records.values()}
         self.image_source: MasterImages | None = None
