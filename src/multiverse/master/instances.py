@@ -116,10 +116,10 @@ class Instances:
         publish: Sequence[Publish] = (),
         apart_from: Mapping[str, str] | None = None,
     ) -> tuple[Instance, Operation]:
-        """Place, record (with its address on the cluster network, in the same transaction)
-        and ask the node to create it; ``ip`` asks for a given free address. ``apart_from``:
-        labels; no node holding an instance with all of them is chosen (anti-affinity, as an
-        environment's ``spread: true`` group asks)."""
+        """Place, record (with its address on the cluster network, in the same transaction,
+        when its node is on that network) and ask the node to create it; ``ip`` asks for a
+        given free address. ``apart_from``: labels; no node holding an instance with all of
+        them is chosen (anti-affinity, as an environment's ``spread: true`` group asks)."""
         spec.validate()
         instance_id = str(uuid.uuid4())
         picker = self.ipam.picker(instance_id, requested=ip, publish=publish) if self.ipam else None
@@ -128,11 +128,23 @@ class Instances:
         async with self.placing:
             if self.store.list_instances(names=[spec.name]):
                 raise AlreadyExists(f"an instance named {spec.name!r} exists already")
+            nodes = await self._candidates(node_name)
+            if ip or publish:  # prefer the nodes on the network; none: refused below, clearly
+                nodes = [node for node in nodes if node.network_mode == "bridge"] or nodes
             node = place(
-                spec.resources, await self._candidates(node_name), selector=selector,
+                spec.resources, nodes, selector=selector,
                 strategy=strategy, avoid=self._holding(apart_from) if apart_from else None,
             )  # fmt: skip
-            if publish and self.ipam:
+            if picker is not None and node.network_mode != "bridge":
+                # A user-mode node's VMs are off the cluster network (QEMU's NAT): an address
+                # leased for them would be shown but never used.
+                if ip or publish:
+                    raise InvalidArgument(
+                        f"node {node.name} runs its VMs in user mode, off the cluster network: "
+                        "--ip and --publish need a node in bridge mode"
+                    )
+                picker = None
+            if publish and picker is not None and self.ipam:
                 self.ipam.check_publish(node.id, publish)
             instance = Instance(
                 id=instance_id,

@@ -175,7 +175,7 @@ class Reconciler:
         ref = pb.InstanceRef(id=instance.id)
         log.info("reconcile: %s %s on %s", action.value, instance.name, node.name)
         if action == Action.LAUNCH:
-            nic = self.ipam.nic(instance, self.ipam.node_address(node.id)) if self.ipam else None
+            nic = self.ipam.nic_on(instance, node.id) if self.ipam else None
             request = pb.LaunchRequest(spec=convert.spec_to_pb(instance.id, instance.spec, nic))
             return await self.agents.call(node, stub.Launch, request)
         if action == Action.START:

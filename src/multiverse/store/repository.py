@@ -35,6 +35,7 @@ from multiverse.core.model import (
     Node,
     NodeStatus,
     Resources,
+    Usage,
 )
 from multiverse.core.network import ClusterNetwork, Lease, parse_publish
 from multiverse.store.schema import (
@@ -139,10 +140,13 @@ class Store:
         return node
 
     def update_node(self, node_id: str, **fields: Any) -> None:
-        """Set columns of one node; ``capacity`` and ``status`` take core types."""
+        """Set columns of one node; ``capacity``, ``used`` and ``status`` take core types."""
         if "capacity" in fields:
             capacity: Resources = fields.pop("capacity")
             fields.update(cpus=capacity.cpus, memory=capacity.memory, disk=capacity.disk)
+        if "used" in fields:
+            used: Usage = fields.pop("used")
+            fields.update(used_cpus=used.cpus, used_memory=used.memory, used_disk=used.disk)
         if isinstance(fields.get("status"), NodeStatus):
             fields["status"] = fields["status"].value
         with self._session() as session:
@@ -241,6 +245,7 @@ class Store:
                         int(memory or 0) + int(extra.get(row.id, (0, 0, 0))[2]),
                         int(disk or 0) + int(extra.get(row.id, (0, 0, 0, 0))[3]),
                     ),
+                    used=Usage(row.used_cpus, row.used_memory, row.used_disk),
                     cordoned=row.cordoned,
                     last_sync=_utc(row.last_sync),
                     version=row.version,

@@ -45,6 +45,10 @@ class NodeRow(Base):
     network_mode: Mapped[str] = mapped_column(String(16), default="")
     message: Mapped[str] = mapped_column(Text, default="")  # `node add`: step or failure
     install: Mapped[dict[str, Any]] = mapped_column(default=dict)  # `node add`: where, how
+    # What the host measured it uses, as of its last report (cores busy; bytes).
+    used_cpus: Mapped[float] = mapped_column(Float, default=0.0)
+    used_memory: Mapped[int] = mapped_column(BigInteger, default=0)
+    used_disk: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class InstanceRow(Base):
