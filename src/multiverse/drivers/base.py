@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -241,6 +241,68 @@ class Migratable(Protocol):
 
     async def abort_incoming(self, vm: VMConfig) -> None:
         """Remove what an unfinished import wrote (the counter-action of the transfer)."""
+        ...
+
+
+@dataclass(frozen=True)
+class IncomingEndpoint:
+    """Where a target's QEMU waits for a live move: its NBD export of the empty disk and its
+    migration listener, both behind TLS with the cluster's certificates (``tls_hostname`` is
+    the name in the target node's certificate, which the source checks)."""
+
+    host: str
+    nbd_port: int
+    migration_port: int
+    tls_hostname: str = ""
+    login_key: str = ""  # the target node's SSH public key, let into the guest before it moves
+
+
+@dataclass(frozen=True)
+class LiveProgress:
+    """How far a live move's sending side is: the disk mirror, then memory, then the
+    switch-over; ``downtime`` (seconds the guest was paused) once known."""
+
+    phase: str  # "mirroring", "migrating", "switching", "done"
+    disk_done: int = 0
+    disk_total: int = 0
+    memory_done: int = 0
+    memory_total: int = 0
+    downtime: float = 0.0
+    host_key: str = ""  # the guest's SSH host key as the source knew it (the last one only)
+
+
+@runtime_checkable
+class LiveMigratable(Protocol):
+    """A driver whose running VMs can move to another host without stopping (a live move).
+
+    The target prepares an incoming VM (:meth:`prepare_incoming`; counter-action
+    :meth:`Driver.delete`), the source mirrors its disk into it and sends its memory and
+    device state (:meth:`migrate_out`; counter-action :meth:`abort_migrate_out`, which leaves
+    the VM running on the source), and the target lets the VM run on (:meth:`finish_incoming`).
+    Until that last call the source's VM is the truth; after it, the target's.
+    """
+
+    async def prepare_incoming(self, vm: VMConfig, host: str, tls_dir: Path) -> IncomingEndpoint:
+        """Start the VM on this host waiting for its state, on ``host``; a VM prepared before
+        is replaced (so a retried move starts clean). ``tls_dir`` holds QEMU's x509 files."""
+        ...
+
+    async def migrate_out(
+        self, vm: VMConfig, to: IncomingEndpoint, tls_dir: Path,
+        progress: Callable[[LiveProgress], None],
+    ) -> LiveProgress:  # fmt: skip
+        """Send the running VM to ``to``; returns once the target holds it, paused (the VM
+        here is paused too). The target's ``login_key`` is let into the guest first. Any
+        failure or cancellation leaves the VM running here."""
+        ...
+
+    async def abort_migrate_out(self, vm: VMConfig) -> None:
+        """Cancel whatever migration of the VM is under way and let it run here. Idempotent."""
+        ...
+
+    async def finish_incoming(self, vm: VMConfig, host_key: str) -> VMStatus:
+        """Let the received VM run here (once its state arrived whole); ``host_key`` is the
+        guest's SSH host key as the source knew it. Idempotent on a VM already running."""
         ...
 
 

@@ -43,13 +43,20 @@ from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
 
-from multiverse.core.errors import DriverError, InvalidArgument, NotFound, Unavailable
+from multiverse.core.errors import Conflict, DriverError, InvalidArgument, NotFound, Unavailable
 from multiverse.core.files import write_private
 from multiverse.core.model import Resources
 from multiverse.core.sizes import MiB, format_size
-from multiverse.drivers.base import PowerState, VMConfig, VMStatus
+from multiverse.drivers.base import (
+    IncomingEndpoint,
+    LiveProgress,
+    PowerState,
+    VMConfig,
+    VMStatus,
+)
 from multiverse.drivers.images import CachedImage, ImageCache
 from multiverse.drivers.process import (
+    HOST_KEY_FILE,
     LOG_TAIL,
     UNIX_PATH_MAX,
     ProcessDriver,
@@ -97,6 +104,23 @@ CLOUD_INIT_WAIT = ("cloud-init", "status", "--wait")
 # systemd and cloud-init take ~1 min to that point under TCG (46-58 s measured on 2 cores, and
 # 2-4 min while a load of 10 shared them), 20 times the tiny guest: such images get this long.
 CLOUD_INIT_BOOT_TIMEOUT = 600.0
+
+# Live moves: QEMU object, node, job and export names (one live move per VM at a time).
+_TLS_ID = "mv-tls"
+_NBD_NODE = "mv-nbd"
+_MIRROR_JOB = "mv-mirror"
+_EXPORT = "mv-disk"
+_DRIVE = "virtio0"  # the first virtio -drive: the VM's disk
+_INCOMING = "incoming"  # vm.json: QEMU waits for a live move's state
+_LIVE_PORTS = "live_ports"  # vm.json: the ports an incoming QEMU listens on
+INCOMING_MESSAGE = "waiting for a live move to hand the VM over"
+# The longest pause the final stop-and-copy may cost; QEMU's default is 300 ms as well, stated
+# here because the moves' promise depends on it.
+DOWNTIME_LIMIT_MS = 300
+MAX_BANDWIDTH = 10 * 1024**3  # bytes/s: no throttle (QEMU's default caps it at 128 MiB/s)
+_POLL = 0.02  # seconds between QMP polls of a migration: the switch-over waits on it
+_MIGRATING = {"setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug",
+              "postcopy-active"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -208,12 +232,8 @@ class QemuDriver(ProcessDriver):
         timeout = max(self.boot_timeout, CLOUD_INIT_BOOT_TIMEOUT if boot.cloud_init else 0.0)
         deadline = time.monotonic() + timeout
         if vm.network is not None:  # on the cluster network: SSH to the guest's own address
-            ip = vm.network.nic.ip
             process = self._spawn_process(
-                vm,
-                self.qemu_argv(vm, boot, 0),
-                vm_dir / "qemu.log",
-                {"ssh_host": ip, "ssh_port": 22, "accel": self.accel, "ipv4": ip},
+                vm, self.qemu_argv(vm, boot, 0), vm_dir / "qemu.log", self._runtime(vm, 0)
             )
             try:
                 await self._wait_for_guest(vm, process, deadline)
@@ -227,10 +247,7 @@ class QemuDriver(ProcessDriver):
         for _attempt in range(5):
             port = self._free_port()
             process = self._spawn_process(
-                vm,
-                self.qemu_argv(vm, boot, port),
-                vm_dir / "qemu.log",
-                {"ssh_port": port, "accel": self.accel, "ipv4": USER_NET_ADDRESS.split("/")[0]},
+                vm, self.qemu_argv(vm, boot, port), vm_dir / "qemu.log", self._runtime(vm, port)
             )
             try:
                 await self._wait_for_guest(vm, process, deadline)
@@ -382,20 +399,28 @@ class QemuDriver(ProcessDriver):
             f"{qemu_log or '(no message)'}\nconsole:\n{tail(vm_dir / 'serial.log', LOG_TAIL)}"
         )
 
-    def _free_port(self) -> int:
-        """A local port nobody listens on now and none of our running VMs uses."""
+    def _runtime(self, vm: VMConfig, port: int) -> dict[str, Any]:
+        """What ``vm.json`` records of a QEMU's guest: where its SSH is, its address."""
+        if vm.network is not None:  # on the cluster network: SSH to the guest's own address
+            ip = vm.network.nic.ip
+            return {"ssh_host": ip, "ssh_port": 22, "accel": self.accel, "ipv4": ip}
+        return {"ssh_port": port, "accel": self.accel, "ipv4": USER_NET_ADDRESS.split("/")[0]}
+
+    def _free_port(self, host: str = "127.0.0.1", taken: frozenset[int] = frozenset()) -> int:
+        """A port on ``host`` nobody listens on now and none of our running VMs uses."""
         ours = {
-            runtime.get("ssh_port")
+            port
             for runtime in (read_json(path) for path in self.vms_dir.glob("*/vm.json"))
             if runtime
+            for port in (runtime.get("ssh_port"), *runtime.get(_LIVE_PORTS, ()))
         }
         for _ in range(50):
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-                probe.bind(("127.0.0.1", 0))
+                probe.bind((host, 0))
                 port: int = probe.getsockname()[1]
-            if port not in ours:
+            if port not in ours and port not in taken:
                 return port
-        raise DriverError("no free local port for the SSH forward")
+        raise DriverError(f"no free port on {host}")
 
     # --- the ProcessDriver hooks ---------------------------------------------------------
 
@@ -419,6 +444,9 @@ class QemuDriver(ProcessDriver):
         return (str(runtime.get("ssh_host") or "127.0.0.1"), port) if port else None
 
     async def _hypervisor_status(self, vm: VMConfig, ipv4: str) -> VMStatus:
+        if (read_json(self._vm_dir(vm) / "vm.json") or {}).get(_INCOMING):
+            # Not the VM yet: its source runs it until the move lets this one run on.
+            return VMStatus(PowerState.STOPPED, message=INCOMING_MESSAGE)
         answer = await self._qmp(vm, "query-status")
         qemu_state = answer.get("status", "") if isinstance(answer, dict) else ""
         message = "" if qemu_state == "running" else f"QEMU reports the VM as {qemu_state!r}"
@@ -438,6 +466,238 @@ class QemuDriver(ProcessDriver):
         # required by the command; 0 means unlimited.
         limits = {key: 0 for key in ("bps", "bps_rd", "bps_wr", "iops_rd", "iops_wr")}
         await self._qmp(vm, "block_set_io_throttle", {"device": "virtio0", "iops": iops, **limits})
+
+    # --- live moves (base.LiveMigratable) -----------------------------------------------
+    #
+    # The target starts QEMU with the source's very argv plus ``-incoming defer -S`` on an
+    # empty disk of the same size (an empty overlay on the same base for a disk image), and
+    # exports that disk over NBD. The source mirrors its disk into the export, waits for the
+    # mirror to be in sync, then migrates memory and devices with ``pause-before-switchover``:
+    # once the source is paused, the mirror is ended in sync (block-job-cancel after READY),
+    # the migration finishes, and the target is let run (``cont``). Both channels run over
+    # TLS with the nodes' cluster certificates (QEMU's tls-creds-x509, peers verified).
+
+    async def prepare_incoming(self, vm: VMConfig, host: str, tls_dir: Path) -> IncomingEndpoint:
+        async with self._lock(vm.id):
+            self._validate(vm)
+            await self._remove(vm)  # a retried move starts clean
+            vm_dir = self._vm_dir(vm)
+            vm_dir.mkdir(parents=True)
+            try:
+                return await self._prepare_incoming(vm, host, tls_dir)
+            except BaseException:
+                await self._remove(vm)
+                raise
+
+    async def _prepare_incoming(self, vm: VMConfig, host: str, tls_dir: Path) -> IncomingEndpoint:
+        vm_dir = self._vm_dir(vm)
+        boot = self.boot_files(vm.image)
+        write_json(vm_dir / "config.json", {key: getattr(vm, key) for key in (
+            "id", "name", "cpus", "memory", "disk", "image")})  # fmt: skip
+        await asyncio.to_thread(self._make_incoming_disk, vm, vm_dir / self.disk_file, boot)
+        self.write_guest_config(vm)
+        if boot.cloud_init:
+            await asyncio.to_thread(write_seed_iso, self.seed(vm), vm_dir / SEED_FILE)
+        ssh_port = 0 if vm.network is not None else self._free_port()
+        nbd_port = self._free_port(host, frozenset({ssh_port}))
+        migration_port = self._free_port(host, frozenset({ssh_port, nbd_port}))
+        runtime = {**self._runtime(vm, ssh_port), _INCOMING: True,
+                   _LIVE_PORTS: [nbd_port, migration_port]}  # fmt: skip
+        argv = [*self.qemu_argv(vm, boot, ssh_port), "-incoming", "defer", "-S"]
+        process = self._spawn_process(vm, argv, vm_dir / "qemu.log", runtime)
+        deadline = time.monotonic() + self.boot_timeout
+        while True:  # until its monitor answers
+            if process.poll() is not None or not pid_alive(process.pid):
+                self._raise_exited(vm, process)
+            try:
+                await self._qmp(vm, "query-status", timeout=1.0)
+                break
+            except DriverError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        await self._qmp(vm, "object-add", _tls_object("server", tls_dir))
+        node = await self._disk_node(vm)
+        address = {"type": "inet", "data": {"host": host, "port": str(nbd_port)}}
+        await self._qmp(vm, "nbd-server-start", {"addr": address, "tls-creds": _TLS_ID})
+        await self._qmp(vm, "block-export-add", {
+            "type": "nbd", "id": _EXPORT, "node-name": node, "name": _EXPORT, "writable": True,
+        })  # fmt: skip
+        await self._qmp(vm, "migrate-set-parameters", {"tls-creds": _TLS_ID})
+        await self._qmp(vm, "migrate-incoming", {"uri": f"tcp:{_uri_host(host)}:{migration_port}"})
+        public_key = self.key_path.with_suffix(".pub").read_text().strip()
+        return IncomingEndpoint(host, nbd_port, migration_port, login_key=public_key)
+
+    def _make_incoming_disk(self, vm: VMConfig, path: Path, boot: BootFiles) -> None:
+        """An empty disk the mirror fills: sparse raw of the data disk's size, or an empty
+        overlay on the same base (the mirror then sends only what the VM wrote)."""
+        if boot.disk is not None:
+            self._make_disk(vm, path)
+            return
+        with path.open("wb") as file:
+            file.truncate(vm.disk)
+
+    async def _disk_node(self, vm: VMConfig) -> str:
+        """The block node under the first virtio drive (QEMU names auto-made nodes itself)."""
+        for device in await self._qmp(vm, "query-block"):
+            if device.get("device") == _DRIVE and device.get("inserted"):
+                return str(device["inserted"]["node-name"])
+        raise DriverError(f"VM {vm.name} has no disk {_DRIVE}")
+
+    async def migrate_out(
+        self, vm: VMConfig, to: IncomingEndpoint, tls_dir: Path,
+        progress: Callable[[LiveProgress], None],
+    ) -> LiveProgress:  # fmt: skip
+        async with self._lock(vm.id):
+            self._require_running(vm)
+            await self._abort_out(vm)  # what an earlier attempt left
+            if to.login_key:  # the target's agent must reach the guest it will hold
+                script = (
+                    'umask 077; mkdir -p ~/.ssh; k="$(cat)"; '
+                    'grep -qxF "$k" ~/.ssh/authorized_keys 2>/dev/null '
+                    '|| echo "$k" >> ~/.ssh/authorized_keys'
+                )
+                guest = self._guest(vm)
+                result = await guest.run(["sh", "-c", script], stdin=to.login_key.encode())
+                if result.exit_code != 0:
+                    raise DriverError(
+                        f"VM {vm.name}: cannot let the target's key in: {result.stderr!r}"
+                    )
+            try:
+                return await self._send(vm, to, tls_dir, progress)
+            except BaseException:
+                await asyncio.shield(self._abort_out(vm))
+                raise
+
+    async def _send(
+        self, vm: VMConfig, to: IncomingEndpoint, tls_dir: Path,
+        progress: Callable[[LiveProgress], None],
+    ) -> LiveProgress:  # fmt: skip
+        await self._qmp(vm, "object-add", _tls_object("client", tls_dir))
+        server = {"type": "inet", "host": to.host, "port": str(to.nbd_port)}
+        nbd: dict[str, Any] = {"driver": "nbd", "node-name": _NBD_NODE, "server": server,
+                               "export": _EXPORT, "tls-creds": _TLS_ID}  # fmt: skip
+        if to.tls_hostname:
+            nbd["tls-hostname"] = to.tls_hostname
+        await self._qmp(vm, "blockdev-add", nbd, timeout=30.0)
+        overlay = self.boot_files(vm.image).disk is not None  # the base is on the target
+        await self._qmp(vm, "blockdev-mirror", {
+            "job-id": _MIRROR_JOB, "device": _DRIVE, "target": _NBD_NODE,
+            "sync": "top" if overlay else "full",
+        })  # fmt: skip
+        disk_total = 0
+        while True:
+            job = await self._mirror_job(vm)
+            if job is None:
+                raise DriverError(f"VM {vm.name}: the disk mirror ended before it was in sync")
+            disk_total = int(job.get("len", 0))
+            progress(LiveProgress("mirroring", int(job.get("offset", 0)), disk_total))
+            if job.get("ready"):
+                break
+            await asyncio.sleep(_POLL)
+        await self._qmp(vm, "migrate-set-capabilities", {"capabilities": [
+            {"capability": "pause-before-switchover", "state": True}]})  # fmt: skip
+        await self._qmp(vm, "migrate-set-parameters", {
+            "tls-creds": _TLS_ID, "tls-hostname": to.tls_hostname,
+            "downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": MAX_BANDWIDTH,
+        })  # fmt: skip
+        await self._qmp(vm, "migrate", {"uri": f"tcp:{_uri_host(to.host)}:{to.migration_port}"})
+        while True:
+            info = await self._qmp(vm, "query-migrate")
+            status = info.get("status", "")
+            ram = info.get("ram", {})
+            done, total = int(ram.get("transferred", 0)), int(ram.get("total", 0))
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled"):
+                raise DriverError(
+                    f"VM {vm.name}: migration {status}: {info.get('error-desc', 'no reason given')}"
+                )
+            if status == "pre-switchover":  # paused here: end the mirror in sync, then finish
+                progress(LiveProgress("switching", disk_total, disk_total, done, total))
+                await self._qmp(vm, "block-job-cancel", {"device": _MIRROR_JOB})
+                while await self._mirror_job(vm) is not None:
+                    await asyncio.sleep(0.005)
+                await self._qmp(vm, "migrate-continue", {"state": "pre-switchover"})
+                continue
+            progress(LiveProgress("migrating", disk_total, disk_total, done, total))
+            await asyncio.sleep(_POLL)
+        with contextlib.suppress(DriverError):
+            await self._qmp(vm, "blockdev-del", {"node-name": _NBD_NODE})
+        host_key = _read_text(self._vm_dir(vm) / HOST_KEY_FILE)
+        return LiveProgress(
+            "done", disk_total, disk_total, done, total,
+            downtime=float(info.get("downtime", 0)) / 1000, host_key=host_key,
+        )  # fmt: skip
+
+    async def _mirror_job(self, vm: VMConfig) -> dict[str, Any] | None:
+        for job in await self._qmp(vm, "query-block-jobs"):
+            if job.get("device") == _MIRROR_JOB:
+                return dict(job)
+        return None
+
+    async def abort_migrate_out(self, vm: VMConfig) -> None:
+        async with self._lock(vm.id):
+            if self._running_pid(vm) is not None:
+                await self._abort_out(vm)
+
+    async def _abort_out(self, vm: VMConfig) -> None:
+        """Cancel a migration under way, end the mirror, drop its NBD client and TLS object,
+        and let a VM the migration left paused run on."""
+        info = await self._qmp(vm, "query-migrate")
+        if info.get("status") in _MIGRATING:
+            with contextlib.suppress(DriverError):
+                await self._qmp(vm, "migrate_cancel")
+            deadline = time.monotonic() + 30.0
+            while (await self._qmp(vm, "query-migrate")).get("status") in _MIGRATING:
+                if time.monotonic() > deadline:
+                    raise DriverError(f"VM {vm.name}: its migration does not cancel")
+                await asyncio.sleep(_POLL)
+        if await self._mirror_job(vm) is not None:
+            with contextlib.suppress(DriverError):
+                await self._qmp(vm, "block-job-cancel", {"device": _MIRROR_JOB, "force": True})
+            deadline = time.monotonic() + 30.0
+            while await self._mirror_job(vm) is not None:
+                if time.monotonic() > deadline:
+                    raise DriverError(f"VM {vm.name}: its disk mirror does not end")
+                await asyncio.sleep(_POLL)
+        for command, arguments in (
+            ("blockdev-del", {"node-name": _NBD_NODE}),
+            ("migrate-set-parameters", {"tls-creds": "", "tls-hostname": ""}),
+            ("object-del", {"id": _TLS_ID}),
+        ):
+            with contextlib.suppress(DriverError):  # absent: nothing to undo
+                await self._qmp(vm, command, arguments)
+        state = (await self._qmp(vm, "query-status")).get("status")
+        if state in ("postmigrate", "finish-migrate"):  # sent whole, but the target never ran
+            await self._qmp(vm, "cont")
+
+    async def finish_incoming(self, vm: VMConfig, host_key: str) -> VMStatus:
+        async with self._lock(vm.id):
+            self._require_running(vm)
+            vm_dir = self._vm_dir(vm)
+            runtime = read_json(vm_dir / "vm.json") or {}
+            if runtime.get(_INCOMING):
+                status = (await self._qmp(vm, "query-migrate")).get("status", "none")
+                if status != "completed":
+                    raise Conflict(f"VM {vm.name}: its state has not arrived whole ({status})")
+                with contextlib.suppress(DriverError):
+                    await self._qmp(vm, "nbd-server-stop")
+                if host_key:
+                    (vm_dir / HOST_KEY_FILE).write_text(host_key)
+                await self._qmp(vm, "cont")
+                runtime.pop(_INCOMING, None)
+                runtime.pop(_LIVE_PORTS, None)
+                write_json(vm_dir / "vm.json", runtime)
+            return await self._hypervisor_status(vm, str(runtime.get("ipv4", "")))
+
+    async def _remove(self, vm: VMConfig) -> None:
+        """Kill the VM's QEMU if any and remove its directory (an incoming VM's undo)."""
+        pid = self._running_pid(vm)
+        if pid is not None:
+            await self._kill(vm, pid)
+        await self._close_guest(vm.id)
+        await asyncio.to_thread(shutil.rmtree, self._vm_dir(vm), True)
 
     async def _qmp(
         self, vm: VMConfig, command: str, arguments: dict[str, Any] | None = None,
@@ -459,6 +719,24 @@ class QemuDriver(ProcessDriver):
         finally:
             with contextlib.suppress(Exception):
                 await client.disconnect()
+
+
+def _tls_object(endpoint: str, tls_dir: Path) -> dict[str, Any]:
+    """QEMU's x509 credentials from the node's cluster certificate; peers must show one of
+    the cluster CA's certificates."""
+    return {"qom-type": "tls-creds-x509", "id": _TLS_ID, "endpoint": endpoint,
+            "dir": str(tls_dir), "verify-peer": True}  # fmt: skip
+
+
+def _uri_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 class _PortTaken(Exception):
