@@ -311,6 +311,7 @@ class MigrationPhase(enum.StrEnum):
     where it was)."""
 
     PENDING = "pending"
+    PREPARING = "preparing"  # live: the target readies an incoming VM
     STOPPING = "stopping"
     TRANSFERRING = "transferring"
     SWITCHING = "switching"
@@ -323,6 +324,33 @@ class MigrationPhase(enum.StrEnum):
     @property
     def is_final(self) -> bool:
         return self in (MigrationPhase.DONE, MigrationPhase.FAILED)
+
+
+@dataclass(frozen=True)
+class IncomingEndpoint:
+    """Where a target's QEMU waits for a live move: its NBD export of the empty disk and its
+    migration listener, both behind TLS with the cluster's certificates (``tls_hostname`` is
+    the name in the target node's certificate, which the source checks)."""
+
+    host: str
+    nbd_port: int
+    migration_port: int
+    tls_hostname: str = ""
+    login_key: str = ""  # the target node's SSH public key, let into the guest before it moves
+
+
+@dataclass(frozen=True)
+class LiveProgress:
+    """How far a live move's sending side is: the disk mirror, then memory, then the
+    switch-over; ``downtime`` (seconds the guest was paused) once known."""
+
+    phase: str  # "mirroring", "migrating", "switching", "done"
+    disk_done: int = 0
+    disk_total: int = 0
+    memory_done: int = 0
+    memory_total: int = 0
+    downtime: float = 0.0
+    host_key: str = ""  # the guest's SSH host key as the source knew it (the last one only)
 
 
 @dataclass(frozen=True)

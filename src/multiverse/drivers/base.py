@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from multiverse.core.errors import DriverError
-from multiverse.core.model import GuestStats, Resources
+from multiverse.core.model import GuestStats, IncomingEndpoint, LiveProgress, Resources
 from multiverse.core.network import Nic
 
 
@@ -242,33 +242,6 @@ class Migratable(Protocol):
     async def abort_incoming(self, vm: VMConfig) -> None:
         """Remove what an unfinished import wrote (the counter-action of the transfer)."""
         ...
-
-
-@dataclass(frozen=True)
-class IncomingEndpoint:
-    """Where a target's QEMU waits for a live move: its NBD export of the empty disk and its
-    migration listener, both behind TLS with the cluster's certificates (``tls_hostname`` is
-    the name in the target node's certificate, which the source checks)."""
-
-    host: str
-    nbd_port: int
-    migration_port: int
-    tls_hostname: str = ""
-    login_key: str = ""  # the target node's SSH public key, let into the guest before it moves
-
-
-@dataclass(frozen=True)
-class LiveProgress:
-    """How far a live move's sending side is: the disk mirror, then memory, then the
-    switch-over; ``downtime`` (seconds the guest was paused) once known."""
-
-    phase: str  # "mirroring", "migrating", "switching", "done"
-    disk_done: int = 0
-    disk_total: int = 0
-    memory_done: int = 0
-    memory_total: int = 0
-    downtime: float = 0.0
-    host_key: str = ""  # the guest's SSH host key as the source knew it (the last one only)
 
 
 @runtime_checkable

@@ -45,15 +45,9 @@ from qemu.qmp import QMPClient, QMPError
 
 from multiverse.core.errors import Conflict, DriverError, InvalidArgument, NotFound, Unavailable
 from multiverse.core.files import write_private
-from multiverse.core.model import Resources
+from multiverse.core.model import IncomingEndpoint, LiveProgress, Resources
 from multiverse.core.sizes import MiB, format_size
-from multiverse.drivers.base import (
-    IncomingEndpoint,
-    LiveProgress,
-    PowerState,
-    VMConfig,
-    VMStatus,
-)
+from multiverse.drivers.base import PowerState, VMConfig, VMStatus
 from multiverse.drivers.images import CachedImage, ImageCache
 from multiverse.drivers.process import (
     HOST_KEY_FILE,

@@ -10,11 +10,19 @@ instance is left as the user wanted it on its source. After the switch it only g
 Cold (any driver with :class:`multiverse.drivers.base.Migratable`): stop on the source, the
 target pulls the files from the source agent (the master only coordinates), switch the owner,
 start on the target when the user wanted it running, delete the source copy.
+
+Live (QEMU, :class:`multiverse.drivers.base.LiveMigratable`): the target prepares an incoming
+VM, the source mirrors its disk into it and sends memory and devices (QEMU to QEMU, over TLS
+with the nodes' certificates), the target lets it run, the owner switches, the source copy
+goes. Until the target runs, the source's VM is the truth: any failure, or a master that died
+meanwhile, cancels on the source (which runs on) and clears the target; a resumed move then
+starts the transfer again. Once the target runs, the move only goes forward.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -31,7 +39,9 @@ from multiverse.core.errors import (
 )
 from multiverse.core.model import (
     DesiredState,
+    Instance,
     InstanceState,
+    LiveProgress,
     Migration,
     MigrationKind,
     MigrationPhase,
@@ -44,23 +54,35 @@ from multiverse.master.plan import Step, execute
 from multiverse.master.ports import NodeClient, Observation
 from multiverse.master.scheduler import place
 from multiverse.store.repository import Change, Store, now
+from multiverse.wire.pki import node_server_name
 
-__all__ = ["Moves", "migration_json"]
+__all__ = ["MOVABLE", "ColdPlan", "LivePlan", "Moves", "migration_json"]
 
 log = logging.getLogger("multiverse.master")
 
 # Errors no retry mends: refuse at once and roll back.
 _PERMANENT = (InvalidArgument, NotFound)
+# The drivers that can move an instance of each kind (see drivers/base.py: Migratable and
+# LiveMigratable); the others are refused before anything is touched.
+MOVABLE = {
+    MigrationKind.COLD: frozenset({"qemu", "firecracker", "fake"}),
+    MigrationKind.LIVE: frozenset({"qemu"}),
+}
 
 
-def migration_json(migration: Migration) -> dict[str, Any]:
+def migration_json(migration: Migration, live: LiveProgress | None = None) -> dict[str, Any]:
+    """The figures of a move's operation; ``live``: the newest report of a live transfer
+    (kept in memory: it only matters while the move runs)."""
     return {
         "id": migration.id, "instance_id": migration.instance_id, "kind": migration.kind.value,
         "source_id": migration.source_id, "target_id": migration.target_id,
         "desired_after": migration.desired_after.value, "phase": migration.phase.value,
         "attempts": migration.attempts, "message": migration.message,
-        "disk_bytes_sent": migration.bytes_done, "disk_bytes_total": migration.bytes_total,
-        "memory_bytes_sent": 0,
+        "disk_bytes_sent": live.disk_done if live else migration.bytes_done,
+        "disk_bytes_total": live.disk_total if live else migration.bytes_total,
+        "memory_bytes_sent": live.memory_done if live else 0,
+        "memory_bytes_total": live.memory_total if live else 0,
+        "downtime_ms": round(live.downtime * 1000, 1) if live else 0.0,
     }  # fmt: skip
 
 
@@ -120,14 +142,7 @@ class ColdPlan:
         async def switch() -> None:
             moves.phase(migration, MigrationPhase.SWITCHING)
             assert on_target is not None
-            store.update_instance(
-                instance.id, node_id=target.id, state=on_target.state,
-                version=on_target.version, ipv4=on_target.ipv4, message="",
-            )  # fmt: skip
-            moves.instances.reconciler.publish_changes(
-                [Change(instance.id, instance.spec.name, instance.state.value, on_target.state)]
-            )
-            log.info("instance %s now belongs to %s", instance.spec.name, target.name)
+            moves.switch_owner(instance, target, on_target)
 
         async def start() -> None:
             moves.phase(migration, MigrationPhase.STARTING)
@@ -165,6 +180,77 @@ class ColdPlan:
         ]  # fmt: skip
 
 
+class LivePlan:
+    """The steps of one live move, from what the store and both nodes say now."""
+
+    name = "live move"
+
+    def __init__(self, moves: Moves, migration_id: str) -> None:
+        self.moves = moves
+        self.migration_id = migration_id
+
+    async def steps(self) -> list[Step]:
+        moves, store = self.moves, self.moves.store
+        migration = store.get_migration(self.migration_id)
+        instance = store.get_instance(migration.instance_id)
+        source, target = store.get_node(migration.source_id), store.get_node(migration.target_id)
+        client = moves.client
+        switched = instance.node_id == target.id
+        on_source = await client.observe(source, instance.id) if _up(source) else None
+        if not switched and not _up(source):
+            raise Unavailable(f"node {source.name} is {source.status.value}")
+        on_target = await client.observe(target, instance.id)
+        handed_over = _is(on_target, InstanceState.RUNNING)  # no way back from here
+
+        async def transfer() -> None:
+            if not _is(on_source, InstanceState.RUNNING):
+                raise Conflict(f"instance {instance.spec.name} is no longer Running on "
+                               f"{source.name}: a live move needs it Running")  # fmt: skip
+            moves.phase(migration, MigrationPhase.PREPARING)
+            endpoint = await client.prepare_incoming(target, instance, _host(target.address))
+            endpoint = dataclasses.replace(endpoint, tls_hostname=node_server_name(target.id))
+            moves.phase(migration, MigrationPhase.TRANSFERRING)
+            sent = await client.migrate_out(source, instance.id, endpoint,
+                                            moves.live_progress(migration.id))  # fmt: skip
+            moves.phase(migration, MigrationPhase.SWITCHING)
+            await client.finish_incoming(target, instance.id, sent.host_key)
+            store.update_migration(migration.id, bytes_done=sent.disk_done,
+                                   bytes_total=sent.disk_total)  # fmt: skip
+            log.info("instance %s runs on %s after a live move (paused %.0f ms)",
+                     instance.spec.name, target.name, sent.downtime * 1000)  # fmt: skip
+
+        async def switch() -> None:
+            assert on_target is not None
+            moves.switch_owner(instance, target, on_target)
+
+        async def clean() -> None:
+            moves.phase(migration, MigrationPhase.CLEANING)
+            await client.delete(source, instance.id)
+            await moves.until(source, instance.id, lambda o: o is None)
+
+        async def running() -> None:
+            await moves.check(target, instance.id, lambda o: _is(o, InstanceState.RUNNING))
+
+        async def owned() -> None:
+            if store.get_instance(instance.id).node_id != target.id:
+                raise Conflict("the owner did not switch")
+
+        async def gone() -> None:
+            await moves.check(source, instance.id, lambda o: o is None)
+
+        return [
+            _Step("transfer-live", lambda: not switched and not handed_over, transfer, running),
+            _Step("switch-owner", lambda: not switched and handed_over, switch, owned),
+            _Step("delete-on-source", lambda: switched and _up(source) and on_source is not None, clean, gone),  # noqa: E501
+        ]  # fmt: skip
+
+
+def _host(address: str) -> str:
+    """The host part of a node's agent address (where its QEMU listens for a live move)."""
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    return host.strip("[]") or "127.0.0.1"
+
+
 def _up(node: Node) -> bool:
     return node.status == NodeStatus.READY
 
@@ -195,6 +281,7 @@ class Moves:
         self.retry_limit = retry_limit
         self.retry_delay = retry_delay
         self.operations: dict[str, Operation] = {}  # migration id -> its operation
+        self.live: dict[str, LiveProgress] = {}  # migration id -> its transfer's newest figures
 
     # ---- starting ----
 
@@ -217,12 +304,15 @@ class Moves:
                 f"{target.name} runs {target.driver or 'no driver yet'} and {source.name} runs "
                 f"{source.driver}: an instance moves only between nodes of one driver"
             )
-        if kind == MigrationKind.LIVE:
-            if instance.state != InstanceState.RUNNING:
-                raise Conflict(
-                    f"instance {name} is {instance.state.value}: a live move needs it Running"
-                )
-            raise InvalidArgument("live moves are not available yet; use --cold")
+        if source.driver not in MOVABLE[kind]:
+            raise InvalidArgument(
+                f"the {source.driver} driver cannot move instances"
+                + (" live; use --cold" if source.driver in MOVABLE[MigrationKind.COLD] else "")
+            )
+        if kind == MigrationKind.LIVE and instance.state != InstanceState.RUNNING:
+            raise Conflict(
+                f"instance {name} is {instance.state.value}: a live move needs it Running"
+            )
         for node in (source, target):
             if not _up(node):
                 raise Unavailable(
@@ -243,7 +333,9 @@ class Moves:
     def _run(self, migration: Migration, name: str) -> Operation:
         self.instances.reconciler.paused.add(migration.instance_id)
         operation = self.instances.operations.start("move", name, self._execute(migration.id))
-        operation.figures = lambda: migration_json(self.store.get_migration(migration.id))
+        operation.figures = lambda: migration_json(
+            self.store.get_migration(migration.id), self.live.get(migration.id)
+        )
         self.operations[migration.id] = operation
         return operation
 
@@ -279,7 +371,10 @@ class Moves:
             while True:
                 await self.instances.events.wait_for(known, self.wait)
                 try:
-                    await execute(ColdPlan(self, migration_id))
+                    plan = (LivePlan if migration.kind == MigrationKind.LIVE else ColdPlan)(
+                        self, migration_id
+                    )
+                    await execute(plan)
                     migration = self.store.update_migration(
                         migration_id, phase=MigrationPhase.DONE, message=""
                     )
@@ -302,7 +397,11 @@ class Moves:
         attempts = migration.attempts + 1
         switched = instance.node_id == migration.target_id
         log.warning("move of %s, attempt %d: %s", instance.spec.name, attempts, exc.message)
-        give_up = not switched and (attempts >= self.retry_limit or isinstance(exc, _PERMANENT))
+        # A live move does not wait to retry: its source may be paused meanwhile.
+        give_up = not switched and (
+            attempts >= self.retry_limit or isinstance(exc, _PERMANENT)
+            or migration.kind == MigrationKind.LIVE
+        )  # fmt: skip
         phase = MigrationPhase.ROLLING_BACK if give_up else migration.phase
         return self.store.update_migration(
             migration_id, attempts=attempts, message=exc.message, phase=phase
@@ -312,6 +411,8 @@ class Moves:
         """Give the instance back to its source at once (the reconciler brings it to what the
         user wanted there: its desired state never changed), then remove what the target got;
         a target that is away is cleaned when it is back (until ``wait`` runs out)."""
+        if migration.kind == MigrationKind.LIVE:  # first of all, the source runs on
+            await self._resume_source(migration)
         self.instances.reconciler.paused.discard(migration.instance_id)
         self.instances.reconciler.kick()
         deadline = time.monotonic() + self.wait
@@ -333,7 +434,33 @@ class Moves:
             await asyncio.sleep(self.poll)
         self.store.update_migration(migration.id, phase=MigrationPhase.FAILED, message=message)
 
+    async def _resume_source(self, migration: Migration) -> None:
+        """Cancel a live transfer on the source; the instance runs on there (a source that
+        is away cancels nothing: its QEMU never hands over without the master)."""
+        source = self.store.get_node(migration.source_id)
+        try:
+            await self.client.abort_migrate_out(source, migration.instance_id)
+        except MultiverseError as exc:
+            log.warning("cannot cancel the live move on %s: %s", source.name, exc.message)
+
     # ---- helpers of the steps ----
+
+    def switch_owner(self, instance: Instance, target: Node, on_target: Observation) -> None:
+        """The instance is the target's now, as the target reports it."""
+        self.store.update_instance(
+            instance.id, node_id=target.id, state=on_target.state,
+            version=on_target.version, ipv4=on_target.ipv4, message="",
+        )  # fmt: skip
+        self.instances.reconciler.publish_changes(
+            [Change(instance.id, instance.spec.name, instance.state.value, on_target.state)]
+        )
+        log.info("instance %s now belongs to %s", instance.spec.name, target.name)
+
+    def live_progress(self, migration_id: str) -> Callable[[LiveProgress], None]:
+        def update(progress: LiveProgress) -> None:
+            self.live[migration_id] = progress
+
+        return update
 
     def phase(self, migration: Migration, phase: MigrationPhase) -> None:
         self.store.update_migration(migration.id, phase=phase)

@@ -21,6 +21,7 @@ from multiverse.core.model import (
     DesiredState,
     Instance,
     InstanceState,
+    MigrationKind,
     Node,
     NodeStatus,
     Resources,
@@ -30,7 +31,7 @@ from multiverse.core.model import (
 from multiverse.master import auth
 from multiverse.master.cluster import Agents
 from multiverse.master.instances import Instances
-from multiverse.master.moves import Moves
+from multiverse.master.moves import MOVABLE, Moves
 from multiverse.master.operations import Operation
 from multiverse.master.ports import AgentNodeClient
 from multiverse.master.scheduler import place
@@ -199,15 +200,20 @@ class Nodes:
             return f"stayed on {source.name}: {exc.message}"
         if recreate or source.status != NodeStatus.READY:
             return await self._recreate(instance, source, target, moved_from)
+        # Live when it runs under a driver that can (the workload does not notice), else cold.
+        live = (
+            instance.state == InstanceState.RUNNING and source.driver in MOVABLE[MigrationKind.LIVE]
+        )
+        kind = MigrationKind.LIVE if live else MigrationKind.COLD
         try:
-            _migration, operation = await self.moves.move(instance.name, target.name)
+            _migration, operation = await self.moves.move(instance.name, target.name, kind)
         except MultiverseError as exc:
             return f"stayed on {source.name}: {exc.message}"
         await operation.done.wait()
         if operation.status != "success":
             return f"stayed on {source.name}: {operation.error}"
         self.store.update_instance(instance.id, moved_from=moved_from)
-        return f"moved to {target.name}"
+        return f"moved to {target.name}" + (" live" if live else "")
 
     async def _recreate(
         self, instance: Instance, source: Node, target: Node, moved_from: str | None

@@ -12,7 +12,8 @@ from typing import Protocol
 
 import grpc
 
-from multiverse.core.model import Instance, InstanceState, Node
+from multiverse.core.errors import Unavailable
+from multiverse.core.model import IncomingEndpoint, Instance, InstanceState, LiveProgress, Node
 from multiverse.master.cluster import Agents
 from multiverse.master.network import Ipam
 from multiverse.wire import convert
@@ -39,6 +40,7 @@ class MoveFile:
 
 
 Progress = Callable[[int, int], None]
+LiveProgressSink = Callable[[LiveProgress], None]
 
 
 class NodeClient(Protocol):
@@ -65,6 +67,24 @@ class NodeClient(Protocol):
 
     async def abort_import(self, node: Node, instance_id: str) -> None:
         """Remove whatever an import of the instance left on ``node``. Idempotent."""
+
+    async def prepare_incoming(
+        self, node: Node, instance: Instance, listen_host: str
+    ) -> IncomingEndpoint:
+        """Have ``node`` hold the instance waiting for a live move's state (Stopped to the
+        cluster); the counter-action is :meth:`abort_import`."""
+
+    async def migrate_out(
+        self, node: Node, instance_id: str, to: IncomingEndpoint, progress: LiveProgressSink
+    ) -> LiveProgress:
+        """Send the running instance on ``node`` to ``to``; on any failure it runs on there.
+        The counter-action is :meth:`abort_migrate_out`."""
+
+    async def abort_migrate_out(self, node: Node, instance_id: str) -> None:
+        """Cancel a live move out of ``node``; the instance runs on there. Idempotent."""
+
+    async def finish_incoming(self, node: Node, instance_id: str, host_key: str) -> None:
+        """Let the instance that arrived whole on ``node`` run there. Idempotent."""
 
 
 class AgentNodeClient:
@@ -121,3 +141,39 @@ class AgentNodeClient:
     async def abort_import(self, node: Node, instance_id: str) -> None:
         request = pb.AbortImportRequest(id=instance_id)
         await self.agents.call(node, self.agents.stub(node).AbortImport, request)
+
+    async def prepare_incoming(
+        self, node: Node, instance: Instance, listen_host: str
+    ) -> IncomingEndpoint:
+        nic = self.ipam.nic_on(instance, node.id) if self.ipam else None
+        request = pb.PrepareIncomingRequest(
+            spec=convert.spec_to_pb(instance.id, instance.spec, nic), listen_host=listen_host
+        )
+        # The image may have to be pulled first: no call timeout (as an import has none).
+        try:
+            endpoint = await self.agents.stub(node).PrepareIncoming(request)
+        except grpc.aio.AioRpcError as exc:
+            raise convert.error_from_rpc(exc, node.name) from exc
+        return convert.endpoint_from_pb(endpoint)
+
+    async def migrate_out(
+        self, node: Node, instance_id: str, to: IncomingEndpoint, progress: LiveProgressSink
+    ) -> LiveProgress:
+        request = pb.MigrateOutRequest(id=instance_id, target=convert.endpoint_to_pb(to))
+        try:
+            async for update in self.agents.stub(node).MigrateOut(request):
+                last = convert.live_progress_from_pb(update)
+                progress(last)
+                if update.done:
+                    return last
+        except grpc.aio.AioRpcError as exc:
+            raise convert.error_from_rpc(exc, node.name) from exc
+        raise Unavailable(f"{node.name} ended the live move without an answer")
+
+    async def abort_migrate_out(self, node: Node, instance_id: str) -> None:
+        request = pb.InstanceRef(id=instance_id)
+        await self.agents.call(node, self.agents.stub(node).AbortMigrateOut, request)
+
+    async def finish_incoming(self, node: Node, instance_id: str, host_key: str) -> None:
+        request = pb.FinishIncomingRequest(id=instance_id, host_key=host_key)
+        await self.agents.call(node, self.agents.stub(node).FinishIncoming, request)

@@ -713,6 +713,8 @@ def _migration(row: MigrationRow) -> Migration:
         attempts=row.attempts, message=row.message, bytes_done=row.bytes_done,
         bytes_total=row.bytes_total, created_at=_utc(row.created_at),
     )  # fmt: skip
+
+
 class _AddressTaken(Exception):
     """Another transaction took the address first."""
 

@@ -8,7 +8,15 @@ import grpc
 
 from multiverse.core import errors
 from multiverse.core.faults import FaultKind, LinkRule, NodeFaults, Shot
-from multiverse.core.model import GuestStats, InstanceSpec, InstanceState, Resources, Usage
+from multiverse.core.model import (
+    GuestStats,
+    IncomingEndpoint,
+    InstanceSpec,
+    InstanceState,
+    LiveProgress,
+    Resources,
+    Usage,
+)
 from multiverse.core.network import ClusterNetwork, NetworkPlan, Nic, Publish
 from multiverse.wire.v1 import multiverse_pb2 as pb
 
@@ -273,3 +281,35 @@ def split_address(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise errors.InvalidArgument(f"invalid address {address!r}: use HOST:PORT")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+# ---- live moves ----
+
+
+def endpoint_to_pb(endpoint: IncomingEndpoint) -> pb.IncomingEndpoint:
+    return pb.IncomingEndpoint(
+        host=endpoint.host, nbd_port=endpoint.nbd_port, migration_port=endpoint.migration_port,
+        tls_hostname=endpoint.tls_hostname, login_key=endpoint.login_key,
+    )  # fmt: skip
+
+
+def endpoint_from_pb(message: pb.IncomingEndpoint) -> IncomingEndpoint:
+    return IncomingEndpoint(
+        message.host, message.nbd_port, message.migration_port, message.tls_hostname,
+        message.login_key,
+    )  # fmt: skip
+
+
+def live_progress_to_pb(progress: LiveProgress) -> pb.LiveProgress:
+    return pb.LiveProgress(
+        phase=progress.phase, disk_done=progress.disk_done, disk_total=progress.disk_total,
+        memory_done=progress.memory_done, memory_total=progress.memory_total,
+        downtime=progress.downtime, host_key=progress.host_key,
+    )  # fmt: skip
+
+
+def live_progress_from_pb(message: pb.LiveProgress) -> LiveProgress:
+    return LiveProgress(
+        message.phase, message.disk_done, message.disk_total, message.memory_done,
+        message.memory_total, message.downtime, message.host_key,
+    )  # fmt: skip

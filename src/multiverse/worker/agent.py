@@ -27,12 +27,19 @@ from multiverse.core.errors import (
     Unavailable,
 )
 from multiverse.core.faults import NodeFaults
-from multiverse.core.model import InstanceSpec, InstanceState, ensure_running
+from multiverse.core.model import (
+    IncomingEndpoint,
+    InstanceSpec,
+    InstanceState,
+    LiveProgress,
+    ensure_running,
+)
 from multiverse.core.network import NetworkPlan, Nic
 from multiverse.core.sizes import format_size
 from multiverse.drivers.base import (
     Driver,
     ImageInfo,
+    LiveMigratable,
     Migratable,
     NetworkAttachment,
     PowerState,
@@ -55,6 +62,8 @@ log = logging.getLogger("multiverse.worker")
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 _SETTLED = {InstanceState.RUNNING, InstanceState.STOPPED}
+# The message of an instance held here for a live move that has not handed it over yet.
+INCOMING = "incoming live move"
 
 
 def _vm(record: VMRecord, network: NetworkAttachment | None = None) -> VMConfig:
@@ -105,6 +114,9 @@ class Agent:
         self.exports: dict[str, str] = {}
         # How to reach another node's agent (the worker sets it: its node certificate).
         self.peer: Callable[[str, str], pb_grpc.AgentServiceStub] | None = None
+        # The node's certificate as QEMU reads x509 credentials (the worker sets it): the
+        # TLS of a live move's disk mirror and migration.
+        self.tls_dir: Path | None = None
 
     # ---- state ----
 
@@ -390,6 +402,69 @@ class Agent:
             return
         await self.delete(instance_id)
 
+    # ---- live moves ----
+
+    def _live(self) -> LiveMigratable:
+        if not isinstance(self.driver, LiveMigratable):
+            raise InvalidArgument(f"the {self.driver.name} driver cannot move instances live")
+        return self.driver
+
+    def _tls(self) -> Path:
+        if self.tls_dir is None:
+            raise Conflict("this agent has no certificate for live moves yet")
+        return self.tls_dir
+
+    async def prepare_incoming(
+        self, instance_id: str, spec: InstanceSpec, nic: Nic | None, host: str
+    ) -> IncomingEndpoint:
+        """Hold the instance here as a VM waiting for its state (Stopped to the cluster until
+        :meth:`finish_incoming`); a VM prepared before is replaced. The counter-action is
+        :meth:`abort_import`."""
+        record = self.records.get(instance_id)
+        if record is not None and record.message != INCOMING:
+            raise Conflict(f"instance {spec.name} exists on this node already")
+        driver, tls_dir = self._live(), self._tls()
+        if self.image_cache is not None:  # the image may not be here yet: pull it first
+            await self.image_cache.ensure(spec.image, lambda done, total: None)
+            await self.refresh_images()
+        record = record or VMRecord(id=instance_id, spec=spec, nic=nic if self.network else None)
+        lock = self._locks.setdefault(instance_id, asyncio.Lock())
+        async with lock:
+            attachment = None
+            if self.network is not None and record.nic is not None:
+                attachment = await self.network.attach(record.id, record.nic)
+            endpoint = await driver.prepare_incoming(_vm(record, attachment), host, tls_dir)
+            self.records[instance_id] = record
+            self._set(record, InstanceState.STOPPED, INCOMING)
+        return endpoint
+
+    async def migrate_out(
+        self, instance_id: str, to: IncomingEndpoint, progress: Callable[[LiveProgress], None]
+    ) -> LiveProgress:
+        """Send the running instance to the target that :meth:`prepare_incoming` readied;
+        a failure (or the caller going away) leaves it running here."""
+        record = self.running(instance_id)
+        driver, tls_dir = self._live(), self._tls()
+        async with self._locks.setdefault(instance_id, asyncio.Lock()):
+            return await driver.migrate_out(_vm(record), to, tls_dir, progress)
+
+    async def abort_migrate_out(self, instance_id: str) -> None:
+        record = self.records.get(instance_id)
+        if record is not None and record.state == InstanceState.RUNNING:
+            await self._live().abort_migrate_out(_vm(record))
+
+    async def finish_incoming(self, instance_id: str, host_key: str) -> VMRecord:
+        """The state arrived: let the VM run here. Idempotent."""
+        record = self.get(instance_id)
+        if record.state == InstanceState.RUNNING:
+            return record
+        if record.message != INCOMING:
+            raise Conflict(f"instance {record.spec.name} is not waiting for a live move here")
+        async with self._locks.setdefault(instance_id, asyncio.Lock()):
+            status = await self._live().finish_incoming(_vm(record), host_key)
+            self._set(record, InstanceState.RUNNING, ipv4=status.ipv4)
+        return record
+
     async def apply_network(self, plan: NetworkPlan) -> None:
         """Converge this node to the master's view of the network; records launched before
         their node had the network learn their interface from it."""
@@ -670,3 +745,65 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         except MultiverseError as exc:
             await context.abort(*convert.error_to_rpc(exc))
         return pb.Empty()
+
+    async def PrepareIncoming(
+        self, request: pb.PrepareIncomingRequest, context: Ctx
+    ) -> pb.IncomingEndpoint:
+        await self._guard(context)
+        instance_id, spec = convert.spec_from_pb(request.spec)
+        try:
+            endpoint = await self.agent.prepare_incoming(
+                instance_id, spec, convert.nic_from_pb(request.spec.nic), request.listen_host
+            )
+        except MultiverseError as exc:
+            await context.abort(*convert.error_to_rpc(exc))
+            raise AssertionError("unreachable") from exc
+        return convert.endpoint_to_pb(endpoint)
+
+    async def MigrateOut(
+        self, request: pb.MigrateOutRequest, context: Ctx
+    ) -> AsyncIterator[pb.LiveProgress]:
+        await self._guard(context)
+        updates: asyncio.Queue[LiveProgress] = asyncio.Queue()
+        work = asyncio.ensure_future(
+            self.agent.migrate_out(
+                request.id, convert.endpoint_from_pb(request.target), updates.put_nowait
+            )
+        )
+        try:
+            while not work.done():
+                waiter = asyncio.ensure_future(updates.get())
+                await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if not waiter.done():
+                    waiter.cancel()
+                    continue
+                update = waiter.result()
+                while not updates.empty():  # only the newest figure matters
+                    update = updates.get_nowait()
+                yield convert.live_progress_to_pb(update)
+            last = work.result()
+        except MultiverseError as exc:
+            await context.abort(*convert.error_to_rpc(exc))
+            return
+        finally:
+            if not work.done():  # the master went away: the driver rolls the source back
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+        message = convert.live_progress_to_pb(last)
+        message.done = True
+        yield message
+
+    async def AbortMigrateOut(self, request: pb.InstanceRef, context: Ctx) -> pb.Empty:
+        await self._guard(context)
+        try:
+            await self.agent.abort_migrate_out(request.id)
+        except MultiverseError as exc:
+            await context.abort(*convert.error_to_rpc(exc))
+        return pb.Empty()
+
+    async def FinishIncoming(
+        self, request: pb.FinishIncomingRequest, context: Ctx
+    ) -> pb.InstanceStatus:
+        return await self._call(
+            context, lambda: self.agent.finish_incoming(request.id, request.host_key)
+        )

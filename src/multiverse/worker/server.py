@@ -83,6 +83,24 @@ def make_driver(config: WorkerConfig, images: NodeImageCache) -> Driver:
     raise InvalidArgument(f"unknown driver {config.driver!r}: use one of {', '.join(DRIVERS)}")
 
 
+def qemu_tls_dir(pki_dir: Path) -> Path:
+    """The node's certificate as QEMU's tls-creds-x509 reads it (fixed names in one
+    directory), for live moves. Links, not copies: the key stays in one file, and a renewal's
+    rename shows through them."""
+    out = pki_dir / "qemu"
+    out.mkdir(mode=0o700, exist_ok=True)
+    for name, target in (
+        ("ca-cert.pem", "ca.crt"), ("server-cert.pem", "node.crt"),
+        ("server-key.pem", "node.key"), ("client-cert.pem", "node.crt"),
+        ("client-key.pem", "node.key"),
+    ):  # fmt: skip
+        link = out / name
+        if not link.is_symlink():
+            link.unlink(missing_ok=True)
+            link.symlink_to(Path("..") / target)
+    return out
+
+
 class Worker:
     """A running worker; ``await start()`` then ``await stop()``, or ``await run()``."""
 
@@ -167,6 +185,7 @@ class Worker:
             labels=config.labels,
             agent=self.agent,
         )
+        self.agent.tls_dir = qemu_tls_dir(config.data_dir / "pki")
         if self.agent.image_cache is not None:
             self.image_source = MasterImages(config.master, self.identity.channel_credentials())
             self.agent.image_cache.source = self.image_source

@@ -485,3 +485,61 @@ class AbortImportRequest(_message.Message):
     ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class PrepareIncomingRequest(_message.Message):
+    __slots__ = ("spec", "listen_host")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    LISTEN_HOST_FIELD_NUMBER: _ClassVar[int]
+    spec: InstanceSpec
+    listen_host: str
+    def __init__(self, spec: _Optional[_Union[InstanceSpec, _Mapping]] = ..., listen_host: _Optional[str] = ...) -> None: ...
+
+class IncomingEndpoint(_message.Message):
+    __slots__ = ("host", "nbd_port", "migration_port", "tls_hostname", "login_key")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    NBD_PORT_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_PORT_FIELD_NUMBER: _ClassVar[int]
+    TLS_HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    LOGIN_KEY_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    nbd_port: int
+    migration_port: int
+    tls_hostname: str
+    login_key: str
+    def __init__(self, host: _Optional[str] = ..., nbd_port: _Optional[int] = ..., migration_port: _Optional[int] = ..., tls_hostname: _Optional[str] = ..., login_key: _Optional[str] = ...) -> None: ...
+
+class MigrateOutRequest(_message.Message):
+    __slots__ = ("id", "target")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    target: IncomingEndpoint
+    def __init__(self, id: _Optional[str] = ..., target: _Optional[_Union[IncomingEndpoint, _Mapping]] = ...) -> None: ...
+
+class LiveProgress(_message.Message):
+    __slots__ = ("phase", "disk_done", "disk_total", "memory_done", "memory_total", "downtime", "host_key", "done")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    DISK_DONE_FIELD_NUMBER: _ClassVar[int]
+    DISK_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_DONE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DOWNTIME_FIELD_NUMBER: _ClassVar[int]
+    HOST_KEY_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    disk_done: int
+    disk_total: int
+    memory_done: int
+    memory_total: int
+    downtime: float
+    host_key: str
+    done: bool
+    def __init__(self, phase: _Optional[str] = ..., disk_done: _Optional[int] = ..., disk_total: _Optional[int] = ..., memory_done: _Optional[int] = ..., memory_total: _Optional[int] = ..., downtime: _Optional[float] = ..., host_key: _Optional[str] = ..., done: _Optional[bool] = ...) -> None: ...
+
+class FinishIncomingRequest(_message.Message):
+    __slots__ = ("id", "host_key")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    HOST_KEY_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    host_key: str
+    def __init__(self, id: _Optional[str] = ..., host_key: _Optional[str] = ...) -> None: ...

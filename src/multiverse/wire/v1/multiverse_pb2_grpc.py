@@ -389,6 +389,26 @@ class AgentServiceStub:
                 request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.AbortImportRequest.SerializeToString,
                 response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.FromString,
                 _registered_method=True)
+        self.PrepareIncoming = channel.unary_unary(
+                '/multiverse.v1.AgentService/PrepareIncoming',
+                request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.PrepareIncomingRequest.SerializeToString,
+                response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.IncomingEndpoint.FromString,
+                _registered_method=True)
+        self.MigrateOut = channel.unary_stream(
+                '/multiverse.v1.AgentService/MigrateOut',
+                request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.MigrateOutRequest.SerializeToString,
+                response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.LiveProgress.FromString,
+                _registered_method=True)
+        self.AbortMigrateOut = channel.unary_unary(
+                '/multiverse.v1.AgentService/AbortMigrateOut',
+                request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.InstanceRef.SerializeToString,
+                response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.FromString,
+                _registered_method=True)
+        self.FinishIncoming = channel.unary_unary(
+                '/multiverse.v1.AgentService/FinishIncoming',
+                request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.FinishIncomingRequest.SerializeToString,
+                response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.InstanceStatus.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -497,6 +517,31 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareIncoming(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MigrateOut(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortMigrateOut(self, request, context):
+        """leaves it running on the source
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishIncoming(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -579,6 +624,26 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.AbortImport,
                     request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.AbortImportRequest.FromString,
                     response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.SerializeToString,
+            ),
+            'PrepareIncoming': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareIncoming,
+                    request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.PrepareIncomingRequest.FromString,
+                    response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.IncomingEndpoint.SerializeToString,
+            ),
+            'MigrateOut': grpc.unary_stream_rpc_method_handler(
+                    servicer.MigrateOut,
+                    request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.MigrateOutRequest.FromString,
+                    response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.LiveProgress.SerializeToString,
+            ),
+            'AbortMigrateOut': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortMigrateOut,
+                    request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.InstanceRef.FromString,
+                    response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.SerializeToString,
+            ),
+            'FinishIncoming': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishIncoming,
+                    request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.FinishIncomingRequest.FromString,
+                    response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.InstanceStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1013,6 +1078,114 @@ class AgentService:
             '/multiverse.v1.AgentService/AbortImport',
             multiverse_dot_wire_dot_v1_dot_multiverse__pb2.AbortImportRequest.SerializeToString,
             multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareIncoming(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/multiverse.v1.AgentService/PrepareIncoming',
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.PrepareIncomingRequest.SerializeToString,
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.IncomingEndpoint.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateOut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/multiverse.v1.AgentService/MigrateOut',
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.MigrateOutRequest.SerializeToString,
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.LiveProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortMigrateOut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/multiverse.v1.AgentService/AbortMigrateOut',
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.InstanceRef.SerializeToString,
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishIncoming(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/multiverse.v1.AgentService/FinishIncoming',
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.FinishIncomingRequest.SerializeToString,
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.InstanceStatus.FromString,
             options,
             channel_credentials,
             insecure,
