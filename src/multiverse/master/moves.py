@@ -304,14 +304,14 @@ class Moves:
                 f"{target.name} runs {target.driver or 'no driver yet'} and {source.name} runs "
                 f"{source.driver}: an instance moves only between nodes of one driver"
             )
+        if kind == MigrationKind.LIVE and instance.state != InstanceState.RUNNING:
+            raise Conflict(
+                f"instance {name} is {instance.state.value}: a live move needs it Running"
+            )
         if source.driver not in MOVABLE[kind]:
             raise InvalidArgument(
                 f"the {source.driver} driver cannot move instances"
                 + (" live; use --cold" if source.driver in MOVABLE[MigrationKind.COLD] else "")
-            )
-        if kind == MigrationKind.LIVE and instance.state != InstanceState.RUNNING:
-            raise Conflict(
-                f"instance {name} is {instance.state.value}: a live move needs it Running"
             )
         for node in (source, target):
             if not _up(node):

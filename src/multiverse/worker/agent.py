@@ -421,8 +421,10 @@ class Agent:
         :meth:`finish_incoming`); a VM prepared before is replaced. The counter-action is
         :meth:`abort_import`."""
         record = self.records.get(instance_id)
-        if record is not None and record.message != INCOMING:
-            raise Conflict(f"instance {spec.name} exists on this node already")
+        # Anything else held here is what an earlier attempt left: replaced. Never a VM that
+        # runs here (it would be this instance, handed over already).
+        if record is not None and record.state == InstanceState.RUNNING:
+            raise Conflict(f"instance {spec.name} is Running on this node already")
         driver, tls_dir = self._live(), self._tls()
         if self.image_cache is not None:  # the image may not be here yet: pull it first
             await self.image_cache.ensure(spec.image, lambda done, total: None)
@@ -430,13 +432,13 @@ class Agent:
         record = record or VMRecord(id=instance_id, spec=spec, nic=nic if self.network else None)
         lock = self._locks.setdefault(instance_id, asyncio.Lock())
         async with lock:
+            # Recorded first: an agent killed while its QEMU starts finds it to clean up.
+            self.records[instance_id] = record
+            self._set(record, InstanceState.STOPPED, INCOMING)
             attachment = None
             if self.network is not None and record.nic is not None:
                 attachment = await self.network.attach(record.id, record.nic)
-            endpoint = await driver.prepare_incoming(_vm(record, attachment), host, tls_dir)
-            self.records[instance_id] = record
-            self._set(record, InstanceState.STOPPED, INCOMING)
-        return endpoint
+            return await driver.prepare_incoming(_vm(record, attachment), host, tls_dir)
 
     async def migrate_out(
         self, instance_id: str, to: IncomingEndpoint, progress: Callable[[LiveProgress], None]
