@@ -36,7 +36,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,10 @@ INCOMING_MESSAGE = "waiting for a live move to hand the VM over"
 # here because the moves' promise depends on it.
 DOWNTIME_LIMIT_MS = 300
 MAX_BANDWIDTH = 10 * 1024**3  # bytes/s: no throttle (QEMU's default caps it at 128 MiB/s)
+# A QMP connection's runner: ``await qmp(command, arguments)``.
+Monitor = Callable[..., Awaitable[Any]]
+# A QMP command of a live move may wait this long: a loaded host starves QEMU's main loop.
+_LIVE_TIMEOUT = 30.0
 _POLL = 0.02  # seconds between QMP polls of a migration: the switch-over waits on it
 _MIGRATING = {"setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug",
               "postcopy-active"}  # fmt: skip
@@ -475,13 +479,19 @@ class QemuDriver(ProcessDriver):
         async with self._lock(vm.id):
             self._validate(vm)
             await self._remove(vm)  # a retried move starts clean
-            vm_dir = self._vm_dir(vm)
-            vm_dir.mkdir(parents=True)
-            try:
-                return await self._prepare_incoming(vm, host, tls_dir)
-            except BaseException:
-                await self._remove(vm)
-                raise
+            for attempt in range(3):
+                self._vm_dir(vm).mkdir(parents=True)
+                try:
+                    return await self._prepare_incoming(vm, host, tls_dir)
+                except DriverError as error:
+                    await self._remove(vm)
+                    # Someone took a port between our probe and QEMU's bind: try others.
+                    if attempt == 2 or "in use" not in error.message:
+                        raise
+                except BaseException:
+                    await self._remove(vm)
+                    raise
+            raise AssertionError("unreachable")
 
     async def _prepare_incoming(self, vm: VMConfig, host: str, tls_dir: Path) -> IncomingEndpoint:
         vm_dir = self._vm_dir(vm)
@@ -503,22 +513,16 @@ class QemuDriver(ProcessDriver):
         while True:  # until its monitor answers
             if process.poll() is not None or not pid_alive(process.pid):
                 self._raise_exited(vm, process)
-            try:
-                await self._qmp(vm, "query-status", timeout=1.0)
-                break
-            except DriverError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
-        await self._qmp(vm, "object-add", _tls_object("server", tls_dir))
-        node = await self._disk_node(vm)
-        address = {"type": "inet", "data": {"host": host, "port": str(nbd_port)}}
-        await self._qmp(vm, "nbd-server-start", {"addr": address, "tls-creds": _TLS_ID})
-        await self._qmp(vm, "block-export-add", {
-            "type": "nbd", "id": _EXPORT, "node-name": node, "name": _EXPORT, "writable": True,
-        })  # fmt: skip
-        await self._qmp(vm, "migrate-set-parameters", {"tls-creds": _TLS_ID})
-        await self._qmp(vm, "migrate-incoming", {"uri": f"tcp:{_uri_host(host)}:{migration_port}"})
+            if self._control_socket(vm).exists():
+                try:
+                    async with self._monitor(vm, _LIVE_TIMEOUT) as qmp:
+                        await self._listen_incoming(qmp, vm, host, tls_dir, nbd_port,
+                                                    migration_port)  # fmt: skip
+                    break
+                except DriverError as error:
+                    if "a connection" not in error.message or time.monotonic() > deadline:
+                        raise
+            await asyncio.sleep(0.01)
         public_key = self.key_path.with_suffix(".pub").read_text().strip()
         return IncomingEndpoint(host, nbd_port, migration_port, login_key=public_key)
 
@@ -531,9 +535,23 @@ class QemuDriver(ProcessDriver):
         with path.open("wb") as file:
             file.truncate(vm.disk)
 
-    async def _disk_node(self, vm: VMConfig) -> str:
+    async def _listen_incoming(
+        self, qmp: Monitor, vm: VMConfig, host: str, tls_dir: Path, nbd_port: int,
+        migration_port: int,
+    ) -> None:  # fmt: skip
+        await qmp("object-add", _tls_object("server", tls_dir))
+        node = await self._disk_node(qmp, vm)
+        address = {"type": "inet", "data": {"host": host, "port": str(nbd_port)}}
+        await qmp("nbd-server-start", {"addr": address, "tls-creds": _TLS_ID})
+        await qmp("block-export-add", {
+            "type": "nbd", "id": _EXPORT, "node-name": node, "name": _EXPORT, "writable": True,
+        })  # fmt: skip
+        await qmp("migrate-set-parameters", {"tls-creds": _TLS_ID})
+        await qmp("migrate-incoming", {"uri": f"tcp:{_uri_host(host)}:{migration_port}"})
+
+    async def _disk_node(self, qmp: Monitor, vm: VMConfig) -> str:
         """The block node under the first virtio drive (QEMU names auto-made nodes itself)."""
-        for device in await self._qmp(vm, "query-block"):
+        for device in await qmp("query-block"):
             if device.get("device") == _DRIVE and device.get("inserted"):
                 return str(device["inserted"]["node-name"])
         raise DriverError(f"VM {vm.name} has no disk {_DRIVE}")
@@ -544,44 +562,51 @@ class QemuDriver(ProcessDriver):
     ) -> LiveProgress:  # fmt: skip
         async with self._lock(vm.id):
             self._require_running(vm)
-            await self._abort_out(vm)  # what an earlier attempt left
-            if to.login_key:  # the target's agent must reach the guest it will hold
-                script = (
-                    'umask 077; mkdir -p ~/.ssh; k="$(cat)"; '
-                    'grep -qxF "$k" ~/.ssh/authorized_keys 2>/dev/null '
-                    '|| echo "$k" >> ~/.ssh/authorized_keys'
-                )
-                guest = self._guest(vm)
-                result = await guest.run(["sh", "-c", script], stdin=to.login_key.encode())
-                if result.exit_code != 0:
-                    raise DriverError(
-                        f"VM {vm.name}: cannot let the target's key in: {result.stderr!r}"
-                    )
+            # The target's agent must reach the guest it will hold: its key goes in while
+            # the disk mirrors, and before the hand-over.
+            letting_in = asyncio.ensure_future(self._let_in(vm, to.login_key))
             try:
-                return await self._send(vm, to, tls_dir, progress)
-            except BaseException:
-                await asyncio.shield(self._abort_out(vm))
-                raise
+                async with self._monitor(vm, _LIVE_TIMEOUT) as qmp:
+                    await self._abort_out(qmp, vm)  # what an earlier attempt left
+                    try:
+                        return await self._send(qmp, vm, to, tls_dir, progress, letting_in)
+                    except BaseException:
+                        await asyncio.shield(self._abort_out(qmp, vm))
+                        raise
+            finally:
+                letting_in.cancel()
+
+    async def _let_in(self, vm: VMConfig, key: str) -> None:
+        if not key:
+            return
+        script = (
+            'umask 077; mkdir -p ~/.ssh; k="$(cat)"; '
+            'grep -qxF "$k" ~/.ssh/authorized_keys 2>/dev/null '
+            '|| echo "$k" >> ~/.ssh/authorized_keys'
+        )
+        result = await self._guest(vm).run(["sh", "-c", script], stdin=key.encode())
+        if result.exit_code != 0:
+            raise DriverError(f"VM {vm.name}: cannot let the target's key in: {result.stderr!r}")
 
     async def _send(
-        self, vm: VMConfig, to: IncomingEndpoint, tls_dir: Path,
-        progress: Callable[[LiveProgress], None],
+        self, qmp: Monitor, vm: VMConfig, to: IncomingEndpoint, tls_dir: Path,
+        progress: Callable[[LiveProgress], None], letting_in: Awaitable[None],
     ) -> LiveProgress:  # fmt: skip
-        await self._qmp(vm, "object-add", _tls_object("client", tls_dir))
+        await qmp("object-add", _tls_object("client", tls_dir))
         server = {"type": "inet", "host": to.host, "port": str(to.nbd_port)}
         nbd: dict[str, Any] = {"driver": "nbd", "node-name": _NBD_NODE, "server": server,
                                "export": _EXPORT, "tls-creds": _TLS_ID}  # fmt: skip
         if to.tls_hostname:
             nbd["tls-hostname"] = to.tls_hostname
-        await self._qmp(vm, "blockdev-add", nbd, timeout=30.0)
+        await qmp("blockdev-add", nbd)
         overlay = self.boot_files(vm.image).disk is not None  # the base is on the target
-        await self._qmp(vm, "blockdev-mirror", {
+        await qmp("blockdev-mirror", {
             "job-id": _MIRROR_JOB, "device": _DRIVE, "target": _NBD_NODE,
             "sync": "top" if overlay else "full",
         })  # fmt: skip
         disk_total = 0
         while True:
-            job = await self._mirror_job(vm)
+            job = await self._mirror_job(qmp)
             if job is None:
                 raise DriverError(f"VM {vm.name}: the disk mirror ended before it was in sync")
             disk_total = int(job.get("len", 0))
@@ -589,15 +614,17 @@ class QemuDriver(ProcessDriver):
             if job.get("ready"):
                 break
             await asyncio.sleep(_POLL)
-        await self._qmp(vm, "migrate-set-capabilities", {"capabilities": [
+        await letting_in
+        await qmp("migrate-set-capabilities", {"capabilities": [
             {"capability": "pause-before-switchover", "state": True}]})  # fmt: skip
-        await self._qmp(vm, "migrate-set-parameters", {
+        await qmp("migrate-set-parameters", {
             "tls-creds": _TLS_ID, "tls-hostname": to.tls_hostname,
             "downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": MAX_BANDWIDTH,
         })  # fmt: skip
-        await self._qmp(vm, "migrate", {"uri": f"tcp:{_uri_host(to.host)}:{to.migration_port}"})
+        await qmp("migrate", {"uri": f"tcp:{_uri_host(to.host)}:{to.migration_port}"})
+        switched = False
         while True:
-            info = await self._qmp(vm, "query-migrate")
+            info = await qmp("query-migrate")
             status = info.get("status", "")
             ram = info.get("ram", {})
             done, total = int(ram.get("transferred", 0)), int(ram.get("total", 0))
@@ -607,25 +634,26 @@ class QemuDriver(ProcessDriver):
                 raise DriverError(
                     f"VM {vm.name}: migration {status}: {info.get('error-desc', 'no reason given')}"
                 )
-            if status == "pre-switchover":  # paused here: end the mirror in sync, then finish
+            if status == "pre-switchover" and not switched:  # paused: end the mirror in sync
                 progress(LiveProgress("switching", disk_total, disk_total, done, total))
-                await self._qmp(vm, "block-job-cancel", {"device": _MIRROR_JOB})
-                while await self._mirror_job(vm) is not None:
+                await qmp("block-job-cancel", {"device": _MIRROR_JOB})
+                while await self._mirror_job(qmp) is not None:
                     await asyncio.sleep(0.005)
-                await self._qmp(vm, "migrate-continue", {"state": "pre-switchover"})
+                await qmp("migrate-continue", {"state": "pre-switchover"})
+                switched = True  # the state shows it a moment later
                 continue
             progress(LiveProgress("migrating", disk_total, disk_total, done, total))
             await asyncio.sleep(_POLL)
         with contextlib.suppress(DriverError):
-            await self._qmp(vm, "blockdev-del", {"node-name": _NBD_NODE})
+            await qmp("blockdev-del", {"node-name": _NBD_NODE})
         host_key = _read_text(self._vm_dir(vm) / HOST_KEY_FILE)
         return LiveProgress(
             "done", disk_total, disk_total, done, total,
             downtime=float(info.get("downtime", 0)) / 1000, host_key=host_key,
         )  # fmt: skip
 
-    async def _mirror_job(self, vm: VMConfig) -> dict[str, Any] | None:
-        for job in await self._qmp(vm, "query-block-jobs"):
+    async def _mirror_job(self, qmp: Monitor) -> dict[str, Any] | None:
+        for job in await qmp("query-block-jobs"):
             if job.get("device") == _MIRROR_JOB:
                 return dict(job)
         return None
@@ -633,25 +661,26 @@ class QemuDriver(ProcessDriver):
     async def abort_migrate_out(self, vm: VMConfig) -> None:
         async with self._lock(vm.id):
             if self._running_pid(vm) is not None:
-                await self._abort_out(vm)
+                async with self._monitor(vm, _LIVE_TIMEOUT) as qmp:
+                    await self._abort_out(qmp, vm)
 
-    async def _abort_out(self, vm: VMConfig) -> None:
+    async def _abort_out(self, qmp: Monitor, vm: VMConfig) -> None:
         """Cancel a migration under way, end the mirror, drop its NBD client and TLS object,
         and let a VM the migration left paused run on."""
-        info = await self._qmp(vm, "query-migrate")
+        info = await qmp("query-migrate")
         if info.get("status") in _MIGRATING:
             with contextlib.suppress(DriverError):
-                await self._qmp(vm, "migrate_cancel")
+                await qmp("migrate_cancel")
             deadline = time.monotonic() + 30.0
-            while (await self._qmp(vm, "query-migrate")).get("status") in _MIGRATING:
+            while (await qmp("query-migrate")).get("status") in _MIGRATING:
                 if time.monotonic() > deadline:
                     raise DriverError(f"VM {vm.name}: its migration does not cancel")
                 await asyncio.sleep(_POLL)
-        if await self._mirror_job(vm) is not None:
+        if await self._mirror_job(qmp) is not None:
             with contextlib.suppress(DriverError):
-                await self._qmp(vm, "block-job-cancel", {"device": _MIRROR_JOB, "force": True})
+                await qmp("block-job-cancel", {"device": _MIRROR_JOB, "force": True})
             deadline = time.monotonic() + 30.0
-            while await self._mirror_job(vm) is not None:
+            while await self._mirror_job(qmp) is not None:
                 if time.monotonic() > deadline:
                     raise DriverError(f"VM {vm.name}: its disk mirror does not end")
                 await asyncio.sleep(_POLL)
@@ -661,10 +690,10 @@ class QemuDriver(ProcessDriver):
             ("object-del", {"id": _TLS_ID}),
         ):
             with contextlib.suppress(DriverError):  # absent: nothing to undo
-                await self._qmp(vm, command, arguments)
-        state = (await self._qmp(vm, "query-status")).get("status")
+                await qmp(command, arguments)
+        state = (await qmp("query-status")).get("status")
         if state in ("postmigrate", "finish-migrate"):  # sent whole, but the target never ran
-            await self._qmp(vm, "cont")
+            await qmp("cont")
 
     async def finish_incoming(self, vm: VMConfig, host_key: str) -> VMStatus:
         async with self._lock(vm.id):
@@ -672,14 +701,15 @@ class QemuDriver(ProcessDriver):
             vm_dir = self._vm_dir(vm)
             runtime = read_json(vm_dir / "vm.json") or {}
             if runtime.get(_INCOMING):
-                status = (await self._qmp(vm, "query-migrate")).get("status", "none")
-                if status != "completed":
-                    raise Conflict(f"VM {vm.name}: its state has not arrived whole ({status})")
-                with contextlib.suppress(DriverError):
-                    await self._qmp(vm, "nbd-server-stop")
-                if host_key:
-                    (vm_dir / HOST_KEY_FILE).write_text(host_key)
-                await self._qmp(vm, "cont")
+                async with self._monitor(vm, _LIVE_TIMEOUT) as qmp:
+                    status = (await qmp("query-migrate")).get("status", "none")
+                    if status != "completed":
+                        raise Conflict(f"VM {vm.name}: its state has not arrived whole ({status})")
+                    if host_key:
+                        (vm_dir / HOST_KEY_FILE).write_text(host_key)
+                    await qmp("cont")
+                    with contextlib.suppress(DriverError):
+                        await qmp("nbd-server-stop")
                 runtime.pop(_INCOMING, None)
                 runtime.pop(_LIVE_PORTS, None)
                 write_json(vm_dir / "vm.json", runtime)
@@ -699,17 +729,37 @@ class QemuDriver(ProcessDriver):
     ) -> Any:  # fmt: skip
         """Run one QMP command on a fresh connection; QEMU's monitor serves one client at once,
         and a connection held open would lock out an agent that adopts the VM."""
-        sock_path = self._control_socket(vm)
+        async with self._monitor(vm, timeout) as qmp:
+            return await qmp(command, arguments)
+
+    @contextlib.asynccontextmanager
+    async def _monitor(self, vm: VMConfig, timeout: float = 5.0) -> AsyncIterator[Monitor]:
+        """One QMP connection for a run of commands (a live move polls many times a second),
+        held only that long."""
         client = QMPClient(f"multiverse-{vm.name}")
-        try:
-            sock = await asyncio.wait_for(asyncio.to_thread(_connect_unix, sock_path), timeout)
-            await asyncio.wait_for(client.connect(sock), timeout)
-            return await asyncio.wait_for(client.execute(command, arguments), timeout)
-        except (OSError, QMPError, TimeoutError) as error:
-            raise DriverError(
-                f"QEMU monitor of VM {vm.name} did not answer {command}: "
+
+        def failed(error: BaseException, what: str) -> DriverError:
+            return DriverError(
+                f"QEMU monitor of VM {vm.name} did not answer {what}: "
                 f"{str(error) or type(error).__name__}"
-            ) from None
+            )
+
+        async def run(
+            command: str, arguments: dict[str, Any] | None = None, wait: float = timeout
+        ) -> Any:
+            try:
+                return await asyncio.wait_for(client.execute(command, arguments), wait)
+            except (OSError, QMPError, TimeoutError) as error:
+                raise failed(error, command) from error
+
+        try:
+            try:
+                sock_path = self._control_socket(vm)
+                sock = await asyncio.wait_for(asyncio.to_thread(_connect_unix, sock_path), timeout)
+                await asyncio.wait_for(client.connect(sock), timeout)
+            except (OSError, QMPError, TimeoutError) as error:
+                raise failed(error, "a connection") from error
+            yield run
         finally:
             with contextlib.suppress(Exception):
                 await client.disconnect()

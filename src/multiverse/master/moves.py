@@ -207,17 +207,27 @@ class LivePlan:
                 raise Conflict(f"instance {instance.spec.name} is no longer Running on "
                                f"{source.name}: a live move needs it Running")  # fmt: skip
             moves.phase(migration, MigrationPhase.PREPARING)
+            began = time.monotonic()
             endpoint = await client.prepare_incoming(target, instance, _host(target.address))
+            prepared_at = time.monotonic()
             endpoint = dataclasses.replace(endpoint, tls_hostname=node_server_name(target.id))
             moves.phase(migration, MigrationPhase.TRANSFERRING)
             sent = await client.migrate_out(source, instance.id, endpoint,
                                             moves.live_progress(migration.id))  # fmt: skip
+            sent_at = time.monotonic()
             moves.phase(migration, MigrationPhase.SWITCHING)
             await client.finish_incoming(target, instance.id, sent.host_key)
+            # The guest stayed paused from the source's stop (QEMU's downtime) until the
+            # target ran: both count.
+            paused = sent.downtime + time.monotonic() - sent_at
+            moves.live[migration.id] = dataclasses.replace(sent, downtime=paused)
             store.update_migration(migration.id, bytes_done=sent.disk_done,
                                    bytes_total=sent.disk_total)  # fmt: skip
-            log.info("instance %s runs on %s after a live move (paused %.0f ms)",
-                     instance.spec.name, target.name, sent.downtime * 1000)  # fmt: skip
+            log.info(
+                "instance %s runs on %s after a live move: target ready in %.3f s, state sent "
+                "in %.3f s, paused %.0f ms", instance.spec.name, target.name,
+                prepared_at - began, sent_at - prepared_at, paused * 1000,
+            )  # fmt: skip
 
         async def switch() -> None:
             assert on_target is not None
@@ -481,12 +491,14 @@ class Moves:
     ) -> None:
         """Poll the node until ``reached`` holds for the instance; Unavailable past the wait."""
         deadline = time.monotonic() + self.wait
+        interval = 0.02  # most waits end soon (a deletion): ask often first, then back off
         while not reached(observed := await self.client.observe(node, instance_id)):
             if observed is not None and observed.state == InstanceState.FAILED:
                 raise Conflict(f"on {node.name}: {observed.message or 'failed'}")
             if time.monotonic() > deadline:
                 raise Unavailable(f"gave up waiting on {node.name} after {self.wait:.0f}s")
-            await asyncio.sleep(self.poll)
+            await asyncio.sleep(interval)
+            interval = min(interval * 2, self.poll)
 
     async def check(
         self, node: Node, instance_id: str, holds: Callable[[Observation | None], bool]

@@ -426,8 +426,9 @@ class Agent:
         if record is not None and record.state == InstanceState.RUNNING:
             raise Conflict(f"instance {spec.name} is Running on this node already")
         driver, tls_dir = self._live(), self._tls()
-        if self.image_cache is not None:  # the image may not be here yet: pull it first
-            await self.image_cache.ensure(spec.image, lambda done, total: None)
+        cache = self.image_cache
+        if cache is not None and cache.lookup(spec.image) is None:  # pulled first if not here
+            await cache.ensure(spec.image, lambda done, total: None)
             await self.refresh_images()
         record = record or VMRecord(id=instance_id, spec=spec, nic=nic if self.network else None)
         lock = self._locks.setdefault(instance_id, asyncio.Lock())
