@@ -216,7 +216,13 @@ class LivePlan:
                                             moves.live_progress(migration.id))  # fmt: skip
             sent_at = time.monotonic()
             moves.phase(migration, MigrationPhase.SWITCHING)
-            await client.finish_incoming(target, instance.id, sent.host_key)
+            try:
+                await client.finish_incoming(target, instance.id, sent.host_key)
+            except MultiverseError:
+                # The source is paused with its state sent: it runs on before anything else
+                # (the target never ran, so the source's VM is still the truth).
+                await client.abort_migrate_out(source, instance.id)
+                raise
             # The guest stayed paused from the source's stop (QEMU's downtime) until the
             # target ran: both count.
             paused = sent.downtime + time.monotonic() - sent_at
@@ -407,11 +413,7 @@ class Moves:
         attempts = migration.attempts + 1
         switched = instance.node_id == migration.target_id
         log.warning("move of %s, attempt %d: %s", instance.spec.name, attempts, exc.message)
-        # A live move does not wait to retry: its source may be paused meanwhile.
-        give_up = not switched and (
-            attempts >= self.retry_limit or isinstance(exc, _PERMANENT)
-            or migration.kind == MigrationKind.LIVE
-        )  # fmt: skip
+        give_up = not switched and (attempts >= self.retry_limit or isinstance(exc, _PERMANENT))
         phase = MigrationPhase.ROLLING_BACK if give_up else migration.phase
         return self.store.update_migration(
             migration_id, attempts=attempts, message=exc.message, phase=phase
