@@ -53,12 +53,16 @@ def _uptime(cluster: Cluster, name: str) -> float:
 
 @pytest.fixture
 def pair(tmp_path: Path, tiny_image: Path) -> Iterator[Cluster]:
-    """A master and two QEMU workers, a 256 MiB VM running on node-a with a file on its
-    disk."""
+    """A master and two QEMU workers, a 256 MiB VM running on node-a. node-b has no images
+    of its own: a move there pulls the VM's image from the master first."""
     with new_cluster(tmp_path) as cluster:
         cluster.start_master()
-        for name in ("node-a", "node-b"):
-            cluster.start_worker(name, driver="qemu", capacity="cpus=2,memory=4G,disk=20G")
+        cluster.start_worker("node-a", driver="qemu", capacity="cpus=2,memory=4G,disk=20G")
+        shared = cluster.env.pop("MULTIVERSE_IMAGE_CACHE")
+        try:
+            cluster.start_worker("node-b", driver="qemu", capacity="cpus=2,memory=4G,disk=20G")
+        finally:
+            cluster.env["MULTIVERSE_IMAGE_CACHE"] = shared
         cluster.ok("launch", "--name", "flyer", "--node", "node-a",
                    "--memory", "256M", "--disk", "64M", timeout=300)  # fmt: skip
         yield cluster
@@ -79,6 +83,8 @@ def test_live_move_keeps_the_guest_running(pair: Cluster) -> None:
     instance_id = str(_api(cluster, "GET", "/instances/flyer").json()["id"])
     address = cluster.instances()["flyer"]["ipv4"]
     key = (cluster.root / "node-a" / "qemu" / "vms" / instance_id / HOST_KEY_FILE).read_text()
+    images = cluster.root / "node-b" / "images"
+    assert not any(path.is_file() for path in images.rglob("*"))
     _sh(cluster, "flyer", TICKER)
     wait_until(lambda: int(_sh(cluster, "flyer", "wc -l < /data/ticks")) >= 5, timeout=60)
     uptime = _uptime(cluster, "flyer")
@@ -129,6 +135,7 @@ def test_live_move_keeps_the_guest_running(pair: Cluster) -> None:
     times = [float(tick[1]) for tick in ticks]
     gap = max(b - a for a, b in itertools.pairwise(times))
     assert gap <= figures["downtime_ms"] / 1000 + GAP_SLACK, (gap, figures["downtime_ms"])
+    assert any(path.is_file() for path in images.rglob("*"))  # pulled for the move
     # The guest's identity moved with it, and the source holds nothing any more.
     target_dir = cluster.root / "node-b" / "qemu" / "vms" / instance_id
     assert (target_dir / HOST_KEY_FILE).read_text() == key

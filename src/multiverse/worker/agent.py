@@ -375,6 +375,7 @@ class Agent:
         driver = self._migratable()
         vm = VMConfig(instance_id, spec.name, spec.cpus, spec.memory, spec.disk, spec.image,
                       spec.user_data)  # fmt: skip
+        await self._have_image(spec.image)
         await self.driver.validate(vm)
         if self.peer is None:
             raise Conflict("this agent has no identity to call other nodes with yet")
@@ -402,6 +403,14 @@ class Agent:
             return
         await self.delete(instance_id)
 
+    async def _have_image(self, image: str) -> None:
+        """A moved instance's image, pulled through the image store when this node lacks it
+        (a disk image's overlay needs its very base here)."""
+        cache = self.image_cache
+        if cache is not None and cache.lookup(image) is None:
+            await cache.ensure(image, lambda done, total: None)
+            await self.refresh_images()
+
     # ---- live moves ----
 
     def _live(self) -> LiveMigratable:
@@ -426,10 +435,7 @@ class Agent:
         if record is not None and record.state == InstanceState.RUNNING:
             raise Conflict(f"instance {spec.name} is Running on this node already")
         driver, tls_dir = self._live(), self._tls()
-        cache = self.image_cache
-        if cache is not None and cache.lookup(spec.image) is None:  # pulled first if not here
-            await cache.ensure(spec.image, lambda done, total: None)
-            await self.refresh_images()
+        await self._have_image(spec.image)
         record = record or VMRecord(id=instance_id, spec=spec, nic=nic if self.network else None)
         lock = self._locks.setdefault(instance_id, asyncio.Lock())
         async with lock:
