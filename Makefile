@@ -58,6 +58,7 @@ bench: venv deps
 	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) bench/boot.py
 	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) bench/shell.py
 	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) bench/exec.py
+	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) bench/migrate.py
 	$(PY) bench/images.py
 
 # Regenerates src/multiverse/wire/v1/*_pb2*.py from proto/; tests check it is fresh.

@@ -178,25 +178,25 @@ class ByHand:
         target = await _connect(target_dir / "qmp.sock", process)
         source = await _connect(source_dir / "qmp.sock", old)
         try:
-            tls = {"qom-type": "tls-creds-x509", "id": "tls0", "dir": str(self.tls),
-                   "verify-peer": True}  # fmt: skip
-            await target.execute("object-add", {**tls, "endpoint": "server"})
+            # Each QEMU is a target once, then a source once: its objects get two names.
+            tls = {"qom-type": "tls-creds-x509", "dir": str(self.tls), "verify-peer": True}
+            await target.execute("object-add", {**tls, "id": "tls-in", "endpoint": "server"})
             node = next(
                 d["inserted"]["node-name"]
                 for d in await target.execute("query-block")
                 if d["device"] == "virtio0"
             )
             address = {"type": "inet", "data": {"host": "127.0.0.1", "port": str(nbd_port)}}
-            await target.execute("nbd-server-start", {"addr": address, "tls-creds": "tls0"})
+            await target.execute("nbd-server-start", {"addr": address, "tls-creds": "tls-in"})
             await target.execute("block-export-add", {
                 "type": "nbd", "id": "disk", "node-name": node, "name": "disk", "writable": True,
             })  # fmt: skip
-            await target.execute("migrate-set-parameters", {"tls-creds": "tls0"})
+            await target.execute("migrate-set-parameters", {"tls-creds": "tls-in"})
             await target.execute("migrate-incoming", {"uri": f"tcp:127.0.0.1:{migration_port}"})
 
-            await source.execute("object-add", {**tls, "endpoint": "client"})
+            await source.execute("object-add", {**tls, "id": "tls-out", "endpoint": "client"})
             await source.execute("blockdev-add", {
-                "driver": "nbd", "node-name": "nbd0", "export": "disk", "tls-creds": "tls0",
+                "driver": "nbd", "node-name": "nbd0", "export": "disk", "tls-creds": "tls-out",
                 "tls-hostname": self.tls_hostname,
                 "server": {"type": "inet", "host": "127.0.0.1", "port": str(nbd_port)},
             })  # fmt: skip
@@ -208,7 +208,7 @@ class ByHand:
             await source.execute("migrate-set-capabilities", {"capabilities": [
                 {"capability": "pause-before-switchover", "state": True}]})  # fmt: skip
             await source.execute("migrate-set-parameters", {
-                "tls-creds": "tls0", "tls-hostname": self.tls_hostname,
+                "tls-creds": "tls-out", "tls-hostname": self.tls_hostname,
                 "downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": MAX_BANDWIDTH,
             })  # fmt: skip
             await source.execute("migrate", {"uri": f"tcp:127.0.0.1:{migration_port}"})
