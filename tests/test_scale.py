@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
 from harness import Cluster, wait_until
+
+from multiverse.core.model import (
+    DesiredState,
+    Instance,
+    InstanceSpec,
+    InstanceState,
+    Node,
+    NodeStatus,
+    Resources,
+)
+from multiverse.master.instances import Instances
+from multiverse.store.repository import Store
+from multiverse.wire.v1 import multiverse_pb2 as pb
 
 
 def _simulated(cluster: Cluster, count: int, *extra: str) -> None:
@@ -51,3 +70,123 @@ def test_simulate_refuses_a_real_driver(cluster: Cluster) -> None:
     )  # fmt: skip
     assert result.code != 0 and "fake driver" in result.err
     assert not (cluster.root / "sim").exists()
+
+
+def _get(cluster: Cluster, path: str, **params: Any) -> httpx.Response:
+    return cluster.http.get(
+        f"{cluster.api}/api/v1{path}",
+        params=params,
+        headers={"Authorization": f"Bearer {cluster.token}"},
+    )
+
+
+def test_listings_are_paginated_and_filtered(cluster: Cluster) -> None:
+    cluster.start_master()
+    _simulated(cluster, 2)
+    for index in range(7):
+        tier = "web" if index % 2 else "db"
+        cluster.ok(
+            "launch", "--name", f"vm-{index}", "--node", f"sim-{index % 2}",
+            "--labels", f"tier={tier}", "--cpus", "1", "--memory", "256M",
+        )  # fmt: skip
+    cluster.ok("stop", "vm-0", "vm-3")
+
+    # Pages of 3 in name order, each pointing at the next; together every item once.
+    seen: list[str] = []
+    response = _get(cluster, "/instances", limit=3)
+    pages = 1
+    while "next" in response.links:
+        assert len(response.json()) == 3
+        seen += [item["name"] for item in response.json()]
+        response = cluster.http.get(
+            response.links["next"]["url"], headers={"Authorization": f"Bearer {cluster.token}"}
+        )
+        pages += 1
+    seen += [item["name"] for item in response.json()]
+    assert pages == 3 and seen == [f"vm-{index}" for index in range(7)]
+    assert [n["name"] for n in _get(cluster, "/nodes", limit=1, after="sim-0").json()] == ["sim-1"]
+
+    def names(**params: Any) -> list[str]:
+        response = _get(cluster, "/instances", **params)
+        assert response.status_code == 200, response.text
+        return [item["name"] for item in response.json()]
+
+    assert names(node="sim-1") == ["vm-1", "vm-3", "vm-5"]
+    assert names(state="Stopped") == ["vm-0", "vm-3"]
+    assert names(label="tier=web") == ["vm-1", "vm-3", "vm-5"]
+    assert names(label="tier=web", state="Running", node="sim-1") == ["vm-1", "vm-5"]
+    assert names(label="tier=none") == []
+    # The CLI follows pages and passes the filters.
+    listed = cluster.ok("instances", "--state", "Stopped", "--format", "json").json()
+    assert [item["name"] for item in listed] == ["vm-0", "vm-3"]
+    on_node = cluster.ok("instances", "--node", "sim-0", "--labels", "tier=db", "--format", "json")
+    assert [item["name"] for item in on_node.json()] == ["vm-0", "vm-2", "vm-4", "vm-6"]
+
+    # info of all, or of some, in one request per page; stats only where running.
+    infos = {item["name"]: item for item in cluster.ok("info", "--format", "json").json()}
+    assert sorted(infos) == [f"vm-{index}" for index in range(7)]
+    assert infos["vm-1"]["memory_usage"] is not None and infos["vm-0"]["memory_usage"] is None
+    some = cluster.ok("info", "vm-2", "vm-5", "--format", "json").json()
+    assert [item["name"] for item in some] == ["vm-2", "vm-5"]
+    assert all(item["load"] is not None for item in some)
+    missing = cluster.cli("info", "vm-2", "nope")
+    assert missing.code != 0 and "nope" in missing.err
+
+    # Bad input: a clear 400 (or 404 for a name), never a 500.
+    for path, params in [
+        ("/instances", {"limit": 0}),
+        ("/instances", {"limit": 100000}),
+        ("/instances", {"state": "Sleeping"}),
+        ("/instances", {"label": "no-equals"}),
+        ("/nodes", {"label": "=x"}),
+        ("/info", {"limit": -1}),
+    ]:
+        response = _get(cluster, path, **params)
+        assert response.status_code == 400, (path, params, response.text)
+        assert response.json()["error"]["code"] == "invalid_argument"
+    bad = cluster.cli("instances", "--state", "Sleeping")
+    assert bad.code != 0 and "unknown state" in bad.err
+
+
+class _CountingAgents:
+    """Agents that answer InfoMany for what runs, and count the calls per node."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def stub(self, node: Node) -> Any:
+        return SimpleNamespace(InfoMany="InfoMany")
+
+    async def call(self, node: Node, method: str, request: Any) -> Any:
+        self.calls.append(node.name)
+        return pb.InfoResults(
+            results=[
+                pb.InfoResult(id=ref, info=pb.InstanceInfo(load1=1.0, memory_total=9))
+                for ref in request.ids
+            ]
+        )
+
+
+def test_info_of_many_instances_asks_each_node_once(tmp_path: Path) -> None:
+    store = Store.for_data_dir(tmp_path)
+    store.migrate()
+    try:
+        for index in range(3):
+            node = Node(f"n{index}", f"node-{index}", "127.0.0.1:1", "fake", NodeStatus.READY,
+                        {}, Resources(8, 8 << 30, 8 << 30))  # fmt: skip
+            store.add_node(node, "")
+        for index in range(12):
+            state = InstanceState.STOPPED if index == 0 else InstanceState.RUNNING
+            spec = InstanceSpec(name=f"vm-{index:02d}")
+            store.add_instance(
+                Instance(f"i{index}", spec, f"n{index % 3}", DesiredState.RUNNING, state)
+            )
+        agents = _CountingAgents()
+        instances = Instances(store, agents, None, None, None)  # type: ignore[arg-type]
+        answered = asyncio.run(instances.info(store.list_instances()))
+        assert sorted(agents.calls) == ["node-0", "node-1", "node-2"]
+        assert [item.instance.name for item in answered] == [f"vm-{i:02d}" for i in range(12)]
+        assert answered[0].stats is None  # stopped: nobody asked
+        assert all(item.stats and item.stats.memory_total == 9 for item in answered[1:])
+    finally:
+        store.close()

@@ -26,6 +26,7 @@ class Unreachable(Exception):
 
 
 JSON = dict[str, Any]
+INFO_CHUNK = 100  # names per `info` request: the query string stays well under URL limits
 
 
 class ApiClient:
@@ -43,16 +44,28 @@ class ApiClient:
     def close(self) -> None:
         self._http.close()
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise Unreachable(f"cannot reach the master at {self.server}: {exc}") from exc
         _raise_for_error(response)
-        return response.json()
+        return response
 
-    def nodes(self) -> list[JSON]:
-        return list(self._request("GET", "/nodes"))
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._send(method, path, **kwargs).json()
+
+    def _listing(self, path: str, params: dict[str, Any] | None = None) -> list[JSON]:
+        """Every item of a paginated listing: pages are followed by their ``Link`` header."""
+        response = self._send("GET", path, params={k: v for k, v in (params or {}).items() if v})
+        items = list(response.json())
+        while "next" in response.links:
+            response = self._send("GET", response.links["next"]["url"])
+            items += response.json()
+        return items
+
+    def nodes(self, label: str = "") -> list[JSON]:
+        return self._listing("/nodes", {"label": label})
 
     def node(self, name: str) -> JSON:
         return dict(self._request("GET", f"/nodes/{name}"))
@@ -60,14 +73,20 @@ class ApiClient:
     def images(self) -> list[JSON]:
         return list(self._request("GET", "/images"))
 
-    def instances(self) -> list[JSON]:
-        return list(self._request("GET", "/instances"))
+    def instances(self, node: str = "", state: str = "", label: str = "") -> list[JSON]:
+        return self._listing("/instances", {"node": node, "state": state, "label": label})
 
     def instance(self, name: str) -> JSON:
         return dict(self._request("GET", f"/instances/{name}"))
 
-    def info(self, name: str) -> JSON:
-        return dict(self._request("GET", f"/instances/{name}/info"))
+    def info(self, names: list[str] | None = None) -> list[JSON]:
+        """Info of the named instances (all when None), a page of them per request."""
+        if names is None:
+            return self._listing("/info")
+        found: list[JSON] = []
+        for start in range(0, len(names), INFO_CHUNK):
+            found += self._listing("/info", {"name": names[start : start + INFO_CHUNK]})
+        return found
 
     def launch(self, body: JSON) -> JSON:
         return dict(self._request("POST", "/instances", json=body))

@@ -28,6 +28,7 @@ from multiverse import __version__
 from multiverse.core.errors import (
     InvalidArgument,
     MultiverseError,
+    NotFound,
     RateLimited,
     Unauthenticated,
 )
@@ -38,7 +39,9 @@ from multiverse.core.model import (
     DEFAULT_MEMORY,
     Instance,
     InstanceSpec,
+    InstanceState,
     Node,
+    parse_labels,
 )
 from multiverse.core.sizes import parse_size
 from multiverse.master import auth
@@ -408,8 +411,10 @@ def create_app(
         return node_json(nodes.remove(name, force=force))
 
     @app.get("/api/v1/nodes")
-    async def list_nodes(_: Reader) -> list[dict[str, Any]]:
-        return [node_json(node) for node in store.list_nodes()]
+    async def list_nodes(request: Request, _: Reader, page: Page, label: Labels = None) -> Response:
+        found = store.list_nodes(labels=_selector(label), after=page.after, limit=page.limit + 1)
+        more = len(found) > page.limit
+        return _page(request, [node_json(node) for node in found[: page.limit]], more)
 
     @app.get("/api/v1/nodes/{name}")
     async def get_node(name: str, _: Reader) -> dict[str, Any]:
@@ -465,8 +470,20 @@ def create_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/api/v1/instances")
-    async def list_instances(_: Reader) -> list[dict[str, Any]]:
-        return [instance_json(instance) for instance in store.list_instances()]
+    async def list_instances(
+        request: Request,
+        _: Reader,
+        page: Page,
+        node: str | None = None,
+        state: str | None = None,
+        label: Labels = None,
+    ) -> Response:
+        found = store.list_instances(
+            node_name=node, state=_state(state), labels=_selector(label), after=page.after,
+            limit=page.limit + 1,
+        )  # fmt: skip
+        more = len(found) > page.limit
+        return _page(request, [instance_json(item) for item in found[: page.limit]], more)
 
     @app.get("/api/v1/instances/{name}")
     async def get_instance(name: str, _: Reader) -> dict[str, Any]:
@@ -507,7 +524,29 @@ def create_app(
 
     @app.get("/api/v1/instances/{name}/info")
     async def info(name: str, _: Reader) -> dict[str, Any]:
-        return info_json(await instances.info(instances.get(name)))
+        return info_json((await instances.info([instances.get(name)]))[0])
+
+    @app.get("/api/v1/info")
+    async def info_many(
+        request: Request,
+        _: Reader,
+        page: Page,
+        name: Annotated[list[str] | None, Query(max_length=MAX_PAGE)] = None,
+        node: str | None = None,
+        state: str | None = None,
+        label: Labels = None,
+    ) -> Response:
+        """``info`` of a page of instances (those named, or all that match): each node is
+        asked once for all of its instances on the page."""
+        found = store.list_instances(
+            names=name, node_name=node, state=_state(state), labels=_selector(label),
+            after=page.after, limit=page.limit + 1,
+        )  # fmt: skip
+        missing = sorted(set(name or ()) - {instance.name for instance in found})
+        if missing and page.after is None and len(found) <= page.limit:
+            raise NotFound(f"instance {missing[0]!r} does not exist")
+        answered = await instances.info(found[: page.limit])
+        return _page(request, [info_json(item) for item in answered], len(found) > page.limit)
 
     @app.get("/api/v1/instances/{name}/logs")
     async def logs(name: str, _: Admin) -> dict[str, str]:
@@ -606,6 +645,47 @@ def create_app(
         return await revoke_token(auth.find_token(store, body.token.strip()), _)
 
     return app
+
+
+DEFAULT_PAGE = 500  # items per page of a listing when the client does not say
+MAX_PAGE = 1000
+
+
+class PageParams(BaseModel):
+    """``?limit=&after=``: at most ``limit`` items, those whose name sorts after ``after``."""
+
+    limit: int = Field(DEFAULT_PAGE, ge=1, le=MAX_PAGE)
+    after: str | None = Field(None, max_length=255)
+
+
+Page = Annotated[PageParams, Query()]
+# ``?label=zone=a,disk=ssd`` (or the parameter repeated): every one must match.
+Labels = Annotated[list[str] | None, Query(max_length=64)]
+
+
+def _selector(label: list[str] | None) -> dict[str, str] | None:
+    return parse_labels(",".join(label)) if label else None
+
+
+def _state(state: str | None) -> InstanceState | None:
+    if state is None:
+        return None
+    try:
+        return InstanceState(state)
+    except ValueError:
+        known = ", ".join(item.value for item in InstanceState)
+        raise InvalidArgument(f"unknown state {state!r}: use one of {known}") from None
+
+
+def _page(request: Request, items: list[dict[str, Any]], more: bool) -> Response:
+    """One page (the store is asked for one item over the limit, to know whether ``more``
+    follow); the next page's URL goes in a ``Link: <...>; rel="next"`` header (RFC 8288, as
+    GitHub's API does), so the body stays the list it always was."""
+    response = JSONResponse(items)
+    if more and items:
+        following = request.url.include_query_params(after=items[-1]["name"])
+        response.headers["Link"] = f'<{following}>; rel="next"'
+    return response
 
 
 def _accepted(started: tuple[Instance, Operation]) -> dict[str, Any]:

@@ -204,17 +204,34 @@ class Instances:
             raise Unavailable(f"gave up waiting after {OPERATION_TIMEOUT:.0f}s")
         return "Deleted" if targets is None else next(iter(targets)).value
 
-    async def info(self, instance: Instance) -> InstanceInfo:
-        if instance.state != InstanceState.RUNNING:
-            return InstanceInfo(instance, None)
-        node = self._node_of(instance)
-        try:
-            reply = await self.agents.call(
-                node, self._stub(node).Info, pb.InstanceRef(id=instance.id)
-            )
-        except MultiverseError as exc:
-            return InstanceInfo(instance, None, exc.message)
-        return InstanceInfo(instance, convert.stats_from_pb(reply))
+    async def info(self, instances: list[Instance]) -> list[InstanceInfo]:
+        """What the guests say of themselves, in ``instances``' order: one call per node,
+        the nodes asked at once; a node that fails to answer marks only its instances."""
+        running: dict[str, list[Instance]] = {}
+        for instance in instances:
+            if instance.state == InstanceState.RUNNING and instance.node_id:
+                running.setdefault(instance.node_id, []).append(instance)
+        nodes = {node.id: node for node in self.store.list_nodes(ids=list(running))}
+        found: dict[str, InstanceInfo] = {}
+
+        async def ask(node_id: str, on_node: list[Instance]) -> None:
+            node = nodes.get(node_id)
+            if node is None:
+                return
+            refs = pb.InstanceRefs(ids=[instance.id for instance in on_node])
+            try:
+                reply = await self.agents.call(node, self._stub(node).InfoMany, refs)
+            except MultiverseError as exc:
+                found.update((item.id, InstanceInfo(item, None, exc.message)) for item in on_node)
+                return
+            by_id = {instance.id: instance for instance in on_node}
+            for result in reply.results:
+                if (instance := by_id.get(result.id)) is not None:
+                    stats = None if result.error else convert.stats_from_pb(result.info)
+                    found[result.id] = InstanceInfo(instance, stats, result.error)
+
+        await asyncio.gather(*(ask(node_id, items) for node_id, items in running.items()))
+        return [found.get(instance.id, InstanceInfo(instance, None)) for instance in instances]
 
     async def exec(
         self, name: str, command: list[str], stdin: bytes = b""

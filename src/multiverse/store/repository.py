@@ -6,16 +6,16 @@ master serialises the decisions that must not race (placement) in one event loop
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy import Engine, Select, and_, create_engine, event, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -152,9 +152,17 @@ class Store:
         raise NotFound(f"node {name!r} does not exist; `multiverse nodes` lists the nodes")
 
     def list_nodes(
-        self, ids: Sequence[str] | None = None, names: Sequence[str] | None = None
+        self,
+        ids: Sequence[str] | None = None,
+        names: Sequence[str] | None = None,
+        *,
+        labels: Mapping[str, str] | None = None,
+        after: str | None = None,
+        limit: int | None = None,
     ) -> list[Node]:
-        """Nodes with what their instances take (allocated) and how many they hold."""
+        """Nodes with what their instances take (allocated) and how many they hold, by name;
+        ``labels`` match the effective ones (an admin's label wins over the node's own), and
+        ``after``/``limit`` give one page."""
         usage = (
             select(
                 InstanceRow.node_id,
@@ -166,15 +174,19 @@ class Store:
             .group_by(InstanceRow.node_id)
             .subquery()
         )
-        query = (
-            select(NodeRow, usage.c.count, usage.c.cpus, usage.c.memory, usage.c.disk)
-            .outerjoin(usage, usage.c.node_id == NodeRow.id)
-            .order_by(NodeRow.name)
-        )
+        query = select(
+            NodeRow, usage.c.count, usage.c.cpus, usage.c.memory, usage.c.disk
+        ).outerjoin(usage, usage.c.node_id == NodeRow.id)
         if ids is not None:
             query = query.where(NodeRow.id.in_(ids))
         if names is not None:
             query = query.where(NodeRow.name.in_(names))
+        for key, value in (labels or {}).items():
+            admin = NodeRow.admin_labels[key].as_string()
+            query = query.where(
+                or_(admin == value, and_(admin.is_(None), NodeRow.labels[key].as_string() == value))
+            )
+        query = _page(query, NodeRow.name, after, limit)
         with self._session() as session:
             return [
                 Node(
@@ -243,11 +255,17 @@ class Store:
         names: Sequence[str] | None = None,
         node_id: str | None = None,
         ids: Sequence[str] | None = None,
+        *,
+        node_name: str | None = None,
+        state: InstanceState | None = None,
+        labels: Mapping[str, str] | None = None,
+        after: str | None = None,
+        limit: int | None = None,
     ) -> list[Instance]:
-        query = (
-            select(InstanceRow, NodeRow.name)
-            .outerjoin(NodeRow, NodeRow.id == InstanceRow.node_id)
-            .order_by(InstanceRow.name)
+        """Instances by name, filtered; ``after``/``limit`` give one page (names are unique,
+        so pages neither skip nor repeat while others launch and delete)."""
+        query = select(InstanceRow, NodeRow.name).outerjoin(
+            NodeRow, NodeRow.id == InstanceRow.node_id
         )
         if names is not None:
             query = query.where(InstanceRow.name.in_(names))
@@ -255,6 +273,13 @@ class Store:
             query = query.where(InstanceRow.node_id == node_id)
         if ids is not None:
             query = query.where(InstanceRow.id.in_(ids))
+        if node_name is not None:
+            query = query.where(NodeRow.name == node_name)
+        if state is not None:
+            query = query.where(InstanceRow.state == state.value)
+        for key, value in (labels or {}).items():
+            query = query.where(InstanceRow.labels[key].as_string() == value)
+        query = _page(query, InstanceRow.name, after, limit)
         with self._session() as session:
             return [_instance(row, node_name or "") for row, node_name in session.execute(query)]
 
@@ -398,6 +423,17 @@ def _observe(row: InstanceRow, item: dict[str, Any]) -> Change | None:
     if item.get("release"):
         row.release = item["release"]
     return change
+
+
+Query = TypeVar("Query", bound=Select[*tuple[Any, ...]])
+
+
+def _page(query: Query, key: Any, after: str | None, limit: int | None) -> Query:
+    """One page of ``query`` in ``key`` order: the rows after ``after``, at most ``limit``."""
+    query = query.order_by(key)
+    if after is not None:
+        query = query.where(key > after)
+    return query.limit(limit) if limit is not None else query
 
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:
