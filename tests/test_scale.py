@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -168,25 +169,56 @@ class _CountingAgents:
 
 
 def test_info_of_many_instances_asks_each_node_once(tmp_path: Path) -> None:
+    asyncio.run(_info_of_many(tmp_path))
+
+
+async def _info_of_many(tmp_path: Path) -> None:
     store = Store.for_data_dir(tmp_path)
     store.migrate()
     try:
         for index in range(3):
             node = Node(f"n{index}", f"node-{index}", "127.0.0.1:1", "fake", NodeStatus.READY,
                         {}, Resources(8, 8 << 30, 8 << 30))  # fmt: skip
-            store.add_node(node, "")
+            await store.add_node(node, "")
         for index in range(12):
             state = InstanceState.STOPPED if index == 0 else InstanceState.RUNNING
             spec = InstanceSpec(name=f"vm-{index:02d}")
-            store.add_instance(
+            await store.add_instance(
                 Instance(f"i{index}", spec, f"n{index % 3}", DesiredState.RUNNING, state)
             )
         agents = _CountingAgents()
         instances = Instances(store, agents, None, None, None)  # type: ignore[arg-type]
-        answered = asyncio.run(instances.info(store.list_instances()))
+        answered = await instances.info(await store.list_instances())
         assert sorted(agents.calls) == ["node-0", "node-1", "node-2"]
         assert [item.instance.name for item in answered] == [f"vm-{i:02d}" for i in range(12)]
         assert answered[0].stats is None  # stopped: nobody asked
         assert all(item.stats and item.stats.memory_total == 9 for item in answered[1:])
     finally:
         store.close()
+
+
+def test_a_store_call_waiting_on_the_database_does_not_stall_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        store = Store.for_data_dir(tmp_path)
+        store.migrate()
+        node = Node("n", "node", "127.0.0.1:1", "fake", NodeStatus.READY, {}, Resources(1, 1, 1))
+        await store.add_node(node, "")
+        blocker = sqlite3.connect(tmp_path / "multiverse.db", isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")  # another writer holds the database
+            write = asyncio.create_task(store.update_node("n", version="2"))
+            ticks = 0
+            while not write.done() and ticks < 20:
+                await asyncio.sleep(0.01)  # the loop goes on serving others meanwhile
+                ticks += 1
+            assert ticks == 20 and not write.done()
+            blocker.execute("COMMIT")
+            await write
+            assert (await store.get_node("n")).version == "2"
+        finally:
+            blocker.close()
+            store.close()
+
+    asyncio.run(scenario())

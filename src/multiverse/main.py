@@ -384,7 +384,7 @@ def up(
         await master_server.start()
         token = ""
         if not (worker_dir / "node.json").exists():
-            token = master_server.join_token(None, 1, "all-in-one worker")[1]
+            token = (await master_server.join_token(None, 1, "all-in-one worker"))[1]
         worker_server = Worker(
             WorkerConfig(
                 master=f"127.0.0.1:{master_server.grpc_port}",

@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -303,14 +303,14 @@ class _FailedAuth:
             )
 
 
-def _caller(request: HTTPConnection) -> dict[str, object]:
+async def _caller(request: HTTPConnection) -> dict[str, object]:
     """The API token's record; every route but health needs one."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     try:
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("missing API token: send Authorization: Bearer <token>")
-        return auth.verify_token(request.app.state.store, auth.API, token.strip())
+        return await auth.verify_token(request.app.state.store, auth.API, token.strip())
     except Unauthenticated:
         limiter: _FailedAuth = request.app.state.failed_auth
         limiter.failed(request.client.host if request.client else "unknown")
@@ -326,7 +326,9 @@ Reader = Annotated[dict[str, object], Depends(_caller)]
 Admin = Annotated[dict[str, object], Depends(_admin)]
 
 
-JoinTokenIssuer = Callable[[timedelta | None, int | None, str], tuple[auth.IssuedToken, str]]
+JoinTokenIssuer = Callable[
+    [timedelta | None, int | None, str], Awaitable[tuple[auth.IssuedToken, str]]
+]
 
 
 def create_app(
@@ -335,7 +337,7 @@ def create_app(
     nodes: Nodes,
     join_token: JoinTokenIssuer,
     ca: pki.ClusterCA,
-    image_catalog: Callable[[], list[dict[str, Any]]],
+    image_catalog: Callable[[], Awaitable[list[dict[str, Any]]]],
     max_auth_failures: int = 20,
 ) -> FastAPI:
     app = FastAPI(title="Multiverse", version=__version__, docs_url="/docs")
@@ -385,7 +387,7 @@ def create_app(
 
     @app.get("/api/v1/images")
     async def images(_: Reader) -> list[dict[str, Any]]:
-        return image_catalog()
+        return await image_catalog()
 
     @app.get("/api/v1/cluster/ca")
     async def cluster_ca() -> dict[str, str]:
@@ -397,7 +399,7 @@ def create_app(
     async def admit_node(body: JoinBody) -> dict[str, str]:
         """A new worker's first step: its join token and CSR for a node certificate. The
         token is the credential here, so no API token is asked for."""
-        node, certificate = nodes.admit(body.token, body.csr.encode(), body.name)
+        node, certificate = await nodes.admit(body.token, body.csr.encode(), body.name)
         return {
             "node_id": node.id,
             "name": node.name,
@@ -408,29 +410,31 @@ def create_app(
     @app.delete("/api/v1/nodes/{name}")
     async def remove_node(name: str, _: Admin, force: bool = False) -> dict[str, Any]:
         """Forget a node and revoke its certificate; it can join again only with a token."""
-        return node_json(nodes.remove(name, force=force))
+        return node_json(await nodes.remove(name, force=force))
 
     @app.get("/api/v1/nodes")
     async def list_nodes(request: Request, _: Reader, page: Page, label: Labels = None) -> Response:
-        found = store.list_nodes(labels=_selector(label), after=page.after, limit=page.limit + 1)
+        found = await store.list_nodes(
+            labels=_selector(label), after=page.after, limit=page.limit + 1
+        )
         more = len(found) > page.limit
         return _page(request, [node_json(node) for node in found[: page.limit]], more)
 
     @app.get("/api/v1/nodes/{name}")
     async def get_node(name: str, _: Reader) -> dict[str, Any]:
-        return node_json(store.find_node(name))
+        return node_json(await store.find_node(name))
 
     @app.post("/api/v1/nodes/{name}/cordon")
     async def cordon(name: str, _: Admin) -> dict[str, Any]:
-        return node_json(nodes.set_cordon(name, True))
+        return node_json(await nodes.set_cordon(name, True))
 
     @app.patch("/api/v1/nodes/{name}/labels")
     async def label_node(name: str, body: LabelsBody, _: Admin) -> dict[str, Any]:
-        return node_json(nodes.label(name, body.labels))
+        return node_json(await nodes.label(name, body.labels))
 
     @app.post("/api/v1/nodes/{name}/uncordon")
     async def uncordon(name: str, _: Admin) -> dict[str, Any]:
-        return node_json(nodes.set_cordon(name, False))
+        return node_json(await nodes.set_cordon(name, False))
 
     @app.post("/api/v1/nodes/{name}/{action}", status_code=202)
     async def maintain(
@@ -453,7 +457,7 @@ def create_app(
     async def events(websocket: WebSocket) -> None:
         """Lifecycle events as JSON text frames, from now on; a slow listener is dropped."""
         try:
-            _caller(websocket)
+            await _caller(websocket)
         except MultiverseError as exc:
             status = HTTP_STATUS.get(exc.code, 500)
             await websocket.send_denial_response(error_response(status, exc.code, exc.message))
@@ -467,7 +471,7 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus(_: Reader) -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+        return Response(await metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/api/v1/instances")
     async def list_instances(
@@ -478,7 +482,7 @@ def create_app(
         state: str | None = None,
         label: Labels = None,
     ) -> Response:
-        found = store.list_instances(
+        found = await store.list_instances(
             node_name=node, state=_state(state), labels=_selector(label), after=page.after,
             limit=page.limit + 1,
         )  # fmt: skip
@@ -487,7 +491,7 @@ def create_app(
 
     @app.get("/api/v1/instances/{name}")
     async def get_instance(name: str, _: Reader) -> dict[str, Any]:
-        return instance_json(instances.get(name))
+        return instance_json(await instances.get(name))
 
     @app.post("/api/v1/instances", status_code=202)
     async def launch(body: LaunchBody, _: Admin) -> dict[str, Any]:
@@ -524,7 +528,7 @@ def create_app(
 
     @app.get("/api/v1/instances/{name}/info")
     async def info(name: str, _: Reader) -> dict[str, Any]:
-        return info_json((await instances.info([instances.get(name)]))[0])
+        return info_json((await instances.info([await instances.get(name)]))[0])
 
     @app.get("/api/v1/info")
     async def info_many(
@@ -538,7 +542,7 @@ def create_app(
     ) -> Response:
         """``info`` of a page of instances (those named, or all that match): each node is
         asked once for all of its instances on the page."""
-        found = store.list_instances(
+        found = await store.list_instances(
             names=name, node_name=node, state=_state(state), labels=_selector(label),
             after=page.after, limit=page.limit + 1,
         )  # fmt: skip
@@ -587,10 +591,10 @@ def create_app(
     ) -> None:
         """A shell (or ``command``) in the instance; frames as master/sessions.py tells."""
         try:
-            auth.require_role(_caller(websocket), "admin")
+            auth.require_role(await _caller(websocket), "admin")
             if not (0 < cols <= MAX_TERMINAL and 0 < rows <= MAX_TERMINAL):
                 raise InvalidArgument(f"invalid terminal size {cols}x{rows}")
-            node_name = instances.get(name).node_name
+            node_name = (await instances.get(name)).node_name
             call = await instances.open_session(name, command or [], (cols, rows) if tty else None)
         except MultiverseError as exc:
             # Refused before the upgrade, so the client sees the status and the JSON body.
@@ -604,9 +608,9 @@ def create_app(
     async def create_token(body: TokenBody, _: Admin) -> dict[str, Any]:
         ttl = timedelta(seconds=body.ttl_seconds) if body.ttl_seconds else None
         if body.kind == auth.JOIN:
-            issued, token = join_token(ttl, body.uses, body.description)
+            issued, token = await join_token(ttl, body.uses, body.description)
         else:
-            issued = auth.issue_token(
+            issued = await auth.issue_token(
                 store, auth.API, role=body.role, ttl=ttl, uses=body.uses,
                 description=body.description,
             )  # fmt: skip
@@ -631,18 +635,18 @@ def create_app(
                 "revoked": record["revoked"],
                 "created_at": _iso(record["created_at"]),
             }
-            for record in store.list_tokens()
+            for record in await store.list_tokens()
         ]
 
     @app.delete("/api/v1/tokens/{token_id}")
     async def revoke_token(token_id: str, _: Admin) -> dict[str, str]:
-        store.revoke_token(token_id)
+        await store.revoke_token(token_id)
         return {"id": token_id, "status": "revoked"}
 
     @app.post("/api/v1/tokens/revoke")
     async def revoke_token_itself(body: RevokeBody, _: Admin) -> dict[str, str]:
         """Revoke a token given whole (in the body: a secret never goes into a URL)."""
-        return await revoke_token(auth.find_token(store, body.token.strip()), _)
+        return await revoke_token(await auth.find_token(store, body.token.strip()), _)
 
     return app
 

@@ -78,13 +78,13 @@ class Instances:
         self.placement_wait = placement_wait
         self.placing = asyncio.Lock()
 
-    def get(self, name: str) -> Instance:
-        return self.store.find_instance(name)
+    async def get(self, name: str) -> Instance:
+        return await self.store.find_instance(name)
 
-    def _node_of(self, instance: Instance) -> Node:
+    async def _node_of(self, instance: Instance) -> Node:
         if instance.node_id is None:
             raise Conflict(f"instance {instance.name} is not placed on any node")
-        return self.store.get_node(instance.node_id)
+        return await self.store.get_node(instance.node_id)
 
     def _stub(self, node: Node) -> pb_grpc.AgentServiceStub:
         return self.agents.stub(node)
@@ -93,12 +93,18 @@ class Instances:
         """The nodes to place on; waits (bounded) while some are Unknown, as after a master
         restart, so that a launch does not fail only because nobody has reported yet."""
 
-        def known() -> bool:
-            nodes = [self.store.find_node(node_name)] if node_name else self.store.list_nodes()
+        async def known() -> bool:
+            nodes = (
+                [await self.store.find_node(node_name)]
+                if node_name
+                else await self.store.list_nodes()
+            )
             return all(node.status != NodeStatus.UNKNOWN for node in nodes)
 
         await self.events.wait_for(known, self.placement_wait)
-        return [self.store.find_node(node_name)] if node_name else self.store.list_nodes()
+        return (
+            [await self.store.find_node(node_name)] if node_name else await self.store.list_nodes()
+        )
 
     async def launch(
         self,
@@ -110,7 +116,7 @@ class Instances:
     ) -> tuple[Instance, Operation]:
         spec.validate()
         async with self.placing:
-            if self.store.list_instances(names=[spec.name]):
+            if await self.store.list_instances(names=[spec.name]):
                 raise AlreadyExists(f"an instance named {spec.name!r} exists already")
             node = place(
                 spec.resources, await self._candidates(node_name), selector=selector,
@@ -125,14 +131,14 @@ class Instances:
                 state=InstanceState.SCHEDULED,
                 created_at=now(),
             )
-            self.store.add_instance(instance)
+            await self.store.add_instance(instance)
         log.info("instance %s scheduled on node %s", spec.name, node.name)
         self.reconciler.publish_changes([Change(instance.id, spec.name, "", "Scheduled")])
         try:
             await self.reconciler.reconcile(instance, node, by_user=True)
         except PERMANENT:
             # The node refused the request itself (no such image...): nothing was created.
-            self.store.delete_instance(instance.id)
+            await self.store.delete_instance(instance.id)
             self.reconciler.publish_changes([Change(instance.id, spec.name, "Failed", "")])
             raise
         except MultiverseError:
@@ -140,19 +146,19 @@ class Instances:
         operation = self.operations.start(
             "launch", spec.name, self.until(instance.id, {InstanceState.RUNNING})
         )
-        return self.store.get_instance(instance.id), operation
+        return await self.store.get_instance(instance.id), operation
 
     async def _set_desired(
         self, name: str, desired: DesiredState, *, force: bool = False
     ) -> Instance:
-        instance = self.get(name)
+        instance = await self.get(name)
         if instance.desired == DesiredState.DELETED and desired != DesiredState.DELETED:
             raise Conflict(f"instance {name} is being deleted")
-        self.store.update_instance(instance.id, desired=desired, held=False)
+        await self.store.update_instance(instance.id, desired=desired, held=False)
         instance.desired = desired
-        node = self.store.get_node(instance.node_id) if instance.node_id else None
+        node = await self.store.get_node(instance.node_id) if instance.node_id else None
         await self.reconciler.reconcile(instance, node, by_user=True, force=force)
-        return self.store.get_instance(instance.id)
+        return await self.store.get_instance(instance.id)
 
     async def start(self, name: str) -> tuple[Instance, Operation]:
         instance = await self._set_desired(name, DesiredState.RUNNING)
@@ -166,20 +172,22 @@ class Instances:
 
     async def restart(self, name: str) -> tuple[Instance, Operation]:
         """Not a desired state: a stop and a start, done by the node in one go."""
-        instance = self.get(name)
-        node = self._node_of(instance)
+        instance = await self.get(name)
+        node = await self._node_of(instance)
         if node.status != NodeStatus.READY:
             raise Unavailable(f"node {node.name} is {node.status.value}; try again once it is back")
-        self.store.update_instance(instance.id, desired=DesiredState.RUNNING, held=False)
+        await self.store.update_instance(instance.id, desired=DesiredState.RUNNING, held=False)
         ref = pb.InstanceRef(id=instance.id)
         status = await self.agents.call(node, self._stub(node).Restart, ref)
-        self.reconciler.observe(instance.id, status)
+        await self.reconciler.observe(instance.id, status)
         work = self.until(instance.id, {InstanceState.RUNNING})
-        return self.store.get_instance(instance.id), self.operations.start("restart", name, work)
+        return await self.store.get_instance(instance.id), self.operations.start(
+            "restart", name, work
+        )
 
     async def delete(self, name: str) -> tuple[Instance, Operation]:
         """Deleted once its node confirms; on a node that is away, when the node is back."""
-        instance = self.get(name)
+        instance = await self.get(name)
         with contextlib.suppress(NotFound):  # the node's report of it being gone came first
             instance = await self._set_desired(name, DesiredState.DELETED)
         return instance, self.operations.start("delete", name, self.until(instance.id, None))
@@ -187,9 +195,9 @@ class Instances:
     async def until(self, instance_id: str, targets: set[InstanceState] | None) -> str:
         """Wait until the instance is in one of ``targets`` (None: gone); its final state."""
 
-        def reached() -> bool:
+        async def reached() -> bool:
             try:
-                instance = self.store.get_instance(instance_id)
+                instance = await self.store.get_instance(instance_id)
             except NotFound:
                 if targets is None:
                     return True
@@ -211,7 +219,7 @@ class Instances:
         for instance in instances:
             if instance.state == InstanceState.RUNNING and instance.node_id:
                 running.setdefault(instance.node_id, []).append(instance)
-        nodes = {node.id: node for node in self.store.list_nodes(ids=list(running))}
+        nodes = {node.id: node for node in await self.store.list_nodes(ids=list(running))}
         found: dict[str, InstanceInfo] = {}
 
         async def ask(node_id: str, on_node: list[Instance]) -> None:
@@ -237,9 +245,9 @@ class Instances:
         self, name: str, command: list[str], stdin: bytes = b""
     ) -> AsyncIterator[pb.ExecOutput]:
         """The command's output chunks; checked before the first chunk, so errors come early."""
-        instance = self.get(name)
+        instance = await self.get(name)
         ensure_running(name, instance.state)
-        node = self._node_of(instance)
+        node = await self._node_of(instance)
         call = self._stub(node).Exec(pb.ExecRequest(id=instance.id, command=command, stdin=stdin))
         return _exec_stream(call, node.name)
 
@@ -247,9 +255,9 @@ class Instances:
         self, name: str, command: list[str], size: tuple[int, int] | None
     ) -> SessionCall:
         """Start a session on the instance's node; the call is ready for input and output."""
-        instance = self.get(name)
+        instance = await self.get(name)
         ensure_running(name, instance.state)
-        node = self._node_of(instance)
+        node = await self._node_of(instance)
         call: SessionCall = self._stub(node).Session()
         cols, rows = size or (0, 0)
         start = pb.SessionStart(
@@ -265,8 +273,8 @@ class Instances:
         return call
 
     async def logs(self, name: str) -> str:
-        instance = self.get(name)
-        node = self._node_of(instance)
+        instance = await self.get(name)
+        node = await self._node_of(instance)
         reply = await self.agents.call(node, self._stub(node).Logs, pb.InstanceRef(id=instance.id))
         return str(reply.text)
 

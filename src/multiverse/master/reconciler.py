@@ -95,13 +95,12 @@ class Reconciler:
         """Reconcile soon (a report or an API write changed something)."""
         self._kick.set()
 
-    @property
-    def queue_depth(self) -> int:
+    @staticmethod
+    def queue_depth(nodes: list[Node], instances: list[Instance]) -> int:
         """Instances that want an action now or after their backoff."""
-        nodes = {node.id: node for node in self.store.list_nodes()}
+        by_id = {node.id: node for node in nodes}
         return sum(
-            next_action(item, nodes.get(item.node_id or "")) is not None
-            for item in self.store.list_instances()
+            next_action(item, by_id.get(item.node_id or "")) is not None for item in instances
         )
 
     async def run(self) -> None:
@@ -115,8 +114,8 @@ class Reconciler:
                 await asyncio.wait_for(self._kick.wait(), self.interval)
 
     async def reconcile_all(self) -> None:
-        nodes = {node.id: node for node in self.store.list_nodes()}
-        instances = self.store.list_instances()
+        nodes = {node.id: node for node in await self.store.list_nodes()}
+        instances = await self.store.list_instances()
         # Instances gone from the store (deleted, or forgotten with their removed node) take
         # their backoff with them.
         for gone in self._backoff.keys() - {instance.id for instance in instances}:
@@ -150,18 +149,18 @@ class Reconciler:
         try:
             status = await self._call(action, instance, node, force)
         except MultiverseError as exc:
-            self._failed(instance, action, exc)
+            await self._failed(instance, action, exc)
             if by_user:
                 raise
             return
         finally:
             self._busy.discard(instance.id)
         if action == Action.START and not by_user:
-            self.store.update_instance(instance.id, restarts=instance.restarts + 1)
+            await self.store.update_instance(instance.id, restarts=instance.restarts + 1)
             log.info("instance %s stopped on its own; started it again", instance.name)
         if backoff is None or backoff.action != action:
             self._backoff[instance.id] = _Backoff(action=action)
-        self.observe(instance.id, status)
+        await self.observe(instance.id, status)
 
     async def _call(
         self, action: Action, instance: Instance, node: Node, force: bool
@@ -179,11 +178,11 @@ class Reconciler:
             return await self.agents.call(node, stub.Stop, stop)
         status: pb.InstanceStatus = await self.agents.call(node, stub.Delete, ref)
         if not status.id:  # the node never had it: nothing left to wait for
-            self.store.delete_instance(instance.id)
+            await self.store.delete_instance(instance.id)
             self.publish_changes([Change(instance.id, instance.name, instance.state.value, "")])
         return status
 
-    def _failed(self, instance: Instance, action: Action, exc: MultiverseError) -> None:
+    async def _failed(self, instance: Instance, action: Action, exc: MultiverseError) -> None:
         backoff = self._backoff.get(instance.id)
         if backoff is None or backoff.action != action:
             backoff = self._backoff[instance.id] = _Backoff(action=action)
@@ -201,17 +200,19 @@ class Reconciler:
         if gave_up:
             backoff.attempts = self.retry_limit
             message = f"{action.value} failed after {backoff.attempts} attempts: {exc.message}"
-            self.set_state(instance, InstanceState.FAILED, message)
+            await self.set_state(instance, InstanceState.FAILED, message)
         else:
-            self.store.update_instance(instance.id, message=f"{action.value}: {exc.message}")
+            await self.store.update_instance(instance.id, message=f"{action.value}: {exc.message}")
 
-    def set_state(self, instance: Instance, state: InstanceState, message: str) -> None:
-        self.store.update_instance(instance.id, state=state, message=message)
+    async def set_state(self, instance: Instance, state: InstanceState, message: str) -> None:
+        await self.store.update_instance(instance.id, state=state, message=message)
         self.publish_changes([Change(instance.id, instance.name, instance.state.value, state)])
 
-    def observe(self, instance_id: str, status: pb.InstanceStatus) -> None:
+    async def observe(self, instance_id: str, status: pb.InstanceStatus) -> None:
         """Take an agent's answer about one instance, as a report would."""
-        if status.id and (change := self.store.observe_instance(instance_id, status_dict(status))):
+        if status.id and (
+            change := await self.store.observe_instance(instance_id, status_dict(status))
+        ):
             self.publish_changes([change])
 
     def publish_changes(self, changes: list[Change]) -> None:

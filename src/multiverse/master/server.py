@@ -109,11 +109,11 @@ class Master:
         if transitions:
             self.reconciler.kick()
 
-    def join_token(
+    async def join_token(
         self, ttl: timedelta | None, uses: int | None, description: str = ""
     ) -> tuple[auth.IssuedToken, str]:
         """A join token: where the master is, the CA's fingerprint, and a new secret."""
-        issued = auth.issue_token(
+        issued = await auth.issue_token(
             self.store, auth.JOIN, ttl=ttl or auth.DEFAULT_JOIN_TTL,
             uses=auth.DEFAULT_JOIN_USES if uses is None else uses,
             description=description,
@@ -129,12 +129,14 @@ class Master:
         )
         return issued, token.encode()
 
-    def _ensure_client_config(self) -> None:
+    async def _ensure_client_config(self) -> None:
         """First start: an admin API token in <data-dir>/client.toml (and the user's config)."""
         path = self.config.data_dir / "client.toml"
         if path.exists():
             return
-        issued = auth.issue_token(self.store, auth.API, role="admin", description="first admin")
+        issued = await auth.issue_token(
+            self.store, auth.API, role="admin", description="first admin"
+        )
         ca_pem = None if self.config.insecure_http else self.ca.cert_pem
         text = client_config_text(self.api_url, issued.token, ca_pem)
         write_private(path, text.encode())
@@ -159,8 +161,8 @@ class Master:
     async def start(self) -> None:
         config = self.config
         # Until a node reports, the master cannot know what happened while it was away.
-        for node in self.store.list_nodes():
-            self.store.update_node(node.id, status=NodeStatus.UNKNOWN)
+        for node in await self.store.list_nodes():
+            await self.store.update_node(node.id, status=NodeStatus.UNKNOWN)
         self._grpc = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
         pb_grpc.add_ClusterServiceServicer_to_server(self.cluster, self._grpc)
         credentials = pki.server_credentials(
@@ -202,7 +204,7 @@ class Master:
         client_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         scheme = "http" if config.insecure_http else "https"
         self.api_url = f"{scheme}://{client_host}:{bound}"
-        self._ensure_client_config()
+        await self._ensure_client_config()
         self._tasks = [
             serving,
             asyncio.create_task(

@@ -1,17 +1,22 @@
 """The Store: every read and write of the master's state goes through here.
 
-Calls are synchronous on purpose: SQLite in WAL mode answers in well under a millisecond and the
-master serialises the decisions that must not race (placement) in one event loop anyway.
+Every call is a coroutine that runs its (synchronous SQLAlchemy) work in the store's own thread
+pool: a query or a commit's fsync never stalls the event loop that serves the API and the
+workers' streams. That is the one way; SQLAlchemy's asyncio extension would need an async
+driver per database and still run SQLite in a thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import asyncio
+import functools
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -46,17 +51,39 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+Params = ParamSpec("Params")
+Result = TypeVar("Result")
+THREADS = 4  # SQLite takes one writer at a time anyway; readers (the API) go alongside
+
+
+def _off_loop(
+    method: Callable[Concatenate[Store, Params], Result],
+) -> Callable[Concatenate[Store, Params], Coroutine[Any, Any, Result]]:
+    """``method`` as a coroutine that runs it in the store's thread pool."""
+
+    async def run(store: Store, /, *args: Params.args, **kwargs: Params.kwargs) -> Result:
+        call = functools.partial(method, store, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(store._pool, call)
+
+    run.__doc__ = method.__doc__
+    return run
+
+
 class Store:
     """The master's database: SQLite file by default, any SQLAlchemy URL (PostgreSQL) with --db."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine: Engine = create_engine(url)
+        # psycopg 3 for postgresql:// (SQLAlchemy's default there is psycopg2).
+        if url.startswith(("postgresql://", "postgres://")):
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
+        self.engine: Engine = create_engine(url, pool_pre_ping=url.startswith("postgresql"))
         if url.startswith("sqlite"):
             if self.engine.url.database not in (None, "", ":memory:"):
                 private_sqlite(Path(self.engine.url.database))  # it holds user data and tokens
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="store")
 
     @classmethod
     def for_data_dir(cls, data_dir: Path) -> Store:
@@ -71,6 +98,7 @@ class Store:
             command.upgrade(config, "head")
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True)
         self.engine.dispose()
 
     @contextmanager
@@ -80,6 +108,7 @@ class Store:
 
     # ---- nodes ----
 
+    @_off_loop
     def add_node(self, node: Node, cert_serial: str) -> Node:
         row = NodeRow(
             id=node.id,
@@ -105,7 +134,8 @@ class Store:
             raise AlreadyExists(f"a node named {node.name!r} exists already") from exc
         return node
 
-    def update_node(self, node_id: str, **fields: Any) -> None:
+    @_off_loop
+    def update_node(self, node_id: str, /, **fields: Any) -> None:
         """Set columns of one node; ``capacity`` and ``status`` take core types."""
         if "capacity" in fields:
             capacity: Resources = fields.pop("capacity")
@@ -119,6 +149,7 @@ class Store:
             for key, value in fields.items():
                 setattr(row, key, value)
 
+    @_off_loop
     def remove_node(self, node_id: str) -> None:
         """Forget a node and revoke its certificate (its instances must be gone first)."""
         with self._session() as session:
@@ -137,21 +168,24 @@ class Store:
                 )
             session.delete(row)
 
+    @_off_loop
     def revoked_serials(self) -> set[str]:
         with self._session() as session:
             return set(session.scalars(select(RevokedCertificateRow.serial)))
 
+    @_off_loop
     def get_node(self, node_id: str) -> Node:
-        for node in self.list_nodes(ids=[node_id]):
+        for node in self._list_nodes(ids=[node_id]):
             return node
         raise NotFound(f"node {node_id} does not exist")
 
+    @_off_loop
     def find_node(self, name: str) -> Node:
-        for node in self.list_nodes(names=[name]):
+        for node in self._list_nodes(names=[name]):
             return node
         raise NotFound(f"node {name!r} does not exist; `multiverse nodes` lists the nodes")
 
-    def list_nodes(
+    def _list_nodes(
         self,
         ids: Sequence[str] | None = None,
         names: Sequence[str] | None = None,
@@ -207,8 +241,11 @@ class Store:
                 for row, count, cpus, memory, disk in session.execute(query)
             ]
 
+    list_nodes = _off_loop(_list_nodes)
+
     # ---- instances ----
 
+    @_off_loop
     def add_instance(self, instance: Instance) -> Instance:
         spec = instance.spec
         row = InstanceRow(
@@ -236,21 +273,23 @@ class Store:
             raise AlreadyExists(f"an instance named {spec.name!r} exists already") from exc
         return instance
 
+    @_off_loop
     def find_instance(self, name: str) -> Instance:
-        found = self.list_instances(names=[name])
+        found = self._list_instances(names=[name])
         if not found:
             raise NotFound(
                 f"instance {name!r} does not exist; `multiverse instances` lists the instances"
             )
         return found[0]
 
+    @_off_loop
     def get_instance(self, instance_id: str) -> Instance:
-        found = self.list_instances(ids=[instance_id])
+        found = self._list_instances(ids=[instance_id])
         if not found:
             raise NotFound(f"instance {instance_id} does not exist (deleted meanwhile?)")
         return found[0]
 
-    def list_instances(
+    def _list_instances(
         self,
         names: Sequence[str] | None = None,
         node_id: str | None = None,
@@ -283,7 +322,10 @@ class Store:
         with self._session() as session:
             return [_instance(row, node_name or "") for row, node_name in session.execute(query)]
 
-    def update_instance(self, instance_id: str, **fields: Any) -> None:
+    list_instances = _off_loop(_list_instances)
+
+    @_off_loop
+    def update_instance(self, instance_id: str, /, **fields: Any) -> None:
         for key in ("state", "desired"):
             if isinstance(fields.get(key), InstanceState | DesiredState):
                 fields[key] = fields[key].value
@@ -294,6 +336,7 @@ class Store:
             for key, value in fields.items():
                 setattr(row, key, value)
 
+    @_off_loop
     def apply_report(self, node_id: str, reported: Sequence[dict[str, Any]]) -> list[Change]:
         """Take a worker's view of its instances; returns what changed (state "" = deleted).
 
@@ -315,12 +358,14 @@ class Store:
                     changes.append(change)
         return changes
 
+    @_off_loop
     def observe_instance(self, instance_id: str, item: dict[str, Any]) -> Change | None:
         """Take one instance's status as an agent answered it (same rule as a report)."""
         with self._session() as session:
             row = session.get(InstanceRow, instance_id)
             return _observe(row, item) if row is not None else None
 
+    @_off_loop
     def mark_node_instances(self, node_id: str, state: InstanceState, message: str) -> list[Change]:
         """Set every instance of a node (a Down one) to ``state``; the node's next report,
         with versions no older than the ones known, puts the real states back."""
@@ -333,6 +378,7 @@ class Store:
                     row.state, row.message = state.value, message
         return changes
 
+    @_off_loop
     def delete_instance(self, instance_id: str) -> None:
         with self._session() as session:
             row = session.get(InstanceRow, instance_id)
@@ -341,6 +387,7 @@ class Store:
 
     # ---- tokens ----
 
+    @_off_loop
     def add_token(
         self,
         token_id: str,
@@ -367,11 +414,13 @@ class Store:
                 )
             )
 
+    @_off_loop
     def get_token(self, token_id: str) -> dict[str, Any] | None:
         with self._session() as session:
             row = session.get(TokenRow, token_id)
             return _token(row) if row else None
 
+    @_off_loop
     def list_tokens(self, kind: str | None = None) -> list[dict[str, Any]]:
         query = select(TokenRow).order_by(TokenRow.created_at)
         if kind:
@@ -379,6 +428,7 @@ class Store:
         with self._session() as session:
             return [_token(row) for row in session.scalars(query)]
 
+    @_off_loop
     def consume_token_use(self, token_id: str) -> bool:
         """Count one use of a limited token; False when none is left (checked in one step)."""
         with self._session() as session:
@@ -392,6 +442,7 @@ class Store:
             row.uses_left -= 1
             return True
 
+    @_off_loop
     def revoke_token(self, token_id: str) -> None:
         with self._session() as session:
             row = session.get(TokenRow, token_id)
