@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 DATA_DIR ?= $(HOME)/.local/share/multiverse
 
-.PHONY: run stop test lint proto venv deps clean bench
+.PHONY: run stop test lint proto venv deps test-deps ui clean bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,14 +19,30 @@ venv: $(VENV)/.installed
 deps:
 	@bash scripts/host-deps.sh
 
-run: venv deps
+# The dashboard's front-end modules, from npm with the lockfile (web/); copied into the Python
+# package, which then needs no Node.js. axe-core (tests only) stays in web/node_modules.
+UI_BUILT := src/multiverse/master/ui/static/vendor/xterm.js
+web/node_modules/.package-lock.json: web/package-lock.json
+	@command -v npm >/dev/null || bash scripts/host-deps.sh nodejs npm
+	cd web && npm ci --no-audit --no-fund --loglevel=error
+
+$(UI_BUILT): web/node_modules/.package-lock.json web/build.mjs
+	cd web && node build.mjs
+
+ui: $(UI_BUILT)
+
+# What only the tests need: the browser the dashboard's tests drive.
+test-deps:
+	@bash scripts/host-deps.sh chromium
+
+run: venv deps ui
 	DATA_DIR=$(DATA_DIR) bash scripts/quickstart.sh
 
 stop: venv
 	$(VENV)/bin/multiverse down --data-dir $(DATA_DIR)
 
 # Tests share one built guest image, cached in .data/images (not in git).
-test: venv deps
+test: venv deps test-deps ui
 	$(VENV)/bin/multiverse image build-test --images-dir $(CURDIR)/.data/images
 	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) -m pytest -q
 
@@ -45,4 +61,4 @@ proto: venv
 	$(PY) -m multiverse.wire.generate
 
 clean:
-	rm -rf $(VENV) .data build dist src/*.egg-info
+	rm -rf $(VENV) .data build dist src/*.egg-info web/node_modules src/multiverse/master/ui/static/vendor

@@ -44,7 +44,7 @@ from multiverse.core.model import (
     parse_labels,
 )
 from multiverse.core.sizes import parse_size
-from multiverse.master import auth
+from multiverse.master import auth, ui
 from multiverse.master.instances import InstanceInfo, Instances
 from multiverse.master.metrics import CONTENT_TYPE, Metrics
 from multiverse.master.nodes import Nodes
@@ -303,14 +303,39 @@ class _FailedAuth:
             )
 
 
+# A browser cannot set headers on a WebSocket, only subprotocols: it offers
+# [WS_PROTOCOL, WS_BEARER + token] (as Kubernetes' "base64url.bearer.authorization.k8s.io."),
+# so the token stays out of the URL and the logs; the server answers with WS_PROTOCOL.
+WS_PROTOCOL = "multiverse.v1"
+WS_BEARER = "bearer.multiverse."
+
+
+def _bearer(request: HTTPConnection) -> str:
+    """The token from ``Authorization: Bearer``, or from a WebSocket's subprotocols."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    if request.scope["type"] == "websocket":
+        for protocol in request.scope.get("subprotocols", []):
+            if protocol.startswith(WS_BEARER):
+                return str(protocol[len(WS_BEARER) :])
+    return ""
+
+
+async def _accept(websocket: WebSocket) -> None:
+    """Accept, naming WS_PROTOCOL when offered: a browser that offered subprotocols drops a
+    connection whose answer names none."""
+    offered = websocket.scope.get("subprotocols", [])
+    await websocket.accept(subprotocol=WS_PROTOCOL if WS_PROTOCOL in offered else None)
+
+
 async def _caller(request: HTTPConnection) -> dict[str, object]:
     """The API token's record; every route but health needs one."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+    token = _bearer(request)
     try:
-        if scheme.lower() != "bearer" or not token:
+        if not token:
             raise Unauthenticated("missing API token: send Authorization: Bearer <token>")
-        return await auth.verify_token(request.app.state.store, auth.API, token.strip())
+        return await auth.verify_token(request.app.state.store, auth.API, token)
     except Unauthenticated:
         limiter: _FailedAuth = request.app.state.failed_auth
         limiter.failed(request.client.host if request.client else "unknown")
@@ -384,6 +409,16 @@ def create_app(
     @app.get("/api/v1/health")
     async def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
+
+    @app.get("/api/v1/whoami")
+    async def whoami(record: Reader) -> dict[str, Any]:
+        """The caller's own token (never its secret): the dashboard asks which buttons to show."""
+        return {
+            "id": record["id"],
+            "role": record["role"],
+            "description": record["description"],
+            "expires_at": _iso(record["expires_at"]),  # type: ignore[arg-type]
+        }
 
     @app.get("/api/v1/images")
     async def images(_: Reader) -> list[dict[str, Any]]:
@@ -462,7 +497,7 @@ def create_app(
             status = HTTP_STATUS.get(exc.code, 500)
             await websocket.send_denial_response(error_response(status, exc.code, exc.message))
             return
-        await websocket.accept()
+        await _accept(websocket)
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):
             async for event in instances.events.listen():
                 await websocket.send_text(json.dumps(event))
@@ -601,7 +636,7 @@ def create_app(
             status = HTTP_STATUS.get(exc.code, 500)
             await websocket.send_denial_response(error_response(status, exc.code, exc.message))
             return
-        await websocket.accept()
+        await _accept(websocket)
         await relay(websocket, call, node_name)
 
     @app.post("/api/v1/tokens", status_code=201)
@@ -648,6 +683,7 @@ def create_app(
         """Revoke a token given whole (in the body: a secret never goes into a URL)."""
         return await revoke_token(await auth.find_token(store, body.token.strip()), _)
 
+    ui.mount(app)
     return app
 
 
