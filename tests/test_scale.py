@@ -178,7 +178,7 @@ async def _info_of_many(tmp_path: Path) -> None:
     try:
         for index in range(3):
             node = Node(f"n{index}", f"node-{index}", "127.0.0.1:1", "fake", NodeStatus.READY,
-                        {}, Resources(8, 8 << 30, 8 << 30))  # fmt: skip
+                        {}, Resources(64, 64 << 30, 640 << 30))  # fmt: skip
             await store.add_node(node, "")
         for index in range(12):
             state = InstanceState.STOPPED if index == 0 else InstanceState.RUNNING

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from multiverse.core.errors import AlreadyExists, NotFound
+from multiverse.core.errors import AlreadyExists, NotFound, Unschedulable
 from multiverse.core.model import (
     DesiredState,
     Instance,
@@ -134,5 +134,33 @@ def test_tokens(db_url: str) -> None:
         token = await store.get_token("t1")
         assert token is not None and token["revoked"] and token["uses_left"] == 0
         assert [t["id"] for t in await store.list_tokens("join")] == ["t1"]
+
+    _run(db_url, scenario)
+
+
+def test_usage_is_kept_on_the_node_and_concurrent_placements_cannot_overfill(
+    db_url: str,
+) -> None:
+    async def scenario(store: Store) -> None:
+        small = Node("s", "small", "", "fake", NodeStatus.READY, {}, Resources(2, 8 << 30, 1 << 40))
+        await store.add_node(small, "")
+        await store.add_node(_node(1), "")
+        tries = [_instance(index, 0) for index in range(6)]
+        tries = [Instance(i.id, i.spec, "s", i.desired, i.state) for i in tries]
+        outcomes = await asyncio.gather(
+            *(store.add_instance(instance) for instance in tries), return_exceptions=True
+        )
+        assert sum(not isinstance(outcome, Exception) for outcome in outcomes) == 2
+        assert all(isinstance(o, Unschedulable) for o in outcomes if isinstance(o, Exception))
+        node = await store.get_node("s")
+        assert node.allocated.cpus == 2 and node.instance_count == 2
+
+        placed = [i.id for i in await store.list_instances(node_id="s")]
+        await store.update_instance(placed[0], node_id="n1")  # moved: usage moves with it
+        assert (await store.get_node("s")).allocated.cpus == 1
+        assert (await store.get_node("n1")).instance_count == 1
+        await store.delete_instance(placed[1])
+        node = await store.get_node("s")
+        assert node.allocated == Resources(0, 0, 0) and node.instance_count == 0
 
     _run(db_url, scenario)

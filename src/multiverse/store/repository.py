@@ -20,11 +20,11 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, Select, and_, create_engine, event, func, or_, select
+from sqlalchemy import Engine, Select, and_, create_engine, event, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from multiverse.core.errors import AlreadyExists, NotFound
+from multiverse.core.errors import AlreadyExists, NotFound, Unschedulable
 from multiverse.core.files import private_sqlite
 from multiverse.core.model import (
     DesiredState,
@@ -194,23 +194,11 @@ class Store:
         after: str | None = None,
         limit: int | None = None,
     ) -> list[Node]:
-        """Nodes with what their instances take (allocated) and how many they hold, by name;
+        """Nodes with what their instances take (allocated, kept on the row: no aggregation)
+        and how many they hold, by name;
         ``labels`` match the effective ones (an admin's label wins over the node's own), and
         ``after``/``limit`` give one page."""
-        usage = (
-            select(
-                InstanceRow.node_id,
-                func.count(InstanceRow.id).label("count"),
-                func.coalesce(func.sum(InstanceRow.cpus), 0).label("cpus"),
-                func.coalesce(func.sum(InstanceRow.memory), 0).label("memory"),
-                func.coalesce(func.sum(InstanceRow.disk), 0).label("disk"),
-            )
-            .group_by(InstanceRow.node_id)
-            .subquery()
-        )
-        query = select(
-            NodeRow, usage.c.count, usage.c.cpus, usage.c.memory, usage.c.disk
-        ).outerjoin(usage, usage.c.node_id == NodeRow.id)
+        query = select(NodeRow)
         if ids is not None:
             query = query.where(NodeRow.id.in_(ids))
         if names is not None:
@@ -232,13 +220,13 @@ class Store:
                     labels=dict(row.labels),
                     admin_labels=dict(row.admin_labels),
                     capacity=Resources(row.cpus, row.memory, row.disk),
-                    allocated=Resources(int(cpus or 0), int(memory or 0), int(disk or 0)),
+                    allocated=Resources(row.used_cpus, row.used_memory, row.used_disk),
                     cordoned=row.cordoned,
                     last_sync=_utc(row.last_sync),
                     version=row.version,
-                    instance_count=int(count or 0),
+                    instance_count=row.instance_count,
                 )
-                for row, count, cpus, memory, disk in session.execute(query)
+                for row in session.scalars(query)
             ]
 
     list_nodes = _off_loop(_list_nodes)
@@ -247,6 +235,9 @@ class Store:
 
     @_off_loop
     def add_instance(self, instance: Instance) -> Instance:
+        """Record a placed instance and take its resources on its node in one transaction,
+        only if they still fit there: a single conditional UPDATE of the node's row, so two
+        masters placing at once cannot both fill the last room (raises Unschedulable)."""
         spec = instance.spec
         row = InstanceRow(
             id=instance.id,
@@ -268,6 +259,8 @@ class Store:
         )
         try:
             with self._session() as session:
+                if row.node_id is not None and not _take(session, row.node_id, row, fit=True):
+                    raise Unschedulable(f"node {row.node_id} has no room left for {spec.name}")
                 session.add(row)
         except IntegrityError as exc:
             raise AlreadyExists(f"an instance named {spec.name!r} exists already") from exc
@@ -333,8 +326,13 @@ class Store:
             row = session.get(InstanceRow, instance_id)
             if row is None:
                 raise NotFound(f"instance {instance_id} does not exist")
+            moved = "node_id" in fields and fields["node_id"] != row.node_id
+            if moved and row.node_id is not None:
+                _give_back(session, row.node_id, row)
             for key, value in fields.items():
                 setattr(row, key, value)
+            if moved and row.node_id is not None:
+                _take(session, row.node_id, row, fit=False)
 
     @_off_loop
     def apply_report(self, node_id: str, reported: Sequence[dict[str, Any]]) -> list[Change]:
@@ -351,7 +349,7 @@ class Store:
                 item = by_id.get(row.id)
                 if item is None:
                     if row.desired == DesiredState.DELETED.value:
-                        session.delete(row)
+                        _delete(session, row)
                         changes.append(Change(row.id, row.name, row.state, ""))
                     continue
                 if change := _observe(row, item):
@@ -383,7 +381,7 @@ class Store:
         with self._session() as session:
             row = session.get(InstanceRow, instance_id)
             if row is not None:
-                session.delete(row)
+                _delete(session, row)
 
     # ---- tokens ----
 
@@ -459,6 +457,46 @@ class Change:
     name: str
     old: str
     new: str
+
+
+def _take(session: Session, node_id: str, row: InstanceRow, *, fit: bool) -> bool:
+    """Add ``row``'s resources to its node's usage; with ``fit``, only if they fit its
+    capacity (False then, and nothing changed)."""
+    update_ = update(NodeRow).where(NodeRow.id == node_id)
+    if fit:
+        update_ = update_.where(
+            NodeRow.used_cpus + row.cpus <= NodeRow.cpus,
+            NodeRow.used_memory + row.memory <= NodeRow.memory,
+            NodeRow.used_disk + row.disk <= NodeRow.disk,
+        )
+    result = session.execute(
+        update_.values(
+            used_cpus=NodeRow.used_cpus + row.cpus,
+            used_memory=NodeRow.used_memory + row.memory,
+            used_disk=NodeRow.used_disk + row.disk,
+            instance_count=NodeRow.instance_count + 1,
+        )
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def _give_back(session: Session, node_id: str, row: InstanceRow) -> None:
+    session.execute(
+        update(NodeRow)
+        .where(NodeRow.id == node_id)
+        .values(
+            used_cpus=NodeRow.used_cpus - row.cpus,
+            used_memory=NodeRow.used_memory - row.memory,
+            used_disk=NodeRow.used_disk - row.disk,
+            instance_count=NodeRow.instance_count - 1,
+        )
+    )
+
+
+def _delete(session: Session, row: InstanceRow) -> None:
+    if row.node_id is not None:
+        _give_back(session, row.node_id, row)
+    session.delete(row)
 
 
 def _observe(row: InstanceRow, item: dict[str, Any]) -> Change | None:

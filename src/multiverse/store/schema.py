@@ -31,6 +31,12 @@ class NodeRow(Base):
     version: Mapped[str] = mapped_column(String(32), default="")
     last_sync: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime]
+    # What its instances take, changed in the same transaction as they are placed, moved or
+    # deleted (the Store does it), so no read has to aggregate the instances table.
+    used_cpus: Mapped[int] = mapped_column(Integer, default=0)
+    used_memory: Mapped[int] = mapped_column(BigInteger, default=0)
+    used_disk: Mapped[int] = mapped_column(BigInteger, default=0)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class InstanceRow(Base):
