@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import httpx
-from harness import Cluster, wait_until
+from harness import REPO, Cluster, wait_until
 
 from multiverse.core.model import (
     DesiredState,
@@ -20,8 +23,10 @@ from multiverse.core.model import (
     NodeStatus,
     Resources,
 )
+from multiverse.master.events import EventBus
 from multiverse.master.instances import Instances
-from multiverse.store.repository import Store
+from multiverse.master.reconciler import Reconciler
+from multiverse.store.repository import Change, Store
 from multiverse.wire.v1 import multiverse_pb2 as pb
 
 
@@ -222,3 +227,56 @@ def test_a_store_call_waiting_on_the_database_does_not_stall_the_event_loop(
             store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_reconcile_round_reads_only_what_changed(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = Store.for_data_dir(tmp_path)
+        store.migrate()
+        events = EventBus()
+        reconciler = Reconciler(store, None, events)  # type: ignore[arg-type]
+        read: list[list[str] | None] = []
+        list_instances = store.list_instances
+
+        async def counted(*args: Any, **kwargs: Any) -> list[Instance]:
+            read.append(kwargs.get("ids"))
+            return await list_instances(*args, **kwargs)
+
+        store.list_instances = counted  # type: ignore[method-assign]
+        try:
+            node = Node("n", "node", "127.0.0.1:1", "fake", NodeStatus.DOWN, {},
+                        Resources(64, 64 << 30, 640 << 30))  # fmt: skip
+            await store.add_node(node, "")
+            for index in range(20):
+                spec = InstanceSpec(name=f"vm-{index:02d}")
+                await store.add_instance(
+                    Instance(f"i{index}", spec, "n", DesiredState.RUNNING, InstanceState.UNKNOWN)
+                )
+            reconciler.publish_changes([Change("i7", "vm-07", "Running", "Unknown")])
+            await reconciler.reconcile_changed()
+            assert read == [["i7"]]  # not the 20 of them
+            await reconciler.reconcile_changed()  # nothing changed since: nothing read
+            assert read == [["i7"]]
+            await reconciler.reconcile_all()  # the safety net reads everything
+            assert read == [["i7"], None]
+        finally:
+            store.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_scale_bench_runs_on_both_databases(tmp_path: Path) -> None:
+    """A small bench/scale.py: every launch placed and Running on SQLite and on PostgreSQL
+    (its figures are not judged here)."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "scale.py"), "--nodes", "3", "--instances", "12",
+         "--in-flight", "4", "--pages", "3", "--sync-interval", "0.5", "--timeout", "180",
+         "--format", "json"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    runs = json.loads(done.stdout)["runs"]
+    assert [run["db"] for run in runs] == ["sqlite", "postgresql"]
+    for run in runs:
+        assert (run["launch_failures"], run["running"]) == (0, 12), run
+        assert run["placements_per_s"] > 0 and run["list_page_p99_ms"] > 0

@@ -20,12 +20,12 @@ from typing import TypeAlias
 import grpc
 
 from multiverse.core.errors import (
-    AlreadyExists,
     Conflict,
     DriverError,
     MultiverseError,
     NotFound,
     Unavailable,
+    Unschedulable,
 )
 from multiverse.core.model import (
     DesiredState,
@@ -41,7 +41,7 @@ from multiverse.master.cluster import Agents
 from multiverse.master.events import EventBus
 from multiverse.master.operations import Operation, Operations
 from multiverse.master.reconciler import PERMANENT, Reconciler
-from multiverse.master.scheduler import Strategy, place
+from multiverse.master.scheduler import NodeView, Strategy, place
 from multiverse.store.repository import Change, Store, now
 from multiverse.wire import convert
 from multiverse.wire.v1 import multiverse_pb2 as pb
@@ -51,6 +51,7 @@ log = logging.getLogger("multiverse.master")
 
 SessionCall: TypeAlias = grpc.aio.StreamStreamCall[pb.SessionInput, pb.SessionOutput]
 OPERATION_TIMEOUT = 900.0  # seconds an operation waits for its instance to get there
+PLACEMENT_TRIES = 3  # a node found full at insert time (another master won it): choose again
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class Instances:
         self.operations = operations
         self.events = events
         self.placement_wait = placement_wait
+        self.view = NodeView(store)
+        # Evacuations hold it while they choose targets and move instances there.
         self.placing = asyncio.Lock()
 
     async def get(self, name: str) -> Instance:
@@ -90,21 +93,22 @@ class Instances:
         return self.agents.stub(node)
 
     async def _candidates(self, node_name: str | None) -> list[Node]:
-        """The nodes to place on; waits (bounded) while some are Unknown, as after a master
-        restart, so that a launch does not fail only because nobody has reported yet."""
+        """The nodes to place on, from the in-memory view; waits (bounded) while some are
+        Unknown, as after a master restart, so that a launch does not fail only because
+        nobody has reported yet. No lock is held meanwhile: other launches go on."""
+
+        async def chosen() -> list[Node]:
+            nodes = await self.view.nodes()
+            if node_name is None:
+                return nodes
+            named = [node for node in nodes if node.name == node_name]
+            return named or [await self.store.find_node(node_name)]  # NotFound, or brand new
 
         async def known() -> bool:
-            nodes = (
-                [await self.store.find_node(node_name)]
-                if node_name
-                else await self.store.list_nodes()
-            )
-            return all(node.status != NodeStatus.UNKNOWN for node in nodes)
+            return all(node.status != NodeStatus.UNKNOWN for node in await chosen())
 
         await self.events.wait_for(known, self.placement_wait)
-        return (
-            [await self.store.find_node(node_name)] if node_name else await self.store.list_nodes()
-        )
+        return await chosen()
 
     async def launch(
         self,
@@ -115,13 +119,15 @@ class Instances:
         strategy: Strategy = "spread",
     ) -> tuple[Instance, Operation]:
         spec.validate()
-        async with self.placing:
-            if await self.store.list_instances(names=[spec.name]):
-                raise AlreadyExists(f"an instance named {spec.name!r} exists already")
+        for attempt in range(PLACEMENT_TRIES):
+            # Choosing and reserving in the view happen with no await between them, so the
+            # launches of this master see each other without a lock; the store's conditional
+            # insert settles races with other masters (and the unique name, duplicates).
             node = place(
                 spec.resources, await self._candidates(node_name), selector=selector,
                 strategy=strategy,
             )  # fmt: skip
+            self.view.reserve(node.id, spec.resources)
             instance = Instance(
                 id=str(uuid.uuid4()),
                 spec=spec,
@@ -131,7 +137,16 @@ class Instances:
                 state=InstanceState.SCHEDULED,
                 created_at=now(),
             )
-            await self.store.add_instance(instance)
+            try:
+                await self.store.add_instance(instance)
+                break
+            except Unschedulable:
+                self.view.invalidate()  # someone else took the room: look again
+                if attempt == PLACEMENT_TRIES - 1:
+                    raise
+            except BaseException:
+                self.view.reserve(node.id, spec.resources, count=-1)
+                raise
         log.info("instance %s scheduled on node %s", spec.name, node.name)
         self.reconciler.publish_changes([Change(instance.id, spec.name, "", "Scheduled")])
         try:
@@ -139,6 +154,7 @@ class Instances:
         except PERMANENT:
             # The node refused the request itself (no such image...): nothing was created.
             await self.store.delete_instance(instance.id)
+            self.view.reserve(node.id, spec.resources, count=-1)
             self.reconciler.publish_changes([Change(instance.id, spec.name, "Failed", "")])
             raise
         except MultiverseError:

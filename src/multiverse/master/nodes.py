@@ -50,6 +50,7 @@ class Nodes:
     async def set_cordon(self, name: str, cordoned: bool) -> Node:
         node = await self.store.find_node(name)
         await self.store.update_node(node.id, cordoned=cordoned)
+        self.instances.view.invalidate()
         self.instances.events.publish("node", name=name, cordoned=cordoned, status=node.status)
         return await self.store.find_node(name)
 
@@ -65,6 +66,7 @@ class Nodes:
             else:
                 labels[key] = value
         await self.store.update_node(node.id, admin_labels=validate_labels(labels))
+        self.instances.view.invalidate()
         self.instances.events.publish("node", name=name, labels=labels, status=node.status)
         return await self.store.find_node(name)
 
@@ -101,6 +103,7 @@ class Nodes:
                 f"node {name} still holds {names}: delete or evacuate them, or use --force"
             )
         await self.store.remove_node(node.id)
+        self.instances.view.invalidate()
         self.on_removed(node.id)
         self.instances.events.publish("node", name=name, status="Removed")
         log.info("node %s removed; its certificate is revoked", name)

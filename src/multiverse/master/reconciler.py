@@ -4,8 +4,10 @@ It is the one place that turns "what was asked" into agent calls. Each step asks
 :func:`next_action` what, if anything, to do for one instance, then makes one idempotent call
 (an agent that already did it answers with the current state). Failures back off
 exponentially (capped) and, past the retry limit, leave the instance Failed with the last
-error. It runs on every change (reports, API writes) and on a timer, so whatever crashed in
-between - master, worker, a VM - is caught up with.
+error. Its work is a queue of the instances that changed (reports, API writes) plus those whose
+backoff ran out, so a round costs what changed, not the size of the cluster; a full pass over
+everything runs when nodes come and go and every ``full_interval`` seconds, so whatever crashed
+in between - master, worker, a VM - is caught up with.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class Reconciler:
         base_delay: float = 1.0,
         max_delay: float = 30.0,
         interval: float = 2.0,
+        full_interval: float = 30.0,
     ) -> None:
         self.store = store
         self.agents = agents
@@ -86,13 +89,17 @@ class Reconciler:
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.interval = interval
+        self.full_interval = full_interval
         self.retries_total = 0
         self._backoff: dict[str, _Backoff] = {}
         self._kick = asyncio.Event()
         self._busy: set[str] = set()
+        self._changed: set[str] = set()  # instance ids to look at in the next round
+        self._full = True  # the next round looks at everything
 
     def kick(self) -> None:
-        """Reconcile soon (a report or an API write changed something)."""
+        """Look at every instance soon (nodes came or went, or many things changed)."""
+        self._full = True
         self._kick.set()
 
     @staticmethod
@@ -104,14 +111,40 @@ class Reconciler:
         )
 
     async def run(self) -> None:
+        next_full = 0.0
         while True:
+            self._kick.clear()  # before taking the work: a kick from now on is a new round
             try:
-                await self.reconcile_all()
+                if self._full or time.monotonic() >= next_full:
+                    self._full, self._changed = False, set()
+                    next_full = time.monotonic() + self.full_interval
+                    await self.reconcile_all()
+                else:
+                    await self.reconcile_changed()
             except Exception:  # keep reconciling whatever one round hit
                 log.exception("reconcile round failed")
-            self._kick.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), self.interval)
+
+    async def reconcile_changed(self) -> None:
+        """One step for the instances that changed, and for those whose backoff ran out."""
+        moment = time.monotonic()
+        due = {
+            instance_id
+            for instance_id, backoff in self._backoff.items()
+            if backoff.attempts < self.retry_limit and backoff.next_try <= moment
+        }
+        wanted, self._changed = (self._changed | due) - self._busy, set()
+        if not wanted:
+            return
+        instances = await self.store.list_instances(ids=sorted(wanted))
+        for gone in wanted - {instance.id for instance in instances}:
+            self._backoff.pop(gone, None)
+        node_ids = sorted({instance.node_id for instance in instances if instance.node_id})
+        nodes = {node.id: node for node in await self.store.list_nodes(ids=node_ids)}
+        await asyncio.gather(
+            *(self.reconcile(instance, nodes.get(instance.node_id or "")) for instance in instances)
+        )
 
     async def reconcile_all(self) -> None:
         nodes = {node.id: node for node in await self.store.list_nodes()}
@@ -221,5 +254,6 @@ class Reconciler:
                 "instance", name=change.name, id=change.instance_id, old=change.old,
                 state=change.new or "Deleted",
             )  # fmt: skip
+            self._changed.add(change.instance_id)
         if changes:
-            self.kick()
+            self._kick.set()

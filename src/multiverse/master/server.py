@@ -107,6 +107,7 @@ class Master:
             self.events.publish("node", name=name, status=status.value)
         self.reconciler.publish_changes(changes)
         if transitions:
+            self.instances.view.invalidate()
             self.reconciler.kick()
 
     async def join_token(
