@@ -120,6 +120,22 @@ def cli() -> None:
     """Multiverse: launch and manage virtual machines on many hosts from one place."""
 
 
+MASTER_COLUMNS = [
+    Column("API", lambda m: m["api"]),
+    Column("Cluster", lambda m: m["cluster"]),
+    Column("Leader", lambda m: "yes" if m["leader"] and m["status"] == "up" else ""),
+    Column("Status", lambda m: m["status"]),
+    Column("Last Seen", lambda m: m["last_seen"]),
+]
+
+
+@cli.command()
+@format_option
+def masters(fmt: str) -> None:
+    """List the masters serving the cluster, and which one leads."""
+    click.echo(render(_client().masters(), MASTER_COLUMNS, fmt))
+
+
 label_filter = click.option(
     "--labels", "label", default="", help="Only those with these labels: k=v,..."
 )

@@ -30,25 +30,47 @@ INFO_CHUNK = 100  # names per `info` request: the query string stays well under 
 
 
 class ApiClient:
+    """The REST API of a cluster. ``server`` may name several masters, comma-separated: a
+    master that cannot be connected to is skipped for the next (a request that never left
+    cannot have done anything, so retrying it elsewhere is safe)."""
+
     def __init__(
         self, server: str, token: str, timeout: float = 60.0, verify: ssl.SSLContext | bool = True
     ) -> None:
-        self.server = server.rstrip("/")
+        self.servers = [item.strip().rstrip("/") for item in server.split(",") if item.strip()]
+        self.server = self.servers[0] if self.servers else server
         self.token = token
         self.verify = verify
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(
-            base_url=f"{self.server}/api/v1", headers=headers, timeout=timeout, verify=verify
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout = timeout
+        self._http = self._client()
+
+    def _client(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=f"{self.server}/api/v1",
+            headers=self._headers,
+            timeout=self._timeout,
+            verify=self.verify,
         )
 
     def close(self) -> None:
         self._http.close()
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise Unreachable(f"cannot reach the master at {self.server}: {exc}") from exc
+        for _ in range(len(self.servers) - 1):
+            try:
+                response = self._http.request(method, path, **kwargs)
+                break
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                self._http.close()
+                turn = self.servers.index(self.server) + 1
+                self.server = self.servers[turn % len(self.servers)]
+                self._http = self._client()
+        else:
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                raise Unreachable(f"cannot reach the master at {self.server}: {exc}") from exc
         _raise_for_error(response)
         return response
 
@@ -63,6 +85,9 @@ class ApiClient:
             response = self._send("GET", response.links["next"]["url"])
             items += response.json()
         return items
+
+    def masters(self) -> list[JSON]:
+        return list(self._request("GET", "/masters"))
 
     def nodes(self, label: str = "") -> list[JSON]:
         return self._listing("/nodes", {"label": label})

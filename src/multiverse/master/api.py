@@ -11,7 +11,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
@@ -454,6 +454,21 @@ def create_app(
         )
         more = len(found) > page.limit
         return _page(request, [node_json(node) for node in found[: page.limit]], more)
+
+    @app.get("/api/v1/masters")
+    async def masters(_: Reader) -> list[dict[str, Any]]:
+        """The masters serving this cluster's database; a silent one is "away" (and cannot
+        lead: its lock went with its database session)."""
+        moment = datetime.now(UTC)
+        return [
+            {
+                **record,
+                "status": "away" if (moment - record["last_seen"]).total_seconds() > 5 else "up",
+                "started_at": _iso(record["started_at"]),
+                "last_seen": _iso(record["last_seen"]),
+            }
+            for record in await store.list_masters()
+        ]
 
     @app.get("/api/v1/nodes/{name}")
     async def get_node(name: str, _: Reader) -> dict[str, Any]:

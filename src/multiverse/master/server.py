@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -24,6 +25,7 @@ from multiverse.master.cluster import Agents, ClusterServicer
 from multiverse.master.events import EventBus
 from multiverse.master.health import watch_nodes
 from multiverse.master.instances import Instances
+from multiverse.master.leader import Leadership
 from multiverse.master.nodes import Nodes
 from multiverse.master.operations import Operations
 from multiverse.master.reconciler import Reconciler
@@ -96,6 +98,8 @@ class Master:
         self.cluster.on_change = self._changed
         self.nodes.on_removed = self.cluster.forget
         self.api_url = ""
+        self.master_id = str(uuid.uuid4())  # this process, among the masters of the database
+        self.leadership: Leadership | None = None
         self.grpc_port = 0
         self._grpc: grpc.aio.Server | None = None
         self._http: _Uvicorn | None = None
@@ -206,13 +210,19 @@ class Master:
         scheme = "http" if config.insecure_http else "https"
         self.api_url = f"{scheme}://{client_host}:{bound}"
         await self._ensure_client_config()
-        self._tasks = [
-            serving,
-            asyncio.create_task(
-                watch_nodes(self.store, config.node_timeout, config.down_timeout, self._changed)
-            ),
-            asyncio.create_task(self.reconciler.run()),
-        ]
+        self.leadership = Leadership(
+            self.store,
+            self.master_id,
+            [
+                lambda: watch_nodes(
+                    self.store, config.node_timeout, config.down_timeout, self._changed
+                ),
+                self.reconciler.run,
+            ],
+            api=self.api_url,
+            cluster=f"{_advertised_host(config.listen)}:{self.grpc_port}",
+        )
+        self._tasks = [serving, asyncio.create_task(self.leadership.run())]
         log.info("master addr: %s / api server addr: %s", config.listen, config.api_listen)
 
     async def stop(self) -> None:
@@ -225,6 +235,8 @@ class Master:
         if self._grpc:
             await self._grpc.stop(grace=1)
         await self.agents.close()
+        with contextlib.suppress(Exception):  # leaving the list is a courtesy
+            await self.store.forget_master(self.master_id)
         self.store.close()
 
 

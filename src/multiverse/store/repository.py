@@ -9,6 +9,7 @@ driver per database and still run SQLite in a thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,8 +21,19 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, Select, and_, create_engine, event, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Select,
+    and_,
+    create_engine,
+    event,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from multiverse.core.errors import AlreadyExists, NotFound, Unschedulable
@@ -35,7 +47,13 @@ from multiverse.core.model import (
     NodeStatus,
     Resources,
 )
-from multiverse.store.schema import InstanceRow, NodeRow, RevokedCertificateRow, TokenRow
+from multiverse.store.schema import (
+    InstanceRow,
+    MasterRow,
+    NodeRow,
+    RevokedCertificateRow,
+    TokenRow,
+)
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -84,6 +102,7 @@ class Store:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="store")
+        self._leader: Connection | None = None  # holds the leader lock (PostgreSQL)
 
     @classmethod
     def for_data_dir(cls, data_dir: Path) -> Store:
@@ -99,6 +118,7 @@ class Store:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._drop_leader_connection()
         self.engine.dispose()
 
     @contextmanager
@@ -447,6 +467,75 @@ class Store:
             if row is None:
                 raise NotFound(f"token {token_id} does not exist")
             row.revoked = True
+
+    # ---- masters and the leader lock ----
+
+    @_off_loop
+    def try_lead(self) -> bool:
+        """Hold (or keep holding) the leader lock; False while another master holds it.
+
+        PostgreSQL: a session advisory lock on a connection kept for it, released by the
+        server when this process dies (its connection goes), so a standby takes over. SQLite
+        has one master: it always leads."""
+        if self.engine.dialect.name != "postgresql":
+            return True
+        try:
+            if self._leader is None:
+                self._leader = self.engine.connect()
+            held = self._leader.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": _LOCK})
+            self._leader.commit()
+            return bool(held.scalar())
+        except DBAPIError:
+            self._drop_leader_connection()
+            return False
+
+    def _drop_leader_connection(self) -> None:
+        if self._leader is not None:
+            with contextlib.suppress(DBAPIError):
+                self._leader.close()
+            self._leader = None
+
+    @_off_loop
+    def heartbeat_master(self, master_id: str, api: str, cluster: str, leader: bool) -> None:
+        """This master is alive (and leads or not) now; only one row says leader."""
+        moment = now()
+        with self._session() as session:
+            if leader:
+                session.execute(
+                    update(MasterRow).where(MasterRow.id != master_id).values(leader=False)
+                )
+            row = session.get(MasterRow, master_id)
+            if row is None:
+                row = MasterRow(id=master_id, api=api, cluster=cluster, started_at=moment,
+                                last_seen=moment)  # fmt: skip
+                session.add(row)
+            row.leader, row.last_seen = leader, moment
+
+    @_off_loop
+    def list_masters(self) -> list[dict[str, Any]]:
+        with self._session() as session:
+            return [
+                {
+                    "id": row.id,
+                    "api": row.api,
+                    "cluster": row.cluster,
+                    "leader": row.leader,
+                    "started_at": _utc(row.started_at),
+                    "last_seen": _utc(row.last_seen),
+                }
+                for row in session.scalars(select(MasterRow).order_by(MasterRow.started_at))
+            ]
+
+    @_off_loop
+    def forget_master(self, master_id: str) -> None:
+        """A master stopping cleanly leaves; a killed one ages out of ``masters``."""
+        with self._session() as session:
+            row = session.get(MasterRow, master_id)
+            if row is not None:
+                session.delete(row)
+
+
+_LOCK = 0x6D76_6C65  # "mvle": the advisory lock key of the leader
 
 
 @dataclass(frozen=True)

@@ -91,3 +91,17 @@ class TokenRow(Base):
     uses_left: Mapped[int | None] = mapped_column(Integer, default=None)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime]
+
+
+class MasterRow(Base):
+    """A master process sharing this database (several on PostgreSQL); each refreshes its own
+    row every second, and the one holding the leader lock says so."""
+
+    __tablename__ = "masters"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    api: Mapped[str] = mapped_column(String(255))
+    cluster: Mapped[str] = mapped_column(String(255))
+    leader: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[datetime]
+    last_seen: Mapped[datetime]
