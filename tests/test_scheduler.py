@@ -7,7 +7,7 @@ import pytest
 from multiverse.core.errors import Unschedulable
 from multiverse.core.model import Node, NodeStatus, Resources
 from multiverse.core.sizes import GiB
-from multiverse.master.scheduler import place, why_not
+from multiverse.master.scheduler import Request, place, place_all, spread_conflict, why_not
 
 
 def node(
@@ -90,3 +90,32 @@ def test_an_admins_label_wins_over_the_nodes_own() -> None:
     assert place(
         NEED, [told, node("other", labels={"zone": "a"})], selector={"zone": "a"}
     ).name == ("other")
+
+
+def test_avoided_nodes_are_refused_with_their_reason() -> None:
+    nodes = [node("a"), node("b", used_cpus=3, count=3)]
+    assert place(NEED, nodes, avoid={"a": "holds web-1 of the same spread group"}).name == "b"
+    with pytest.raises(Unschedulable, match="a: holds web-1 of the same spread group; b: cord"):
+        place(NEED, [node("a"), node("b", cordoned=True)], avoid={"a": spread_conflict("web-1")})
+
+
+def test_place_all_spreads_a_group_and_counts_what_it_placed() -> None:
+    nodes = [node("a", cpus=2), node("b", cpus=2), node("c", cpus=2)]
+    web = [Request(f"web-{n}", NEED, spread_group="web") for n in (1, 2, 3)]
+    placed = place_all(web, nodes)
+    assert sorted(item.name for item in placed.values()) == ["a", "b", "c"]
+    # Members held already count; unrelated instances may share a node.
+    placed = place_all(
+        [Request("web-2", NEED, spread_group="web"), Request("db", NEED)],
+        nodes,
+        holding={"web": {"a": "web-1"}},
+    )
+    assert placed["web-2"].name != "a"
+    with pytest.raises(Unschedulable) as caught:
+        place_all([*web, Request("web-4", NEED, spread_group="web")], nodes)
+    assert caught.value.message.startswith(
+        "cannot place web-4: no node can hold the instance: a: holds web-"
+    )
+    # Resources run out too: each placement sees the ones before it.
+    with pytest.raises(Unschedulable, match=r"cannot place x-4: .*a: 0 of 2 cpus free"):
+        place_all([Request(f"x-{n}", Resources(2, GiB, GiB)) for n in (1, 2, 3, 4)], nodes)

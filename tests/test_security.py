@@ -42,6 +42,8 @@ WRITE_ROUTES = [
     ("DELETE", "/nodes/node-a", None),
     ("PATCH", "/nodes/node-a/labels", {"labels": {"zone": "stolen"}}),
     ("POST", "/tokens/revoke", {"token": "mva.0123456789abcdef.secret"}),
+    ("PUT", "/environments/lab", {"spec": {"name": "lab", "instances": [{"name": "intruder"}]}}),
+    ("DELETE", "/environments/lab", None),
 ]
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import click
 
+from multiverse.client import environments
 from multiverse.client.cli import _duration, cli, labels_option, parsed, run
 from multiverse.client.config import ClientConfig, user_config_path
 from multiverse.core.errors import MultiverseError
@@ -535,6 +536,10 @@ def image_import(
             if not (target / file).exists():
                 shutil.copyfile(tiny / file, target / file)
     click.echo(f"image {name}: {target}")
+
+
+for _command in (environments.apply, environments.diff, environments.envs, environments.get):
+    cli.add_command(_command)
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from multiverse.client.config import ClientConfig
 from multiverse.client.http import ApiClient, ApiError, Unreachable
 from multiverse.client.output import FORMATS, Column, render, render_one
 from multiverse.client.terminal import attach, follow_events
+from multiverse.core.environment import EnvironmentSpec, parse_yaml
 from multiverse.core.errors import MultiverseError
 from multiverse.core.model import DEFAULT_IMAGE, parse_labels, validate_labels
 from multiverse.core.sizes import format_size, parse_size
@@ -153,10 +154,11 @@ def nodes(label: str, fmt: str) -> None:
 @click.option("--node", default="", help="Only those on this node.")
 @click.option("--state", default="", help="Only those in this state (Running, Stopped...).")
 @label_filter
+@click.option("--env", help="Only the instances of this environment (see `apply`).")
 @format_option
-def instances_(node: str, state: str, label: str, fmt: str) -> None:
+def instances_(node: str, state: str, label: str, env: str | None, fmt: str) -> None:
     """List instances (aliases: list, ls)."""
-    listed = _client().instances(node=node, state=state, label=label)
+    listed = _client().instances(node=node, state=state, label=label, env=env)
     click.echo(render(listed, INSTANCE_COLUMNS, fmt))
 
 
@@ -415,10 +417,36 @@ def restart(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float) -
     )
 
 
+def read_environment(path: Path) -> EnvironmentSpec:
+    """An environment file (`apply -f`), checked; a problem names its line and column."""
+
+    def read(name: str) -> str:
+        return (path.parent / name).read_text()  # cloud-init: FILE, beside the file
+
+    try:
+        return parse_yaml(path.read_text(), str(path), read)
+    except MultiverseError as exc:
+        raise click.ClickException(exc.message) from exc
+
+
 @cli.command()
 @_names
-def delete(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float) -> None:
+@click.option(
+    "-f",
+    "--file",
+    "path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Delete the environment this file describes (see `apply`), all of it.",
+)
+def delete(
+    names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float, path: Path | None
+) -> None:
     """Delete instances and everything they own; waits until they are gone."""
+    if path is not None:
+        if names or all_:
+            raise click.UsageError("give instance names or -f FILE, not both")
+        _delete_environment(read_environment(path).name, no_wait, timeout)
+        return
     _act(
         names,
         all_,
@@ -427,6 +455,15 @@ def delete(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float) ->
         "Deleting",
         "Deleted",
     )
+
+
+def _delete_environment(name: str, no_wait: bool, timeout: float) -> None:
+    client = _client()
+    started = client.delete_environment(name)
+    if not no_wait:
+        _wait(client, started["operation"], timeout, f"Deleting environment {name}")
+    gone = ", ".join(item["name"] for item in started["instances"])
+    click.echo(f"Deleted environment {name}: {gone}")
 
 
 def _attach(name: str, command: Sequence[str], want_tty: bool) -> None:

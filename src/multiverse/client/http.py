@@ -98,8 +98,12 @@ class ApiClient:
     def images(self) -> list[JSON]:
         return list(self._request("GET", "/images"))
 
-    def instances(self, node: str = "", state: str = "", label: str = "") -> list[JSON]:
-        return self._listing("/instances", {"node": node, "state": state, "label": label})
+    def instances(
+        self, node: str = "", state: str = "", label: str = "", env: str | None = None
+    ) -> list[JSON]:
+        """Every instance (or those matching), all pages of them; ``env``: an environment's."""
+        params = {"node": node, "state": state, "label": label, "env": env}
+        return self._listing("/instances", params)
 
     def instance(self, name: str) -> JSON:
         return dict(self._request("GET", f"/instances/{name}"))
@@ -145,6 +149,23 @@ class ApiClient:
                     yield item
         except httpx.TransportError as exc:
             raise Unreachable(f"lost the master at {self.server}: {exc}") from exc
+
+    def apply_environment(
+        self, spec: JSON, *, prune: bool, recreate: bool, dry_run: bool = False
+    ) -> JSON:
+        """The plan and (unless ``dry_run``) the operation carrying it out."""
+        body = {"spec": spec, "prune": prune, "recreate": recreate}
+        path = f"/environments/{spec['name']}"
+        return dict(self._request("PUT", path, json=body, params={"dry_run": dry_run}))
+
+    def environments(self) -> list[JSON]:
+        return list(self._request("GET", "/environments"))
+
+    def environment(self, name: str) -> JSON:
+        return dict(self._request("GET", f"/environments/{name}"))
+
+    def delete_environment(self, name: str) -> JSON:
+        return dict(self._request("DELETE", f"/environments/{name}"))
 
     def operation(self, operation_id: str) -> JSON:
         return dict(self._request("GET", f"/operations/{operation_id}"))

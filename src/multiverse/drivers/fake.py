@@ -3,7 +3,8 @@
 Its "hypervisor state" lives in ``state_dir/vms.json``, apart from the agent's records, the way
 QEMU processes live apart from the agent: a restarted agent finds its fake VMs still running.
 ``exec`` runs the command on this host in the VM's directory, so the exec path through the
-whole cluster can be tested without booting anything. That makes it a test tool: it is refused
+whole cluster can be tested without booting anything; the VM's user-data is the file
+``user-data`` there, as a guest would have it. That makes it a test tool: it is refused
 unless ``MULTIVERSE_ALLOW_FAKE=1`` is set, and its commands get a guest's few variables, never
 the worker's environment (which may hold the join token).
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from multiverse.core.errors import Conflict, InvalidArgument, NotFound
+from multiverse.core.files import write_private
 from multiverse.core.model import GuestStats, Resources
 from multiverse.drivers.base import (
     Driver,
@@ -88,6 +90,7 @@ class FakeDriver(Driver):
         if vm.id not in self._vms:
             await asyncio.sleep(self.delay)
             (self.state_dir / "vms" / vm.id).mkdir(parents=True, exist_ok=True)
+            write_private(self.state_dir / "vms" / vm.id / "user-data", vm.user_data.encode())
             self._vms[vm.id] = {"power": PowerState.STOPPED.value, "ipv4": _fake_ip(vm.id)}
             self._save()
 

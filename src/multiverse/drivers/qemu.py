@@ -5,8 +5,8 @@ Each VM lives in ``<state_dir>/vms/<uuid>/``:
 - ``config.json``: the :class:`VMConfig` it was created with;
 - ``disk.img``: its data disk, a sparse raw file formatted ext4 on the host (``mkfs.ext4``), so
   the guest mounts it at once and no qemu-img or partitioning is involved;
-- ``hostname``, ``authorized_keys``, ``network``: the per-VM configuration the guest reads
-  through fw_cfg (see :mod:`multiverse.guest.image`);
+- ``hostname``, ``authorized_keys``, ``network``, ``user-data`` (0600, when given): the per-VM
+  configuration the guest reads through fw_cfg (see :mod:`multiverse.guest.image`);
 - ``ssh_host_key.pub``: the guest's SSH host key, once known (see :class:`ProcessDriver`);
 - while it runs: ``vm.json`` (pid, process start time, SSH port, guest address), ``qmp.sock``,
   ``serial.log`` (the console; the previous boot's in ``serial.log.1``) and ``qemu.log``.
@@ -35,6 +35,7 @@ from typing import Any
 from qemu.qmp import QMPClient, QMPError
 
 from multiverse.core.errors import DriverError, Unavailable
+from multiverse.core.files import write_private
 from multiverse.core.model import Resources
 from multiverse.core.sizes import MiB
 from multiverse.drivers.base import PowerState, VMConfig, VMStatus
@@ -184,6 +185,8 @@ class QemuDriver(ProcessDriver):
             argv += ["-cpu", "host"]
         for key in ("hostname", "authorized_keys", "network"):
             argv += ["-fw_cfg", f"name={FW_CFG_PREFIX}{key},file={key}"]
+        if vm.user_data:
+            argv += ["-fw_cfg", f"name={FW_CFG_PREFIX}user-data,file=user-data"]
         return argv
 
     def write_guest_config(self, vm: VMConfig) -> None:
@@ -194,6 +197,8 @@ class QemuDriver(ProcessDriver):
         (vm_dir / "network").write_text(
             f"address={USER_NET_ADDRESS}\ngateway={USER_NET_GATEWAY}\ndns={USER_NET_DNS}\n"
         )
+        if vm.user_data:  # may hold secrets
+            write_private(vm_dir / "user-data", vm.user_data.encode())
 
     async def _wait_for_guest(
         self, vm: VMConfig, process: subprocess.Popen[bytes], deadline: float

@@ -19,7 +19,9 @@ it carries any bytes (keys, later user data) without quoting rules or the 2 KiB 
 - ``hostname``: the guest's hostname (default ``tiny``);
 - ``authorized_keys``: written to root's ``~/.ssh/authorized_keys`` at every boot;
 - ``network``: ``address=10.0.2.15/24``, ``gateway=...``, ``dns=...`` lines for a static eth0;
-  without it the guest asks DHCP (udhcpc).
+  without it the guest asks DHCP (udhcpc);
+- ``user-data``: if it is a script (``#!``), run once at the first boot (once per data disk),
+  in the background, its output in ``/var/log/user-data.log``.
 
 In the guest, busybox ``init`` is PID 1 (it reaps orphans and respawns the services); its
 sysinit script loads the modules, mounts the data disk ``/dev/vda`` (ext4) on ``/data`` with
@@ -226,6 +228,19 @@ fi
 # The host checks SSH logins against this key: it reads it from the hypervisor's console log,
 # a channel no one on the network can write, before dropbear even starts.
 echo "multiverse: host key $(dropbearkey -y -f "$host_key" | grep '^ssh-')"
+
+# User-data that is a script (#!) runs once, at the first boot, as cloud-init runs that form;
+# in the background, so that SSH does not wait for it. Once per data disk: the marker is there.
+config user-data > /run/user-data
+if [ "$(head -c 2 /run/user-data)" = "#!" ]; then
+    ran=/run/user-data.ran
+    [ -d /data/.multiverse ] && ran=/data/.multiverse/user-data.ran
+    if [ ! -e "$ran" ]; then
+        : > "$ran"
+        chmod 700 /run/user-data
+        (/run/user-data > /var/log/user-data.log 2>&1; echo "multiverse: user-data exited $?") &
+    fi
+fi
 
 echo "multiverse: boot ok $(uname -r) $(hostname) $(ip -4 -o addr show eth0 | awk '{print $4}')"
 """

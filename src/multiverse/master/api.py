@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
 from multiverse import __version__
+from multiverse.core.environment import ENV_LABEL, parse_document
 from multiverse.core.errors import (
     InvalidArgument,
     MultiverseError,
@@ -45,6 +46,7 @@ from multiverse.core.model import (
 )
 from multiverse.core.sizes import parse_size
 from multiverse.master import auth, ui
+from multiverse.master.environments import Environments
 from multiverse.master.instances import InstanceInfo, Instances
 from multiverse.master.metrics import CONTENT_TYPE, Metrics
 from multiverse.master.nodes import Nodes
@@ -93,6 +95,12 @@ class LaunchBody(BaseModel):
     node: str | None = None
     selector: dict[str, str] = {}
     strategy: Strategy = "spread"
+
+
+class ApplyBody(BaseModel):
+    spec: dict[str, Any]  # the environment file's JSON form (core/environment.py)
+    prune: bool = False
+    recreate: bool = False
 
 
 class StopBody(BaseModel):
@@ -181,6 +189,14 @@ def instance_json(instance: Instance) -> dict[str, Any]:
         "message": instance.message,
         "restarts": instance.restarts,
         "created_at": _iso(instance.created_at),
+    }
+
+
+def environment_json(name: str, members: list[Instance]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "instances": [instance_json(instance) for instance in members],
+        "running": sum(instance.state == InstanceState.RUNNING for instance in members),
     }
 
 
@@ -531,9 +547,12 @@ def create_app(
         node: str | None = None,
         state: str | None = None,
         label: Labels = None,
+        env: str | None = None,
     ) -> Response:
+        """Instances by name, a page at a time, filtered; ``?env=NAME``: an environment's."""
+        labels = {**(_selector(label) or {}), **({ENV_LABEL: env} if env is not None else {})}
         found = await store.list_instances(
-            node_name=node, state=_state(state), labels=_selector(label), after=page.after,
+            node_name=node, state=_state(state), labels=labels, after=page.after,
             limit=page.limit + 1,
         )  # fmt: skip
         more = len(found) > page.limit
@@ -653,6 +672,36 @@ def create_app(
             return
         await _accept(websocket)
         await relay(websocket, call, node_name)
+
+    environments = Environments(store, instances)
+
+    @app.get("/api/v1/environments")
+    async def list_environments(_: Reader) -> list[dict[str, Any]]:
+        return [environment_json(name, items) for name, items in (await environments.all()).items()]
+
+    @app.get("/api/v1/environments/{name}")
+    async def get_environment(name: str, _: Reader) -> dict[str, Any]:
+        return environment_json(name, await environments.get(name))
+
+    @app.put("/api/v1/environments/{name}", status_code=202)
+    async def apply_environment(
+        name: str, body: ApplyBody, _: Admin, response: Response, dry_run: bool = False
+    ) -> dict[str, Any]:
+        """Make the environment as ``spec`` says; ``dry_run`` only tells what that takes."""
+        spec = parse_document(body.spec)
+        if spec.name != name:
+            raise InvalidArgument(f"the spec names environment {spec.name!r}, the path {name!r}")
+        if dry_run:
+            response.status_code = 200
+            diff = await environments.diff(spec, prune=body.prune, recreate=body.recreate)
+            return {**diff.json(), "operation": None}
+        steps, operation = await environments.apply(spec, prune=body.prune, recreate=body.recreate)
+        return {**steps.json(), "operation": operation.id}
+
+    @app.delete("/api/v1/environments/{name}", status_code=202)
+    async def delete_environment(name: str, _: Admin) -> dict[str, Any]:
+        members, operation = await environments.delete(name)
+        return {**environment_json(name, members), "operation": operation.id}
 
     @app.post("/api/v1/tokens", status_code=201)
     async def create_token(body: TokenBody, _: Admin) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from multiverse.master.cluster import Agents
 from multiverse.master.events import EventBus
 from multiverse.master.operations import Operation, Operations
 from multiverse.master.reconciler import PERMANENT, Reconciler
-from multiverse.master.scheduler import NodeView, Strategy, place
+from multiverse.master.scheduler import NodeView, Strategy, place, spread_conflict
 from multiverse.store.repository import Change, Store, now
 from multiverse.wire import convert
 from multiverse.wire.v1 import multiverse_pb2 as pb
@@ -117,15 +117,19 @@ class Instances:
         node_name: str | None = None,
         selector: Mapping[str, str] | None = None,
         strategy: Strategy = "spread",
+        apart_from: Mapping[str, str] | None = None,
     ) -> tuple[Instance, Operation]:
+        """``apart_from``: labels; no node holding an instance with all of them is chosen
+        (anti-affinity, as an environment's ``spread: true`` group asks)."""
         spec.validate()
+        avoid = await self._holding(apart_from) if apart_from else None
         for attempt in range(PLACEMENT_TRIES):
             # Choosing and reserving in the view happen with no await between them, so the
             # launches of this master see each other without a lock; the store's conditional
             # insert settles races with other masters (and the unique name, duplicates).
             node = place(
                 spec.resources, await self._candidates(node_name), selector=selector,
-                strategy=strategy,
+                strategy=strategy, avoid=avoid,
             )  # fmt: skip
             self.view.reserve(node.id, spec.resources)
             instance = Instance(
@@ -163,6 +167,14 @@ class Instances:
             "launch", spec.name, self.until(instance.id, {InstanceState.RUNNING})
         )
         return await self.store.get_instance(instance.id), operation
+
+    async def _holding(self, labels: Mapping[str, str]) -> dict[str, str]:
+        """Node id -> why not there: it holds an instance carrying all of ``labels``."""
+        return {
+            instance.node_id: spread_conflict(instance.name)
+            for instance in await self.store.list_instances(labels=labels)
+            if instance.node_id
+        }
 
     async def _set_desired(
         self, name: str, desired: DesiredState, *, force: bool = False

@@ -5,6 +5,11 @@ Feasible nodes are Ready, not cordoned, carry the requested labels (an admin's l
 the node's own of the same key) and have room for the
 instance after everything already placed on them. Among those, ``spread`` picks the emptiest
 (what Nomad and Kubernetes do by default) and ``binpack`` the fullest.
+
+Anti-affinity (an environment's ``spread: true`` group) comes in as ``avoid``: nodes that must
+not be chosen, each with the reason (which member of the group it holds already).
+:func:`place_all` places several instances in turn on a copy of the nodes, so that an
+environment is refused with the scheduler's explanation before any of it is created.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 from multiverse.core.errors import Unschedulable
@@ -52,13 +58,18 @@ def place(
     *,
     selector: Mapping[str, str] | None = None,
     strategy: Strategy = "spread",
+    avoid: Mapping[str, str] | None = None,
 ) -> Node:
-    """The best node for ``need``; raises Unschedulable saying why each node was refused."""
+    """The best node for ``need``; raises Unschedulable saying why each node was refused.
+
+    ``avoid`` maps node ids that must not be chosen to why (anti-affinity).
+    """
     selector = selector or {}
+    avoid = avoid or {}
     refused: list[str] = []
     feasible: list[Node] = []
     for node in nodes:
-        reason = why_not(node, need, selector)
+        reason = avoid.get(node.id) or why_not(node, need, selector)
         if reason is None:
             feasible.append(node)
         else:
@@ -112,3 +123,56 @@ class NodeView:
         self._nodes[node_id] = dataclasses.replace(
             node, allocated=allocated, instance_count=node.instance_count + count
         )
+
+
+def spread_conflict(holder: str) -> str:
+    """Why a node is refused to a member of a spread group: it holds ``holder`` already."""
+    return f"holds {holder} of the same spread group"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One instance to place among several (:func:`place_all`)."""
+
+    name: str
+    need: Resources
+    selector: Mapping[str, str] = field(default_factory=dict)
+    spread_group: str = ""  # members of one group never share a node; "" for no such rule
+
+
+def place_all(
+    requests: Sequence[Request],
+    nodes: Sequence[Node],
+    *,
+    holding: Mapping[str, Mapping[str, str]] | None = None,
+) -> dict[str, Node]:
+    """Where each request would go, placed in turn, each seeing the ones before it.
+
+    ``holding`` maps a spread group to the nodes (id -> instance name) that hold members of it
+    already. Raises Unschedulable naming the first request that fits nowhere and why.
+    """
+    nodes = list(nodes)
+    taken = {group: dict(held) for group, held in (holding or {}).items()}
+    placed: dict[str, Node] = {}
+    for request in requests:
+        avoid = {}
+        if request.spread_group:
+            held = taken.setdefault(request.spread_group, {})
+            avoid = {node_id: spread_conflict(name) for node_id, name in held.items()}
+        try:
+            node = place(request.need, nodes, selector=request.selector, avoid=avoid)
+        except Unschedulable as exc:
+            raise Unschedulable(f"cannot place {request.name}: {exc.message}") from None
+        placed[request.name] = node
+        if request.spread_group:
+            taken[request.spread_group][node.id] = request.name
+        nodes = [
+            dataclasses.replace(
+                other, allocated=other.allocated + request.need,
+                instance_count=other.instance_count + 1,
+            )
+            if other.id == node.id
+            else other
+            for other in nodes
+        ]  # fmt: skip
+    return placed

@@ -1,0 +1,153 @@
+"""``multiverse apply -f``, ``diff -f``, ``envs``, ``get env``: environments from one file.
+
+The file is read and checked here (core/environment.py gives every problem its line and
+column, before anything is sent); ``cloud-init: FILE`` is read relative to the file. The master
+gets the file's JSON form and does the rest (``PUT /api/v1/environments/{name}``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.live import Live
+from rich.table import Table
+
+from multiverse.client.cli import (
+    INSTANCE_COLUMNS,
+    Failure,
+    _client,
+    _with_wait,
+    format_option,
+    read_environment,
+    stderr,
+)
+from multiverse.client.http import ApiClient
+from multiverse.client.output import Column, render, render_one
+
+__all__ = ["apply", "diff", "envs", "get"]
+
+file_option = click.option(
+    "-f",
+    "--file",
+    "path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The environment file (YAML).",
+)
+prune_option = click.option(
+    "--prune", is_flag=True, help="Delete the environment's instances the file no longer lists."
+)
+recreate_option = click.option(
+    "--recreate",
+    is_flag=True,
+    help="Delete and re-create instances whose size, image or cloud-init changed.",
+)
+
+SYMBOLS = {"create": "+", "recreate": "-/+", "delete": "-", "start": "~", "stop": "~"}
+
+
+def _show_plan(answer: dict[str, Any]) -> None:
+    for action in answer["actions"]:
+        detail = f" ({action['detail']})" if action["detail"] else ""
+        click.echo(f"{SYMBOLS[action['action']]} {action['action']} {action['name']}{detail}")
+    if answer["kept"]:
+        click.echo(f"  kept, not in the file (--prune deletes them): {', '.join(answer['kept'])}")
+    if not answer["actions"]:
+        click.echo(f"environment {answer['name']}: nothing to do")
+
+
+@click.command()
+@file_option
+@prune_option
+@recreate_option
+def diff(path: Path, prune: bool, recreate: bool) -> None:
+    """Show what `apply -f FILE` would do, changing nothing."""
+    spec = read_environment(path)
+    answer = _client().apply_environment(
+        spec.document, prune=prune, recreate=recreate, dry_run=True
+    )
+    _show_plan(answer)
+
+
+@click.command()
+@file_option
+@prune_option
+@recreate_option
+@_with_wait
+def apply(path: Path, prune: bool, recreate: bool, no_wait: bool, timeout: float) -> None:
+    """Create or change an environment as FILE describes; waits until all of it is Running.
+
+    Creates what is missing, starts and stops what the file says, refuses size, image or
+    cloud-init changes unless --recreate, and deletes what the file no longer lists only with
+    --prune. A second apply of the same file does nothing.
+    """
+    spec = read_environment(path)
+    client = _client()
+    answer = client.apply_environment(spec.document, prune=prune, recreate=recreate)
+    _show_plan(answer)
+    if no_wait:
+        click.echo(answer["operation"])
+        return
+    names = [member.name for member in spec.members]
+    _follow(client, answer["operation"], spec.name, names, timeout)
+    click.echo(f"environment {spec.name}: {len(names)} instances as the file says")
+
+
+def _follow(
+    client: ApiClient, operation_id: str, env: str, names: list[str], timeout: float
+) -> None:
+    """Wait for the apply, showing each instance's state (a live table on a terminal)."""
+    deadline = time.monotonic() + timeout
+    with Live(_progress({}, names), console=stderr, transient=True) as live:
+        while True:
+            operation = client.wait_operation(operation_id, timeout=1)
+            if operation["status"] == "success":
+                return
+            if operation["status"] == "failure":
+                raise Failure(operation["error"] or f"apply of {env} failed")
+            if time.monotonic() > deadline:
+                raise Failure(f"apply of {env}: still not done after {timeout:.0f}s")
+            seen = {item["name"]: item for item in client.instances(env=env)}
+            live.update(_progress(seen, names))
+
+
+def _progress(seen: dict[str, dict[str, Any]], names: list[str]) -> Table:
+    table = Table("Instance", "State", "Node", "IPv4", box=None)
+    for name in names:
+        item = seen.get(name, {})
+        table.add_row(name, item.get("state", "waiting"), item.get("node", ""), item.get("ipv4"))
+    return table
+
+
+ENV_COLUMNS = [
+    Column("Environment", lambda e: e["name"]),
+    Column("Instances", lambda e: ",".join(i["name"] for i in e["instances"])),
+    Column("Running", lambda e: f"{e['running']}/{len(e['instances'])}"),
+]
+
+
+@click.command()
+@format_option
+def envs(fmt: str) -> None:
+    """List environments (instances made by `apply`) with their instances."""
+    click.echo(render(_client().environments(), ENV_COLUMNS, fmt))
+
+
+@click.group()
+def get() -> None:
+    """Show one object, as kubectl get."""
+
+
+@get.command(name="env")
+@click.argument("name")
+@format_option
+def get_env(name: str, fmt: str) -> None:
+    """An environment's instances."""
+    environment = _client().environment(name)
+    if fmt in ("json", "yaml"):
+        click.echo(render_one(environment, ENV_COLUMNS, fmt))
+    else:
+        click.echo(render(environment["instances"], INSTANCE_COLUMNS, fmt))
