@@ -235,6 +235,7 @@ def test_a_reconcile_round_reads_only_what_changed(tmp_path: Path) -> None:
         store.migrate()
         events = EventBus()
         reconciler = Reconciler(store, None, events)  # type: ignore[arg-type]
+        reconciler._running = True  # as while its master leads (run() sets it)
         read: list[list[str] | None] = []
         list_instances = store.list_instances
 

@@ -96,6 +96,7 @@ class Reconciler:
         self._busy: set[str] = set()
         self._changed: set[str] = set()  # instance ids to look at in the next round
         self._full = True  # the next round looks at everything
+        self._running = False  # a master that does not lead runs no rounds: it queues nothing
 
     def kick(self) -> None:
         """Look at every instance soon (nodes came or went, or many things changed)."""
@@ -111,6 +112,13 @@ class Reconciler:
         )
 
     async def run(self) -> None:
+        self._running, self._full = True, True
+        try:
+            await self._rounds()
+        finally:
+            self._running = False
+
+    async def _rounds(self) -> None:
         next_full = 0.0
         while True:
             self._kick.clear()  # before taking the work: a kick from now on is a new round
@@ -254,6 +262,7 @@ class Reconciler:
                 "instance", name=change.name, id=change.instance_id, old=change.old,
                 state=change.new or "Deleted",
             )  # fmt: skip
-            self._changed.add(change.instance_id)
+            if self._running:
+                self._changed.add(change.instance_id)
         if changes:
             self._kick.set()
