@@ -55,6 +55,7 @@ bench: venv deps
 	$(VENV)/bin/multiverse image build-test --images-dir $(CURDIR)/.data/images
 	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) bench/boot.py
 	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) bench/shell.py
+	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) bench/exec.py
 
 # Regenerates src/multiverse/wire/v1/*_pb2*.py from proto/; tests check it is fresh.
 proto: venv

@@ -49,7 +49,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from common import run_benchmark  # noqa: E402
+from common import add_report_options, run_benchmark  # noqa: E402
 from harness import (  # noqa: E402  (tests/ is put on the path just above)
     IMAGE_CACHE,
     Cluster,
@@ -63,7 +63,7 @@ from multiverse.core.sizes import MiB, format_size, parse_size  # noqa: E402
 from multiverse.drivers.base import VMConfig  # noqa: E402
 from multiverse.drivers.qemu import QemuDriver, make_data_disk  # noqa: E402
 from multiverse.guest.image import TEST_IMAGE, build_test_image  # noqa: E402
-from multiverse.guest.ssh import GuestConnection  # noqa: E402
+from multiverse.guest.ssh import GuestConnection, KnownHost  # noqa: E402
 
 NODE = "bench-node"
 BOOT_TIMEOUT = 180.0
@@ -169,7 +169,8 @@ class ByHand:
                     start_new_session=True,
                 )
             self.live.append(process)
-            asyncio.run(self._ssh_answers(port, alive=lambda: process.poll() is None))
+            known = KnownHost(vm_dir / "ssh_host_key.pub", vm.name)  # trusted on first use
+            asyncio.run(self._ssh_answers(port, known, alive=lambda: process.poll() is None))
             elapsed = time.perf_counter() - started
             if process.poll() is not None:
                 log_text = (vm_dir / "qemu.log").read_text(errors="replace")
@@ -180,13 +181,13 @@ class ByHand:
             self.kill_all()
             shutil.rmtree(vm_dir, ignore_errors=True)
 
-    async def _ssh_answers(self, port: int, alive: Callable[[], bool]) -> None:
+    async def _ssh_answers(self, port: int, known: KnownHost, alive: Callable[[], bool]) -> None:
         # A short timeout per attempt: while the guest is not up yet, QEMU's user-mode network
         # accepts our TCP connection but its SYN to the guest goes unanswered and is resent
         # with backoff, so a patient attempt made too early hangs for seconds past the moment
         # SSH is up (measured: 6.7 s to SSH with a 15 s timeout, 4.7 s with 1 s).
         guest = GuestConnection(
-            "127.0.0.1", port, self.driver.key_path, connect_timeout=self.connect_timeout
+            "127.0.0.1", port, self.driver.key_path, known, connect_timeout=self.connect_timeout
         )
         try:
             await guest.wait_until_ready(BOOT_TIMEOUT, alive=alive)
@@ -306,8 +307,7 @@ def main() -> int:
         default=1.0,
         help="by hand: give up an SSH attempt after this long and retry (default 1 s)",
     )
-    parser.add_argument("--format", choices=("table", "json"), default="table")
-    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs) at the end")
+    add_report_options(parser)
     args = parser.parse_args()
     if args.runs < 1 or args.warmup < 0:
         parser.error("--runs must be at least 1 and --warmup at least 0")

@@ -4,6 +4,7 @@ the figures, and ``--format table|json``."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -40,6 +41,12 @@ def print_load(report: Report) -> None:
         f"host: {os.cpu_count()} cpus, load average (1 min) {load['start']:.2f} at the start, "
         f"{load['end']:.2f} at the end"
     )
+
+
+def add_report_options(parser: argparse.ArgumentParser) -> None:
+    """What every benchmark takes: ``--format table|json`` and ``--keep``."""
+    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs) at the end")
 
 
 def run_benchmark(

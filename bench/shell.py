@@ -54,7 +54,7 @@ import pexpect
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from common import run_benchmark  # noqa: E402
+from common import add_report_options, run_benchmark  # noqa: E402
 from harness import IMAGE_CACHE, Cluster, new_cluster  # noqa: E402  (tests/ is on the path now)
 
 from multiverse.guest.image import TEST_IMAGE, build_test_image  # noqa: E402
@@ -429,8 +429,7 @@ def main() -> int:
         "--megabytes", type=float, default=20, help="random MB, base64-encoded, to stream"
     )
     parser.add_argument("--memory", default="256M", help="the VM's memory (qemu)")
-    parser.add_argument("--format", choices=("table", "json"), default="table")
-    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs) at the end")
+    add_report_options(parser)
     args = parser.parse_args()
     if args.keys < 2 or args.megabytes <= 0:
         parser.error("--keys must be at least 2 and --megabytes positive")

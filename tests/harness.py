@@ -15,7 +15,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +30,7 @@ IMAGE_CACHE = Path(os.environ.get("MULTIVERSE_IMAGE_CACHE", REPO / ".data" / "im
 NODE_TIMEOUT = 3.0  # seconds; short so that the NotReady tests stay quick
 DOWN_TIMEOUT = 6.0
 SYNC_INTERVAL = 0.5
+JOINED = "joined as "  # what a worker prints once it joined and its agent listens
 
 
 def free_port() -> int:
@@ -235,10 +236,19 @@ class Cluster:
         env = {**self.env, "MULTIVERSE_JOIN_TOKEN": token or ""}  # not in argv: ps shows that
         where = self.prefix if prefix is None else prefix
         proc = Proc(name, [*args, *extra], self.root / f"{name}.log", env, where)
+        joined_before = proc.output().count(JOINED) if proc.log.exists() else 0
         proc.start()
         self.workers[name] = proc
         if wait:
-            wait_until(lambda: self.node(name).get("status") == "Ready", timeout=60)
+            # Ready alone may still be the previous process's state (a restart within the node
+            # timeout); this one says it joined once its agent listens.
+            wait_until(
+                lambda: (
+                    proc.output().count(JOINED) > joined_before
+                    and self.node(name).get("status") == "Ready"
+                ),
+                timeout=60,
+            )
         return proc
 
     def node(self, name: str) -> dict[str, Any]:
@@ -255,6 +265,7 @@ class Cluster:
             if proc is not None:
                 proc.kill()
         kill_qemus_under(self.root)  # VMs outlive their agents by design
+        kill_under(self.root, "dnsmasq")  # so do the names the workers serve them
 
 
 @contextmanager
@@ -268,6 +279,9 @@ def new_cluster(root: Path) -> Iterator[Cluster]:
         "XDG_CONFIG_HOME": str(home / ".config"),
         "XDG_DATA_HOME": str(home / ".local/share"),
         "MULTIVERSE_IMAGE_CACHE": str(IMAGE_CACHE),
+        # Tests share this host's network namespace: only tests that make their own
+        # namespaces (test_network.py) put workers on the cluster network.
+        "MULTIVERSE_NETWORK_MODE": "user",
         "MULTIVERSE_ALLOW_FAKE": "1",  # the workers' default driver here; refused elsewhere
     }
     for key in ("MULTIVERSE_SERVER", "MULTIVERSE_TOKEN", "MULTIVERSE_CONFIG"):
@@ -298,3 +312,97 @@ def kill_qemus_under(state_dir: Path) -> None:
         with contextlib.suppress(psutil.Error):
             process.kill()
             process.wait(10)
+
+
+# --- test hosts in network namespaces ---------------------------------------------------------
+
+UNDERLAY = "10.231.88"  # the /24 of the test hosts' underlay; the master's host is .1
+
+
+def netns_ip(namespace: str, *args: str) -> None:
+    subprocess.run(["ip", "netns", "exec", namespace, "ip", *args], check=True)
+
+
+def kill_under(root: Path, name: str) -> None:
+    """Kill the ``name`` processes whose command line mentions ``root`` (dnsmasq of workers)."""
+    for process in psutil.process_iter(["name", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if name in (process.info["name"] or "") and str(root) in " ".join(
+                process.info["cmdline"] or []
+            ):
+                process.kill()
+
+
+@dataclass
+class Hosts:
+    """Test hosts as network namespaces on one veth underlay, switched in the master's."""
+
+    tag: str
+    master_ns: str
+    switch: str
+    workers: dict[str, str] = field(default_factory=dict)  # node name -> namespace
+
+    def add(self, name: str, index: int) -> str:
+        """Another host on the underlay, at ``UNDERLAY.<index>``; returns its address."""
+        namespace = f"mvnet-{name}-{self.tag}"
+        subprocess.run(["ip", "netns", "add", namespace], check=True)
+        self.workers[name] = namespace
+        netns_ip(namespace, "link", "set", "lo", "up")
+        outside, inside = f"mvu{index}{self.tag}", f"ul{index}"
+        subprocess.run(
+            ["ip", "link", "add", outside, "netns", self.master_ns, "type", "veth",
+             "peer", "name", inside, "netns", namespace],
+            check=True,
+        )  # fmt: skip
+        netns_ip(self.master_ns, "link", "set", outside, "master", self.switch, "up")
+        address = f"{UNDERLAY}.{index}"
+        netns_ip(namespace, "addr", "add", f"{address}/24", "dev", inside)
+        netns_ip(namespace, "link", "set", inside, "up")
+        return address
+
+    def make_master_host(self) -> None:
+        """The master's host: its namespace, holding the switch of the underlay at ``.1``."""
+        subprocess.run(["ip", "netns", "add", self.master_ns], check=True)
+        netns_ip(self.master_ns, "link", "set", "lo", "up")
+        netns_ip(self.master_ns, "link", "add", self.switch, "type", "bridge")
+        netns_ip(self.master_ns, "addr", "add", f"{UNDERLAY}.1/24", "dev", self.switch)
+        netns_ip(self.master_ns, "link", "set", self.switch, "up")
+
+    def remove(self) -> None:
+        """Delete every namespace, and so every link, bridge and nftables table in them."""
+        for namespace in [*self.workers.values(), self.master_ns]:
+            subprocess.run(["ip", "netns", "del", namespace], check=False)
+
+
+@contextmanager
+def underlay(tag: str) -> Iterator[Hosts]:
+    """Test hosts on a veth underlay: the master's now, workers' with ``Hosts.add``."""
+    hosts = Hosts(tag, f"mvnet-m-{tag}", f"mvsw{tag}")
+    try:
+        hosts.make_master_host()
+        yield hosts
+    finally:
+        hosts.remove()
+
+
+def start_network_master(cluster: Cluster, hosts: Hosts, *extra: str) -> None:
+    """The master in its host's namespace, reachable from the others at ``UNDERLAY.1``."""
+    cluster.prefix = ["ip", "netns", "exec", hosts.master_ns]
+    cluster.start_master(
+        "--listen", f"0.0.0.0:{cluster.grpc_port}",
+        "--api-listen", f"0.0.0.0:{cluster.api_port}",
+        "--advertise", f"{UNDERLAY}.1", *extra,
+    )  # fmt: skip
+
+
+def start_host_worker(
+    cluster: Cluster, hosts: Hosts, name: str, index: int, *extra: str,
+    wrap: Sequence[str] = (), driver: str = "qemu",
+) -> Proc:  # fmt: skip
+    """A qemu worker on a new test host at ``UNDERLAY.<index>``; ``wrap`` runs it under a
+    command (e.g. setpriv dropping capabilities)."""
+    address = hosts.add(name, index)
+    return cluster.start_worker(
+        name, *extra, driver=driver, capacity="cpus=2,memory=2G,disk=10G", host=address,
+        master_host=f"{UNDERLAY}.1", prefix=["ip", "netns", "exec", hosts.workers[name], *wrap],
+    )  # fmt: skip

@@ -50,6 +50,7 @@ def test_two_workers_spread_and_lifecycle(cluster: Cluster) -> None:
         "Mem",
         "Disk",
         "Instances",
+        "Network",
         "Last",
         "Sync",
     ]

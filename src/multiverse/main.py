@@ -7,13 +7,7 @@ that ``multiverse instances`` stays quick to start.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
-import re
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -24,9 +18,11 @@ import click
 
 from multiverse.client import environments
 from multiverse.client.cli import _duration, cli, labels_option, parsed, run
-from multiverse.client.config import ClientConfig, user_config_path
 from multiverse.core.errors import MultiverseError
 from multiverse.core.model import Resources
+
+# What only the servers need (asyncio, logging, subprocess, the client's config) is imported in
+# the commands that start them: every client call loads this module first.
 
 EXIT_FAILED = 2
 
@@ -37,6 +33,8 @@ def default_data_dir() -> Path:
 
 
 def _logging() -> None:
+    import logging
+
     logging.Formatter.converter = time.gmtime
     logging.basicConfig(
         level=os.environ.get("MULTIVERSE_LOG_LEVEL", "INFO"),
@@ -48,6 +46,8 @@ def _logging() -> None:
 
 def _serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]) -> None:
     """Run until SIGINT/SIGTERM, then stop cleanly. VMs are left running."""
+    import asyncio
+    import signal
 
     async def main() -> None:
         stopping = asyncio.Event()
@@ -68,6 +68,9 @@ def _serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[No
 
 
 def _default_node_name() -> str:
+    import re
+    import socket
+
     name = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()).strip("-") or "node"
     return name if name[0].isalpha() else f"node-{name}"
 
@@ -148,7 +151,21 @@ def _certificate_lifetime(seconds: int | None) -> timedelta:
     show_default=True,
     help="Lifetime of the certificates signed for nodes; they renew at a third left.",
 )
+@click.option(
+    "--network",
+    "network_cidr",
+    default="",
+    help="The cluster network's CIDR, fixed at the first start "
+    "(default: 10.77.0.0/16 or another that no route of this host overlaps).",
+)
+@click.option(
+    "--nat/--no-nat",
+    default=None,
+    help="Masquerade the VMs' outbound traffic on their nodes (default: on).",
+)
 def master(
+    network_cidr: str,
+    nat: bool | None,
     listen: str,
     advertise: str,
     max_auth_failures: int,
@@ -161,6 +178,7 @@ def master(
     node_cert_ttl: timedelta,
 ) -> None:
     """Run the master: cluster state, REST API, scheduler."""
+    from multiverse.client.config import user_config_path
     from multiverse.master.server import Master, MasterConfig
 
     _logging()
@@ -176,6 +194,8 @@ def master(
             node_timeout=node_timeout,
             down_timeout=max(down_timeout, node_timeout),
             user_config=user_config_path(),
+            network=network_cidr,
+            nat=nat,
             node_cert_lifetime=node_cert_ttl,
         )
     )
@@ -229,6 +249,15 @@ def _worker_options(func: Callable[..., None]) -> Callable[..., None]:
             type=click.FloatRange(0),
             default=0.0,
             help="Seconds each fake VM action takes.",
+        ),
+        click.option(
+            "--network-mode",
+            type=click.Choice(["auto", "bridge", "user"]),
+            envvar="MULTIVERSE_NETWORK_MODE",
+            default="auto",
+            show_default=True,
+            help="bridge: VMs on the cluster network (needs CAP_NET_ADMIN); user: QEMU's NAT; "
+            "auto: bridge when this process may build networks.",
         ),
         sync_option,
     ]
@@ -291,6 +320,7 @@ def worker(
     driver: str,
     capacity: Resources | None,
     fake_delay: float,
+    network_mode: str,
     sync_interval: float,
     simulate: int | None,
 ) -> None:
@@ -318,6 +348,7 @@ def worker(
         image_dirs=_image_dirs(),
         bridge=bridge,
         guest_cidr=guest_cidr,
+        network_mode=network_mode,
     )
     if simulate:
         try:
@@ -356,15 +387,22 @@ def up(
     driver: str,
     capacity: Resources | None,
     fake_delay: float,
+    network_mode: str,
     sync_interval: float,
 ) -> None:
     """Run a master and a worker for this machine in one process."""
+    source = click.get_current_context().get_parameter_source("network_mode")
+    if source == click.core.ParameterSource.DEFAULT:
+        # One host needs no overlay, and a quick start should not build a bridge and
+        # firewall rules on a machine unasked: user mode unless --network-mode says otherwise.
+        network_mode = "user"
     images_dir = data_dir / "images"
     if driver == "qemu":  # before detaching, so that the user sees the build's progress
         _build_test_image(Path(os.environ.get("MULTIVERSE_IMAGE_CACHE") or images_dir))
     if detach:
         _detach(data_dir)
         return
+    from multiverse.client.config import user_config_path
     from multiverse.master.server import Master, MasterConfig
     from multiverse.worker.server import Worker, WorkerConfig
 
@@ -398,6 +436,7 @@ def up(
                 sync_interval=sync_interval,
                 fake_delay=fake_delay,
                 image_dirs=[images_dir, *_image_dirs()],
+                network_mode=network_mode,
             )
         )
         identity = await worker_server.start()
@@ -418,7 +457,11 @@ def up(
 
 def _detach(data_dir: Path) -> None:
     """Start ``multiverse up`` in the background and return once its API answers."""
+    import subprocess
+
     import httpx
+
+    from multiverse.client.config import ClientConfig
 
     data_dir.mkdir(parents=True, exist_ok=True)
     pid_file = data_dir / "up.pid"
@@ -466,6 +509,8 @@ def _alive(pid: int) -> bool:
 @data_dir_option
 def down(data_dir: Path) -> None:
     """Stop a `multiverse up --detach` (its VMs keep running)."""
+    import signal
+
     pid_file = data_dir / "up.pid"
     if not pid_file.exists() or not _alive(pid := int(pid_file.read_text())):
         click.echo("multiverse is not running")

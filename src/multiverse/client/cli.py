@@ -5,32 +5,56 @@ Exit codes, as Multipass: 0 ok, 1 usage error, 2 the request failed, 3 the maste
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import random
+import functools
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
-from rich.console import Console
 
-from multiverse.client.config import ClientConfig
-from multiverse.client.http import ApiClient, ApiError, Unreachable
+from multiverse import __version__
+from multiverse.client.errors import ApiError, Unreachable
 from multiverse.client.output import FORMATS, Column, render, render_one
-from multiverse.client.terminal import attach, follow_events
-from multiverse.core.environment import EnvironmentSpec, parse_yaml
 from multiverse.core.errors import MultiverseError
 from multiverse.core.model import DEFAULT_IMAGE, parse_labels, validate_labels
+from multiverse.core.network import parse_publish
 from multiverse.core.sizes import format_size, parse_size
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from multiverse.client.http import ApiClient
+    from multiverse.core.environment import EnvironmentSpec
+
+# Imported where a command needs them, not here: rich, websockets, asyncio, the HTTP client and
+# TLS together cost several times what the rest of a call's start does (`python -X importtime
+# -m multiverse --version` shows it), and most commands need one or two of them.
 
 EXIT_USAGE, EXIT_FAILED, EXIT_UNREACHABLE = 1, 2, 3
 
-stderr = Console(stderr=True, soft_wrap=True)  # long messages stay on one line for grep
+
+@functools.cache
+def stderr_console() -> Console:
+    """rich's Console on stderr, made on first use (a spinner, an error)."""
+    from rich.console import Console
+
+    return Console(stderr=True, soft_wrap=True)  # long messages stay on one line for grep
+
+
+class _LazyConsole:
+    """Stands for :func:`stderr_console` until something is asked of it. Where rich wants
+    a Console itself (``Live(console=...)``), pass ``stderr_console()``."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(stderr_console(), name)
+
+
+stderr = cast("Console", _LazyConsole())
 
 
 class Failure(Exception):
@@ -38,6 +62,9 @@ class Failure(Exception):
 
 
 def _client() -> ApiClient:
+    from multiverse.client.config import ClientConfig
+    from multiverse.client.http import ApiClient
+
     try:
         config = ClientConfig.load()
     except ValueError as exc:
@@ -85,6 +112,7 @@ NODE_COLUMNS = [
     Column("Mem", lambda n: _free_of(n["memory"])),
     Column("Disk", lambda n: _free_of(n["disk"])),
     Column("Instances", lambda n: n["instances"]),
+    Column("Network", lambda n: n.get("network_mode") or "--"),
     Column("Last Sync", lambda n: _ago(n["last_sync"])),
 ]
 INSTANCE_COLUMNS = [
@@ -112,11 +140,12 @@ INFO_COLUMNS = [
     Column("Memory", lambda i: _usage(i["memory_usage"])),
     Column("Release", lambda i: i["release"]),
     Column("Restarts", lambda i: i["restarts"]),
+    Column("Published", lambda i: ",".join(i.get("publish", [])) or "--"),
 ]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="multiverse")
+@click.version_option(__version__)
 def cli() -> None:
     """Multiverse: launch and manage virtual machines on many hosts from one place."""
 
@@ -182,6 +211,33 @@ def images(fmt: str) -> None:
     click.echo(render(_client().images(), IMAGE_COLUMNS, fmt))
 
 
+NETWORK_NODE_COLUMNS = [
+    Column("Node Name", lambda n: n["name"]),
+    Column("Address", lambda n: n["address"]),
+    Column("VTEP", lambda n: n["vtep"]),
+    Column("Mode", lambda n: n["mode"] or "--"),
+]
+
+
+@cli.command()
+@format_option
+def network(fmt: str) -> None:
+    """Show the cluster network: its CIDR, how much of it is leased, each node's VTEP."""
+    body = _client().network()
+    if fmt in ("json", "yaml"):
+        click.echo(render([body], [], fmt))
+        return
+    if fmt == "csv":
+        click.echo(render(body["nodes"], NETWORK_NODE_COLUMNS, fmt))
+        return
+    nat = "on" if body["nat"] else "off"
+    click.echo(
+        f"Network {body['name']}: {body['cidr']} (VXLAN {body['vni']}, NAT {nat}), "
+        f"{body['used']} of {body['size']} addresses leased ({body['instances']} instances)"
+    )
+    click.echo(render(body["nodes"], NETWORK_NODE_COLUMNS, fmt))
+
+
 @cli.command()
 @click.argument("names", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="All instances (the default with no NAME).")
@@ -216,8 +272,18 @@ _size = parsed(parse_size)
 labels_option = parsed(parse_labels)
 
 
+def _publish(text: str) -> str:
+    try:
+        return str(parse_publish(text))
+    except MultiverseError as exc:
+        raise click.BadParameter(exc.message, param_hint="'--publish'") from exc
+
+
 @contextmanager
 def _spinner(text: str) -> Iterator[Callable[[str], None]]:
+    if not sys.stderr.isatty():  # nobody would see it: spare scripts the import of rich
+        yield lambda state: None
+        return
     with stderr.status(text) as status:
         yield lambda state: status.update(f"{text}: {state}")
 
@@ -292,6 +358,14 @@ def _with_wait(func: Callable[..., None]) -> Callable[..., None]:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="User-data file for the guest.",
 )
+@click.option("--ip", default="", help="A free address of the cluster network for it.")
+@click.option(
+    "--publish",
+    "-p",
+    multiple=True,
+    callback=lambda _ctx, _param, values: [_publish(value) for value in values],
+    help="Forward a port of its node to it: NODE_PORT:GUEST_PORT[/udp] (repeatable).",
+)
 @_with_wait
 @format_option
 def launch(
@@ -305,11 +379,15 @@ def launch(
     labels: dict[str, str],
     strategy: str,
     cloud_init: Path | None,
+    ip: str,
+    publish: list[str],
     no_wait: bool,
     timeout: float,
     fmt: str,
 ) -> None:
     """Create and start an instance; waits until it is Running."""
+    import random
+
     client = _client()
     body = {
         "name": name or f"vm-{random.randbytes(3).hex()}",
@@ -323,6 +401,10 @@ def launch(
         "strategy": strategy,
         "user_data": cloud_init.read_text() if cloud_init else "",
     }
+    if ip:
+        body["ip"] = ip
+    if publish:
+        body["publish"] = publish
     item = client.launch(body)
     if not no_wait:
         _wait(client, item["operation"], timeout, f"Launching {item['name']}", item["name"])
@@ -419,6 +501,7 @@ def restart(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float) -
 
 def read_environment(path: Path) -> EnvironmentSpec:
     """An environment file (`apply -f`), checked; a problem names its line and column."""
+    from multiverse.core.environment import parse_yaml  # yaml and jinja2: only for this
 
     def read(name: str) -> str:
         return (path.parent / name).read_text()  # cloud-init: FILE, beside the file
@@ -467,6 +550,10 @@ def _delete_environment(name: str, no_wait: bool, timeout: float) -> None:
 
 
 def _attach(name: str, command: Sequence[str], want_tty: bool) -> None:
+    import asyncio
+
+    from multiverse.client.terminal import attach
+
     client = _client()
     sys.exit(asyncio.run(attach(client, name, command, want_tty)))
 
@@ -610,6 +697,10 @@ _maintenance_command(
 @cli.command()
 def events() -> None:
     """Stream lifecycle events as JSON lines until interrupted."""
+    import asyncio
+
+    from multiverse.client.terminal import follow_events
+
     client = _client()
     with contextlib.suppress(KeyboardInterrupt):
         sys.exit(asyncio.run(follow_events(client)))

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.live import Live
-from rich.table import Table
 
 from multiverse.client.cli import (
     INSTANCE_COLUMNS,
@@ -22,10 +20,14 @@ from multiverse.client.cli import (
     _with_wait,
     format_option,
     read_environment,
-    stderr,
+    stderr_console,
 )
-from multiverse.client.http import ApiClient
 from multiverse.client.output import Column, render, render_one
+
+if TYPE_CHECKING:  # rich and the HTTP client are loaded by the commands that use them
+    from rich.table import Table
+
+    from multiverse.client.http import ApiClient
 
 __all__ = ["apply", "diff", "envs", "get"]
 
@@ -100,8 +102,10 @@ def _follow(
     client: ApiClient, operation_id: str, env: str, names: list[str], timeout: float
 ) -> None:
     """Wait for the apply, showing each instance's state (a live table on a terminal)."""
+    from rich.live import Live
+
     deadline = time.monotonic() + timeout
-    with Live(_progress({}, names), console=stderr, transient=True) as live:
+    with Live(_progress({}, names), console=stderr_console(), transient=True) as live:
         while True:
             operation = client.wait_operation(operation_id, timeout=1)
             if operation["status"] == "success":
@@ -115,6 +119,8 @@ def _follow(
 
 
 def _progress(seen: dict[str, dict[str, Any]], names: list[str]) -> Table:
+    from rich.table import Table
+
     table = Table("Instance", "State", "Node", "IPv4", box=None)
     for name in names:
         item = seen.get(name, {})

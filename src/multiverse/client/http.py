@@ -1,32 +1,34 @@
-"""A small typed client of the REST API (httpx). One method per route the CLI needs."""
+"""A small typed client of the REST API. One method per route the CLI needs.
+
+It speaks HTTP/1.1 with the standard library's http.client over one kept-alive connection:
+every CLI call makes a client and then a request or a few, so the import of an HTTP library
+would be most of a call's start-up (httpx with httpcore and h11 cost ~3x http.client with ssl,
+measured with ``python -X importtime``), for features (HTTP/2, proxies, cookies, retries) that
+a CLI talking to its own master does not use.
+"""
 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
+import re
 import ssl
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
-import httpx
+from multiverse.client.errors import ApiError, Unreachable
 
-
-class ApiError(Exception):
-    """The master answered with an error (4xx/5xx and its JSON error body)."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-class Unreachable(Exception):
-    """No answer from the master at all."""
+__all__ = ["ApiClient", "ApiError", "Unreachable"]
 
 
 JSON = dict[str, Any]
 INFO_CHUNK = 100  # names per `info` request: the query string stays well under URL limits
+
+# A kept-alive connection the master closed while idle fails this way on its next request,
+# which then never reached the master: sent again on a new connection, once.
+_STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
 
 
 class ApiClient:
@@ -41,49 +43,119 @@ class ApiClient:
         self.server = self.servers[0] if self.servers else server
         self.token = token
         self.verify = verify
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._timeout = timeout
-        self._http = self._client()
-
-    def _client(self) -> httpx.Client:
-        return httpx.Client(
-            base_url=f"{self.server}/api/v1",
-            headers=self._headers,
-            timeout=self._timeout,
-            verify=self.verify,
-        )
+        self.timeout = timeout
+        self._headers = {"Accept": "application/json"}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        self._connection: http.client.HTTPConnection | None = None
 
     def close(self) -> None:
-        self._http.close()
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
-    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        for _ in range(len(self.servers) - 1):
+    def _connect(self) -> http.client.HTTPConnection:
+        """The kept connection, or a new one: to the first master (from the current one on)
+        that accepts it, so a request never sent to a dead master goes to the next."""
+        if self._connection is not None:
+            return self._connection
+        failure: OSError | None = None
+        for _ in self.servers or [self.server]:
+            connection = self._new_connection()
             try:
-                response = self._http.request(method, path, **kwargs)
-                break
-            except (httpx.ConnectError, httpx.ConnectTimeout):
-                self._http.close()
-                turn = self.servers.index(self.server) + 1
-                self.server = self.servers[turn % len(self.servers)]
-                self._http = self._client()
-        else:
+                connection.connect()
+            except OSError as exc:
+                failure = exc
+                connection.close()
+                if self.server in self.servers:
+                    turn = self.servers.index(self.server) + 1
+                    self.server = self.servers[turn % len(self.servers)]
+                continue
+            self._connection = connection
+            return connection
+        assert failure is not None
+        raise failure
+
+    def _new_connection(self) -> http.client.HTTPConnection:
+        url = urlsplit(self.server)
+        if url.scheme == "https" and url.hostname:
+            context = self.verify if isinstance(self.verify, ssl.SSLContext) else None
+            if context is None:
+                context = ssl.create_default_context()
+                if not self.verify:
+                    context.check_hostname = False
+                    context.verify_mode = ssl.CERT_NONE
+            return http.client.HTTPSConnection(
+                url.hostname, url.port, timeout=self.timeout, context=context
+            )
+        if url.scheme == "http" and url.hostname:
+            return http.client.HTTPConnection(url.hostname, url.port, timeout=self.timeout)
+        raise Unreachable(
+            f"cannot reach the master at {self.server}: not an http:// or https:// address"
+        )
+
+    def _send(
+        self, method: str, path: str, json: Any = None, params: JSON | None = None
+    ) -> http.client.HTTPResponse:
+        """Send a request; the response with its body still to read."""
+        reused = self._connection is not None and self._connection.sock is not None
+        try:
+            connection = self._connect()
+        except OSError as exc:
+            self.close()
+            raise Unreachable(
+                f"cannot reach the master at {self.server}: {_describe(exc)}"
+            ) from exc
+        target = f"{urlsplit(self.server).path}/api/v1{path}"
+        if params:
+            target += "?" + urlencode(
+                [(k, _query_value(item)) for k, v in params.items() for item in _listed(v)]
+            )
+        headers = dict(self._headers)
+        body = None
+        if json is not None:
+            body = _json_dumps(json)
+            headers["Content-Type"] = "application/json"
+        try:
             try:
-                response = self._http.request(method, path, **kwargs)
-            except httpx.TransportError as exc:
-                raise Unreachable(f"cannot reach the master at {self.server}: {exc}") from exc
-        _raise_for_error(response)
-        return response
+                connection.request(method, target, body=body, headers=headers)
+                return connection.getresponse()
+            except _STALE:
+                if not reused:
+                    raise
+                connection.close()
+                connection.request(method, target, body=body, headers=headers)
+                return connection.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise Unreachable(
+                f"cannot reach the master at {self.server}: {_describe(exc)}"
+            ) from exc
+
+    def _read(self, response: http.client.HTTPResponse) -> bytes:
+        try:
+            return response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise Unreachable(f"lost the master at {self.server}: {_describe(exc)}") from exc
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self._send(method, path, **kwargs).json()
+        response = self._send(method, path, **kwargs)
+        data = self._read(response)
+        _raise_for_error(response.status, data)
+        return json.loads(data)
 
-    def _listing(self, path: str, params: dict[str, Any] | None = None) -> list[JSON]:
+    def _listing(self, path: str, params: JSON | None = None) -> list[JSON]:
         """Every item of a paginated listing: pages are followed by their ``Link`` header."""
-        response = self._send("GET", path, params={k: v for k, v in (params or {}).items() if v})
-        items = list(response.json())
-        while "next" in response.links:
-            response = self._send("GET", response.links["next"]["url"])
-            items += response.json()
+        wanted = {key: value for key, value in (params or {}).items() if value}
+        items: list[JSON] = []
+        page: str | None = path
+        while page is not None:
+            response = self._send("GET", page, params=wanted)
+            data = self._read(response)
+            _raise_for_error(response.status, data)
+            items += json.loads(data)
+            page, wanted = _next_page(response.getheader("Link") or ""), {}
         return items
 
     def masters(self) -> list[JSON]:
@@ -94,6 +166,9 @@ class ApiClient:
 
     def node(self, name: str) -> JSON:
         return dict(self._request("GET", f"/nodes/{name}"))
+
+    def network(self) -> JSON:
+        return dict(self._request("GET", "/network"))
 
     def images(self) -> list[JSON]:
         return list(self._request("GET", "/images"))
@@ -131,24 +206,29 @@ class ApiClient:
         return str(self._request("GET", f"/instances/{name}/logs")["log"])
 
     def exec(self, name: str, command: list[str], stdin: bytes = b"") -> Iterator[JSON]:
-        """Yields ``{"stream", "data": bytes}`` chunks, then ``{"exit_code"}``."""
+        """Yields ``{"stream", "data": bytes}`` chunks, then ``{"exit_code"}``, each as soon as
+        its line arrives."""
         body = {"command": command, "stdin": base64.b64encode(stdin).decode()}
+        response = self._send("POST", f"/instances/{name}/exec", json=body)
+        finished = False
         try:
-            with self._http.stream("POST", f"/instances/{name}/exec", json=body) as response:
-                if response.is_error:
-                    response.read()
-                    _raise_for_error(response)
-                for line in response.iter_lines():
-                    if not line:
-                        continue
-                    item = json.loads(line)
-                    if "error" in item:
-                        raise ApiError(502, item["error"]["code"], item["error"]["message"])
-                    if "data" in item:
-                        item["data"] = base64.b64decode(item["data"])
-                    yield item
-        except httpx.TransportError as exc:
-            raise Unreachable(f"lost the master at {self.server}: {exc}") from exc
+            if response.status >= 400:
+                _raise_for_error(response.status, response.read())
+            while line := response.readline():
+                if not line.strip():
+                    continue
+                item = json.loads(line)
+                if "error" in item:
+                    raise ApiError(502, item["error"]["code"], item["error"]["message"])
+                if "data" in item:
+                    item["data"] = base64.b64decode(item["data"])
+                yield item
+            finished = True
+        except (OSError, http.client.HTTPException) as exc:
+            raise Unreachable(f"lost the master at {self.server}: {_describe(exc)}") from exc
+        finally:
+            if not finished:  # the rest of the answer is unread: the connection is unusable
+                self.close()
 
     def apply_environment(
         self, spec: JSON, *, prune: bool, recreate: bool, dry_run: bool = False
@@ -200,11 +280,43 @@ class ApiClient:
         return dict(self._request("PATCH", f"/nodes/{name}/labels", json={"labels": labels}))
 
 
-def _raise_for_error(response: httpx.Response) -> None:
-    if not response.is_error:
+def _raise_for_error(status: int, body: bytes) -> None:
+    if status < 400:
         return
     try:
-        error = response.json()["error"]
-        raise ApiError(response.status_code, error["code"], error["message"])
+        error = json.loads(body)["error"]
+        raise ApiError(status, error["code"], error["message"])
     except (ValueError, KeyError, TypeError):
-        raise ApiError(response.status_code, "http_error", response.text[:200]) from None
+        text = body.decode(errors="replace")[:200]
+        raise ApiError(status, "http_error", text) from None
+
+
+def _json_dumps(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+def _listed(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _next_page(link: str) -> str | None:
+    """The path (below /api/v1) and query of a ``Link: <URL>; rel="next"`` header."""
+    match = re.search(r'<([^>]*)>\s*;\s*rel="next"', link)
+    if match is None:
+        return None
+    url = urlsplit(match.group(1))
+    path = url.path.split("/api/v1", 1)[-1]
+    return f"{path}?{url.query}" if url.query else path
+
+
+def _query_value(value: Any) -> str:
+    """As the API reads query values: booleans as true/false."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    return str(error) or type(error).__name__

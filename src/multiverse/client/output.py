@@ -13,8 +13,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 FORMATS = ("table", "json", "yaml", "csv")
 
 
@@ -28,6 +26,8 @@ def render(rows: Sequence[dict[str, Any]], columns: Sequence[Column], fmt: str) 
     if fmt == "json":
         return json.dumps(list(rows), indent=2)
     if fmt == "yaml":
+        import yaml  # only here: a table needs none of its import time
+
         return yaml.safe_dump(list(rows), sort_keys=False).rstrip()
     cells = [[_cell(column.value(row)) for column in columns] for row in rows]
     headers = [column.header for column in columns]
@@ -51,6 +51,8 @@ def render_one(row: dict[str, Any], columns: Sequence[Column], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(row, indent=2)
     if fmt == "yaml":
+        import yaml
+
         return yaml.safe_dump(row, sort_keys=False).rstrip()
     return render([row], columns, fmt)
 

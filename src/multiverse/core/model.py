@@ -211,6 +211,7 @@ class Node:
     last_sync: datetime | None = None
     version: str = ""
     instance_count: int = 0
+    network_mode: str = ""  # "bridge" or "user"; "" before the node said
     # Set by an admin (`node label`); ``labels`` are what the node says of itself at every
     # join. The admin's win: a node cannot talk itself into (or out of) a selector.
     admin_labels: dict[str, str] = field(default_factory=dict)
@@ -246,6 +247,9 @@ class Instance:
     restarts: int = 0
     moved_from: str | None = None
     held: bool = False
+    address: str = ""  # its address on the cluster network, leased by the master ("" none)
+    mac: str = ""
+    publish: tuple[str, ...] = ()  # node ports forwarded to it: "8080:80/tcp"
 
     @property
     def name(self) -> str:

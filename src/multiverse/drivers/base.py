@@ -20,6 +20,7 @@ from typing import Protocol
 
 from multiverse.core.errors import DriverError
 from multiverse.core.model import GuestStats, Resources
+from multiverse.core.network import Nic
 
 
 class PowerState(enum.StrEnum):
@@ -28,6 +29,25 @@ class PowerState(enum.StrEnum):
     RUNNING = "running"
     STOPPED = "stopped"
     MISSING = "missing"  # the hypervisor has no such VM (never created, or deleted)
+
+
+@dataclass(frozen=True)
+class NetworkAttachment:
+    """The VM's interface on the cluster network, made ready by the node's network service:
+    a tap plugged into the node's bridge, the MAC and address the guest must use, and the
+    MTU the overlay leaves. Drivers use it as given; they never build networks."""
+
+    tap: str
+    nic: Nic
+    mtu: int = 1500
+
+    def guest_config(self) -> str:
+        """The guest's ``network`` config (:mod:`multiverse.guest.image` reads it)."""
+        nic = self.nic
+        return (
+            f"address={nic.address}\ngateway={nic.gateway}\ndns={nic.dns}\n"
+            f"search={nic.domain}\nmtu={self.mtu}\n"
+        )
 
 
 @dataclass(frozen=True)
@@ -41,6 +61,8 @@ class VMConfig:
     disk: int  # bytes
     image: str
     user_data: str = ""
+    # On the cluster network (bridge mode); None: the driver's own fallback (QEMU user mode).
+    network: NetworkAttachment | None = None
 
 
 @dataclass(frozen=True)

@@ -188,12 +188,19 @@ class FirecrackerDriver(ProcessDriver):
         kernel, initrd, image_rootfs = self._image_files(vm.image)
         vm_dir = self._vm_dir(vm)
         await self._close_guest(vm.id)
-        tap = tap_name(vm.id)
+        # On the cluster network the node's network service made the tap and leased the
+        # address; else this driver's own bridge and pool serve.
+        shared = vm.network
+        tap = shared.tap if shared else tap_name(vm.id)
+        mac = shared.nic.mac if shared else mac_address(vm.id)
         process: subprocess.Popen[bytes] | None = None
         try:
-            address = self.pool.allocate(vm.id)
-            await self.network.ensure_bridge(self.pool.gateway)
-            await self.network.add_tap(tap)
+            if shared:
+                address = ipaddress.IPv4Interface(shared.nic.address)
+            else:
+                address = self.pool.allocate(vm.id)
+                await self.network.ensure_bridge(self.pool.gateway)
+                await self.network.add_tap(tap)
             process = self._spawn(vm, tap, str(address.ip))
             await self._wait_for_socket(vm, process)
             api = self._api(vm)
@@ -220,7 +227,7 @@ class FirecrackerDriver(ProcessDriver):
             )
             await api.put(
                 "/network-interfaces/eth0",
-                {"iface_id": "eth0", "host_dev_name": tap, "guest_mac": mac_address(vm.id)},
+                {"iface_id": "eth0", "host_dev_name": tap, "guest_mac": mac},
             )
             await api.put("/entropy", {})
             await api.put("/actions", {"action_type": "InstanceStart"})
@@ -246,15 +253,22 @@ class FirecrackerDriver(ProcessDriver):
                     await self._kill(vm, process.pid)
             await self._close_guest(vm.id)
             self._forget_runtime(vm)
-            with contextlib.suppress(MultiverseError):
-                await self.network.remove_tap(tap)
-            self.pool.release(vm.id)
+            if not shared:  # the shared tap is the agent's to detach
+                with contextlib.suppress(MultiverseError):
+                    await self.network.remove_tap(tap)
+                self.pool.release(vm.id)
             raise
 
     def _kernel_args(self, vm: VMConfig, address: ipaddress.IPv4Interface, has_initrd: bool) -> str:
         public_key = self.key_path.with_suffix(".pub").read_text().strip()
         key = base64.b64encode((public_key + "\n").encode()).decode()
         network = f"ip={address.ip}::{self.pool.gateway.ip}:{address.netmask}:{vm.name}:eth0:off"
+        if vm.network is not None:  # the whole config (gateway, DNS, MTU), as fw_cfg has it
+            config = base64.b64encode(vm.network.guest_config().encode()).decode()
+            network = (
+                f"multiverse.network={config} multiverse.hostname="
+                + base64.b64encode(vm.name.encode()).decode()
+            )
         root = "" if has_initrd else " root=/dev/vda rw"
         return f"{self.boot_args}{root} {network} multiverse.authorized_keys={key}"
 
@@ -266,7 +280,7 @@ class FirecrackerDriver(ProcessDriver):
             vm,
             [self.binary, "--api-sock", str(socket_path), "--id", vm.id, *pci],
             self._vm_dir(vm) / self.console_log,
-            {"tap": tap, "ipv4": ipv4},
+            {"tap": tap, "ipv4": ipv4, "shared": vm.network is not None},
         )
 
     async def _wait_for_socket(self, vm: VMConfig, process: subprocess.Popen[bytes]) -> None:
@@ -295,6 +309,8 @@ class FirecrackerDriver(ProcessDriver):
     async def _after_stop(self, vm: VMConfig) -> None:
         """Unplug the VM's tap (the one ``vm.json`` names, else the one its id gives)."""
         runtime = read_json(self._vm_dir(vm) / "vm.json") or {}
+        if vm.network is not None or runtime.get("shared"):
+            return  # the cluster network's tap: the agent detaches it
         await self.network.remove_tap(str(runtime.get("tap") or tap_name(vm.id)))
 
     def _after_delete(self, vm: VMConfig) -> None:

@@ -139,13 +139,28 @@ class QemuDriver(ProcessDriver):
         _rotate(vm_dir / "serial.log")
         await self._close_guest(vm.id)
         deadline = time.monotonic() + self.boot_timeout
+        if vm.network is not None:  # on the cluster network: SSH to the guest's own address
+            ip = vm.network.nic.ip
+            process = self._spawn_process(
+                vm,
+                self.qemu_argv(vm, kernel, initrd, 0),
+                vm_dir / "qemu.log",
+                {"ssh_host": ip, "ssh_port": 22, "accel": self.accel, "ipv4": ip},
+            )
+            try:
+                await self._wait_for_guest(vm, process, deadline)
+            except BaseException:
+                await self._kill(vm, process.pid)
+                self._forget_runtime(vm)
+                raise
+            return
         for _attempt in range(5):
             port = self._free_port()
             process = self._spawn_process(
                 vm,
                 self.qemu_argv(vm, kernel, initrd, port),
                 vm_dir / "qemu.log",
-                {"ssh_port": port, "accel": self.accel, "ipv4": ""},
+                {"ssh_port": port, "accel": self.accel, "ipv4": USER_NET_ADDRESS.split("/")[0]},
             )
             try:
                 await self._wait_for_guest(vm, process, deadline)
@@ -177,8 +192,7 @@ class QemuDriver(ProcessDriver):
             # Without an entropy source dropbear waits ~1 s for the kernel's RNG to be ready.
             "-device", "virtio-rng-pci",
             "-drive", "file=disk.img,format=raw,if=virtio,cache=writeback,discard=unmap",
-            "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22",
-            "-device", "virtio-net-pci,netdev=net0",
+            *self._nic_argv(vm, port),
             "-qmp", "unix:qmp.sock,server=on,wait=off",
         ]  # fmt: skip
         if self.accel.startswith("kvm"):
@@ -189,14 +203,25 @@ class QemuDriver(ProcessDriver):
             argv += ["-fw_cfg", f"name={FW_CFG_PREFIX}user-data,file=user-data"]
         return argv
 
+    def _nic_argv(self, vm: VMConfig, port: int) -> list[str]:
+        """The tap the node's network service made (bridge mode), else user mode with the
+        SSH port forward."""
+        if vm.network is None:
+            return [
+                "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22",
+                "-device", "virtio-net-pci,netdev=net0",
+            ]  # fmt: skip
+        return [
+            "-netdev", f"tap,id=net0,ifname={vm.network.tap},script=no,downscript=no",
+            "-device", f"virtio-net-pci,netdev=net0,mac={vm.network.nic.mac}",
+        ]  # fmt: skip
+
     def write_guest_config(self, vm: VMConfig) -> None:
         vm_dir = self._vm_dir(vm)
         public_key = self.key_path.with_suffix(".pub").read_text().strip()
         (vm_dir / "hostname").write_text(vm.name + "\n")
         (vm_dir / "authorized_keys").write_text(public_key + "\n")
-        (vm_dir / "network").write_text(
-            f"address={USER_NET_ADDRESS}\ngateway={USER_NET_GATEWAY}\ndns={USER_NET_DNS}\n"
-        )
+        (vm_dir / "network").write_text(guest_network_config(vm))
         if vm.user_data:  # may hold secrets
             write_private(vm_dir / "user-data", vm.user_data.encode())
 
@@ -225,10 +250,10 @@ class QemuDriver(ProcessDriver):
                 f"VM {vm.name} booted but its SSH did not answer within "
                 f"{self.boot_timeout:.0f} s; console:\n{tail(vm_dir / 'serial.log', LOG_TAIL)}"
             ) from None
-        ipv4 = await guest.ipv4()
         runtime = read_json(vm_dir / "vm.json") or {}
-        runtime["ipv4"] = ipv4
-        write_json(vm_dir / "vm.json", runtime)
+        if not runtime.get("ipv4"):  # else known from the start: one command less to boot
+            runtime["ipv4"] = await guest.ipv4()
+            write_json(vm_dir / "vm.json", runtime)
 
     def _raise_exited(self, vm: VMConfig, process: subprocess.Popen[bytes]) -> None:
         vm_dir = self._vm_dir(vm)
@@ -274,7 +299,7 @@ class QemuDriver(ProcessDriver):
 
     def _ssh_address(self, runtime: dict[str, Any]) -> tuple[str, int] | None:
         port = int(runtime.get("ssh_port", 0))
-        return ("127.0.0.1", port) if port else None
+        return (str(runtime.get("ssh_host") or "127.0.0.1"), port) if port else None
 
     async def _hypervisor_status(self, vm: VMConfig, ipv4: str) -> VMStatus:
         answer = await self._qmp(vm, "query-status")
@@ -303,6 +328,13 @@ class QemuDriver(ProcessDriver):
 
 class _PortTaken(Exception):
     """QEMU could not bind the SSH forward's port: try another."""
+
+
+def guest_network_config(vm: VMConfig) -> str:
+    """The ``network`` fw_cfg file: the cluster address, or QEMU user mode's fixed one."""
+    if vm.network is None:
+        return f"address={USER_NET_ADDRESS}\ngateway={USER_NET_GATEWAY}\ndns={USER_NET_DNS}\n"
+    return vm.network.guest_config()
 
 
 def choose_accel() -> str:

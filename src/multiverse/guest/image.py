@@ -18,7 +18,8 @@ it carries any bytes (keys, later user data) without quoting rules or the 2 KiB 
 
 - ``hostname``: the guest's hostname (default ``tiny``);
 - ``authorized_keys``: written to root's ``~/.ssh/authorized_keys`` at every boot;
-- ``network``: ``address=10.0.2.15/24``, ``gateway=...``, ``dns=...`` lines for a static eth0;
+- ``network``: ``address=10.0.2.15/24``, ``gateway=...``, ``dns=...`` (on the cluster network
+  also ``search=...`` and ``mtu=...``) lines for a static eth0;
   without it the guest asks DHCP (udhcpc);
 - ``user-data``: if it is a script (``#!``), run once at the first boot (once per data disk),
   in the background, its output in ``/var/log/user-data.log``.
@@ -183,20 +184,25 @@ printf '127.0.0.1 localhost\n127.0.1.1 %s\n' "$(hostname)" > /etc/hosts
 
 ip link set lo up
 ip link set eth0 up
-address= gateway= dns=
+address= gateway= dns= search= mtu=
 while IFS='=' read -r key value; do
     case "$key" in
         address) address=$value ;;
         gateway) gateway=$value ;;
         dns) dns=$value ;;
+        search) search=$value ;;
+        mtu) mtu=$value ;;
     esac
 done <<EOF
 $network
 EOF
+# The cluster network's overlay leaves less than 1500 bytes per frame: the node says how much.
+[ -n "$mtu" ] && ip link set eth0 mtu "$mtu"
 if [ -n "$address" ]; then
     ip addr add "$address" dev eth0
     [ -n "$gateway" ] && ip route add default via "$gateway"
     [ -n "$dns" ] && echo "nameserver $dns" > /etc/resolv.conf
+    [ -n "$search" ] && echo "search $search" >> /etc/resolv.conf
 else
     udhcpc -i eth0 -n -q -t 10 -T 1 -s /usr/share/udhcpc/default.script \
         || echo "multiverse: no DHCP lease on eth0"

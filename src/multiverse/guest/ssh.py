@@ -62,6 +62,8 @@ EXEC_QUEUE_CHUNKS = 16
 # How long ``stats`` and ``ipv4`` may take, and opening a command's channel: generous for a
 # loaded TCG guest (a command takes ~15 ms there), short enough that a hung one is let go.
 COMMAND_TIMEOUT = 30.0
+# The first pause between SSH attempts while a guest boots; it doubles up to the caller's interval.
+FIRST_RETRY = 0.02
 
 
 class HostKeyMismatch(Conflict):
@@ -268,10 +270,16 @@ class GuestConnection:
     ) -> None:
         """Connect, retrying while the guest boots, until ``timeout`` seconds have passed.
 
+        Retries come quickly at first and then every ``interval`` seconds: callers start
+        waiting when the guest is about to start its SSH server (its boot line), so the server
+        usually answers within a few tries, and a fixed coarse interval would add half of
+        itself to every boot on average.
+
         ``alive`` lets the caller stop early when the VM died; then the last error is raised.
         A refused host key (HostKeyMismatch) ends the wait at once: waiting would not mend it.
         """
         deadline = time.monotonic() + timeout
+        delay = min(FIRST_RETRY, interval)
         while True:
             try:
                 await self.connect()
@@ -279,7 +287,8 @@ class GuestConnection:
             except Unavailable:
                 if time.monotonic() >= deadline or (alive is not None and not alive()):
                     raise
-            await asyncio.sleep(interval)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, interval)
 
     async def exec(
         self, command: Sequence[str] | str, stdin: bytes = b""

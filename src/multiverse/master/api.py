@@ -44,11 +44,13 @@ from multiverse.core.model import (
     Node,
     parse_labels,
 )
+from multiverse.core.network import parse_publish
 from multiverse.core.sizes import parse_size
 from multiverse.master import auth, ui
 from multiverse.master.environments import Environments
 from multiverse.master.instances import InstanceInfo, Instances
 from multiverse.master.metrics import CONTENT_TYPE, Metrics
+from multiverse.master.network import Ipam
 from multiverse.master.nodes import Nodes
 from multiverse.master.operations import Operation
 from multiverse.master.scheduler import Strategy
@@ -95,6 +97,8 @@ class LaunchBody(BaseModel):
     node: str | None = None
     selector: dict[str, str] = {}
     strategy: Strategy = "spread"
+    ip: str = Field("", max_length=64)  # a given free address of the cluster network
+    publish: list[str] = Field([], max_length=64)  # "8080:80" or "5353:53/udp"
 
 
 class ApplyBody(BaseModel):
@@ -168,6 +172,7 @@ def node_json(node: Node) -> dict[str, Any]:
         "instances": node.instance_count,
         "last_sync": _iso(node.last_sync),
         "version": node.version,
+        "network_mode": node.network_mode,
     }
 
 
@@ -189,6 +194,9 @@ def instance_json(instance: Instance) -> dict[str, Any]:
         "message": instance.message,
         "restarts": instance.restarts,
         "created_at": _iso(instance.created_at),
+        "address": instance.address,
+        "mac": instance.mac,
+        "publish": list(instance.publish),
     }
 
 
@@ -380,6 +388,7 @@ def create_app(
     ca: pki.ClusterCA,
     image_catalog: Callable[[], Awaitable[list[dict[str, Any]]]],
     max_auth_failures: int = 20,
+    ipam: Ipam | None = None,
 ) -> FastAPI:
     app = FastAPI(title="Multiverse", version=__version__, docs_url="/docs")
     metrics = Metrics(store, instances.reconciler)
@@ -425,6 +434,12 @@ def create_app(
     @app.get("/api/v1/health")
     async def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
+
+    @app.get("/api/v1/network")
+    async def network(_: Reader) -> dict[str, Any]:
+        if ipam is None:
+            raise NotFound("this cluster has no network")
+        return await ipam.usage()
 
     @app.get("/api/v1/whoami")
     async def whoami(record: Reader) -> dict[str, Any]:
@@ -573,11 +588,12 @@ def create_app(
             user_data=body.user_data,
             labels=body.labels,
         )
-        return _accepted(
-            await instances.launch(
-                spec, node_name=body.node, selector=body.selector, strategy=body.strategy
-            )
-        )
+        publish = [parse_publish(item) for item in body.publish]
+        launched = await instances.launch(
+            spec, node_name=body.node, selector=body.selector, strategy=body.strategy,
+            ip=body.ip, publish=publish,
+        )  # fmt: skip
+        return _accepted(launched)
 
     @app.post("/api/v1/instances/{name}/start", status_code=202)
     async def start(name: str, _: Admin) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import grpc
 
 from multiverse.core.errors import MultiverseError, Unauthenticated
 from multiverse.core.model import Node, NodeStatus, validate_labels
+from multiverse.master.network import Ipam
 from multiverse.store.repository import Change, Store, now
 from multiverse.wire import convert, pki
 from multiverse.wire.v1 import multiverse_pb2 as pb
@@ -38,9 +39,10 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
     """Join and Sync, over mutual TLS: every caller is the node its certificate names (a new
     node gets its certificate from the API with a join token first: see master/nodes.py)."""
 
-    def __init__(self, store: Store, agents: Agents) -> None:
+    def __init__(self, store: Store, agents: Agents, ipam: Ipam | None = None) -> None:
         self.store = store
         self.agents = agents
+        self.ipam = ipam
         # Told of node status transitions and instance changes (server.py publishes them).
         self.on_change: Callable[[list[tuple[str, NodeStatus]], list[Change]], None] = (
             lambda transitions, changes: None
@@ -109,6 +111,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             capacity=convert.resources_from_pb(request.capacity),
             version=request.version,
             last_sync=now(),
+            network_mode=request.network_mode,
         )
         self.agents.forget(node_id)
         log.info("node %s joined from %s", node.name, address)
@@ -126,7 +129,14 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             return
         async for report in request_iterator:
             await self.apply(node_id, report)
-            yield pb.SyncAck()
+            yield await self.ack(node_id)
+
+    async def ack(self, node_id: str) -> pb.SyncAck:
+        """The acknowledgement of a report, with the network as the node must now have it."""
+        node = await self.store.get_node(node_id)
+        if self.ipam is None or node.network_mode != "bridge":
+            return pb.SyncAck()
+        return pb.SyncAck(network=convert.plan_to_pb(await self.ipam.plan(node)))
 
     def forget(self, node_id: str) -> None:
         """A removed node leaves nothing behind here: its images, its agent's channel."""

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -22,6 +22,7 @@ import grpc
 from multiverse.core.errors import (
     Conflict,
     DriverError,
+    InvalidArgument,
     MultiverseError,
     NotFound,
     Unavailable,
@@ -37,8 +38,10 @@ from multiverse.core.model import (
     NodeStatus,
     ensure_running,
 )
+from multiverse.core.network import Publish
 from multiverse.master.cluster import Agents
 from multiverse.master.events import EventBus
+from multiverse.master.network import Ipam
 from multiverse.master.operations import Operation, Operations
 from multiverse.master.reconciler import PERMANENT, Reconciler
 from multiverse.master.scheduler import NodeView, Strategy, place, spread_conflict
@@ -70,6 +73,7 @@ class Instances:
         operations: Operations,
         events: EventBus,
         placement_wait: float = 20.0,
+        ipam: Ipam | None = None,
     ) -> None:
         self.store = store
         self.agents = agents
@@ -80,6 +84,7 @@ class Instances:
         self.view = NodeView(store)
         # Evacuations hold it while they choose targets and move instances there.
         self.placing = asyncio.Lock()
+        self.ipam = ipam
 
     async def get(self, name: str) -> Instance:
         return await self.store.find_instance(name)
@@ -117,12 +122,20 @@ class Instances:
         node_name: str | None = None,
         selector: Mapping[str, str] | None = None,
         strategy: Strategy = "spread",
+        ip: str = "",
+        publish: Sequence[Publish] = (),
         apart_from: Mapping[str, str] | None = None,
     ) -> tuple[Instance, Operation]:
-        """``apart_from``: labels; no node holding an instance with all of them is chosen
-        (anti-affinity, as an environment's ``spread: true`` group asks)."""
+        """Place, record (with its address on the cluster network, in the same transaction)
+        and ask the node to create it; ``ip`` asks for a given free address. ``apart_from``:
+        labels; no node holding an instance with all of them is chosen (anti-affinity, as an
+        environment's ``spread: true`` group asks)."""
         spec.validate()
         avoid = await self._holding(apart_from) if apart_from else None
+        instance_id = str(uuid.uuid4())
+        picker = self.ipam.picker(instance_id, requested=ip, publish=publish) if self.ipam else None
+        if picker is None and (ip or publish):
+            raise InvalidArgument("this cluster has no network: --ip and --publish need one")
         for attempt in range(PLACEMENT_TRIES):
             # Choosing and reserving in the view happen with no await between them, so the
             # launches of this master see each other without a lock; the store's conditional
@@ -133,7 +146,7 @@ class Instances:
             )  # fmt: skip
             self.view.reserve(node.id, spec.resources)
             instance = Instance(
-                id=str(uuid.uuid4()),
+                id=instance_id,
                 spec=spec,
                 node_id=node.id,
                 node_name=node.name,
@@ -142,7 +155,9 @@ class Instances:
                 created_at=now(),
             )
             try:
-                await self.store.add_instance(instance)
+                if publish and self.ipam:
+                    await self.ipam.check_publish(node.id, publish)
+                await self.store.add_instance(instance, picker)
                 break
             except Unschedulable:
                 self.view.invalidate()  # someone else took the room: look again

@@ -23,6 +23,7 @@ from multiverse.core.errors import InvalidArgument, MultiverseError, NotFound
 from multiverse.core.model import DesiredState, Instance, InstanceState, Node, NodeStatus
 from multiverse.master.cluster import Agents, status_dict
 from multiverse.master.events import EventBus
+from multiverse.master.network import Ipam
 from multiverse.store.repository import Change, Store
 from multiverse.wire import convert
 from multiverse.wire.v1 import multiverse_pb2 as pb
@@ -75,6 +76,7 @@ class Reconciler:
         store: Store,
         agents: Agents,
         events: EventBus,
+        ipam: Ipam | None = None,
         *,
         retry_limit: int = 5,
         base_delay: float = 1.0,
@@ -84,6 +86,7 @@ class Reconciler:
     ) -> None:
         self.store = store
         self.agents = agents
+        self.ipam = ipam
         self.events = events
         self.retry_limit = retry_limit
         self.base_delay = base_delay
@@ -210,7 +213,8 @@ class Reconciler:
         ref = pb.InstanceRef(id=instance.id)
         log.info("reconcile: %s %s on %s", action.value, instance.name, node.name)
         if action == Action.LAUNCH:
-            request = pb.LaunchRequest(spec=convert.spec_to_pb(instance.id, instance.spec))
+            nic = self.ipam.nic(instance, self.ipam.node_address(node.id)) if self.ipam else None
+            request = pb.LaunchRequest(spec=convert.spec_to_pb(instance.id, instance.spec, nic))
             return await self.agents.call(node, stub.Launch, request)
         if action == Action.START:
             return await self.agents.call(node, stub.Start, ref)

@@ -26,6 +26,7 @@ from multiverse.master.events import EventBus
 from multiverse.master.health import watch_nodes
 from multiverse.master.instances import Instances
 from multiverse.master.leader import Leadership
+from multiverse.master.network import Ipam
 from multiverse.master.nodes import Nodes
 from multiverse.master.operations import Operations
 from multiverse.master.reconciler import Reconciler
@@ -49,6 +50,8 @@ class MasterConfig:
     advertise: str = ""  # the host workers reach the master at (default: guessed)
     insecure_http: bool = False  # plain HTTP API, for loopback-only use
     max_auth_failures: int = 20  # per client and minute; then it is refused for a while
+    network: str = ""  # the cluster network's CIDR at the first start ("": a free default)
+    nat: bool | None = None  # masquerade guests' outbound traffic (None: keep as stored)
     node_cert_lifetime: timedelta = pki.NODE_CERT_LIFETIME  # workers renew at a third left
 
 
@@ -75,6 +78,7 @@ class Master:
         private_dir(config.data_dir)  # its CA key, tokens and database
         self.store = Store(config.db) if config.db else Store.for_data_dir(config.data_dir)
         self.store.migrate()
+        self.ipam = Ipam.open(self.store, config.network, config.nat)
         # The cluster CA, made at the first start; the listener's certificate is issued anew at
         # every start, so it names the addresses the host has now.
         self.ca = pki.ClusterCA.load_or_create(config.data_dir / "pki")
@@ -88,13 +92,13 @@ class Master:
         )
         self.events = EventBus()
         self.operations = Operations(self.events)
-        self.reconciler = Reconciler(self.store, self.agents, self.events)
+        self.reconciler = Reconciler(self.store, self.agents, self.events, self.ipam)
         self.instances = Instances(
             self.store, self.agents, self.reconciler, self.operations, self.events,
-            placement_wait=config.node_timeout,
+            placement_wait=config.node_timeout, ipam=self.ipam,
         )  # fmt: skip
         self.nodes = Nodes(self.store, self.agents, self.instances)
-        self.cluster = ClusterServicer(self.store, self.agents)
+        self.cluster = ClusterServicer(self.store, self.agents, self.ipam)
         self.cluster.on_change = self._changed
         self.nodes.on_removed = self.cluster.forget
         self.api_url = ""
@@ -180,6 +184,7 @@ class Master:
         app = create_app(
             self.store, self.instances, self.nodes, self.join_token, self.ca,
             self.cluster.image_catalog, max_auth_failures=config.max_auth_failures,
+            ipam=self.ipam,
         )  # fmt: skip
         certfile, keyfile = self._tls_files(host)
         self._http = _Uvicorn(

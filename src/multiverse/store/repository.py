@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -27,6 +27,7 @@ from sqlalchemy import (
     Select,
     and_,
     create_engine,
+    delete,
     event,
     or_,
     select,
@@ -36,7 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from multiverse.core.errors import AlreadyExists, NotFound, Unschedulable
+from multiverse.core.errors import AlreadyExists, Conflict, NotFound, Unschedulable
 from multiverse.core.files import private_sqlite
 from multiverse.core.model import (
     DesiredState,
@@ -47,13 +48,29 @@ from multiverse.core.model import (
     NodeStatus,
     Resources,
 )
+from multiverse.core.network import ClusterNetwork, Lease, parse_publish
 from multiverse.store.schema import (
     InstanceRow,
+    LeaseRow,
     MasterRow,
+    NetworkRow,
     NodeRow,
     RevokedCertificateRow,
     TokenRow,
 )
+
+_LEASE_TRIES = 20
+
+
+class LeasePicker(Protocol):
+    """Chooses a lease in ``network`` given the addresses taken there (master/network.py);
+    raises a MultiverseError when none fits."""
+
+    @property
+    def network(self) -> str: ...
+
+    def __call__(self, used: set[str]) -> Lease: ...
+
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -179,7 +196,9 @@ class Store:
             for instance in session.scalars(
                 select(InstanceRow).where(InstanceRow.node_id == node_id)
             ):
+                _release(session, instance.id)
                 session.delete(instance)
+            _release(session, node_id)
             if row.cert_serial:
                 session.merge(
                     RevokedCertificateRow(
@@ -245,6 +264,7 @@ class Store:
                     last_sync=_utc(row.last_sync),
                     version=row.version,
                     instance_count=row.instance_count,
+                    network_mode=row.network_mode,
                 )
                 for row in session.scalars(query)
             ]
@@ -254,10 +274,20 @@ class Store:
     # ---- instances ----
 
     @_off_loop
-    def add_instance(self, instance: Instance) -> Instance:
-        """Record a placed instance and take its resources on its node in one transaction,
-        only if they still fit there: a single conditional UPDATE of the node's row, so two
-        masters placing at once cannot both fill the last room (raises Unschedulable)."""
+    def add_instance(self, instance: Instance, lease: LeasePicker | None = None) -> Instance:
+        """Record a placed instance and, with ``lease``, its address, in one transaction: a
+        crash leaves both or neither. Its resources are taken on its node only if they still
+        fit there (one conditional UPDATE of the node's row, so two masters placing at once
+        cannot both fill the last room: raises Unschedulable). A lost race for an address
+        (another master, another process) picks again."""
+        for _attempt in range(_LEASE_TRIES):
+            try:
+                return self._add_instance(instance, lease)
+            except _AddressTaken:
+                continue
+        raise Conflict("could not lease an address: too many concurrent launches; try again")
+
+    def _add_instance(self, instance: Instance, lease: LeasePicker | None) -> Instance:
         spec = instance.spec
         row = InstanceRow(
             id=instance.id,
@@ -277,14 +307,86 @@ class Store:
             version=instance.version,
             created_at=instance.created_at or now(),
         )
-        try:
-            with self._session() as session:
-                if row.node_id is not None and not _take(session, row.node_id, row, fit=True):
-                    raise Unschedulable(f"node {row.node_id} has no room left for {spec.name}")
-                session.add(row)
-        except IntegrityError as exc:
-            raise AlreadyExists(f"an instance named {spec.name!r} exists already") from exc
+        with self._session() as session:
+            if row.node_id is not None and not _take(session, row.node_id, row, fit=True):
+                raise Unschedulable(f"node {row.node_id} has no room left for {spec.name}")
+            session.add(row)
+            try:
+                session.flush()
+            except IntegrityError as exc:
+                raise AlreadyExists(f"an instance named {spec.name!r} exists already") from exc
+            if lease is not None:
+                held = self._take_lease(session, instance.id, lease)
+                instance.address, instance.mac = held.address, held.mac
+                instance.publish = tuple(str(item) for item in held.publish)
         return instance
+
+    # ---- the cluster network ----
+
+    def get_network(self, name: str) -> ClusterNetwork | None:
+        with self._session() as session:
+            row = session.get(NetworkRow, name)
+            if row is None:
+                return None
+            return ClusterNetwork(name=row.name, cidr=row.cidr, nat=row.nat, vni=row.vni)
+
+    def put_network(self, network: ClusterNetwork) -> None:
+        with self._session() as session:
+            session.merge(
+                NetworkRow(name=network.name, cidr=network.cidr, nat=network.nat, vni=network.vni)
+            )
+
+    def leases(self, network: str) -> list[Lease]:
+        with self._session() as session:
+            rows = session.scalars(
+                select(LeaseRow).where(LeaseRow.network == network).order_by(LeaseRow.address)
+            )
+            return [_lease(row) for row in rows]
+
+    def lease_of(self, owner: str) -> Lease | None:
+        with self._session() as session:
+            row = session.scalars(select(LeaseRow).where(LeaseRow.owner == owner)).first()
+            return _lease(row) if row is not None else None
+
+    def ensure_lease(self, owner: str, lease: LeasePicker) -> Lease:
+        """The owner's lease (a node's gateway address): the one it holds, else a new one."""
+        for _attempt in range(_LEASE_TRIES):
+            try:
+                with self._session() as session:
+                    row = session.scalars(select(LeaseRow).where(LeaseRow.owner == owner)).first()
+                    if row is not None:
+                        return _lease(row)
+                    return self._take_lease(session, owner, lease)
+            except _AddressTaken:
+                continue
+        raise Conflict("could not lease an address: too many concurrent requests; try again")
+
+    def _take_lease(self, session: Session, owner: str, pick: LeasePicker) -> Lease:
+        """Insert the lease ``pick`` chooses; leases whose instance is gone are swept first
+        (an address goes back with its instance whichever way the instance row went)."""
+        instances = select(InstanceRow.id)
+        session.execute(
+            delete(LeaseRow).where(LeaseRow.kind == "instance", LeaseRow.owner.not_in(instances))
+        )
+        used = set(
+            session.scalars(select(LeaseRow.address).where(LeaseRow.network == pick.network))
+        )
+        chosen = pick(used)
+        session.add(
+            LeaseRow(
+                network=chosen.network,
+                address=chosen.address,
+                owner=owner,
+                kind=chosen.kind,
+                mac=chosen.mac,
+                publish=",".join(str(item) for item in chosen.publish),
+            )
+        )
+        try:
+            session.flush()
+        except IntegrityError as exc:
+            raise _AddressTaken from exc
+        return chosen
 
     @_off_loop
     def find_instance(self, name: str) -> Instance:
@@ -316,8 +418,10 @@ class Store:
     ) -> list[Instance]:
         """Instances by name, filtered; ``after``/``limit`` give one page (names are unique,
         so pages neither skip nor repeat while others launch and delete)."""
-        query = select(InstanceRow, NodeRow.name).outerjoin(
-            NodeRow, NodeRow.id == InstanceRow.node_id
+        query = (
+            select(InstanceRow, NodeRow.name, LeaseRow)
+            .outerjoin(NodeRow, NodeRow.id == InstanceRow.node_id)
+            .outerjoin(LeaseRow, LeaseRow.owner == InstanceRow.id)
         )
         if names is not None:
             query = query.where(InstanceRow.name.in_(names))
@@ -333,7 +437,10 @@ class Store:
             query = query.where(InstanceRow.labels[key].as_string() == value)
         query = _page(query, InstanceRow.name, after, limit)
         with self._session() as session:
-            return [_instance(row, node_name or "") for row, node_name in session.execute(query)]
+            return [
+                _instance(row, node_name or "", lease)
+                for row, node_name, lease in session.execute(query)
+            ]
 
     list_instances = _off_loop(_list_instances)
 
@@ -369,6 +476,7 @@ class Store:
                 item = by_id.get(row.id)
                 if item is None:
                     if row.desired == DesiredState.DELETED.value:
+                        _release(session, row.id)
                         _delete(session, row)
                         changes.append(Change(row.id, row.name, row.state, ""))
                     continue
@@ -401,6 +509,7 @@ class Store:
         with self._session() as session:
             row = session.get(InstanceRow, instance_id)
             if row is not None:
+                _release(session, row.id)
                 _delete(session, row)
 
     # ---- tokens ----
@@ -614,6 +723,25 @@ def _page(query: Query, key: Any, after: str | None, limit: int | None) -> Query
     return query.limit(limit) if limit is not None else query
 
 
+class _AddressTaken(Exception):
+    """Another transaction took the address first."""
+
+
+def _release(session: Session, owner: str) -> None:
+    session.execute(delete(LeaseRow).where(LeaseRow.owner == owner))
+
+
+def _lease(row: LeaseRow) -> Lease:
+    return Lease(
+        network=row.network,
+        address=row.address,
+        owner=row.owner,
+        kind=row.kind,
+        mac=row.mac,
+        publish=tuple(parse_publish(item) for item in row.publish.split(",") if item),
+    )
+
+
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -622,7 +750,7 @@ def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _instance(row: InstanceRow, node_name: str) -> Instance:
+def _instance(row: InstanceRow, node_name: str, lease: LeaseRow | None = None) -> Instance:
     return Instance(
         id=row.id,
         spec=InstanceSpec(
@@ -646,6 +774,9 @@ def _instance(row: InstanceRow, node_name: str) -> Instance:
         restarts=row.restarts,
         moved_from=row.moved_from,
         held=row.held,
+        address=lease.address if lease else "",
+        mac=lease.mac if lease else "",
+        publish=tuple(item for item in lease.publish.split(",") if item) if lease else (),
     )
 
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -37,6 +46,8 @@ class NodeRow(Base):
     used_memory: Mapped[int] = mapped_column(BigInteger, default=0)
     used_disk: Mapped[int] = mapped_column(BigInteger, default=0)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    # "bridge" (its VMs are on the cluster network) or "user" (no CAP_NET_ADMIN: QEMU's NAT).
+    network_mode: Mapped[str] = mapped_column(String(16), default="")
 
 
 class InstanceRow(Base):
@@ -65,6 +76,35 @@ class InstanceRow(Base):
     # stopped it (``node restore`` starts it again).
     moved_from: Mapped[str | None] = mapped_column(String(36), default=None)
     held: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class NetworkRow(Base):
+    """The cluster network, fixed at the master's first start (``master --network``)."""
+
+    __tablename__ = "networks"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    cidr: Mapped[str] = mapped_column(String(64))
+    nat: Mapped[bool] = mapped_column(Boolean, default=True)
+    vni: Mapped[int] = mapped_column(Integer, default=77)
+
+
+class LeaseRow(Base):
+    """An address of the cluster network held by an instance or a node (its gateway address).
+
+    The primary key (network, address) is what makes a double allocation impossible, whatever
+    races: the second insert of an address fails and the allocator picks again.
+    """
+
+    __tablename__ = "network_leases"
+
+    network: Mapped[str] = mapped_column(String(63), primary_key=True)
+    address: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # The instance's or the node's id; one address each.
+    owner: Mapped[str] = mapped_column(String(36), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "instance" or "node"
+    mac: Mapped[str] = mapped_column(String(17), default="")
+    publish: Mapped[str] = mapped_column(String(255), default="")  # "8080:80/tcp,..."
 
 
 class RevokedCertificateRow(Base):

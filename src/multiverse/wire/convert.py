@@ -6,6 +6,7 @@ import grpc
 
 from multiverse.core import errors
 from multiverse.core.model import GuestStats, InstanceSpec, InstanceState, Resources
+from multiverse.core.network import ClusterNetwork, NetworkPlan, Nic, Publish
 from multiverse.wire.v1 import multiverse_pb2 as pb
 
 
@@ -17,8 +18,9 @@ def resources_from_pb(message: pb.Resources) -> Resources:
     return Resources(cpus=message.cpus, memory=message.memory, disk=message.disk)
 
 
-def spec_to_pb(instance_id: str, spec: InstanceSpec) -> pb.InstanceSpec:
+def spec_to_pb(instance_id: str, spec: InstanceSpec, nic: Nic | None = None) -> pb.InstanceSpec:
     return pb.InstanceSpec(
+        nic=nic_to_pb(nic) if nic else None,
         id=instance_id,
         name=spec.name,
         cpus=spec.cpus,
@@ -41,6 +43,60 @@ def spec_from_pb(message: pb.InstanceSpec) -> tuple[str, InstanceSpec]:
         labels=dict(message.labels),
     )
     return message.id, spec
+
+
+def nic_to_pb(nic: Nic) -> pb.Nic:
+    return pb.Nic(
+        address=nic.address,
+        mac=nic.mac,
+        gateway=nic.gateway,
+        dns=nic.dns,
+        domain=nic.domain,
+        publish=[
+            pb.Publish(host_port=p.host_port, guest_port=p.guest_port, protocol=p.protocol)
+            for p in nic.publish
+        ],
+    )
+
+
+def nic_from_pb(message: pb.Nic) -> Nic | None:
+    if not message.address:
+        return None
+    return Nic(
+        address=message.address,
+        mac=message.mac,
+        gateway=message.gateway,
+        dns=message.dns,
+        domain=message.domain,
+        publish=tuple(Publish(p.host_port, p.guest_port, p.protocol) for p in message.publish),
+    )
+
+
+def plan_to_pb(plan: NetworkPlan) -> pb.NetworkPlan:
+    return pb.NetworkPlan(
+        name=plan.network.name,
+        cidr=plan.network.cidr,
+        nat=plan.network.nat,
+        vni=plan.network.vni,
+        gateway=plan.gateway,
+        underlay=plan.underlay,
+        peers=plan.peers,
+        records=plan.records,
+        nics={key: nic_to_pb(nic) for key, nic in plan.nics.items()},
+    )
+
+
+def plan_from_pb(message: pb.NetworkPlan) -> NetworkPlan | None:
+    if not message.cidr:
+        return None
+    return NetworkPlan(
+        network=ClusterNetwork(message.name, message.cidr, nat=message.nat, vni=message.vni),
+        gateway=message.gateway,
+        underlay=message.underlay,
+        peers=tuple(message.peers),
+        records=dict(message.records),
+        nics={key: nic for key, value in message.nics.items() if (nic := nic_from_pb(value))},
+    )
 
 
 def state_from_pb(value: str) -> InstanceState:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from multiverse.core.files import private_sqlite
 from multiverse.core.model import InstanceSpec, InstanceState
+from multiverse.core.network import Nic, Publish
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -36,6 +37,7 @@ class VMRecord:
     message: str = ""
     ipv4: str = ""
     release: str = ""
+    nic: Nic | None = None  # its interface on the cluster network, as the master leased it
 
 
 class LocalStore:
@@ -43,9 +45,14 @@ class LocalStore:
         self._db = sqlite3.connect(private_sqlite(path), isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(vms)")}
+        if "nic" not in columns:  # a data directory from before the cluster network
+            self._db.execute("ALTER TABLE vms ADD COLUMN nic TEXT NOT NULL DEFAULT ''")
 
     def load(self) -> list[VMRecord]:
-        rows = self._db.execute("SELECT id, spec, state, version, message, ipv4, release FROM vms")
+        rows = self._db.execute(
+            "SELECT id, spec, state, version, message, ipv4, release, nic FROM vms"
+        )
         return [
             VMRecord(
                 id=vm_id,
@@ -55,14 +62,15 @@ class LocalStore:
                 message=message,
                 ipv4=ipv4,
                 release=release,
+                nic=_nic_from_json(nic),
             )
-            for vm_id, spec, state, version, message, ipv4, release in rows
+            for vm_id, spec, state, version, message, ipv4, release, nic in rows
         ]
 
     def save(self, record: VMRecord) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO vms (id, spec, state, version, message, ipv4, release)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO vms (id, spec, state, version, message, ipv4, release, nic)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 record.id,
                 json.dumps(asdict(record.spec)),
@@ -71,6 +79,7 @@ class LocalStore:
                 record.message,
                 record.ipv4,
                 record.release,
+                json.dumps(asdict(record.nic)) if record.nic else "",
             ),
         )
 
@@ -79,3 +88,11 @@ class LocalStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _nic_from_json(text: str) -> Nic | None:
+    if not text:
+        return None
+    data = json.loads(text)
+    data["publish"] = tuple(Publish(**item) for item in data.get("publish", ()))
+    return Nic(**data)

@@ -20,11 +20,13 @@ from multiverse.wire.convert import GRPC_SERVER_OPTIONS, listen_grpc, split_addr
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
 from multiverse.worker.agent import Agent, AgentServicer, Ctx
 from multiverse.worker.localstore import LocalStore
+from multiverse.worker.network import LinuxNetwork, detect_mode
 from multiverse.worker.sync import Identity, join, observe_forever, renew_forever, sync_forever
 
 log = logging.getLogger("multiverse.worker")
 
 DRIVERS = ("qemu", "firecracker", "multipass", "fake")
+NETWORKED = ("qemu", "firecracker")  # the drivers that plug VMs into the cluster network
 
 
 @dataclass
@@ -43,6 +45,9 @@ class WorkerConfig:
     image_dirs: list[Path] = field(default_factory=list)
     bridge: str = "mvbr0"  # firecracker: the bridge its taps join
     guest_cidr: str = "172.31.90.0/24"  # firecracker: guest addresses (the bridge takes the first)
+    # "bridge": VMs on the cluster network; "user": QEMU's NAT; "auto": bridge when this
+    # process holds CAP_NET_ADMIN (only the qemu driver plugs into the cluster network).
+    network_mode: str = "auto"
 
 
 def make_driver(config: WorkerConfig) -> Driver:
@@ -77,7 +82,10 @@ class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         private_dir(config.data_dir)  # its key, its VMs' user data
-        self.agent = Agent(make_driver(config), LocalStore(config.data_dir / "worker.db"))
+        network = None
+        if config.driver in NETWORKED and detect_mode(config.network_mode) == "bridge":
+            network = LinuxNetwork(config.data_dir / "network")
+        self.agent = Agent(make_driver(config), LocalStore(config.data_dir / "worker.db"), network)
         self.identity: Identity | None = None
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []

@@ -149,6 +149,7 @@ async def join(
             f"{data_dir / 'node.json'} and join again with a new token"
         )
     request = pb.JoinRequest(
+        network_mode="bridge" if agent.network is not None else "user",
         name=identity.name,
         agent_address=advertise,
         driver=driver,
@@ -199,8 +200,9 @@ async def sync_forever(master: str, identity: Identity, agent: Agent, interval: 
             ) as channel:
                 stub = pb_grpc.ClusterServiceStub(channel)
                 call = stub.Sync(_reports(agent, interval))
-                async for _ack in call:
+                async for ack in call:
                     attempt = 0
+                    await _apply_network(agent, ack)
         except grpc.aio.AioRpcError as exc:
             delay = retry_delay(attempt)
             why = exc.code().name
@@ -260,6 +262,18 @@ async def renew_forever(master: str, identity: Identity, data_dir: Path) -> None
             attempt += 1
             log.warning("certificate renewal failed: %s; retrying in %.1fs", exc.message, delay)
             await asyncio.sleep(delay)
+
+
+async def _apply_network(agent: Agent, ack: pb.SyncAck) -> None:
+    """The cluster network as the master says it is now; a failure is logged and retried with
+    the next acknowledgement, and never ends the stream."""
+    plan = convert.plan_from_pb(ack.network) if ack.HasField("network") else None
+    if plan is None:
+        return
+    try:
+        await agent.apply_network(plan)
+    except Exception:  # the next sync tries again
+        log.exception("setting up the cluster network failed")
 
 
 async def _reports(agent: Agent, interval: float) -> AsyncIterator[pb.NodeReport]:

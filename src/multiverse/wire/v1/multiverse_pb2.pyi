@@ -17,7 +17,7 @@ class Resources(_message.Message):
     def __init__(self, cpus: _Optional[int] = ..., memory: _Optional[int] = ..., disk: _Optional[int] = ...) -> None: ...
 
 class InstanceSpec(_message.Message):
-    __slots__ = ("id", "name", "cpus", "memory", "disk", "image", "user_data", "labels")
+    __slots__ = ("id", "name", "cpus", "memory", "disk", "image", "user_data", "labels", "nic")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class InstanceSpec(_message.Message):
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     USER_DATA_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    NIC_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     cpus: int
@@ -41,7 +42,70 @@ class InstanceSpec(_message.Message):
     image: str
     user_data: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., cpus: _Optional[int] = ..., memory: _Optional[int] = ..., disk: _Optional[int] = ..., image: _Optional[str] = ..., user_data: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    nic: Nic
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., cpus: _Optional[int] = ..., memory: _Optional[int] = ..., disk: _Optional[int] = ..., image: _Optional[str] = ..., user_data: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., nic: _Optional[_Union[Nic, _Mapping]] = ...) -> None: ...
+
+class Publish(_message.Message):
+    __slots__ = ("host_port", "guest_port", "protocol")
+    HOST_PORT_FIELD_NUMBER: _ClassVar[int]
+    GUEST_PORT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    host_port: int
+    guest_port: int
+    protocol: str
+    def __init__(self, host_port: _Optional[int] = ..., guest_port: _Optional[int] = ..., protocol: _Optional[str] = ...) -> None: ...
+
+class Nic(_message.Message):
+    __slots__ = ("address", "mac", "gateway", "dns", "domain", "publish")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    DNS_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    PUBLISH_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    mac: str
+    gateway: str
+    dns: str
+    domain: str
+    publish: _containers.RepeatedCompositeFieldContainer[Publish]
+    def __init__(self, address: _Optional[str] = ..., mac: _Optional[str] = ..., gateway: _Optional[str] = ..., dns: _Optional[str] = ..., domain: _Optional[str] = ..., publish: _Optional[_Iterable[_Union[Publish, _Mapping]]] = ...) -> None: ...
+
+class NetworkPlan(_message.Message):
+    __slots__ = ("name", "cidr", "nat", "vni", "gateway", "underlay", "peers", "records", "nics")
+    class RecordsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class NicsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Nic
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Nic, _Mapping]] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CIDR_FIELD_NUMBER: _ClassVar[int]
+    NAT_FIELD_NUMBER: _ClassVar[int]
+    VNI_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    UNDERLAY_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    NICS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    cidr: str
+    nat: bool
+    vni: int
+    gateway: str
+    underlay: str
+    peers: _containers.RepeatedScalarFieldContainer[str]
+    records: _containers.ScalarMap[str, str]
+    nics: _containers.MessageMap[str, Nic]
+    def __init__(self, name: _Optional[str] = ..., cidr: _Optional[str] = ..., nat: _Optional[bool] = ..., vni: _Optional[int] = ..., gateway: _Optional[str] = ..., underlay: _Optional[str] = ..., peers: _Optional[_Iterable[str]] = ..., records: _Optional[_Mapping[str, str]] = ..., nics: _Optional[_Mapping[str, Nic]] = ...) -> None: ...
 
 class InstanceStatus(_message.Message):
     __slots__ = ("id", "name", "state", "ipv4", "message", "version", "release")
@@ -62,7 +126,7 @@ class InstanceStatus(_message.Message):
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., ipv4: _Optional[str] = ..., message: _Optional[str] = ..., version: _Optional[int] = ..., release: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("name", "agent_address", "driver", "labels", "capacity", "version")
+    __slots__ = ("name", "agent_address", "driver", "labels", "capacity", "version", "network_mode")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,13 +140,15 @@ class JoinRequest(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_MODE_FIELD_NUMBER: _ClassVar[int]
     name: str
     agent_address: str
     driver: str
     labels: _containers.ScalarMap[str, str]
     capacity: Resources
     version: str
-    def __init__(self, name: _Optional[str] = ..., agent_address: _Optional[str] = ..., driver: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., version: _Optional[str] = ...) -> None: ...
+    network_mode: str
+    def __init__(self, name: _Optional[str] = ..., agent_address: _Optional[str] = ..., driver: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., version: _Optional[str] = ..., network_mode: _Optional[str] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("node_id", "name", "agent_address")
@@ -117,8 +183,10 @@ class NodeReport(_message.Message):
     def __init__(self, capacity: _Optional[_Union[Resources, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[ImageInfo, _Mapping]]] = ...) -> None: ...
 
 class SyncAck(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("network",)
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
+    network: NetworkPlan
+    def __init__(self, network: _Optional[_Union[NetworkPlan, _Mapping]] = ...) -> None: ...
 
 class RenewRequest(_message.Message):
     __slots__ = ("csr",)

@@ -1,0 +1,234 @@
+"""Address management for the cluster network, over the store; and what each node must know of
+the network (its peers, the names to serve, its instances' interfaces).
+
+The network is fixed at the master's first start (``multiverse master --network CIDR``); every
+instance gets the lowest free address (or the one asked with ``launch --ip``) and a MAC derived
+from its id, both stored in the store with the instance in one transaction and unique per
+network by the table's primary key, so no address is handed out twice under any race or crash.
+Each node gets an address too: its bridge's, the gateway and DNS server of the VMs on it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from multiverse.core.errors import Conflict, InvalidArgument, Unavailable
+from multiverse.core.model import Instance, Node, NodeStatus
+from multiverse.core.network import (
+    DEFAULT_CIDR,
+    ClusterNetwork,
+    Lease,
+    NetworkPlan,
+    Nic,
+    Publish,
+    mac_for,
+    parse_cidr,
+    parse_publish,
+)
+from multiverse.store.repository import Store
+
+__all__ = [
+    "DEFAULT_NETWORK",
+    "Ipam",
+    "Picker",
+    "choose_cidr",
+    "host_routes",
+]
+
+DEFAULT_NETWORK = "default"
+# Tried in order when no --network is given: the first that no host route overlaps.
+_CANDIDATES = (DEFAULT_CIDR, "10.78.0.0/16", "10.177.0.0/16", "172.30.0.0/16", "192.168.177.0/24")
+
+
+def host_routes(path: Path = Path("/proc/net/route")) -> list[ipaddress.IPv4Network]:
+    """This host's IPv4 routes but the default one, from the kernel's table."""
+    routes = []
+    try:
+        lines = path.read_text().splitlines()[1:]
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        destination = ipaddress.IPv4Address(bytes.fromhex(fields[1])[::-1])
+        mask = ipaddress.IPv4Address(bytes.fromhex(fields[7])[::-1])
+        network = ipaddress.IPv4Network(f"{destination}/{mask}", strict=False)
+        if network.prefixlen:
+            routes.append(network)
+    return routes
+
+
+def choose_cidr(routes: Iterable[ipaddress.IPv4Network]) -> str:
+    """The first candidate network no route of this host overlaps."""
+    taken = list(routes)
+    for candidate in _CANDIDATES:
+        network = ipaddress.IPv4Network(candidate)
+        if not any(network.overlaps(route) for route in taken):
+            return candidate
+    raise InvalidArgument(
+        "every default cluster network overlaps a route of this host: choose one with --network"
+    )
+
+
+@dataclass(frozen=True)
+class Picker:
+    """Chooses one lease in a network: the asked address if it is free, else the lowest free.
+
+    Pure (the store hands in the taken addresses, inside its transaction): unit-tested alone.
+    """
+
+    network: str
+    cidr: str
+    owner: str
+    kind: str = "instance"
+    requested: str = ""
+    publish: tuple[Publish, ...] = ()
+
+    def __call__(self, used: set[str]) -> Lease:
+        subnet = ipaddress.IPv4Network(self.cidr)
+        mac = mac_for(self.owner) if self.kind == "instance" else ""
+        if self.requested:
+            address = check_address(subnet, self.requested)
+            if address in used:
+                raise Conflict(f"address {address} is taken in the cluster network {subnet}")
+            return Lease(self.network, address, self.owner, self.kind, mac, self.publish)
+        taken = {int(ipaddress.IPv4Address(item)) for item in used}
+        first, last = int(subnet.network_address) + 1, int(subnet.broadcast_address) - 1
+        for candidate in range(first, last + 1):
+            if candidate not in taken:
+                address = str(ipaddress.IPv4Address(candidate))
+                return Lease(self.network, address, self.owner, self.kind, mac, self.publish)
+        raise Unavailable(f"no free address left in the cluster network {subnet}")
+
+
+def check_address(subnet: ipaddress.IPv4Network, text: str) -> str:
+    """An address a guest may have in ``subnet``: inside it, neither network nor broadcast."""
+    try:
+        address = ipaddress.IPv4Address(text.strip())
+    except ValueError:
+        raise InvalidArgument(f"invalid IPv4 address {text!r}") from None
+    if address not in subnet or address in (subnet.network_address, subnet.broadcast_address):
+        raise InvalidArgument(f"address {address} is not a usable address of {subnet}")
+    return str(address)
+
+
+class Ipam:
+    """The cluster network of one master: its definition, leases and per-node plans."""
+
+    def __init__(self, store: Store, network: ClusterNetwork) -> None:
+        self.store = store
+        self.network = network
+        self.subnet = ipaddress.IPv4Network(network.cidr)
+
+    @classmethod
+    def open(cls, store: Store, cidr: str = "", nat: bool | None = None) -> Ipam:
+        """The network the store holds; made at the first start (from ``cidr`` or a default
+        that avoids this host's routes). A different ``cidr`` later is refused: addresses
+        were handed out in the first."""
+        known = store.get_network(DEFAULT_NETWORK)
+        if known is None:
+            chosen = str(parse_cidr(cidr)) if cidr else choose_cidr(host_routes())
+            known = ClusterNetwork(DEFAULT_NETWORK, chosen, nat=True if nat is None else nat)
+            store.put_network(known)
+        else:
+            if cidr and str(parse_cidr(cidr)) != known.cidr:
+                raise InvalidArgument(
+                    f"the cluster network is {known.cidr} already (addresses were leased in "
+                    f"it); it cannot become {cidr}"
+                )
+            if nat is not None and nat != known.nat:
+                known = ClusterNetwork(known.name, known.cidr, nat=nat, vni=known.vni)
+                store.put_network(known)
+        return cls(store, known)
+
+    def picker(
+        self, owner: str, *, kind: str = "instance", requested: str = "",
+        publish: Sequence[Publish] = (),
+    ) -> Picker:  # fmt: skip
+        if requested:
+            check_address(self.subnet, requested)  # a bad address fails before anything
+        return Picker(self.network.name, self.network.cidr, owner, kind, requested, tuple(publish))
+
+    async def check_publish(self, node_id: str, publish: Sequence[Publish]) -> None:
+        """A node port forwards to one guest only."""
+        wanted = {(item.host_port, item.protocol) for item in publish}
+        if len(wanted) != len(publish):
+            raise InvalidArgument("a port is published twice")
+        for instance in await self.store.list_instances(node_id=node_id):
+            for text in instance.publish:
+                held = parse_publish(text)
+                if (held.host_port, held.protocol) in wanted:
+                    raise Conflict(f"port {held} of the node is published by {instance.name}")
+
+    def node_address(self, node_id: str) -> str:
+        """The node's own address on the network (leased once, kept), with the prefix."""
+        lease = self.store.ensure_lease(node_id, self.picker(node_id, kind="node"))
+        return f"{lease.address}/{self.subnet.prefixlen}"
+
+    def nic(self, instance: Instance, gateway: str) -> Nic | None:
+        if not instance.address:
+            return None
+        return Nic(
+            address=f"{instance.address}/{self.subnet.prefixlen}",
+            mac=instance.mac,
+            gateway=gateway.split("/", 1)[0],
+            dns=gateway.split("/", 1)[0],
+            publish=tuple(parse_publish(text) for text in instance.publish),
+        )
+
+    async def plan(self, node: Node) -> NetworkPlan:
+        gateway = self.node_address(node.id)
+        nodes = await self.store.list_nodes()
+        instances = await self.store.list_instances()
+        bridged = {other.id for other in nodes if other.network_mode == "bridge"}
+        peers = tuple(
+            sorted(
+                other.ipv4
+                for other in nodes
+                if other.id != node.id
+                and other.network_mode == "bridge"
+                and other.status != NodeStatus.DOWN
+            )
+        )
+        nics = {}
+        for instance in instances:
+            if instance.node_id == node.id and (nic := self.nic(instance, gateway)):
+                nics[instance.id] = nic
+        return NetworkPlan(
+            network=self.network,
+            gateway=gateway,
+            underlay=node.ipv4,
+            peers=peers,
+            # Only instances on the network have a name on it (not those of user-mode nodes).
+            records={i.name: i.address for i in instances if i.address and i.node_id in bridged},
+            nics=nics,
+        )
+
+    async def usage(self) -> dict[str, object]:
+        """``multiverse network``: the CIDR, how much of it is leased, each node's VTEP."""
+        leases = self.store.leases(self.network.name)
+        nodes = {node.id: node for node in await self.store.list_nodes()}
+        size = max(self.subnet.num_addresses - 2, 0)
+        return {
+            "name": self.network.name,
+            "cidr": self.network.cidr,
+            "nat": self.network.nat,
+            "vni": self.network.vni,
+            "size": size,
+            "used": len(leases),
+            "instances": sum(1 for lease in leases if lease.kind == "instance"),
+            "nodes": [
+                {
+                    "name": nodes[lease.owner].name,
+                    "address": lease.address,
+                    "vtep": nodes[lease.owner].ipv4,
+                    "mode": nodes[lease.owner].network_mode,
+                }
+                for lease in leases
+                if lease.kind == "node" and lease.owner in nodes
+            ],
+        }
