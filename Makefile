@@ -31,9 +31,10 @@ $(UI_BUILT): web/node_modules/.package-lock.json web/build.mjs
 
 ui: $(UI_BUILT)
 
-# What only the tests need: the browser the dashboard's tests drive.
+# What only the tests need: the browser the dashboard's tests drive, the SSH server `node add`'s
+# tests install a worker through.
 test-deps:
-	@bash scripts/host-deps.sh chromium
+	@bash scripts/host-deps.sh chromium openssh-server
 
 run: venv deps ui
 	DATA_DIR=$(DATA_DIR) bash scripts/quickstart.sh
@@ -43,7 +44,7 @@ stop: venv
 
 # Tests share one built guest image, cached in .data/images (not in git).
 test: venv deps test-deps ui
-	$(VENV)/bin/multiverse image build-test --images-dir $(CURDIR)/.data/images
+	$(VENV)/bin/multiverse image build tiny --no-import --images-dir $(CURDIR)/.data/images
 	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) -m pytest -q
 
 lint: venv
@@ -52,10 +53,11 @@ lint: venv
 
 # Figures, printed; not tests (see bench/README.md).
 bench: venv deps
-	$(VENV)/bin/multiverse image build-test --images-dir $(CURDIR)/.data/images
+	$(VENV)/bin/multiverse image build tiny --no-import --images-dir $(CURDIR)/.data/images
 	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) bench/boot.py
 	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) bench/shell.py
 	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) bench/exec.py
+	$(PY) bench/images.py
 
 # Regenerates src/multiverse/wire/v1/*_pb2*.py from proto/; tests check it is fresh.
 proto: venv

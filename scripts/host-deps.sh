@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Multiverse needs on a host, once. Safe to run again.
-# Arguments name more packages, for one use only (the Makefile's test-deps: chromium).
+# Arguments name more packages, for one use only (the Makefile's test-deps: chromium, openssh-server).
 set -euo pipefail
 pkgs=(qemu-system-x86 qemu-utils e2fsprogs iproute2 nftables dnsmasq-base postgresql "$@")
 missing=()

@@ -31,6 +31,10 @@ from schemathesis.core.result import Ok
 # digs deeper on demand: `MULTIVERSE_FUZZ_EXAMPLES=500 pytest tests/test_api_fuzz.py`.
 EXAMPLES_PER_OPERATION = int(os.environ.get("MULTIVERSE_FUZZ_EXAMPLES", "25"))
 
+# `node add` dials the host it is given: generated hosts would send traffic off this machine.
+# tests/test_node_add.py holds its bad inputs to the contract instead.
+NOT_FUZZED = {("POST", "/api/v1/nodes")}
+
 FUZZ_SETTINGS = settings(
     max_examples=EXAMPLES_PER_OPERATION,
     deadline=None,
@@ -185,7 +189,8 @@ def test_api_answers_every_request_with_a_clear_status(fuzz_cluster: Cluster) ->
     operations = []
     for result in schema.get_all_operations():
         assert isinstance(result, Ok), f"the master's OpenAPI is broken: {result.err()}"
-        operations.append(result.ok())
+        if (result.ok().method.upper(), result.ok().path) not in NOT_FUZZED:
+            operations.append(result.ok())
     assert len(operations) >= 10, "the schema lost its routes"
     calls = 0
     for operation in operations:

@@ -17,9 +17,19 @@ from pathlib import Path
 import click
 
 from multiverse.client import environments
-from multiverse.client.cli import _duration, cli, labels_option, parsed, run
+from multiverse.client.cli import (
+    _duration,
+    cli,
+    format_option,
+    image,
+    labels_option,
+    parsed,
+    run,
+    wait_with_progress,
+)
 from multiverse.core.errors import MultiverseError
 from multiverse.core.model import Resources
+from multiverse.core.sizes import parse_size
 
 # What only the servers need (asyncio, logging, subprocess, the client's config) is imported in
 # the commands that start them: every client call loads this module first.
@@ -128,6 +138,12 @@ def _certificate_lifetime(seconds: int | None) -> timedelta:
     help="Serve the API over plain HTTP (loopback only: tokens would cross the network in clear).",
 )
 @click.option("--api-listen", default="0.0.0.0:1338", show_default=True, help="REST API address.")
+@click.option(
+    "--image-rate-limit",
+    callback=parsed(parse_size),
+    default="0",
+    help="Bytes per second each image transfer to a worker may take, e.g. 100M (0: no limit).",
+)
 @data_dir_option
 @click.option("--db", default="", help="SQLAlchemy database URL (default: SQLite in the data dir).")
 @click.option(
@@ -163,6 +179,18 @@ def _certificate_lifetime(seconds: int | None) -> timedelta:
     default=None,
     help="Masquerade the VMs' outbound traffic on their nodes (default: on).",
 )
+@click.option(
+    "--wheelhouse",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="MULTIVERSE_WHEELHOUSE",
+    help="Where `node add` caches the wheels it copies to hosts (default: <data-dir>/wheelhouse).",
+)
+@click.option(
+    "--install-service",
+    is_flag=True,
+    help="Write a systemd unit that runs this master with these options, enable and start it "
+    "(where systemd runs), and exit.",
+)
 def master(
     network_cidr: str,
     nat: bool | None,
@@ -171,13 +199,19 @@ def master(
     max_auth_failures: int,
     insecure_http: bool,
     api_listen: str,
+    image_rate_limit: int,
     data_dir: Path,
     db: str,
     node_timeout: float,
     down_timeout: float,
     node_cert_ttl: timedelta,
+    wheelhouse: Path | None,
+    install_service: bool,
 ) -> None:
-    """Run the master: cluster state, REST API, scheduler."""
+    """Run the master: cluster state, REST API, scheduler, image store."""
+    if install_service:
+        _install_master_service()
+        return
     from multiverse.client.config import user_config_path
     from multiverse.master.server import Master, MasterConfig
 
@@ -194,9 +228,12 @@ def master(
             node_timeout=node_timeout,
             down_timeout=max(down_timeout, node_timeout),
             user_config=user_config_path(),
+            image_dirs=[data_dir / "images", *_image_dirs()],
+            image_rate_limit=float(image_rate_limit),
             network=network_cidr,
             nat=nat,
             node_cert_lifetime=node_cert_ttl,
+            wheelhouse=wheelhouse,
         )
     )
 
@@ -210,6 +247,26 @@ def master(
         )
 
     _serve(start, server.stop)
+
+
+def _install_master_service() -> None:
+    """`master --install-service`: the unit runs this very Python with the same options."""
+    import subprocess
+
+    from multiverse.core.files import write_private
+    from multiverse.master.provision import master_unit
+
+    args = [a for a in sys.argv[sys.argv.index("master") + 1 :] if a != "--install-service"]
+    unit_dir = Path(os.environ.get("MULTIVERSE_SYSTEMD_DIR", "/etc/systemd/system"))
+    path = unit_dir / "multiverse-master.service"
+    # 0644 as units are; it names no secret (the master's own files hold those).
+    write_private(path, master_unit(args).encode(), 0o644)
+    if not Path("/run/systemd/system").is_dir():
+        click.echo(f"wrote {path}; systemd does not run here: start `multiverse master` yourself")
+        return
+    for command in (["daemon-reload"], ["enable", "--now", "multiverse-master.service"]):
+        subprocess.run(["systemctl", *command], check=True)
+    click.echo(f"wrote {path}; multiverse-master.service is enabled and started")
 
 
 def _image_dirs() -> list[Path]:
@@ -260,6 +317,13 @@ def _worker_options(func: Callable[..., None]) -> Callable[..., None]:
             "auto: bridge when this process may build networks.",
         ),
         sync_option,
+        click.option(
+            "--image-cache",
+            callback=parsed(parse_size),
+            default="20G",
+            show_default=True,
+            help="How much the node's image cache may hold; least recently used images go.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -323,6 +387,7 @@ def worker(
     network_mode: str,
     sync_interval: float,
     simulate: int | None,
+    image_cache: int,
 ) -> None:
     """Run a worker: join a master and run its VMs on this host."""
     from multiverse.worker.server import Worker, WorkerConfig, Workers, simulated
@@ -346,6 +411,7 @@ def worker(
         sync_interval=sync_interval,
         fake_delay=fake_delay,
         image_dirs=_image_dirs(),
+        image_cache=image_cache,
         bridge=bridge,
         guest_cidr=guest_cidr,
         network_mode=network_mode,
@@ -389,6 +455,7 @@ def up(
     fake_delay: float,
     network_mode: str,
     sync_interval: float,
+    image_cache: int,
 ) -> None:
     """Run a master and a worker for this machine in one process."""
     source = click.get_current_context().get_parameter_source("network_mode")
@@ -413,6 +480,7 @@ def up(
             listen=listen,
             api_listen=api_listen,
             user_config=user_config_path(),
+            image_dirs=[images_dir, *_image_dirs()],
         )
     )
     worker_dir = data_dir / "worker"
@@ -436,6 +504,7 @@ def up(
                 sync_interval=sync_interval,
                 fake_delay=fake_delay,
                 image_dirs=[images_dir, *_image_dirs()],
+                image_cache=image_cache,
                 network_mode=network_mode,
             )
         )
@@ -522,65 +591,65 @@ def down(data_dir: Path) -> None:
     click.echo("multiverse is down")
 
 
-@cli.group()
-def image() -> None:
-    """Guest images on this host."""
+@image.group(name="build")
+def image_build() -> None:
+    """Build a guest image on this host and import it into the master's store."""
 
 
-@image.command(name="build-test")
-@data_dir_option
-@click.option(
+def _build_and_import(images_dir: Path, import_it: bool, fmt: str = "table") -> None:
+    """Build the tiny guest (cached), then send it to the configured master's store."""
+    import json
+
+    from multiverse.core.images import ImageManifest
+
+    built = _build_test_image(images_dir)
+    digest = ImageManifest.from_json(json.loads((built / "image.json").read_text())).digest
+    result: dict[str, object] = {"name": "tiny", "path": str(built), "digest": digest}
+    if import_it:
+        from multiverse.client.cli import _client, upload_files
+
+        client = _client()
+        if not any(item["digest"] == digest for item in client.stored_images()):
+            files = {path.name: path for path in sorted(built.iterdir()) if path.is_file()}
+            body = {"name": "tiny", "files": upload_files(client, files)}
+            wait_with_progress(client, client.import_image(body), 3600)
+        result["imported"] = True
+    if fmt == "json":
+        click.echo(json.dumps(result, indent=2))
+    else:
+        where = "; in the master's store" if import_it else ""
+        click.echo(f"image tiny {digest[:19]} built in {built}{where}")
+
+
+images_dir_option = click.option(
     "--images-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Where to put it (default: <data-dir>/images).",
+    help="Where to build (default: <data-dir>/images).",
 )
-def image_build_test(data_dir: Path, images_dir: Path | None) -> None:
-    """Build the tiny test guest from Debian packages (cached; a no-op once built)."""
-    built = _build_test_image(images_dir or data_dir / "images")
-    click.echo(f"image tiny: {built}")
 
 
-@image.command(name="import")
-@click.option(
-    "--oci",
-    "layout",
-    required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="An OCI image layout directory (index.json, blobs/).",
-)
-@click.argument("name")
-@click.option("--size", default="2G", show_default=True, help="Size of the ext4 root file system.")
+@image_build.command(name="tiny")
 @data_dir_option
-@click.option("--images-dir", type=click.Path(file_okay=False, path_type=Path))
-def image_import(
-    layout: Path, name: str, size: str, data_dir: Path, images_dir: Path | None
-) -> None:
-    """Turn an OCI image layout into image NAME: an ext4 root file system for Firecracker
-    hosts, booted with the tiny guest's kernel and initramfs (built if missing)."""
-    import shutil
+@images_dir_option
+@click.option(
+    "--import/--no-import",
+    "import_it",
+    default=True,
+    show_default=True,
+    help="Import the result into the configured master's store.",
+)
+@format_option
+def image_build_tiny(data_dir: Path, images_dir: Path | None, import_it: bool, fmt: str) -> None:
+    """The tiny test guest from Debian packages (kernel, busybox, dropbear); a no-op once built."""
+    _build_and_import(images_dir or data_dir / "images", import_it, fmt)
 
-    from multiverse.core.model import validate_name
-    from multiverse.core.sizes import parse_size
-    from multiverse.drivers.rootfs import import_oci
-    from multiverse.guest.image import INITRD_FILE, KERNEL_FILE
 
-    try:
-        validate_name(name, "image")
-        size_bytes = parse_size(size)
-    except MultiverseError as exc:
-        raise click.BadParameter(exc.message) from exc
-    images = images_dir or data_dir / "images"
-    tiny = _build_test_image(Path(os.environ.get("MULTIVERSE_IMAGE_CACHE") or images))
-    target = images / name
-    target.mkdir(parents=True, exist_ok=True)
-    from rich.console import Console
-
-    with Console(stderr=True).status(f"importing {layout} as {name}"):
-        import_oci(layout, target / "rootfs.ext4", size_bytes)
-        for file in (KERNEL_FILE, INITRD_FILE):
-            if not (target / file).exists():
-                shutil.copyfile(tiny / file, target / file)
-    click.echo(f"image {name}: {target}")
+@image.command(name="build-test", hidden=True)
+@data_dir_option
+@images_dir_option
+def image_build_test(data_dir: Path, images_dir: Path | None) -> None:
+    """The old name of `image build tiny --no-import`."""
+    _build_and_import(images_dir or data_dir / "images", False)
 
 
 for _command in (environments.apply, environments.diff, environments.envs, environments.get):

@@ -23,6 +23,7 @@ from multiverse.client.cli import (
     stderr_console,
 )
 from multiverse.client.output import Column, render, render_one
+from multiverse.core.faults import ScheduledFault
 
 if TYPE_CHECKING:  # rich and the HTTP client are loaded by the commands that use them
     from rich.table import Table
@@ -96,6 +97,34 @@ def apply(path: Path, prune: bool, recreate: bool, no_wait: bool, timeout: float
     names = [member.name for member in spec.members]
     _follow(client, answer["operation"], spec.name, names, timeout)
     click.echo(f"environment {spec.name}: {len(names)} instances as the file says")
+    if spec.faults:
+        _run_schedule(client, spec.faults)
+
+
+def _run_schedule(client: ApiClient, schedule: tuple[ScheduledFault, ...]) -> None:
+    """The file's faults, each at its time from now, as a timeline; returns when those with
+    a duration have healed (the others stay, as `fault list` shows)."""
+    started = time.monotonic()
+
+    def stamp() -> str:
+        return f"+{time.monotonic() - started:6.1f}s"
+
+    timed: set[str] = set()
+    for item in schedule:
+        time.sleep(max(0.0, started + item.at - time.monotonic()))
+        fault = client.add_fault(dict(item.body))
+        click.echo(f"{stamp()} fault {fault['id']} applied: {item.describe()}")
+        if item.body.get("duration"):
+            timed.add(str(fault["id"]))
+        else:
+            click.echo(f"{'':8} (no duration: heal it with `multiverse fault heal {fault['id']}`)")
+    while timed:
+        in_force = {str(f["id"]) for f in client.faults()}
+        for fault_id in sorted(timed - in_force):
+            click.echo(f"{stamp()} fault {fault_id} healed")
+        timed &= in_force
+        if timed:
+            time.sleep(0.5)
 
 
 def _follow(

@@ -14,7 +14,8 @@ import http.client
 import json
 import re
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -25,6 +26,7 @@ __all__ = ["ApiClient", "ApiError", "Unreachable"]
 
 JSON = dict[str, Any]
 INFO_CHUNK = 100  # names per `info` request: the query string stays well under URL limits
+UPLOAD_CHUNK = 1024 * 1024
 
 # A kept-alive connection the master closed while idle fails this way on its next request,
 # which then never reached the master: sent again on a new connection, once.
@@ -95,10 +97,20 @@ class ApiClient:
         )
 
     def _send(
-        self, method: str, path: str, json: Any = None, params: JSON | None = None
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        params: JSON | None = None,
+        content: Iterable[bytes] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> http.client.HTTPResponse:
-        """Send a request; the response with its body still to read."""
-        reused = self._connection is not None and self._connection.sock is not None
+        """Send a request; the response with its body still to read. ``content`` is a body
+        streamed as it is iterated (give its length in ``headers``)."""
+        # A streamed body cannot be sent twice: no retry on a stale connection for it.
+        reused = (
+            content is None and self._connection is not None and self._connection.sock is not None
+        )
         try:
             connection = self._connect()
         except OSError as exc:
@@ -111,8 +123,8 @@ class ApiClient:
             target += "?" + urlencode(
                 [(k, _query_value(item)) for k, v in params.items() for item in _listed(v)]
             )
-        headers = dict(self._headers)
-        body = None
+        headers = {**self._headers, **(headers or {})}
+        body: bytes | Iterable[bytes] | None = content
         if json is not None:
             body = _json_dumps(json)
             headers["Content-Type"] = "application/json"
@@ -167,11 +179,63 @@ class ApiClient:
     def node(self, name: str) -> JSON:
         return dict(self._request("GET", f"/nodes/{name}"))
 
+    def faults(self) -> list[JSON]:
+        return list(self._request("GET", "/faults"))
+
+    def add_fault(self, body: JSON) -> JSON:
+        return dict(self._request("POST", "/faults", json=body))
+
+    def heal_fault(self, fault_id: str | None) -> list[JSON]:
+        return list(self._request("DELETE", f"/faults/{fault_id}" if fault_id else "/faults"))
+
     def network(self) -> JSON:
         return dict(self._request("GET", "/network"))
 
     def images(self) -> list[JSON]:
         return list(self._request("GET", "/images"))
+
+    def stored_images(self) -> list[JSON]:
+        return list(self._request("GET", "/image-store"))
+
+    def import_image(self, body: JSON) -> JSON:
+        """Starts the import; the operation's result is the image."""
+        return dict(self._request("POST", "/image-store", json=body))
+
+    def delete_image(self, name: str) -> JSON:
+        return dict(self._request("DELETE", f"/image-store/{name}"))
+
+    def pull_image(self, name: str, nodes: list[str], all_nodes: bool) -> JSON:
+        body = {"nodes": nodes, "all": all_nodes}
+        return dict(self._request("POST", f"/image-store/{name}/pull", json=body))
+
+    def has_blob(self, sha256: str) -> bool:
+        try:
+            self._request("GET", f"/blobs/sha256:{sha256}")
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def put_blob(
+        self, sha256: str, path: Path, progress: Callable[[int, int], None] | None = None
+    ) -> JSON:
+        """Stream a file to the master in chunks: never the whole file in memory."""
+        total = path.stat().st_size
+
+        def chunks() -> Iterator[bytes]:
+            done = 0
+            with path.open("rb") as file:
+                while block := file.read(UPLOAD_CHUNK):
+                    done += len(block)
+                    if progress:
+                        progress(done, total)
+                    yield block
+
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(total)}
+        return dict(
+            self._request("PUT", f"/blobs/sha256:{sha256}", content=chunks(), headers=headers)
+        )
 
     def instances(
         self, node: str = "", state: str = "", label: str = "", env: str | None = None
@@ -198,6 +262,12 @@ class ApiClient:
     def action(self, name: str, verb: str, body: JSON | None = None) -> JSON:
         """``start``, ``stop`` or ``restart``."""
         return dict(self._request("POST", f"/instances/{name}/{verb}", json=body or {}))
+
+    def move(self, name: str, node: str, kind: str = "cold") -> JSON:
+        """Start moving the instance to ``node``; the answer names the operation."""
+        return dict(
+            self._request("POST", f"/instances/{name}/move", json={"node": node, "kind": kind})
+        )
 
     def delete(self, name: str) -> JSON:
         return dict(self._request("DELETE", f"/instances/{name}"))
@@ -254,10 +324,17 @@ class ApiClient:
         params = {"timeout": timeout}
         return dict(self._request("GET", f"/operations/{operation_id}/wait", params=params))
 
-    def node_action(self, name: str, action: str) -> JSON:
+    def node_action(self, name: str, action: str, params: dict[str, str] | None = None) -> JSON:
         """``cordon``, ``uncordon`` (the node) or ``drain``, ``evacuate``, ``restore``
-        (an operation)."""
-        return dict(self._request("POST", f"/nodes/{name}/{action}"))
+        (an operation); ``params``: e.g. evacuate's ``mode``."""
+        return dict(self._request("POST", f"/nodes/{name}/{action}", params=params))
+
+    def add_node(self, body: JSON) -> JSON:
+        """Install a worker over SSH: an operation (credentials go in the body, over TLS)."""
+        return dict(self._request("POST", "/nodes", json=body))
+
+    def uninstall_node(self, name: str, credentials: JSON) -> JSON:
+        return dict(self._request("POST", f"/nodes/{name}/uninstall", json=credentials))
 
     def remove_node(self, name: str, force: bool = False) -> JSON:
         return dict(self._request("DELETE", f"/nodes/{name}", params={"force": force}))

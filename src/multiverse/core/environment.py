@@ -49,6 +49,7 @@ from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, meta, no
 from jinja2.sandbox import SandboxedEnvironment
 
 from multiverse.core.errors import Conflict, InvalidArgument, MultiverseError
+from multiverse.core.faults import ScheduledFault, parse_scheduled
 from multiverse.core.model import (
     DEFAULT_CPUS,
     DEFAULT_DISK,
@@ -85,7 +86,7 @@ CLOUD_INIT_LABEL = "multiverse.cloud-init"
 RESERVED_PREFIX = "multiverse."
 MAX_MEMBERS = 256  # per environment: a typo in a count should not launch a thousand VMs
 
-_TOP_KEYS = ("name", "instances")
+_TOP_KEYS = ("name", "instances", "faults")
 _ENTRY_KEYS = (
     "name", "count", "image", "cpus", "memory", "disk", "cloud-init", "spread", "selector",
     "state",
@@ -131,6 +132,8 @@ class EnvironmentSpec:
     name: str
     members: tuple[Member, ...]  # dependencies first, otherwise in the file's order
     document: dict[str, Any] = field(default_factory=dict)  # the JSON form, templates inline
+    # The ``faults:`` schedule, run by the client once the environment is up (not sent).
+    faults: tuple[ScheduledFault, ...] = ()
 
     def member(self, name: str) -> Member:
         return next(member for member in self.members if member.name == name)
@@ -326,10 +329,27 @@ def _parse(document: Any, source: _Source, read: Callable[[str], str] | None) ->
         seen.setdefault(member.name, path)
     if len(members) > MAX_MEMBERS:
         problems.at(("instances",), f"{len(members)} instances; at most {MAX_MEMBERS}")
+    schedule = _schedule(document.get("faults"), {m.name for m, _ in members}, problems)
     problems.raise_any()
     ordered = _order(_dependencies(name, members, source, problems), source, problems)
     problems.raise_any()
-    return EnvironmentSpec(name, tuple(ordered), {"name": name, "instances": inline})
+    return EnvironmentSpec(name, tuple(ordered), {"name": name, "instances": inline}, schedule)
+
+
+def _schedule(entries: Any, names: set[str], problems: _Problems) -> tuple[ScheduledFault, ...]:
+    """The ``faults:`` section, in the order they start."""
+    if entries is None:
+        return ()
+    if not isinstance(entries, list):
+        problems.at(("faults",), "faults must be a list")
+        return ()
+    schedule: list[ScheduledFault] = []
+    for index, entry in enumerate(entries):
+        try:
+            schedule.append(parse_scheduled(entry, names))
+        except MultiverseError as exc:
+            problems.at(("faults", index), exc.message)
+    return tuple(sorted(schedule, key=lambda s: s.at))
 
 
 def _unknown_keys(

@@ -22,6 +22,9 @@ class NodeStatus(enum.StrEnum):
     DRAINING = "Draining"
     DOWN = "Down"
     UNKNOWN = "Unknown"
+    # Set up over SSH by the master (`node add`): its message tells the step, then why it failed.
+    INSTALLING = "Installing"
+    FAILED = "Failed"
 
 
 class InstanceState(enum.StrEnum):
@@ -215,6 +218,11 @@ class Node:
     # Set by an admin (`node label`); ``labels`` are what the node says of itself at every
     # join. The admin's win: a node cannot talk itself into (or out of) a selector.
     admin_labels: dict[str, str] = field(default_factory=dict)
+    # `node add`: the step running, or why the install failed (with the output's last lines).
+    message: str = ""
+    # `node add`: where and how it was installed (SSH target, host key, root), for a retry
+    # and for `node remove --uninstall`. Never a credential.
+    install: dict[str, str] = field(default_factory=dict)
 
     @property
     def effective_labels(self) -> dict[str, str]:
@@ -276,3 +284,51 @@ class GuestStats:
     disk_total: int = 0
     release: str = ""
     ipv4: str = ""
+
+
+class MigrationKind(enum.StrEnum):
+    """How an instance moves: ``cold`` stops it and copies its disk; ``live`` keeps it running."""
+
+    COLD = "cold"
+    LIVE = "live"
+
+
+class MigrationPhase(enum.StrEnum):
+    """Where a move stands; ``done`` and ``failed`` are final (a failed move left the instance
+    where it was)."""
+
+    PENDING = "pending"
+    STOPPING = "stopping"
+    TRANSFERRING = "transferring"
+    SWITCHING = "switching"
+    STARTING = "starting"
+    CLEANING = "cleaning"
+    ROLLING_BACK = "rolling-back"
+    DONE = "done"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (MigrationPhase.DONE, MigrationPhase.FAILED)
+
+
+@dataclass(frozen=True)
+class Migration:
+    """A move of one instance, persisted so that a restarted master finishes it.
+
+    ``desired_after`` is what the user wanted of the instance before the move (a cold move
+    stops it on the way): the move leaves it so, wherever it ends.
+    """
+
+    id: str
+    instance_id: str
+    kind: MigrationKind
+    source_id: str
+    target_id: str
+    desired_after: DesiredState
+    phase: MigrationPhase = MigrationPhase.PENDING
+    attempts: int = 0
+    message: str = ""
+    bytes_done: int = 0
+    bytes_total: int = 0
+    created_at: datetime | None = None

@@ -16,7 +16,7 @@ import enum
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from multiverse.core.errors import DriverError
 from multiverse.core.model import GuestStats, Resources
@@ -186,6 +186,24 @@ class Driver(abc.ABC):
         """
         raise DriverError(f"the {self.name} driver has no interactive sessions")
 
+    # Fault injection (issue 19): hypervisor-level faults; drivers that cannot keep these.
+
+    async def pause(self, vm: VMConfig) -> None:
+        """Freeze the VM's CPUs; the guest sees a gap. Counter-action: :meth:`resume`."""
+        raise DriverError(f"the {self.name} driver cannot pause VMs")
+
+    async def resume(self, vm: VMConfig) -> None:
+        """Let a paused VM run on. Idempotent."""
+        raise DriverError(f"the {self.name} driver cannot pause VMs")
+
+    async def reset(self, vm: VMConfig) -> None:
+        """Hard reset, as the reset button: no shutdown in the guest."""
+        raise DriverError(f"the {self.name} driver cannot reset VMs")
+
+    async def throttle_disk(self, vm: VMConfig, iops: int) -> None:
+        """Limit the data disk to ``iops`` operations per second (0: no limit). Idempotent."""
+        raise DriverError(f"the {self.name} driver cannot throttle disks")
+
     async def images(self) -> list[ImageInfo]:
         """The images this host has ready (listed, not downloaded)."""
         return []
@@ -196,6 +214,34 @@ class Driver(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027  # optional: most drivers hold nothing open
         """Release connections; VMs keep running."""
+
+
+@runtime_checkable
+class Migratable(Protocol):
+    """A driver whose stopped VMs can move to another host as files (a cold move).
+
+    The agent streams :meth:`export_files` to the target agent, which writes them under
+    :meth:`incoming_dir` and then calls :meth:`adopt_incoming`; until then the target's driver
+    does not know the VM. Opt-in, as Nova's capabilities are: a driver without it is refused.
+    """
+
+    def export_files(self, vm: VMConfig) -> dict[str, Path]:
+        """Name (relative, may contain ``/``) -> path of everything a stopped VM keeps: its
+        disk, its config, its SSH host key. Never runtime files (pid, sockets)."""
+        ...
+
+    def incoming_dir(self, vm: VMConfig) -> Path:
+        """Where an import writes the files; invisible to :meth:`Driver.status` until adopted."""
+        ...
+
+    async def adopt_incoming(self, vm: VMConfig) -> None:
+        """Make the imported files the (stopped) VM. Idempotent; the counter-action is
+        :meth:`Driver.delete`."""
+        ...
+
+    async def abort_incoming(self, vm: VMConfig) -> None:
+        """Remove what an unfinished import wrote (the counter-action of the transfer)."""
+        ...
 
 
 def host_resources(path: Path) -> Resources:

@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -114,10 +115,7 @@ class FakeDriver(Driver):
             await asyncio.sleep(self.delay)
             self._save()
         directory = self.state_dir / "vms" / vm.id
-        if directory.exists():
-            for child in directory.iterdir():
-                child.unlink()
-            directory.rmdir()
+        shutil.rmtree(directory, ignore_errors=True)  # a guest's files may sit in subdirectories
 
     async def status(self, vm: VMConfig) -> VMStatus:
         record = self._vms.get(vm.id)
@@ -140,6 +138,34 @@ class FakeDriver(Driver):
             release="Fake 1.0",
             ipv4=_fake_ip(vm.id),
         )
+
+    # --- cold moves (base.Migratable): the VM's directory is its "disk" ---------------------
+
+    def export_files(self, vm: VMConfig) -> dict[str, Path]:
+        if self._vm(vm)["power"] != PowerState.STOPPED:
+            raise Conflict(f"VM {vm.name} is running; a cold move needs it stopped")
+        directory = self.state_dir / "vms" / vm.id
+        return {
+            str(path.relative_to(directory)): path
+            for path in sorted(directory.rglob("*"))
+            if path.is_file()
+        }
+
+    def incoming_dir(self, vm: VMConfig) -> Path:
+        return self.state_dir / "incoming" / vm.id
+
+    async def adopt_incoming(self, vm: VMConfig) -> None:
+        incoming, directory = self.incoming_dir(vm), self.state_dir / "vms" / vm.id
+        if incoming.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(incoming, directory)
+        if vm.id not in self._vms:
+            self._vms[vm.id] = {"power": PowerState.STOPPED.value, "ipv4": _fake_ip(vm.id)}
+            self._save()
+
+    async def abort_incoming(self, vm: VMConfig) -> None:
+        shutil.rmtree(self.incoming_dir(vm), ignore_errors=True)
 
     def _environment(self, vm: VMConfig) -> dict[str, str]:
         """What a command in a fake VM sees: a guest's variables, none of the worker's."""

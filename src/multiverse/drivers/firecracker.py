@@ -64,11 +64,13 @@ from multiverse.core.errors import (
     DriverError,
     InvalidArgument,
     MultiverseError,
+    NotFound,
     Unavailable,
 )
 from multiverse.core.model import Resources
 from multiverse.core.sizes import MiB
 from multiverse.drivers.base import PowerState, VMConfig, VMStatus
+from multiverse.drivers.images import ROOTFS_FILE, ImageCache
 from multiverse.drivers.process import (
     LOG_TAIL,
     UNIX_PATH_MAX,
@@ -80,10 +82,8 @@ from multiverse.drivers.process import (
     write_json,
 )
 from multiverse.drivers.rootfs import copy_rootfs, make_ext4
-from multiverse.guest.image import INITRD_FILE, KERNEL_FILE
 
 BINARY_ENV = "MULTIVERSE_FIRECRACKER"
-ROOTFS_FILE = "rootfs.ext4"  # an image's root file system, when it has one
 DEFAULT_BRIDGE = "mvbr0"
 DEFAULT_CIDR = "172.31.90.0/24"
 
@@ -117,7 +117,7 @@ class FirecrackerDriver(ProcessDriver):
     def __init__(
         self,
         state_dir: Path,
-        image_dirs: Sequence[Path],
+        images: ImageCache | Sequence[Path],
         capacity: Resources | None = None,
         *,
         binary: str | None = None,
@@ -137,7 +137,7 @@ class FirecrackerDriver(ProcessDriver):
         under /tmp when that path would pass the 108-byte limit of unix socket paths).
         """
         super().__init__(
-            state_dir, image_dirs, capacity, boot_timeout=boot_timeout, stop_timeout=stop_timeout
+            state_dir, images, capacity, boot_timeout=boot_timeout, stop_timeout=stop_timeout
         )
         self.binary = (
             binary or os.environ.get(BINARY_ENV) or shutil.which("firecracker") or ("firecracker")
@@ -152,22 +152,13 @@ class FirecrackerDriver(ProcessDriver):
 
     # --- creating ------------------------------------------------------------------------
 
-    def _check_image(self, image: str) -> None:
-        self._image_files(image)
-
     def _image_files(self, image: str) -> tuple[Path, Path | None, Path | None]:
         """The image's kernel, and its initrd and root file system where it has them."""
-        for directory in self._image_candidates(image):
-            kernel = directory / KERNEL_FILE
-            if kernel.is_file():
-                initrd = directory / INITRD_FILE
-                rootfs = directory / ROOTFS_FILE
-                return (
-                    kernel,
-                    initrd if initrd.is_file() else None,
-                    rootfs if rootfs.is_file() else None,
-                )
-        raise self._image_not_found(image, f"{image}/{KERNEL_FILE}")
+        found = self._image(image)
+        kernel = found.file("kernel")
+        if kernel is None:
+            raise NotFound(f"image {image!r} not found on this node: it has no kernel")
+        return kernel, found.file("initrd"), found.file("rootfs")
 
     def _make_disk(self, vm: VMConfig, path: Path) -> None:
         """A copy of the image's root file system, or an empty ext4 for kernel+initrd images."""

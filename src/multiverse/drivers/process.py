@@ -37,13 +37,19 @@ from multiverse.drivers.base import (
     VMStatus,
     host_resources,
 )
-from multiverse.guest.image import KERNEL_FILE
+from multiverse.drivers.images import (
+    CachedImage,
+    ImageCache,
+    ImageDirectories,
+    check_image_name,
+)
 from multiverse.guest.ssh import COMMAND_TIMEOUT, GuestConnection, KnownHost, announced_host_key
 
 UNIX_PATH_MAX = 107  # a sockaddr_un's path, less its terminating NUL
 LOG_TAIL = 4000  # how much of a log an error message quotes
 HOST_KEY_FILE = "ssh_host_key.pub"  # the guest's SSH host key once known, in the VM's directory
 _VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_RUNTIME_FILES = {"vm.json"}  # a running process's; never part of a move
 
 
 def ensure_ssh_key(path: Path) -> Path:
@@ -156,14 +162,15 @@ class ProcessDriver(Driver):
     def __init__(
         self,
         state_dir: Path,
-        image_dirs: Sequence[Path],
+        images: ImageCache | Sequence[Path],
         capacity: Resources | None,
         *,
         boot_timeout: float,
         stop_timeout: float,
     ) -> None:
+        """``images``: the port to the node's images, or plain image directories."""
         super().__init__(state_dir)
-        self.image_dirs = [Path(directory) for directory in image_dirs]
+        self.image_cache = images if isinstance(images, ImageCache) else ImageDirectories(images)
         self.boot_timeout = boot_timeout
         self.stop_timeout = stop_timeout
         self._capacity = capacity
@@ -176,10 +183,6 @@ class ProcessDriver(Driver):
         self._locks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Lock]] = {}
 
     # --- what a subclass provides --------------------------------------------------------
-
-    @abc.abstractmethod
-    def _check_image(self, image: str) -> None:
-        """Raise NotFound (or InvalidArgument) unless this node can boot ``image``."""
 
     @abc.abstractmethod
     def _make_disk(self, vm: VMConfig, path: Path) -> None:
@@ -332,37 +335,22 @@ class ProcessDriver(Driver):
                 f"disk {format_size(max(vm.disk, 0))} is too small: at least "
                 f"{format_size(self.min_disk)}"
             )
-        self._check_image(vm.image)
+        self._check_available(vm.image)
 
-    def _image_candidates(self, image: str) -> list[Path]:
-        """The directories that may hold ``image``, in search order; a name that would leave
-        the image directories is refused."""
-        if "/" in image or image in ("", ".", ".."):
-            raise InvalidArgument(f"invalid image name {image!r}")
-        return [directory / image for directory in self.image_dirs]
+    def _image(self, image: str) -> CachedImage:
+        """The image's files on this host; NotFound when they are not here."""
+        found = self.image_cache.lookup(image)
+        if found is None:
+            raise NotFound(f"image {image!r} not found on this node")
+        return found
+
+    def _check_available(self, image: str) -> None:
+        check_image_name(image)
+        if not self.image_cache.available(image):
+            raise NotFound(f"image {image!r} not found on this node")
 
     async def images(self) -> list[ImageInfo]:
-        """Every image directory with a kernel, first found first (as lookups go); its digest
-        and size from the ``image.json`` the image build writes, when there is one."""
-        found: dict[str, ImageInfo] = {}
-        for directory in self.image_dirs:
-            for image in sorted(directory.glob(f"*/{KERNEL_FILE}")):
-                name = image.parent.name
-                if name in found:
-                    continue
-                meta = read_json(image.parent / "image.json") or {}
-                files = [path for path in image.parent.iterdir() if path.is_file()]
-                found[name] = ImageInfo(
-                    name=name,
-                    kind=str(meta.get("kind", "kernel+initrd")),
-                    digest=str(meta.get("digest", "")),
-                    size=int(meta.get("size") or sum(path.stat().st_size for path in files)),
-                )
-        return list(found.values())
-
-    def _image_not_found(self, image: str, missing: str) -> NotFound:
-        searched = ", ".join(str(directory) for directory in self.image_dirs) or "(none)"
-        return NotFound(f"image {image!r} not found on this node: no {missing} in {searched}")
+        return self.image_cache.held()
 
     async def _create(self, vm: VMConfig) -> None:
         """Validate, then make the VM directory and its disk, once; a failure leaves nothing."""
@@ -467,6 +455,35 @@ class ProcessDriver(Driver):
         self._existing_dir(vm)
         if self._running_pid(vm) is None:
             raise Conflict(f"VM {vm.name} is not running")
+
+    # --- cold moves (base.Migratable) ------------------------------------------------------
+
+    def export_files(self, vm: VMConfig) -> dict[str, Path]:
+        vm_dir = self._existing_dir(vm)
+        if self._running_pid(vm) is not None:
+            raise Conflict(f"VM {vm.name} is running; a cold move needs it stopped")
+        return {
+            str(path.relative_to(vm_dir)): path
+            for path in sorted(vm_dir.rglob("*"))
+            if path.is_file() and not path.is_symlink() and path.name not in _RUNTIME_FILES
+        }
+
+    def incoming_dir(self, vm: VMConfig) -> Path:
+        self._vm_dir(vm)  # refuses an id that could name a path elsewhere
+        return self.state_dir / "incoming" / vm.id
+
+    async def adopt_incoming(self, vm: VMConfig) -> None:
+        async with self._lock(vm.id):
+            incoming, vm_dir = self.incoming_dir(vm), self._vm_dir(vm)
+            if vm_dir.is_dir() and not incoming.exists():
+                return  # adopted already
+            if vm_dir.is_dir():
+                raise Conflict(f"VM {vm.name} exists on this node already")
+            vm_dir.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(incoming, vm_dir)
+
+    async def abort_incoming(self, vm: VMConfig) -> None:
+        await asyncio.to_thread(shutil.rmtree, self.incoming_dir(vm), True)
 
     # --- helpers -------------------------------------------------------------------------
 

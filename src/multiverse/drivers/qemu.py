@@ -34,11 +34,12 @@ from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
 
-from multiverse.core.errors import DriverError, Unavailable
+from multiverse.core.errors import DriverError, NotFound, Unavailable
 from multiverse.core.files import write_private
 from multiverse.core.model import Resources
 from multiverse.core.sizes import MiB
 from multiverse.drivers.base import PowerState, VMConfig, VMStatus
+from multiverse.drivers.images import ImageCache
 from multiverse.drivers.process import (
     LOG_TAIL,
     UNIX_PATH_MAX,
@@ -49,12 +50,7 @@ from multiverse.drivers.process import (
     wait_exit,
     write_json,
 )
-from multiverse.guest.image import (
-    BOOT_OK_MARKER,
-    FW_CFG_PREFIX,
-    INITRD_FILE,
-    KERNEL_FILE,
-)
+from multiverse.guest.image import BOOT_OK_MARKER, FW_CFG_PREFIX
 
 # `-m 64` does not boot the Debian kernel with our initramfs; 96 MiB does (measured).
 MIN_MEMORY = 96 * MiB
@@ -99,7 +95,7 @@ class QemuDriver(ProcessDriver):
     def __init__(
         self,
         state_dir: Path,
-        image_dirs: Sequence[Path],
+        images: ImageCache | Sequence[Path],
         capacity: Resources | None = None,
         *,
         qemu_binary: str = "qemu-system-x86_64",
@@ -107,7 +103,7 @@ class QemuDriver(ProcessDriver):
         stop_timeout: float = 30.0,
     ) -> None:
         super().__init__(
-            state_dir, image_dirs, capacity, boot_timeout=boot_timeout, stop_timeout=stop_timeout
+            state_dir, images, capacity, boot_timeout=boot_timeout, stop_timeout=stop_timeout
         )
         self.qemu_binary = qemu_binary
         self.accel = choose_accel()
@@ -117,16 +113,13 @@ class QemuDriver(ProcessDriver):
 
     # --- creating and booting ----------------------------------------------------------
 
-    def _check_image(self, image: str) -> None:
-        self.image_files(image)
-
     def image_files(self, image: str) -> tuple[Path, Path]:
-        """The image's kernel and initrd, from the first image directory that has both."""
-        for directory in self._image_candidates(image):
-            kernel, initrd = directory / KERNEL_FILE, directory / INITRD_FILE
-            if kernel.is_file() and initrd.is_file():
-                return kernel, initrd
-        raise self._image_not_found(image, f"{image}/{KERNEL_FILE} and {image}/{INITRD_FILE}")
+        """The image's kernel and initrd."""
+        found = self._image(image)
+        kernel, initrd = found.file("kernel"), found.file("initrd")
+        if kernel is None or initrd is None:
+            raise NotFound(f"image {image!r} not found on this node: it has no kernel and initrd")
+        return kernel, initrd
 
     def _make_disk(self, vm: VMConfig, path: Path) -> None:
         make_data_disk(path, vm.disk)
@@ -307,7 +300,25 @@ class QemuDriver(ProcessDriver):
         message = "" if qemu_state == "running" else f"QEMU reports the VM as {qemu_state!r}"
         return VMStatus(PowerState.RUNNING, ipv4, message=message)
 
-    async def _qmp(self, vm: VMConfig, command: str, timeout: float = 5.0) -> Any:
+    async def pause(self, vm: VMConfig) -> None:
+        await self._qmp(vm, "stop")
+
+    async def resume(self, vm: VMConfig) -> None:
+        await self._qmp(vm, "cont")
+
+    async def reset(self, vm: VMConfig) -> None:
+        await self._qmp(vm, "system_reset")
+
+    async def throttle_disk(self, vm: VMConfig, iops: int) -> None:
+        # The data disk is the first virtio drive; QEMU names it "virtio0". All six limits are
+        # required by the command; 0 means unlimited.
+        limits = {key: 0 for key in ("bps", "bps_rd", "bps_wr", "iops_rd", "iops_wr")}
+        await self._qmp(vm, "block_set_io_throttle", {"device": "virtio0", "iops": iops, **limits})
+
+    async def _qmp(
+        self, vm: VMConfig, command: str, arguments: dict[str, Any] | None = None,
+        timeout: float = 5.0,
+    ) -> Any:  # fmt: skip
         """Run one QMP command on a fresh connection; QEMU's monitor serves one client at once,
         and a connection held open would lock out an agent that adopts the VM."""
         sock_path = self._control_socket(vm)
@@ -315,7 +326,7 @@ class QemuDriver(ProcessDriver):
         try:
             sock = await asyncio.wait_for(asyncio.to_thread(_connect_unix, sock_path), timeout)
             await asyncio.wait_for(client.connect(sock), timeout)
-            return await asyncio.wait_for(client.execute(command), timeout)
+            return await asyncio.wait_for(client.execute(command, arguments), timeout)
         except (OSError, QMPError, TimeoutError) as error:
             raise DriverError(
                 f"QEMU monitor of VM {vm.name} did not answer {command}: "

@@ -32,7 +32,10 @@ from multiverse.core.errors import (
     NotFound,
     RateLimited,
     Unauthenticated,
+    Unavailable,
 )
+from multiverse.core.faults import FaultKind, parse_duration
+from multiverse.core.images import parse_sha256
 from multiverse.core.model import (
     DEFAULT_CPUS,
     DEFAULT_DISK,
@@ -41,18 +44,30 @@ from multiverse.core.model import (
     Instance,
     InstanceSpec,
     InstanceState,
+    MigrationKind,
     Node,
+    NodeStatus,
     parse_labels,
 )
 from multiverse.core.network import parse_publish
 from multiverse.core.sizes import parse_size
 from multiverse.master import auth, ui
 from multiverse.master.environments import Environments
+from multiverse.master.faults import Faults
+from multiverse.master.images import FileSource, Images, image_json
 from multiverse.master.instances import InstanceInfo, Instances
 from multiverse.master.metrics import CONTENT_TYPE, Metrics
+from multiverse.master.moves import migration_json
 from multiverse.master.network import Ipam
 from multiverse.master.nodes import Nodes
 from multiverse.master.operations import Operation
+from multiverse.master.provision import (
+    DEFAULT_ROOT,
+    Credentials,
+    Installer,
+    InstallRequest,
+    SSHTarget,
+)
 from multiverse.master.scheduler import Strategy
 from multiverse.master.sessions import MAX_TERMINAL, relay
 from multiverse.store.repository import Store
@@ -101,6 +116,31 @@ class LaunchBody(BaseModel):
     publish: list[str] = Field([], max_length=64)  # "8080:80" or "5353:53/udp"
 
 
+class ImportBody(BaseModel):
+    """Either ``files`` uploaded before (``PUT /api/v1/blobs/...``) or a ``url`` and its sha256."""
+
+    name: str = Field(max_length=63)
+    aliases: list[str] = Field([], max_length=16)
+    files: dict[str, str] = Field({}, max_length=100_000)  # relative path -> sha256
+    url: str = Field("", max_length=4096)
+    sha256: str = Field("", max_length=71)
+    rootfs_size: Size = "2G"  # an OCI layout becomes an ext4 of this size
+
+
+class PullBody(BaseModel):
+    nodes: list[str] = Field([], max_length=10_000)
+    all: bool = False
+
+
+class FaultBody(BaseModel):
+    kind: FaultKind
+    targets: list[str] = Field(max_length=256)
+    peers: list[str] = Field([], max_length=256)
+    params: dict[str, str] = Field({}, max_length=16)
+    one_way: bool = False
+    duration: str | None = Field(None, max_length=32)  # "30s"
+
+
 class ApplyBody(BaseModel):
     spec: dict[str, Any]  # the environment file's JSON form (core/environment.py)
     prune: bool = False
@@ -109,6 +149,11 @@ class ApplyBody(BaseModel):
 
 class StopBody(BaseModel):
     force: bool = False
+
+
+class MoveBody(BaseModel):
+    node: str = Field(min_length=1, max_length=63)
+    kind: Literal["cold", "live"] = "cold"
 
 
 class TokenBody(BaseModel):
@@ -131,6 +176,25 @@ class JoinBody(BaseModel):
     token: str = Field(max_length=512)
     csr: str = Field(max_length=16 * 1024)
     name: str = Field(max_length=63)
+
+
+class NodeCredentialsBody(BaseModel):
+    """How the master logs in to a host over SSH. Used for that connection and then dropped:
+    never stored, logged or returned."""
+
+    identity: str = Field("", max_length=64 * 1024)  # a private key (preferred)
+    password: str = Field("", max_length=4096)
+
+
+class NodeAddBody(NodeCredentialsBody):
+    name: str = Field(max_length=63)
+    ssh: str = Field(max_length=300)  # user@host[:port]
+    host_key_fingerprint: str = Field("", max_length=100)
+    known_hosts: str = Field("", max_length=512 * 1024)
+    driver: Literal["qemu", "firecracker", "multipass", "fake"] = "qemu"
+    labels: dict[str, str] = {}
+    install_deps: bool = False
+    root: str = Field(DEFAULT_ROOT, max_length=255)
 
 
 class ExecBody(BaseModel):
@@ -173,6 +237,7 @@ def node_json(node: Node) -> dict[str, Any]:
         "last_sync": _iso(node.last_sync),
         "version": node.version,
         "network_mode": node.network_mode,
+        "message": node.message,  # `node add`: the step running, or why it failed
     }
 
 
@@ -223,6 +288,13 @@ def info_json(info: InstanceInfo) -> dict[str, Any]:
 
 
 MAX_BODY = 1024 * 1024  # bytes; the largest legitimate body (user-data) is far smaller
+# Routes whose body is a stream of any size, written to disk as it comes (image files): the
+# route itself reads it chunk by chunk, and only an admin token gets that far.
+STREAMED_BODIES = ("/api/v1/blobs/",)
+
+
+def body_limit_applies(path: str) -> bool:
+    return not path.startswith(STREAMED_BODIES)
 
 
 class BodyLimit:
@@ -239,7 +311,7 @@ class BodyLimit:
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or not body_limit_applies(scope["path"]):
             await self.app(scope, receive, send)
             return
         length = Headers(scope=scope).get("content-length", "")
@@ -387,11 +459,14 @@ def create_app(
     join_token: JoinTokenIssuer,
     ca: pki.ClusterCA,
     image_catalog: Callable[[], Awaitable[list[dict[str, Any]]]],
+    image_store: Images,
     max_auth_failures: int = 20,
     ipam: Ipam | None = None,
+    faults: Faults | None = None,
+    installer: Installer | None = None,
 ) -> FastAPI:
     app = FastAPI(title="Multiverse", version=__version__, docs_url="/docs")
-    metrics = Metrics(store, instances.reconciler)
+    metrics = Metrics(store, instances.reconciler, image_store)
 
     @app.middleware("http")
     async def _timed(request: Request, call_next: Any) -> Any:
@@ -441,6 +516,32 @@ def create_app(
             raise NotFound("this cluster has no network")
         return await ipam.usage()
 
+    def _faults() -> Faults:
+        if faults is None:
+            raise NotFound("this master takes no faults")
+        return faults
+
+    @app.get("/api/v1/faults")
+    async def list_faults(_: Reader) -> list[dict[str, object]]:
+        return [fault.json() for fault in await _faults().in_force()]
+
+    @app.post("/api/v1/faults", status_code=201)
+    async def add_fault(body: FaultBody, _: Admin) -> dict[str, object]:
+        duration = None if body.duration is None else parse_duration(body.duration, "duration")
+        fault = await _faults().add(
+            body.kind, tuple(body.targets), tuple(body.peers), body.params,
+            one_way=body.one_way, duration=duration,
+        )  # fmt: skip
+        return fault.json()
+
+    @app.delete("/api/v1/faults/{fault_id}")
+    async def heal_fault(fault_id: str, _: Admin) -> list[dict[str, object]]:
+        return [fault.json() for fault in await _faults().heal(fault_id)]
+
+    @app.delete("/api/v1/faults")
+    async def heal_all_faults(_: Admin) -> list[dict[str, object]]:
+        return [fault.json() for fault in await _faults().heal(None)]
+
     @app.get("/api/v1/whoami")
     async def whoami(record: Reader) -> dict[str, Any]:
         """The caller's own token (never its secret): the dashboard asks which buttons to show."""
@@ -454,6 +555,60 @@ def create_app(
     @app.get("/api/v1/images")
     async def images(_: Reader) -> list[dict[str, Any]]:
         return await image_catalog()
+
+    @app.get("/api/v1/image-store")
+    async def list_stored_images(_: Reader) -> list[dict[str, Any]]:
+        return [image_json(image) for image in await image_store.all()]
+
+    @app.get("/api/v1/image-store/{name}")
+    async def get_stored_image(name: str, _: Reader) -> dict[str, Any]:
+        return image_json(await image_store.get(name))
+
+    @app.post("/api/v1/image-store", status_code=202)
+    async def import_image(body: ImportBody, _: Admin) -> dict[str, Any]:
+        """Import uploaded files or a URL; the operation tells the progress and the image."""
+        source: FileSource | tuple[str, str]
+        if body.url and body.files:
+            raise InvalidArgument("give files or a url, not both")
+        if body.url:
+            if not body.sha256:
+                raise InvalidArgument("a url needs its sha256, to check what arrives")
+            source = (body.url, body.sha256)
+        elif body.files:
+            source = FileSource(
+                {path: parse_sha256(sha) for path, sha in body.files.items()},
+                rootfs_size=parse_size(body.rootfs_size),
+            )
+        else:
+            raise InvalidArgument("nothing to import: give files or a url")
+        return (await image_store.start_import(body.name, body.aliases, source)).json()
+
+    @app.delete("/api/v1/image-store/{name}")
+    async def delete_image(name: str, _: Admin) -> dict[str, Any]:
+        return image_json(await image_store.delete(name))
+
+    @app.post("/api/v1/image-store/{name}/pull", status_code=202)
+    async def pull_image(name: str, body: PullBody, _: Admin) -> dict[str, Any]:
+        """Warm the caches of some nodes (or all Ready ones) ahead of launches."""
+        if body.all:
+            targets = [node for node in await store.list_nodes() if node.status == NodeStatus.READY]
+        else:
+            targets = [await store.find_node(node_name) for node_name in body.nodes]
+        return (await image_store.start_pull(name, targets)).json()
+
+    @app.get("/api/v1/blobs/{digest}")
+    async def get_blob(digest: str, _: Admin) -> dict[str, Any]:
+        """Whether the master has this file already (404 if not): the client skips its upload."""
+        sha256 = parse_sha256(digest)
+        return {"digest": f"sha256:{sha256}", "size": image_store.blobs.size(sha256)}
+
+    @app.put("/api/v1/blobs/{digest}", status_code=201)
+    async def put_blob(digest: str, request: Request, _: Admin) -> dict[str, Any]:
+        """One file of an image, streamed: hashed while written, kept only if it is ``digest``."""
+        sha256 = parse_sha256(digest)
+        if not image_store.blobs.has(sha256):
+            await image_store.blobs.add_stream(request.stream(), sha256)
+        return {"digest": f"sha256:{sha256}", "size": image_store.blobs.size(sha256)}
 
     @app.get("/api/v1/cluster/ca")
     async def cluster_ca() -> dict[str, str]:
@@ -472,6 +627,32 @@ def create_app(
             "certificate": certificate.decode(),
             "ca_certificate": ca.cert_pem.decode(),
         }
+
+    def _installer() -> Installer:
+        if installer is None:
+            raise Unavailable("this master does not install nodes")
+        return installer
+
+    @app.post("/api/v1/nodes", status_code=202)
+    async def add_node(body: NodeAddBody, _: Admin) -> dict[str, Any]:
+        """Install a worker on a host over SSH and wait for it to join: an operation with one
+        progress line per step; the node is Installing meanwhile, then Ready or Failed."""
+        request = InstallRequest(
+            name=body.name, target=SSHTarget.parse(body.ssh), driver=body.driver,
+            labels=body.labels, install_deps=body.install_deps, root=body.root,
+        )  # fmt: skip
+        credentials = Credentials(
+            password=body.password, identity=body.identity, known_hosts=body.known_hosts,
+            host_key_fingerprint=body.host_key_fingerprint,
+        )  # fmt: skip
+        return (await _installer().add(request, credentials)).json()
+
+    @app.post("/api/v1/nodes/{name}/uninstall", status_code=202)
+    async def uninstall_node(name: str, body: NodeCredentialsBody, _: Admin) -> dict[str, Any]:
+        """Stop the worker `node add` installed, remove its unit, venv and data dir, then forget
+        the node; refused while it holds instances."""
+        credentials = Credentials(password=body.password, identity=body.identity)
+        return (await _installer().uninstall(name, credentials)).json()
 
     @app.delete("/api/v1/nodes/{name}")
     async def remove_node(name: str, _: Admin, force: bool = False) -> dict[str, Any]:
@@ -519,9 +700,15 @@ def create_app(
 
     @app.post("/api/v1/nodes/{name}/{action}", status_code=202)
     async def maintain(
-        name: str, action: Literal["drain", "evacuate", "restore"], _: Admin
+        name: str,
+        action: Literal["drain", "evacuate", "restore"],
+        _: Admin,
+        mode: Literal["move", "recreate"] = "move",
     ) -> dict[str, Any]:
-        start = {"drain": nodes.drain, "evacuate": nodes.evacuate, "restore": nodes.restore}
+        """``mode`` (evacuate): ``move`` with the disks, ``recreate`` from the specs."""
+        if action == "evacuate":
+            return (await nodes.evacuate(name, recreate=mode == "recreate")).json()
+        start = {"drain": nodes.drain, "restore": nodes.restore}
         return (await start[action](name)).json()
 
     @app.get("/api/v1/operations/{operation_id}")
@@ -606,6 +793,15 @@ def create_app(
     @app.post("/api/v1/instances/{name}/restart", status_code=202)
     async def restart(name: str, _: Admin) -> dict[str, Any]:
         return _accepted(await instances.restart(name))
+
+    @app.post("/api/v1/instances/{name}/move", status_code=202)
+    async def move(name: str, body: MoveBody, _: Admin) -> dict[str, Any]:
+        """Move to ``body.node``; the operation's ``figures`` tell the phase and bytes sent."""
+        migration, operation = await nodes.moves.move(name, body.node, MigrationKind(body.kind))
+        return {
+            **instance_json(await instances.get(name)), "operation": operation.id,
+            "move": migration_json(migration),
+        }  # fmt: skip
 
     @app.delete("/api/v1/instances/{name}", status_code=202)
     async def delete(name: str, _: Admin) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 
 from multiverse.core.errors import MultiverseError, Unauthenticated
+from multiverse.core.faults import NodeFaults
 from multiverse.core.model import Node, NodeStatus, validate_labels
 from multiverse.master.network import Ipam
 from multiverse.store.repository import Change, Store, now
@@ -49,8 +50,10 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         )
         # What each node last said it can boot; in memory: every node says it again at once.
         self.images: dict[str, list[dict[str, Any]]] = {}
+        # A node's part of the faults in force (master/faults.py), sent with every ack.
+        self.fault_plan: Callable[[str], Awaitable[NodeFaults]] | None = None
 
-    async def _peer_node(self, context: Ctx) -> str | None:
+    async def peer_node(self, context: Ctx) -> str | None:
         """The node id of the caller's certificate; refused if revoked or not a node's."""
         cert = pki.peer_cert_of(context.auth_context())
         identity = pki.check_peer_cert(self.agents.ca, cert, await self.store.revoked_serials())
@@ -80,7 +83,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         """A new certificate for the calling node, for the key in its CSR. Only a node whose
         current certificate is good may ask: a removed node's is revoked, an expired one fails
         the handshake (that node must be admitted again with a join token)."""
-        node_id = await self._peer_node(context)
+        node_id = await self.peer_node(context)
         if node_id is None:
             raise Unauthenticated("renewal needs the node's certificate")
         node = await self.store.get_node(node_id)
@@ -96,7 +99,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
     async def _join(self, request: pb.JoinRequest, context: Ctx) -> pb.JoinResponse:
         """Register (again) where a node's agent is and what it offers. The node was admitted
         before (``POST /api/v1/cluster/join`` with a join token gave it its certificate)."""
-        node_id = await self._peer_node(context)
+        node_id = await self.peer_node(context)
         if node_id is None:
             raise Unauthenticated("join needs the node's certificate; admit it with a join token")
         address = request.agent_address
@@ -121,7 +124,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         self, request_iterator: AsyncIterator[pb.NodeReport], context: Ctx
     ) -> AsyncIterator[pb.SyncAck]:
         try:
-            node_id = await self._peer_node(context)
+            node_id = await self.peer_node(context)
             if node_id is None:
                 raise Unauthenticated("sync needs the node's certificate")
         except MultiverseError as exc:
@@ -132,11 +135,13 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             yield await self.ack(node_id)
 
     async def ack(self, node_id: str) -> pb.SyncAck:
-        """The acknowledgement of a report, with the network as the node must now have it."""
+        """The acknowledgement of a report, with the network as the node must now have it
+        (and the faults in force there, when the master has faults)."""
         node = await self.store.get_node(node_id)
+        faults = convert.faults_to_pb(await self.fault_plan(node_id)) if self.fault_plan else None
         if self.ipam is None or node.network_mode != "bridge":
-            return pb.SyncAck()
-        return pb.SyncAck(network=convert.plan_to_pb(await self.ipam.plan(node)))
+            return pb.SyncAck(faults=faults)
+        return pb.SyncAck(network=convert.plan_to_pb(await self.ipam.plan(node)), faults=faults)
 
     def forget(self, node_id: str) -> None:
         """A removed node leaves nothing behind here: its images, its agent's channel."""
@@ -171,6 +176,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             {"name": i.name, "kind": i.kind, "digest": i.digest, "size": i.size}
             for i in report.images
         ]
+        await self.store.set_node_images(node_id, [i.digest for i in report.images if i.digest])
         back = [(node.name, NodeStatus.READY)] if node.status != NodeStatus.READY else []
         self.on_change(back, changes)
 

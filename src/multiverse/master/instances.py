@@ -197,11 +197,17 @@ class Instances:
         instance = await self.get(name)
         if instance.desired == DesiredState.DELETED and desired != DesiredState.DELETED:
             raise Conflict(f"instance {name} is being deleted")
+        self.refuse_if_moving(instance)
         await self.store.update_instance(instance.id, desired=desired, held=False)
         instance.desired = desired
         node = await self.store.get_node(instance.node_id) if instance.node_id else None
         await self.reconciler.reconcile(instance, node, by_user=True, force=force)
         return await self.store.get_instance(instance.id)
+
+    def refuse_if_moving(self, instance: Instance) -> None:
+        """A move owns the instance until it ends (its plan stops and starts it)."""
+        if instance.id in self.reconciler.paused:
+            raise Conflict(f"instance {instance.name} is being moved; wait for the move to end")
 
     async def start(self, name: str) -> tuple[Instance, Operation]:
         instance = await self._set_desired(name, DesiredState.RUNNING)
@@ -216,6 +222,7 @@ class Instances:
     async def restart(self, name: str) -> tuple[Instance, Operation]:
         """Not a desired state: a stop and a start, done by the node in one go."""
         instance = await self.get(name)
+        self.refuse_if_moving(instance)
         node = await self._node_of(instance)
         if node.status != NodeStatus.READY:
             raise Unavailable(f"node {node.name} is {node.status.value}; try again once it is back")

@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from multiverse.core.model import Instance, InstanceState, Node, NodeStatus
+from multiverse.master.images import Images
 from multiverse.master.reconciler import Reconciler
 from multiverse.store.repository import Store, now
 
@@ -59,12 +60,31 @@ class _ClusterCollector(Collector):
         )  # fmt: skip
 
 
+class _ImageCollector(Collector):
+    """Bytes the image transfers sent, and what they cost in disk reads (less when several
+    workers pull one image at once: see master/images.py)."""
+
+    def __init__(self, images: Images) -> None:
+        self.images = images
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "multiverse_image_sent_bytes", "Image bytes sent to workers.",
+            value=self.images.bytes_sent,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "multiverse_image_read_bytes", "Image bytes read from disk for transfers.",
+            value=self.images.reader.disk_bytes,
+        )  # fmt: skip
+
+
 class Metrics:
-    def __init__(self, store: Store, reconciler: Reconciler) -> None:
+    def __init__(self, store: Store, reconciler: Reconciler, images: Images) -> None:
         self.store = store
         self.registry = CollectorRegistry()
         self.cluster = _ClusterCollector(reconciler)
         self.registry.register(self.cluster)
+        self.registry.register(_ImageCollector(images))
         self.api_latency = Histogram(
             "multiverse_api_request_seconds", "REST API latency.", ["method", "route", "status"],
             registry=self.registry,

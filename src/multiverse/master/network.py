@@ -164,9 +164,9 @@ class Ipam:
                 if (held.host_port, held.protocol) in wanted:
                     raise Conflict(f"port {held} of the node is published by {instance.name}")
 
-    def node_address(self, node_id: str) -> str:
+    async def node_address(self, node_id: str) -> str:
         """The node's own address on the network (leased once, kept), with the prefix."""
-        lease = self.store.ensure_lease(node_id, self.picker(node_id, kind="node"))
+        lease = await self.store.ensure_lease(node_id, self.picker(node_id, kind="node"))
         return f"{lease.address}/{self.subnet.prefixlen}"
 
     def nic(self, instance: Instance, gateway: str) -> Nic | None:
@@ -181,7 +181,7 @@ class Ipam:
         )
 
     async def plan(self, node: Node) -> NetworkPlan:
-        gateway = self.node_address(node.id)
+        gateway = await self.node_address(node.id)
         nodes = await self.store.list_nodes()
         instances = await self.store.list_instances()
         bridged = {other.id for other in nodes if other.network_mode == "bridge"}
@@ -210,7 +210,7 @@ class Ipam:
 
     async def usage(self) -> dict[str, object]:
         """``multiverse network``: the CIDR, how much of it is leased, each node's VTEP."""
-        leases = self.store.leases(self.network.name)
+        leases = await self.store.leases(self.network.name)
         nodes = {node.id: node for node in await self.store.list_nodes()}
         size = max(self.subnet.num_addresses - 2, 0)
         return {

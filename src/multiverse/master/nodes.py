@@ -2,10 +2,10 @@
 
 - cordon: no new instances are placed on the node; uncordon undoes it.
 - drain: cordon, then stop the node's running instances (marked, so restore starts them).
-- evacuate: cordon, then re-create every instance of the node on other nodes from its spec,
-  stopping it first. There is no disk transfer yet, so the new instance starts with a fresh
-  disk: whatever was written inside the old one stays behind (and is deleted with it when the
-  node is reachable). Each instance's outcome is reported.
+- evacuate: cordon, then move every instance of the node to other nodes with its disk (a cold
+  move: master/moves.py; it ends running if it was). A node that is away cannot hand its disks
+  over: its instances are re-created elsewhere from their specs, with fresh disks. Each
+  instance's outcome is reported.
 - restore: uncordon, move evacuated instances back the same way, start drained ones.
 """
 
@@ -30,11 +30,12 @@ from multiverse.core.model import (
 from multiverse.master import auth
 from multiverse.master.cluster import Agents
 from multiverse.master.instances import Instances
+from multiverse.master.moves import Moves
 from multiverse.master.operations import Operation
+from multiverse.master.ports import AgentNodeClient
 from multiverse.master.scheduler import place
 from multiverse.store.repository import Change, Store, now
 from multiverse.wire import pki
-from multiverse.wire.v1 import multiverse_pb2 as pb
 
 log = logging.getLogger("multiverse.master")
 
@@ -46,6 +47,7 @@ class Nodes:
         self.instances = instances
         # What else holds state of a node drops it here (the master wires the cluster service).
         self.on_removed: Callable[[str], None] = agents.forget
+        self.moves = Moves(store, AgentNodeClient(agents, instances.reconciler.ipam), instances)
 
     async def set_cordon(self, name: str, cordoned: bool) -> Node:
         node = await self.store.find_node(name)
@@ -75,9 +77,12 @@ class Nodes:
         over mutual TLS) and its certificate, signed from its CSR (its key stays with it)."""
         record = await auth.verify_token(self.store, auth.JOIN, token)
         validate_name(name, "node")
-        if await self.store.list_nodes(names=[name]):
+        found = await self.store.list_nodes(names=[name])
+        # A node `node add` is installing joins into the record that tells its install.
+        installing = found[0] if found and found[0].status == NodeStatus.INSTALLING else None
+        if found and installing is None:
             raise AlreadyExists(f"a node named {name!r} exists already; pick another --name")
-        node_id = str(uuid.uuid4())
+        node_id = installing.id if installing else str(uuid.uuid4())
         certificate = pki.sign_node_csr(
             self.agents.ca, csr_pem, node_id, name, self.agents.node_cert_lifetime
         )
@@ -87,7 +92,13 @@ class Nodes:
             id=node_id, name=name, address="", driver="", status=NodeStatus.JOINING, labels={},
             capacity=Resources(), last_sync=now(),
         )  # fmt: skip
-        await self.store.add_node(node, pki.serial_of(certificate))
+        if installing:
+            await self.store.update_node(
+                node_id, status=NodeStatus.JOINING, last_sync=now(),
+                cert_serial=pki.serial_of(certificate),
+            )  # fmt: skip
+        else:
+            await self.store.add_node(node, pki.serial_of(certificate))
         self.instances.events.publish("node", name=name, status=NodeStatus.JOINING.value)
         log.info("node %s admitted as %s", name, node_id)
         return node, certificate
@@ -140,15 +151,19 @@ class Nodes:
         await self.instances.reconciler.reconcile(instance, node, by_user=True)
         await self.instances.until(instance.id, {InstanceState.STOPPED})
 
-    async def evacuate(self, name: str) -> Operation:
+    async def evacuate(self, name: str, *, recreate: bool = False) -> Operation:
+        """``recreate``: re-create the instances from their specs (fresh disks) instead of
+        moving them, for users who want today's behaviour."""
         node = await self.set_cordon(name, True)
-        return self.instances.operations.start("evacuate", name, self._evacuate(node))
+        return self.instances.operations.start("evacuate", name, self._evacuate(node, recreate))
 
-    async def _evacuate(self, node: Node) -> list[dict[str, Any]]:
+    async def _evacuate(self, node: Node, recreate: bool) -> list[dict[str, Any]]:
         outcomes = []
         for instance in await self._on_node(node):
             others = [n for n in await self.store.list_nodes() if n.id != node.id]
-            outcome = await self._move(instance, node, others, moved_from=node.id)
+            outcome = await self._move(
+                instance, node, others, moved_from=node.id, recreate=recreate
+            )
             outcomes.append({"name": instance.name, "outcome": outcome})
         return outcomes
 
@@ -173,29 +188,54 @@ class Nodes:
         return outcomes
 
     async def _move(
-        self, instance: Instance, source: Node, targets: list[Node], moved_from: str | None
+        self,
+        instance: Instance,
+        source: Node,
+        targets: list[Node],
+        moved_from: str | None,
+        *,
+        recreate: bool = False,
     ) -> str:
-        """Re-create ``instance`` on one of ``targets``; what happened, in words."""
+        """Move ``instance`` with its disk to one of ``targets`` (master/moves.py); when its
+        node is away, its disk cannot be read: re-create it there from its spec instead."""
+        try:
+            target = place(instance.spec.resources, targets)
+        except MultiverseError as exc:
+            return f"stayed on {source.name}: {exc.message}"
+        if recreate or source.status != NodeStatus.READY:
+            return await self._recreate(instance, source, target, moved_from)
+        try:
+            _migration, operation = await self.moves.move(instance.name, target.name)
+        except MultiverseError as exc:
+            return f"stayed on {source.name}: {exc.message}"
+        await operation.done.wait()
+        if operation.status != "success":
+            return f"stayed on {source.name}: {operation.error}"
+        await self.store.update_instance(instance.id, moved_from=moved_from)
+        return f"moved to {target.name}"
+
+    async def _recreate(
+        self, instance: Instance, source: Node, target: Node, moved_from: str | None
+    ) -> str:
+        """Point the instance at ``target`` with a fresh disk (its old VM stays on ``source``,
+        which is away, or is deleted first when reachable). Recorded under the placement lock,
+        so launches see the reservation."""
         wanted = instance.desired
+        reachable = source.status == NodeStatus.READY
         async with self.instances.placing:
             try:
-                target = place(instance.spec.resources, targets)
-            except MultiverseError as exc:
-                return f"stayed on {source.name}: {exc.message}"
-            reachable = source.status == NodeStatus.READY
-            try:
+                place(instance.spec.resources, [target])
                 if reachable:
                     if instance.state != InstanceState.STOPPED:
                         await self._stop(instance, source)
-                    ref = pb.InstanceRef(id=instance.id)
-                    await self.agents.call(source, self.agents.stub(source).Delete, ref)
+                    await self.moves.client.delete(source, instance.id)
             except MultiverseError as exc:
-                return f"stayed on {source.name}: could not stop it there: {exc.message}"
+                return f"stayed on {source.name}: {exc.message}"
             await self.store.update_instance(
                 instance.id, node_id=target.id, state=InstanceState.SCHEDULED, version=0,
                 desired=wanted, moved_from=moved_from, message="", ipv4="",
             )  # fmt: skip
-        log.info("instance %s moved from %s to %s", instance.name, source.name, target.name)
+        log.info("instance %s re-created on %s", instance.name, target.name)
         self.instances.reconciler.publish_changes(
             [Change(instance.id, instance.name, instance.state.value, "Scheduled")]
         )

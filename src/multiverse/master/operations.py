@@ -33,6 +33,21 @@ def _now() -> str:
 
 
 @dataclass
+class Progress:
+    """How far a long operation got (bytes of an import or a pull), for progress bars."""
+
+    stage: str = ""
+    done: int = 0
+    total: int = 0  # 0 while unknown
+
+    def advance_to(self, done: int) -> None:
+        self.done = done
+
+    def json(self) -> dict[str, Any]:
+        return {"stage": self.stage, "done": self.done, "total": self.total}
+
+
+@dataclass
 class Operation:
     id: str
     kind: str
@@ -42,6 +57,10 @@ class Operation:
     created_at: str = field(default_factory=_now)
     updated_at: str = field(default_factory=_now)
     result: Any = None
+    progress: list[str] = field(default_factory=list)  # one line per step, as it goes
+    transfer: Progress | None = None  # bytes moved, for imports and pulls
+    # How far it is in numbers, asked at each lookup (a move's phase and bytes sent).
+    figures: Callable[[], Any] | None = field(default=None, repr=False)
     done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     ended: float = field(default=0.0, repr=False)  # on the registry's clock, once done
 
@@ -49,7 +68,9 @@ class Operation:
         return {
             "id": self.id, "kind": self.kind, "target": self.target, "status": self.status,
             "error": self.error, "created_at": self.created_at, "updated_at": self.updated_at,
-            "result": self.result,
+            "result": self.result, "progress": list(self.progress),
+            "transfer": self.transfer.json() if self.transfer else None,
+            "figures": self.figures() if self.figures else None,
         }  # fmt: skip
 
 
@@ -82,8 +103,18 @@ class Operations:
         for operation in [*expired, *(fresh + running)[:excess]]:
             del self._operations[operation.id]
 
-    def start(self, kind: str, target: str, work: Coroutine[Any, Any, Any]) -> Operation:
-        operation = Operation(str(uuid.uuid4()), kind, target)
+    def start(
+        self,
+        kind: str,
+        target: str,
+        work: Coroutine[Any, Any, Any],
+        progress: list[str] | None = None,
+        transfer: Progress | None = None,
+    ) -> Operation:
+        """Run ``work`` as an operation; ``progress`` is the list ``work`` appends its steps to."""
+        operation = Operation(str(uuid.uuid4()), kind, target, transfer=transfer)
+        if progress is not None:
+            operation.progress = progress
         self._operations[operation.id] = operation
         self._prune()
         task = asyncio.create_task(self._run(operation, work))

@@ -100,6 +100,8 @@ class Reconciler:
         self._changed: set[str] = set()  # instance ids to look at in the next round
         self._full = True  # the next round looks at everything
         self._running = False  # a master that does not lead runs no rounds: it queues nothing
+        # Instances a move owns (master/moves.py): its plan acts on them, not the reconciler.
+        self.paused: set[str] = set()
 
     def kick(self) -> None:
         """Look at every instance soon (nodes came or went, or many things changed)."""
@@ -167,7 +169,7 @@ class Reconciler:
         steps = [
             self.reconcile(instance, nodes.get(instance.node_id or ""))
             for instance in instances
-            if instance.id not in self._busy
+            if instance.id not in self._busy and instance.id not in self.paused
         ]
         await asyncio.gather(*steps)
 
@@ -213,7 +215,9 @@ class Reconciler:
         ref = pb.InstanceRef(id=instance.id)
         log.info("reconcile: %s %s on %s", action.value, instance.name, node.name)
         if action == Action.LAUNCH:
-            nic = self.ipam.nic(instance, self.ipam.node_address(node.id)) if self.ipam else None
+            nic = None
+            if self.ipam:
+                nic = self.ipam.nic(instance, await self.ipam.node_address(node.id))
             request = pb.LaunchRequest(spec=convert.spec_to_pb(instance.id, instance.spec, nic))
             return await self.agents.call(node, stub.Launch, request)
         if action == Action.START:

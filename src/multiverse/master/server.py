@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,17 +20,22 @@ import uvicorn
 from multiverse.core.errors import InvalidArgument
 from multiverse.core.files import private_dir, write_private
 from multiverse.core.model import NodeStatus
+from multiverse.drivers.fake import ALLOW_ENV
 from multiverse.master import auth
 from multiverse.master.api import create_app
 from multiverse.master.cluster import Agents, ClusterServicer
 from multiverse.master.events import EventBus
+from multiverse.master.faults import Faults
 from multiverse.master.health import watch_nodes
+from multiverse.master.images import Images, ImageServicer
 from multiverse.master.instances import Instances
 from multiverse.master.leader import Leadership
 from multiverse.master.network import Ipam
 from multiverse.master.nodes import Nodes
 from multiverse.master.operations import Operations
+from multiverse.master.provision import Installer
 from multiverse.master.reconciler import Reconciler
+from multiverse.master.wheelhouse import Wheelhouse
 from multiverse.store.repository import Change, Store
 from multiverse.wire import pki
 from multiverse.wire.convert import GRPC_SERVER_OPTIONS, listen_grpc, split_address
@@ -50,9 +56,13 @@ class MasterConfig:
     advertise: str = ""  # the host workers reach the master at (default: guessed)
     insecure_http: bool = False  # plain HTTP API, for loopback-only use
     max_auth_failures: int = 20  # per client and minute; then it is refused for a while
+    # Where the tiny guest may be found for its import at the first start (a build's output).
+    image_dirs: list[Path] = field(default_factory=list)
+    image_rate_limit: float = 0.0  # bytes/s per image transfer to a worker; 0: no limit
     network: str = ""  # the cluster network's CIDR at the first start ("": a free default)
     nat: bool | None = None  # masquerade guests' outbound traffic (None: keep as stored)
     node_cert_lifetime: timedelta = pki.NODE_CERT_LIFETIME  # workers renew at a third left
+    wheelhouse: Path | None = None  # `node add`'s wheel cache (default: <data-dir>/wheelhouse)
 
 
 def client_config_text(server: str, token: str, ca_pem: bytes | None) -> str:
@@ -98,9 +108,22 @@ class Master:
             placement_wait=config.node_timeout, ipam=self.ipam,
         )  # fmt: skip
         self.nodes = Nodes(self.store, self.agents, self.instances)
+        self.images = Images(
+            self.store, config.data_dir / "images", self.operations, self.agents,
+            rate_limit=config.image_rate_limit,
+        )  # fmt: skip
         self.cluster = ClusterServicer(self.store, self.agents, self.ipam)
         self.cluster.on_change = self._changed
         self.nodes.on_removed = self.cluster.forget
+        self.faults = Faults(self.store, self.agents, self.events)
+        self.cluster.fault_plan = self.faults.plan_for
+        self.installer = Installer(
+            self.store, self.events, self.operations,
+            Wheelhouse(config.wheelhouse or config.data_dir / "wheelhouse"),
+            self._install_token, lambda: self.grpc_port,
+            worker_env={ALLOW_ENV: "1"} if os.environ.get(ALLOW_ENV) == "1" else {},
+        )  # fmt: skip
+        self.installer.on_uninstalled = lambda name: self.nodes.remove(name)
         self.api_url = ""
         self.master_id = str(uuid.uuid4())  # this process, among the masters of the database
         self.leadership: Leadership | None = None
@@ -118,8 +141,15 @@ class Master:
             self.instances.view.invalidate()
             self.reconciler.kick()
 
+    async def _install_token(self, host: str, ttl: timedelta, description: str) -> tuple[str, str]:
+        """`node add`'s join token: one use, short-lived, naming the master as the new host
+        reaches it (the address of the installer's SSH connection) unless --advertise says."""
+        host = self.config.advertise or host
+        issued, token = await self.join_token(ttl, 1, description, host=host)
+        return issued.id, token
+
     async def join_token(
-        self, ttl: timedelta | None, uses: int | None, description: str = ""
+        self, ttl: timedelta | None, uses: int | None, description: str = "", host: str = ""
     ) -> tuple[auth.IssuedToken, str]:
         """A join token: where the master is, the CA's fingerprint, and a new secret."""
         issued = await auth.issue_token(
@@ -127,7 +157,7 @@ class Master:
             uses=auth.DEFAULT_JOIN_USES if uses is None else uses,
             description=description,
         )  # fmt: skip
-        host = self.config.advertise or _advertised_host(self.config.listen)
+        host = host or self.config.advertise or _advertised_host(self.config.listen)
         api_port = split_address(self.config.api_listen)[1]
         _, token_id, secret = issued.token.split(".")
         token = pki.JoinToken(
@@ -171,9 +201,19 @@ class Master:
         config = self.config
         # Until a node reports, the master cannot know what happened while it was away.
         for node in await self.store.list_nodes():
-            await self.store.update_node(node.id, status=NodeStatus.UNKNOWN)
+            if node.status == NodeStatus.INSTALLING:  # its install ran in the old process
+                await self.store.update_node(
+                    node.id, status=NodeStatus.FAILED,
+                    message=f"{node.message}: the master restarted; run `node add` again",
+                )  # fmt: skip
+            elif node.status != NodeStatus.FAILED:
+                await self.store.update_node(node.id, status=NodeStatus.UNKNOWN)
+        await self.images.import_builtin(config.image_dirs)
         self._grpc = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
         pb_grpc.add_ClusterServiceServicer_to_server(self.cluster, self._grpc)
+        pb_grpc.add_ImageServiceServicer_to_server(
+            ImageServicer(self.images, self.cluster.peer_node), self._grpc
+        )
         credentials = pki.server_credentials(
             self.ca.cert_pem, self.server_cert, require_client_auth=True
         )
@@ -183,8 +223,9 @@ class Master:
         host, port = split_address(config.api_listen)
         app = create_app(
             self.store, self.instances, self.nodes, self.join_token, self.ca,
-            self.cluster.image_catalog, max_auth_failures=config.max_auth_failures,
-            ipam=self.ipam,
+            self.cluster.image_catalog, self.images, max_auth_failures=config.max_auth_failures,
+            ipam=self.ipam, faults=self.faults,
+            installer=self.installer,
         )  # fmt: skip
         certfile, keyfile = self._tls_files(host)
         self._http = _Uvicorn(
@@ -222,13 +263,20 @@ class Master:
                 lambda: watch_nodes(
                     self.store, config.node_timeout, config.down_timeout, self._changed
                 ),
-                self.reconciler.run,
+                self._reconcile,
+                self.faults.run,
             ],
             api=self.api_url,
             cluster=f"{_advertised_host(config.listen)}:{self.grpc_port}",
         )
         self._tasks = [serving, asyncio.create_task(self.leadership.run())]
         log.info("master addr: %s / api server addr: %s", config.listen, config.api_listen)
+
+    async def _reconcile(self) -> None:
+        """The leader's reconciler; before its first round, the moves a previous leader left
+        unfinished own their instances again."""
+        await self.nodes.moves.resume()
+        await self.reconciler.run()
 
     async def stop(self) -> None:
         if self._http:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import functools
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     or_,
     select,
     text,
@@ -38,21 +40,30 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from multiverse.core.errors import AlreadyExists, Conflict, NotFound, Unschedulable
+from multiverse.core.faults import Fault, FaultKind
 from multiverse.core.files import private_sqlite
+from multiverse.core.images import ImageManifest, StoredImage
 from multiverse.core.model import (
     DesiredState,
     Instance,
     InstanceSpec,
     InstanceState,
+    Migration,
+    MigrationKind,
+    MigrationPhase,
     Node,
     NodeStatus,
     Resources,
 )
 from multiverse.core.network import ClusterNetwork, Lease, parse_publish
 from multiverse.store.schema import (
+    FaultRow,
+    ImageLocationRow,
+    ImageRow,
     InstanceRow,
     LeaseRow,
     MasterRow,
+    MigrationRow,
     NetworkRow,
     NodeRow,
     RevokedCertificateRow,
@@ -163,6 +174,8 @@ class Store:
             version=node.version,
             last_sync=node.last_sync,
             created_at=now(),
+            message=node.message,
+            install=node.install,
         )
         try:
             with self._session() as session:
@@ -248,7 +261,22 @@ class Store:
                 or_(admin == value, and_(admin.is_(None), NodeRow.labels[key].as_string() == value))
             )
         query = _page(query, NodeRow.name, after, limit)
+        # An instance being moved takes its resources on its target too, until the move ends.
+        moving = (
+            select(
+                MigrationRow.target_id,
+                func.count(InstanceRow.id),
+                func.coalesce(func.sum(InstanceRow.cpus), 0),
+                func.coalesce(func.sum(InstanceRow.memory), 0),
+                func.coalesce(func.sum(InstanceRow.disk), 0),
+            )
+            .join(InstanceRow, InstanceRow.id == MigrationRow.instance_id)
+            .where(MigrationRow.phase.not_in([p.value for p in _FINAL_PHASES]))
+            .where(InstanceRow.node_id != MigrationRow.target_id)
+            .group_by(MigrationRow.target_id)
+        )
         with self._session() as session:
+            extra = {row[0]: row[1:] for row in session.execute(moving)}
             return [
                 Node(
                     id=row.id,
@@ -259,12 +287,18 @@ class Store:
                     labels=dict(row.labels),
                     admin_labels=dict(row.admin_labels),
                     capacity=Resources(row.cpus, row.memory, row.disk),
-                    allocated=Resources(row.used_cpus, row.used_memory, row.used_disk),
+                    allocated=Resources(
+                        row.used_cpus + int(extra.get(row.id, (0, 0))[1]),
+                        row.used_memory + int(extra.get(row.id, (0, 0, 0))[2]),
+                        row.used_disk + int(extra.get(row.id, (0, 0, 0, 0))[3]),
+                    ),
                     cordoned=row.cordoned,
                     last_sync=_utc(row.last_sync),
                     version=row.version,
                     instance_count=row.instance_count,
                     network_mode=row.network_mode,
+                    message=row.message,
+                    install=dict(row.install),
                 )
                 for row in session.scalars(query)
             ]
@@ -336,6 +370,7 @@ class Store:
                 NetworkRow(name=network.name, cidr=network.cidr, nat=network.nat, vni=network.vni)
             )
 
+    @_off_loop
     def leases(self, network: str) -> list[Lease]:
         with self._session() as session:
             rows = session.scalars(
@@ -343,11 +378,13 @@ class Store:
             )
             return [_lease(row) for row in rows]
 
+    @_off_loop
     def lease_of(self, owner: str) -> Lease | None:
         with self._session() as session:
             row = session.scalars(select(LeaseRow).where(LeaseRow.owner == owner)).first()
             return _lease(row) if row is not None else None
 
+    @_off_loop
     def ensure_lease(self, owner: str, lease: LeasePicker) -> Lease:
         """The owner's lease (a node's gateway address): the one it holds, else a new one."""
         for _attempt in range(_LEASE_TRIES):
@@ -504,6 +541,62 @@ class Store:
                     row.state, row.message = state.value, message
         return changes
 
+    # ---- migrations (moves) ----
+
+    @_off_loop
+    def add_migration(self, migration: Migration) -> Migration:
+        """Record a move; refused while the instance has another one unfinished."""
+        if self._active_migration(migration.instance_id) is not None:
+            raise Conflict("the instance is being moved already; wait for that move to end")
+        with self._session() as session:
+            session.add(
+                MigrationRow(
+                    id=migration.id, instance_id=migration.instance_id,
+                    kind=migration.kind.value, source_id=migration.source_id,
+                    target_id=migration.target_id,
+                    desired_after=migration.desired_after.value, phase=migration.phase.value,
+                    attempts=migration.attempts, message=migration.message,
+                    created_at=migration.created_at or now(),
+                )
+            )  # fmt: skip
+        return self._get_migration(migration.id)
+
+    def _get_migration(self, migration_id: str) -> Migration:
+        with self._session() as session:
+            row = session.get(MigrationRow, migration_id)
+            if row is None:
+                raise NotFound(f"move {migration_id} does not exist")
+            return _migration(row)
+
+    def _list_migrations(
+        self, *, active: bool = False, instance_id: str | None = None
+    ) -> list[Migration]:
+        query = select(MigrationRow).order_by(MigrationRow.created_at)
+        if active:
+            query = query.where(MigrationRow.phase.not_in([p.value for p in _FINAL_PHASES]))
+        if instance_id is not None:
+            query = query.where(MigrationRow.instance_id == instance_id)
+        with self._session() as session:
+            return [_migration(row) for row in session.scalars(query)]
+
+    def _active_migration(self, instance_id: str) -> Migration | None:
+        found = self._list_migrations(active=True, instance_id=instance_id)
+        return found[0] if found else None
+
+    @_off_loop
+    def update_migration(self, migration_id: str, /, **fields: Any) -> Migration:
+        with self._session() as session:
+            row = session.get(MigrationRow, migration_id)
+            if row is None:
+                raise NotFound(f"move {migration_id} does not exist")
+            for key, value in fields.items():
+                setattr(row, key, value.value if isinstance(value, enum.Enum) else value)
+        return self._get_migration(migration_id)
+
+    get_migration = _off_loop(_get_migration)
+    list_migrations = _off_loop(_list_migrations)
+    active_migration = _off_loop(_active_migration)
+
     @_off_loop
     def delete_instance(self, instance_id: str) -> None:
         with self._session() as session:
@@ -511,6 +604,116 @@ class Store:
             if row is not None:
                 _release(session, row.id)
                 _delete(session, row)
+
+    # ---- images ----
+
+    @_off_loop
+    def add_image(self, manifest: ImageManifest, aliases: Sequence[str] = ()) -> StoredImage:
+        """Record an image whose blobs are in place; its name and aliases must be free."""
+        taken = {ref for image in self._list_images() for ref in (image.name, *image.aliases)}
+        clash = sorted(taken & {manifest.name, *aliases})
+        if clash:
+            raise AlreadyExists(f"an image named {clash[0]!r} exists already")
+        row = ImageRow(
+            digest=manifest.digest,
+            name=manifest.name,
+            aliases=list(aliases),
+            kind=manifest.kind,
+            architecture=manifest.architecture,
+            size=manifest.size,
+            manifest=manifest.to_json(),
+            created_at=now(),
+        )
+        try:
+            with self._session() as session:
+                session.add(row)
+        except IntegrityError as exc:
+            raise AlreadyExists(f"image {manifest.digest} exists already") from exc
+        return self._find_image(manifest.digest)
+
+    def _list_images(self) -> list[StoredImage]:
+        with self._session() as session:
+            names = {row.id: row.name for row in session.scalars(select(NodeRow))}
+            holders: dict[str, list[str]] = {}
+            for location in session.scalars(select(ImageLocationRow)):
+                if location.node_id in names:
+                    holders.setdefault(location.digest, []).append(names[location.node_id])
+            return [
+                StoredImage(
+                    manifest=ImageManifest.from_json(row.manifest),
+                    aliases=tuple(row.aliases),
+                    created_at=_utc(row.created_at),
+                    nodes=tuple(sorted(holders.get(row.digest, []))),
+                )
+                for row in session.scalars(select(ImageRow).order_by(ImageRow.name))
+            ]
+
+    def _find_image(self, ref: str) -> StoredImage:
+        """The image a name, an alias or a digest means."""
+        for image in self._list_images():
+            if image.answers_to(ref):
+                return image
+        raise NotFound(f"image {ref!r} does not exist; `multiverse image list` lists them")
+
+    list_images = _off_loop(_list_images)
+    find_image = _off_loop(_find_image)
+
+    @_off_loop
+    def delete_image(self, digest: str) -> None:
+        with self._session() as session:
+            row = session.get(ImageRow, digest)
+            if row is not None:
+                session.delete(row)
+            for location in session.scalars(
+                select(ImageLocationRow).where(ImageLocationRow.digest == digest)
+            ):
+                session.delete(location)
+
+    @_off_loop
+    def set_node_images(self, node_id: str, digests: Sequence[str]) -> None:
+        """What a node's cache holds now, as its report said; written only when it changed."""
+        wanted = set(digests)
+        with self._session() as session:
+            rows = list(
+                session.scalars(select(ImageLocationRow).where(ImageLocationRow.node_id == node_id))
+            )
+            held = {row.digest for row in rows}
+            if held == wanted:
+                return
+            for row in rows:
+                if row.digest not in wanted:
+                    session.delete(row)
+            for digest in sorted(wanted - held):
+                session.add(ImageLocationRow(digest=digest, node_id=node_id))
+
+    # ---- faults ----
+
+    @_off_loop
+    def add_fault(self, fault: Fault) -> None:
+        with self._session() as session:
+            session.add(
+                FaultRow(
+                    id=fault.id, kind=fault.kind.value, targets=list(fault.targets),
+                    peers=list(fault.peers), params=dict(fault.params), one_way=fault.one_way,
+                    started_at=fault.started_at or now(), duration=fault.duration,
+                )
+            )  # fmt: skip
+
+    @_off_loop
+    def list_faults(self) -> list[Fault]:
+        with self._session() as session:
+            rows = session.scalars(select(FaultRow).order_by(FaultRow.started_at)).all()
+            return [_fault(row) for row in rows]
+
+    @_off_loop
+    def remove_fault(self, fault_id: str) -> bool:
+        """Whether it was there (a heal and an expiry may race: one of them wins)."""
+        with self._session() as session:
+            row = session.get(FaultRow, fault_id)
+            if row is None:
+                return False
+            session.delete(row)
+            return True
 
     # ---- tokens ----
 
@@ -723,6 +926,17 @@ def _page(query: Query, key: Any, after: str | None, limit: int | None) -> Query
     return query.limit(limit) if limit is not None else query
 
 
+_FINAL_PHASES = (MigrationPhase.DONE, MigrationPhase.FAILED)
+
+
+def _migration(row: MigrationRow) -> Migration:
+    return Migration(
+        id=row.id, instance_id=row.instance_id, kind=MigrationKind(row.kind),
+        source_id=row.source_id, target_id=row.target_id,
+        desired_after=DesiredState(row.desired_after), phase=MigrationPhase(row.phase),
+        attempts=row.attempts, message=row.message, bytes_done=row.bytes_done,
+        bytes_total=row.bytes_total, created_at=_utc(row.created_at),
+    )  # fmt: skip
 class _AddressTaken(Exception):
     """Another transaction took the address first."""
 
@@ -778,6 +992,14 @@ def _instance(row: InstanceRow, node_name: str, lease: LeaseRow | None = None) -
         mac=lease.mac if lease else "",
         publish=tuple(item for item in lease.publish.split(",") if item) if lease else (),
     )
+
+
+def _fault(row: FaultRow) -> Fault:
+    return Fault(
+        id=row.id, kind=FaultKind(row.kind), targets=tuple(row.targets), peers=tuple(row.peers),
+        params={str(k): str(v) for k, v in row.params.items()}, one_way=row.one_way,
+        started_at=_utc(row.started_at), duration=row.duration,
+    )  # fmt: skip
 
 
 def _token(row: TokenRow) -> dict[str, Any]:

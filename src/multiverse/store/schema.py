@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     String,
@@ -48,6 +49,8 @@ class NodeRow(Base):
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     # "bridge" (its VMs are on the cluster network) or "user" (no CAP_NET_ADMIN: QEMU's NAT).
     network_mode: Mapped[str] = mapped_column(String(16), default="")
+    message: Mapped[str] = mapped_column(Text, default="")  # `node add`: step or failure
+    install: Mapped[dict[str, Any]] = mapped_column(default=dict)  # `node add`: where, how
 
 
 class InstanceRow(Base):
@@ -145,3 +148,63 @@ class MasterRow(Base):
     leader: Mapped[bool] = mapped_column(Boolean, default=False)
     started_at: Mapped[datetime]
     last_seen: Mapped[datetime]
+
+
+class ImageRow(Base):
+    """An image of the master's store; its files are blobs named by their sha256."""
+
+    __tablename__ = "images"
+
+    digest: Mapped[str] = mapped_column(String(71), primary_key=True)  # "sha256:" + 64 hex
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    aliases: Mapped[list[str]] = mapped_column(JSON, default=list)
+    kind: Mapped[str] = mapped_column(String(16))
+    architecture: Mapped[str] = mapped_column(String(16))
+    size: Mapped[int] = mapped_column(BigInteger)
+    manifest: Mapped[dict[str, Any]]  # the image.json, as workers get it
+    created_at: Mapped[datetime]
+
+
+class ImageLocationRow(Base):
+    """Which node holds which image in its cache, as the node's last report said."""
+
+    __tablename__ = "image_locations"
+
+    digest: Mapped[str] = mapped_column(String(71), primary_key=True)
+    node_id: Mapped[str] = mapped_column(
+        ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True
+    )
+
+
+class FaultRow(Base):
+    """A fault in force; healing deletes it (the events tell its history)."""
+
+    __tablename__ = "faults"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    targets: Mapped[list[str]] = mapped_column(JSON)
+    peers: Mapped[list[str]] = mapped_column(JSON)
+    params: Mapped[dict[str, Any]] = mapped_column()
+    one_way: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[datetime]
+    duration: Mapped[float | None] = mapped_column(Float, default=None)
+
+
+class MigrationRow(Base):
+    """Moves of instances between nodes (master/moves.py); kept after they end, as a log."""
+
+    __tablename__ = "migrations"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    instance_id: Mapped[str] = mapped_column(String(36), index=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    source_id: Mapped[str] = mapped_column(String(36))
+    target_id: Mapped[str] = mapped_column(String(36))
+    desired_after: Mapped[str] = mapped_column(String(16))
+    phase: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    message: Mapped[str] = mapped_column(Text, default="")
+    bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime]

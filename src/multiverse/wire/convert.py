@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import grpc
 
 from multiverse.core import errors
+from multiverse.core.faults import FaultKind, LinkRule, NodeFaults, Shot
 from multiverse.core.model import GuestStats, InstanceSpec, InstanceState, Resources
 from multiverse.core.network import ClusterNetwork, NetworkPlan, Nic, Publish
 from multiverse.wire.v1 import multiverse_pb2 as pb
@@ -96,6 +99,46 @@ def plan_from_pb(message: pb.NetworkPlan) -> NetworkPlan | None:
         peers=tuple(message.peers),
         records=dict(message.records),
         nics={key: nic for key, value in message.nics.items() if (nic := nic_from_pb(value))},
+    )
+
+
+def _params_to_pb(params: tuple[tuple[str, str], ...]) -> list[pb.Param]:
+    return [pb.Param(name=name, value=value) for name, value in params]
+
+
+def _params_from_pb(params: Iterable[pb.Param]) -> tuple[tuple[str, str], ...]:
+    return tuple((p.name, p.value) for p in params)
+
+
+def faults_to_pb(faults: NodeFaults) -> pb.NodeFaults:
+    return pb.NodeFaults(
+        generation=faults.generation,
+        drops=[pb.Drop(source=s, destination=d) for s, d in faults.drops],
+        links=[
+            pb.LinkRule(fault_id=r.fault_id, instance_id=r.instance_id, sources=r.sources,
+                        params=_params_to_pb(r.params))
+            for r in faults.links
+        ],
+        shots=[
+            pb.Shot(fault_id=s.fault_id, kind=s.kind.value, instance_id=s.instance_id,
+                    params=_params_to_pb(s.params))
+            for s in faults.shots
+        ],
+    )  # fmt: skip
+
+
+def faults_from_pb(message: pb.NodeFaults) -> NodeFaults:
+    return NodeFaults(
+        drops=tuple((d.source, d.destination) for d in message.drops),
+        links=tuple(
+            LinkRule(r.fault_id, r.instance_id, tuple(r.sources), _params_from_pb(r.params))
+            for r in message.links
+        ),
+        shots=tuple(
+            Shot(s.fault_id, FaultKind(s.kind), s.instance_id, _params_from_pb(s.params))
+            for s in message.shots
+        ),
+        generation=message.generation,
     )
 
 

@@ -10,17 +10,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeAlias
 
 import grpc
 
-from multiverse.core.errors import Conflict, MultiverseError, NotFound, Unauthenticated
+from multiverse.core.errors import (
+    Conflict,
+    DriverError,
+    InvalidArgument,
+    MultiverseError,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+)
+from multiverse.core.faults import NodeFaults
 from multiverse.core.model import InstanceSpec, InstanceState, ensure_running
 from multiverse.core.network import NetworkPlan, Nic
+from multiverse.core.sizes import format_size
 from multiverse.drivers.base import (
     Driver,
     ImageInfo,
+    Migratable,
     NetworkAttachment,
     PowerState,
     Session,
@@ -30,6 +43,9 @@ from multiverse.drivers.base import (
 from multiverse.wire import convert
 from multiverse.wire.v1 import multiverse_pb2 as pb
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
+from multiverse.worker import moves
+from multiverse.worker.faults import NodeFaultsApplier
+from multiverse.worker.imagecache import NodeImageCache
 from multiverse.worker.localstore import LocalStore, VMRecord
 from multiverse.worker.network import NodeNetwork
 
@@ -58,17 +74,34 @@ class Agent:
     """This host's instances over one Driver."""
 
     def __init__(
-        self, driver: Driver, store: LocalStore, network: NodeNetwork | None = None
+        self,
+        driver: Driver,
+        store: LocalStore,
+        network: NodeNetwork | None = None,
+        image_cache: NodeImageCache | None = None,
+        faults_dir: Path | None = None,
     ) -> None:
         self.driver = driver
         self.store = store
         # The cluster network on this node (bridge mode); None: the driver's user-mode fallback.
         self.network = network
+        # The node's image cache, for drivers that boot files from it (QEMU, Firecracker).
+        self.image_cache = image_cache
         self.records: dict[str, VMRecord] = {record.id: record for record in store.load()}
         self.changed = asyncio.Event()
         self.images: list[ImageInfo] = []  # what the driver can boot, as of the last observe()
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # The faults in force on this node (issue 19); None: this agent takes none.
+        self.faults = (
+            NodeFaultsApplier(driver, self._fault_vm, faults_dir, networked=network is not None)
+            if faults_dir is not None
+            else None
+        )
+        # Cold moves: instance id -> the node allowed to read its files (told by the master).
+        self.exports: dict[str, str] = {}
+        # How to reach another node's agent (the worker sets it: its node certificate).
+        self.peer: Callable[[str, str], pb_grpc.AgentServiceStub] | None = None
 
     # ---- state ----
 
@@ -143,6 +176,8 @@ class Agent:
         if record is not None:  # a retried launch: idempotent
             return record
         record = VMRecord(id=instance_id, spec=spec, nic=nic if self.network else None)
+        if self.image_cache is not None:
+            await self.image_cache.resolve(spec.image)  # an unknown image is refused at once
         await self.driver.validate(_vm(record))
         self.records[instance_id] = record
         self._set(record, InstanceState.CREATING)
@@ -197,9 +232,64 @@ class Agent:
         return record
 
     async def _create_and_boot(self, record: VMRecord) -> None:
+        if self.image_cache is not None:
+            await self._pull_for(record)
         await self.driver.create(_vm(record))
         self._set(record, InstanceState.STARTING)
         await self._boot(record)
+
+    async def _pull_for(self, record: VMRecord) -> None:
+        """Get the instance's image into the cache; the instance's message tells the progress
+        (the launch operation shows it), at most twice a second."""
+        assert self.image_cache is not None
+        image = record.spec.image
+        shown = 0.0
+
+        def progress(done: int, total: int) -> None:
+            nonlocal shown
+            if done >= total or time.monotonic() - shown < 0.5:
+                return
+            shown = time.monotonic()
+            message = f"pulling image {image}: {format_size(done)} of {format_size(total)}"
+            self._set(record, InstanceState.CREATING, message)
+
+        await self.image_cache.ensure(image, progress)
+        if record.message:
+            self._set(record, InstanceState.CREATING)
+        await self.refresh_images()
+
+    async def pull_image(self, name: str) -> AsyncIterator[tuple[str, int, int]]:
+        """Warm the cache with ``name``: (digest, bytes here, bytes in all) as it goes."""
+        if self.image_cache is None:
+            raise Conflict(f"the {self.driver.name} driver keeps no image cache")
+        updates: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        pulling = asyncio.create_task(
+            self.image_cache.ensure(name, lambda done, total: updates.put_nowait((done, total)))
+        )
+        try:
+            while not pulling.done() or not updates.empty():
+                waiter = asyncio.ensure_future(updates.get())
+                await asyncio.wait({waiter, pulling}, return_when=asyncio.FIRST_COMPLETED)
+                if waiter.done():
+                    yield ("", *waiter.result())
+                else:
+                    waiter.cancel()
+            image = pulling.result()
+        finally:
+            pulling.cancel()
+        await self.refresh_images()
+        yield (image.digest, image.size, image.size)
+
+    async def refresh_images(self) -> None:
+        """What the driver can boot now, told to the master with the next report."""
+        try:
+            images = await self.driver.images()
+        except (MultiverseError, OSError) as exc:
+            log.warning("cannot list the images: %s", exc)
+            return
+        if images != self.images:
+            self.images = images
+            self.changed.set()
 
     async def _boot(self, record: VMRecord) -> None:
         attachment = None
@@ -224,6 +314,77 @@ class Agent:
         self.changed.set()
         log.info("instance %s deleted", record.spec.name)
 
+    # ---- cold moves ----
+
+    def _migratable(self) -> Migratable:
+        if not isinstance(self.driver, Migratable):
+            raise InvalidArgument(f"the {self.driver.name} driver cannot move instances")
+        return self.driver
+
+    async def export(self, instance_id: str, target_node_id: str) -> list[moves.MoveFile]:
+        """Let ``target_node_id`` read the stopped instance's files; their sizes and sha256."""
+        record = self.get(instance_id)
+        if record.state != InstanceState.STOPPED:
+            raise Conflict(f"instance {record.spec.name} is {record.state.value}; stop it first")
+        files = self._migratable().export_files(_vm(record))
+        self.exports[instance_id] = target_node_id
+        return await moves.manifest(files)
+
+    def export_path(self, instance_id: str, name: str, peer_node_id: str | None) -> Path:
+        """The file a target node may read; refused to any other caller."""
+        if peer_node_id is None or self.exports.get(instance_id) != peer_node_id:
+            raise Unauthenticated("this node was not named as the target of a move")
+        record = self.get(instance_id)
+        files = self._migratable().export_files(_vm(record))
+        if name not in files:
+            raise NotFound(f"instance {record.spec.name} has no file {name!r}")
+        return files[name]
+
+    async def import_(
+        self,
+        instance_id: str,
+        spec: InstanceSpec,
+        source: tuple[str, str],
+        files: list[moves.MoveFile],
+        progress: Callable[[int, int], None],
+        nic: Nic | None = None,
+    ) -> VMRecord:
+        """Pull the instance's files from the source node (id, address) and hold it Stopped.
+
+        Idempotent: an instance imported already is answered as it is; an interrupted pull
+        continues where it stopped. The counter-action is :meth:`abort_import`.
+        """
+        if (record := self.records.get(instance_id)) is not None:
+            return record
+        driver = self._migratable()
+        vm = VMConfig(instance_id, spec.name, spec.cpus, spec.memory, spec.disk, spec.image,
+                      spec.user_data)  # fmt: skip
+        await self.driver.validate(vm)
+        if self.peer is None:
+            raise Conflict("this agent has no identity to call other nodes with yet")
+        lock = self._locks.setdefault(instance_id, asyncio.Lock())
+        async with lock:
+            stub = self.peer(*source)
+            try:
+                await moves.pull(stub, source[0], instance_id, files, driver.incoming_dir(vm),
+                                 progress)  # fmt: skip
+            except OSError as exc:
+                raise DriverError(f"cannot write the moved files: {exc}") from exc
+            await driver.adopt_incoming(vm)
+            # Its address and MAC as on the source: the cluster network moves with it.
+            record = VMRecord(id=instance_id, spec=spec, nic=nic if self.network else None)
+            self.records[instance_id] = record
+            self._set(record, InstanceState.STOPPED)
+        return record
+
+    async def abort_import(self, instance_id: str) -> None:
+        """Forget an import that did not become the instance (a rolled-back move)."""
+        record = self.records.get(instance_id)
+        if record is None:
+            spec_vm = VMConfig(instance_id, "", 0, 0, 0, "")
+            await self._migratable().abort_incoming(spec_vm)
+            return
+        await self.delete(instance_id)
     async def apply_network(self, plan: NetworkPlan) -> None:
         """Converge this node to the master's view of the network; records launched before
         their node had the network learn their interface from it."""
@@ -236,6 +397,16 @@ class Agent:
                 record.nic = nic
                 self.store.save(record)
 
+    def _fault_vm(self, instance_id: str) -> VMConfig | None:
+        record = self.records.get(instance_id)
+        return _vm(record) if record is not None else None
+
+    async def apply_faults(self, faults: NodeFaults) -> None:
+        """Converge this node to the faults the master says are in force here."""
+        if self.faults is None:
+            raise Unavailable("this node does not take faults")
+        await self.faults.converge(faults)
+
     # ---- the hypervisor's truth ----
 
     async def observe(self) -> None:
@@ -244,10 +415,7 @@ class Agent:
         Also used once at start, where it adopts the VMs that kept running while the agent
         was away and settles the actions the agent was killed in the middle of.
         """
-        try:
-            self.images = await self.driver.images()
-        except (MultiverseError, OSError) as exc:
-            log.warning("cannot list the images: %s", exc)
+        await self.refresh_images()
         for record in list(self.records.values()):
             lock = self._locks.setdefault(record.id, asyncio.Lock())
             if lock.locked():
@@ -297,9 +465,16 @@ async def _feed(inputs: AsyncIterator[pb.SessionInput], session: Session) -> Non
 class AgentServicer(pb_grpc.AgentServiceServicer):
     """The gRPC face of the agent. Serves only the master that holds this node's secret."""
 
-    def __init__(self, agent: Agent, authorize: Callable[[Ctx], bool]) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        authorize: Callable[[Ctx], bool],
+        peer_node: Callable[[Ctx], str | None] = lambda context: None,
+    ) -> None:
         self.agent = agent
         self._authorize = authorize
+        # The calling node's id when another node calls (ReadFile of a move), else None.
+        self._peer_node = peer_node
 
     async def _guard(self, context: Ctx) -> None:
         if not self._authorize(context):
@@ -411,6 +586,86 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             await context.abort(*convert.error_to_rpc(exc))
             raise AssertionError("unreachable") from exc
 
+    async def ApplyFaults(self, request: pb.NodeFaults, context: Ctx) -> pb.Empty:
+        await self._guard(context)
+        try:
+            await self.agent.apply_faults(convert.faults_from_pb(request))
+        except MultiverseError as exc:
+            await context.abort(*convert.error_to_rpc(exc))
+        return pb.Empty()
+
     async def Report(self, request: pb.Empty, context: Ctx) -> pb.NodeReport:
         await self._guard(context)
         return await self.agent.report()
+
+    async def PullImage(self, request: pb.ImageRef, context: Ctx) -> AsyncIterator[pb.PullProgress]:
+        await self._guard(context)
+        try:
+            async for digest, done, total in self.agent.pull_image(request.name):
+                yield pb.PullProgress(digest=digest, done=done, total=total)
+        except MultiverseError as exc:
+            await context.abort(*convert.error_to_rpc(exc))
+
+    async def Export(self, request: pb.ExportRequest, context: Ctx) -> pb.ExportManifest:
+        await self._guard(context)
+        try:
+            files = await self.agent.export(request.id, request.target_node_id)
+        except MultiverseError as exc:
+            await context.abort(*convert.error_to_rpc(exc))
+            raise AssertionError("unreachable") from exc
+        return pb.ExportManifest(
+            files=[pb.MoveFile(name=f.name, size=f.size, sha256=f.sha256) for f in files]
+        )
+
+    async def ReadFile(
+        self, request: pb.ReadFileRequest, context: Ctx
+    ) -> AsyncIterator[pb.FileChunk]:
+        """The one method another node may call: the target of a move, reading the files."""
+        try:
+            path = self.agent.export_path(request.id, request.name, self._peer_node(context))
+        except MultiverseError as exc:
+            await context.abort(*convert.error_to_rpc(exc))
+            return
+        async for chunk in moves.read_chunks(path, request.offset):
+            yield chunk
+
+    async def Import(
+        self, request: pb.ImportRequest, context: Ctx
+    ) -> AsyncIterator[pb.ImportProgress]:
+        await self._guard(context)
+        instance_id, spec = convert.spec_from_pb(request.spec)
+        files = [moves.MoveFile(f.name, f.size, f.sha256) for f in request.files]
+        updates: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        work = asyncio.ensure_future(
+            self.agent.import_(
+                instance_id, spec, (request.source_node_id, request.source_address), files,
+                lambda done, total: updates.put_nowait((done, total)),
+                convert.nic_from_pb(request.spec.nic),
+            )
+        )  # fmt: skip
+        try:
+            while not work.done():
+                waiter = asyncio.ensure_future(updates.get())
+                await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if not waiter.done():
+                    waiter.cancel()
+                    continue
+                done, total = waiter.result()
+                while not updates.empty():  # only the newest figure matters
+                    done, total = updates.get_nowait()
+                yield pb.ImportProgress(bytes_done=done, bytes_total=total)
+            record = work.result()
+        except MultiverseError as exc:
+            await context.abort(*convert.error_to_rpc(exc))
+            return
+        finally:
+            work.cancel()
+        yield pb.ImportProgress(status=self.agent.status_pb(record))
+
+    async def AbortImport(self, request: pb.AbortImportRequest, context: Ctx) -> pb.Empty:
+        await self._guard(context)
+        try:
+            await self.agent.abort_import(request.id)
+        except MultiverseError as exc:
+            await context.abort(*convert.error_to_rpc(exc))
+        return pb.Empty()

@@ -14,11 +14,19 @@ import grpc
 from multiverse.core.errors import InvalidArgument, MultiverseError
 from multiverse.core.files import private_dir
 from multiverse.core.model import Resources
+from multiverse.core.sizes import GiB
 from multiverse.drivers.base import Driver
+from multiverse.drivers.process import ProcessDriver
 from multiverse.wire import pki
-from multiverse.wire.convert import GRPC_SERVER_OPTIONS, listen_grpc, split_address
+from multiverse.wire.convert import (
+    GRPC_CHANNEL_OPTIONS,
+    GRPC_SERVER_OPTIONS,
+    listen_grpc,
+    split_address,
+)
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
 from multiverse.worker.agent import Agent, AgentServicer, Ctx
+from multiverse.worker.imagecache import MasterImages, NodeImageCache
 from multiverse.worker.localstore import LocalStore
 from multiverse.worker.network import LinuxNetwork, detect_mode
 from multiverse.worker.sync import Identity, join, observe_forever, renew_forever, sync_forever
@@ -42,7 +50,8 @@ class WorkerConfig:
     capacity: Resources | None = None
     sync_interval: float = 5.0
     fake_delay: float = 0.0
-    image_dirs: list[Path] = field(default_factory=list)
+    image_dirs: list[Path] = field(default_factory=list)  # images already here (seeds)
+    image_cache: int = 20 * GiB  # bytes the image cache may hold
     bridge: str = "mvbr0"  # firecracker: the bridge its taps join
     guest_cidr: str = "172.31.90.0/24"  # firecracker: guest addresses (the bridge takes the first)
     # "bridge": VMs on the cluster network; "user": QEMU's NAT; "auto": bridge when this
@@ -50,10 +59,14 @@ class WorkerConfig:
     network_mode: str = "auto"
 
 
-def make_driver(config: WorkerConfig) -> Driver:
+def make_image_cache(config: WorkerConfig) -> NodeImageCache:
+    root = config.data_dir / "images"
+    return NodeImageCache(root, config.image_cache, seeds=[root, *config.image_dirs])
+
+
+def make_driver(config: WorkerConfig, images: NodeImageCache) -> Driver:
     """The adapter named by ``--driver``; imported lazily, each pulls in its own libraries."""
     state_dir = config.data_dir / config.driver
-    image_dirs = [config.data_dir / "images", *config.image_dirs]
     if config.driver == "fake":
         from multiverse.drivers.fake import FakeDriver
 
@@ -61,12 +74,12 @@ def make_driver(config: WorkerConfig) -> Driver:
     if config.driver == "qemu":
         from multiverse.drivers.qemu import QemuDriver
 
-        return QemuDriver(state_dir, image_dirs=image_dirs, capacity=config.capacity)
+        return QemuDriver(state_dir, images, capacity=config.capacity)
     if config.driver == "firecracker":
         from multiverse.drivers.firecracker import FirecrackerDriver
 
         return FirecrackerDriver(
-            state_dir, image_dirs, capacity=config.capacity, bridge=config.bridge,
+            state_dir, images, capacity=config.capacity, bridge=config.bridge,
             cidr=config.guest_cidr,
         )  # fmt: skip
     if config.driver == "multipass":
@@ -85,10 +98,24 @@ class Worker:
         network = None
         if config.driver in NETWORKED and detect_mode(config.network_mode) == "bridge":
             network = LinuxNetwork(config.data_dir / "network")
-        self.agent = Agent(make_driver(config), LocalStore(config.data_dir / "worker.db"), network)
+        images = make_image_cache(config)
+        driver = make_driver(config, images)
+        # Only drivers that boot files from the cache use it (Multipass keeps its own images).
+        uses_cache = isinstance(driver, ProcessDriver)
+        self.agent = Agent(
+            driver,
+            LocalStore(config.data_dir / "worker.db"),
+            network,
+            images if uses_cache else None,
+            faults_dir=config.data_dir / "faults",
+        )
+        images.in_use = lambda: {record.spec.image for record in self.agent.records.values()}
+        self.image_source: MasterImages | None = None
         self.identity: Identity | None = None
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._peers: dict[str, tuple[str, grpc.aio.Channel]] = {}
+        self.agent.peer = self._dial_peer
 
     def _authorize(self, context: Ctx) -> bool:
         """TLS checked the chain; the agent serves only the master's identity."""
@@ -98,9 +125,34 @@ class Worker:
         except MultiverseError:
             return False
 
+    def _peer_node(self, context: Ctx) -> str | None:
+        """The calling node's id, for the one method nodes may call (reading a move's files)."""
+        try:
+            identity = pki.identity_of(pki.peer_cert_of(context.auth_context()))
+        except MultiverseError:
+            return None
+        return identity.node_id if identity.kind == "node" else None
+
+    def _dial_peer(self, node_id: str, address: str) -> pb_grpc.AgentServiceStub:
+        """Another node's agent, over a channel kept per node, with this node's certificate;
+        the peer must present the certificate the CA issued to ``node_id``."""
+        assert self.identity is not None
+        cached = self._peers.get(node_id)
+        if cached is None or cached[0] != address:
+            options = (
+                ("grpc.ssl_target_name_override", pki.node_server_name(node_id)),
+                *GRPC_CHANNEL_OPTIONS,
+            )
+            channel = grpc.aio.secure_channel(address, self.identity.channel_credentials(), options)
+            cached = self._peers[node_id] = (address, channel)
+        return pb_grpc.AgentServiceStub(cached[1])
+
     async def start(self) -> Identity:
         config = self.config
         await self.agent.observe()  # adopt what kept running while we were away
+        if self.agent.image_cache is not None:  # the limit may have shrunk since the last run
+            cache = self.agent.image_cache
+            await asyncio.to_thread(cache.prune, cache.max_bytes)
         port = split_address(config.listen)[1]
         if port == 0:
             raise InvalidArgument("--listen needs a port: the master must know where to call")
@@ -115,9 +167,12 @@ class Worker:
             labels=config.labels,
             agent=self.agent,
         )
+        if self.agent.image_cache is not None:
+            self.image_source = MasterImages(config.master, self.identity.channel_credentials())
+            self.agent.image_cache.source = self.image_source
         self._server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
         pb_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(self.agent, self._authorize), self._server
+            AgentServicer(self.agent, self._authorize, self._peer_node), self._server
         )
         listen_grpc(self._server, config.listen, self.identity.server_credentials())
         await self._server.start()
@@ -136,7 +191,11 @@ class Worker:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server:
             await self._server.stop(grace=1)
+        for _address, channel in self._peers.values():
+            await channel.close(grace=None)
         await self.agent.shutdown()
+        if self.image_source is not None:
+            await self.image_source.close()
         self.agent.store.close()
 
 

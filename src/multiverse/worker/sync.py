@@ -203,6 +203,7 @@ async def sync_forever(master: str, identity: Identity, agent: Agent, interval: 
                 async for ack in call:
                     attempt = 0
                     await _apply_network(agent, ack)
+                    await _apply_faults(agent, ack)
         except grpc.aio.AioRpcError as exc:
             delay = retry_delay(attempt)
             why = exc.code().name
@@ -274,6 +275,19 @@ async def _apply_network(agent: Agent, ack: pb.SyncAck) -> None:
         await agent.apply_network(plan)
     except Exception:  # the next sync tries again
         log.exception("setting up the cluster network failed")
+
+
+async def _apply_faults(agent: Agent, ack: pb.SyncAck) -> None:
+    """The faults in force as the master says; how a restarted worker gets them back. A
+    failure is logged and retried with the next acknowledgement."""
+    if agent.faults is None:
+        return
+    try:
+        await agent.apply_faults(convert.faults_from_pb(ack.faults))
+    except MultiverseError as exc:
+        log.warning("applying the faults failed: %s", exc.message)
+    except Exception:  # the next sync tries again
+        log.exception("applying the faults failed")
 
 
 async def _reports(agent: Agent, interval: float) -> AsyncIterator[pb.NodeReport]:

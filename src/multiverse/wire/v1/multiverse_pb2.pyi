@@ -183,10 +183,64 @@ class NodeReport(_message.Message):
     def __init__(self, capacity: _Optional[_Union[Resources, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[ImageInfo, _Mapping]]] = ...) -> None: ...
 
 class SyncAck(_message.Message):
-    __slots__ = ("network",)
+    __slots__ = ("network", "faults")
     NETWORK_FIELD_NUMBER: _ClassVar[int]
+    FAULTS_FIELD_NUMBER: _ClassVar[int]
     network: NetworkPlan
-    def __init__(self, network: _Optional[_Union[NetworkPlan, _Mapping]] = ...) -> None: ...
+    faults: NodeFaults
+    def __init__(self, network: _Optional[_Union[NetworkPlan, _Mapping]] = ..., faults: _Optional[_Union[NodeFaults, _Mapping]] = ...) -> None: ...
+
+class Param(_message.Message):
+    __slots__ = ("name", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: str
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
+class LinkRule(_message.Message):
+    __slots__ = ("fault_id", "instance_id", "sources", "params")
+    FAULT_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    fault_id: str
+    instance_id: str
+    sources: _containers.RepeatedScalarFieldContainer[str]
+    params: _containers.RepeatedCompositeFieldContainer[Param]
+    def __init__(self, fault_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ..., params: _Optional[_Iterable[_Union[Param, _Mapping]]] = ...) -> None: ...
+
+class Shot(_message.Message):
+    __slots__ = ("fault_id", "kind", "instance_id", "params")
+    FAULT_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    fault_id: str
+    kind: str
+    instance_id: str
+    params: _containers.RepeatedCompositeFieldContainer[Param]
+    def __init__(self, fault_id: _Optional[str] = ..., kind: _Optional[str] = ..., instance_id: _Optional[str] = ..., params: _Optional[_Iterable[_Union[Param, _Mapping]]] = ...) -> None: ...
+
+class Drop(_message.Message):
+    __slots__ = ("source", "destination")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    destination: str
+    def __init__(self, source: _Optional[str] = ..., destination: _Optional[str] = ...) -> None: ...
+
+class NodeFaults(_message.Message):
+    __slots__ = ("drops", "links", "shots", "generation")
+    DROPS_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    SHOTS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    drops: _containers.RepeatedCompositeFieldContainer[Drop]
+    links: _containers.RepeatedCompositeFieldContainer[LinkRule]
+    shots: _containers.RepeatedCompositeFieldContainer[Shot]
+    generation: int
+    def __init__(self, drops: _Optional[_Iterable[_Union[Drop, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[LinkRule, _Mapping]]] = ..., shots: _Optional[_Iterable[_Union[Shot, _Mapping]]] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class RenewRequest(_message.Message):
     __slots__ = ("csr",)
@@ -199,6 +253,32 @@ class RenewResponse(_message.Message):
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     certificate: str
     def __init__(self, certificate: _Optional[str] = ...) -> None: ...
+
+class ImageRef(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ImageManifest(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...
+
+class FetchRequest(_message.Message):
+    __slots__ = ("sha256", "offset")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    offset: int
+    def __init__(self, sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class InstanceRef(_message.Message):
     __slots__ = ("id",)
@@ -335,3 +415,83 @@ class LogsResponse(_message.Message):
 class Empty(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class PullProgress(_message.Message):
+    __slots__ = ("digest", "done", "total")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    done: int
+    total: int
+    def __init__(self, digest: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+
+class MoveFile(_message.Message):
+    __slots__ = ("name", "size", "sha256")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    sha256: str
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class ExportRequest(_message.Message):
+    __slots__ = ("id", "target_node_id")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    target_node_id: str
+    def __init__(self, id: _Optional[str] = ..., target_node_id: _Optional[str] = ...) -> None: ...
+
+class ExportManifest(_message.Message):
+    __slots__ = ("files",)
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedCompositeFieldContainer[MoveFile]
+    def __init__(self, files: _Optional[_Iterable[_Union[MoveFile, _Mapping]]] = ...) -> None: ...
+
+class ReadFileRequest(_message.Message):
+    __slots__ = ("id", "name", "offset")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    offset: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class FileChunk(_message.Message):
+    __slots__ = ("data", "zeros")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    ZEROS_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    zeros: int
+    def __init__(self, data: _Optional[bytes] = ..., zeros: _Optional[int] = ...) -> None: ...
+
+class ImportRequest(_message.Message):
+    __slots__ = ("spec", "source_node_id", "source_address", "files")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    spec: InstanceSpec
+    source_node_id: str
+    source_address: str
+    files: _containers.RepeatedCompositeFieldContainer[MoveFile]
+    def __init__(self, spec: _Optional[_Union[InstanceSpec, _Mapping]] = ..., source_node_id: _Optional[str] = ..., source_address: _Optional[str] = ..., files: _Optional[_Iterable[_Union[MoveFile, _Mapping]]] = ...) -> None: ...
+
+class ImportProgress(_message.Message):
+    __slots__ = ("bytes_done", "bytes_total", "status")
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    bytes_done: int
+    bytes_total: int
+    status: InstanceStatus
+    def __init__(self, bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., status: _Optional[_Union[InstanceStatus, _Mapping]] = ...) -> None: ...
+
+class AbortImportRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...

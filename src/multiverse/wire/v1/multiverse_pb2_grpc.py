@@ -184,6 +184,122 @@ class ClusterService:
             _registered_method=True)
 
 
+class ImageServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Resolve = channel.unary_unary(
+                '/multiverse.v1.ImageService/Resolve',
+                request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImageRef.SerializeToString,
+                response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImageManifest.FromString,
+                _registered_method=True)
+        self.Fetch = channel.unary_stream(
+                '/multiverse.v1.ImageService/Fetch',
+                request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.FetchRequest.SerializeToString,
+                response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Chunk.FromString,
+                _registered_method=True)
+
+
+class ImageServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Resolve(self, request, context):
+        """Mutual TLS: any node of the cluster may read any image.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fetch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ImageServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Resolve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resolve,
+                    request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImageRef.FromString,
+                    response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImageManifest.SerializeToString,
+            ),
+            'Fetch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Fetch,
+                    request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.FetchRequest.FromString,
+                    response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Chunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'multiverse.v1.ImageService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('multiverse.v1.ImageService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ImageService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Resolve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/multiverse.v1.ImageService/Resolve',
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImageRef.SerializeToString,
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImageManifest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/multiverse.v1.ImageService/Fetch',
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.FetchRequest.SerializeToString,
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class AgentServiceStub:
     """Missing associated documentation comment in .proto file."""
 
@@ -247,6 +363,36 @@ class AgentServiceStub:
                 '/multiverse.v1.AgentService/Report',
                 request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.SerializeToString,
                 response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.NodeReport.FromString,
+                _registered_method=True)
+        self.PullImage = channel.unary_stream(
+                '/multiverse.v1.AgentService/PullImage',
+                request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImageRef.SerializeToString,
+                response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.PullProgress.FromString,
+                _registered_method=True)
+        self.ApplyFaults = channel.unary_unary(
+                '/multiverse.v1.AgentService/ApplyFaults',
+                request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.NodeFaults.SerializeToString,
+                response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.FromString,
+                _registered_method=True)
+        self.Export = channel.unary_unary(
+                '/multiverse.v1.AgentService/Export',
+                request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ExportRequest.SerializeToString,
+                response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ExportManifest.FromString,
+                _registered_method=True)
+        self.ReadFile = channel.unary_stream(
+                '/multiverse.v1.AgentService/ReadFile',
+                request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ReadFileRequest.SerializeToString,
+                response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.FileChunk.FromString,
+                _registered_method=True)
+        self.Import = channel.unary_stream(
+                '/multiverse.v1.AgentService/Import',
+                request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImportRequest.SerializeToString,
+                response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImportProgress.FromString,
+                _registered_method=True)
+        self.AbortImport = channel.unary_unary(
+                '/multiverse.v1.AgentService/AbortImport',
+                request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.AbortImportRequest.SerializeToString,
+                response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.FromString,
                 _registered_method=True)
 
 
@@ -322,6 +468,46 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullImage(self, request, context):
+        """Warm the node's image cache; progress until the image is cached and verified.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyFaults(self, request, context):
+        """Converge this node to the faults in force now (also sent with every sync acknowledgement).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Export(self, request, context):
+        """Moves (cold). Export and Import are the master's; ReadFile is the one method another node
+        may call, and only the target node the source was told of in Export.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadFile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Import(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortImport(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -379,6 +565,36 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Report,
                     request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.FromString,
                     response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.NodeReport.SerializeToString,
+            ),
+            'PullImage': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullImage,
+                    request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImageRef.FromString,
+                    response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.PullProgress.SerializeToString,
+            ),
+            'ApplyFaults': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyFaults,
+                    request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.NodeFaults.FromString,
+                    response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.SerializeToString,
+            ),
+            'Export': grpc.unary_unary_rpc_method_handler(
+                    servicer.Export,
+                    request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ExportRequest.FromString,
+                    response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ExportManifest.SerializeToString,
+            ),
+            'ReadFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadFile,
+                    request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ReadFileRequest.FromString,
+                    response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.FileChunk.SerializeToString,
+            ),
+            'Import': grpc.unary_stream_rpc_method_handler(
+                    servicer.Import,
+                    request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImportRequest.FromString,
+                    response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImportProgress.SerializeToString,
+            ),
+            'AbortImport': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortImport,
+                    request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.AbortImportRequest.FromString,
+                    response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -678,6 +894,168 @@ class AgentService:
             '/multiverse.v1.AgentService/Report',
             multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.SerializeToString,
             multiverse_dot_wire_dot_v1_dot_multiverse__pb2.NodeReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/multiverse.v1.AgentService/PullImage',
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImageRef.SerializeToString,
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.PullProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyFaults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/multiverse.v1.AgentService/ApplyFaults',
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.NodeFaults.SerializeToString,
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Export(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/multiverse.v1.AgentService/Export',
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ExportRequest.SerializeToString,
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ExportManifest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/multiverse.v1.AgentService/ReadFile',
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ReadFileRequest.SerializeToString,
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Import(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/multiverse.v1.AgentService/Import',
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImportRequest.SerializeToString,
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ImportProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortImport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/multiverse.v1.AgentService/AbortImport',
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.AbortImportRequest.SerializeToString,
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

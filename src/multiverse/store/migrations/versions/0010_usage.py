@@ -1,7 +1,7 @@
 """What each node's instances take, kept on the node's row as instances come and go, so that
 reading nodes (every report, every placement) never aggregates the instances table.
 
-Revision ID: 0006
+Revision ID: 0010
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006"
-down_revision = "0005"
+revision = "0010"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,327 @@
+"""Faults injected into an environment from outside its guests: the model, its validation and
+the pure computation of what each node must do for the faults in force.
+
+The master keeps faults in the store and sends every node its :class:`NodeFaults` (with each
+sync acknowledgement, and at once when a fault is added or healed); the node converges to it:
+nftables drops for partitions, netem on taps for links, QMP stop for pauses, and one-shot
+actions (kill, reboot, clock steps, disk fill) run once per fault id.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from multiverse.core.errors import InvalidArgument
+
+__all__ = [
+    "Fault",
+    "FaultKind",
+    "LinkRule",
+    "NodeFaults",
+    "Placement",
+    "ScheduledFault",
+    "Shot",
+    "check_fault",
+    "node_faults",
+    "parse_duration",
+    "parse_percent",
+    "parse_scheduled",
+]
+
+
+class FaultKind(enum.StrEnum):
+    PARTITION = "partition"  # targets / peers cannot reach each other
+    LINK = "link"  # netem on the path from targets[0] to peers (or to everyone)
+    PAUSE = "pause"  # the VM frozen (QMP stop) while the fault lasts
+    KILL = "kill"  # hard power off once; desired state stays running
+    REBOOT = "reboot"  # hard reset once
+    CLOCK = "clock"  # the guest's clock stepped by ``skew``; stepped back on heal
+    DISK = "disk"  # the data disk filled (``full``) or throttled (``slow``)
+
+
+# Kinds done once on apply (and, for some, undone once on heal), not held while in force.
+ONE_SHOT = frozenset({FaultKind.KILL, FaultKind.REBOOT, FaultKind.CLOCK})
+SINGLE = frozenset({FaultKind.PAUSE, FaultKind.KILL, FaultKind.REBOOT, FaultKind.CLOCK,
+                    FaultKind.DISK})  # fmt: skip
+LINK_PARAMS = ("delay", "jitter", "loss", "duplicate", "reorder", "rate")
+_DURATION = re.compile(r"^([+-]?\d+(?:\.\d+)?)(ms|s|m|h|us)?$")
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_RATE = re.compile(r"^\d+(?:\.\d+)?(bit|kbit|mbit|gbit)$")
+
+
+def parse_duration(text: str, what: str, *, signed: bool = False) -> float:
+    """Seconds from ``100ms``, ``5s``, ``2m``, ``1.5``; negative only when ``signed``."""
+    match = _DURATION.match(str(text).strip())
+    if match is None:
+        raise InvalidArgument(f"invalid {what} {text!r}: use e.g. 100ms, 5s or 2m")
+    seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds < 0 and not signed:
+        raise InvalidArgument(f"{what} cannot be negative: {text!r}")
+    return seconds
+
+
+def parse_percent(text: str, what: str) -> float:
+    """A percentage from ``5%`` or ``5``, within 0..100."""
+    try:
+        value = float(str(text).strip().removesuffix("%"))
+    except ValueError:
+        raise InvalidArgument(f"invalid {what} {text!r}: use a percentage like 5%") from None
+    if not 0 <= value <= 100:
+        raise InvalidArgument(f"{what} must be between 0% and 100%: {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One fault: what it hits (instance names), how, since when and until when."""
+
+    id: str
+    kind: FaultKind
+    targets: tuple[str, ...]  # partition: one side; others: the instance hit
+    peers: tuple[str, ...] = ()  # partition: the other side; link: --to (empty: everyone)
+    params: Mapping[str, str] = field(default_factory=dict)
+    one_way: bool = False  # partition: only targets -> peers is cut
+    started_at: datetime | None = None
+    duration: float | None = None  # seconds; None: until healed
+
+    @property
+    def expires_at(self) -> datetime | None:
+        if self.started_at is None or self.duration is None:
+            return None
+        return self.started_at + timedelta(seconds=self.duration)
+
+    def json(self) -> dict[str, object]:
+        expires = self.expires_at
+        return {
+            "id": self.id,
+            "kind": self.kind.value,
+            "targets": list(self.targets),
+            "peers": list(self.peers),
+            "params": dict(self.params),
+            "one_way": self.one_way,
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "duration": self.duration,
+            "expires_at": expires.isoformat() if expires else None,
+        }
+
+
+def check_fault(fault: Fault, known: Iterable[str]) -> Fault:
+    """The fault if it makes sense for these instance names; InvalidArgument otherwise.
+
+    Parameters are normalised (``delay`` in ms etc. stay as the user wrote them, but checked),
+    so that nodes never see a value they cannot apply.
+    """
+    names = set(known)
+    if fault.duration is not None and fault.duration <= 0:
+        raise InvalidArgument("--duration must be positive")
+    if not fault.targets:
+        raise InvalidArgument(f"a {fault.kind.value} fault needs an instance")
+    if fault.kind == FaultKind.PARTITION and not fault.peers:
+        raise InvalidArgument("a partition needs two non-empty sides: A,B / C,D")
+    unknown = sorted({*fault.targets, *fault.peers} - names)
+    if unknown:
+        raise InvalidArgument(f"unknown instance(s): {', '.join(unknown)}")
+    if fault.kind == FaultKind.PARTITION and set(fault.targets) & set(fault.peers):
+        both = ", ".join(sorted(set(fault.targets) & set(fault.peers)))
+        raise InvalidArgument(f"an instance cannot be on both sides of a partition: {both}")
+    if fault.kind in SINGLE and (len(fault.targets) != 1 or fault.peers):
+        raise InvalidArgument(f"a {fault.kind.value} fault hits exactly one instance")
+    if fault.kind == FaultKind.LINK:
+        if len(fault.targets) != 1:
+            raise InvalidArgument("a link fault starts from one instance: link A --to B")
+        if fault.targets[0] in fault.peers:
+            raise InvalidArgument("a link fault cannot go from an instance to itself")
+        _check_link(fault.params)
+    elif fault.kind == FaultKind.CLOCK:
+        if not parse_duration(fault.params.get("skew", ""), "--skew", signed=True):
+            raise InvalidArgument("clock needs a non-zero --skew, e.g. +5s or -2m")
+    elif fault.kind == FaultKind.DISK:
+        full, slow = fault.params.get("full") == "true", fault.params.get("slow", "")
+        if full == bool(slow):
+            raise InvalidArgument("disk needs exactly one of --full or --slow 10ms")
+        if slow and parse_duration(slow, "--slow") <= 0:
+            raise InvalidArgument("--slow must be positive")
+    return fault
+
+
+def _check_link(params: Mapping[str, str]) -> None:
+    unknown = sorted(set(params) - set(LINK_PARAMS))
+    if unknown:
+        raise InvalidArgument(f"unknown link parameter(s): {', '.join(unknown)}")
+    if not params:
+        raise InvalidArgument(
+            "a link fault needs at least one of --delay, --loss, --duplicate, --reorder, --rate"
+        )
+    for name in ("delay", "jitter"):
+        if name in params:
+            parse_duration(params[name], f"--{name}")
+    if "jitter" in params and "delay" not in params:
+        raise InvalidArgument("--jitter needs --delay")
+    for name in ("loss", "duplicate", "reorder"):
+        if name in params:
+            parse_percent(params[name], f"--{name}")
+    if "reorder" in params and "delay" not in params:
+        raise InvalidArgument("--reorder needs --delay (netem reorders by not delaying some)")
+    if "rate" in params and not _RATE.match(params["rate"].strip().lower()):
+        raise InvalidArgument(f"invalid --rate {params['rate']!r}: use e.g. 1mbit or 500kbit")
+
+
+# ---- what each node must do ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an instance runs and its address on the cluster network ("" when it has none)."""
+
+    id: str
+    node_id: str | None
+    address: str = ""
+
+
+@dataclass(frozen=True)
+class LinkRule:
+    """netem on ``instance_id``'s tap, for the packets coming from ``sources`` (all if empty)."""
+
+    fault_id: str
+    instance_id: str
+    sources: tuple[str, ...]
+    params: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Shot:
+    """An action on one VM of this node: held (pause, disk slow) or once per fault id."""
+
+    fault_id: str
+    kind: FaultKind
+    instance_id: str
+    params: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeFaults:
+    """Everything one node must realise for the faults in force; empty: nothing at all."""
+
+    drops: tuple[tuple[str, str], ...] = ()  # (source address, destination address)
+    links: tuple[LinkRule, ...] = ()
+    shots: tuple[Shot, ...] = ()
+    generation: int = 0  # when the master computed it; older ones are ignored by nodes
+
+
+def node_faults(faults: Iterable[Fault], placements: Mapping[str, Placement],
+                node_id: str, generation: int = 0) -> NodeFaults:  # fmt: skip
+    """What ``node_id`` must do: pure, so each rule is unit-tested without a network.
+
+    - a partition drops, on the node of each sender, its packets to the other side: a guest's
+      frames always enter its own node's bridge first, so within one host and across hosts
+      alike, and nothing inside the guests changes;
+    - a link fault A --to B puts netem on B's tap for packets from A (A --to everyone: on every
+      other instance's tap), so the path A→B is slowed where it ends, on B's node;
+    - the other kinds act on the VM itself, on its node.
+    Instances without an address (user-mode networking) cannot be partitioned or slowed.
+    """
+    drops: set[tuple[str, str]] = set()
+    links: list[LinkRule] = []
+    shots: list[Shot] = []
+    here = {name for name, p in placements.items() if p.node_id == node_id}
+    for fault in faults:
+        if fault.kind == FaultKind.PARTITION:
+            pairs = [(fault.targets, fault.peers)]
+            if not fault.one_way:
+                pairs.append((fault.peers, fault.targets))
+            for senders, receivers in pairs:
+                for sender in senders:
+                    source = placements[sender].address if sender in placements else ""
+                    if sender not in here or not source:
+                        continue
+                    for receiver in receivers:
+                        target = placements.get(receiver)
+                        if target is not None and target.address:
+                            drops.add((source, target.address))
+        elif fault.kind == FaultKind.LINK:
+            origin = placements.get(fault.targets[0])
+            if origin is None or not origin.address:
+                continue
+            receivers = fault.peers or tuple(n for n in placements if n != fault.targets[0])
+            for receiver in receivers:
+                if receiver in here and placements[receiver].address:
+                    links.append(
+                        LinkRule(fault.id, placements[receiver].id, (origin.address,),
+                                 tuple(sorted(fault.params.items())))
+                    )  # fmt: skip
+        elif fault.targets[0] in here:
+            shots.append(
+                Shot(fault.id, fault.kind, placements[fault.targets[0]].id,
+                     tuple(sorted(fault.params.items())))
+            )  # fmt: skip
+    return NodeFaults(tuple(sorted(drops)), tuple(links), tuple(shots), generation)
+
+
+# ---- a schedule of faults (the ``faults:`` section of an environment file) -----------------
+
+
+@dataclass(frozen=True)
+class ScheduledFault:
+    """``at`` seconds after the environment is up, add the fault ``body`` (the API's form)."""
+
+    at: float
+    body: Mapping[str, Any]
+
+    def describe(self) -> str:
+        body = self.body
+        what = " / ".join(
+            ",".join(side) for side in (body["targets"], body.get("peers", ())) if side
+        )
+        params = " ".join(f"--{k} {v}" for k, v in body.get("params", {}).items())
+        span = f" for {body['duration']}" if body.get("duration") else ""
+        return " ".join(filter(None, (body["kind"], what, params))) + span
+
+
+_SCHEDULE_KEYS = {"at", "for", "one-way", *(k.value for k in FaultKind)}
+
+
+def parse_scheduled(entry: Any, names: Iterable[str]) -> ScheduledFault:
+    """One entry of a schedule, e.g. ``{at: 30s, partition: "a / b,c", for: 20s}``,
+    ``{at: 5s, link: {from: a, to: b, delay: 100ms}}``, ``{at: 0s, pause: b, for: 5s}``,
+    ``{at: 1m, clock: {name: b, skew: +5s}}``, ``{at: 0s, disk: {name: b, full: true}}``.
+    Checked as the API checks a fault, against the environment's instance ``names``."""
+    if not isinstance(entry, dict):
+        raise InvalidArgument("each fault must be a mapping with at and one kind")
+    unknown = sorted(set(entry) - _SCHEDULE_KEYS)
+    if unknown:
+        raise InvalidArgument(f"unknown key(s) {', '.join(map(repr, unknown))} in a fault")
+    kinds = [k for k in FaultKind if k.value in entry]
+    if len(kinds) != 1:
+        raise InvalidArgument(f"a fault names exactly one kind: {', '.join(FaultKind)}")
+    kind, value = kinds[0], entry[kinds[0].value]
+    at = parse_duration(str(entry.get("at", "0s")), "at")
+    duration = parse_duration(str(entry["for"]), "for") if "for" in entry else None
+    peers: tuple[str, ...] = ()
+    params: dict[str, str] = {}
+    if kind == FaultKind.PARTITION:
+        if not isinstance(value, str) or value.count("/") != 1:
+            raise InvalidArgument('a partition is written "a,b / c,d"')
+        left, right = value.split("/")
+        targets = tuple(n.strip() for n in left.split(",") if n.strip())
+        peers = tuple(n.strip() for n in right.split(",") if n.strip())
+    elif isinstance(value, dict):
+        options = {str(k): v for k, v in value.items()}
+        first = options.pop("from" if kind == FaultKind.LINK else "name", None)
+        targets = (str(first),) if first else ()
+        to = options.pop("to", "") if kind == FaultKind.LINK else ""
+        peers = tuple(n.strip() for n in str(to or "").split(",") if n.strip())
+        params = {k: ("true" if v is True else str(v)) for k, v in options.items()}
+    else:
+        targets = (str(value),)
+    fault = Fault("scheduled", kind, targets, peers, params, bool(entry.get("one-way")),
+                  duration=duration)  # fmt: skip
+    check_fault(fault, names)
+    body = {"kind": kind.value, "targets": list(targets), "peers": list(peers),
+            "params": params, "one_way": fault.one_way,
+            "duration": str(entry["for"]) if "for" in entry else None}  # fmt: skip
+    return ScheduledFault(at, body)

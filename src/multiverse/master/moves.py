@@ -1,0 +1,384 @@
+"""Moves of instances between nodes: a persisted :class:`Migration` run as a plan of steps.
+
+The target is reserved under the placement lock (the record makes the instance count on both
+nodes), then the lock is released: a move that waits for a stop blocks no launch. The plan is
+rebuilt from reality (the store and both agents) after every step, so a master killed at any
+point resumes from the record at start-up (:meth:`Moves.resume`). Until the owner switches, a
+failure that retries cannot mend rolls back: whatever the target got is removed and the
+instance is left as the user wanted it on its source. After the switch it only goes forward.
+
+Cold (any driver with :class:`multiverse.drivers.base.Migratable`): stop on the source, the
+target pulls the files from the source agent (the master only coordinates), switch the owner,
+start on the target when the user wanted it running, delete the source copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from multiverse.core.errors import (
+    Conflict,
+    InvalidArgument,
+    MultiverseError,
+    NotFound,
+    Unavailable,
+)
+from multiverse.core.model import (
+    DesiredState,
+    InstanceState,
+    Migration,
+    MigrationKind,
+    MigrationPhase,
+    Node,
+    NodeStatus,
+)
+from multiverse.master.instances import Instances
+from multiverse.master.operations import Operation
+from multiverse.master.plan import Step, execute
+from multiverse.master.ports import NodeClient, Observation
+from multiverse.master.scheduler import place
+from multiverse.store.repository import Change, Store, now
+
+__all__ = ["Moves", "migration_json"]
+
+log = logging.getLogger("multiverse.master")
+
+# Errors no retry mends: refuse at once and roll back.
+_PERMANENT = (InvalidArgument, NotFound)
+
+
+def migration_json(migration: Migration) -> dict[str, Any]:
+    return {
+        "id": migration.id, "instance_id": migration.instance_id, "kind": migration.kind.value,
+        "source_id": migration.source_id, "target_id": migration.target_id,
+        "desired_after": migration.desired_after.value, "phase": migration.phase.value,
+        "attempts": migration.attempts, "message": migration.message,
+        "disk_bytes_sent": migration.bytes_done, "disk_bytes_total": migration.bytes_total,
+        "memory_bytes_sent": 0,
+    }  # fmt: skip
+
+
+@dataclass
+class _Step:
+    name: str
+    _should: Callable[[], bool]
+    _do: Callable[[], Awaitable[None]]
+    _verify: Callable[[], Awaitable[None]]
+
+    async def should_do(self) -> bool:
+        return self._should()
+
+    async def do(self) -> None:
+        await self._do()
+
+    async def verify(self) -> None:
+        await self._verify()
+
+
+class ColdPlan:
+    """The steps of one cold move, from what the store and both nodes say now."""
+
+    name = "cold move"
+
+    def __init__(self, moves: Moves, migration_id: str) -> None:
+        self.moves = moves
+        self.migration_id = migration_id
+
+    async def steps(self) -> list[Step]:
+        moves, store = self.moves, self.moves.store
+        migration = await store.get_migration(self.migration_id)
+        instance = await store.get_instance(migration.instance_id)
+        source = await store.get_node(migration.source_id)
+        target = await store.get_node(migration.target_id)
+        client = moves.client
+        switched = instance.node_id == target.id
+        on_source = await client.observe(source, instance.id) if _up(source) else None
+        if not switched and not _up(source):
+            raise Unavailable(f"node {source.name} is {source.status.value}")
+        on_target = await client.observe(target, instance.id)
+        wants_running = migration.desired_after == DesiredState.RUNNING
+
+        async def stop() -> None:
+            await moves.phase(migration, MigrationPhase.STOPPING)
+            if on_source and on_source.state != InstanceState.STOPPING:
+                await client.stop(source, instance.id)
+            await moves.until(source, instance.id, lambda o: _is(o, InstanceState.STOPPED))
+
+        async def transfer() -> None:
+            await moves.phase(migration, MigrationPhase.TRANSFERRING)
+            files = await client.export(source, instance.id, target)
+            total = sum(item.size for item in files)
+            await moves.update(migration.id, bytes_total=total)
+            await client.import_(target, instance, source, files, moves.progress(migration.id))
+            await moves.update(migration.id, bytes_done=total)
+
+        async def switch() -> None:
+            await moves.phase(migration, MigrationPhase.SWITCHING)
+            assert on_target is not None
+            await store.update_instance(
+                instance.id, node_id=target.id, state=on_target.state,
+                version=on_target.version, ipv4=on_target.ipv4, message="",
+            )  # fmt: skip
+            moves.instances.reconciler.publish_changes(
+                [Change(instance.id, instance.spec.name, instance.state.value, on_target.state)]
+            )
+            log.info("instance %s now belongs to %s", instance.spec.name, target.name)
+
+        async def start() -> None:
+            await moves.phase(migration, MigrationPhase.STARTING)
+            await client.start(target, instance.id)
+            await moves.until(target, instance.id, lambda o: _is(o, InstanceState.RUNNING))
+
+        async def clean() -> None:
+            await moves.phase(migration, MigrationPhase.CLEANING)
+            await client.delete(source, instance.id)
+            await moves.until(source, instance.id, lambda o: o is None)
+
+        async def stopped_on_source() -> None:
+            await moves.check(source, instance.id, lambda o: _is(o, InstanceState.STOPPED))
+
+        async def on_target_now() -> None:
+            await moves.check(target, instance.id, lambda o: o is not None)
+
+        async def owned() -> None:
+            if (await store.get_instance(instance.id)).node_id != target.id:
+                raise Conflict("the owner did not switch")
+
+        async def running() -> None:
+            await moves.check(target, instance.id, lambda o: _is(o, InstanceState.RUNNING))
+
+        async def gone() -> None:
+            await moves.check(source, instance.id, lambda o: o is None)
+
+        target_ok = not wants_running or _is(on_target, InstanceState.RUNNING)
+        return [
+            _Step("stop-on-source", lambda: not switched and not _is(on_source, InstanceState.STOPPED), stop, stopped_on_source),  # noqa: E501
+            _Step("transfer", lambda: not switched and on_target is None, transfer, on_target_now),
+            _Step("switch-owner", lambda: not switched, switch, owned),
+            _Step("start-on-target", lambda: switched and not target_ok, start, running),
+            _Step("delete-on-source", lambda: switched and target_ok and _up(source) and on_source is not None, clean, gone),  # noqa: E501
+        ]  # fmt: skip
+
+
+def _up(node: Node) -> bool:
+    return node.status == NodeStatus.READY
+
+
+def _is(observation: Observation | None, state: InstanceState) -> bool:
+    return observation is not None and observation.state == state
+
+
+class Moves:
+    """Starts, runs and resumes moves; the operation of each tells its phase and bytes."""
+
+    def __init__(
+        self,
+        store: Store,
+        client: NodeClient,
+        instances: Instances,
+        *,
+        wait: float = 900.0,
+        poll: float = 0.5,
+        retry_limit: int = 3,
+        retry_delay: float = 2.0,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.instances = instances
+        self.wait = wait
+        self.poll = poll
+        self.retry_limit = retry_limit
+        self.retry_delay = retry_delay
+        self.operations: dict[str, Operation] = {}  # migration id -> its operation
+        self.latest: dict[str, Migration] = {}  # migration id -> its row as last written
+
+    # ---- starting ----
+
+    async def move(
+        self, name: str, target_name: str, kind: MigrationKind | None = None
+    ) -> tuple[Migration, Operation]:
+        """Check, reserve the target under the placement lock, and run the move."""
+        instance = await self.instances.get(name)
+        target = await self.store.find_node(target_name)
+        if instance.desired == DesiredState.DELETED:
+            raise Conflict(f"instance {name} is being deleted")
+        if instance.node_id is None:
+            raise Conflict(f"instance {name} is not placed on any node")
+        source = await self.store.get_node(instance.node_id)
+        kind = kind or MigrationKind.COLD
+        if target.id == source.id:
+            raise InvalidArgument(f"instance {name} is on {target.name} already")
+        if target.driver != source.driver:
+            raise InvalidArgument(
+                f"{target.name} runs {target.driver or 'no driver yet'} and {source.name} runs "
+                f"{source.driver}: an instance moves only between nodes of one driver"
+            )
+        if kind == MigrationKind.LIVE:
+            if instance.state != InstanceState.RUNNING:
+                raise Conflict(
+                    f"instance {name} is {instance.state.value}: a live move needs it Running"
+                )
+            raise InvalidArgument("live moves are not available yet; use --cold")
+        for node in (source, target):
+            if not _up(node):
+                raise Unavailable(
+                    f"node {node.name} is {node.status.value}; a move needs both nodes"
+                )
+        async with self.instances.placing:
+            place(instance.spec.resources, [target])  # the scheduler's reasons when no room
+            migration = await self.store.add_migration(
+                Migration(
+                    id=str(uuid.uuid4()), instance_id=instance.id, kind=kind,
+                    source_id=source.id, target_id=target.id,
+                    desired_after=instance.desired, created_at=now(),
+                )
+            )  # fmt: skip
+            # The target's room is taken in the store (list_nodes counts active moves): the
+            # placement view reloads to see it.
+            self.instances.view.invalidate()
+        log.info("moving %s from %s to %s (%s)", name, source.name, target.name, kind.value)
+        return migration, self._run(migration, name)
+
+    def _run(self, migration: Migration, name: str) -> Operation:
+        self.instances.reconciler.paused.add(migration.instance_id)
+        operation = self.instances.operations.start("move", name, self._execute(migration.id))
+        self.latest[migration.id] = migration
+        operation.figures = lambda: migration_json(self.latest[migration.id])
+        self.operations[migration.id] = operation
+        return operation
+
+    async def resume(self) -> list[Operation]:
+        """Run the moves a previous master left unfinished (at start, before the reconciler)."""
+        resumed = []
+        for migration in await self.store.list_migrations(active=True):
+            try:
+                name = (await self.store.get_instance(migration.instance_id)).spec.name
+            except NotFound:
+                await self.update(
+                    migration.id,
+                    phase=MigrationPhase.FAILED,
+                    message="the instance is gone",
+                )
+                continue
+            log.info("resuming the move of %s (%s)", name, migration.phase.value)
+            resumed.append(self._run(migration, name))
+        return resumed
+
+    # ---- running ----
+
+    async def _execute(self, migration_id: str) -> dict[str, Any]:
+        migration = await self.store.get_migration(migration_id)
+        ends = {migration.source_id, migration.target_id}
+
+        async def known() -> bool:  # after a master restart, nodes are Unknown until they report
+            nodes = await self.store.list_nodes(ids=list(ends))
+            return all(n.status != NodeStatus.UNKNOWN for n in nodes)
+
+        try:
+            if migration.phase == MigrationPhase.ROLLING_BACK:  # a master died rolling back
+                await self._roll_back(migration)
+                raise Conflict(f"the move failed and was rolled back: {migration.message}")
+            while True:
+                await self.instances.events.wait_for(known, self.wait)
+                try:
+                    await execute(ColdPlan(self, migration_id))
+                    migration = await self.update(
+                        migration_id, phase=MigrationPhase.DONE, message=""
+                    )
+                    return migration_json(migration)
+                except MultiverseError as exc:
+                    migration = await self._failed(migration_id, exc)
+                    if migration.phase == MigrationPhase.ROLLING_BACK:
+                        await self._roll_back(migration)
+                        raise Conflict(
+                            f"the move failed and was rolled back: {exc.message}"
+                        ) from exc
+                    await asyncio.sleep(self.retry_delay * migration.attempts)
+        finally:
+            self.instances.reconciler.paused.discard(migration.instance_id)
+            self.instances.view.invalidate()  # the target's room is no longer held for it
+            self.instances.reconciler.kick()
+
+    async def _failed(self, migration_id: str, exc: MultiverseError) -> Migration:
+        migration = await self.store.get_migration(migration_id)
+        instance = await self.store.get_instance(migration.instance_id)
+        attempts = migration.attempts + 1
+        switched = instance.node_id == migration.target_id
+        log.warning("move of %s, attempt %d: %s", instance.spec.name, attempts, exc.message)
+        give_up = not switched and (attempts >= self.retry_limit or isinstance(exc, _PERMANENT))
+        phase = MigrationPhase.ROLLING_BACK if give_up else migration.phase
+        return await self.update(
+            migration_id, attempts=attempts, message=exc.message, phase=phase
+        )
+
+    async def _roll_back(self, migration: Migration) -> None:
+        """Give the instance back to its source at once (the reconciler brings it to what the
+        user wanted there: its desired state never changed), then remove what the target got;
+        a target that is away is cleaned when it is back (until ``wait`` runs out)."""
+        self.instances.reconciler.paused.discard(migration.instance_id)
+        self.instances.reconciler.kick()
+        deadline = time.monotonic() + self.wait
+        message = migration.message
+        while True:
+            target = await self.store.get_node(migration.target_id)
+            try:
+                await self.client.abort_import(target, migration.instance_id)
+                break
+            except MultiverseError as exc:
+                if time.monotonic() > deadline:
+                    message = f"{migration.message}; could not clean {target.name}: {exc.message}"
+                    break
+
+            async def back() -> bool:
+                node = await self.store.get_node(migration.target_id)
+                return node.status == NodeStatus.READY
+
+            await self.instances.events.wait_for(back, max(deadline - time.monotonic(), 0))
+            await asyncio.sleep(self.poll)
+        await self.update(migration.id, phase=MigrationPhase.FAILED, message=message)
+
+    # ---- helpers of the steps ----
+
+    async def update(self, migration_id: str, **fields: Any) -> Migration:
+        """Write the move's row; its operation's figures tell what was written last."""
+        migration = await self.store.update_migration(migration_id, **fields)
+        self.latest[migration_id] = migration
+        return migration
+
+    async def phase(self, migration: Migration, phase: MigrationPhase) -> None:
+        await self.update(migration.id, phase=phase)
+
+    def progress(self, migration_id: str) -> Callable[[int, int], Awaitable[None]]:
+        last = [0.0]
+
+        async def update(done: int, total: int) -> None:
+            moment = time.monotonic()
+            if moment - last[0] >= 0.5 or done == total:  # a row write per chunk is too many
+                last[0] = moment
+                await self.update(migration_id, bytes_done=done, bytes_total=total)
+
+        return update
+
+    async def until(
+        self, node: Node, instance_id: str, reached: Callable[[Observation | None], bool]
+    ) -> None:
+        """Poll the node until ``reached`` holds for the instance; Unavailable past the wait."""
+        deadline = time.monotonic() + self.wait
+        while not reached(observed := await self.client.observe(node, instance_id)):
+            if observed is not None and observed.state == InstanceState.FAILED:
+                raise Conflict(f"on {node.name}: {observed.message or 'failed'}")
+            if time.monotonic() > deadline:
+                raise Unavailable(f"gave up waiting on {node.name} after {self.wait:.0f}s")
+            await asyncio.sleep(self.poll)
+
+    async def check(
+        self, node: Node, instance_id: str, holds: Callable[[Observation | None], bool]
+    ) -> None:
+        if not holds(await self.client.observe(node, instance_id)):
+            raise Conflict(f"{node.name} does not show the expected state after the step")

@@ -1,0 +1,213 @@
+"""Fault validation and the pure per-node rules (issue 19), without a network."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from harness import async_wait_until
+
+from multiverse.core.errors import DriverError, InvalidArgument
+from multiverse.core.faults import (
+    Fault,
+    FaultKind,
+    LinkRule,
+    NodeFaults,
+    Placement,
+    check_fault,
+    node_faults,
+    parse_duration,
+)
+from multiverse.core.model import (
+    DesiredState,
+    Instance,
+    InstanceSpec,
+    InstanceState,
+    Node,
+    NodeStatus,
+    Resources,
+)
+from multiverse.core.network import ClusterNetwork, Lease, mac_for
+from multiverse.master.events import EventBus
+from multiverse.master.faults import Faults
+from multiverse.store.repository import Store
+from multiverse.wire import convert
+from multiverse.worker.faults import render_drops
+
+PLACES = {
+    "a": Placement("id-a", "n1", "10.0.0.2"),
+    "b": Placement("id-b", "n2", "10.0.0.3"),
+    "c": Placement("id-c", "n2", "10.0.0.4"),
+}
+
+
+def partition(one_way: bool = False) -> Fault:
+    return Fault("f1", FaultKind.PARTITION, ("a",), ("b", "c"), one_way=one_way)
+
+
+def test_a_partition_drops_on_each_senders_node_both_ways() -> None:
+    assert node_faults([partition()], PLACES, "n1").drops == (
+        ("10.0.0.2", "10.0.0.3"), ("10.0.0.2", "10.0.0.4"),
+    )  # fmt: skip
+    assert node_faults([partition()], PLACES, "n2").drops == (
+        ("10.0.0.3", "10.0.0.2"), ("10.0.0.4", "10.0.0.2"),
+    )  # fmt: skip
+    # b and c, on the same side, keep reaching each other: no pair between them.
+    assert node_faults([partition(one_way=True)], PLACES, "n2").drops == ()
+
+
+def test_a_link_slows_the_receivers_tap_for_the_senders_packets() -> None:
+    link = Fault("f2", FaultKind.LINK, ("a",), ("b",), {"delay": "200ms"})
+    rule = LinkRule("f2", "id-b", ("10.0.0.2",), (("delay", "200ms"),))
+    assert node_faults([link], PLACES, "n2").links == (rule,)
+    assert node_faults([link], PLACES, "n1").links == ()
+    everyone = Fault("f3", FaultKind.LINK, ("a",), (), {"loss": "5%"})
+    assert {r.instance_id for r in node_faults([everyone], PLACES, "n2").links} == {"id-b", "id-c"}
+
+
+def test_vm_faults_go_to_the_vms_node_only() -> None:
+    pause = Fault("f4", FaultKind.PAUSE, ("b",))
+    assert [s.instance_id for s in node_faults([pause], PLACES, "n2").shots] == ["id-b"]
+    assert node_faults([pause], PLACES, "n1").shots == ()
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        (Fault("x", FaultKind.PARTITION, ("a",), ()), "two non-empty sides"),
+        (Fault("x", FaultKind.PARTITION, ("a",), ("zz",)), "unknown instance(s): zz"),
+        (Fault("x", FaultKind.PARTITION, ("a",), ("a", "b")), "both sides"),
+        (Fault("x", FaultKind.LINK, ("a",), ("b",), {"delay": "-5ms"}), "cannot be negative"),
+        (Fault("x", FaultKind.LINK, ("a",), ("b",), {}), "at least one of"),
+        (Fault("x", FaultKind.LINK, ("a",), ("b",), {"loss": "150%"}), "between 0% and 100%"),
+        (Fault("x", FaultKind.LINK, ("a",), ("b",), {"rate": "fast"}), "invalid --rate"),
+        (Fault("x", FaultKind.PAUSE, ("a", "b")), "exactly one instance"),
+        (Fault("x", FaultKind.PAUSE, ("a",), duration=-1), "--duration must be positive"),
+        (Fault("x", FaultKind.CLOCK, ("a",), params={"skew": "0s"}), "non-zero --skew"),
+        (Fault("x", FaultKind.DISK, ("a",)), "exactly one of --full or --slow"),
+    ],
+)
+def test_bad_faults_are_refused_with_a_reason(fault: Fault, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_fault(fault, PLACES)
+
+
+def test_durations() -> None:
+    assert parse_duration("200ms", "d") == pytest.approx(0.2)
+    assert parse_duration("-5s", "skew", signed=True) == -5
+    with pytest.raises(InvalidArgument):
+        parse_duration("soon", "d")
+
+
+def test_the_fault_table_goes_away_with_the_last_drop() -> None:
+    rules = render_drops((("10.0.0.2", "10.0.0.3"),))
+    assert "table bridge multiverse_faults {" in rules
+    assert "ip saddr 10.0.0.2 ip daddr 10.0.0.3 drop" in rules
+    assert render_drops(()) == (
+        "table bridge multiverse_faults\ndelete table bridge multiverse_faults\n"
+    )
+
+
+# ---- the master's service over a real store, with the nodes' agents faked -------------------
+
+
+class _Agents:
+    """Records what each node was sent; ``refuse`` makes a node's agent fail."""
+
+    def __init__(self) -> None:
+        self.sent: dict[str, NodeFaults] = {}
+        self.refuse: set[str] = set()
+
+    def stub(self, node: Node) -> Any:
+        return SimpleNamespace(ApplyFaults=node)
+
+    async def call(self, node: Node, method: Any, request: Any) -> None:
+        if node.name in self.refuse:
+            raise DriverError("no netem here")
+        self.sent[node.name] = convert.faults_from_pb(request)
+
+
+def _world(tmp_path: Path) -> tuple[Store, dict[str, Node]]:
+    store = Store(f"sqlite:///{tmp_path / 'multiverse.db'}")
+    store.migrate()
+    nodes = {}
+    for name in ("n1", "n2"):
+        node = Node(
+            str(uuid.uuid4()), name, "127.0.0.1:1", "qemu", NodeStatus.READY, {},
+            Resources(2, 2**30, 2**30),
+        )  # fmt: skip
+        store.add_node(node, "")
+        nodes[name] = node
+    for name, node, address in (("a", "n1", "10.0.0.2"), ("b", "n2", "10.0.0.3")):
+        instance = Instance(
+            str(uuid.uuid4()), InstanceSpec(name=name), nodes[node].id, DesiredState.RUNNING,
+            InstanceState.RUNNING,
+        )  # fmt: skip
+        store.add_instance(instance, _Fixed(address, instance.id))
+    return store, nodes
+
+
+class _Fixed:
+    network = "default"
+
+    def __init__(self, address: str, owner: str) -> None:
+        self.address, self.owner = address, owner
+
+    def __call__(self, used: set[str]) -> Lease:
+        return Lease("default", self.address, self.owner, "instance", mac_for(self.owner))
+
+
+def test_the_master_pushes_lists_and_heals_faults_when_they_expire(tmp_path: Path) -> None:
+    asyncio.run(_pushes_lists_and_heals(tmp_path))
+
+
+async def _pushes_lists_and_heals(tmp_path: Path) -> None:
+    store, _nodes = _world(tmp_path)
+    store.put_network(ClusterNetwork("default", "10.0.0.0/24"))
+    agents, events = _Agents(), EventBus()
+    faults = Faults(store, agents, events)  # type: ignore[arg-type]
+    seen: list[dict[str, Any]] = []
+
+    async def listen() -> None:
+        async for event in events.listen():
+            seen.append(event)
+
+    listener = asyncio.create_task(listen())
+    await asyncio.sleep(0)
+    fault = await faults.add(FaultKind.PARTITION, ("a",), ("b",), duration=0.3)
+    assert agents.sent["n1"].drops == (("10.0.0.2", "10.0.0.3"),)
+    assert agents.sent["n2"].drops == (("10.0.0.3", "10.0.0.2"),)
+    # A new master over the same store (a restart) knows it and heals it on time.
+    again = Faults(store, agents, events)  # type: ignore[arg-type]
+    assert [f.id for f in again.in_force()] == [fault.id]
+    expiry = asyncio.create_task(again.run())
+    try:
+        await async_wait_until(lambda: not store.list_faults(), timeout=10)
+        await async_wait_until(lambda: agents.sent["n1"].drops == (), timeout=10)
+    finally:
+        expiry.cancel()
+        listener.cancel()
+    assert [(e["action"], e["fault"]["id"]) for e in seen] == [
+        ("applied", fault.id), ("expired", fault.id),
+    ]  # fmt: skip
+
+
+def test_a_fault_a_node_refuses_is_undone_everywhere(tmp_path: Path) -> None:
+    asyncio.run(_refused(tmp_path))
+
+
+async def _refused(tmp_path: Path) -> None:
+    store, _nodes = _world(tmp_path)
+    agents = _Agents()
+    agents.refuse.add("n2")
+    faults = Faults(store, agents, EventBus())  # type: ignore[arg-type]
+    with pytest.raises(DriverError, match="no netem"):
+        await faults.add(FaultKind.LINK, ("a",), ("b",), {"delay": "200ms"})
+    assert store.list_faults() == []
+    assert agents.sent["n1"] == NodeFaults(generation=agents.sent["n1"].generation)
+    with pytest.raises(InvalidArgument, match="unknown instance"):
+        await faults.add(FaultKind.PAUSE, ("nosuch",))

@@ -1,0 +1,204 @@
+"""The cold move's plan against a fake NodeClient (STYLE §5a): which steps run from which
+reality, that a failure before the owner switches rolls back (the target cleaned, the
+instance left on its source as the user wanted), and that a move resumes mid-way."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from multiverse.core.errors import DriverError, MultiverseError
+from multiverse.core.model import (
+    DesiredState,
+    Instance,
+    InstanceSpec,
+    InstanceState,
+    Migration,
+    MigrationKind,
+    MigrationPhase,
+    Node,
+    NodeStatus,
+    Resources,
+)
+from multiverse.master.cluster import Agents
+from multiverse.master.events import EventBus
+from multiverse.master.instances import Instances
+from multiverse.master.moves import ColdPlan, Moves
+from multiverse.master.operations import Operations
+from multiverse.master.ports import MoveFile, Observation
+from multiverse.master.reconciler import Reconciler
+from multiverse.store.repository import Store, now
+
+
+def run(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    """Run an async test in its own event loop (the suite has no asyncio plugin)."""
+
+    @functools.wraps(test)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(test(*args, **kwargs))  # type: ignore[arg-type]
+
+    return wrapper
+
+
+class FakeNodes:
+    """Each node's instances as observations; records the calls made."""
+
+    def __init__(self) -> None:
+        self.vms: dict[str, dict[str, Observation]] = {"a": {}, "b": {}}
+        self.calls: list[str] = []
+        self.fail_import: MultiverseError | None = None
+
+    async def observe(self, node: Node, instance_id: str) -> Observation | None:
+        return self.vms[node.id].get(instance_id)
+
+    async def start(self, node: Node, instance_id: str) -> None:
+        self.calls.append(f"start {node.id}")
+        self.vms[node.id][instance_id] = Observation(InstanceState.RUNNING, 9)
+
+    async def stop(self, node: Node, instance_id: str) -> None:
+        self.calls.append(f"stop {node.id}")
+        self.vms[node.id][instance_id] = Observation(InstanceState.STOPPED, 5)
+
+    async def delete(self, node: Node, instance_id: str) -> None:
+        self.calls.append(f"delete {node.id}")
+        self.vms[node.id].pop(instance_id, None)
+
+    async def export(self, node: Node, instance_id: str, target: Node) -> list[MoveFile]:
+        self.calls.append(f"export {node.id}->{target.id}")
+        return [MoveFile("disk.img", 100, "ab" * 32)]
+
+    async def import_(self, node, instance, source, files, progress) -> None:  # type: ignore[no-untyped-def]
+        self.calls.append(f"import {node.id}")
+        progress(50, 100)
+        if self.fail_import:
+            raise self.fail_import
+        self.vms[node.id][instance.id] = Observation(InstanceState.STOPPED, 1)
+
+    async def abort_import(self, node: Node, instance_id: str) -> None:
+        self.calls.append(f"abort {node.id}")
+        self.vms[node.id].pop(instance_id, None)
+
+
+def _setup(
+    tmp_path: Path, desired: DesiredState = DesiredState.RUNNING
+) -> tuple[Moves, FakeNodes, Store]:
+    store = Store.for_data_dir(tmp_path)
+    store.migrate()  # the alembic chain, 0007 (migrations) included
+    for node_id in ("a", "b"):
+        node = Node(
+            id=node_id, name=f"node-{node_id}", address="x:1", driver="fake",
+            status=NodeStatus.READY, labels={}, capacity=Resources(4, 8 << 30, 100 << 30),
+        )  # fmt: skip
+        store.add_node(node, "")
+    store.add_instance(
+        Instance(
+            id="i1", spec=InstanceSpec(name="vm"), node_id="a", desired=desired,
+            state=InstanceState.RUNNING if desired == DesiredState.RUNNING
+            else InstanceState.STOPPED, created_at=now(),
+        )
+    )  # fmt: skip
+    events = EventBus()
+    agents = cast(Agents, None)  # the plan speaks to nodes only through the fake
+    reconciler = Reconciler(store, agents, events)
+    instances = Instances(store, agents, reconciler, Operations(events), events)
+    nodes = FakeNodes()
+    nodes.vms["a"]["i1"] = Observation(
+        InstanceState.RUNNING if desired == DesiredState.RUNNING else InstanceState.STOPPED
+    )
+    return Moves(store, nodes, instances, poll=0.01, retry_delay=0.01), nodes, store
+
+
+@run
+async def test_a_cold_move_runs_every_step_once_in_order(tmp_path: Path) -> None:
+    moves, nodes, store = _setup(tmp_path)
+    migration, operation = await moves.move("vm", "node-b", MigrationKind.COLD)
+    assert "i1" in moves.instances.reconciler.paused  # the plan owns it now
+    assert store.get_node("b").allocated.cpus == 1  # counted on the target while moving
+    await operation.done.wait()
+    assert operation.status == "success", operation.error
+    assert nodes.calls == [
+        "stop a", "export a->b", "import b", "start b", "delete a",
+    ]  # fmt: skip
+    instance = store.get_instance("i1")
+    assert (instance.node_id, instance.desired) == ("b", DesiredState.RUNNING)
+    done = store.get_migration(migration.id)
+    assert done.phase == MigrationPhase.DONE and done.bytes_done == done.bytes_total == 100
+    assert "i1" not in moves.instances.reconciler.paused
+    assert store.get_node("b").allocated.cpus == 1 and store.get_node("a").allocated.cpus == 0
+
+
+@run
+async def test_a_stopped_instance_is_not_started_on_the_target(tmp_path: Path) -> None:
+    moves, nodes, store = _setup(tmp_path, DesiredState.STOPPED)
+    _migration, operation = await moves.move("vm", "node-b")
+    await operation.done.wait()
+    assert nodes.calls == ["export a->b", "import b", "delete a"]
+    assert store.get_instance("i1").state == InstanceState.STOPPED
+
+
+@pytest.mark.parametrize(
+    ("on_source", "on_target", "owner", "expected"),
+    [
+        (InstanceState.RUNNING, None, "a", "stop-on-source"),
+        (InstanceState.STOPPED, None, "a", "transfer"),
+        (InstanceState.STOPPED, InstanceState.STOPPED, "a", "switch-owner"),
+        (InstanceState.STOPPED, InstanceState.STOPPED, "b", "start-on-target"),
+        (InstanceState.STOPPED, InstanceState.RUNNING, "b", "delete-on-source"),
+        (None, InstanceState.RUNNING, "b", None),
+    ],
+)
+@run
+async def test_the_plan_resumes_from_reality(
+    tmp_path: Path,
+    on_source: InstanceState | None,
+    on_target: InstanceState | None,
+    owner: str,
+    expected: str | None,
+) -> None:
+    moves, nodes, store = _setup(tmp_path)
+    migration = store.add_migration(
+        Migration(id="m1", instance_id="i1", kind=MigrationKind.COLD, source_id="a",
+                  target_id="b", desired_after=DesiredState.RUNNING)
+    )  # fmt: skip
+    nodes.vms = {"a": {}, "b": {}}
+    if on_source:
+        nodes.vms["a"]["i1"] = Observation(on_source)
+    if on_target:
+        nodes.vms["b"]["i1"] = Observation(on_target)
+    store.update_instance("i1", node_id=owner)
+    steps = [s for s in await ColdPlan(moves, migration.id).steps() if await s.should_do()]
+    assert (steps[0].name if steps else None) == expected
+
+
+@run
+async def test_a_failed_transfer_rolls_back_to_the_source(tmp_path: Path) -> None:
+    moves, nodes, store = _setup(tmp_path)
+    nodes.fail_import = DriverError("disk.img arrived damaged (sha256 differs)")
+    migration, operation = await moves.move("vm", "node-b")
+    await operation.done.wait()
+    assert operation.status == "failure" and "rolled back" in operation.error
+    assert nodes.calls.count("import b") == moves.retry_limit
+    assert nodes.calls[-1] == "abort b" and nodes.vms["b"] == {}
+    instance = store.get_instance("i1")
+    # Still the source's, still wanted running: the reconciler starts it there again.
+    assert (instance.node_id, instance.desired) == ("a", DesiredState.RUNNING)
+    assert store.get_migration(migration.id).phase == MigrationPhase.FAILED
+    assert "i1" not in moves.instances.reconciler.paused
+    assert store.get_node("b").allocated.cpus == 0  # the reservation is gone
+
+
+@run
+async def test_a_second_move_of_a_moving_instance_is_refused(tmp_path: Path) -> None:
+    moves, _nodes, store = _setup(tmp_path)
+    _migration, operation = await moves.move("vm", "node-b")
+    with pytest.raises(MultiverseError, match="being moved"):
+        await moves.move("vm", "node-b")
+    with pytest.raises(MultiverseError, match="being moved"):
+        await moves.instances.stop("vm")
+    await operation.done.wait()
+    assert store.get_instance("i1").node_id == "b"
