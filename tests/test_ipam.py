@@ -138,7 +138,8 @@ def test_fifty_concurrent_launches_on_two_masters_never_share_an_address(tmp_pat
     with ThreadPoolExecutor(50) as pool:
         addresses = list(pool.map(launch, range(50)))
     assert len(set(addresses)) == 50
-    assert sorted(lease.address for lease in stores[0].leases("default")) == sorted(addresses)
+    leases = _wait(stores[0].leases("default"))
+    assert sorted(lease.address for lease in leases) == sorted(addresses)
     held = {i.name: i.address for i in _wait(stores[1].list_instances())}
     assert set(held.values()) == set(addresses)
 
@@ -154,8 +155,8 @@ def test_an_address_is_freed_with_its_instance_and_taken_ones_are_refused(tmp_pa
     assert [i.name for i in _wait(store.list_instances())] == ["one", "two"]  # nothing half-made
     _wait(store.delete_instance(first.id))
     assert _add(store, ipam, "three", ip="10.9.0.1").address == "10.9.0.1"
-    assert ipam.node_address("node-1") == "10.9.0.3/24"
-    assert ipam.node_address("node-1") == "10.9.0.3/24"  # kept
+    assert _wait(ipam.node_address("node-1")) == "10.9.0.3/24"
+    assert _wait(ipam.node_address("node-1")) == "10.9.0.3/24"  # kept
 
 
 @pytest.mark.parametrize("kill_after", [5])
@@ -220,13 +221,13 @@ def test_each_node_plan_names_its_live_bridged_peers_and_its_instances(tmp_path:
     _wait(store.update_instance(on_user.id, node_id=user.id))
     plan = _wait(ipam.plan(_wait(store.get_node(a.id))))
     assert plan.underlay == "192.0.2.1" and plan.peers == ("192.0.2.2",)
-    assert plan.gateway == ipam.node_address(a.id)
+    assert plan.gateway == _wait(ipam.node_address(a.id))
     assert plan.records == {"web-1": on_a.address}  # db-1's node is not on the network
     nic = plan.nics[on_a.id]
     assert (nic.address, nic.mac) == (f"{on_a.address}/24", on_a.mac)
     assert nic.gateway == nic.dns == plan.gateway.split("/")[0]
     _wait(store.remove_node(a.id))  # its address and its instances' go back
-    owners = {lease.owner for lease in store.leases("default")}
+    owners = {lease.owner for lease in _wait(store.leases("default"))}
     assert a.id not in owners and on_a.id not in owners and on_user.id in owners
 
 

@@ -147,7 +147,8 @@ class Reconciler:
             for instance_id, backoff in self._backoff.items()
             if backoff.attempts < self.retry_limit and backoff.next_try <= moment
         }
-        wanted, self._changed = (self._changed | due) - self._busy, set()
+        # A paused instance's changes are the move's own steps: the move kicks it when done.
+        wanted, self._changed = (self._changed | due) - self._busy - self.paused, set()
         if not wanted:
             return
         instances = await self.store.list_instances(ids=sorted(wanted))
