@@ -1,12 +1,14 @@
 """Runs the Firecracker driver inside a network namespace, for tests/test_firecracker_driver.py.
 
-The test starts this under ``ip netns exec NS``: the bridge, the taps and every address the
-driver makes then exist only in that namespace, never on the host. Prints one JSON object.
+The test starts this under ``ip netns exec NS``: the node's network service (worker/network.py)
+makes the bridge, the tap and the rules the agent would have it make, and they exist only in
+that namespace, never on the host; its dnsmasq is stopped at the end. Prints one JSON object.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -16,11 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from multiverse.core.errors import MultiverseError
+from multiverse.core.network import ClusterNetwork, NetworkPlan, Nic, mac_for
 from multiverse.core.sizes import GiB, MiB
 from multiverse.drivers.base import VMConfig
-from multiverse.drivers.firecracker import FirecrackerDriver, tap_name
+from multiverse.drivers.firecracker import FirecrackerDriver
 from multiverse.drivers.process import HOST_KEY_FILE, pid_alive, read_json
 from multiverse.guest.ssh import announced_host_key
+from multiverse.worker.network import LinuxNetwork, tap_name
+
+CIDR = "172.31.90.0/24"
+GUEST = "172.31.90.2"
 
 # What the guest tells about its devices: the transport under eth0, the entropy source.
 DEVICES = "readlink -f /sys/class/net/eth0/device; cat /sys/class/misc/hw_random/rng_current"
@@ -38,35 +45,45 @@ async def scenario(args: dict[str, Any]) -> dict[str, Any]:
         Path(args["state_dir"]),
         [Path(args["images"])],
         binary=args["binary"],
-        bridge=args.get("bridge", "mvbr0"),
-        cidr=args.get("cidr", "172.31.90.0/24"),
         boot_timeout=float(args.get("boot_timeout", 120)),
         stop_timeout=float(args.get("stop_timeout", 20)),
         enable_pci=bool(args.get("enable_pci", False)),
     )
+    # The node's network as the agent drives it: the master's plan, then the VM's attachment.
+    network = LinuxNetwork(Path(args["state_dir"]) / "network")
+    vm_id = str(uuid.uuid4())
+    gateway = "172.31.90.1"
+    nic = Nic(f"{GUEST}/24", mac_for(vm_id), gateway, gateway)
     vm = VMConfig(
-        id=str(uuid.uuid4()),
+        id=vm_id,
         name="fc-1",
         cpus=1,
         memory=256 * MiB,
         disk=GiB,
         image=args.get("image", "tiny"),
     )
-    result: dict[str, Any] = {"tap": tap_name(vm.id)}
+    result: dict[str, Any] = {"tap": tap_name(vm.id), "mac": nic.mac}
     vm_dir = driver.vms_dir / vm.id
     console = vm_dir / driver.console_log
     try:
         await driver.create(vm)
+        try:  # no attachment: refused, nothing started
+            await driver.start(vm)
+        except MultiverseError as error:
+            result["unattached_error"] = f"{type(error).__name__}: {error.message}"
+        await network.ensure(
+            NetworkPlan(ClusterNetwork("default", CIDR), f"{gateway}/24", "127.0.0.1", ())
+        )
+        attached = dataclasses.replace(vm, network=await network.attach(vm.id, nic))
         began = time.monotonic()
         try:
-            status = await driver.start(vm)
+            status = await driver.start(attached)
         except MultiverseError as error:
             result["start_error"] = f"{type(error).__name__}: {error.message}"
         else:
             result["boot_seconds"] = round(time.monotonic() - began, 2)
             result["status"] = [status.power.value, status.ipv4]
             result["taps_running"] = taps()
-            result["leases_running"] = driver.pool.leases()
             result["host_key_recorded"] = (vm_dir / HOST_KEY_FILE).read_text()
             result["host_key_announced"] = announced_host_key(console.read_text(errors="replace"))
             chunks = [chunk async for chunk in driver.exec(vm, ["uname", "-r"])]
@@ -74,7 +91,7 @@ async def scenario(args: dict[str, Any]) -> dict[str, Any]:
             result["uname"] = [chunks[-1].exit_code, out.decode().strip()]
             stats = await driver.stats(vm)
             result["stats"] = {"ipv4": stats.ipv4, "memory_total": stats.memory_total}
-            result["tap_owner"] = Path(f"/sys/class/net/{result['tap']}/owner").read_text().strip()
+            result["guest_mac"] = await output(driver, vm, ["cat", "/sys/class/net/eth0/address"])
             result["outputs"] = [
                 await output(driver, vm, command)
                 for command in [["sh", "-c", DEVICES], *args.get("commands", [])]
@@ -86,12 +103,13 @@ async def scenario(args: dict[str, Any]) -> dict[str, Any]:
             result["stop_seconds"] = round(time.monotonic() - began, 2)
             result["status_stopped"] = (await driver.status(vm)).power.value
             result["console"] = console.read_text(errors="replace")
-        result["taps_before_delete"] = taps()
+        result["taps_before_detach"] = taps()
+        await network.detach(vm.id)  # as the agent does once the VM stopped
         await driver.delete(vm)
         result["status_deleted"] = (await driver.status(vm)).power.value
         result["taps_after"] = taps()
-        result["leases_after"] = driver.pool.leases()
     finally:
+        network._stop_dns()  # it serves the VMs, so it outlives us by design; not here
         await driver.close()
     return result
 

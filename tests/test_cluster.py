@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import psutil
 import websockets
 import yaml
 from harness import NODE_TIMEOUT, Cluster, wait_until
@@ -109,6 +110,22 @@ def test_two_workers_spread_and_lifecycle(cluster: Cluster) -> None:
     cluster.ok("delete", "--all")
     assert cluster.instances() == {}
     wait_until(lambda: cluster.node("node-a")["cpus"]["free"] == 8)
+
+
+def test_a_worker_reports_what_its_host_uses(cluster: Cluster) -> None:
+    # The host's usage, not the allocations: nothing runs, yet memory and disk are in use.
+    cluster.start_master()
+    cluster.start_worker("node-a", capacity="cpus=2,memory=1G,disk=1G")
+    wait_until(lambda: cluster.node("node-a")["used"]["memory"] > 0, timeout=30)
+    node = cluster.node("node-a")
+    used = node["used"]
+    assert set(used) == {"cpus", "memory", "disk"}
+    assert 0 < used["memory"] <= psutil.virtual_memory().total
+    assert 0 < used["disk"] <= psutil.disk_usage(str(cluster.root / "node-a")).total
+    assert 0 <= used["cpus"] <= (psutil.cpu_count() or 1)
+    # Allocations are apart from usage: an idle node has all its capacity free.
+    assert node["memory"] == {"total": 1024**3, "free": 1024**3}
+    assert node["instances"] == 0
 
 
 def test_killed_worker_goes_not_ready_and_comes_back(cluster: Cluster) -> None:

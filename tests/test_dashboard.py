@@ -176,6 +176,15 @@ def test_overview_is_live_and_fits_a_phone(ui: Cluster, page: Page) -> None:
             expect(row).to_contain_text(state)
         expect(page.locator(".events")).to_contain_text("live-2: Stopping → Stopped")
         expect(page.locator("#total-instances")).to_have_text("2")
+        # Each node card shows what its host uses next to what is allocated, as text and meters.
+        card = page.locator('.node-card[data-node="node-a"]')
+        expect(card.locator(".bar-used")).to_have_count(3)
+        memory_used = card.locator(".bar-used").nth(1)
+        expect(memory_used).to_have_text(re.compile(r"^\d+(\.\d)? (B|KiB|MiB|GiB|TiB) used$"))
+        expect(card).to_contain_text("allocated")
+        meter = card.get_by_role("progressbar", name=re.compile(r"^Memory used \d+%$"))
+        assert float(meter.get_attribute("value") or 0) > 0
+        expect(page.locator(".totals .bar-used")).to_have_count(3)
         assert phone_width_problems(page) == []
         assert accessibility_problems(page) == []
         screenshot(page, "overview-phone")
@@ -204,6 +213,7 @@ def test_node_page_asks_before_it_cordons(ui: Cluster, page: Page) -> None:
     log_in(page, ui, ui.token)
     page.get_by_role("link", name="node-a").click()
     expect(page.get_by_role("heading", name=re.compile("Node node-a"))).to_be_visible()
+    expect(page.locator("main .bar-used")).to_have_count(3)  # used next to allocated here too
     assert accessibility_problems(page) == []
     page.once("dialog", lambda dialog: dialog.dismiss())
     page.get_by_role("button", name="Cordon").click()

@@ -5,8 +5,9 @@ start, delete through the whole stack (CLI -> API -> master -> agent -> driver).
 - qemu: real VMs (TCG here).
 - multipass: against tests/standins/multipass (no Multipass can be installed here).
 - firecracker: against tests/standins/firecracker, which serves Firecracker's API and boots the
-  guest with QEMU on the tap the driver made; the whole cluster runs in a network namespace the
-  test creates, so the bridge and guest addresses exist nowhere else.
+  guest with QEMU on the tap the node's network service made (its worker runs in bridge
+  mode); the whole cluster runs in a network namespace the test creates, so the bridge
+  and guest addresses exist nowhere else.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def driven(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
         cluster.env["MULTIVERSE_FIRECRACKER"] = str(STANDINS / "firecracker")
         if driver == "firecracker":
             cluster.prefix = ["ip", "netns", "exec", request.getfixturevalue("netns")]
+            # Firecracker has no user mode: its node builds the cluster network, in the netns.
+            cluster.env["MULTIVERSE_NETWORK_MODE"] = "bridge"
         cluster.start_master()
         cluster.start_worker("node-a", driver=driver, capacity="cpus=2,memory=4G,disk=20G")
         yield cluster

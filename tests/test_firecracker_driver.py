@@ -1,5 +1,5 @@
-"""The Firecracker driver against the stand-in (tests/standins/firecracker), its IP pool, its
-tap naming, and the OCI-to-ext4 import.
+"""The Firecracker driver against the stand-in (tests/standins/firecracker), on the node's
+network service (worker/network.py) and refused without it, and the OCI-to-ext4 import.
 
 No Firecracker binary and no hardware KVM here: the API tests run the stand-in without booting
 anything (``FIRECRACKER_STANDIN_BOOT=none``); the tests that touch the network run the driver
@@ -36,12 +36,10 @@ from multiverse.drivers.firecracker import (
     BINARY_ENV,
     FirecrackerAPI,
     FirecrackerDriver,
-    IpPool,
     api_error,
-    mac_address,
-    tap_name,
 )
 from multiverse.drivers.rootfs import import_oci
+from multiverse.worker.server import Worker, WorkerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = REPO / "tests" / "standins" / "firecracker"
@@ -181,43 +179,24 @@ def test_standin_refuses_a_socket_in_use(tmp_path: Path) -> None:
     assert result.returncode == 1 and "Failed to open the API socket" in result.stderr
 
 
-# --- names, MACs, addresses ------------------------------------------------------------------
+# --- no second network: without the node's, Firecracker refuses --------------------------------
 
 
-def test_tap_names_and_macs() -> None:
-    ids = [str(uuid.uuid4()) for _ in range(200)]
-    names = {tap_name(vm_id) for vm_id in ids}
-    assert len(names) == 200 and all(len(name) == 15 and name.startswith("mv") for name in names)
-    # Stable, and the same name the uuid gives wherever it is written (with or without dashes).
-    assert tap_name(ids[0]) == tap_name(ids[0].replace("-", "").upper())
-    assert tap_name("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0") == "mv0f1e2d3c4b5a6"
-    assert len(tap_name("not-a-uuid")) == 15
-    mac = mac_address(ids[0])
-    assert mac == mac_address(ids[0]) and mac.startswith("02:") and len(mac.split(":")) == 6
-    assert len({mac_address(vm_id) for vm_id in ids}) == 200
-
-
-def test_ip_pool_allocates_releases_and_persists(tmp_path: Path) -> None:
-    path = tmp_path / "pool.json"
-    pool = IpPool(path, "10.9.8.0/29")  # hosts .1-.6: .1 is the bridge's, .2-.6 for guests
-    assert str(pool.gateway) == "10.9.8.1/29"
-    first = pool.allocate("a")
-    assert str(first) == "10.9.8.2/29" and pool.allocate("a") == first  # stable per VM
-    assert [str(pool.allocate(vm).ip) for vm in "bcde"] == [
-        "10.9.8.3", "10.9.8.4", "10.9.8.5", "10.9.8.6",
-    ]  # fmt: skip
-    with pytest.raises(Unavailable, match="no free guest address"):
-        pool.allocate("f")
-    pool.release("c")
-    pool.release("never-held")
-    again = IpPool(path, "10.9.8.0/29")  # a restarted agent sees the same leases
-    assert again.leases() == {"a": "10.9.8.2", "b": "10.9.8.3", "d": "10.9.8.5", "e": "10.9.8.6"}
-    assert str(again.allocate("f").ip) == "10.9.8.4"  # the freed address, lowest first
-    # Another network: leases outside it are dropped rather than handed out.
-    assert IpPool(path, "10.9.9.0/24").leases() == {}
-    for bad in ("10.9.8.1/24", "nonsense", "10.0.0.0/31"):
-        with pytest.raises(InvalidArgument):
-            IpPool(path, bad)
+def test_a_firecracker_worker_without_the_cluster_network_refuses_to_start(
+    tmp_path: Path,
+) -> None:
+    """User mode (no CAP_NET_ADMIN, or asked): Firecracker has no NAT of its own, so the worker
+    says what to do before joining anything (the master address is never called)."""
+    worker = Worker(
+        WorkerConfig(
+            master="127.0.0.1:9", data_dir=tmp_path / "w", driver="firecracker",
+            network_mode="user",
+        )
+    )  # fmt: skip
+    with pytest.raises(InvalidArgument, match=r"need the cluster network.*--network-mode bridge"):
+        run(worker.start)
+    run(worker.stop)
+    assert not (tmp_path / "w" / "node.json").exists()  # it did not join
 
 
 # --- the driver without a network ------------------------------------------------------------
@@ -257,6 +236,11 @@ def test_driver_validates_and_creates_disks(tmp_path: Path, images: Path) -> Non
             await driver.create(vm)
             await driver.create(vm)  # idempotent
             assert (await driver.status(vm)).power == PowerState.STOPPED
+        # No tap from the node's network service: refused, nothing started, no network made.
+        with pytest.raises(InvalidArgument, match="need the cluster network"):
+            await driver.start(tiny)
+        assert (await driver.status(tiny)).power == PowerState.STOPPED
+        assert processes_under(tmp_path / "state") == []
         # The tiny image has no rootfs: an empty ext4 data disk of the VM's size.
         tiny_disk = driver.vms_dir / tiny.id / "rootfs.ext4"
         assert tiny_disk.stat().st_size == 64 * MiB
@@ -603,12 +587,12 @@ def processes_under(state_dir: Path) -> list[psutil.Process]:
 
 
 def vm_taps(names: list[str]) -> list[str]:
-    return [name for name in names if len(name) == 15]  # the bridge is "mvbr0"
+    return [name for name in names if len(name) == 15]  # the bridge is "mvnet0"
 
 
-def test_failed_launch_gives_back_tap_and_address(netns: str, tmp_path: Path, images: Path) -> None:
+def test_failed_launch_leaves_no_process(netns: str, tmp_path: Path, images: Path) -> None:
     """The stand-in boots nothing, so the guest's SSH never answers: the boot fails after its
-    timeout, and the tap, the address and the process must all be gone."""
+    timeout and the process must be gone; the tap stays the network service's to unplug."""
     answer = in_netns(
         netns,
         {
@@ -620,8 +604,8 @@ def test_failed_launch_gives_back_tap_and_address(netns: str, tmp_path: Path, im
         },
     )
     assert "did not answer" in answer["start_error"], answer
-    assert vm_taps(answer["taps_before_delete"]) == [] and answer["leases_after"] == {}
-    assert json.loads((tmp_path / "state" / "ip-pool.json").read_text())["leases"] == {}
+    assert vm_taps(answer["taps_before_detach"]) == [answer["tap"]]
+    assert vm_taps(answer["taps_after"]) == []
     assert processes_under(tmp_path / "state") == []
 
 
@@ -635,15 +619,16 @@ def boot_in_netns(netns: str, state: Path, images: Path, **args: Any) -> dict[st
         for process in processes_under(state):  # only if the scenario died half-way
             process.kill()
     assert "start_error" not in answer, answer.get("start_error")
+    assert "need the cluster network" in answer["unattached_error"]
+    # The node's tap, MAC and address, as its network service gave them.
     assert answer["status"] == ["running", "172.31.90.2"]
     assert answer["tap"] in answer["taps_running"]
-    # The tap belongs to the user that runs Firecracker (here: the test's user).
-    assert answer["tap_owner"] == str(os.geteuid())
+    assert answer["guest_mac"].strip() == answer["mac"]
     # The key the guest printed on its console is the one its first login recorded.
     assert answer["host_key_announced"].startswith("ssh-ed25519 ")
     assert answer["host_key_recorded"].split()[:2] == answer["host_key_announced"].split()
     assert answer["status_stopped"] == "stopped" and answer["status_deleted"] == "missing"
-    assert vm_taps(answer["taps_after"]) == [] and answer["leases_after"] == {}
+    assert vm_taps(answer["taps_after"]) == []
     return answer
 
 

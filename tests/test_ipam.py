@@ -165,6 +165,7 @@ def test_a_master_killed_during_fifty_launches_never_doubles_an_address(
 ) -> None:
     cluster.start_master("--network", "10.9.0.0/24")
     cluster.start_worker("node-a", capacity="cpus=512,memory=1T,disk=100T")
+    _as_bridged(cluster, "node-a")
     headers = {"Authorization": f"Bearer {cluster.token}"}
     launched = threading.Semaphore(0)
 
@@ -196,6 +197,37 @@ def test_a_master_killed_during_fifty_launches_never_doubles_an_address(
     assert all(addresses) and len(set(addresses)) == len(addresses)
     network = cluster.ok("network", "--format", "json").json()[0]
     assert network["instances"] == len(instances)  # no lease left without its instance
+
+
+def _as_bridged(cluster: Cluster, name: str) -> None:
+    """Mark a fake worker's node as on the cluster network, as a bridge-mode worker's join
+    does (a fake worker builds no network: it joins in user mode, whose VMs get no lease)."""
+    store = Store.for_data_dir(cluster.root / "master")
+    try:
+        _wait(store.update_node(_wait(store.find_node(name)).id, network_mode="bridge"))
+    finally:
+        store.close()
+
+
+def test_instances_of_a_user_mode_node_get_no_lease_and_show_their_own_address(
+    cluster: Cluster,
+) -> None:
+    """Its VMs are on QEMU's NAT, not the cluster network: an address leased for them would be
+    shown by ``instances`` and ``info`` while the guest has another."""
+    cluster.start_master("--network", "10.9.0.0/24")
+    cluster.start_worker("node-u")
+    assert cluster.node("node-u")["network_mode"] == "user"
+    cluster.ok("launch", "--name", "vm-u", "--memory", "16M", "--disk", "16M")
+    row = cluster.instances()["vm-u"]
+    assert row["address"] == "" and row["mac"] == "" and row["ipv4"]  # the driver's own
+    info = cluster.ok("info", "vm-u", "--format", "json").json()[0]
+    assert info["address"] == "" and info["ipv4"] == row["ipv4"]
+    assert cluster.ok("network", "--format", "json").json()[0]["used"] == 0
+    # A given address or a published port needs a node on the network: refused, clearly.
+    for flag in (("--ip", "10.9.0.9"), ("--publish", "8080:80")):
+        refused = cluster.cli("launch", "--name", "vm-x", *flag)
+        assert refused.code != 0 and "user mode" in refused.err, refused.err
+    assert "vm-x" not in cluster.instances()
 
 
 def _node(store: Store, name: str, address: str, mode: str, status: NodeStatus) -> Node:
@@ -304,6 +336,36 @@ def test_the_agent_attaches_before_each_boot_and_detaches_after_stop_and_delete(
         assert network.calls == [
             ("attach", "i-1"), ("detach", "i-1"), ("attach", "i-1"), ("detach", "i-1"),
         ]  # fmt: skip
+        await agent.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_the_agent_detaches_a_vm_that_stopped_by_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guest poweroff: the agent sees it stopped and unplugs its tap at once, not at the
+    VM's next start or delete."""
+    monkeypatch.setenv("MULTIVERSE_ALLOW_FAKE", "1")
+    nic = Nic(address="10.9.0.5/24", mac=mac_for("i-1"), gateway="10.9.0.1", dns="10.9.0.1")
+
+    async def scenario() -> None:
+        network = _RecordingNetwork()
+        driver = FakeDriver(tmp_path / "fake")
+        agent = Agent(driver, LocalStore(tmp_path / "agent.db"), network)
+        record = await agent.launch("i-1", InstanceSpec(name="web-1"), nic)
+
+        async def running() -> None:
+            while record.state != InstanceState.RUNNING:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(running(), 10)
+        driver._vms["i-1"]["power"] = "stopped"  # the guest powered itself off
+        await agent.observe()
+        assert record.state == InstanceState.STOPPED
+        assert network.calls == [("attach", "i-1"), ("detach", "i-1")]
+        await agent.observe()  # settled: nothing more
+        assert network.calls == [("attach", "i-1"), ("detach", "i-1")]
         await agent.shutdown()
 
     asyncio.run(scenario())

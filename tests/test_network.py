@@ -218,7 +218,9 @@ def test_a_worker_without_cap_net_admin_runs_vms_in_user_mode(two: Net) -> None:
     assert " user " in row
     two.cluster.ok("launch", "--name", "vm-u", "--node", "host-u", *VM, timeout=BOOT)
     try:
+        # What the VM has, and no cluster address it does not have (none is leased for it).
         assert two.instance("vm-u")["ipv4"] == "10.0.2.15"
+        assert two.instance("vm-u")["address"] == ""
         assert two.sh("vm-u", "echo hi") == "hi\n"
     finally:
         two.cluster.ok("delete", "vm-u", timeout=BOOT)

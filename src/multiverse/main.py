@@ -354,13 +354,6 @@ def _worker_options(func: Callable[..., None]) -> Callable[..., None]:
 )
 @click.option("--name", default=_default_node_name, help="Node name (default: the host name).")
 @click.option("--labels", callback=labels_option, default="", help="Node labels: k=v,...")
-@click.option("--bridge", default="mvbr0", show_default=True, help="firecracker: taps' bridge.")
-@click.option(
-    "--guest-cidr",
-    default="172.31.90.0/24",
-    show_default=True,
-    help="firecracker: guest addresses; the bridge takes the first.",
-)
 @click.option(
     "--simulate",
     type=click.IntRange(1),
@@ -379,8 +372,6 @@ def worker(
     data_dir: Path,
     name: str,
     labels: dict[str, str],
-    bridge: str,
-    guest_cidr: str,
     driver: str,
     capacity: Resources | None,
     fake_delay: float,
@@ -412,8 +403,6 @@ def worker(
         fake_delay=fake_delay,
         image_dirs=_image_dirs(),
         image_cache=image_cache,
-        bridge=bridge,
-        guest_cidr=guest_cidr,
         network_mode=network_mode,
     )
     if simulate:

@@ -200,6 +200,18 @@ class InstanceSpec:
         return self
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What a host is actually using, as its worker measured it (not what is allocated).
+
+    ``cpus`` is cores busy (a fraction: 0.5 is half a core), memory and disk are bytes.
+    """
+
+    cpus: float = 0.0
+    memory: int = 0
+    disk: int = 0
+
+
 @dataclass
 class Node:
     id: str
@@ -210,6 +222,7 @@ class Node:
     labels: dict[str, str]
     capacity: Resources
     allocated: Resources = field(default_factory=Resources)
+    used: Usage = field(default_factory=Usage)  # as of its last report
     cordoned: bool = False
     last_sync: datetime | None = None
     version: str = ""

@@ -13,16 +13,16 @@ Each VM lives in ``<state_dir>/vms/<uuid>/``:
 The API socket is ``<run_dir>/<uuid>.sock``. The process runs as our child in its own session
 (it outlives a killed agent, which adopts it by pid and start time, as the QEMU driver does).
 
-Networking: a tap device per VM, ``mv`` + 13 hex digits of its uuid (Linux caps interface names
-at 15 characters), on a bridge of this node (created if missing, given the pool's first
-address); a locally administered MAC derived from the uuid; a guest address from the node's
-pool (:class:`IpPool`, persisted in ``state_dir``). The address is leased at boot and given back
-on delete and whenever a boot fails, so no failed launch leaks one (Catapult did).
+Networking is the node's network service's (``worker/network.py``), as for QEMU: the agent
+hands each boot a ready tap on the cluster network, with the MAC and address the guest must use
+(``VMConfig.network``), and unplugs it after the VM stops. Firecracker has no user-mode network
+of its own, so a VM without that attachment is refused: its node must run in bridge mode.
 
-The guest learns its address and the node's SSH key from the kernel command line
+The guest learns its network and the node's SSH key from the kernel command line
 (``boot_args``), the only channel Firecracker offers before the network is up:
 
-- ``ip=<guest>::<gateway>:<netmask>:<hostname>:eth0:off``, the kernel's own syntax;
+- ``multiverse.network=<base64>``: the network config (address, gateway, DNS, MTU), as QEMU's
+  guests read it from fw_cfg, and ``multiverse.hostname=<base64>``;
 - ``multiverse.authorized_keys=<base64>``: root's authorized_keys line.
 
 Exec, stats and sessions go over SSH to the guest's address (:mod:`multiverse.guest.ssh`).
@@ -44,16 +44,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import fcntl
 import hashlib
-import ipaddress
 import json
 import os
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,23 +67,23 @@ from multiverse.core.errors import (
 )
 from multiverse.core.model import Resources
 from multiverse.core.sizes import MiB
-from multiverse.drivers.base import PowerState, VMConfig, VMStatus
+from multiverse.drivers.base import NetworkAttachment, PowerState, VMConfig, VMStatus
 from multiverse.drivers.images import ROOTFS_FILE, ImageCache
 from multiverse.drivers.process import (
     LOG_TAIL,
     UNIX_PATH_MAX,
     ProcessDriver,
     pid_alive,
-    read_json,
     tail,
     wait_exit,
-    write_json,
 )
 from multiverse.drivers.rootfs import copy_rootfs, make_ext4
 
 BINARY_ENV = "MULTIVERSE_FIRECRACKER"
-DEFAULT_BRIDGE = "mvbr0"
-DEFAULT_CIDR = "172.31.90.0/24"
+NO_NETWORK = (
+    "Firecracker VMs need the cluster network, and this node has none: run the worker as root "
+    "(CAP_NET_ADMIN and /dev/net/tun) with --network-mode bridge or auto, or use --driver qemu"
+)
 
 # Firecracker's limits (machine-config: vcpu_count 1..32); 96 MiB is the tiny guest's floor.
 MAX_CPUS = 32
@@ -97,10 +95,10 @@ BASE_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 quiet"
 
 
 class FirecrackerDriver(ProcessDriver):
-    """MicroVMs as Firecracker processes on this host, on tap devices of one bridge.
+    """MicroVMs as Firecracker processes on this host, each on the tap the agent gives it.
 
     The shared lifecycle is :class:`ProcessDriver`'s; this class configures and boots
-    Firecracker over its API, plugs a tap and leases an address per VM and gives both back.
+    Firecracker over its API.
     """
 
     name = "firecracker"
@@ -122,9 +120,6 @@ class FirecrackerDriver(ProcessDriver):
         *,
         binary: str | None = None,
         run_dir: Path | None = None,
-        bridge: str = DEFAULT_BRIDGE,
-        cidr: str = DEFAULT_CIDR,
-        ip_binary: str = "ip",
         boot_args: str = BASE_BOOT_ARGS,
         boot_timeout: float = 120.0,
         stop_timeout: float = 20.0,
@@ -144,8 +139,6 @@ class FirecrackerDriver(ProcessDriver):
         )
         self.run_dir = run_dir or _short_run_dir(state_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.network = HostNetwork(bridge, cidr, ip_binary)
-        self.pool = IpPool(state_dir / "ip-pool.json", cidr)
         self.boot_args = boot_args
         self.api_timeout = api_timeout
         self.enable_pci = enable_pci
@@ -171,28 +164,21 @@ class FirecrackerDriver(ProcessDriver):
     # --- booting -------------------------------------------------------------------------
 
     async def _boot(self, vm: VMConfig) -> None:
-        """Lease an address, plug a tap, start Firecracker, configure it, boot, wait for SSH.
+        """Start Firecracker on the VM's tap, configure it, boot, wait for SSH.
 
-        Any failure undoes all of it: the process killed, the tap removed, the address given
-        back, so a failed launch leaks nothing.
+        Any failure kills the process, so a failed launch leaves nothing running; the tap is
+        the agent's to unplug.
         """
+        network = vm.network
+        if network is None:
+            raise InvalidArgument(f"cannot start VM {vm.name}: {NO_NETWORK}")
         kernel, initrd, image_rootfs = self._image_files(vm.image)
         vm_dir = self._vm_dir(vm)
         await self._close_guest(vm.id)
-        # On the cluster network the node's network service made the tap and leased the
-        # address; else this driver's own bridge and pool serve.
-        shared = vm.network
-        tap = shared.tap if shared else tap_name(vm.id)
-        mac = shared.nic.mac if shared else mac_address(vm.id)
+        tap, address = network.tap, network.nic.ip
         process: subprocess.Popen[bytes] | None = None
         try:
-            if shared:
-                address = ipaddress.IPv4Interface(shared.nic.address)
-            else:
-                address = self.pool.allocate(vm.id)
-                await self.network.ensure_bridge(self.pool.gateway)
-                await self.network.add_tap(tap)
-            process = self._spawn(vm, tap, str(address.ip))
+            process = self._spawn(vm, tap, address)
             await self._wait_for_socket(vm, process)
             api = self._api(vm)
             await api.put(
@@ -200,7 +186,7 @@ class FirecrackerDriver(ProcessDriver):
             )
             boot_source: dict[str, Any] = {
                 "kernel_image_path": str(kernel),
-                "boot_args": self._kernel_args(vm, address, has_initrd=initrd is not None),
+                "boot_args": self._kernel_args(vm, network, has_initrd=initrd is not None),
             }
             if initrd is not None:
                 boot_source["initrd_path"] = str(initrd)
@@ -218,7 +204,7 @@ class FirecrackerDriver(ProcessDriver):
             )
             await api.put(
                 "/network-interfaces/eth0",
-                {"iface_id": "eth0", "host_dev_name": tap, "guest_mac": mac},
+                {"iface_id": "eth0", "host_dev_name": tap, "guest_mac": network.nic.mac},
             )
             await api.put("/entropy", {})
             await api.put("/actions", {"action_type": "InstanceStart"})
@@ -234,7 +220,7 @@ class FirecrackerDriver(ProcessDriver):
                         f"{process.poll()}):\n{tail(vm_dir / self.console_log, LOG_TAIL)}"
                     ) from None
                 raise DriverError(
-                    f"VM {vm.name} booted but its SSH at {address.ip} did not answer within "
+                    f"VM {vm.name} booted but its SSH at {address} did not answer within "
                     f"{self.boot_timeout:.0f} s; console:\n"
                     f"{tail(vm_dir / self.console_log, LOG_TAIL)}"
                 ) from None
@@ -244,24 +230,17 @@ class FirecrackerDriver(ProcessDriver):
                     await self._kill(vm, process.pid)
             await self._close_guest(vm.id)
             self._forget_runtime(vm)
-            if not shared:  # the shared tap is the agent's to detach
-                with contextlib.suppress(MultiverseError):
-                    await self.network.remove_tap(tap)
-                self.pool.release(vm.id)
             raise
 
-    def _kernel_args(self, vm: VMConfig, address: ipaddress.IPv4Interface, has_initrd: bool) -> str:
+    def _kernel_args(self, vm: VMConfig, network: NetworkAttachment, has_initrd: bool) -> str:
+        """The guest's whole network config (gateway, DNS, MTU), as fw_cfg gives QEMU's."""
         public_key = self.key_path.with_suffix(".pub").read_text().strip()
         key = base64.b64encode((public_key + "\n").encode()).decode()
-        network = f"ip={address.ip}::{self.pool.gateway.ip}:{address.netmask}:{vm.name}:eth0:off"
-        if vm.network is not None:  # the whole config (gateway, DNS, MTU), as fw_cfg has it
-            config = base64.b64encode(vm.network.guest_config().encode()).decode()
-            network = (
-                f"multiverse.network={config} multiverse.hostname="
-                + base64.b64encode(vm.name.encode()).decode()
-            )
+        config = base64.b64encode(network.guest_config().encode()).decode()
+        hostname = base64.b64encode(vm.name.encode()).decode()
+        network_args = f"multiverse.network={config} multiverse.hostname={hostname}"
         root = "" if has_initrd else " root=/dev/vda rw"
-        return f"{self.boot_args}{root} {network} multiverse.authorized_keys={key}"
+        return f"{self.boot_args}{root} {network_args} multiverse.authorized_keys={key}"
 
     def _spawn(self, vm: VMConfig, tap: str, ipv4: str) -> subprocess.Popen[bytes]:
         socket_path = self._control_socket(vm)
@@ -271,7 +250,7 @@ class FirecrackerDriver(ProcessDriver):
             vm,
             [self.binary, "--api-sock", str(socket_path), "--id", vm.id, *pci],
             self._vm_dir(vm) / self.console_log,
-            {"tap": tap, "ipv4": ipv4, "shared": vm.network is not None},
+            {"tap": tap, "ipv4": ipv4},
         )
 
     async def _wait_for_socket(self, vm: VMConfig, process: subprocess.Popen[bytes]) -> None:
@@ -296,17 +275,6 @@ class FirecrackerDriver(ProcessDriver):
             await self._api(vm).put("/actions", {"action_type": "SendCtrlAltDel"})
             return await wait_exit(pid, self.stop_timeout)
         return False
-
-    async def _after_stop(self, vm: VMConfig) -> None:
-        """Unplug the VM's tap (the one ``vm.json`` names, else the one its id gives)."""
-        runtime = read_json(self._vm_dir(vm) / "vm.json") or {}
-        if vm.network is not None or runtime.get("shared"):
-            return  # the cluster network's tap: the agent detaches it
-        await self.network.remove_tap(str(runtime.get("tap") or tap_name(vm.id)))
-
-    def _after_delete(self, vm: VMConfig) -> None:
-        """Give the VM's address back to the pool."""
-        self.pool.release(vm.id)
 
     def _control_socket(self, vm: VMConfig) -> Path:
         return self.run_dir / f"{vm.id}.sock"
@@ -398,143 +366,6 @@ def api_error(method: str, path: str, status: int, text: str, vm_name: str = "")
     if status == 400 and ("after starting" in fault or "already" in fault.lower()):
         return Conflict(message)
     return DriverError(message)
-
-
-# --- host networking --------------------------------------------------------------------------
-
-
-def tap_name(vm_id: str) -> str:
-    """``mv`` + the uuid's first 13 hex digits: 15 characters, Linux's limit, unique enough
-    (52 bits) among the VMs of one node."""
-    digits = vm_id.replace("-", "").lower()
-    if len(digits) < 13 or not all(c in "0123456789abcdef" for c in digits):
-        digits = hashlib.sha256(vm_id.encode()).hexdigest()
-    return "mv" + digits[:13]
-
-
-def mac_address(vm_id: str) -> str:
-    """A stable, locally administered unicast MAC (02:...) derived from the VM's id."""
-    digest = hashlib.sha256(vm_id.encode()).digest()
-    return "02:" + ":".join(f"{byte:02x}" for byte in digest[:5])
-
-
-class HostNetwork:
-    """The node's bridge and the VMs' tap devices, made and removed with iproute2's ``ip``."""
-
-    def __init__(self, bridge: str, cidr: str, ip_binary: str = "ip") -> None:
-        if not 1 <= len(bridge) <= 15 or "/" in bridge or " " in bridge:
-            raise InvalidArgument(f"invalid bridge name {bridge!r} (1 to 15 characters)")
-        self.bridge = bridge
-        self.cidr = cidr
-        self.ip_binary = ip_binary
-
-    async def ensure_bridge(self, address: ipaddress.IPv4Interface) -> None:
-        """The bridge, up, holding ``address``; made if missing, left alone if there."""
-        if not await self._exists(self.bridge):
-            await self._ip("link", "add", "name", self.bridge, "type", "bridge", ok="File exists")
-        # Older iproute2 says "File exists" for an address already there, newer "already assigned".
-        await self._ip(
-            "addr", "add", str(address), "dev", self.bridge, ok=("File exists", "already assigned")
-        )
-        await self._ip("link", "set", self.bridge, "up")
-
-    async def add_tap(self, name: str) -> None:
-        """A tap owned by the user that runs Firecracker (us: we start it), so that Firecracker
-        can open it without CAP_NET_ADMIN."""
-        if not await self._exists(name):
-            await self._ip("tuntap", "add", "dev", name, "mode", "tap", "user", str(os.geteuid()))
-        await self._ip("link", "set", name, "master", self.bridge)
-        await self._ip("link", "set", name, "up")
-
-    async def remove_tap(self, name: str) -> None:
-        if await self._exists(name):
-            await self._ip("link", "del", name, ok="Cannot find device")
-
-    async def _exists(self, name: str) -> bool:
-        return Path("/sys/class/net", name).exists()
-
-    async def _ip(self, *argv: str, ok: str | tuple[str, ...] = ()) -> None:
-        """Run ``ip``; an error whose message holds one of ``ok`` means "already so"."""
-        try:
-            process = await asyncio.create_subprocess_exec(
-                self.ip_binary,
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-        except OSError as error:
-            raise DriverError(f"cannot run {self.ip_binary}: {error.strerror or error}") from None
-        _out, err = await process.communicate()
-        message = err.decode(errors="replace").strip()
-        accepted = (ok,) if isinstance(ok, str) else ok
-        if process.returncode != 0 and not any(words in message for words in accepted):
-            raise DriverError(f"ip {' '.join(argv)} failed: {message or process.returncode}")
-
-
-class IpPool:
-    """Guest addresses of one node's network, leased per VM and kept in a JSON file.
-
-    The network's first host address is the bridge's (the guests' gateway); guests get the
-    lowest free one after it. A file lock makes the lease safe across processes (an agent and
-    a CLI tool, or two drivers over one state directory).
-    """
-
-    def __init__(self, path: Path, cidr: str) -> None:
-        try:
-            self.network = ipaddress.IPv4Network(cidr, strict=True)
-        except ValueError as error:
-            raise InvalidArgument(f"invalid guest network {cidr!r}: {error}") from None
-        if self.network.num_addresses < 4:
-            raise InvalidArgument(f"guest network {cidr} is too small")
-        self.path = path
-
-    @property
-    def gateway(self) -> ipaddress.IPv4Interface:
-        return ipaddress.IPv4Interface(
-            f"{self.network.network_address + 1}/{self.network.prefixlen}"
-        )
-
-    def allocate(self, vm_id: str) -> ipaddress.IPv4Interface:
-        """The VM's address: the one it holds, or the lowest free one."""
-        with self._leases() as leases:
-            held = leases.get(vm_id)
-            if held is None:
-                taken = set(leases.values())
-                for host in list(self.network.hosts())[1:]:
-                    if str(host) not in taken:
-                        held = leases[vm_id] = str(host)
-                        break
-                else:
-                    raise Unavailable(
-                        f"no free guest address left in {self.network} ({len(leases)} leased)"
-                    )
-            return ipaddress.IPv4Interface(f"{held}/{self.network.prefixlen}")
-
-    def release(self, vm_id: str) -> None:
-        with self._leases() as leases:
-            leases.pop(vm_id, None)
-
-    def leases(self) -> dict[str, str]:
-        with self._leases() as leases:
-            return dict(leases)
-
-    @contextlib.contextmanager
-    def _leases(self) -> Iterator[dict[str, str]]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            data = read_json(self.path) or {}
-            raw = data.get("leases")
-            leases = (
-                {str(k): str(v) for k, v in raw.items() if ipaddress.ip_address(v) in self.network}
-                if isinstance(raw, dict)
-                else {}
-            )
-            before = dict(leases)
-            yield leases
-            if leases != before or data.get("network") != str(self.network):
-                write_json(self.path, {"network": str(self.network), "leases": leases})
 
 
 def _short_run_dir(state_dir: Path) -> Path:

@@ -218,12 +218,6 @@ class ProcessDriver(Driver):
         """Whether a live process must be killed and booted again rather than adopted."""
         return False
 
-    async def _after_stop(self, vm: VMConfig) -> None:
-        """Give back what the VM held while it ran; ``vm.json`` is still readable here."""
-
-    def _after_delete(self, vm: VMConfig) -> None:
-        """Give back what the VM held for its whole life; runs even if its directory is gone."""
-
     # --- the Driver port -----------------------------------------------------------------
 
     async def capacity(self) -> Resources:
@@ -268,7 +262,6 @@ class ProcessDriver(Driver):
                     await asyncio.to_thread(shutil.rmtree, vm_dir)
                 except OSError as error:
                     raise DriverError(f"cannot remove the files of VM {vm.name}: {error}") from None
-            self._after_delete(vm)
 
     async def status(self, vm: VMConfig) -> VMStatus:
         vm_dir = self._vm_dir(vm)
@@ -418,7 +411,6 @@ class ProcessDriver(Driver):
             exited = not force and await self._shut_down(vm, pid)
             if not exited:
                 await self._kill(vm, pid)
-        await self._after_stop(vm)
         self._forget_runtime(vm)
 
     async def _kill(self, vm: VMConfig, pid: int) -> None:

@@ -229,6 +229,8 @@ def node_json(node: Node) -> dict[str, Any]:
         "cpus": {"total": node.capacity.cpus, "free": free.cpus},
         "memory": {"total": node.capacity.memory, "free": free.memory},
         "disk": {"total": node.capacity.disk, "free": free.disk},
+        # Measured on the host (cores busy, bytes), next to the allocations above.
+        "used": {"cpus": node.used.cpus, "memory": node.used.memory, "disk": node.used.disk},
         "labels": node.effective_labels,  # what placement matches selectors against
         "node_labels": node.labels,
         "admin_labels": node.admin_labels,

@@ -166,6 +166,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         await self.store.update_node(
             node_id,
             capacity=convert.resources_from_pb(report.capacity),
+            used=convert.usage_from_pb(report.used),
             last_sync=now(),
             status=NodeStatus.READY,
         )

@@ -126,10 +126,10 @@ class Instances:
         publish: Sequence[Publish] = (),
         apart_from: Mapping[str, str] | None = None,
     ) -> tuple[Instance, Operation]:
-        """Place, record (with its address on the cluster network, in the same transaction)
-        and ask the node to create it; ``ip`` asks for a given free address. ``apart_from``:
-        labels; no node holding an instance with all of them is chosen (anti-affinity, as an
-        environment's ``spread: true`` group asks)."""
+        """Place, record (with its address on the cluster network, in the same transaction,
+        when its node is on that network) and ask the node to create it; ``ip`` asks for a
+        given free address. ``apart_from``: labels; no node holding an instance with all of
+        them is chosen (anti-affinity, as an environment's ``spread: true`` group asks)."""
         spec.validate()
         avoid = await self._holding(apart_from) if apart_from else None
         instance_id = str(uuid.uuid4())
@@ -137,13 +137,25 @@ class Instances:
         if picker is None and (ip or publish):
             raise InvalidArgument("this cluster has no network: --ip and --publish need one")
         for attempt in range(PLACEMENT_TRIES):
+            nodes = await self._candidates(node_name)
+            if ip or publish:  # prefer the nodes on the network; none: refused below, clearly
+                nodes = [node for node in nodes if node.network_mode == "bridge"] or nodes
             # Choosing and reserving in the view happen with no await between them, so the
             # launches of this master see each other without a lock; the store's conditional
             # insert settles races with other masters (and the unique name, duplicates).
             node = place(
-                spec.resources, await self._candidates(node_name), selector=selector,
-                strategy=strategy, avoid=avoid,
+                spec.resources, nodes, selector=selector, strategy=strategy, avoid=avoid
             )  # fmt: skip
+            lease = picker
+            if picker is not None and node.network_mode != "bridge":
+                # A user-mode node's VMs are off the cluster network (QEMU's NAT): an address
+                # leased for them would be shown but never used.
+                if ip or publish:
+                    raise InvalidArgument(
+                        f"node {node.name} runs its VMs in user mode, off the cluster network: "
+                        "--ip and --publish need a node in bridge mode"
+                    )
+                lease = None
             self.view.reserve(node.id, spec.resources)
             instance = Instance(
                 id=instance_id,
@@ -155,9 +167,9 @@ class Instances:
                 created_at=now(),
             )
             try:
-                if publish and self.ipam:
+                if publish and lease is not None and self.ipam:
                     await self.ipam.check_publish(node.id, publish)
-                await self.store.add_instance(instance, picker)
+                await self.store.add_instance(instance, lease)
                 break
             except Unschedulable:
                 self.view.invalidate()  # someone else took the room: look again

@@ -169,14 +169,22 @@ class Ipam:
         lease = await self.store.ensure_lease(node_id, self.picker(node_id, kind="node"))
         return f"{lease.address}/{self.subnet.prefixlen}"
 
+    async def nic_on(self, instance: Instance, node_id: str) -> Nic | None:
+        """The interface a launch or a move hands ``node_id`` for ``instance``; None for an
+        instance off the network (a user-mode node's), which leases the node no gateway."""
+        if not instance.address:
+            return None
+        return self.nic(instance, await self.node_address(node_id))
+
     def nic(self, instance: Instance, gateway: str) -> Nic | None:
         if not instance.address:
             return None
+        node_ip = gateway.split("/", 1)[0]
         return Nic(
             address=f"{instance.address}/{self.subnet.prefixlen}",
             mac=instance.mac,
-            gateway=gateway.split("/", 1)[0],
-            dns=gateway.split("/", 1)[0],
+            gateway=node_ip,
+            dns=node_ip,
             publish=tuple(parse_publish(text) for text in instance.publish),
         )
 
@@ -189,9 +197,7 @@ class Ipam:
             sorted(
                 other.ipv4
                 for other in nodes
-                if other.id != node.id
-                and other.network_mode == "bridge"
-                and other.status != NodeStatus.DOWN
+                if other.id in bridged and other.id != node.id and other.status != NodeStatus.DOWN
             )
         )
         nics = {}

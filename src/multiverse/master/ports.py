@@ -103,7 +103,7 @@ class AgentNodeClient:
         self, node: Node, instance: Instance, source: Node, files: list[MoveFile],
         progress: Progress,
     ) -> None:  # fmt: skip
-        nic = self.ipam.nic(instance, await self.ipam.node_address(node.id)) if self.ipam else None
+        nic = await self.ipam.nic_on(instance, node.id) if self.ipam else None
         request = pb.ImportRequest(
             spec=convert.spec_to_pb(instance.id, instance.spec, nic), source_node_id=source.id,
             source_address=source.address,

@@ -216,9 +216,7 @@ class Reconciler:
         ref = pb.InstanceRef(id=instance.id)
         log.info("reconcile: %s %s on %s", action.value, instance.name, node.name)
         if action == Action.LAUNCH:
-            nic = None
-            if self.ipam:
-                nic = self.ipam.nic(instance, await self.ipam.node_address(node.id))
+            nic = await self.ipam.nic_on(instance, node.id) if self.ipam else None
             request = pb.LaunchRequest(spec=convert.spec_to_pb(instance.id, instance.spec, nic))
             return await self.agents.call(node, stub.Launch, request)
         if action == Action.START:

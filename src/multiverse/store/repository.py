@@ -54,6 +54,7 @@ from multiverse.core.model import (
     Node,
     NodeStatus,
     Resources,
+    Usage,
 )
 from multiverse.core.network import ClusterNetwork, Lease, parse_publish
 from multiverse.store.schema import (
@@ -186,10 +187,13 @@ class Store:
 
     @_off_loop
     def update_node(self, node_id: str, /, **fields: Any) -> None:
-        """Set columns of one node; ``capacity`` and ``status`` take core types."""
+        """Set columns of one node; ``capacity``, ``used`` and ``status`` take core types."""
         if "capacity" in fields:
             capacity: Resources = fields.pop("capacity")
             fields.update(cpus=capacity.cpus, memory=capacity.memory, disk=capacity.disk)
+        if "used" in fields:
+            used: Usage = fields.pop("used")
+            fields.update(used_cpus=used.cpus, used_memory=used.memory, used_disk=used.disk)
         if isinstance(fields.get("status"), NodeStatus):
             fields["status"] = fields["status"].value
         with self._session() as session:
@@ -288,10 +292,11 @@ class Store:
                     admin_labels=dict(row.admin_labels),
                     capacity=Resources(row.cpus, row.memory, row.disk),
                     allocated=Resources(
-                        row.used_cpus + int(extra.get(row.id, (0, 0))[1]),
-                        row.used_memory + int(extra.get(row.id, (0, 0, 0))[2]),
-                        row.used_disk + int(extra.get(row.id, (0, 0, 0, 0))[3]),
+                        row.allocated_cpus + int(extra.get(row.id, (0, 0))[1]),
+                        row.allocated_memory + int(extra.get(row.id, (0, 0, 0))[2]),
+                        row.allocated_disk + int(extra.get(row.id, (0, 0, 0, 0))[3]),
                     ),
+                    used=Usage(row.used_cpus, row.used_memory, row.used_disk),
                     cordoned=row.cordoned,
                     last_sync=_utc(row.last_sync),
                     version=row.version,
@@ -866,15 +871,15 @@ def _take(session: Session, node_id: str, row: InstanceRow, *, fit: bool) -> boo
     update_ = update(NodeRow).where(NodeRow.id == node_id)
     if fit:
         update_ = update_.where(
-            NodeRow.used_cpus + row.cpus <= NodeRow.cpus,
-            NodeRow.used_memory + row.memory <= NodeRow.memory,
-            NodeRow.used_disk + row.disk <= NodeRow.disk,
+            NodeRow.allocated_cpus + row.cpus <= NodeRow.cpus,
+            NodeRow.allocated_memory + row.memory <= NodeRow.memory,
+            NodeRow.allocated_disk + row.disk <= NodeRow.disk,
         )
     result = session.execute(
         update_.values(
-            used_cpus=NodeRow.used_cpus + row.cpus,
-            used_memory=NodeRow.used_memory + row.memory,
-            used_disk=NodeRow.used_disk + row.disk,
+            allocated_cpus=NodeRow.allocated_cpus + row.cpus,
+            allocated_memory=NodeRow.allocated_memory + row.memory,
+            allocated_disk=NodeRow.allocated_disk + row.disk,
             instance_count=NodeRow.instance_count + 1,
         )
     )
@@ -886,9 +891,9 @@ def _give_back(session: Session, node_id: str, row: InstanceRow) -> None:
         update(NodeRow)
         .where(NodeRow.id == node_id)
         .values(
-            used_cpus=NodeRow.used_cpus - row.cpus,
-            used_memory=NodeRow.used_memory - row.memory,
-            used_disk=NodeRow.used_disk - row.disk,
+            allocated_cpus=NodeRow.allocated_cpus - row.cpus,
+            allocated_memory=NodeRow.allocated_memory - row.memory,
+            allocated_disk=NodeRow.allocated_disk - row.disk,
             instance_count=NodeRow.instance_count - 1,
         )
     )

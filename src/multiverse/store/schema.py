@@ -43,14 +43,18 @@ class NodeRow(Base):
     created_at: Mapped[datetime]
     # What its instances take, changed in the same transaction as they are placed, moved or
     # deleted (the Store does it), so no read has to aggregate the instances table.
-    used_cpus: Mapped[int] = mapped_column(Integer, default=0)
-    used_memory: Mapped[int] = mapped_column(BigInteger, default=0)
-    used_disk: Mapped[int] = mapped_column(BigInteger, default=0)
+    allocated_cpus: Mapped[int] = mapped_column(Integer, default=0)
+    allocated_memory: Mapped[int] = mapped_column(BigInteger, default=0)
+    allocated_disk: Mapped[int] = mapped_column(BigInteger, default=0)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     # "bridge" (its VMs are on the cluster network) or "user" (no CAP_NET_ADMIN: QEMU's NAT).
     network_mode: Mapped[str] = mapped_column(String(16), default="")
     message: Mapped[str] = mapped_column(Text, default="")  # `node add`: step or failure
     install: Mapped[dict[str, Any]] = mapped_column(default=dict)  # `node add`: where, how
+    # What the host measured it uses, as of its last report (cores busy; bytes).
+    used_cpus: Mapped[float] = mapped_column(Float, default=0.0)
+    used_memory: Mapped[int] = mapped_column(BigInteger, default=0)
+    used_disk: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class InstanceRow(Base):

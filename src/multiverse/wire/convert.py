@@ -8,7 +8,7 @@ import grpc
 
 from multiverse.core import errors
 from multiverse.core.faults import FaultKind, LinkRule, NodeFaults, Shot
-from multiverse.core.model import GuestStats, InstanceSpec, InstanceState, Resources
+from multiverse.core.model import GuestStats, InstanceSpec, InstanceState, Resources, Usage
 from multiverse.core.network import ClusterNetwork, NetworkPlan, Nic, Publish
 from multiverse.wire.v1 import multiverse_pb2 as pb
 
@@ -19,6 +19,14 @@ def resources_to_pb(resources: Resources) -> pb.Resources:
 
 def resources_from_pb(message: pb.Resources) -> Resources:
     return Resources(cpus=message.cpus, memory=message.memory, disk=message.disk)
+
+
+def usage_to_pb(usage: Usage) -> pb.Usage:
+    return pb.Usage(cpus=usage.cpus, memory=usage.memory, disk=usage.disk)
+
+
+def usage_from_pb(message: pb.Usage) -> Usage:
+    return Usage(cpus=message.cpus, memory=message.memory, disk=message.disk)
 
 
 def spec_to_pb(instance_id: str, spec: InstanceSpec, nic: Nic | None = None) -> pb.InstanceSpec:

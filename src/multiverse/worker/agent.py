@@ -48,6 +48,7 @@ from multiverse.worker.faults import NodeFaultsApplier
 from multiverse.worker.imagecache import NodeImageCache
 from multiverse.worker.localstore import LocalStore, VMRecord
 from multiverse.worker.network import NodeNetwork
+from multiverse.worker.usage import HostUsage
 
 log = logging.getLogger("multiverse.worker")
 
@@ -80,13 +81,15 @@ class Agent:
         network: NodeNetwork | None = None,
         image_cache: NodeImageCache | None = None,
         faults_dir: Path | None = None,
+        usage: HostUsage | None = None,
     ) -> None:
         self.driver = driver
         self.store = store
-        # The cluster network on this node (bridge mode); None: the driver's user-mode fallback.
+        # The cluster network on this node (bridge mode); None: user mode (QEMU's NAT).
         self.network = network
         # The node's image cache, for drivers that boot files from it (QEMU, Firecracker).
         self.image_cache = image_cache
+        self.usage = usage  # None: reports carry no "used" (the master shows zeros)
         self.records: dict[str, VMRecord] = {record.id: record for record in store.load()}
         self.changed = asyncio.Event()
         self.images: list[ImageInfo] = []  # what the driver can boot, as of the last observe()
@@ -148,6 +151,7 @@ class Agent:
                 pb.ImageInfo(name=i.name, kind=i.kind, digest=i.digest, size=i.size)
                 for i in self.images
             ],
+            used=convert.usage_to_pb(self.usage.measure()) if self.usage else None,
         )
 
     # ---- actions: each returns at once, the work goes on in a task ----
@@ -385,6 +389,7 @@ class Agent:
             await self._migratable().abort_incoming(spec_vm)
             return
         await self.delete(instance_id)
+
     async def apply_network(self, plan: NetworkPlan) -> None:
         """Converge this node to the master's view of the network; records launched before
         their node had the network learn their interface from it."""
@@ -440,8 +445,19 @@ class Agent:
         ):
             why = "" if record.state in _SETTLED else f"interrupted while {record.state.value}"
             self._set(record, InstanceState.STOPPED, why, ipv4="")
+            await self._detach(record)  # it stopped by itself (a guest poweroff): no tap kept
         elif power == PowerState.MISSING and record.state != InstanceState.FAILED:
             self._set(record, InstanceState.FAILED, "the hypervisor has no such VM")
+            await self._detach(record)
+
+    async def _detach(self, record: VMRecord) -> None:
+        """Unplug a VM found down; a failure is retried by its next start or delete."""
+        if self.network is None:
+            return
+        try:
+            await self.network.detach(record.id)
+        except MultiverseError as exc:
+            log.warning("instance %s: cannot detach its network: %s", record.spec.name, exc)
 
     async def shutdown(self) -> None:
         for task in list(self._tasks):

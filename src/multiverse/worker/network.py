@@ -24,12 +24,19 @@ import os
 import shutil
 import signal
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from multiverse.core.errors import DriverError, Unavailable
-from multiverse.core.network import DNS_DOMAIN, VXLAN_OVERHEAD, NetworkPlan, Nic, Publish
+from multiverse.core.network import (
+    DNS_DOMAIN,
+    VXLAN_OVERHEAD,
+    NetworkPlan,
+    Nic,
+    Publish,
+    parse_publish,
+)
 from multiverse.drivers.base import NetworkAttachment
 
 __all__ = [
@@ -187,7 +194,7 @@ class LinuxNetwork:
             for vm_id, nic in plan.nics.items():
                 guest = self._guests.get(vm_id)
                 if guest is not None and guest.publish != nic.publish:
-                    self._guests[vm_id] = Guarded(guest.tap, guest.mac, guest.ip, nic.publish)
+                    self._guests[vm_id] = replace(guest, publish=nic.publish)
             await self._apply_rules()
             await asyncio.to_thread(self._ensure_dns, plan)
             self.ready.set()
@@ -338,7 +345,7 @@ class LinuxNetwork:
                 os.kill(pid, signal.SIGHUP)  # dnsmasq rereads --addn-hosts
             return
         self._stop_dns()
-        binary = shutil.which("dnsmasq", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+        binary = _which("dnsmasq")
         if binary is None:
             log.warning("dnsmasq not found (install dnsmasq-base): no names for the VMs")
             return
@@ -383,8 +390,6 @@ class LinuxNetwork:
 
 
 def _load_guests(path: Path) -> dict[str, Guarded]:
-    from multiverse.core.network import parse_publish
-
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -417,9 +422,14 @@ def _mtu(ipr: Any, index: int) -> int:
     return int(ipr.get_links(index)[0].get("IFLA_MTU") or 1500)
 
 
+def _which(program: str) -> str | None:
+    """``program`` on PATH or in the sbin directories, which a non-login root PATH can miss."""
+    return shutil.which(program, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
 async def _nft(script: str) -> None:
     """Apply ``script`` with ``nft -f -``: all of it or nothing."""
-    binary = shutil.which("nft", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    binary = _which("nft")
     if binary is None:
         raise DriverError("nft not found: install nftables")
     process = await asyncio.create_subprocess_exec(

@@ -30,6 +30,7 @@ from multiverse.worker.imagecache import MasterImages, NodeImageCache
 from multiverse.worker.localstore import LocalStore
 from multiverse.worker.network import LinuxNetwork, detect_mode
 from multiverse.worker.sync import Identity, join, observe_forever, renew_forever, sync_forever
+from multiverse.worker.usage import HostUsage
 
 log = logging.getLogger("multiverse.worker")
 
@@ -52,8 +53,6 @@ class WorkerConfig:
     fake_delay: float = 0.0
     image_dirs: list[Path] = field(default_factory=list)  # images already here (seeds)
     image_cache: int = 20 * GiB  # bytes the image cache may hold
-    bridge: str = "mvbr0"  # firecracker: the bridge its taps join
-    guest_cidr: str = "172.31.90.0/24"  # firecracker: guest addresses (the bridge takes the first)
     # "bridge": VMs on the cluster network; "user": QEMU's NAT; "auto": bridge when this
     # process holds CAP_NET_ADMIN (only the qemu driver plugs into the cluster network).
     network_mode: str = "auto"
@@ -78,10 +77,7 @@ def make_driver(config: WorkerConfig, images: NodeImageCache) -> Driver:
     if config.driver == "firecracker":
         from multiverse.drivers.firecracker import FirecrackerDriver
 
-        return FirecrackerDriver(
-            state_dir, images, capacity=config.capacity, bridge=config.bridge,
-            cidr=config.guest_cidr,
-        )  # fmt: skip
+        return FirecrackerDriver(state_dir, images, capacity=config.capacity)
     if config.driver == "multipass":
         from multiverse.drivers.multipass import MultipassDriver
 
@@ -108,6 +104,7 @@ class Worker:
             network,
             images if uses_cache else None,
             faults_dir=config.data_dir / "faults",
+            usage=HostUsage(config.data_dir),
         )
         images.in_use = lambda: {record.spec.image for record in self.agent.records.values()}
         self.image_source: MasterImages | None = None
@@ -149,6 +146,11 @@ class Worker:
 
     async def start(self) -> Identity:
         config = self.config
+        if config.driver == "firecracker" and self.agent.network is None:
+            from multiverse.drivers.firecracker import NO_NETWORK
+
+            # Refused before joining rather than at each launch: no VM here could ever boot.
+            raise InvalidArgument(NO_NETWORK)
         await self.agent.observe()  # adopt what kept running while we were away
         if self.agent.image_cache is not None:  # the limit may have shrunk since the last run
             cache = self.agent.image_cache

@@ -172,15 +172,27 @@ class ImageInfo(_message.Message):
     size: int
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
+class Usage(_message.Message):
+    __slots__ = ("cpus", "memory", "disk")
+    CPUS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    DISK_FIELD_NUMBER: _ClassVar[int]
+    cpus: float
+    memory: int
+    disk: int
+    def __init__(self, cpus: _Optional[float] = ..., memory: _Optional[int] = ..., disk: _Optional[int] = ...) -> None: ...
+
 class NodeReport(_message.Message):
-    __slots__ = ("capacity", "instances", "images")
+    __slots__ = ("capacity", "instances", "images", "used")
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
     capacity: Resources
     instances: _containers.RepeatedCompositeFieldContainer[InstanceStatus]
     images: _containers.RepeatedCompositeFieldContainer[ImageInfo]
-    def __init__(self, capacity: _Optional[_Union[Resources, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[ImageInfo, _Mapping]]] = ...) -> None: ...
+    used: Usage
+    def __init__(self, capacity: _Optional[_Union[Resources, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[ImageInfo, _Mapping]]] = ..., used: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class SyncAck(_message.Message):
     __slots__ = ("network", "faults")

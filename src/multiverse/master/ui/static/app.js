@@ -58,16 +58,40 @@ function ago(iso) {
 const plural = (count, word) => (count === 1 ? word : `${word}s`);
 const badge = (text) => h("span", { class: `badge s-${String(text).toLowerCase()}` }, text);
 
-function bar(label, used, total, format = String) {
-  const share = total > 0 ? Math.min(100, Math.round((used / total) * 100)) : 0;
+const cores = (n) => String(Number(n.toFixed(1)));
+const percent = (part, total) => (total > 0 ? Math.min(100, Math.round((part / total) * 100)) : 0);
+
+// Two meters per resource: what instances have reserved (allocated) and what the host measured
+// it uses; either can be the larger (idle VMs; the host's own load), so neither stacks on the other.
+function bar(label, allocated, used, total, format = cores) {
+  const cap = total || 1;
   return h(
     "div",
     { class: "bar" },
     h("span", { class: "bar-label" }, label),
-    h("progress", { max: total || 1, value: used, "aria-label": `${label} ${share}%` }),
-    h("span", { class: "bar-text" }, `${format(used)} of ${format(total)} allocated`),
+    h(
+      "div",
+      { class: "meters" },
+      h("progress", { class: "allocated", max: cap, value: Math.min(allocated, cap),
+        "aria-label": `${label} allocated ${percent(allocated, total)}%` }),
+      h("progress", { class: "used", max: cap, value: Math.min(used, cap),
+        "aria-label": `${label} used ${percent(used, total)}%` }),
+    ),
+    h(
+      "span",
+      { class: "bar-text" },
+      `${format(allocated)} of ${format(total)} allocated · `,
+      h("span", { class: "bar-used" }, `${format(used)} used`),
+    ),
   );
 }
+
+// Each resource's bar for one node (or, summed, for the cluster).
+const bars = (node) => [
+  bar("CPU", node.cpus.total - node.cpus.free, node.used.cpus, node.cpus.total),
+  bar("Memory", node.memory.total - node.memory.free, node.used.memory, node.memory.total, bytes),
+  bar("Disk", node.disk.total - node.disk.free, node.used.disk, node.disk.total, bytes),
+];
 
 function toast(message, kind = "info") {
   const box = document.getElementById("toast");
@@ -252,7 +276,10 @@ function actionButton(label, run, { confirmText = "", danger = false } = {}) {
 async function overview() {
   const [nodes, instances] = await Promise.all([api("GET", "nodes"), api("GET", "instances")]);
   const sum = (key, part) => nodes.reduce((total, node) => total + node[key][part], 0);
-  const allocated = (key) => sum(key, "total") - sum(key, "free");
+  const cluster = Object.fromEntries(
+    ["cpus", "memory", "disk"].map((key) => [key, { total: sum(key, "total"), free: sum(key, "free") }]),
+  );
+  cluster.used = { cpus: sum("used", "cpus"), memory: sum("used", "memory"), disk: sum("used", "disk") };
   const byState = {};
   for (const instance of instances) byState[instance.state] = (byState[instance.state] || 0) + 1;
   const ready = nodes.filter((node) => node.status === "Ready").length;
@@ -277,9 +304,7 @@ async function overview() {
           h("strong", { id: "total-instances" }, instances.length),
           plural(instances.length, " instance"),
         ),
-        bar("CPU", allocated("cpus"), sum("cpus", "total")),
-        bar("Memory", allocated("memory"), sum("memory", "total"), bytes),
-        bar("Disk", allocated("disk"), sum("disk", "total"), bytes),
+        bars(cluster),
       ),
     ),
     h(
@@ -300,9 +325,7 @@ async function overview() {
               `${node.driver} · ${node.instances}${plural(node.instances, " instance")} · synced `,
               h("time", { datetime: node.last_sync || "", title: node.last_sync || "" }, ago(node.last_sync)),
             ),
-            bar("CPU", node.cpus.total - node.cpus.free, node.cpus.total),
-            bar("Memory", node.memory.total - node.memory.free, node.memory.total, bytes),
-            bar("Disk", node.disk.total - node.disk.free, node.disk.total, bytes),
+            bars(node),
           ),
         ),
       ),
@@ -391,9 +414,7 @@ async function nodePage(name) {
         ),
       ],
     ]),
-    bar("CPU", node.cpus.total - node.cpus.free, node.cpus.total),
-    bar("Memory", node.memory.total - node.memory.free, node.memory.total, bytes),
-    bar("Disk", node.disk.total - node.disk.free, node.disk.total, bytes),
+    ...bars(node),
     h("h2", {}, "Labels"),
     labels.length
       ? h(
@@ -889,8 +910,17 @@ async function render() {
   showPage([h("h1", {}, "Not found"), h("p", {}, link("", "Back to the overview"))]);
 }
 
+function typing() {
+  // Text typed into one of the page's forms and not sent yet: a redraw would throw it away.
+  return [...document.querySelectorAll("main form input, main form textarea")].some(
+    (field) => field.value !== field.defaultValue,
+  );
+}
+
 async function refresh(page, match) {
-  // A live page redraws from fresh data, keeping the reader's scroll position.
+  // A live page redraws from fresh data, keeping the reader's scroll position. While a form on
+  // it holds unsent text it stays as it is; the next event (or sending the form) redraws it.
+  if (typing()) return;
   const y = window.scrollY;
   const previous = state.cleanup.splice(0);
   try {
