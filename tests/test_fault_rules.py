@@ -138,7 +138,7 @@ async def _world(tmp_path: Path) -> tuple[Store, dict[str, Node]]:
     for name in ("n1", "n2"):
         node = Node(
             str(uuid.uuid4()), name, "127.0.0.1:1", "qemu", NodeStatus.READY, {},
-            Resources(2, 2**31, 2**34),  # room for the instance the store now checks
+            Resources(2, 2**31, 2**34),  # the store refuses an instance its node has no room for
         )  # fmt: skip
         await store.add_node(node, "")
         nodes[name] = node
