@@ -42,9 +42,10 @@ run: venv deps ui
 stop: venv
 	$(VENV)/bin/multiverse down --data-dir $(DATA_DIR)
 
-# Tests share one built guest image, cached in .data/images (not in git).
+# Tests share the built guest images, cached in .data/images (not in git).
 test: venv deps test-deps ui
 	$(VENV)/bin/multiverse image build tiny --no-import --images-dir $(CURDIR)/.data/images
+	$(VENV)/bin/multiverse image build debian --no-import --images-dir $(CURDIR)/.data/images
 	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) -m pytest -q
 
 lint: venv

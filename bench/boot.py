@@ -1,6 +1,7 @@
 """Boot benchmark: what the whole Multiverse stack costs on top of booting a VM with QEMU alone.
 
-Measured, for the same tiny test guest, the same VM size and the same QEMU command line:
+Measured, for the same guest (``--image tiny``, the test guest, or ``debian``, the real one with
+systemd and cloud-init), the same VM size and the same QEMU command line:
 
 - **stack**: wall time of ``multiverse launch`` as a user runs it, from spawning the CLI to its
   exit, which happens once the instance is Running. That covers the CLI's start, the REST API,
@@ -10,8 +11,10 @@ Measured, for the same tiny test guest, the same VM size and the same QEMU comma
 - **by hand**: the same guest booted directly with the command line that ``QemuDriver`` itself
   builds (``QemuDriver.qemu_argv``, so the two cannot drift), timed from spawning QEMU until the
   guest's SSH server accepted our key and ran ``true`` (asyncssh, retried every 0.25 s with a
-  short timeout per attempt, ``--connect-timeout``). Its data disk and fw_cfg files are
-  prepared before the clock starts, as anyone booting by hand would have them ready.
+  short timeout per attempt, ``--connect-timeout``), and for a cloud-init guest until
+  ``cloud-init status --wait`` returned (what Running means for it). Its disk (data disk, or
+  overlay on the image's disk), fw_cfg files and cloud-init seed are prepared before the clock
+  starts, as anyone booting by hand would have them ready.
 
 Printed: the median of ``--runs`` boots of each (runs alternate stack / by hand, so a change in
 the host's load hits both alike), their ratio, and the resident memory (RSS) of each QEMU right
@@ -23,7 +26,7 @@ tests/harness.py, in a temporary directory; the guest image comes from the share
 At most one VM runs at a time (the stack's is deleted before the next boot); every VM and
 process is cleaned up at the end, also on Ctrl-C, SIGTERM or failure.
 
-    .venv/bin/python bench/boot.py [--runs 5] [--format table|json]
+    .venv/bin/python bench/boot.py [--image tiny|debian] [--runs 5] [--format table|json]
 """
 
 from __future__ import annotations
@@ -61,12 +64,24 @@ from harness import (  # noqa: E402  (tests/ is put on the path just above)
 
 from multiverse.core.sizes import MiB, format_size, parse_size  # noqa: E402
 from multiverse.drivers.base import VMConfig  # noqa: E402
-from multiverse.drivers.qemu import QemuDriver, make_data_disk  # noqa: E402
+from multiverse.drivers.process import HOST_KEY_FILE  # noqa: E402
+from multiverse.drivers.qemu import (  # noqa: E402
+    BASE_FILE,
+    CLOUD_INIT_WAIT,
+    SEED_FILE,
+    QemuDriver,
+    hold_base,
+    make_data_disk,
+    make_overlay,
+)
+from multiverse.guest.cloudinit import write_seed_iso  # noqa: E402
+from multiverse.guest.debian import DEBIAN_IMAGE, build_debian_image  # noqa: E402
 from multiverse.guest.image import TEST_IMAGE, build_test_image  # noqa: E402
 from multiverse.guest.ssh import GuestConnection, KnownHost  # noqa: E402
 
 NODE = "bench-node"
-BOOT_TIMEOUT = 180.0
+BOOT_TIMEOUT = 900.0  # the Debian guest under TCG on a loaded host takes minutes
+BUILDERS = {TEST_IMAGE: build_test_image, DEBIAN_IMAGE: build_debian_image}
 
 
 def say(message: str) -> None:
@@ -106,10 +121,11 @@ class VMShape:
 # --- the whole stack ------------------------------------------------------------------------
 
 
-def boot_through_stack(cluster: Cluster, name: str, shape: VMShape) -> Sample:
+def boot_through_stack(cluster: Cluster, image: str, name: str, shape: VMShape) -> Sample:
     """``multiverse launch`` until it returns with the instance Running; then delete it."""
-    args = ["launch", TEST_IMAGE, "--name", name, "--node", NODE, "--cpus", str(shape.cpus)]
+    args = ["launch", image, "--name", name, "--node", NODE, "--cpus", str(shape.cpus)]
     args += ["--memory", str(shape.memory), "--disk", str(shape.disk)]
+    args += ["--timeout", str(BOOT_TIMEOUT)]
     started = time.perf_counter()
     result = cluster.cli(*args, timeout=BOOT_TIMEOUT)
     elapsed = time.perf_counter() - started
@@ -136,27 +152,32 @@ class ByHand:
     """Boots VMs with QEMU directly, using ``QemuDriver``'s argv builder and guest files."""
 
     def __init__(self, state_dir: Path, connect_timeout: float) -> None:
-        self.driver = QemuDriver(state_dir, image_dirs=[IMAGE_CACHE])
+        self.driver = QemuDriver(state_dir, [IMAGE_CACHE])
         self.connect_timeout = connect_timeout
         self.live: list[subprocess.Popen[bytes]] = []
 
-    def boot(self, shape: VMShape) -> Sample:
+    def boot(self, image: str, shape: VMShape) -> Sample:
         vm = VMConfig(
             id=str(uuid.uuid4()),
             name=f"hand-{len(self.live)}",
             cpus=shape.cpus,
             memory=shape.memory,
             disk=shape.disk,
-            image=TEST_IMAGE,
+            image=image,
         )
         vm_dir = self.driver.vms_dir / vm.id
         vm_dir.mkdir(parents=True)
-        # Ready before the clock starts: the data disk and the files named by -fw_cfg.
-        make_data_disk(vm_dir / "disk.img", vm.disk)
+        # Ready before the clock starts: the disk, the files named by -fw_cfg, the seed.
+        boot = self.driver.boot_files(vm.image)
+        if boot.disk is None:
+            make_data_disk(vm_dir / "disk.img", vm.disk)
+        else:
+            hold_base(boot.disk, vm_dir / BASE_FILE)
+            make_overlay(vm_dir / "disk.img", vm_dir / BASE_FILE, boot.disk_format, vm.disk)
+            write_seed_iso(self.driver.seed(vm), vm_dir / SEED_FILE)
         self.driver.write_guest_config(vm)
-        kernel, initrd = self.driver.image_files(vm.image)
         port = free_port()
-        argv = self.driver.qemu_argv(vm, kernel, initrd, port)
+        argv = self.driver.qemu_argv(vm, boot, port)
         try:
             with (vm_dir / "qemu.log").open("wb") as log:
                 started = time.perf_counter()
@@ -169,8 +190,10 @@ class ByHand:
                     start_new_session=True,
                 )
             self.live.append(process)
-            known = KnownHost(vm_dir / "ssh_host_key.pub", vm.name)  # trusted on first use
-            asyncio.run(self._ssh_answers(port, known, alive=lambda: process.poll() is None))
+            known = KnownHost(vm_dir / HOST_KEY_FILE, vm.name)
+            asyncio.run(
+                self._ssh_answers(port, known, boot.cloud_init, lambda: process.poll() is None)
+            )
             elapsed = time.perf_counter() - started
             if process.poll() is not None:
                 log_text = (vm_dir / "qemu.log").read_text(errors="replace")
@@ -181,7 +204,9 @@ class ByHand:
             self.kill_all()
             shutil.rmtree(vm_dir, ignore_errors=True)
 
-    async def _ssh_answers(self, port: int, known: KnownHost, alive: Callable[[], bool]) -> None:
+    async def _ssh_answers(
+        self, port: int, known: KnownHost, cloud_init: bool, alive: Callable[[], bool]
+    ) -> None:
         # A short timeout per attempt: while the guest is not up yet, QEMU's user-mode network
         # accepts our TCP connection but its SYN to the guest goes unanswered and is resent
         # with backoff, so a patient attempt made too early hangs for seconds past the moment
@@ -194,6 +219,8 @@ class ByHand:
             result = await guest.run("true")
             if result.exit_code != 0:
                 raise RuntimeError(f"`true` in the guest exited {result.exit_code}")
+            if cloud_init:
+                await guest.run(CLOUD_INIT_WAIT, timeout=BOOT_TIMEOUT)
         finally:
             await guest.close()
 
@@ -221,8 +248,8 @@ def cli_startup(cluster: Cluster, times: int = 3) -> float:
 
 def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     shape = VMShape(args.cpus, parse_size(args.memory), parse_size(args.disk))
-    say(f"guest image in {IMAGE_CACHE} (built if missing)")
-    build_test_image(IMAGE_CACHE, progress=say)
+    say(f"guest image {args.image} in {IMAGE_CACHE} (built if missing)")
+    BUILDERS[args.image](IMAGE_CACHE, say)
     by_hand = ByHand(root / "by-hand" / "qemu", args.connect_timeout)
     stack, hand = Series(), Series()
     (root / "cluster").mkdir()
@@ -234,11 +261,11 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             total = args.warmup + args.runs
             for index in range(total):
                 label = "warm-up" if index < args.warmup else f"run {index - args.warmup + 1}"
-                sample = boot_through_stack(cluster, f"bench-boot-{index}", shape)
+                sample = boot_through_stack(cluster, args.image, f"bench-boot-{index}", shape)
                 say(f"{label}: stack {sample.seconds:.2f} s, rss {format_size(sample.rss)}")
                 if index >= args.warmup:
                     stack.samples.append(sample)
-                sample = by_hand.boot(shape)
+                sample = by_hand.boot(args.image, shape)
                 say(f"{label}: by hand {sample.seconds:.2f} s, rss {format_size(sample.rss)}")
                 if index >= args.warmup:
                     hand.samples.append(sample)
@@ -252,11 +279,12 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     stack_summary, hand_summary = stack.summary(), hand.summary()
     return {
         "runs": args.runs,
+        "image": args.image,
         "accel": by_hand.driver.accel,
         "vm": {"cpus": shape.cpus, "memory_bytes": shape.memory, "disk_bytes": shape.disk},
         "qemu_argv": by_hand.driver.qemu_argv(
-            VMConfig("ID", "NAME", shape.cpus, shape.memory, shape.disk, TEST_IMAGE),
-            *by_hand.driver.image_files(TEST_IMAGE),
+            VMConfig("ID", "NAME", shape.cpus, shape.memory, shape.disk, args.image),
+            by_hand.driver.boot_files(args.image),
             0,
         ),
         "stack": stack_summary,
@@ -270,7 +298,8 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 def print_table(report: dict[str, Any]) -> None:
     vm = report["vm"]
     print(
-        f"Boot to SSH answering: tiny guest, {vm['cpus']} cpu, "
+        f"Boot to Running (SSH answers; for debian, cloud-init done): {report['image']} guest, "
+        f"{vm['cpus']} cpu, "
         f"{format_size(vm['memory_bytes'])} memory, {format_size(vm['disk_bytes'])} disk, "
         f"accel {report['accel']}, median of {report['runs']} runs"
     )
@@ -296,6 +325,7 @@ def print_table(report: dict[str, Any]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--image", choices=sorted(BUILDERS), default=TEST_IMAGE)
     parser.add_argument("--runs", type=int, default=5, help="timed boots of each (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed boots first (default 1)")
     parser.add_argument("--cpus", type=int, default=1)

@@ -224,7 +224,7 @@ def hand_call(vm: HandVM, state_dir: Path, script: str) -> str:
 
 def _hand_call_main(request: dict[str, Any]) -> int:
     vm = HandVM(**request["vm"])
-    driver = QemuDriver(Path(request["state_dir"]), image_dirs=[IMAGE_CACHE])
+    driver = QemuDriver(Path(request["state_dir"]), [IMAGE_CACHE])
 
     async def call() -> str:
         config = vm.config()

@@ -174,7 +174,8 @@ def test_overview_is_live_and_fits_a_phone(ui: Cluster, page: Page) -> None:
         for name, state in (("live-1", "Running"), ("live-2", "Stopped")):
             row = page.get_by_role("row").filter(has=page.get_by_role("link", name=name))
             expect(row).to_contain_text(state)
-        expect(page.locator(".events")).to_contain_text("live-2: Stopping → Stopped")
+        # Stopping may pass between two reports unseen: what must show is the stop itself.
+        expect(page.locator(".events")).to_contain_text(re.compile(r"live-2: \w+ → Stopped"))
         expect(page.locator("#total-instances")).to_have_text("2")
         # Each node card shows what its host uses next to what is allocated, as text and meters.
         card = page.locator('.node-card[data-node="node-a"]')

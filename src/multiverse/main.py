@@ -585,29 +585,53 @@ def image_build() -> None:
     """Build a guest image on this host and import it into the master's store."""
 
 
-def _build_and_import(images_dir: Path, import_it: bool, fmt: str = "table") -> None:
-    """Build the tiny guest (cached), then send it to the configured master's store."""
+def _build_and_import(
+    name: str, build: Callable[[Path], Path], images_dir: Path, import_it: bool, fmt: str = "table"
+) -> None:
+    """Build guest image ``name`` (cached), then send it to the configured master's store."""
     import json
 
     from multiverse.core.images import ImageManifest
 
-    built = _build_test_image(images_dir)
+    built = build(images_dir)
     digest = ImageManifest.from_json(json.loads((built / "image.json").read_text())).digest
-    result: dict[str, object] = {"name": "tiny", "path": str(built), "digest": digest}
+    result: dict[str, object] = {"name": name, "path": str(built), "digest": digest}
     if import_it:
         from multiverse.client.cli import _client, upload_files
 
         client = _client()
         if not any(item["digest"] == digest for item in client.stored_images()):
             files = {path.name: path for path in sorted(built.iterdir()) if path.is_file()}
-            body = {"name": "tiny", "files": upload_files(client, files)}
+            body = {"name": name, "files": upload_files(client, files)}
             wait_with_progress(client, client.import_image(body), 3600)
         result["imported"] = True
     if fmt == "json":
         click.echo(json.dumps(result, indent=2))
     else:
         where = "; in the master's store" if import_it else ""
-        click.echo(f"image tiny {digest[:19]} built in {built}{where}")
+        click.echo(f"image {name} {digest[:19]} built in {built}{where}")
+
+
+def _build_debian_image(images_dir: Path) -> Path:
+    """Build the Debian guest (once; cached), its steps printed and debootstrap's in a status
+    line."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from multiverse.guest.debian import build_debian_image
+
+    console = Console(stderr=True)
+    columns = (SpinnerColumn(), TimeElapsedColumn(), TextColumn("{task.description}"))
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("debian image: checking the cache")
+
+        def step(message: str) -> None:
+            # debootstrap's own lines scroll by in the status line; our steps stay printed.
+            if not message.startswith("debootstrap: "):
+                progress.console.print(f"debian image: {message}")
+            progress.update(task, description=f"debian image: {message}")
+
+        return build_debian_image(images_dir, step)
 
 
 images_dir_option = click.option(
@@ -617,20 +641,36 @@ images_dir_option = click.option(
 )
 
 
-@image_build.command(name="tiny")
-@data_dir_option
-@images_dir_option
-@click.option(
+import_option = click.option(
     "--import/--no-import",
     "import_it",
     default=True,
     show_default=True,
     help="Import the result into the configured master's store.",
 )
+
+
+@image_build.command(name="debian")
+@data_dir_option
+@images_dir_option
+@import_option
+@format_option
+def image_build_debian(data_dir: Path, images_dir: Path | None, import_it: bool, fmt: str) -> None:
+    """Debian 12 (systemd, OpenSSH, cloud-init) with debootstrap; cached, its slow debootstrap
+    step cached apart. Needs root."""
+    _build_and_import(
+        "debian", _build_debian_image, images_dir or data_dir / "images", import_it, fmt
+    )
+
+
+@image_build.command(name="tiny")
+@data_dir_option
+@images_dir_option
+@import_option
 @format_option
 def image_build_tiny(data_dir: Path, images_dir: Path | None, import_it: bool, fmt: str) -> None:
     """The tiny test guest from Debian packages (kernel, busybox, dropbear); a no-op once built."""
-    _build_and_import(images_dir or data_dir / "images", import_it, fmt)
+    _build_and_import("tiny", _build_test_image, images_dir or data_dir / "images", import_it, fmt)
 
 
 @image.command(name="build-test", hidden=True)
@@ -638,7 +678,7 @@ def image_build_tiny(data_dir: Path, images_dir: Path | None, import_it: bool, f
 @images_dir_option
 def image_build_test(data_dir: Path, images_dir: Path | None) -> None:
     """The old name of `image build tiny --no-import`."""
-    _build_and_import(images_dir or data_dir / "images", False)
+    _build_and_import("tiny", _build_test_image, images_dir or data_dir / "images", False)
 
 
 for _command in (environments.apply, environments.diff, environments.envs, environments.get):

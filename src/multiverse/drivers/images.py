@@ -58,7 +58,7 @@ class CachedImage:
 
     @classmethod
     def of(cls, manifest: ImageManifest, root: Path, name: str = "") -> CachedImage:
-        roles = ("kernel", "initrd", "disk", "rootfs", "format", "cmdline")
+        roles = ("kernel", "initrd", "disk", "rootfs", "format", "cmdline", "seed")
         boot = {role: manifest.boot_file(role) for role in roles if manifest.boot_file(role)}
         return cls(name or manifest.name, manifest.kind, root, manifest.digest, manifest.size, boot)
 

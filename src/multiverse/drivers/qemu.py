@@ -3,10 +3,16 @@
 Each VM lives in ``<state_dir>/vms/<uuid>/``:
 
 - ``config.json``: the :class:`VMConfig` it was created with;
-- ``disk.img``: its data disk, a sparse raw file formatted ext4 on the host (``mkfs.ext4``), so
-  the guest mounts it at once and no qemu-img or partitioning is involved;
+- ``disk.img``: its disk. For a ``kernel+initrd`` image (the tiny guest) a data disk: a sparse
+  raw file formatted ext4 on the host (``mkfs.ext4``), so the guest mounts it at once and no
+  qemu-img or partitioning is involved. For a ``disk`` image (the Debian guest) a qcow2
+  overlay on ``base.img`` (the image's disk, hard-linked: see :func:`hold_base`), grown to the
+  VM's disk size: the VM's whole root file system, kept across stop/start; deleting the VM
+  deletes the overlay and its link only;
 - ``hostname``, ``authorized_keys``, ``network``, ``user-data`` (0600, when given): the per-VM
-  configuration the guest reads through fw_cfg (see :mod:`multiverse.guest.image`);
+  configuration the tiny guest reads through fw_cfg (see :mod:`multiverse.guest.image`);
+  ``seed.iso`` (0600): the same for a ``disk`` image's cloud-init (its NoCloud seed, see
+  :mod:`multiverse.guest.cloudinit`), with the user's cloud-init file;
 - ``ssh_host_key.pub``: the guest's SSH host key, once known (see :class:`ProcessDriver`);
 - while it runs: ``vm.json`` (pid, process start time, SSH port, guest address), ``qmp.sock``,
   ``serial.log`` (the console; the previous boot's in ``serial.log.1``) and ``qemu.log``.
@@ -23,23 +29,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
 
-from multiverse.core.errors import DriverError, NotFound, Unavailable
+from multiverse.core.errors import DriverError, InvalidArgument, NotFound, Unavailable
 from multiverse.core.files import write_private
 from multiverse.core.model import Resources
-from multiverse.core.sizes import MiB
+from multiverse.core.sizes import MiB, format_size
 from multiverse.drivers.base import PowerState, VMConfig, VMStatus
-from multiverse.drivers.images import ImageCache
+from multiverse.drivers.images import CachedImage, ImageCache
 from multiverse.drivers.process import (
     LOG_TAIL,
     UNIX_PATH_MAX,
@@ -49,6 +58,13 @@ from multiverse.drivers.process import (
     tail,
     wait_exit,
     write_json,
+)
+from multiverse.guest.cloudinit import (
+    SEED_NOCLOUD,
+    GuestNetwork,
+    Seed,
+    user_data,
+    write_seed_iso,
 )
 from multiverse.guest.image import BOOT_OK_MARKER, FW_CFG_PREFIX
 
@@ -73,6 +89,27 @@ TCG_KERNEL_CMDLINE = "mitigations=off acpi=noirq"
 
 ACCEL_ENV = "MULTIVERSE_QEMU_ACCEL"
 _PORT_TAKEN = "Could not set up host forwarding rule"
+SEED_FILE = "seed.iso"
+BASE_FILE = "base.img"  # a disk image's base disk, held by the VM (see hold_base)
+# A guest configured by cloud-init answers SSH before cloud-init has run the user's steps;
+# the VM counts as running once this returns, as Multipass waits for cloud-init too.
+CLOUD_INIT_WAIT = ("cloud-init", "status", "--wait")
+# systemd and cloud-init take ~1 min to that point under TCG (46-58 s measured on 2 cores, and
+# 2-4 min while a load of 10 shared them), 20 times the tiny guest: such images get this long.
+CLOUD_INIT_BOOT_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    """What QEMU boots for an image: its kernel and initrd, and for a ``disk`` image the base
+    disk that instances overlay (from the ``boot`` section of the image's manifest)."""
+
+    kernel: Path
+    initrd: Path
+    cmdline: str = ""  # the image's part of the kernel command line (root=...)
+    disk: Path | None = None
+    disk_format: str = ""
+    cloud_init: bool = False  # wants a NoCloud seed, and waiting for cloud-init at boot
 
 
 class QemuDriver(ProcessDriver):
@@ -113,35 +150,75 @@ class QemuDriver(ProcessDriver):
 
     # --- creating and booting ----------------------------------------------------------
 
-    def image_files(self, image: str) -> tuple[Path, Path]:
-        """The image's kernel and initrd."""
-        found = self._image(image)
+    def _validate(self, vm: VMConfig) -> None:
+        super()._validate(vm)
+        user_data(vm.user_data, ())  # a broken cloud-config fails the launch, not the boot
+        found = self.image_cache.lookup(vm.image)
+        # An image not pulled to this node yet is checked by create, after the agent's pull
+        # (create validates first): a qcow2 disk's virtual size is only known from the file.
+        boot = self._boot_files(found) if found is not None else None
+        if boot is not None and boot.disk is not None:
+            base = disk_virtual_size(boot.disk, boot.disk_format)
+            if vm.disk < base:
+                raise InvalidArgument(
+                    f"disk {format_size(vm.disk)} is smaller than image {vm.image}'s own "
+                    f"disk ({format_size(base)})"
+                )
+
+    def boot_files(self, image: str) -> BootFiles:
+        """The image's boot files, as its manifest's ``boot`` hints name them."""
+        return self._boot_files(self._image(image))
+
+    def _boot_files(self, found: CachedImage) -> BootFiles:
         kernel, initrd = found.file("kernel"), found.file("initrd")
         if kernel is None or initrd is None:
-            raise NotFound(f"image {image!r} not found on this node: it has no kernel and initrd")
-        return kernel, initrd
+            raise NotFound(
+                f"image {found.name!r} not found on this node: it has no kernel and initrd"
+            )
+        disk = found.file("disk")
+        if found.boot.get("disk") and disk is None:
+            raise NotFound(f"image {found.name!r} not found on this node: it has no disk")
+        return BootFiles(
+            kernel=kernel,
+            initrd=initrd,
+            cmdline=found.boot.get("cmdline", ""),
+            disk=disk,
+            disk_format=found.boot.get("format", "qcow2"),
+            cloud_init=found.boot.get("seed") == SEED_NOCLOUD,
+        )
 
     def _make_disk(self, vm: VMConfig, path: Path) -> None:
-        make_data_disk(path, vm.disk)
+        boot = self.boot_files(vm.image)
+        if boot.disk is None:
+            make_data_disk(path, vm.disk)
+        else:
+            base = path.with_name(BASE_FILE)
+            hold_base(boot.disk, base)
+            make_overlay(path, base, boot.disk_format, vm.disk)
 
     async def _boot(self, vm: VMConfig) -> None:
         """Start QEMU and wait until the guest's SSH answers; on failure leave nothing running."""
         vm_dir = self._vm_dir(vm)
-        kernel, initrd = self.image_files(vm.image)
+        boot = self.boot_files(vm.image)
         self.write_guest_config(vm)
+        if boot.cloud_init:
+            await asyncio.to_thread(write_seed_iso, self.seed(vm), vm_dir / SEED_FILE)
         _rotate(vm_dir / "serial.log")
         await self._close_guest(vm.id)
-        deadline = time.monotonic() + self.boot_timeout
+        timeout = max(self.boot_timeout, CLOUD_INIT_BOOT_TIMEOUT if boot.cloud_init else 0.0)
+        deadline = time.monotonic() + timeout
         if vm.network is not None:  # on the cluster network: SSH to the guest's own address
             ip = vm.network.nic.ip
             process = self._spawn_process(
                 vm,
-                self.qemu_argv(vm, kernel, initrd, 0),
+                self.qemu_argv(vm, boot, 0),
                 vm_dir / "qemu.log",
                 {"ssh_host": ip, "ssh_port": 22, "accel": self.accel, "ipv4": ip},
             )
             try:
                 await self._wait_for_guest(vm, process, deadline)
+                if boot.cloud_init:
+                    await self._wait_for_cloud_init(vm, deadline)
             except BaseException:
                 await self._kill(vm, process.pid)
                 self._forget_runtime(vm)
@@ -151,12 +228,14 @@ class QemuDriver(ProcessDriver):
             port = self._free_port()
             process = self._spawn_process(
                 vm,
-                self.qemu_argv(vm, kernel, initrd, port),
+                self.qemu_argv(vm, boot, port),
                 vm_dir / "qemu.log",
                 {"ssh_port": port, "accel": self.accel, "ipv4": USER_NET_ADDRESS.split("/")[0]},
             )
             try:
                 await self._wait_for_guest(vm, process, deadline)
+                if boot.cloud_init:
+                    await self._wait_for_cloud_init(vm, deadline)
                 return
             except _PortTaken:
                 continue  # someone took the port between our probe and QEMU's bind
@@ -166,9 +245,10 @@ class QemuDriver(ProcessDriver):
                 raise
         raise DriverError(f"VM {vm.name}: no free local port for its SSH forward after 5 tries")
 
-    def qemu_argv(self, vm: VMConfig, kernel: Path, initrd: Path, port: int) -> list[str]:
+    def qemu_argv(self, vm: VMConfig, boot: BootFiles, port: int) -> list[str]:
         # Paths inside the VM directory are relative (QEMU runs there): that keeps the unix
         # socket's path under the 108-byte limit however deep the state directory is.
+        disk_format = "raw" if boot.disk is None else "qcow2"  # a data disk, or an overlay
         argv = [
             self.qemu_binary,
             "-name", _escape(vm.name),
@@ -177,22 +257,31 @@ class QemuDriver(ProcessDriver):
             "-smp", str(vm.cpus),
             "-m", f"{vm.memory // MiB}M",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-kernel", _escape(str(kernel)),
-            "-initrd", _escape(str(initrd)),
-            "-append", self.kernel_cmdline,
+            "-kernel", _escape(str(boot.kernel)),
+            "-initrd", _escape(str(boot.initrd)),
+            "-append", f"{boot.cmdline} {self.kernel_cmdline}".strip(),
             "-chardev", "file,id=console,path=serial.log",
             "-serial", "chardev:console",
             # Without an entropy source dropbear waits ~1 s for the kernel's RNG to be ready.
             "-device", "virtio-rng-pci",
-            "-drive", "file=disk.img,format=raw,if=virtio,cache=writeback,discard=unmap",
+            # The first virtio disk: /dev/vda, the root of a disk image.
+            "-drive", f"file=disk.img,format={disk_format},if=virtio,cache=writeback,discard=unmap",
             *self._nic_argv(vm, port),
             "-qmp", "unix:qmp.sock,server=on,wait=off",
         ]  # fmt: skip
         if self.accel.startswith("kvm"):
             argv += ["-cpu", "host"]
+        if boot.cloud_init:
+            argv += [
+                "-drive", f"file={SEED_FILE},format=raw,if=virtio,readonly=on",
+                # The channel the image's qemu-guest-agent serves on.
+                "-device", "virtio-serial-pci",
+                "-chardev", "socket,id=qga,path=qga.sock,server=on,wait=off",
+                "-device", "virtserialport,chardev=qga,name=org.qemu.guest_agent.0",
+            ]  # fmt: skip
         for key in ("hostname", "authorized_keys", "network"):
             argv += ["-fw_cfg", f"name={FW_CFG_PREFIX}{key},file={key}"]
-        if vm.user_data:
+        if vm.user_data and not boot.cloud_init:  # cloud-init reads it from the seed
             argv += ["-fw_cfg", f"name={FW_CFG_PREFIX}user-data,file=user-data"]
         return argv
 
@@ -202,7 +291,7 @@ class QemuDriver(ProcessDriver):
         if vm.network is None:
             return [
                 "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22",
-                "-device", "virtio-net-pci,netdev=net0",
+                "-device", f"virtio-net-pci,netdev=net0,mac={self.guest_network(vm).mac}",
             ]  # fmt: skip
         return [
             "-netdev", f"tap,id=net0,ifname={vm.network.tap},script=no,downscript=no",
@@ -217,6 +306,41 @@ class QemuDriver(ProcessDriver):
         (vm_dir / "network").write_text(guest_network_config(vm))
         if vm.user_data:  # may hold secrets
             write_private(vm_dir / "user-data", vm.user_data.encode())
+
+    def guest_network(self, vm: VMConfig) -> GuestNetwork:
+        """The guest's NIC as cloud-init sets it: its cluster address, else QEMU's user-mode
+        network (the same address for every VM, a MAC of its own)."""
+        if vm.network is None:
+            return GuestNetwork(
+                USER_NET_ADDRESS, USER_NET_GATEWAY, (USER_NET_DNS,), guest_mac(vm.id)
+            )
+        nic = vm.network.nic
+        return GuestNetwork(
+            nic.address, nic.gateway, (nic.dns,) if nic.dns else (), nic.mac,
+            search=(nic.domain,) if nic.domain else (), mtu=vm.network.mtu,
+        )  # fmt: skip
+
+    def seed(self, vm: VMConfig) -> Seed:
+        """The cloud-init seed of a VM booting a ``disk`` image."""
+        public_key = self.key_path.with_suffix(".pub").read_text().strip()
+        return Seed(
+            instance_id=vm.id,
+            hostname=vm.name,
+            authorized_keys=(public_key,),
+            user_data=vm.user_data,
+            network=self.guest_network(vm),
+        )
+
+    async def _wait_for_cloud_init(self, vm: VMConfig, deadline: float) -> None:
+        """Return once cloud-init has finished in the guest (its errors are the user's to
+        read in the guest's log: the VM runs either way)."""
+        try:
+            await self._guest(vm).run(CLOUD_INIT_WAIT, timeout=max(deadline - time.monotonic(), 1))
+        except Unavailable:
+            raise DriverError(
+                f"VM {vm.name}: cloud-init did not finish before the boot timeout; console:\n"
+                f"{tail(self._vm_dir(vm) / 'serial.log', LOG_TAIL)}"
+            ) from None
 
     async def _wait_for_guest(
         self, vm: VMConfig, process: subprocess.Popen[bytes], deadline: float
@@ -367,20 +491,80 @@ def make_data_disk(path: Path, size: int) -> None:
     mkfs = shutil.which("mkfs.ext4", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
     if mkfs is None:
         raise DriverError("mkfs.ext4 not found: install e2fsprogs")
+
+    def command(partial: Path) -> list[str]:
+        with partial.open("wb") as file:
+            file.truncate(size)
+        return [mkfs, "-q", "-F", "-L", "data", "-E", "lazy_itable_init=1,lazy_journal_init=1",
+                str(partial)]  # fmt: skip
+
+    _make_file(path, command)
+
+
+def guest_mac(vm_id: str) -> str:
+    """A stable MAC per VM in QEMU's locally administered 52:54:00 range: the guest's network
+    config names its NIC by it."""
+    digest = hashlib.sha256(vm_id.encode()).digest()
+    return "52:54:00:" + ":".join(f"{byte:02x}" for byte in digest[:3])
+
+
+def hold_base(image_disk: Path, base: Path) -> None:
+    """Give the VM its own name for its base disk: a hard link to the image's disk (a copy
+    across file systems).
+
+    Why: an overlay is only valid on the very bytes it was made on. Rebuilding or re-pulling
+    the image replaces its files; the VM keeps the old ones through its link, where a path into
+    the image directory would silently give it a different disk under its blocks.
+    """
+    partial = base.with_name(base.name + ".part")
+    partial.unlink(missing_ok=True)
+    try:
+        os.link(image_disk, partial)
+    except OSError:
+        shutil.copyfile(image_disk, partial)
+    partial.rename(base)
+
+
+def make_overlay(path: Path, base: Path, base_format: str, size: int) -> None:
+    """A qcow2 file of ``size`` bytes that reads ``base`` and keeps every write itself.
+
+    The base is recorded by its name relative to the overlay (both are in the VM's directory),
+    so the VM's directory may move.
+    """
+    relative = os.path.relpath(base, path.parent)
+    _make_file(
+        path,
+        lambda partial: ["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format,
+                         "-b", relative, str(partial), str(size)],
+    )  # fmt: skip
+
+
+def _make_file(path: Path, command: Callable[[Path], Sequence[str]]) -> None:
+    """Run the command ``command(partial)`` gives, which writes the file at ``partial``, then
+    move it to ``path``: a failure or a crash leaves no half-made disk under its real name."""
     partial = path.with_name(path.name + ".part")
-    with partial.open("wb") as file:
-        file.truncate(size)
+    argv = command(partial)
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise DriverError(f"{Path(argv[0]).name} failed: {result.stderr.strip()}")
+    partial.rename(path)
+
+
+def disk_virtual_size(path: Path, disk_format: str) -> int:
+    """The size a disk image shows its guest (qcow2's virtual size, not its file's size)."""
     result = subprocess.run(
-        [mkfs, "-q", "-F", "-L", "data", "-E", "lazy_itable_init=1,lazy_journal_init=1",
-         str(partial)],
+        ["qemu-img", "info", "--output", "json", "-f", disk_format, str(path)],
         capture_output=True,
         text=True,
         check=False,
-    )  # fmt: skip
-    if result.returncode != 0:
-        partial.unlink(missing_ok=True)
-        raise DriverError(f"mkfs.ext4 failed: {result.stderr.strip()}")
-    partial.rename(path)
+    )
+    try:
+        return int(json.loads(result.stdout)["virtual-size"])
+    except (ValueError, KeyError, TypeError):
+        raise DriverError(
+            f"qemu-img cannot read {path}: {result.stderr.strip() or result.stdout}"
+        ) from None
 
 
 def _connect_unix(path: Path) -> socket.socket:

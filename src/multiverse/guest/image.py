@@ -344,11 +344,12 @@ def build_test_image(images_dir: Path, progress: Progress | None = None) -> Path
         return image_dir
 
 
-def image_is_valid(image_dir: Path) -> bool:
-    """Whether ``image_dir`` holds a complete image of the current recipe with intact files."""
+def image_is_valid(image_dir: Path, recipe: str = "") -> bool:
+    """Whether ``image_dir`` holds a complete image of ``recipe`` (default: the tiny image's
+    current one) with intact files."""
     try:
         manifest = json.loads((image_dir / MANIFEST_FILE).read_text())
-        if manifest.get("recipe") != recipe_digest():
+        if manifest.get("recipe") != (recipe or recipe_digest()):
             return False
         for name, entry in manifest["files"].items():
             path = image_dir / name
