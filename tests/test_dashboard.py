@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import websockets
 import websockets.sync.client
-from harness import REPO, Cluster, new_cluster
+from harness import REPO, Cluster, new_cluster, wait_until
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; `make test` installs it (test-deps)
@@ -107,6 +107,25 @@ def terminal_sizes(page: Page) -> list[tuple[int, int]]:
     """Every ``stty size`` answer (rows, columns) on the terminal's screen, in order."""
     text = page.locator("#terminal .xterm-rows").inner_text()
     return [(int(r), int(c)) for r, c in re.findall(r"^\s*(\d+) (\d+)\s*$", text, re.MULTILINE)]
+
+
+def test_admin_moves_an_instance_to_another_node(ui: Cluster, page: Page) -> None:
+    ui.ok("launch", "--name", "mover", "--node", "node-a")
+    try:
+        log_in(page, ui, ui.token)
+        page.goto(f"{ui.api}/ui/instances/mover")
+        expect(page.locator("#state")).to_have_text("Running")
+        target = page.get_by_label("Move to")
+        expect(target.locator("option")).to_have_count(2)  # "choose" and node-b, not node-a
+        target.select_option("node-b")
+        assert accessibility_problems(page) == []
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.get_by_role("button", name="Move").click()
+        wait_until(lambda: ui.instances()["mover"]["node"] == "node-b", timeout=60)
+        expect(page.locator("#details")).to_contain_text("node-b")  # by the events stream
+        expect(page.locator("#state")).to_have_text("Running")
+    finally:
+        ui.cli("delete", "mover")
 
 
 def test_admin_launches_uses_the_terminal_and_deletes(ui: Cluster, page: Page) -> None:

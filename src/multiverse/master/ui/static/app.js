@@ -495,6 +495,7 @@ async function instancePage(name) {
       ),
       info.message ? h("p", { class: "notice" }, info.message) : "",
       isAdmin() ? instanceActions(name, path) : "",
+      isAdmin() ? moveForm(name, path, info.node) : "",
       dl([
         ["Node", nodeLink(info.node)],
         ["IPv4", info.ipv4],
@@ -555,6 +556,44 @@ function instanceActions(name, path) {
       confirmText: `Delete ${name} and its disk?`,
       danger: true,
     }),
+  );
+}
+
+function moveForm(name, path, current) {
+  // A cold move (POST .../move): the instance stops, its disk goes to the target, it starts there.
+  const select = h(
+    "select",
+    { id: "move-target", name: "target", required: true },
+    h("option", { value: "" }, "choose a node"),
+  );
+  api("GET", "nodes")
+    .then((nodes) => {
+      for (const node of nodes) {
+        if (node.name !== current && node.status === "Ready" && !node.cordoned) {
+          select.append(h("option", { value: node.name }, node.name));
+        }
+      }
+    })
+    .catch((error) => toast(error.message, "error"));
+  return h(
+    "form",
+    {
+      class: "inline",
+      onsubmit: async (submit) => {
+        submit.preventDefault();
+        const target = select.value;
+        if (!window.confirm(`Move ${name} to ${target}? It stops while its disk is copied.`)) return;
+        try {
+          await api("POST", `${path}/move`, { node: target });
+          toast(`moving ${name} to ${target}`);
+        } catch (error) {
+          toast(error.message, "error");
+        }
+      },
+    },
+    h("label", { for: "move-target" }, "Move to"),
+    select,
+    h("button", { type: "submit" }, "Move"),
   );
 }
 
