@@ -44,6 +44,11 @@ from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
 log = logging.getLogger("multiverse.master")
 
 
+MAX_REQUEST_HEAD = 1024 * 1024
+"""Bytes of request line and headers the API reads: a query naming a page of 1,000 instances
+(``GET /api/v1/info?name=...``, up to ~70 KB of valid names) fits with room to spare."""
+
+
 @dataclass
 class MasterConfig:
     data_dir: Path
@@ -237,6 +242,9 @@ class Master:
                 lifespan="off",
                 ssl_certfile=certfile,
                 ssl_keyfile=keyfile,
+                # h11 refuses a longer request head with a text/plain 400 that the API's error
+                # contract cannot shape; `info` of a full page of names must fit.
+                h11_max_incomplete_event_size=MAX_REQUEST_HEAD,
             )
         )
         # Bound here rather than by uvicorn, which exits the process when it cannot bind.
