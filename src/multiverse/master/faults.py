@@ -25,6 +25,7 @@ from multiverse.core.faults import (
     Placement,
     check_fault,
     node_faults,
+    resolve_sides,
 )
 from multiverse.core.model import NodeStatus
 from multiverse.master.cluster import Agents
@@ -67,6 +68,9 @@ class Faults:
         duration: float | None = None,
     ) -> Fault:  # fmt: skip
         placements = self.placements()
+        # Selectors (env:NAME, KEY=VALUE) become names now; the fault keeps the names.
+        labels = {i.name: i.spec.labels for i in self.store.list_instances()}
+        targets, peers = resolve_sides(targets, peers, labels)
         fault = check_fault(
             Fault(
                 id=uuid.uuid4().hex[:8], kind=kind, targets=targets, peers=peers,

@@ -9,7 +9,7 @@ The master sends :class:`NodeFaults` with every sync acknowledgement and at once
 - links: on each slowed VM's tap a ``prio`` qdisc whose last band is the plain path, one netem
   band per rule and a u32 filter on the source address sending its packets there (pyroute2);
 - pause and disk slow are held (QMP ``stop``/``cont``, block throttling) while in force;
-- kill, reboot and clock run once per fault id; the ids done are kept in ``done.json`` so a
+- kill, reboot and clock run once per fault and VM; those done are kept in ``faults.json`` so a
   restarted agent does not kill a VM again; clock is stepped back and a filled disk emptied
   when the fault goes.
 """
@@ -76,8 +76,10 @@ class NodeFaultsApplier:
         state = _load(state_dir / "faults.json")
         self._drops: str | None = None  # rendered table last applied (None: unknown, re-apply)
         self._links: dict[str, list[list[Any]]] = state.get("links", {})  # tap -> rules
-        self._held: dict[str, dict[str, Any]] = state.get("held", {})  # fault id -> shot
-        self._done: dict[str, dict[str, Any]] = state.get("done", {})  # fault id -> shot
+        # "fault id/instance id" -> shot (a fault may hit several VMs of this node); records
+        # of an older agent were keyed by the fault id alone.
+        self._held = {_key(_shot(r)): r for r in state.get("held", {}).values()}
+        self._done = {_key(_shot(r)): r for r in state.get("done", {}).values()}
         self._generation = int(state.get("generation", 0))
 
     async def converge(self, faults: NodeFaults) -> None:
@@ -144,19 +146,19 @@ class NodeFaultsApplier:
     # --- actions on VMs ---------------------------------------------------------------------
 
     async def _converge_shots(self, shots: tuple[Shot, ...], errors: list[str]) -> None:
-        wanted = {shot.fault_id: shot for shot in shots}
+        wanted = {_key(shot): shot for shot in shots}
         # Gone: undo what needs undoing, once.
-        for fault_id, record in list(self._held.items()) + list(self._done.items()):
-            if fault_id in wanted:
+        for key, record in list(self._held.items()) + list(self._done.items()):
+            if key in wanted:
                 continue
             shot = _shot(record)
             vm = self.vm_of(shot.instance_id)
             if vm is not None:
                 await self._attempt(errors, shot, self._undo(shot, vm))
-            self._held.pop(fault_id, None)
-            self._done.pop(fault_id, None)
-        for shot in shots:
-            if shot.fault_id in self._held or shot.fault_id in self._done:
+            self._held.pop(key, None)
+            self._done.pop(key, None)
+        for key, shot in wanted.items():
+            if key in self._held or key in self._done:
                 continue  # the VM process (paused, throttled) outlives a restarted agent
             vm = self.vm_of(shot.instance_id)
             if vm is None:
@@ -165,9 +167,9 @@ class NodeFaultsApplier:
                 target = (
                     self._held if shot.kind in (FaultKind.PAUSE, FaultKind.DISK) else self._done
                 )
-                target[shot.fault_id] = {"fault_id": shot.fault_id, "kind": shot.kind.value,
-                                         "instance_id": shot.instance_id,
-                                         "params": [list(p) for p in shot.params]}  # fmt: skip
+                target[key] = {"fault_id": shot.fault_id, "kind": shot.kind.value,
+                               "instance_id": shot.instance_id,
+                               "params": [list(p) for p in shot.params]}  # fmt: skip
                 log.info("faults: %s applied to %s", shot.kind.value, vm.name)
 
     async def _attempt(self, errors: list[str], shot: Shot, work: Awaitable[None]) -> bool:
@@ -226,6 +228,10 @@ class NodeFaultsApplier:
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text(json.dumps(data, indent=2, sort_keys=True))
         temporary.replace(path)
+
+
+def _key(shot: Shot) -> str:
+    return f"{shot.fault_id}/{shot.instance_id}"
 
 
 def _shot(record: dict[str, Any]) -> Shot:
