@@ -695,14 +695,20 @@ _single("reboot", "Reset NAME hard, as the reset button.")
 @fault.command(name="clock")
 @click.argument("name", required=False)
 @_fault_env
-@click.option("--skew", required=True, help="Step the guest's clock, e.g. +5s or -2m.")
+@click.option("--skew", help="Step the guest's clock, e.g. +5s or -2m.")
+@click.option("--drift", help="Run the guest's clock fast or slow, e.g. 100ppm or -50ppm.")
 @_fault_duration
 @format_option
 def fault_clock(
-    name: str | None, env: str | None, skew: str, duration: str | None, fmt: str
-) -> None:
-    """Step NAME's clock by --skew (stepped back when healed)."""
-    _fault(fmt, {"kind": "clock", "targets": _fault_targets(name, env), "params": {"skew": skew},
+    name: str | None, env: str | None, skew: str | None, drift: str | None,
+    duration: str | None, fmt: str,
+) -> None:  # fmt: skip
+    """Step NAME's clock by --skew and/or make it drift (both undone when healed).
+
+    --drift goes through the guest kernel (adjtimex, as NTP would): QEMU cannot change the
+    clock rate of a running guest."""
+    params = {k: v for k, v in (("skew", skew), ("drift", drift)) if v is not None}
+    _fault(fmt, {"kind": "clock", "targets": _fault_targets(name, env), "params": params,
                  "duration": duration})  # fmt: skip
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "node_faults",
     "parse_duration",
     "parse_percent",
+    "parse_ppm",
     "parse_scheduled",
     "resolve_sides",
 ]
@@ -42,7 +43,7 @@ class FaultKind(enum.StrEnum):
     PAUSE = "pause"  # the VM frozen (QMP stop) while the fault lasts
     KILL = "kill"  # hard power off once; desired state stays running
     REBOOT = "reboot"  # hard reset once
-    CLOCK = "clock"  # the guest's clock stepped by ``skew``; stepped back on heal
+    CLOCK = "clock"  # the guest's clock stepped by ``skew`` and/or run off by ``drift``
     DISK = "disk"  # the data disk filled (``full``) or throttled (``slow``)
 
 
@@ -53,6 +54,9 @@ LINK_PARAMS = ("delay", "jitter", "loss", "duplicate", "reorder", "rate")
 _DURATION = re.compile(r"^([+-]?\d+(?:\.\d+)?)(ms|s|m|h|us)?$")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _RATE = re.compile(r"^\d+(?:\.\d+)?(bit|kbit|mbit|gbit)$")
+_PPM = re.compile(r"^([+-]?\d+(?:\.\d+)?)\s*ppm$")
+# A guest kernel's clock runs at most 10% off: its tick may be 9000..11000 µs per 10 ms.
+MAX_DRIFT_PPM = 100_000
 
 
 def parse_duration(text: str, what: str, *, signed: bool = False) -> float:
@@ -75,6 +79,17 @@ def parse_percent(text: str, what: str) -> float:
     if not 0 <= value <= 100:
         raise InvalidArgument(f"{what} must be between 0% and 100%: {text!r}")
     return value
+
+
+def parse_ppm(text: str, what: str) -> float:
+    """Parts per million from ``100ppm`` or ``-20ppm`` (+ runs fast), within ±10%."""
+    match = _PPM.match(str(text).strip().lower())
+    if match is None:
+        raise InvalidArgument(f"invalid {what} {text!r}: use e.g. 100ppm or -20ppm")
+    ppm = float(match.group(1))
+    if abs(ppm) > MAX_DRIFT_PPM:
+        raise InvalidArgument(f"{what} must be within ±{MAX_DRIFT_PPM}ppm (10%): {text!r}")
+    return ppm
 
 
 @dataclass(frozen=True)
@@ -139,8 +154,15 @@ def check_fault(fault: Fault, known: Iterable[str]) -> Fault:
             raise InvalidArgument("a link fault cannot go from an instance to itself")
         _check_link(fault.params)
     elif fault.kind == FaultKind.CLOCK:
-        if not parse_duration(fault.params.get("skew", ""), "--skew", signed=True):
+        unknown = sorted(set(fault.params) - {"skew", "drift"})
+        if unknown or not fault.params:
+            raise InvalidArgument("clock needs --skew (e.g. +5s) and/or --drift (e.g. 100ppm)")
+        if "skew" in fault.params and not parse_duration(
+            fault.params["skew"], "--skew", signed=True
+        ):
             raise InvalidArgument("clock needs a non-zero --skew, e.g. +5s or -2m")
+        if "drift" in fault.params and not parse_ppm(fault.params["drift"], "--drift"):
+            raise InvalidArgument("clock needs a non-zero --drift, e.g. 100ppm or -50ppm")
     elif fault.kind == FaultKind.DISK:
         full, slow = fault.params.get("full") == "true", fault.params.get("slow", "")
         if full == bool(slow):

@@ -10,8 +10,8 @@ The master sends :class:`NodeFaults` with every sync acknowledgement and at once
   band per rule and a u32 filter on the source address sending its packets there (pyroute2);
 - pause and disk slow are held (QMP ``stop``/``cont``, block throttling) while in force;
 - kill, reboot and clock run once per fault and VM; those done are kept in ``faults.json`` so a
-  restarted agent does not kill a VM again; clock is stepped back and a filled disk emptied
-  when the fault goes.
+  restarted agent does not kill a VM again; clock is stepped back (its drift set back to
+  nominal) and a filled disk emptied when the fault goes.
 """
 
 from __future__ import annotations
@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from multiverse.core.errors import DriverError, MultiverseError
-from multiverse.core.faults import FaultKind, LinkRule, NodeFaults, Shot, parse_duration
+from multiverse.core.faults import (
+    FaultKind,
+    LinkRule,
+    NodeFaults,
+    Shot,
+    parse_duration,
+    parse_ppm,
+)
 from multiverse.drivers.base import Driver, VMConfig
 
 # The network's own nft runner (all or nothing): one way to apply rules on a node.
@@ -189,7 +196,10 @@ class NodeFaultsApplier:
         elif shot.kind == FaultKind.REBOOT:
             await self.driver.reset(vm)
         elif shot.kind == FaultKind.CLOCK:
-            await self._step_clock(vm, parse_duration(params["skew"], "skew", signed=True))
+            if "drift" in params:
+                await self._set_drift(vm, parse_ppm(params["drift"], "drift"))
+            if "skew" in params:
+                await self._step_clock(vm, parse_duration(params["skew"], "skew", signed=True))
         elif shot.kind == FaultKind.DISK:
             if params.get("slow"):
                 await self.driver.throttle_disk(vm, _iops(params["slow"]))
@@ -203,7 +213,10 @@ class NodeFaultsApplier:
         if shot.kind == FaultKind.PAUSE:
             await self.driver.resume(vm)
         elif shot.kind == FaultKind.CLOCK:
-            await self._step_clock(vm, -parse_duration(params["skew"], "skew", signed=True))
+            if "drift" in params:
+                await self._set_drift(vm, 0.0)
+            if "skew" in params:
+                await self._step_clock(vm, -parse_duration(params["skew"], "skew", signed=True))
         elif shot.kind == FaultKind.DISK:
             if params.get("slow"):
                 await self.driver.throttle_disk(vm, 0)
@@ -212,6 +225,28 @@ class NodeFaultsApplier:
 
     async def _step_clock(self, vm: VMConfig, seconds: float) -> None:
         await self._guest(vm, f"date -s @$(( $(date +%s) + {round(seconds)} )) >/dev/null")
+
+    async def _set_drift(self, vm: VMConfig, ppm: float) -> None:
+        """Run the guest's clock ``ppm`` fast (slow if negative); 0: nominal again.
+
+        QEMU cannot change the rate of a running guest's clock (no QMP command; TCG's
+        ``-icount`` and KVM's TSC scaling are fixed when the VM starts), so the guest kernel's
+        own clock discipline does it, as NTP would: adjtimex(2) through the guest, like the
+        skew's step. Whole 100 ppm go in the tick (µs per 1/100 s tick, 10000 nominal), the
+        rest in the frequency (65536 units per ppm, at most ±500 ppm). The guest sees the
+        setting (``adjtimex``) and an NTP daemon in it would fight it; healing sets the nominal
+        tick and frequency back, not whatever the guest had before.
+        """
+        ticks = round(ppm / 100)
+        frequency = round((ppm - ticks * 100) * 65536)
+        try:
+            await self._guest(vm, "command -v adjtimex >/dev/null")
+        except MultiverseError:
+            raise DriverError(
+                f"{vm.name} has no adjtimex: --drift sets the guest kernel's clock rate with it "
+                "(busybox or the adjtimex package), as QEMU cannot change a running guest's"
+            ) from None
+        await self._guest(vm, f"adjtimex -q -t {10000 + ticks} -f {frequency}")
 
     async def _guest(self, vm: VMConfig, script: str) -> None:
         code = 0
