@@ -7,11 +7,12 @@ the cluster, its worker and its VM are killed at the end whatever happened.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Cluster, new_cluster
+from harness import Cluster, new_cluster, wait_until
 
 pytestmark = pytest.mark.vm
 
@@ -32,6 +33,28 @@ def vm(tmp_path_factory: pytest.TempPathFactory, tiny_image: Path) -> Iterator[C
 
 def _faults(cluster: Cluster) -> list[dict[str, object]]:
     return list(cluster.ok("fault", "list", "--format", "json").json())
+
+
+def _uptime_seen_from_host(cluster: Cluster) -> tuple[float, float]:
+    """(host monotonic time, the guest's uptime then): the middle of the exec's round trip."""
+    before = time.monotonic()
+    out = cluster.ok("exec", "b", "--", "cat", "/proc/uptime").out
+    after = time.monotonic()
+    return (before + after) / 2, float(out.split()[0])
+
+
+def test_pause_stops_the_guests_clock_for_its_duration_then_it_runs_again(vm: Cluster) -> None:
+    host_before, guest_before = _uptime_seen_from_host(vm)
+    fault = vm.ok("fault", "pause", "b", "--duration", "5s", "--format", "json").json()
+    assert fault["expires_at"]
+    wait_until(lambda: _faults(vm) == [], timeout=120, interval=0.5)  # healed by itself
+    host_after, guest_after = _uptime_seen_from_host(vm)
+    # The host's time went on while the guest's stood still: the gap is the pause (give or
+    # take the exec round trips and how late the heal ran on a loaded machine).
+    gap = (host_after - host_before) - (guest_after - guest_before)
+    assert 3.0 < gap < 60.0, (host_after - host_before, guest_after - guest_before)
+    # It runs again: its clock moves on.
+    wait_until(lambda: _uptime_seen_from_host(vm)[1] > guest_after + 1, timeout=60)
 
 
 # In the guest: wait for an RTC second to begin, then note the uptime at the start of a later
