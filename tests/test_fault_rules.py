@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -36,6 +38,7 @@ from multiverse.core.model import (
     Resources,
 )
 from multiverse.core.network import ClusterNetwork, Lease, mac_for
+from multiverse.drivers.base import ExecChunk
 from multiverse.master.events import EventBus
 from multiverse.master.faults import Faults
 from multiverse.store.repository import Store
@@ -319,6 +322,11 @@ class _Driver:
     async def resume(self, vm: SimpleNamespace) -> None:
         self.calls.append(("resume", vm.name))
 
+    async def exec(self, vm: SimpleNamespace, argv: list[str]) -> AsyncIterator[ExecChunk]:
+        """A guest without adjtimex: ``command -v`` finds nothing."""
+        self.calls.append(("exec", argv[-1]))
+        yield ExecChunk(exit_code=1 if "command -v" in argv[-1] else 0)
+
 
 def test_a_node_applies_one_fault_to_each_of_its_vms_once(tmp_path: Path) -> None:
     asyncio.run(_each_vm_once(tmp_path))
@@ -341,3 +349,36 @@ async def _each_vm_once(tmp_path: Path) -> None:
     assert driver.calls == []
     await again.converge(NodeFaults(shots=kill, generation=3))
     assert sorted(driver.calls) == [("resume", "vm-id-b"), ("resume", "vm-id-c")]
+
+
+def test_a_restarted_agent_keeps_what_an_older_one_did(tmp_path: Path) -> None:
+    asyncio.run(_older_state(tmp_path))
+
+
+async def _older_state(tmp_path: Path) -> None:
+    # An older agent kept its records by fault id alone: they are not done a second time.
+    record = {"fault_id": "f1", "kind": "pause", "instance_id": "id-b", "params": []}
+    (tmp_path / "faults.json").write_text(json.dumps({"held": {"f1": record}, "generation": 1}))
+    driver = _Driver()
+    vms = {"id-b": SimpleNamespace(name="vm-b")}
+    applier = NodeFaultsApplier(driver, vms.get, tmp_path, networked=False)  # type: ignore[arg-type]
+    await applier.converge(NodeFaults(shots=(Shot("f1", FaultKind.PAUSE, "id-b"),), generation=2))
+    assert driver.calls == []
+    await applier.converge(NodeFaults(generation=3))
+    assert driver.calls == [("resume", "vm-b")]
+
+
+def test_drift_in_a_guest_without_adjtimex_is_refused_clearly(tmp_path: Path) -> None:
+    asyncio.run(_no_adjtimex(tmp_path))
+
+
+async def _no_adjtimex(tmp_path: Path) -> None:
+    driver = _Driver()
+    vms = {"id-b": SimpleNamespace(name="vm-b")}
+    applier = NodeFaultsApplier(driver, vms.get, tmp_path, networked=False)  # type: ignore[arg-type]
+    drift = Shot("f1", FaultKind.CLOCK, "id-b", (("drift", "100ppm"),))
+    with pytest.raises(DriverError, match="clock: vm-b has no adjtimex"):
+        await applier.converge(NodeFaults(shots=(drift,), generation=1))
+    assert driver.calls == [("exec", "command -v adjtimex >/dev/null")]  # nothing else ran
+    await applier.converge(NodeFaults(generation=2))  # not applied: nothing to undo
+    assert len(driver.calls) == 1

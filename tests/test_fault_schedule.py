@@ -125,3 +125,11 @@ def test_faults_select_instances_by_environment_and_label(cluster: Cluster, tmp_
         done = cluster.cli("fault", *args)
         assert done.code != 0 and message in done.err, (args, done.err)
         assert listed() == []
+    refused = cluster.http.post(
+        f"{cluster.api}/api/v1/faults",
+        json={"kind": "partition", "targets": ["node-1"], "peers": ["env:nosuch"]},
+        headers={"Authorization": f"Bearer {cluster.token}"},
+    )
+    assert refused.status_code == 400
+    assert refused.json()["error"]["message"] == "no environment nosuch (no instance carries it)"
+    assert listed() == []
