@@ -677,8 +677,11 @@ def fault_link(name: str, to: str, duration: str | None, fmt: str, **params: str
                  "duration": duration})  # fmt: skip
 
 
+_SELECTED = "NAME may also be env:ENV or KEY=VALUE: every instance they match."
+
+
 def _single(kind: str, doc: str) -> None:
-    @fault.command(name=kind, help=doc)
+    @fault.command(name=kind, help=f"{doc}\n\n{_SELECTED}")
     @click.argument("name", required=False)
     @_fault_env
     @_fault_duration
@@ -705,8 +708,9 @@ def fault_clock(
 ) -> None:  # fmt: skip
     """Step NAME's clock by --skew and/or make it drift (both undone when healed).
 
-    --drift goes through the guest kernel (adjtimex, as NTP would): QEMU cannot change the
-    clock rate of a running guest."""
+    NAME may also be env:ENV or KEY=VALUE: every instance they match. --drift goes through
+    the guest kernel (adjtimex, as NTP would): QEMU cannot change the clock rate of a running
+    guest."""
     params = {k: v for k, v in (("skew", skew), ("drift", drift)) if v is not None}
     _fault(fmt, {"kind": "clock", "targets": _fault_targets(name, env), "params": params,
                  "duration": duration})  # fmt: skip
@@ -723,7 +727,9 @@ def fault_disk(
     name: str | None, env: str | None, full: bool, slow: str | None, duration: str | None,
     fmt: str,
 ) -> None:  # fmt: skip
-    """Fill NAME's data disk or slow it down."""
+    """Fill NAME's data disk or slow it down.
+
+    NAME may also be env:ENV or KEY=VALUE: every instance they match."""
     params = {"full": "true"} if full else {}
     if slow:
         params["slow"] = slow
