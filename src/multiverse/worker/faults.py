@@ -235,7 +235,8 @@ class NodeFaultsApplier:
         skew's step. Whole 100 ppm go in the tick (µs per 1/100 s tick, 10000 nominal), the
         rest in the frequency (65536 units per ppm, at most ±500 ppm). The guest sees the
         setting (``adjtimex``) and an NTP daemon in it would fight it; healing sets the nominal
-        tick and frequency back, not whatever the guest had before.
+        tick and frequency back, not whatever the guest had before. Done once, as the step: a
+        guest that reboots meanwhile comes back on time.
         """
         ticks = round(ppm / 100)
         frequency = round((ppm - ticks * 100) * 65536)
@@ -244,7 +245,8 @@ class NodeFaultsApplier:
         except MultiverseError:
             raise DriverError(
                 f"{vm.name} has no adjtimex: --drift sets the guest kernel's clock rate with it "
-                "(busybox or the adjtimex package), as QEMU cannot change a running guest's"
+                "(busybox or the adjtimex package), as QEMU cannot change a running guest's clock "
+                "rate"
             ) from None
         await self._guest(vm, f"adjtimex -q -t {10000 + ticks} -f {frequency}")
 
