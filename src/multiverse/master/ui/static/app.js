@@ -146,10 +146,11 @@ const dl = (pairs) =>
 // ---- the API ----
 
 class ApiError extends Error {
-  constructor(status, code, message) {
+  constructor(status, code, message, reasons = []) {
     super(message);
     this.status = status;
     this.code = code;
+    this.reasons = reasons; // an unschedulable launch: why each node refused, [{node, reason}]
   }
 }
 
@@ -166,7 +167,12 @@ async function api(method, path, body) {
   if (!response.ok) {
     const error = data.error || {};
     if (response.status === 401 && path !== "whoami") logout("Your token is no longer valid.");
-    throw new ApiError(response.status, error.code || "http_error", error.message || response.statusText);
+    throw new ApiError(
+      response.status,
+      error.code || "http_error",
+      error.message || response.statusText,
+      error.reasons || [],
+    );
   }
   return data;
 }
@@ -827,18 +833,14 @@ async function launchPage() {
 }
 
 function explain(error) {
-  // The scheduler says why each node was refused: "no node can hold the instance: a: why; b: why".
-  const [head, reasons] = error.message.split(/: (.*)/s);
-  if (error.code !== "unschedulable" || !reasons) return [h("p", { class: "error" }, error.message)];
+  // The scheduler says why each node was refused, as data beside its message.
+  if (!error.reasons?.length) return [h("p", { class: "error" }, error.message)];
   return [
-    h("p", { class: "error" }, `${head}:`),
+    h("p", { class: "error" }, "No node can hold the instance:"),
     h(
       "ul",
       { class: "why", id: "why" },
-      reasons.split("; ").map((reason) => {
-        const [node, why] = reason.split(/: (.*)/s);
-        return h("li", {}, why ? [h("strong", {}, node), `: ${why}`] : reason);
-      }),
+      error.reasons.map(({ node, reason }) => h("li", {}, [h("strong", {}, node), `: ${reason}`])),
     ),
   ];
 }
