@@ -161,19 +161,45 @@ def cli() -> None:
     """Multiverse: launch and manage virtual machines on many hosts from one place."""
 
 
+MASTER_COLUMNS = [
+    Column("API", lambda m: m["api"]),
+    Column("Cluster", lambda m: m["cluster"]),
+    Column("Leader", lambda m: "yes" if m["leader"] and m["status"] == "up" else ""),
+    Column("Status", lambda m: m["status"]),
+    Column("Last Seen", lambda m: m["last_seen"]),
+]
+
+
 @cli.command()
 @format_option
-def nodes(fmt: str) -> None:
+def masters(fmt: str) -> None:
+    """List the masters serving the cluster, and which one leads."""
+    click.echo(render(_client().masters(), MASTER_COLUMNS, fmt))
+
+
+label_filter = click.option(
+    "--labels", "label", default="", help="Only those with these labels: k=v,..."
+)
+
+
+@cli.command()
+@label_filter
+@format_option
+def nodes(label: str, fmt: str) -> None:
     """List the cluster's nodes."""
-    click.echo(render(_client().nodes(), NODE_COLUMNS, fmt))
+    click.echo(render(_client().nodes(label=label), NODE_COLUMNS, fmt))
 
 
 @cli.command(name="instances")
+@click.option("--node", default="", help="Only those on this node.")
+@click.option("--state", default="", help="Only those in this state (Running, Stopped...).")
+@label_filter
 @click.option("--env", help="Only the instances of this environment (see `apply`).")
 @format_option
-def instances_(env: str | None, fmt: str) -> None:
+def instances_(node: str, state: str, label: str, env: str | None, fmt: str) -> None:
     """List instances (aliases: list, ls)."""
-    click.echo(render(_client().instances(env=env), INSTANCE_COLUMNS, fmt))
+    listed = _client().instances(node=node, state=state, label=label, env=env)
+    click.echo(render(listed, INSTANCE_COLUMNS, fmt))
 
 
 cli.add_command(instances_, name="list")
@@ -229,9 +255,8 @@ def network(fmt: str) -> None:
 @format_option
 def info(names: tuple[str, ...], all_: bool, fmt: str) -> None:
     """Show load, memory and disk from inside instances."""
-    client = _client()
-    wanted = list(names) if names and not all_ else [i["name"] for i in client.instances()]
-    click.echo(render([client.info(name) for name in wanted], INFO_COLUMNS, fmt))
+    found = _client().info(list(names) if names and not all_ else None)
+    click.echo(render(found, INFO_COLUMNS, fmt))
 
 
 T = TypeVar("T")
@@ -626,16 +651,34 @@ def _split(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+_fault_env = click.option("--env", help="Every instance of this environment (as env:NAME).")
+
+
+def _fault_targets(name: str | None, env: str | None) -> list[str]:
+    """NAME (an instance, env:NAME or KEY=VALUE) or --env, exactly one of them."""
+    if bool(name) == bool(env):
+        raise click.UsageError("give an instance (or env:NAME, KEY=VALUE) or --env NAME")
+    return [name] if name else [f"env:{env}"]
+
+
 @fault.command(name="partition")
 @click.argument("sides", nargs=-1, required=True)
 @click.option("--one-way", is_flag=True, help="Cut only the first side's traffic to the second.")
+@click.option("--env", help="With one side only: the other side is the rest of this environment.")
 @_fault_duration
 @format_option
-def fault_partition(sides: tuple[str, ...], one_way: bool, duration: str | None, fmt: str) -> None:
-    """Cut the network between two sets of instances: `partition a,b / c,d`."""
+def fault_partition(
+    sides: tuple[str, ...], one_way: bool, env: str | None, duration: str | None, fmt: str
+) -> None:
+    """Cut the network between two sets of instances: `partition a,b / c,d`.
+
+    A set may name instances, environments (env:lab) and labels (role=db); `partition a --env
+    lab` cuts a from the rest of lab. Selectors are resolved when the fault is added."""
     text = " ".join(sides)
-    if text.count("/") != 1:
-        raise click.UsageError("give two sides separated by /: partition a,b / c,d")
+    if env is not None and "/" not in text:
+        text += f" / env:{env}"
+    elif env is not None or text.count("/") != 1:
+        raise click.UsageError("give two sides separated by /: partition a,b / c,d (or a --env E)")
     left, right = text.split("/")
     _fault(fmt, {"kind": "partition", "targets": _split(left), "peers": _split(right),
                  "one_way": one_way, "duration": duration})  # fmt: skip
@@ -653,19 +696,23 @@ def fault_partition(sides: tuple[str, ...], one_way: bool, duration: str | None,
 @_fault_duration
 @format_option
 def fault_link(name: str, to: str, duration: str | None, fmt: str, **params: str | None) -> None:
-    """Slow, lose or reorder the packets from NAME to --to (netem on the path)."""
+    """Slow, lose or reorder the packets from NAME to --to (netem, or NFQUEUE without it)."""
     given = {key: value for key, value in params.items() if value is not None}
     _fault(fmt, {"kind": "link", "targets": [name], "peers": _split(to), "params": given,
                  "duration": duration})  # fmt: skip
 
 
+_SELECTED = "NAME may also be env:ENV or KEY=VALUE: every instance they match."
+
+
 def _single(kind: str, doc: str) -> None:
-    @fault.command(name=kind, help=doc)
-    @click.argument("name")
+    @fault.command(name=kind, help=f"{doc}\n\n{_SELECTED}")
+    @click.argument("name", required=False)
+    @_fault_env
     @_fault_duration
     @format_option
-    def command(name: str, duration: str | None, fmt: str) -> None:
-        _fault(fmt, {"kind": kind, "targets": [name], "duration": duration})
+    def command(name: str | None, env: str | None, duration: str | None, fmt: str) -> None:
+        _fault(fmt, {"kind": kind, "targets": _fault_targets(name, env), "duration": duration})
 
 
 _single("pause", "Freeze NAME (QMP stop) until healed or --duration is over.")
@@ -674,28 +721,45 @@ _single("reboot", "Reset NAME hard, as the reset button.")
 
 
 @fault.command(name="clock")
-@click.argument("name")
-@click.option("--skew", required=True, help="Step the guest's clock, e.g. +5s or -2m.")
+@click.argument("name", required=False)
+@_fault_env
+@click.option("--skew", help="Step the guest's clock, e.g. +5s or -2m.")
+@click.option("--drift", help="Run the guest's clock fast or slow, e.g. 100ppm or -50ppm.")
 @_fault_duration
 @format_option
-def fault_clock(name: str, skew: str, duration: str | None, fmt: str) -> None:
-    """Step NAME's clock by --skew (stepped back when healed)."""
-    _fault(fmt, {"kind": "clock", "targets": [name], "params": {"skew": skew},
+def fault_clock(
+    name: str | None, env: str | None, skew: str | None, drift: str | None,
+    duration: str | None, fmt: str,
+) -> None:  # fmt: skip
+    """Step NAME's clock by --skew and/or make it drift (both undone when healed).
+
+    NAME may also be env:ENV or KEY=VALUE: every instance they match. --drift goes through
+    the guest kernel (adjtimex, as NTP would): QEMU cannot change the clock rate of a running
+    guest."""
+    params = {k: v for k, v in (("skew", skew), ("drift", drift)) if v is not None}
+    _fault(fmt, {"kind": "clock", "targets": _fault_targets(name, env), "params": params,
                  "duration": duration})  # fmt: skip
 
 
 @fault.command(name="disk")
-@click.argument("name")
+@click.argument("name", required=False)
+@_fault_env
 @click.option("--full", is_flag=True, help="Fill the data disk to the brim.")
 @click.option("--slow", help="Throttle the data disk to one I/O per this long, e.g. 10ms.")
 @_fault_duration
 @format_option
-def fault_disk(name: str, full: bool, slow: str | None, duration: str | None, fmt: str) -> None:
-    """Fill NAME's data disk or slow it down."""
+def fault_disk(
+    name: str | None, env: str | None, full: bool, slow: str | None, duration: str | None,
+    fmt: str,
+) -> None:  # fmt: skip
+    """Fill NAME's data disk or slow it down.
+
+    NAME may also be env:ENV or KEY=VALUE: every instance they match."""
     params = {"full": "true"} if full else {}
     if slow:
         params["slow"] = slow
-    _fault(fmt, {"kind": "disk", "targets": [name], "params": params, "duration": duration})
+    _fault(fmt, {"kind": "disk", "targets": _fault_targets(name, env), "params": params,
+                 "duration": duration})  # fmt: skip
 
 
 @fault.command(name="list")

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -60,6 +60,7 @@ from multiverse.worker.usage import HostUsage
 log = logging.getLogger("multiverse.worker")
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+Told: TypeAlias = tuple[object, ...]  # what a report says of one instance
 
 _SETTLED = {InstanceState.RUNNING, InstanceState.STOPPED}
 # The message of an instance held here for a live move that has not handed it over yet.
@@ -78,6 +79,10 @@ def _vm(record: VMRecord, network: NetworkAttachment | None = None) -> VMConfig:
         image=spec.image,
         user_data=spec.user_data,
     )
+
+
+def _told(record: VMRecord) -> Told:
+    return (record.version, record.state, record.ipv4, record.message, record.release)
 
 
 class Agent:
@@ -155,16 +160,30 @@ class Agent:
             release=record.release,
         )
 
-    async def report(self) -> pb.NodeReport:
+    async def report(self, since: Mapping[str, Told] | None = None) -> pb.NodeReport:
+        """The node's report: full, or a delta from ``since`` (what :meth:`told` said when
+        the previous report went out) naming only the instances that changed or went."""
+        capacity = convert.resources_to_pb(await self.driver.capacity())
+        # No await from here on: the caller takes told() right after, of the same records.
+        records = [
+            record for instance_id, record in self.records.items()
+            if since is None or since.get(instance_id) != _told(record)
+        ]  # fmt: skip
         return pb.NodeReport(
-            capacity=convert.resources_to_pb(await self.driver.capacity()),
-            instances=[self.status_pb(record) for record in self.records.values()],
+            capacity=capacity,
+            instances=[self.status_pb(record) for record in records],
             images=[
                 pb.ImageInfo(name=i.name, kind=i.kind, digest=i.digest, size=i.size)
                 for i in self.images
             ],
             used=convert.usage_to_pb(self.usage.measure()) if self.usage else None,
+            delta=since is not None,
+            removed=[] if since is None else [i for i in since if i not in self.records],
         )
+
+    def told(self) -> dict[str, Told]:
+        """What a report says of each instance now, to send only what changes next time."""
+        return {instance_id: _told(record) for instance_id, record in self.records.items()}
 
     # ---- actions: each returns at once, the work goes on in a task ----
 
@@ -610,15 +629,30 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def Delete(self, request: pb.InstanceRef, context: Ctx) -> pb.InstanceStatus:
         return await self._call(context, lambda: self.agent.delete(request.id))
 
+    async def _info(self, instance_id: str) -> pb.InstanceInfo:
+        record = self.agent.running(instance_id)
+        stats = await self.agent.driver.stats(_vm(record))
+        return convert.stats_to_pb(self.agent.status_pb(record), stats)
+
     async def Info(self, request: pb.InstanceRef, context: Ctx) -> pb.InstanceInfo:
         await self._guard(context)
         try:
-            record = self.agent.running(request.id)
-            stats = await self.agent.driver.stats(_vm(record))
+            return await self._info(request.id)
         except MultiverseError as exc:
             await context.abort(*convert.error_to_rpc(exc))
             raise AssertionError("unreachable") from exc
-        return convert.stats_to_pb(self.agent.status_pb(record), stats)
+
+    async def InfoMany(self, request: pb.InstanceRefs, context: Ctx) -> pb.InfoResults:
+        """Info of many instances in one call; each answers alone, failures included."""
+        await self._guard(context)
+
+        async def one(instance_id: str) -> pb.InfoResult:
+            try:
+                return pb.InfoResult(id=instance_id, info=await self._info(instance_id))
+            except MultiverseError as exc:
+                return pb.InfoResult(id=instance_id, error=exc.message)
+
+        return pb.InfoResults(results=await asyncio.gather(*map(one, request.ids)))
 
     async def Exec(self, request: pb.ExecRequest, context: Ctx) -> AsyncIterator[pb.ExecOutput]:
         await self._guard(context)

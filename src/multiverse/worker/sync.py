@@ -18,6 +18,7 @@ import json
 import logging
 import random
 import ssl
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,12 @@ from multiverse.core.files import write_private
 from multiverse.wire import convert, pki
 from multiverse.wire.v1 import multiverse_pb2 as pb
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
-from multiverse.worker.agent import Agent
+from multiverse.worker.agent import Agent, Told
 
 log = logging.getLogger("multiverse.worker")
+
+# Seconds between full reports on a stream: a safety net under the deltas, cheap at this pace.
+FULL_REPORT_EVERY = 60.0
 
 
 @dataclass
@@ -139,8 +143,9 @@ async def join(
                 "(MULTIVERSE_JOIN_TOKEN or --token-file; see `multiverse token create`)"
             )
         join_token = pki.JoinToken.decode(token)
-        master = master or join_token.addresses[0]
-        identity = await asyncio.to_thread(admit, join_token, master, name, data_dir)
+        first = masters_of(master)[0] if master else join_token.addresses[0]
+        identity = await asyncio.to_thread(admit, join_token, first, name, data_dir)
+        master = master or first
     if identity.expired():
         raise Unauthenticated(
             f"this node's certificate expired while it was away (it renews only while running); "
@@ -156,12 +161,24 @@ async def join(
         capacity=convert.resources_to_pb(await agent.driver.capacity()),
         version=__version__,
     )
-    async with grpc.aio.secure_channel(master, identity.channel_credentials()) as channel:
-        try:
-            await pb_grpc.ClusterServiceStub(channel).Join(request, timeout=15)
-        except grpc.aio.AioRpcError as exc:
-            raise convert.error_from_rpc(exc, f"master {master}") from exc
+    for address in masters_of(master):
+        async with grpc.aio.secure_channel(address, identity.channel_credentials()) as channel:
+            try:
+                await pb_grpc.ClusterServiceStub(channel).Join(request, timeout=15)
+                break
+            except grpc.aio.AioRpcError as exc:
+                failed = convert.error_from_rpc(exc, f"master {address}")
+                if not isinstance(failed, Unavailable):
+                    raise failed from exc
+    else:
+        raise failed
     return identity
+
+
+def masters_of(master: str) -> list[str]:
+    """``--master`` names one master or several, comma-separated (masters sharing one
+    PostgreSQL): a worker syncs with one and moves to the next when it is lost."""
+    return [item.strip() for item in master.split(",") if item.strip()]
 
 
 def retry_delay(attempt: int, base: float = 0.5, cap: float = 5.0) -> float:
@@ -177,16 +194,22 @@ def retry_delay(attempt: int, base: float = 0.5, cap: float = 5.0) -> float:
 async def sync_forever(master: str, identity: Identity, agent: Agent, interval: float) -> None:
     """Push reports to the master until cancelled, reconnecting as often as it takes."""
     attempt = 0
+    masters = masters_of(master)
     while True:
+        master = masters[attempt % len(masters)]  # after a loss, the next one
         try:
             credentials = identity.channel_credentials()  # the newest certificate
             async with grpc.aio.secure_channel(
                 master, credentials, convert.GRPC_CHANNEL_OPTIONS
             ) as channel:
                 stub = pb_grpc.ClusterServiceStub(channel)
-                call = stub.Sync(_reports(agent, interval))
+                reporter = Reporter(agent, interval)
+                call = stub.Sync(reporter.reports())
                 async for ack in call:
                     attempt = 0
+                    if ack.full:
+                        reporter.want_full = True
+                        agent.changed.set()  # now, not at the next interval
                     await _apply_network(agent, ack)
                     await _apply_faults(agent, ack)
         except grpc.aio.AioRpcError as exc:
@@ -207,6 +230,7 @@ async def renew(master: str, identity: Identity, data_dir: Path) -> None:
     Only the certificate file changes (atomically): the key stays, so no crash can part them.
     """
     csr = pki.csr_for_key(identity.cert.key_pem, identity.name)
+    master = masters_of(master)[0]
     async with grpc.aio.secure_channel(master, identity.channel_credentials()) as channel:
         try:
             reply = await pb_grpc.ClusterServiceStub(channel).Renew(
@@ -274,12 +298,30 @@ async def _apply_faults(agent: Agent, ack: pb.SyncAck) -> None:
         log.exception("applying the faults failed")
 
 
-async def _reports(agent: Agent, interval: float) -> AsyncIterator[pb.NodeReport]:
-    while True:
-        agent.changed.clear()
-        yield await agent.report()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(agent.changed.wait(), timeout=interval)
+class Reporter:
+    """One stream's reports: full at first, every ``FULL_REPORT_EVERY`` seconds and when the
+    master asks (its ack says ``full``); deltas in between, so that a change costs the master
+    work for what changed, not for all the node holds. The stream is ordered and reliable while
+    it lives, and a new stream starts with a full report, so a delta is never lost unseen."""
+
+    def __init__(self, agent: Agent, interval: float) -> None:
+        self.agent = agent
+        self.interval = interval
+        self.want_full = True
+        self._told: dict[str, Told] = {}
+        self._full_at = 0.0
+
+    async def reports(self) -> AsyncIterator[pb.NodeReport]:
+        while True:
+            self.agent.changed.clear()
+            full = self.want_full or time.monotonic() - self._full_at >= FULL_REPORT_EVERY
+            report = await self.agent.report(None if full else self._told)
+            self._told = self.agent.told()  # no await since the report: the same records
+            if full:
+                self.want_full, self._full_at = False, time.monotonic()
+            yield report
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.agent.changed.wait(), timeout=self.interval)
 
 
 async def observe_forever(agent: Agent, interval: float) -> None:

@@ -146,17 +146,18 @@ const dl = (pairs) =>
 // ---- the API ----
 
 class ApiError extends Error {
-  constructor(status, code, message) {
+  constructor(status, code, message, reasons = []) {
     super(message);
     this.status = status;
     this.code = code;
+    this.reasons = reasons; // an unschedulable launch: why each node refused, [{node, reason}]
   }
 }
 
-async function api(method, path, body) {
+async function send(method, url, body) {
   const headers = { Authorization: `Bearer ${sessionStorage.getItem(TOKEN) || ""}` };
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  const response = await fetch(`/api/v1/${path}`, {
+  const response = await fetch(url, {
     method,
     headers,
     body: body === undefined ? undefined : JSON.stringify(body),
@@ -165,10 +166,31 @@ async function api(method, path, body) {
   const data = await response.json().catch(() => ({}));
   if (!response.ok) {
     const error = data.error || {};
-    if (response.status === 401 && path !== "whoami") logout("Your token is no longer valid.");
-    throw new ApiError(response.status, error.code || "http_error", error.message || response.statusText);
+    if (response.status === 401 && !url.endsWith("/whoami")) logout("Your token is no longer valid.");
+    throw new ApiError(
+      response.status,
+      error.code || "http_error",
+      error.message || response.statusText,
+      error.reasons || [],
+    );
   }
-  return data;
+  return { data, response };
+}
+
+async function api(method, path, body) {
+  return (await send(method, `/api/v1/${path}`, body)).data;
+}
+
+async function list(path) {
+  // Every page of a listing: the API gives at most 1000 items a page and links the next.
+  const items = [];
+  let url = `/api/v1/${path}${path.includes("?") ? "&" : "?"}limit=1000`;
+  while (url) {
+    const { data, response } = await send("GET", url);
+    items.push(...data);
+    url = /<([^>]+)>;\s*rel="next"/.exec(response.headers.get("Link") || "")?.[1];
+  }
+  return items;
 }
 
 function socket(path) {
@@ -217,6 +239,9 @@ function describe(event) {
     return `node ${event.name}: ${event.status}${event.cordoned ? " (cordoned)" : ""}`;
   if (event.type === "operation") {
     return `${event.action} ${event.target}: ${event.status}${event.error ? ` (${event.error})` : ""}`;
+  }
+  if (event.type === "fault") {
+    return `fault ${event.fault.id} ${event.action}: ${event.fault.kind} ${faultTargets(event.fault)}`;
   }
   return JSON.stringify(event);
 }
@@ -274,7 +299,7 @@ function actionButton(label, run, { confirmText = "", danger = false } = {}) {
 // ---- pages ----
 
 async function overview() {
-  const [nodes, instances] = await Promise.all([api("GET", "nodes"), api("GET", "instances")]);
+  const [nodes, instances] = await Promise.all([list("nodes"), list("instances")]);
   const sum = (key, part) => nodes.reduce((total, node) => total + node[key][part], 0);
   const cluster = Object.fromEntries(
     ["cpus", "memory", "disk"].map((key) => [key, { total: sum(key, "total"), free: sum(key, "free") }]),
@@ -378,7 +403,7 @@ function instanceTable(instances) {
 async function nodePage(name) {
   const [node, instances] = await Promise.all([
     api("GET", `nodes/${encodeURIComponent(name)}`),
-    api("GET", "instances"),
+    list(`instances?node=${encodeURIComponent(name)}`),
   ]);
   const path = `nodes/${encodeURIComponent(name)}`;
   const maintain = (action, text) =>
@@ -434,7 +459,7 @@ async function nodePage(name) {
       : h("p", { class: "muted" }, "No labels."),
     isAdmin() ? labelForm(path) : "",
     h("h2", {}, "Instances"),
-    instanceTable(instances.filter((i) => i.node === node.name)),
+    instanceTable(instances),
   ];
 }
 
@@ -524,10 +549,11 @@ async function instancePage(name) {
         .catch((error) => (consoleLog.textContent = error.message));
     }
   };
-  await fill();
+  // Subscribed before the first read: a change that lands while it is in flight still refreshes.
   onEvents((event) => {
     if (event.name === name || event.target === name) fill().catch((error) => toast(error.message, "error"));
   });
+  await fill();
   return [
     h("h1", {}, `Instance ${name}`),
     details,
@@ -566,7 +592,7 @@ function moveForm(name, path, current) {
     { id: "move-target", name: "target", required: true },
     h("option", { value: "" }, "choose a node"),
   );
-  api("GET", "nodes")
+  list("nodes")
     .then((nodes) => {
       for (const node of nodes) {
         if (node.name !== current && node.status === "Ready" && !node.cordoned) {
@@ -649,8 +675,69 @@ function terminalSection(name, path) {
   );
 }
 
+// ---- faults (issue 19): the ones in force, live by the events stream, healed from here ----
+
+function faultTargets(fault) {
+  // As the CLI takes them: "a / b,c" (a partition), "a → b" (a link), "b" (the others).
+  const targets = fault.targets.join(",");
+  if (fault.kind === "partition") return `${targets} ${fault.one_way ? "→" : "/"} ${fault.peers.join(",")}`;
+  if (fault.kind === "link") return `${targets} → ${fault.peers.join(",") || "everyone"}`;
+  return targets;
+}
+
+function until(iso) {
+  if (!iso) return "never (until healed)";
+  const seconds = Math.round((Date.parse(iso) - Date.now()) / 1000);
+  return seconds > 0 ? `in ${seconds < 60 ? `${seconds} s` : `${Math.round(seconds / 60)} min`}` : "now";
+}
+
+async function faultsPage() {
+  const faults = await api("GET", "faults");
+  const heal = (fault) =>
+    actionButton(`Heal ${fault.id}`, () => api("DELETE", `faults/${encodeURIComponent(fault.id)}`));
+  return [
+    h("h1", {}, "Faults"),
+    h(
+      "p",
+      { class: "muted" },
+      "Faults injected from outside the guests (`multiverse fault`); each heals by itself when it expires.",
+    ),
+    isAdmin() && faults.length
+      ? h(
+          "div",
+          { class: "actions", role: "group", "aria-label": "Fault actions" },
+          actionButton("Heal all", () => api("DELETE", "faults"), {
+            confirmText: `Heal all ${faults.length} ${plural(faults.length, "fault")}?`,
+            danger: true,
+          }),
+        )
+      : "",
+    h(
+      "div",
+      { id: "faults" },
+      table(
+        ["ID", "Kind", "Targets", "Parameters", "Started", "Expires", ...(isAdmin() ? [""] : [])],
+        faults.map((fault) => [
+          h("code", {}, fault.id),
+          badge(fault.kind),
+          faultTargets(fault),
+          Object.entries(fault.params)
+            .map(([key, value]) => `${key}=${value}`)
+            .join(" ") || "—",
+          h("time", { datetime: fault.started_at, title: fault.started_at }, ago(fault.started_at)),
+          fault.expires_at
+            ? h("time", { datetime: fault.expires_at, title: fault.expires_at }, until(fault.expires_at))
+            : until(null),
+          ...(isAdmin() ? [heal(fault)] : []),
+        ]),
+        "No faults in force.",
+      ),
+    ),
+  ];
+}
+
 async function launchPage() {
-  const [images, nodes] = await Promise.all([api("GET", "images"), api("GET", "nodes")]);
+  const [images, nodes] = await Promise.all([api("GET", "images"), list("nodes")]);
   const field = (id, label, input, help = "") =>
     h("div", { class: "field" }, h("label", { for: id }, label), input, help ? h("small", {}, help) : "");
   const problems = h("div", { id: "problems", role: "alert" });
@@ -762,18 +849,14 @@ async function launchPage() {
 }
 
 function explain(error) {
-  // The scheduler says why each node was refused: "no node can hold the instance: a: why; b: why".
-  const [head, reasons] = error.message.split(/: (.*)/s);
-  if (error.code !== "unschedulable" || !reasons) return [h("p", { class: "error" }, error.message)];
+  // The scheduler says why each node was refused, as data beside its message.
+  if (!error.reasons?.length) return [h("p", { class: "error" }, error.message)];
   return [
-    h("p", { class: "error" }, `${head}:`),
+    h("p", { class: "error" }, "No node can hold the instance:"),
     h(
       "ul",
       { class: "why", id: "why" },
-      reasons.split("; ").map((reason) => {
-        const [node, why] = reason.split(/: (.*)/s);
-        return h("li", {}, why ? [h("strong", {}, node), `: ${why}`] : reason);
-      }),
+      error.reasons.map(({ node, reason }) => h("li", {}, [h("strong", {}, node), `: ${reason}`])),
     ),
   ];
 }
@@ -917,6 +1000,7 @@ const routes = [
   [/^instances\/([^/]+)$/, instancePage],
   [/^launch$/, launchPage],
   [/^tokens$/, tokensPage],
+  [/^faults$/, faultsPage],
 ];
 
 function showPage(children) {
@@ -938,9 +1022,10 @@ async function render() {
     const match = path.match(pattern);
     if (!match) continue;
     try {
+      // Subscribed before the first read, so a change made while it is in flight is not lost.
+      if ([overview, nodePage, faultsPage].includes(page)) onEvents(() => refresh(page, match));
       showPage(await page(...match.slice(1).map(decodeURIComponent)));
       document.title = `${document.querySelector("h1")?.textContent || ""} · Multiverse`;
-      if (page === overview || page === nodePage) onEvents(() => refresh(page, match));
     } catch (error) {
       showPage([h("h1", {}, "Error"), h("p", { class: "error" }, error.message)]);
     }
