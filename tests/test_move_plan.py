@@ -5,6 +5,7 @@ instance left on its source as the user wanted), and that a move resumes mid-way
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -12,12 +13,14 @@ from typing import Any, cast
 
 import pytest
 
-from multiverse.core.errors import DriverError, MultiverseError
+from multiverse.core.errors import Conflict, DriverError, InvalidArgument, MultiverseError
 from multiverse.core.model import (
     DesiredState,
+    IncomingEndpoint,
     Instance,
     InstanceSpec,
     InstanceState,
+    LiveProgress,
     Migration,
     MigrationKind,
     MigrationPhase,
@@ -28,7 +31,7 @@ from multiverse.core.model import (
 from multiverse.master.cluster import Agents
 from multiverse.master.events import EventBus
 from multiverse.master.instances import Instances
-from multiverse.master.moves import ColdPlan, Moves
+from multiverse.master.moves import ColdPlan, LivePlan, Moves
 from multiverse.master.operations import Operations
 from multiverse.master.ports import MoveFile, Observation
 from multiverse.master.reconciler import Reconciler
@@ -83,15 +86,37 @@ class FakeNodes:
         self.calls.append(f"abort {node.id}")
         self.vms[node.id].pop(instance_id, None)
 
+    # live moves
+    fail_finish: MultiverseError | None = None
+
+    async def prepare_incoming(self, node, instance, listen_host) -> IncomingEndpoint:  # type: ignore[no-untyped-def]
+        self.calls.append(f"prepare {node.id} on {listen_host}")
+        self.vms[node.id][instance.id] = Observation(InstanceState.STOPPED, 1)
+        return IncomingEndpoint(listen_host, 1, 2, login_key="ssh-ed25519 AAA")
+
+    async def migrate_out(self, node, instance_id, to, progress) -> LiveProgress:  # type: ignore[no-untyped-def]
+        self.calls.append(f"migrate {node.id} to {to.tls_hostname[:1]}")
+        progress(LiveProgress("migrating", 10, 10, 5, 20))
+        return LiveProgress("done", 10, 10, 20, 20, downtime=0.05, host_key="key")
+
+    async def abort_migrate_out(self, node: Node, instance_id: str) -> None:
+        self.calls.append(f"abort-out {node.id}")
+
+    async def finish_incoming(self, node: Node, instance_id: str, host_key: str) -> None:
+        self.calls.append(f"finish {node.id} {host_key}")
+        if self.fail_finish:
+            raise self.fail_finish
+        self.vms[node.id][instance_id] = Observation(InstanceState.RUNNING, 2)
+
 
 async def _setup(
-    tmp_path: Path, desired: DesiredState = DesiredState.RUNNING
+    tmp_path: Path, desired: DesiredState = DesiredState.RUNNING, driver: str = "fake"
 ) -> tuple[Moves, FakeNodes, Store]:
     store = Store.for_data_dir(tmp_path)
     store.migrate()  # the alembic chain, 0007 (migrations) included
     for node_id in ("a", "b"):
         node = Node(
-            id=node_id, name=f"node-{node_id}", address="x:1", driver="fake",
+            id=node_id, name=f"node-{node_id}", address="x:1", driver=driver,
             status=NodeStatus.READY, labels={}, capacity=Resources(4, 8 << 30, 100 << 30),
         )  # fmt: skip
         await store.add_node(node, "")
@@ -203,3 +228,86 @@ async def test_a_second_move_of_a_moving_instance_is_refused(tmp_path: Path) -> 
         await moves.instances.stop("vm")
     await operation.done.wait()
     assert (await store.get_instance("i1")).node_id == "b"
+
+
+# ---- live moves ----
+
+NODE_B = "00000000-0000-4000-8000-00000000000b"
+
+
+async def _live_setup(tmp_path: Path) -> tuple[Moves, FakeNodes, Store]:
+    """Two qemu nodes; the target's id is a uuid, as the TLS name it must show is made of it."""
+    moves, nodes, store = await _setup(tmp_path, driver="qemu")
+    target = await store.get_node("b")
+    await store.add_node(dataclasses.replace(target, id=NODE_B, name="node-c"), "")
+    nodes.vms[NODE_B] = {}
+    return moves, nodes, store
+
+
+@run
+async def test_a_live_move_hands_over_then_cleans_the_source(tmp_path: Path) -> None:
+    moves, nodes, store = await _live_setup(tmp_path)
+    migration, operation = await moves.move("vm", "node-c", MigrationKind.LIVE)
+    await operation.done.wait()
+    assert operation.status == "success", operation.error
+    # The target listens on its agent's host; the source checks the target's certificate name.
+    assert nodes.calls == [
+        "prepare 00000000-0000-4000-8000-00000000000b on x", "migrate a to 0",
+        "finish 00000000-0000-4000-8000-00000000000b key", "delete a",
+    ]  # fmt: skip
+    assert (await store.get_instance("i1")).node_id == NODE_B
+    figures = operation.json()["figures"]
+    assert figures["kind"] == "live" and figures["phase"] == "done"
+    assert figures["memory_bytes_sent"] == 20 and figures["disk_bytes_sent"] == 10
+    assert figures["downtime_ms"] >= 50  # QEMU's downtime, and until the target ran
+    assert (await store.get_migration(migration.id)).bytes_done == 10
+
+
+@pytest.mark.parametrize(
+    ("on_target", "owner", "expected"),
+    [
+        (None, "a", "transfer-live"),
+        (InstanceState.STOPPED, "a", "transfer-live"),  # an incoming VM: sent again
+        (InstanceState.RUNNING, "a", "switch-owner"),  # handed over: only forward
+        (InstanceState.RUNNING, NODE_B, "delete-on-source"),
+    ],
+)
+@run
+async def test_the_live_plan_resumes_from_reality(
+    tmp_path: Path, on_target: InstanceState | None, owner: str, expected: str
+) -> None:
+    moves, nodes, store = await _live_setup(tmp_path)
+    migration = await store.add_migration(
+        Migration(id="m1", instance_id="i1", kind=MigrationKind.LIVE, source_id="a",
+                  target_id=NODE_B, desired_after=DesiredState.RUNNING)
+    )  # fmt: skip
+    if on_target:
+        nodes.vms[NODE_B]["i1"] = Observation(on_target)
+    await store.update_instance("i1", node_id=owner)
+    steps = [s for s in await LivePlan(moves, migration.id).steps() if await s.should_do()]
+    assert steps[0].name == expected
+
+
+@run
+async def test_a_failed_hand_over_lets_the_source_run_on_at_once(tmp_path: Path) -> None:
+    moves, nodes, store = await _live_setup(tmp_path)
+    nodes.fail_finish = DriverError("the target's agent went away")
+    _migration, operation = await moves.move("vm", "node-c", MigrationKind.LIVE)
+    await operation.done.wait()
+    assert operation.status == "failure" and "rolled back" in operation.error
+    finishes = [i for i, call in enumerate(nodes.calls) if call.startswith("finish")]
+    assert len(finishes) == moves.retry_limit
+    assert all(nodes.calls[i + 1] == "abort-out a" for i in finishes)  # before anything else
+    assert nodes.calls[-1] == f"abort {NODE_B}" and nodes.vms[NODE_B] == {}
+    assert (await store.get_instance("i1")).node_id == "a"
+
+
+@run
+async def test_live_moves_that_cannot_work_are_refused_up_front(tmp_path: Path) -> None:
+    moves, nodes, store = await _setup(tmp_path)  # fake nodes: no live moves
+    with pytest.raises(InvalidArgument, match="cannot move instances live; use --cold"):
+        await moves.move("vm", "node-b", MigrationKind.LIVE)
+    await store.update_instance("i1", state=InstanceState.STOPPED)
+    with pytest.raises(Conflict, match="needs it Running"):
+        await moves.move("vm", "node-b", MigrationKind.LIVE)
+    assert nodes.calls == [] and await store.list_migrations(active=True) == []
