@@ -311,3 +311,11 @@ async def test_live_moves_that_cannot_work_are_refused_up_front(tmp_path: Path) 
     with pytest.raises(Conflict, match="needs it Running"):
         await moves.move("vm", "node-b", MigrationKind.LIVE)
     assert nodes.calls == [] and await store.list_migrations(active=True) == []
+
+
+@run
+async def test_a_driver_that_cannot_move_disks_is_refused_before_any_stop(tmp_path: Path) -> None:
+    moves, nodes, store = await _setup(tmp_path, driver="multipass")
+    with pytest.raises(InvalidArgument, match="multipass driver cannot move instances"):
+        await moves.move("vm", "node-b", MigrationKind.COLD)
+    assert nodes.calls == [] and await store.list_migrations(active=True) == []
