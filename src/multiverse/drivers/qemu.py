@@ -643,9 +643,9 @@ class QemuDriver(ProcessDriver):
                 switched = True  # the state shows it a moment later
                 continue
             progress(LiveProgress("migrating", disk_total, disk_total, done, total))
-            await asyncio.sleep(_POLL)
-        with contextlib.suppress(DriverError):
-            await qmp("blockdev-del", {"node-name": _NBD_NODE})
+            await asyncio.sleep(0.005 if switched else _POLL)  # the guest waits on the end
+        # Its NBD client stays: the guest is paused until the target runs, so nothing more
+        # happens here first (this VM is deleted next, or _abort_out removes it).
         host_key = _read_text(self._vm_dir(vm) / HOST_KEY_FILE)
         return LiveProgress(
             "done", disk_total, disk_total, done, total,
