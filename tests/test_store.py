@@ -98,12 +98,12 @@ def test_instances_filters_pages_reports(db_url: str) -> None:
         async def report(
             reported: list[dict[str, Any]], removed: list[str] | None = None
         ) -> list[Change]:
-            name, _, changes = await store.take_report(
+            taken = await store.take_report(
                 "n0", capacity=Resources(8, 8 << 30, 100 << 30), used=Usage(1, 2, 3),
                 reported=reported, removed=removed, image_digests=["sha256:" + "a" * 64],
             )  # fmt: skip
-            assert name == "node-0"
-            return changes
+            assert taken.name == "node-0"
+            return taken.changes
 
         # A full report: newer versions win, older ones are ignored, a deleted one goes.
         reported = [

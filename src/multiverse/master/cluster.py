@@ -17,7 +17,7 @@ from multiverse.core.errors import MultiverseError, Unauthenticated
 from multiverse.core.faults import NodeFaults
 from multiverse.core.model import Node, NodeStatus, validate_labels
 from multiverse.master.network import Ipam
-from multiverse.store.repository import Change, Store, now
+from multiverse.store.repository import Change, ReportTaken, Store, now
 from multiverse.wire import convert, pki
 from multiverse.wire.v1 import multiverse_pb2 as pb
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
@@ -131,21 +131,21 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             await context.abort(*convert.error_to_rpc(exc))
             return
         async for report in request_iterator:
-            back = await self.apply(node_id, report)
-            ack = await self.ack(node_id)
+            taken = await self.apply(node_id, report)
+            ack = await self.ack(node_id, taken.network_mode)
             # A node back from Unknown or Down: the master marked its instances meanwhile,
             # so the node tells all of them again rather than only what it changed.
-            ack.full = back
+            ack.full = taken.before != NodeStatus.READY
             yield ack
 
-    async def ack(self, node_id: str) -> pb.SyncAck:
+    async def ack(self, node_id: str, network_mode: str) -> pb.SyncAck:
         """The acknowledgement of a report, with the network as the node must now have it
         (and the faults in force there, when the master has faults)."""
-        node = await self.store.get_node(node_id)
         faults = convert.faults_to_pb(await self.fault_plan(node_id)) if self.fault_plan else None
-        if self.ipam is None or node.network_mode != "bridge":
+        if self.ipam is None or network_mode != "bridge":
             return pb.SyncAck(faults=faults)
-        return pb.SyncAck(network=convert.plan_to_pb(await self.ipam.plan(node)), faults=faults)
+        plan = await self.ipam.plan(await self.store.get_node(node_id))
+        return pb.SyncAck(network=convert.plan_to_pb(plan), faults=faults)
 
     def forget(self, node_id: str) -> None:
         """A removed node leaves nothing behind here: its images, its agent's channel."""
@@ -164,14 +164,13 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
                 entry["nodes"].append(names[node_id])
         return [catalog[name] for name in sorted(catalog)]
 
-    async def apply(self, node_id: str, report: pb.NodeReport) -> bool:
-        """Take one report: the node is alive now, and its instances are as it says. True when
-        the node was not Ready before it."""
+    async def apply(self, node_id: str, report: pb.NodeReport) -> ReportTaken:
+        """Take one report: the node is alive now, and its instances are as it says."""
         self.images[node_id] = [
             {"name": i.name, "kind": i.kind, "digest": i.digest, "size": i.size}
             for i in report.images
         ]
-        name, before, changes = await self.store.take_report(
+        taken = await self.store.take_report(
             node_id,
             capacity=convert.resources_from_pb(report.capacity),
             used=convert.usage_from_pb(report.used),
@@ -179,9 +178,9 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             removed=list(report.removed) if report.delta else None,
             image_digests=[i.digest for i in report.images if i.digest],
         )
-        back = [(name, NodeStatus.READY)] if before != NodeStatus.READY else []
-        self.on_change(back, changes)
-        return bool(back)
+        back = [(taken.name, NodeStatus.READY)] if taken.before != NodeStatus.READY else []
+        self.on_change(back, taken.changes)
+        return taken
 
 
 def status_dict(status: pb.InstanceStatus) -> dict[str, Any]:

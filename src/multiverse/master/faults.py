@@ -38,6 +38,7 @@ __all__ = ["Faults"]
 log = logging.getLogger("multiverse.master")
 
 _NETWORK_KINDS = (FaultKind.PARTITION, FaultKind.LINK)
+PLACEMENTS_MAX_AGE = 1.0  # seconds the acknowledgements' view of where instances run is kept
 
 
 def _placements(instances: list[Instance]) -> dict[str, Placement]:
@@ -53,6 +54,8 @@ class Faults:
         self.events = events
         # Nodes ignore a plan older than the last they applied: a restarted master starts later.
         self.generation = time.time_ns()
+        self._placed: dict[str, Placement] = {}  # where the instances run, as of _placed_at
+        self._placed_at = -float("inf")
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
 
@@ -61,10 +64,15 @@ class Faults:
 
     async def plan_for(self, node_id: str) -> NodeFaults:
         """This node's part of the faults in force; sent with every sync acknowledgement
-        (so the instances are read only while there are faults)."""
+        (so the instances are read only while there are faults, and then at most once a
+        second for all the nodes' acknowledgements: a thousand nodes report every few
+        seconds, and where an instance runs changes far less often)."""
         faults = await self.store.list_faults()
-        placements = await self.placements() if faults else {}
-        return node_faults(faults, placements, node_id, self.generation)
+        if not faults:
+            return node_faults(faults, {}, node_id, self.generation)
+        if time.monotonic() - self._placed_at > PLACEMENTS_MAX_AGE:
+            self._placed, self._placed_at = await self.placements(), time.monotonic()
+        return node_faults(faults, self._placed, node_id, self.generation)
 
     async def in_force(self) -> list[Fault]:
         return await self.store.list_faults()
@@ -76,6 +84,7 @@ class Faults:
     ) -> Fault:  # fmt: skip
         instances = await self.store.list_instances()
         placements = _placements(instances)
+        self._placed, self._placed_at = placements, time.monotonic()  # acks agree with the push
         # Selectors (env:NAME, KEY=VALUE) become names now; the fault keeps the names.
         labels = {i.name: i.spec.labels for i in instances}
         targets, peers = resolve_sides(targets, peers, labels)

@@ -513,15 +513,14 @@ class Store:
         reported: Sequence[dict[str, Any]],
         removed: Sequence[str] | None,
         image_digests: Sequence[str],
-    ) -> tuple[str, NodeStatus, list[Change]]:
+    ) -> ReportTaken:
         """A worker's whole report in one transaction (one commit, where the node, its
         instances and its images once took three): the node is alive and Ready now, its
         cache holds ``image_digests``, and its instances are as it says. ``removed`` None: the
         report is full (an instance missing from it is gone); else it is a delta naming only
         what changed and, in ``removed``, what went. A report older than what the master knows
         (lower ``version``) is ignored, so a report that crossed an action on the wire cannot
-        undo it. Returns the node's name, its status before, and the instances' changes
-        (state "" = deleted)."""
+        undo it."""
         with self._session() as session:
             row = session.get(NodeRow, node_id)
             if row is None:
@@ -532,7 +531,7 @@ class Store:
             row.last_sync, row.status = now(), NodeStatus.READY.value
             changes = _apply_report(session, node_id, reported, removed)
             _set_node_images(session, node_id, image_digests)
-            return row.name, before, changes
+            return ReportTaken(row.name, before, row.network_mode, changes)
 
     @_off_loop
     def observe_instance(self, instance_id: str, item: dict[str, Any]) -> Change | None:
@@ -854,6 +853,16 @@ class Change:
     name: str
     old: str
     new: str
+
+
+@dataclass(frozen=True)
+class ReportTaken:
+    """What the master learnt from one report (:meth:`Store.take_report`)."""
+
+    name: str
+    before: NodeStatus  # the node's status before this report made it Ready
+    network_mode: str
+    changes: list[Change]  # the instances' (state "" = deleted)
 
 
 def _take(session: Session, node_id: str, row: InstanceRow, *, fit: bool) -> bool:
