@@ -49,9 +49,7 @@ def test_the_api_turns_nagle_off_on_the_connections_it_accepts(tmp_path: Path) -
                 protocol.transport.get_extra_info("socket")
                 for protocol in master._http.server_state.connections
             ]
-            return [
-                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for sock in accepted
-            ]
+            return [sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for sock in accepted]
         finally:
             if connection is not None:
                 connection.close()
