@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,3 +22,22 @@ def tiny_image() -> Path:
     from multiverse.guest.image import build_test_image
 
     return build_test_image(IMAGE_CACHE)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """One private PostgreSQL cluster for the session (tests/postgres.py); its URL."""
+    from postgres import private_postgres
+
+    with private_postgres() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database of each kind the master runs on."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'multiverse.db'}"
+    from postgres import fresh_database
+
+    return fresh_database(request.getfixturevalue("postgres"), f"t{uuid.uuid4().hex[:12]}")

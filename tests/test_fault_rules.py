@@ -131,23 +131,23 @@ class _Agents:
         self.sent[node.name] = convert.faults_from_pb(request)
 
 
-def _world(tmp_path: Path) -> tuple[Store, dict[str, Node]]:
+async def _world(tmp_path: Path) -> tuple[Store, dict[str, Node]]:
     store = Store(f"sqlite:///{tmp_path / 'multiverse.db'}")
     store.migrate()
     nodes = {}
     for name in ("n1", "n2"):
         node = Node(
             str(uuid.uuid4()), name, "127.0.0.1:1", "qemu", NodeStatus.READY, {},
-            Resources(2, 2**30, 2**30),
+            Resources(2, 2**31, 2**34),  # the store refuses an instance its node has no room for
         )  # fmt: skip
-        store.add_node(node, "")
+        await store.add_node(node, "")
         nodes[name] = node
     for name, node, address in (("a", "n1", "10.0.0.2"), ("b", "n2", "10.0.0.3")):
         instance = Instance(
             str(uuid.uuid4()), InstanceSpec(name=name), nodes[node].id, DesiredState.RUNNING,
             InstanceState.RUNNING,
         )  # fmt: skip
-        store.add_instance(instance, _Fixed(address, instance.id))
+        await store.add_instance(instance, _Fixed(address, instance.id))
     return store, nodes
 
 
@@ -166,7 +166,7 @@ def test_the_master_pushes_lists_and_heals_faults_when_they_expire(tmp_path: Pat
 
 
 async def _pushes_lists_and_heals(tmp_path: Path) -> None:
-    store, _nodes = _world(tmp_path)
+    store, _nodes = await _world(tmp_path)
     store.put_network(ClusterNetwork("default", "10.0.0.0/24"))
     agents, events = _Agents(), EventBus()
     faults = Faults(store, agents, events)  # type: ignore[arg-type]
@@ -183,10 +183,14 @@ async def _pushes_lists_and_heals(tmp_path: Path) -> None:
     assert agents.sent["n2"].drops == (("10.0.0.3", "10.0.0.2"),)
     # A new master over the same store (a restart) knows it and heals it on time.
     again = Faults(store, agents, events)  # type: ignore[arg-type]
-    assert [f.id for f in again.in_force()] == [fault.id]
+    assert [f.id for f in await again.in_force()] == [fault.id]
     expiry = asyncio.create_task(again.run())
     try:
-        await async_wait_until(lambda: not store.list_faults(), timeout=10)
+
+        async def healed() -> bool:
+            return not await store.list_faults()
+
+        assert await events.wait_for(healed, timeout=10)
         await async_wait_until(lambda: agents.sent["n1"].drops == (), timeout=10)
     finally:
         expiry.cancel()
@@ -201,13 +205,13 @@ def test_a_fault_a_node_refuses_is_undone_everywhere(tmp_path: Path) -> None:
 
 
 async def _refused(tmp_path: Path) -> None:
-    store, _nodes = _world(tmp_path)
+    store, _nodes = await _world(tmp_path)
     agents = _Agents()
     agents.refuse.add("n2")
     faults = Faults(store, agents, EventBus())  # type: ignore[arg-type]
     with pytest.raises(DriverError, match="no netem"):
         await faults.add(FaultKind.LINK, ("a",), ("b",), {"delay": "200ms"})
-    assert store.list_faults() == []
+    assert await store.list_faults() == []
     assert agents.sent["n1"] == NodeFaults(generation=agents.sent["n1"].generation)
     with pytest.raises(InvalidArgument, match="unknown instance"):
         await faults.add(FaultKind.PAUSE, ("nosuch",))

@@ -10,8 +10,10 @@ import asyncio
 import ipaddress
 import threading
 import uuid
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -44,6 +46,13 @@ from multiverse.worker.agent import Agent
 from multiverse.worker.localstore import LocalStore, VMRecord
 from multiverse.worker.network import Guarded, render_ruleset
 
+T = TypeVar("T")
+
+
+def _wait(coroutine: Coroutine[Any, Any, T]) -> T:
+    """A store call from these synchronous tests."""
+    return asyncio.run(coroutine)
+
 
 def _store(path: Path) -> Store:
     store = Store(f"sqlite:///{path / 'multiverse.db'}")
@@ -60,7 +69,7 @@ def _add(store: Store, ipam: Ipam, name: str, ip: str = "") -> Instance:
         state=InstanceState.SCHEDULED,
         created_at=now(),
     )
-    return store.add_instance(instance, ipam.picker(instance.id, requested=ip))
+    return _wait(store.add_instance(instance, ipam.picker(instance.id, requested=ip)))
 
 
 def test_the_picker_takes_the_lowest_free_or_the_asked_address() -> None:
@@ -129,8 +138,9 @@ def test_fifty_concurrent_launches_on_two_masters_never_share_an_address(tmp_pat
     with ThreadPoolExecutor(50) as pool:
         addresses = list(pool.map(launch, range(50)))
     assert len(set(addresses)) == 50
-    assert sorted(lease.address for lease in stores[0].leases("default")) == sorted(addresses)
-    held = {i.name: i.address for i in stores[1].list_instances()}
+    leases = _wait(stores[0].leases("default"))
+    assert sorted(lease.address for lease in leases) == sorted(addresses)
+    held = {i.name: i.address for i in _wait(stores[1].list_instances())}
     assert set(held.values()) == set(addresses)
 
 
@@ -139,14 +149,14 @@ def test_an_address_is_freed_with_its_instance_and_taken_ones_are_refused(tmp_pa
     ipam = Ipam.open(store, "10.9.0.0/24")
     first, second = _add(store, ipam, "one"), _add(store, ipam, "two")
     assert (first.address, second.address) == ("10.9.0.1", "10.9.0.2")
-    assert store.find_instance("one").mac == mac_for(first.id)
+    assert _wait(store.find_instance("one")).mac == mac_for(first.id)
     with pytest.raises(Conflict, match="taken"):
         _add(store, ipam, "three", ip="10.9.0.2")
-    assert [i.name for i in store.list_instances()] == ["one", "two"]  # nothing half-made
-    store.delete_instance(first.id)
+    assert [i.name for i in _wait(store.list_instances())] == ["one", "two"]  # nothing half-made
+    _wait(store.delete_instance(first.id))
     assert _add(store, ipam, "three", ip="10.9.0.1").address == "10.9.0.1"
-    assert ipam.node_address("node-1") == "10.9.0.3/24"
-    assert ipam.node_address("node-1") == "10.9.0.3/24"  # kept
+    assert _wait(ipam.node_address("node-1")) == "10.9.0.3/24"
+    assert _wait(ipam.node_address("node-1")) == "10.9.0.3/24"  # kept
 
 
 @pytest.mark.parametrize("kill_after", [5])
@@ -194,7 +204,7 @@ def _as_bridged(cluster: Cluster, name: str) -> None:
     does (a fake worker builds no network: it joins in user mode, whose VMs get no lease)."""
     store = Store.for_data_dir(cluster.root / "master")
     try:
-        store.update_node(store.find_node(name).id, network_mode="bridge")
+        _wait(store.update_node(_wait(store.find_node(name)).id, network_mode="bridge"))
     finally:
         store.close()
 
@@ -225,8 +235,8 @@ def _node(store: Store, name: str, address: str, mode: str, status: NodeStatus) 
         id=str(uuid.uuid4()), name=name, address=f"{address}:1339", driver="qemu",
         status=status, labels={}, capacity=Resources(8, 8 << 30, 100 << 30),
     )  # fmt: skip
-    store.add_node(node, cert_serial="")
-    store.update_node(node.id, network_mode=mode)
+    _wait(store.add_node(node, cert_serial=""))
+    _wait(store.update_node(node.id, network_mode=mode))
     return node
 
 
@@ -238,18 +248,18 @@ def test_each_node_plan_names_its_live_bridged_peers_and_its_instances(tmp_path:
     _node(store, "down", "192.0.2.3", "bridge", NodeStatus.DOWN)  # left: no more flooding to it
     user = _node(store, "u", "192.0.2.4", "user", NodeStatus.READY)
     on_a = _add(store, ipam, "web-1")
-    store.update_instance(on_a.id, node_id=a.id)
+    _wait(store.update_instance(on_a.id, node_id=a.id))
     on_user = _add(store, ipam, "db-1")
-    store.update_instance(on_user.id, node_id=user.id)
-    plan = ipam.plan(store.get_node(a.id))
+    _wait(store.update_instance(on_user.id, node_id=user.id))
+    plan = _wait(ipam.plan(_wait(store.get_node(a.id))))
     assert plan.underlay == "192.0.2.1" and plan.peers == ("192.0.2.2",)
-    assert plan.gateway == ipam.node_address(a.id)
+    assert plan.gateway == _wait(ipam.node_address(a.id))
     assert plan.records == {"web-1": on_a.address}  # db-1's node is not on the network
     nic = plan.nics[on_a.id]
     assert (nic.address, nic.mac) == (f"{on_a.address}/24", on_a.mac)
     assert nic.gateway == nic.dns == plan.gateway.split("/")[0]
-    store.remove_node(a.id)  # its address and its instances' go back
-    owners = {lease.owner for lease in store.leases("default")}
+    _wait(store.remove_node(a.id))  # its address and its instances' go back
+    owners = {lease.owner for lease in _wait(store.leases("default"))}
     assert a.id not in owners and on_a.id not in owners and on_user.id in owners
 
 

@@ -116,20 +116,20 @@ async def _remove_and_check(master: Master) -> None:
         str(uuid.uuid4()), "gone", f"127.0.0.1:{free_port()}", "fake", NodeStatus.READY, {},
         Resources(2, 2**30, 2**30), last_sync=now(),
     )  # fmt: skip
-    master.store.add_node(node, "1234")
-    report = pb.NodeReport(images=[pb.ImageInfo(name="tiny", kind="disk", digest="sha256:0")])
-    master.cluster.apply(node.id, report)
-    assert [image["nodes"] for image in master.cluster.image_catalog()] == [["gone"]]
+    await master.store.add_node(node, "1234")
     spec = InstanceSpec(name="vm", cpus=1, memory=2**20, disk=2**20)
     instance = Instance(
         str(uuid.uuid4()), spec, node.id, DesiredState.RUNNING, InstanceState.SCHEDULED
     )
-    master.store.add_instance(instance)
+    await master.store.add_instance(instance)  # placed while the node had room
+    report = pb.NodeReport(images=[pb.ImageInfo(name="tiny", kind="disk", digest="sha256:0")])
+    await master.cluster.apply(node.id, report)
+    assert [image["nodes"] for image in await master.cluster.image_catalog()] == [["gone"]]
     await master.reconciler.reconcile_all()  # its agent is unreachable: the launch backs off
     assert master.reconciler._backoff
     _, channel = master.agents._channels[node.id]
 
-    master.nodes.remove("gone", force=True)
+    await master.nodes.remove("gone", force=True)
 
     assert master.cluster.images == {}
     assert master.agents._channels == {}

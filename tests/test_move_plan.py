@@ -74,7 +74,7 @@ class FakeNodes:
 
     async def import_(self, node, instance, source, files, progress) -> None:  # type: ignore[no-untyped-def]
         self.calls.append(f"import {node.id}")
-        progress(50, 100)
+        await progress(50, 100)
         if self.fail_import:
             raise self.fail_import
         self.vms[node.id][instance.id] = Observation(InstanceState.STOPPED, 1)
@@ -84,7 +84,7 @@ class FakeNodes:
         self.vms[node.id].pop(instance_id, None)
 
 
-def _setup(
+async def _setup(
     tmp_path: Path, desired: DesiredState = DesiredState.RUNNING
 ) -> tuple[Moves, FakeNodes, Store]:
     store = Store.for_data_dir(tmp_path)
@@ -94,8 +94,8 @@ def _setup(
             id=node_id, name=f"node-{node_id}", address="x:1", driver="fake",
             status=NodeStatus.READY, labels={}, capacity=Resources(4, 8 << 30, 100 << 30),
         )  # fmt: skip
-        store.add_node(node, "")
-    store.add_instance(
+        await store.add_node(node, "")
+    await store.add_instance(
         Instance(
             id="i1", spec=InstanceSpec(name="vm"), node_id="a", desired=desired,
             state=InstanceState.RUNNING if desired == DesiredState.RUNNING
@@ -115,30 +115,31 @@ def _setup(
 
 @run
 async def test_a_cold_move_runs_every_step_once_in_order(tmp_path: Path) -> None:
-    moves, nodes, store = _setup(tmp_path)
+    moves, nodes, store = await _setup(tmp_path)
     migration, operation = await moves.move("vm", "node-b", MigrationKind.COLD)
     assert "i1" in moves.instances.reconciler.paused  # the plan owns it now
-    assert store.get_node("b").allocated.cpus == 1  # counted on the target while moving
+    assert (await store.get_node("b")).allocated.cpus == 1  # counted on the target while moving
     await operation.done.wait()
     assert operation.status == "success", operation.error
     assert nodes.calls == [
         "stop a", "export a->b", "import b", "start b", "delete a",
     ]  # fmt: skip
-    instance = store.get_instance("i1")
+    instance = await store.get_instance("i1")
     assert (instance.node_id, instance.desired) == ("b", DesiredState.RUNNING)
-    done = store.get_migration(migration.id)
+    done = await store.get_migration(migration.id)
     assert done.phase == MigrationPhase.DONE and done.bytes_done == done.bytes_total == 100
     assert "i1" not in moves.instances.reconciler.paused
-    assert store.get_node("b").allocated.cpus == 1 and store.get_node("a").allocated.cpus == 0
+    assert (await store.get_node("b")).allocated.cpus == 1
+    assert (await store.get_node("a")).allocated.cpus == 0
 
 
 @run
 async def test_a_stopped_instance_is_not_started_on_the_target(tmp_path: Path) -> None:
-    moves, nodes, store = _setup(tmp_path, DesiredState.STOPPED)
+    moves, nodes, store = await _setup(tmp_path, DesiredState.STOPPED)
     _migration, operation = await moves.move("vm", "node-b")
     await operation.done.wait()
     assert nodes.calls == ["export a->b", "import b", "delete a"]
-    assert store.get_instance("i1").state == InstanceState.STOPPED
+    assert (await store.get_instance("i1")).state == InstanceState.STOPPED
 
 
 @pytest.mark.parametrize(
@@ -160,8 +161,8 @@ async def test_the_plan_resumes_from_reality(
     owner: str,
     expected: str | None,
 ) -> None:
-    moves, nodes, store = _setup(tmp_path)
-    migration = store.add_migration(
+    moves, nodes, store = await _setup(tmp_path)
+    migration = await store.add_migration(
         Migration(id="m1", instance_id="i1", kind=MigrationKind.COLD, source_id="a",
                   target_id="b", desired_after=DesiredState.RUNNING)
     )  # fmt: skip
@@ -170,35 +171,35 @@ async def test_the_plan_resumes_from_reality(
         nodes.vms["a"]["i1"] = Observation(on_source)
     if on_target:
         nodes.vms["b"]["i1"] = Observation(on_target)
-    store.update_instance("i1", node_id=owner)
+    await store.update_instance("i1", node_id=owner)
     steps = [s for s in await ColdPlan(moves, migration.id).steps() if await s.should_do()]
     assert (steps[0].name if steps else None) == expected
 
 
 @run
 async def test_a_failed_transfer_rolls_back_to_the_source(tmp_path: Path) -> None:
-    moves, nodes, store = _setup(tmp_path)
+    moves, nodes, store = await _setup(tmp_path)
     nodes.fail_import = DriverError("disk.img arrived damaged (sha256 differs)")
     migration, operation = await moves.move("vm", "node-b")
     await operation.done.wait()
     assert operation.status == "failure" and "rolled back" in operation.error
     assert nodes.calls.count("import b") == moves.retry_limit
     assert nodes.calls[-1] == "abort b" and nodes.vms["b"] == {}
-    instance = store.get_instance("i1")
+    instance = await store.get_instance("i1")
     # Still the source's, still wanted running: the reconciler starts it there again.
     assert (instance.node_id, instance.desired) == ("a", DesiredState.RUNNING)
-    assert store.get_migration(migration.id).phase == MigrationPhase.FAILED
+    assert (await store.get_migration(migration.id)).phase == MigrationPhase.FAILED
     assert "i1" not in moves.instances.reconciler.paused
-    assert store.get_node("b").allocated.cpus == 0  # the reservation is gone
+    assert (await store.get_node("b")).allocated.cpus == 0  # the reservation is gone
 
 
 @run
 async def test_a_second_move_of_a_moving_instance_is_refused(tmp_path: Path) -> None:
-    moves, _nodes, store = _setup(tmp_path)
+    moves, _nodes, store = await _setup(tmp_path)
     _migration, operation = await moves.move("vm", "node-b")
     with pytest.raises(MultiverseError, match="being moved"):
         await moves.move("vm", "node-b")
     with pytest.raises(MultiverseError, match="being moved"):
         await moves.instances.stop("vm")
     await operation.done.wait()
-    assert store.get_instance("i1").node_id == "b"
+    assert (await store.get_instance("i1")).node_id == "b"

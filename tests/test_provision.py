@@ -80,7 +80,7 @@ def installer(tmp_path: Path) -> Iterator[Installer]:
     store.migrate()
     events = EventBus()
 
-    def no_token(host: str, ttl: timedelta, description: str) -> tuple[str, str]:
+    async def no_token(host: str, ttl: timedelta, description: str) -> tuple[str, str]:
         raise AssertionError("no token may be issued for a refused request")
 
     yield Installer(
@@ -104,17 +104,18 @@ def test_refused_installs_change_nothing(
     installer: Installer, request_: InstallRequest, message: str
 ) -> None:
     with pytest.raises(InvalidArgument, match=message):
-        installer.add(request_, Credentials(identity=KEY))
-    assert installer.store.list_nodes() == []
+        asyncio.run(installer.add(request_, Credentials(identity=KEY)))
+    assert asyncio.run(installer.store.list_nodes()) == []
     assert len(installer.operations) == 0
 
 
 def test_a_node_that_joined_by_hand_is_not_taken_over(installer: Installer) -> None:
     node = Node(str(uuid.uuid4()), "n1", "", "qemu", NodeStatus.READY, {}, Resources())
-    installer.store.add_node(node, "1")
+    asyncio.run(installer.store.add_node(node, "1"))
+    request = InstallRequest("n1", SSHTarget("root", "h"))
     with pytest.raises(Exception, match="exists already"):
-        installer.add(InstallRequest("n1", SSHTarget("root", "h")), Credentials(identity=KEY))
-    assert installer.store.find_node("n1").status == NodeStatus.READY
+        asyncio.run(installer.add(request, Credentials(identity=KEY)))
+    assert asyncio.run(installer.store.find_node("n1")).status == NodeStatus.READY
 
 
 def test_an_install_cut_by_a_master_restart_is_failed_not_installing(tmp_path: Path) -> None:
@@ -128,10 +129,10 @@ def test_an_install_cut_by_a_master_restart_is_failed_not_installing(tmp_path: P
             str(uuid.uuid4()), "half", "", "qemu", NodeStatus.INSTALLING, {}, Resources(),
             message="venv: installing",
         )  # fmt: skip
-        master.store.add_node(node, "")
+        await master.store.add_node(node, "")
         await master.start()
         try:
-            found = master.store.find_node("half")
+            found = await master.store.find_node("half")
             assert found.status == NodeStatus.FAILED
             assert "venv: installing" in found.message and "node add" in found.message
         finally:

@@ -363,6 +363,14 @@ def _worker_options(func: Callable[..., None]) -> Callable[..., None]:
 )
 @click.option("--name", default=_default_node_name, help="Node name (default: the host name).")
 @click.option("--labels", callback=labels_option, default="", help="Node labels: k=v,...")
+@click.option(
+    "--simulate",
+    type=click.IntRange(1),
+    default=None,
+    help="Run N hollow nodes over the fake driver instead (scale tests): NAME-0, NAME-1... "
+    "in DATA_DIR, agents on the --listen port plus their number (0: free ports); the join "
+    "token needs N uses.",
+)
 @_worker_options
 def worker(
     master_address: str,
@@ -378,32 +386,47 @@ def worker(
     fake_delay: float,
     network_mode: str,
     sync_interval: float,
+    simulate: int | None,
     image_cache: int,
 ) -> None:
     """Run a worker: join a master and run its VMs on this host."""
-    from multiverse.worker.server import Worker, WorkerConfig
+    from multiverse.worker.server import Worker, WorkerConfig, Workers, simulated
 
     if token_file is not None:
         token = token_file.read_text().strip()
+    source = click.get_current_context().get_parameter_source("driver")
+    if simulate and driver != "fake" and source != click.core.ParameterSource.DEFAULT:
+        raise click.BadParameter("simulated nodes run the fake driver", param_hint="--driver")
     _logging()
-    server = Worker(
-        WorkerConfig(
-            master=master_address,
-            data_dir=data_dir,
-            token=token,
-            listen=listen,
-            advertise=advertise,
-            name=name,
-            driver=driver,
-            labels=labels,
-            capacity=capacity,
-            sync_interval=sync_interval,
-            fake_delay=fake_delay,
-            image_dirs=_image_dirs(),
-            image_cache=image_cache,
-            network_mode=network_mode,
-        )
+    config = WorkerConfig(
+        master=master_address,
+        data_dir=data_dir,
+        token=token,
+        listen=listen,
+        advertise=advertise,
+        name=name,
+        driver="fake" if simulate else driver,
+        labels=labels,
+        capacity=capacity,
+        sync_interval=sync_interval,
+        fake_delay=fake_delay,
+        image_dirs=_image_dirs(),
+        image_cache=image_cache,
+        network_mode=network_mode,
     )
+    if simulate:
+        try:
+            many = Workers(simulated(config, simulate))
+        except MultiverseError as exc:
+            raise click.UsageError(exc.message) from exc
+
+        async def start_many() -> None:
+            identities = await many.start()
+            click.echo(f"joined {len(identities)} simulated nodes as {config.name}-*")
+
+        _serve(start_many, many.stop)
+        return
+    server = Worker(config)
 
     async def start() -> None:
         identity = await server.start()
@@ -466,7 +489,7 @@ def up(
         await master_server.start()
         token = ""
         if not (worker_dir / "node.json").exists():
-            token = master_server.join_token(None, 1, "all-in-one worker")[1]
+            token = (await master_server.join_token(None, 1, "all-in-one worker"))[1]
         worker_server = Worker(
             WorkerConfig(
                 master=f"127.0.0.1:{master_server.grpc_port}",

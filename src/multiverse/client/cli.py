@@ -161,19 +161,45 @@ def cli() -> None:
     """Multiverse: launch and manage virtual machines on many hosts from one place."""
 
 
+MASTER_COLUMNS = [
+    Column("API", lambda m: m["api"]),
+    Column("Cluster", lambda m: m["cluster"]),
+    Column("Leader", lambda m: "yes" if m["leader"] and m["status"] == "up" else ""),
+    Column("Status", lambda m: m["status"]),
+    Column("Last Seen", lambda m: m["last_seen"]),
+]
+
+
 @cli.command()
 @format_option
-def nodes(fmt: str) -> None:
+def masters(fmt: str) -> None:
+    """List the masters serving the cluster, and which one leads."""
+    click.echo(render(_client().masters(), MASTER_COLUMNS, fmt))
+
+
+label_filter = click.option(
+    "--labels", "label", default="", help="Only those with these labels: k=v,..."
+)
+
+
+@cli.command()
+@label_filter
+@format_option
+def nodes(label: str, fmt: str) -> None:
     """List the cluster's nodes."""
-    click.echo(render(_client().nodes(), NODE_COLUMNS, fmt))
+    click.echo(render(_client().nodes(label=label), NODE_COLUMNS, fmt))
 
 
 @cli.command(name="instances")
+@click.option("--node", default="", help="Only those on this node.")
+@click.option("--state", default="", help="Only those in this state (Running, Stopped...).")
+@label_filter
 @click.option("--env", help="Only the instances of this environment (see `apply`).")
 @format_option
-def instances_(env: str | None, fmt: str) -> None:
+def instances_(node: str, state: str, label: str, env: str | None, fmt: str) -> None:
     """List instances (aliases: list, ls)."""
-    click.echo(render(_client().instances(env=env), INSTANCE_COLUMNS, fmt))
+    listed = _client().instances(node=node, state=state, label=label, env=env)
+    click.echo(render(listed, INSTANCE_COLUMNS, fmt))
 
 
 cli.add_command(instances_, name="list")
@@ -229,9 +255,8 @@ def network(fmt: str) -> None:
 @format_option
 def info(names: tuple[str, ...], all_: bool, fmt: str) -> None:
     """Show load, memory and disk from inside instances."""
-    client = _client()
-    wanted = list(names) if names and not all_ else [i["name"] for i in client.instances()]
-    click.echo(render([client.info(name) for name in wanted], INFO_COLUMNS, fmt))
+    found = _client().info(list(names) if names and not all_ else None)
+    click.echo(render(found, INFO_COLUMNS, fmt))
 
 
 T = TypeVar("T")

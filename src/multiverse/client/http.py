@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import re
 import ssl
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ __all__ = ["ApiClient", "ApiError", "Unreachable"]
 
 
 JSON = dict[str, Any]
+INFO_CHUNK = 100  # names per `info` request: the query string stays well under URL limits
 UPLOAD_CHUNK = 1024 * 1024
 
 # A kept-alive connection the master closed while idle fails this way on its next request,
@@ -32,10 +34,15 @@ _STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
 
 
 class ApiClient:
+    """The REST API of a cluster. ``server`` may name several masters, comma-separated: a
+    master that cannot be connected to is skipped for the next (a request that never left
+    cannot have done anything, so retrying it elsewhere is safe)."""
+
     def __init__(
         self, server: str, token: str, timeout: float = 60.0, verify: ssl.SSLContext | bool = True
     ) -> None:
-        self.server = server.rstrip("/")
+        self.servers = [item.strip().rstrip("/") for item in server.split(",") if item.strip()]
+        self.server = self.servers[0] if self.servers else server
         self.token = token
         self.verify = verify
         self.timeout = timeout
@@ -50,8 +57,28 @@ class ApiClient:
             self._connection = None
 
     def _connect(self) -> http.client.HTTPConnection:
+        """The kept connection, or a new one: to the first master (from the current one on)
+        that accepts it, so a request never sent to a dead master goes to the next."""
         if self._connection is not None:
             return self._connection
+        failure: OSError | None = None
+        for _ in self.servers or [self.server]:
+            connection = self._new_connection()
+            try:
+                connection.connect()
+            except OSError as exc:
+                failure = exc
+                connection.close()
+                if self.server in self.servers:
+                    turn = self.servers.index(self.server) + 1
+                    self.server = self.servers[turn % len(self.servers)]
+                continue
+            self._connection = connection
+            return connection
+        assert failure is not None
+        raise failure
+
+    def _new_connection(self) -> http.client.HTTPConnection:
         url = urlsplit(self.server)
         if url.scheme == "https" and url.hostname:
             context = self.verify if isinstance(self.verify, ssl.SSLContext) else None
@@ -60,18 +87,14 @@ class ApiClient:
                 if not self.verify:
                     context.check_hostname = False
                     context.verify_mode = ssl.CERT_NONE
-            self._connection = http.client.HTTPSConnection(
+            return http.client.HTTPSConnection(
                 url.hostname, url.port, timeout=self.timeout, context=context
             )
-        elif url.scheme == "http" and url.hostname:
-            self._connection = http.client.HTTPConnection(
-                url.hostname, url.port, timeout=self.timeout
-            )
-        else:
-            raise Unreachable(
-                f"cannot reach the master at {self.server}: not an http:// or https:// address"
-            )
-        return self._connection
+        if url.scheme == "http" and url.hostname:
+            return http.client.HTTPConnection(url.hostname, url.port, timeout=self.timeout)
+        raise Unreachable(
+            f"cannot reach the master at {self.server}: not an http:// or https:// address"
+        )
 
     def _send(
         self,
@@ -84,20 +107,28 @@ class ApiClient:
     ) -> http.client.HTTPResponse:
         """Send a request; the response with its body still to read. ``content`` is a body
         streamed as it is iterated (give its length in ``headers``)."""
-        target = f"{urlsplit(self.server).path}/api/v1{path}"
-        if params:
-            target += "?" + urlencode({k: _query_value(v) for k, v in params.items()})
-        headers = {**self._headers, **(headers or {})}
-        body: bytes | Iterable[bytes] | None = content
-        if json is not None:
-            body = _json_dumps(json)
-            headers["Content-Type"] = "application/json"
         # A streamed body cannot be sent twice: no retry on a stale connection for it.
         reused = (
             content is None and self._connection is not None and self._connection.sock is not None
         )
         try:
             connection = self._connect()
+        except OSError as exc:
+            self.close()
+            raise Unreachable(
+                f"cannot reach the master at {self.server}: {_describe(exc)}"
+            ) from exc
+        target = f"{urlsplit(self.server).path}/api/v1{path}"
+        if params:
+            target += "?" + urlencode(
+                [(k, _query_value(item)) for k, v in params.items() for item in _listed(v)]
+            )
+        headers = {**self._headers, **(headers or {})}
+        body: bytes | Iterable[bytes] | None = content
+        if json is not None:
+            body = _json_dumps(json)
+            headers["Content-Type"] = "application/json"
+        try:
             try:
                 connection.request(method, target, body=body, headers=headers)
                 return connection.getresponse()
@@ -113,18 +144,37 @@ class ApiClient:
                 f"cannot reach the master at {self.server}: {_describe(exc)}"
             ) from exc
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self._send(method, path, **kwargs)
+    def _read(self, response: http.client.HTTPResponse) -> bytes:
         try:
-            data = response.read()
+            return response.read()
         except (OSError, http.client.HTTPException) as exc:
             self.close()
             raise Unreachable(f"lost the master at {self.server}: {_describe(exc)}") from exc
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._send(method, path, **kwargs)
+        data = self._read(response)
         _raise_for_error(response.status, data)
         return json.loads(data)
 
-    def nodes(self) -> list[JSON]:
-        return list(self._request("GET", "/nodes"))
+    def _listing(self, path: str, params: JSON | None = None) -> list[JSON]:
+        """Every item of a paginated listing: pages are followed by their ``Link`` header."""
+        wanted = {key: value for key, value in (params or {}).items() if value}
+        items: list[JSON] = []
+        page: str | None = path
+        while page is not None:
+            response = self._send("GET", page, params=wanted)
+            data = self._read(response)
+            _raise_for_error(response.status, data)
+            items += json.loads(data)
+            page, wanted = _next_page(response.getheader("Link") or ""), {}
+        return items
+
+    def masters(self) -> list[JSON]:
+        return list(self._request("GET", "/masters"))
+
+    def nodes(self, label: str = "") -> list[JSON]:
+        return self._listing("/nodes", {"label": label})
 
     def node(self, name: str) -> JSON:
         return dict(self._request("GET", f"/nodes/{name}"))
@@ -187,16 +237,24 @@ class ApiClient:
             self._request("PUT", f"/blobs/sha256:{sha256}", content=chunks(), headers=headers)
         )
 
-    def instances(self, env: str | None = None) -> list[JSON]:
-        """Every instance, or an environment's."""
-        params = {"env": env} if env is not None else {}
-        return list(self._request("GET", "/instances", params=params))
+    def instances(
+        self, node: str = "", state: str = "", label: str = "", env: str | None = None
+    ) -> list[JSON]:
+        """Every instance (or those matching), all pages of them; ``env``: an environment's."""
+        params = {"node": node, "state": state, "label": label, "env": env}
+        return self._listing("/instances", params)
 
     def instance(self, name: str) -> JSON:
         return dict(self._request("GET", f"/instances/{name}"))
 
-    def info(self, name: str) -> JSON:
-        return dict(self._request("GET", f"/instances/{name}/info"))
+    def info(self, names: list[str] | None = None) -> list[JSON]:
+        """Info of the named instances (all when None), a page of them per request."""
+        if names is None:
+            return self._listing("/info")
+        found: list[JSON] = []
+        for start in range(0, len(names), INFO_CHUNK):
+            found += self._listing("/info", {"name": names[start : start + INFO_CHUNK]})
+        return found
 
     def launch(self, body: JSON) -> JSON:
         return dict(self._request("POST", "/instances", json=body))
@@ -312,6 +370,20 @@ def _raise_for_error(status: int, body: bytes) -> None:
 
 def _json_dumps(value: Any) -> bytes:
     return json.dumps(value).encode()
+
+
+def _listed(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _next_page(link: str) -> str | None:
+    """The path (below /api/v1) and query of a ``Link: <URL>; rel="next"`` header."""
+    match = re.search(r'<([^>]*)>\s*;\s*rel="next"', link)
+    if match is None:
+        return None
+    url = urlsplit(match.group(1))
+    path = url.path.split("/api/v1", 1)[-1]
+    return f"{path}?{url.query}" if url.query else path
 
 
 def _query_value(value: Any) -> str:

@@ -10,8 +10,8 @@ import json
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timedelta
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
@@ -47,6 +47,7 @@ from multiverse.core.model import (
     MigrationKind,
     Node,
     NodeStatus,
+    parse_labels,
 )
 from multiverse.core.network import parse_publish
 from multiverse.core.sizes import parse_size
@@ -426,13 +427,13 @@ async def _accept(websocket: WebSocket) -> None:
     await websocket.accept(subprotocol=WS_PROTOCOL if WS_PROTOCOL in offered else None)
 
 
-def _caller(request: HTTPConnection) -> dict[str, object]:
+async def _caller(request: HTTPConnection) -> dict[str, object]:
     """The API token's record; every route but health needs one."""
     token = _bearer(request)
     try:
         if not token:
             raise Unauthenticated("missing API token: send Authorization: Bearer <token>")
-        return auth.verify_token(request.app.state.store, auth.API, token)
+        return await auth.verify_token(request.app.state.store, auth.API, token)
     except Unauthenticated:
         limiter: _FailedAuth = request.app.state.failed_auth
         limiter.failed(request.client.host if request.client else "unknown")
@@ -448,7 +449,9 @@ Reader = Annotated[dict[str, object], Depends(_caller)]
 Admin = Annotated[dict[str, object], Depends(_admin)]
 
 
-JoinTokenIssuer = Callable[[timedelta | None, int | None, str], tuple[auth.IssuedToken, str]]
+JoinTokenIssuer = Callable[
+    [timedelta | None, int | None, str], Awaitable[tuple[auth.IssuedToken, str]]
+]
 
 
 def create_app(
@@ -457,7 +460,7 @@ def create_app(
     nodes: Nodes,
     join_token: JoinTokenIssuer,
     ca: pki.ClusterCA,
-    image_catalog: Callable[[], list[dict[str, Any]]],
+    image_catalog: Callable[[], Awaitable[list[dict[str, Any]]]],
     image_store: Images,
     max_auth_failures: int = 20,
     ipam: Ipam | None = None,
@@ -513,7 +516,7 @@ def create_app(
     async def network(_: Reader) -> dict[str, Any]:
         if ipam is None:
             raise NotFound("this cluster has no network")
-        return ipam.usage()
+        return await ipam.usage()
 
     def _faults() -> Faults:
         if faults is None:
@@ -522,7 +525,7 @@ def create_app(
 
     @app.get("/api/v1/faults")
     async def list_faults(_: Reader) -> list[dict[str, object]]:
-        return [fault.json() for fault in _faults().in_force()]
+        return [fault.json() for fault in await _faults().in_force()]
 
     @app.post("/api/v1/faults", status_code=201)
     async def add_fault(body: FaultBody, _: Admin) -> dict[str, object]:
@@ -553,15 +556,15 @@ def create_app(
 
     @app.get("/api/v1/images")
     async def images(_: Reader) -> list[dict[str, Any]]:
-        return image_catalog()
+        return await image_catalog()
 
     @app.get("/api/v1/image-store")
     async def list_stored_images(_: Reader) -> list[dict[str, Any]]:
-        return [image_json(image) for image in image_store.all()]
+        return [image_json(image) for image in await image_store.all()]
 
     @app.get("/api/v1/image-store/{name}")
     async def get_stored_image(name: str, _: Reader) -> dict[str, Any]:
-        return image_json(image_store.get(name))
+        return image_json(await image_store.get(name))
 
     @app.post("/api/v1/image-store", status_code=202)
     async def import_image(body: ImportBody, _: Admin) -> dict[str, Any]:
@@ -580,20 +583,20 @@ def create_app(
             )
         else:
             raise InvalidArgument("nothing to import: give files or a url")
-        return image_store.start_import(body.name, body.aliases, source).json()
+        return (await image_store.start_import(body.name, body.aliases, source)).json()
 
     @app.delete("/api/v1/image-store/{name}")
     async def delete_image(name: str, _: Admin) -> dict[str, Any]:
-        return image_json(image_store.delete(name))
+        return image_json(await image_store.delete(name))
 
     @app.post("/api/v1/image-store/{name}/pull", status_code=202)
     async def pull_image(name: str, body: PullBody, _: Admin) -> dict[str, Any]:
         """Warm the caches of some nodes (or all Ready ones) ahead of launches."""
         if body.all:
-            targets = [node for node in store.list_nodes() if node.status == NodeStatus.READY]
+            targets = [node for node in await store.list_nodes() if node.status == NodeStatus.READY]
         else:
-            targets = [store.find_node(node_name) for node_name in body.nodes]
-        return image_store.start_pull(name, targets).json()
+            targets = [await store.find_node(node_name) for node_name in body.nodes]
+        return (await image_store.start_pull(name, targets)).json()
 
     @app.get("/api/v1/blobs/{digest}")
     async def get_blob(digest: str, _: Admin) -> dict[str, Any]:
@@ -619,7 +622,7 @@ def create_app(
     async def admit_node(body: JoinBody) -> dict[str, str]:
         """A new worker's first step: its join token and CSR for a node certificate. The
         token is the credential here, so no API token is asked for."""
-        node, certificate = nodes.admit(body.token, body.csr.encode(), body.name)
+        node, certificate = await nodes.admit(body.token, body.csr.encode(), body.name)
         return {
             "node_id": node.id,
             "name": node.name,
@@ -644,39 +647,58 @@ def create_app(
             password=body.password, identity=body.identity, known_hosts=body.known_hosts,
             host_key_fingerprint=body.host_key_fingerprint,
         )  # fmt: skip
-        return _installer().add(request, credentials).json()
+        return (await _installer().add(request, credentials)).json()
 
     @app.post("/api/v1/nodes/{name}/uninstall", status_code=202)
     async def uninstall_node(name: str, body: NodeCredentialsBody, _: Admin) -> dict[str, Any]:
         """Stop the worker `node add` installed, remove its unit, venv and data dir, then forget
         the node; refused while it holds instances."""
         credentials = Credentials(password=body.password, identity=body.identity)
-        return _installer().uninstall(name, credentials).json()
+        return (await _installer().uninstall(name, credentials)).json()
 
     @app.delete("/api/v1/nodes/{name}")
     async def remove_node(name: str, _: Admin, force: bool = False) -> dict[str, Any]:
         """Forget a node and revoke its certificate; it can join again only with a token."""
-        return node_json(nodes.remove(name, force=force))
+        return node_json(await nodes.remove(name, force=force))
 
     @app.get("/api/v1/nodes")
-    async def list_nodes(_: Reader) -> list[dict[str, Any]]:
-        return [node_json(node) for node in store.list_nodes()]
+    async def list_nodes(request: Request, _: Reader, page: Page, label: Labels = None) -> Response:
+        found = await store.list_nodes(
+            labels=_selector(label), after=page.after, limit=page.limit + 1
+        )
+        more = len(found) > page.limit
+        return _page(request, [node_json(node) for node in found[: page.limit]], more)
+
+    @app.get("/api/v1/masters")
+    async def masters(_: Reader) -> list[dict[str, Any]]:
+        """The masters serving this cluster's database; a silent one is "away" (and cannot
+        lead: its lock went with its database session)."""
+        moment = datetime.now(UTC)
+        return [
+            {
+                **record,
+                "status": "away" if (moment - record["last_seen"]).total_seconds() > 5 else "up",
+                "started_at": _iso(record["started_at"]),
+                "last_seen": _iso(record["last_seen"]),
+            }
+            for record in await store.list_masters()
+        ]
 
     @app.get("/api/v1/nodes/{name}")
     async def get_node(name: str, _: Reader) -> dict[str, Any]:
-        return node_json(store.find_node(name))
+        return node_json(await store.find_node(name))
 
     @app.post("/api/v1/nodes/{name}/cordon")
     async def cordon(name: str, _: Admin) -> dict[str, Any]:
-        return node_json(nodes.set_cordon(name, True))
+        return node_json(await nodes.set_cordon(name, True))
 
     @app.patch("/api/v1/nodes/{name}/labels")
     async def label_node(name: str, body: LabelsBody, _: Admin) -> dict[str, Any]:
-        return node_json(nodes.label(name, body.labels))
+        return node_json(await nodes.label(name, body.labels))
 
     @app.post("/api/v1/nodes/{name}/uncordon")
     async def uncordon(name: str, _: Admin) -> dict[str, Any]:
-        return node_json(nodes.set_cordon(name, False))
+        return node_json(await nodes.set_cordon(name, False))
 
     @app.post("/api/v1/nodes/{name}/{action}", status_code=202)
     async def maintain(
@@ -705,7 +727,7 @@ def create_app(
     async def events(websocket: WebSocket) -> None:
         """Lifecycle events as JSON text frames, from now on; a slow listener is dropped."""
         try:
-            _caller(websocket)
+            await _caller(websocket)
         except MultiverseError as exc:
             status = HTTP_STATUS.get(exc.code, 500)
             await websocket.send_denial_response(error_response(status, exc.code, exc.message))
@@ -719,20 +741,30 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus(_: Reader) -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+        return Response(await metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/api/v1/instances")
-    async def list_instances(_: Reader, env: str | None = None) -> list[dict[str, Any]]:
-        """Every instance, or an environment's (``?env=NAME``)."""
-        return [
-            instance_json(instance)
-            for instance in store.list_instances()
-            if env is None or instance.spec.labels.get(ENV_LABEL) == env
-        ]
+    async def list_instances(
+        request: Request,
+        _: Reader,
+        page: Page,
+        node: str | None = None,
+        state: str | None = None,
+        label: Labels = None,
+        env: str | None = None,
+    ) -> Response:
+        """Instances by name, a page at a time, filtered; ``?env=NAME``: an environment's."""
+        labels = {**(_selector(label) or {}), **({ENV_LABEL: env} if env is not None else {})}
+        found = await store.list_instances(
+            node_name=node, state=_state(state), labels=labels, after=page.after,
+            limit=page.limit + 1,
+        )  # fmt: skip
+        more = len(found) > page.limit
+        return _page(request, [instance_json(item) for item in found[: page.limit]], more)
 
     @app.get("/api/v1/instances/{name}")
     async def get_instance(name: str, _: Reader) -> dict[str, Any]:
-        return instance_json(instances.get(name))
+        return instance_json(await instances.get(name))
 
     @app.post("/api/v1/instances", status_code=202)
     async def launch(body: LaunchBody, _: Admin) -> dict[str, Any]:
@@ -769,7 +801,7 @@ def create_app(
         """Move to ``body.node``; the operation's ``figures`` tell the phase and bytes sent."""
         migration, operation = await nodes.moves.move(name, body.node, MigrationKind(body.kind))
         return {
-            **instance_json(instances.get(name)), "operation": operation.id,
+            **instance_json(await instances.get(name)), "operation": operation.id,
             "move": migration_json(migration),
         }  # fmt: skip
 
@@ -779,7 +811,29 @@ def create_app(
 
     @app.get("/api/v1/instances/{name}/info")
     async def info(name: str, _: Reader) -> dict[str, Any]:
-        return info_json(await instances.info(instances.get(name)))
+        return info_json((await instances.info([await instances.get(name)]))[0])
+
+    @app.get("/api/v1/info")
+    async def info_many(
+        request: Request,
+        _: Reader,
+        page: Page,
+        name: Annotated[list[str] | None, Query(max_length=MAX_PAGE)] = None,
+        node: str | None = None,
+        state: str | None = None,
+        label: Labels = None,
+    ) -> Response:
+        """``info`` of a page of instances (those named, or all that match): each node is
+        asked once for all of its instances on the page."""
+        found = await store.list_instances(
+            names=name, node_name=node, state=_state(state), labels=_selector(label),
+            after=page.after, limit=page.limit + 1,
+        )  # fmt: skip
+        missing = sorted(set(name or ()) - {instance.name for instance in found})
+        if missing and page.after is None and len(found) <= page.limit:
+            raise NotFound(f"instance {missing[0]!r} does not exist")
+        answered = await instances.info(found[: page.limit])
+        return _page(request, [info_json(item) for item in answered], len(found) > page.limit)
 
     @app.get("/api/v1/instances/{name}/logs")
     async def logs(name: str, _: Admin) -> dict[str, str]:
@@ -820,10 +874,10 @@ def create_app(
     ) -> None:
         """A shell (or ``command``) in the instance; frames as master/sessions.py tells."""
         try:
-            auth.require_role(_caller(websocket), "admin")
+            auth.require_role(await _caller(websocket), "admin")
             if not (0 < cols <= MAX_TERMINAL and 0 < rows <= MAX_TERMINAL):
                 raise InvalidArgument(f"invalid terminal size {cols}x{rows}")
-            node_name = instances.get(name).node_name
+            node_name = (await instances.get(name)).node_name
             call = await instances.open_session(name, command or [], (cols, rows) if tty else None)
         except MultiverseError as exc:
             # Refused before the upgrade, so the client sees the status and the JSON body.
@@ -837,11 +891,11 @@ def create_app(
 
     @app.get("/api/v1/environments")
     async def list_environments(_: Reader) -> list[dict[str, Any]]:
-        return [environment_json(name, items) for name, items in environments.all().items()]
+        return [environment_json(name, items) for name, items in (await environments.all()).items()]
 
     @app.get("/api/v1/environments/{name}")
     async def get_environment(name: str, _: Reader) -> dict[str, Any]:
-        return environment_json(name, environments.get(name))
+        return environment_json(name, await environments.get(name))
 
     @app.put("/api/v1/environments/{name}", status_code=202)
     async def apply_environment(
@@ -853,7 +907,7 @@ def create_app(
             raise InvalidArgument(f"the spec names environment {spec.name!r}, the path {name!r}")
         if dry_run:
             response.status_code = 200
-            diff = environments.diff(spec, prune=body.prune, recreate=body.recreate)
+            diff = await environments.diff(spec, prune=body.prune, recreate=body.recreate)
             return {**diff.json(), "operation": None}
         steps, operation = await environments.apply(spec, prune=body.prune, recreate=body.recreate)
         return {**steps.json(), "operation": operation.id}
@@ -867,9 +921,9 @@ def create_app(
     async def create_token(body: TokenBody, _: Admin) -> dict[str, Any]:
         ttl = timedelta(seconds=body.ttl_seconds) if body.ttl_seconds else None
         if body.kind == auth.JOIN:
-            issued, token = join_token(ttl, body.uses, body.description)
+            issued, token = await join_token(ttl, body.uses, body.description)
         else:
-            issued = auth.issue_token(
+            issued = await auth.issue_token(
                 store, auth.API, role=body.role, ttl=ttl, uses=body.uses,
                 description=body.description,
             )  # fmt: skip
@@ -894,21 +948,62 @@ def create_app(
                 "revoked": record["revoked"],
                 "created_at": _iso(record["created_at"]),
             }
-            for record in store.list_tokens()
+            for record in await store.list_tokens()
         ]
 
     @app.delete("/api/v1/tokens/{token_id}")
     async def revoke_token(token_id: str, _: Admin) -> dict[str, str]:
-        store.revoke_token(token_id)
+        await store.revoke_token(token_id)
         return {"id": token_id, "status": "revoked"}
 
     @app.post("/api/v1/tokens/revoke")
     async def revoke_token_itself(body: RevokeBody, _: Admin) -> dict[str, str]:
         """Revoke a token given whole (in the body: a secret never goes into a URL)."""
-        return await revoke_token(auth.find_token(store, body.token.strip()), _)
+        return await revoke_token(await auth.find_token(store, body.token.strip()), _)
 
     ui.mount(app)
     return app
+
+
+DEFAULT_PAGE = 500  # items per page of a listing when the client does not say
+MAX_PAGE = 1000
+
+
+class PageParams(BaseModel):
+    """``?limit=&after=``: at most ``limit`` items, those whose name sorts after ``after``."""
+
+    limit: int = Field(DEFAULT_PAGE, ge=1, le=MAX_PAGE)
+    after: str | None = Field(None, max_length=255)
+
+
+Page = Annotated[PageParams, Query()]
+# ``?label=zone=a,disk=ssd`` (or the parameter repeated): every one must match.
+Labels = Annotated[list[str] | None, Query(max_length=64)]
+
+
+def _selector(label: list[str] | None) -> dict[str, str] | None:
+    return parse_labels(",".join(label)) if label else None
+
+
+def _state(state: str | None) -> InstanceState | None:
+    if state is None:
+        return None
+    try:
+        return InstanceState(state)
+    except ValueError:
+        known = ", ".join(item.value for item in InstanceState)
+        raise InvalidArgument(f"unknown state {state!r}: use one of {known}") from None
+
+
+def _page(request: Request, items: list[dict[str, Any]], more: bool) -> Response:
+    """One page (the store is asked for one item over the limit, to know whether ``more``
+    follow); the next page's URL goes in a ``Link: <...>; rel="next"`` header (RFC 8288, as
+    GitHub's API does), so the body stays the list it always was."""
+    response = JSONResponse(items)
+    if more and items:
+        following = request.url.include_query_params(after=items[-1]["name"])
+        response.headers["Link"] = f'<{following}>; rel="next"'
+    return response
 
 
 def _accepted(started: tuple[Instance, Operation]) -> dict[str, Any]:

@@ -46,7 +46,7 @@ class IssuedToken:
     expires_at: datetime | None
 
 
-def issue_token(
+async def issue_token(
     store: Store,
     kind: str,
     *,
@@ -70,7 +70,7 @@ def issue_token(
     token_id = secrets.token_hex(8)
     secret = new_secret()
     expires_at = now() + ttl if ttl is not None else None
-    store.add_token(
+    await store.add_token(
         token_id,
         kind,
         hash_secret(secret),
@@ -82,14 +82,14 @@ def issue_token(
     return IssuedToken(token_id, f"{_PREFIX[kind]}.{token_id}.{secret}", expires_at)
 
 
-def verify_token(store: Store, kind: str, token: str) -> dict[str, object]:
+async def verify_token(store: Store, kind: str, token: str) -> dict[str, object]:
     """The stored token for ``token`` if it is valid now; raises Unauthenticated otherwise.
 
     Every failure says the same thing, so a caller learns nothing about which part was wrong.
     """
     prefix, _, rest = token.partition(".")
     token_id, _, secret = rest.partition(".")
-    record = store.get_token(token_id) if prefix == _PREFIX[kind] and secret else None
+    record = await store.get_token(token_id) if prefix == _PREFIX[kind] and secret else None
     what = "join token" if kind == JOIN else "API token"
     if (
         record is None
@@ -106,7 +106,7 @@ def verify_token(store: Store, kind: str, token: str) -> dict[str, object]:
     return record
 
 
-def find_token(store: Store, token: str) -> str:
+async def find_token(store: Store, token: str) -> str:
     """The id of ``token`` as ``token create`` printed it (``mva.<id>.<secret>``,
     ``mvj.<id>.<secret>`` or an encoded join token), if it is one of ours, expired and revoked
     ones too: the secret must match, so a mistyped token names no other."""
@@ -118,7 +118,7 @@ def find_token(store: Store, token: str) -> str:
         token_id, _, secret = rest.partition(".")
         if prefix not in _PREFIX.values():
             token_id = ""
-    record = store.get_token(token_id) if token_id and secret else None
+    record = await store.get_token(token_id) if token_id and secret else None
     if record is None or not secret_matches(secret, str(record["secret_hash"])):
         raise NotFound("no such token: give the whole token `token create` printed, or its id")
     return token_id

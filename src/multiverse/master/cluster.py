@@ -51,21 +51,23 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         # What each node last said it can boot; in memory: every node says it again at once.
         self.images: dict[str, list[dict[str, Any]]] = {}
         # A node's part of the faults in force (master/faults.py), sent with every ack.
-        self.fault_plan: Callable[[str], NodeFaults] | None = None
+        self.fault_plan: Callable[[str], Awaitable[NodeFaults]] | None = None
 
-    def peer_node(self, context: Ctx) -> str | None:
+    async def peer_node(self, context: Ctx) -> str | None:
         """The node id of the caller's certificate; refused if revoked or not a node's."""
         cert = pki.peer_cert_of(context.auth_context())
-        identity = pki.check_peer_cert(self.agents.ca, cert, self.store.revoked_serials())
-        if identity.kind != "node" or not self.store.list_nodes(ids=[identity.node_id]):
+        identity = pki.check_peer_cert(self.agents.ca, cert, await self.store.revoked_serials())
+        if identity.kind != "node" or not await self.store.list_nodes(ids=[identity.node_id]):
             raise Unauthenticated("this certificate belongs to no node of this cluster")
         return identity.node_id
 
-    async def _answer(self, context: Ctx, what: str, answer: Callable[[], Reply]) -> Reply:
+    async def _answer(
+        self, context: Ctx, what: str, answer: Callable[[], Awaitable[Reply]]
+    ) -> Reply:
         """``answer()``, or the call aborted with our error's code (logged: refusals of nodes
         are what an operator looks for)."""
         try:
-            return answer()
+            return await answer()
         except MultiverseError as exc:
             log.info("%s refused from %s: %s", what, context.peer(), exc.message)
             await context.abort(*convert.error_to_rpc(exc))
@@ -77,39 +79,39 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
     async def Renew(self, request: pb.RenewRequest, context: Ctx) -> pb.RenewResponse:
         return await self._answer(context, "renewal", lambda: self._renew(request, context))
 
-    def _renew(self, request: pb.RenewRequest, context: Ctx) -> pb.RenewResponse:
+    async def _renew(self, request: pb.RenewRequest, context: Ctx) -> pb.RenewResponse:
         """A new certificate for the calling node, for the key in its CSR. Only a node whose
         current certificate is good may ask: a removed node's is revoked, an expired one fails
         the handshake (that node must be admitted again with a join token)."""
-        node_id = self.peer_node(context)
+        node_id = await self.peer_node(context)
         if node_id is None:
             raise Unauthenticated("renewal needs the node's certificate")
-        node = self.store.get_node(node_id)
+        node = await self.store.get_node(node_id)
         certificate = pki.sign_node_csr(
             self.agents.ca, request.csr, node_id, node.name, self.agents.node_cert_lifetime
         )
         # The serial that `node remove` revokes is the newest one.
-        self.store.update_node(node_id, cert_serial=pki.serial_of(certificate))
+        await self.store.update_node(node_id, cert_serial=pki.serial_of(certificate))
         expires = pki.as_cert(certificate).not_valid_after_utc.isoformat()
         log.info("node %s renewed its certificate, valid until %s", node.name, expires)
         return pb.RenewResponse(certificate=certificate.decode())
 
-    def _join(self, request: pb.JoinRequest, context: Ctx) -> pb.JoinResponse:
+    async def _join(self, request: pb.JoinRequest, context: Ctx) -> pb.JoinResponse:
         """Register (again) where a node's agent is and what it offers. The node was admitted
         before (``POST /api/v1/cluster/join`` with a join token gave it its certificate)."""
-        node_id = self.peer_node(context)
+        node_id = await self.peer_node(context)
         if node_id is None:
             raise Unauthenticated("join needs the node's certificate; admit it with a join token")
         address = request.agent_address
         if address.startswith(":"):
             address = f"{_peer_host(context)}{address}"
-        node = self.store.get_node(node_id)
+        node = await self.store.get_node(node_id)
         # A node joins before its agent listens (the listener serves the certificate the join
         # may bring): a restarted node still Ready from its previous process's reports is
         # Joining until the new one reports, which it does once its agent listens.
         rejoined = node.status == NodeStatus.READY
         joining = {"status": NodeStatus.JOINING} if rejoined else {}
-        self.store.update_node(
+        await self.store.update_node(
             node_id,
             address=address,
             labels=validate_labels(dict(request.labels)),
@@ -130,33 +132,33 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         self, request_iterator: AsyncIterator[pb.NodeReport], context: Ctx
     ) -> AsyncIterator[pb.SyncAck]:
         try:
-            node_id = self.peer_node(context)
+            node_id = await self.peer_node(context)
             if node_id is None:
                 raise Unauthenticated("sync needs the node's certificate")
         except MultiverseError as exc:
             await context.abort(*convert.error_to_rpc(exc))
             return
         async for report in request_iterator:
-            self.apply(node_id, report)
-            yield self.ack(node_id)
+            await self.apply(node_id, report)
+            yield await self.ack(node_id)
 
-    def ack(self, node_id: str) -> pb.SyncAck:
+    async def ack(self, node_id: str) -> pb.SyncAck:
         """The acknowledgement of a report, with the network as the node must now have it
         (and the faults in force there, when the master has faults)."""
-        node = self.store.get_node(node_id)
-        faults = convert.faults_to_pb(self.fault_plan(node_id)) if self.fault_plan else None
+        node = await self.store.get_node(node_id)
+        faults = convert.faults_to_pb(await self.fault_plan(node_id)) if self.fault_plan else None
         if self.ipam is None or node.network_mode != "bridge":
             return pb.SyncAck(faults=faults)
-        return pb.SyncAck(network=convert.plan_to_pb(self.ipam.plan(node)), faults=faults)
+        return pb.SyncAck(network=convert.plan_to_pb(await self.ipam.plan(node)), faults=faults)
 
     def forget(self, node_id: str) -> None:
         """A removed node leaves nothing behind here: its images, its agent's channel."""
         self.images.pop(node_id, None)
         self.agents.forget(node_id)
 
-    def image_catalog(self) -> list[dict[str, Any]]:
+    async def image_catalog(self) -> list[dict[str, Any]]:
         """Every image some node can boot, with the nodes that hold it (``multiverse images``)."""
-        names = {node.id: node.name for node in self.store.list_nodes()}
+        names = {node.id: node.name for node in await self.store.list_nodes()}
         catalog: dict[str, dict[str, Any]] = {}
         for node_id, images in self.images.items():
             if node_id not in names:
@@ -166,22 +168,24 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
                 entry["nodes"].append(names[node_id])
         return [catalog[name] for name in sorted(catalog)]
 
-    def apply(self, node_id: str, report: pb.NodeReport) -> None:
+    async def apply(self, node_id: str, report: pb.NodeReport) -> None:
         """Take one report: the node is alive now, and its instances are as it says."""
-        node = self.store.get_node(node_id)
-        self.store.update_node(
+        node = await self.store.get_node(node_id)
+        await self.store.update_node(
             node_id,
             capacity=convert.resources_from_pb(report.capacity),
             used=convert.usage_from_pb(report.used),
             last_sync=now(),
             status=NodeStatus.READY,
         )
-        changes = self.store.apply_report(node_id, [status_dict(item) for item in report.instances])
+        changes = await self.store.apply_report(
+            node_id, [status_dict(item) for item in report.instances]
+        )
         self.images[node_id] = [
             {"name": i.name, "kind": i.kind, "digest": i.digest, "size": i.size}
             for i in report.images
         ]
-        self.store.set_node_images(node_id, [i.digest for i in report.images if i.digest])
+        await self.store.set_node_images(node_id, [i.digest for i in report.images if i.digest])
         back = [(node.name, NodeStatus.READY)] if node.status != NodeStatus.READY else []
         self.on_change(back, changes)
 

@@ -41,32 +41,32 @@ class Environments:
         self.instances = instances
         self._applying: dict[str, Operation] = {}  # environment -> its running apply
 
-    def all(self) -> dict[str, list[Instance]]:
+    async def all(self) -> dict[str, list[Instance]]:
         """Environment name -> its instances, by name."""
         found: dict[str, list[Instance]] = {}
-        for instance in self.store.list_instances():
+        for instance in await self.store.list_instances():
             if name := instance.spec.labels.get(ENV_LABEL):
                 found.setdefault(name, []).append(instance)
         return dict(sorted(found.items()))
 
-    def get(self, name: str) -> list[Instance]:
-        members = self.all().get(name)
+    async def get(self, name: str) -> list[Instance]:
+        members = (await self.all()).get(name)
         if not members:
             raise NotFound(
                 f"environment {name!r} does not exist; `multiverse envs` lists the environments"
             )
         return members
 
-    def diff(self, spec: EnvironmentSpec, *, prune: bool, recreate: bool) -> Plan:
+    async def diff(self, spec: EnvironmentSpec, *, prune: bool, recreate: bool) -> Plan:
         """What apply would do; checked as apply checks it (placement included)."""
         current = [
             instance
-            for instance in self.store.list_instances()
+            for instance in await self.store.list_instances()
             if instance.spec.labels.get(ENV_LABEL) == spec.name
             or any(instance.name == member.name for member in spec.members)
         ]
         steps = plan(spec, current, prune=prune, recreate=recreate)
-        self._check_placement(spec, steps, current)
+        await self._check_placement(spec, steps, current)
         return steps
 
     async def apply(
@@ -78,13 +78,13 @@ class Environments:
                 f"environment {spec.name} is being applied already (operation {running.id}); "
                 "wait for it to end"
             )
-        steps = self.diff(spec, prune=prune, recreate=recreate)
+        steps = await self.diff(spec, prune=prune, recreate=recreate)
         operation = self.instances.operations.start("apply", spec.name, self._run(spec, steps))
         self._applying[spec.name] = operation
         return steps, operation
 
     async def delete(self, name: str) -> tuple[list[Instance], Operation]:
-        members = self.get(name)
+        members = await self.get(name)
         for instance in members:
             await self.instances.delete(instance.name)
 
@@ -94,10 +94,12 @@ class Environments:
 
         return members, self.instances.operations.start("delete", name, gone())
 
-    def _check_placement(self, spec: EnvironmentSpec, steps: Plan, current: list[Instance]) -> None:
+    async def _check_placement(
+        self, spec: EnvironmentSpec, steps: Plan, current: list[Instance]
+    ) -> None:
         """Refuse, before anything is created, what the scheduler cannot place."""
         leaving = set(steps.names(StepKind.DELETE, StepKind.RECREATE))
-        nodes = self.store.list_nodes()
+        nodes = await self.store.list_nodes()
         for instance in current:  # what a deletion frees counts as free
             if instance.name in leaving and instance.node_id:
                 for node in nodes:
@@ -141,12 +143,8 @@ class Environments:
             await asyncio.gather(*(self._settle(instance, member) for instance, member in launched))
             done += [{"name": member.name, "outcome": "created"} for member in members]
         # Everything as the file says, including what was already there and still booting.
-        await asyncio.gather(
-            *(
-                self._settle(self.store.find_instance(member.name), member)
-                for member in spec.members
-            )
-        )
+        found = [(await self.store.find_instance(m.name), m) for m in spec.members]
+        await asyncio.gather(*(self._settle(instance, member) for instance, member in found))
         log.info("environment %s applied: %d changes", spec.name, len(steps.steps))
         return done
 
@@ -163,7 +161,7 @@ class Environments:
     async def _launch(self, spec: EnvironmentSpec, member: Member) -> tuple[Instance, Member]:
         facts = {
             instance.name: facts_of(instance)
-            for instance in self.store.list_instances(names=sorted(member.after))
+            for instance in await self.store.list_instances(names=sorted(member.after))
         }
         user_data = render(spec, member, facts)
         labels = {ENV_LABEL: spec.name, **member.labels}
@@ -183,7 +181,7 @@ class Environments:
         if member.state == DesiredState.RUNNING:
             await self.instances.until(instance.id, {InstanceState.RUNNING})
             return
-        if self.store.get_instance(instance.id).desired != DesiredState.STOPPED:
+        if (await self.store.get_instance(instance.id)).desired != DesiredState.STOPPED:
             # Just created: it boots once (its cloud-init runs), then stops.
             await self.instances.until(instance.id, {InstanceState.RUNNING})
             await self.instances.stop(member.name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,10 +38,11 @@ class EventBus:
         tick, self._tick = self._tick, asyncio.Event()
         tick.set()
 
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
-        """Wait until ``predicate()`` holds, checking it after every event; False on timeout."""
+    async def wait_for(self, predicate: Callable[[], Awaitable[bool]], timeout: float) -> bool:
+        """Wait until ``await predicate()`` holds, checking it after every event; False on
+        timeout."""
         deadline = asyncio.get_running_loop().time() + timeout
-        while not predicate():
+        while not await predicate():
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 return False

@@ -51,22 +51,26 @@ class Faults:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
 
-    def placements(self) -> dict[str, Placement]:
-        return {i.name: Placement(i.id, i.node_id, i.address) for i in self.store.list_instances()}
+    async def placements(self) -> dict[str, Placement]:
+        instances = await self.store.list_instances()
+        return {i.name: Placement(i.id, i.node_id, i.address) for i in instances}
 
-    def plan_for(self, node_id: str) -> NodeFaults:
-        """This node's part of the faults in force; sent with every sync acknowledgement."""
-        return node_faults(self.store.list_faults(), self.placements(), node_id, self.generation)
+    async def plan_for(self, node_id: str) -> NodeFaults:
+        """This node's part of the faults in force; sent with every sync acknowledgement
+        (so the instances are read only while there are faults)."""
+        faults = await self.store.list_faults()
+        placements = await self.placements() if faults else {}
+        return node_faults(faults, placements, node_id, self.generation)
 
-    def in_force(self) -> list[Fault]:
-        return self.store.list_faults()
+    async def in_force(self) -> list[Fault]:
+        return await self.store.list_faults()
 
     async def add(
         self, kind: FaultKind, targets: tuple[str, ...], peers: tuple[str, ...] = (),
         params: Mapping[str, str] | None = None, *, one_way: bool = False,
         duration: float | None = None,
     ) -> Fault:  # fmt: skip
-        placements = self.placements()
+        placements = await self.placements()
         fault = check_fault(
             Fault(
                 id=uuid.uuid4().hex[:8], kind=kind, targets=targets, peers=peers,
@@ -85,11 +89,11 @@ class Faults:
             if placements[name].node_id is None:
                 raise InvalidArgument(f"instance {name} is not placed on a node yet")
         async with self._lock:
-            self.store.add_fault(fault)
+            await self.store.add_fault(fault)
             try:
                 await self._push(fault)
             except MultiverseError:
-                self.store.remove_fault(fault.id)
+                await self.store.remove_fault(fault.id)
                 await self._push(None)  # whatever part some node applied goes away
                 raise
         self.events.publish("fault", action="applied", fault=fault.json())
@@ -100,11 +104,11 @@ class Faults:
     async def heal(self, fault_id: str | None, reason: str = "healed") -> list[Fault]:
         """Heal one fault (or all with None); NotFound for an unknown id."""
         async with self._lock:
-            faults = self.store.list_faults()
+            faults = await self.store.list_faults()
             chosen = [f for f in faults if fault_id is None or f.id == fault_id]
             if fault_id is not None and not chosen:
                 raise NotFound(f"no fault {fault_id} (see `multiverse fault list`)")
-            healed = [f for f in chosen if self.store.remove_fault(f.id)]
+            healed = [f for f in chosen if await self.store.remove_fault(f.id)]
             if healed:
                 await self._push(None)
         for fault in healed:
@@ -116,7 +120,7 @@ class Faults:
         """Send every live node its part now. A node that fails raises only when ``fault``
         concerns it (it must apply it); others catch up with their next sync."""
         self.generation = max(time.time_ns(), self.generation + 1)
-        placements = self.placements()
+        placements = await self.placements()
         involved = (
             {placements[n].node_id for n in (*fault.targets, *fault.peers) if n in placements}
             if fault is not None
@@ -125,10 +129,11 @@ class Faults:
         if fault is not None and fault.kind == FaultKind.LINK and not fault.peers:
             involved = {p.node_id for p in placements.values()}
         failures: list[MultiverseError] = []
-        for node in self.store.list_nodes():
+        faults = await self.store.list_faults()
+        for node in await self.store.list_nodes():
             if node.status in (NodeStatus.DOWN, NodeStatus.NOT_READY) and node.id not in involved:
                 continue
-            plan = node_faults(self.store.list_faults(), placements, node.id, self.generation)
+            plan = node_faults(faults, placements, node.id, self.generation)
             try:
                 stub = self.agents.stub(node)
                 await self.agents.call(node, stub.ApplyFaults, convert.faults_to_pb(plan))
@@ -144,7 +149,8 @@ class Faults:
         """Heal each fault when its time is up, also those of a previous master's life."""
         while True:
             now = datetime.now(UTC)
-            due = [f for f in self.store.list_faults() if f.expires_at and f.expires_at <= now]
+            faults = await self.store.list_faults()
+            due = [f for f in faults if f.expires_at and f.expires_at <= now]
             for fault in due:
                 try:
                     await self.heal(fault.id, "expired")
@@ -152,7 +158,7 @@ class Faults:
                     pass  # healed by hand meanwhile
                 except MultiverseError as exc:
                     log.warning("healing fault %s failed: %s", fault.id, exc.message)
-            pending = [f.expires_at for f in self.store.list_faults() if f.expires_at]
+            pending = [f.expires_at for f in await self.store.list_faults() if f.expires_at]
             wait = min(((t - datetime.now(UTC)).total_seconds() for t in pending), default=60.0)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):

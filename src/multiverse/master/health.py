@@ -21,14 +21,14 @@ log = logging.getLogger("multiverse.master")
 _AGING = {NodeStatus.READY, NodeStatus.JOINING, NodeStatus.UNKNOWN, NodeStatus.NOT_READY}
 
 
-def check_nodes(
+async def check_nodes(
     store: Store, not_ready_after: float, down_after: float, since: datetime
 ) -> tuple[list[tuple[str, NodeStatus]], list[Change]]:
     """Age silent nodes; returns (node name, new status) pairs and their instances' changes."""
     moment = now()
     transitions: list[tuple[str, NodeStatus]] = []
     changes: list[Change] = []
-    for node in store.list_nodes():
+    for node in await store.list_nodes():
         if node.status not in _AGING:
             continue
         heard = max(node.last_sync or since, since)
@@ -40,11 +40,11 @@ def check_nodes(
             status = NodeStatus.NOT_READY
         if status == node.status:
             continue
-        store.update_node(node.id, status=status)
+        await store.update_node(node.id, status=status)
         log.warning("node %s %s: no report for %.0fs", node.name, status.value, silent)
         transitions.append((node.name, status))
         if status == NodeStatus.DOWN:
-            changes += store.mark_node_instances(
+            changes += await store.mark_node_instances(
                 node.id, InstanceState.UNKNOWN, f"node {node.name} is Down"
             )
     return transitions, changes
@@ -60,7 +60,7 @@ async def watch_nodes(
     while True:
         await asyncio.sleep(min(1.0, not_ready_after / 4))
         try:
-            transitions, changes = check_nodes(store, not_ready_after, down_after, since)
+            transitions, changes = await check_nodes(store, not_ready_after, down_after, since)
             if transitions or changes:
                 on_change(transitions, changes)
         except Exception:  # keep watching whatever one round hit

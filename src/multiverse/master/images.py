@@ -23,7 +23,6 @@ much later reads again, mostly from the page cache since the reads are sequentia
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -34,7 +33,7 @@ import tempfile
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -250,36 +249,36 @@ class Images:
 
     # --- queries ---
 
-    def all(self) -> list[StoredImage]:
-        return self.store.list_images()
+    async def all(self) -> list[StoredImage]:
+        return await self.store.list_images()
 
-    def get(self, ref: str) -> StoredImage:
-        return self.store.find_image(ref)
+    async def get(self, ref: str) -> StoredImage:
+        return await self.store.find_image(ref)
 
-    def users(self, image: StoredImage) -> list[str]:
+    async def users(self, image: StoredImage) -> list[str]:
         """The instances that boot from ``image`` (by any of its names)."""
         return [
             instance.name
-            for instance in self.store.list_instances()
+            for instance in await self.store.list_instances()
             if image.answers_to(instance.spec.image)
         ]
 
     # --- import ---
 
-    def check_new(self, name: str, aliases: Sequence[str]) -> None:
+    async def check_new(self, name: str, aliases: Sequence[str]) -> None:
         """Refuse bad or taken names before any work is done."""
         for ref in (name, *aliases):
             validate_name(ref, "image")
-        taken = {ref for image in self.all() for ref in (image.name, *image.aliases)}
+        taken = {ref for image in await self.all() for ref in (image.name, *image.aliases)}
         clash = sorted(taken & {name, *aliases})
         if clash:
             raise AlreadyExists(f"an image named {clash[0]!r} exists already")
 
-    def start_import(
+    async def start_import(
         self, name: str, aliases: Sequence[str], source: FileSource | tuple[str, str]
     ) -> Operation:
         """Import from uploaded blobs or from ``(url, sha256)``; an operation with progress."""
-        self.check_new(name, aliases)
+        await self.check_new(name, aliases)
         progress = Progress(stage="importing")
         if isinstance(source, FileSource):
             missing = [path for path, sha in source.files.items() if not self.blobs.has(sha)]
@@ -322,21 +321,24 @@ class Images:
         self, name: str, aliases: Sequence[str], source: FileSource, progress: Progress
     ) -> dict[str, Any]:
         async with self._importing:
-            self.check_new(name, aliases)
+            await self.check_new(name, aliases)
             progress.stage = "checking"
-            manifest = await asyncio.to_thread(self._manifest_of, name, source, progress)
-            image = self.store.add_image(manifest, aliases)
+            tiny = await self._tiny()
+            manifest = await asyncio.to_thread(self._manifest_of, name, source, progress, tiny)
+            image = await self.store.add_image(manifest, aliases)
             log.info("image %s imported: %s, %s, %d bytes", name, manifest.kind,
                      manifest.digest, manifest.size)  # fmt: skip
             return image_json(image)
 
-    def _manifest_of(self, name: str, source: FileSource, progress: Progress) -> ImageManifest:
+    def _manifest_of(
+        self, name: str, source: FileSource, progress: Progress, tiny: StoredImage | None
+    ) -> ImageManifest:
         files = dict(source.files)
         if MANIFEST_FILE in files:
             return self._described_image(name, files)
         if "oci-layout" in files or "index.json" in files:
             progress.stage = "converting the OCI layout to ext4"
-            return self._rootfs_image(name, files, source.rootfs_size)
+            return self._rootfs_image(name, files, source.rootfs_size, tiny)
         if len(files) == 1:
             return self._disk_image(name, next(iter(files.values())))
         raise InvalidArgument(
@@ -375,10 +377,12 @@ class Images:
             extra={"virtual_size": int(info.get("virtual-size", 0))},
         )
 
-    def _rootfs_image(self, name: str, files: dict[str, str], size: int) -> ImageManifest:
+    def _rootfs_image(
+        self, name: str, files: dict[str, str], size: int, tiny: StoredImage | None
+    ) -> ImageManifest:
         from multiverse.drivers.rootfs import import_oci
 
-        kernel = self._builtin_kernel()
+        kernel = _builtin_kernel(tiny)
         with tempfile.TemporaryDirectory(dir=self.blobs.tmp) as work:
             layout = Path(work) / "layout"
             for relative, sha in files.items():
@@ -400,20 +404,14 @@ class Images:
             boot={"rootfs": ROOTFS_FILE, **kernel.boot},
         )
 
-    def _builtin_kernel(self) -> ImageManifest:
-        """The kernel and initrd a rootfs image boots with: the tiny guest's."""
+    async def _tiny(self) -> StoredImage | None:
+        """The tiny guest, whose kernel rootfs images boot with; None if there is none."""
         try:
-            tiny = self.get(BUILTIN).manifest
+            return await self.get(BUILTIN)
         except NotFound:
-            raise Conflict(
-                f"a rootfs image boots the {BUILTIN} image's kernel: import or build it first"
-            ) from None
-        roles = {role: tiny.boot_file(role) for role in ("kernel", "initrd")}
-        return ImageManifest(
-            tiny.name, KERNEL_INITRD, {f: tiny.files[f] for f in roles.values()}, boot=roles
-        )
+            return None
 
-    def import_builtin(self, directories: Sequence[Path]) -> StoredImage | None:
+    async def import_builtin(self, directories: Sequence[Path]) -> StoredImage | None:
         """The tiny guest from the first image directory that has it, at the master's start,
         so that a fresh cluster can launch at once. The image keeps its name; if the build
         changed, the new one takes the name over unless the old one is in use."""
@@ -425,15 +423,18 @@ class Images:
                 )
             except (OSError, ValueError, MultiverseError):
                 continue
-            with contextlib.suppress(NotFound):
-                current = self.get(BUILTIN)
+            current = await self._tiny()
+            if current is not None:
                 if current.digest == described.digest:
                     return current
-                if self.users(current):
+                if await self.users(current):
                     log.warning("a new %s build is in %s; the old one is in use", BUILTIN, source)
                     return current
-                self.store.delete_image(current.digest)
-            files = {name: self.blobs.add_file(source / name) for name in described.files}
+                await self.store.delete_image(current.digest)
+            files = {
+                name: await asyncio.to_thread(self.blobs.add_file, source / name)
+                for name in described.files
+            }
             if files != dict(described.files):
                 log.warning("image %s in %s has damaged files; not imported", BUILTIN, source)
                 continue
@@ -442,21 +443,21 @@ class Images:
                 described.extra,
             )  # fmt: skip
             log.info("image %s imported from %s (%s)", BUILTIN, source, manifest.digest)
-            return self.store.add_image(manifest)
+            return await self.store.add_image(manifest)
         return None
 
     # --- delete ---
 
-    def delete(self, ref: str) -> StoredImage:
-        image = self.get(ref)
-        users = self.users(image)
+    async def delete(self, ref: str) -> StoredImage:
+        image = await self.get(ref)
+        users = await self.users(image)
         if users:
             raise Conflict(
                 f"image {image.name} is in use by instance(s) {', '.join(sorted(users))}"
             )
-        self.store.delete_image(image.digest)
+        await self.store.delete_image(image.digest)
         referenced = {
-            entry.sha256 for other in self.all() for entry in other.manifest.files.values()
+            entry.sha256 for other in await self.all() for entry in other.manifest.files.values()
         }
         self.blobs.remove_unreferenced(referenced)
         log.info("image %s deleted (%s)", image.name, image.digest)
@@ -464,9 +465,9 @@ class Images:
 
     # --- nodes ---
 
-    def start_pull(self, ref: str, nodes: Sequence[Node]) -> Operation:
+    async def start_pull(self, ref: str, nodes: Sequence[Node]) -> Operation:
         """Warm the caches of ``nodes``: each pulls from the master now, in parallel."""
-        image = self.get(ref)
+        image = await self.get(ref)
         if not nodes:
             raise InvalidArgument("name a node (--node) or ask for all of them (--all)")
         progress = Progress(stage=f"pulling to {', '.join(n.name for n in nodes)}")
@@ -491,6 +492,19 @@ class Images:
 
         await asyncio.gather(*(one(node) for node in nodes))
         return {"image": image.name, "digest": image.digest, "nodes": [n.name for n in nodes]}
+
+
+def _builtin_kernel(tiny: StoredImage | None) -> ImageManifest:
+    """The kernel and initrd a rootfs image boots with: the tiny guest's."""
+    if tiny is None:
+        raise Conflict(
+            f"a rootfs image boots the {BUILTIN} image's kernel: import or build it first"
+        )
+    manifest = tiny.manifest
+    roles = {role: manifest.boot_file(role) for role in ("kernel", "initrd")}
+    return ImageManifest(
+        manifest.name, KERNEL_INITRD, {f: manifest.files[f] for f in roles.values()}, boot=roles
+    )
 
 
 def image_json(image: StoredImage) -> dict[str, Any]:
@@ -535,20 +549,20 @@ def qemu_img_info(path: Path) -> dict[str, Any]:
 class ImageServicer(pb_grpc.ImageServiceServicer):  # type: ignore[misc]
     """Resolve and Fetch for the workers, over mutual TLS (node certificates only)."""
 
-    def __init__(self, images: Images, peer_node: Callable[[Ctx], str | None]) -> None:
+    def __init__(self, images: Images, peer_node: Callable[[Ctx], Awaitable[str | None]]) -> None:
         self.images = images
         self._peer_node = peer_node
 
-    def _node(self, context: Ctx) -> str:
-        node_id = self._peer_node(context)
+    async def _node(self, context: Ctx) -> str:
+        node_id = await self._peer_node(context)
         if node_id is None:
             raise NotFound("no such node")
-        return self.images.store.get_node(node_id).name
+        return (await self.images.store.get_node(node_id)).name
 
     async def Resolve(self, request: pb.ImageRef, context: Ctx) -> pb.ImageManifest:
         try:
-            self._node(context)
-            image = self.images.get(request.name)
+            await self._node(context)
+            image = await self.images.get(request.name)
         except MultiverseError as exc:
             await context.abort(*convert.error_to_rpc(exc))
             raise AssertionError("unreachable") from exc
@@ -556,11 +570,11 @@ class ImageServicer(pb_grpc.ImageServiceServicer):  # type: ignore[misc]
 
     async def Fetch(self, request: pb.FetchRequest, context: Ctx) -> AsyncIterator[pb.Chunk]:
         try:
-            node = self._node(context)
+            node = await self._node(context)
             sha256 = parse_sha256(request.sha256)
             referenced = any(
                 entry.sha256 == sha256
-                for image in self.images.all()
+                for image in await self.images.all()
                 for entry in image.manifest.files.values()
             )
             if not referenced:

@@ -20,13 +20,13 @@ from typing import TypeAlias
 import grpc
 
 from multiverse.core.errors import (
-    AlreadyExists,
     Conflict,
     DriverError,
     InvalidArgument,
     MultiverseError,
     NotFound,
     Unavailable,
+    Unschedulable,
 )
 from multiverse.core.model import (
     DesiredState,
@@ -44,7 +44,7 @@ from multiverse.master.events import EventBus
 from multiverse.master.network import Ipam
 from multiverse.master.operations import Operation, Operations
 from multiverse.master.reconciler import PERMANENT, Reconciler
-from multiverse.master.scheduler import Strategy, place, spread_conflict
+from multiverse.master.scheduler import NodeView, Strategy, place, spread_conflict
 from multiverse.store.repository import Change, Store, now
 from multiverse.wire import convert
 from multiverse.wire.v1 import multiverse_pb2 as pb
@@ -54,6 +54,7 @@ log = logging.getLogger("multiverse.master")
 
 SessionCall: TypeAlias = grpc.aio.StreamStreamCall[pb.SessionInput, pb.SessionOutput]
 OPERATION_TIMEOUT = 900.0  # seconds an operation waits for its instance to get there
+PLACEMENT_TRIES = 3  # a node found full at insert time (another master won it): choose again
 
 
 @dataclass(frozen=True)
@@ -80,30 +81,39 @@ class Instances:
         self.operations = operations
         self.events = events
         self.placement_wait = placement_wait
+        self.view = NodeView(store)
+        # Evacuations hold it while they choose targets and move instances there.
         self.placing = asyncio.Lock()
         self.ipam = ipam
 
-    def get(self, name: str) -> Instance:
-        return self.store.find_instance(name)
+    async def get(self, name: str) -> Instance:
+        return await self.store.find_instance(name)
 
-    def _node_of(self, instance: Instance) -> Node:
+    async def _node_of(self, instance: Instance) -> Node:
         if instance.node_id is None:
             raise Conflict(f"instance {instance.name} is not placed on any node")
-        return self.store.get_node(instance.node_id)
+        return await self.store.get_node(instance.node_id)
 
     def _stub(self, node: Node) -> pb_grpc.AgentServiceStub:
         return self.agents.stub(node)
 
     async def _candidates(self, node_name: str | None) -> list[Node]:
-        """The nodes to place on; waits (bounded) while some are Unknown, as after a master
-        restart, so that a launch does not fail only because nobody has reported yet."""
+        """The nodes to place on, from the in-memory view; waits (bounded) while some are
+        Unknown, as after a master restart, so that a launch does not fail only because
+        nobody has reported yet. No lock is held meanwhile: other launches go on."""
 
-        def known() -> bool:
-            nodes = [self.store.find_node(node_name)] if node_name else self.store.list_nodes()
-            return all(node.status != NodeStatus.UNKNOWN for node in nodes)
+        async def chosen() -> list[Node]:
+            nodes = await self.view.nodes()
+            if node_name is None:
+                return nodes
+            named = [node for node in nodes if node.name == node_name]
+            return named or [await self.store.find_node(node_name)]  # NotFound, or brand new
+
+        async def known() -> bool:
+            return all(node.status != NodeStatus.UNKNOWN for node in await chosen())
 
         await self.events.wait_for(known, self.placement_wait)
-        return [self.store.find_node(node_name)] if node_name else self.store.list_nodes()
+        return await chosen()
 
     async def launch(
         self,
@@ -121,20 +131,22 @@ class Instances:
         given free address. ``apart_from``: labels; no node holding an instance with all of
         them is chosen (anti-affinity, as an environment's ``spread: true`` group asks)."""
         spec.validate()
+        avoid = await self._holding(apart_from) if apart_from else None
         instance_id = str(uuid.uuid4())
         picker = self.ipam.picker(instance_id, requested=ip, publish=publish) if self.ipam else None
         if picker is None and (ip or publish):
             raise InvalidArgument("this cluster has no network: --ip and --publish need one")
-        async with self.placing:
-            if self.store.list_instances(names=[spec.name]):
-                raise AlreadyExists(f"an instance named {spec.name!r} exists already")
+        for attempt in range(PLACEMENT_TRIES):
             nodes = await self._candidates(node_name)
             if ip or publish:  # prefer the nodes on the network; none: refused below, clearly
                 nodes = [node for node in nodes if node.network_mode == "bridge"] or nodes
+            # Choosing and reserving in the view happen with no await between them, so the
+            # launches of this master see each other without a lock; the store's conditional
+            # insert settles races with other masters (and the unique name, duplicates).
             node = place(
-                spec.resources, nodes, selector=selector,
-                strategy=strategy, avoid=self._holding(apart_from) if apart_from else None,
+                spec.resources, nodes, selector=selector, strategy=strategy, avoid=avoid
             )  # fmt: skip
+            lease = picker
             if picker is not None and node.network_mode != "bridge":
                 # A user-mode node's VMs are off the cluster network (QEMU's NAT): an address
                 # leased for them would be shown but never used.
@@ -143,9 +155,8 @@ class Instances:
                         f"node {node.name} runs its VMs in user mode, off the cluster network: "
                         "--ip and --publish need a node in bridge mode"
                     )
-                picker = None
-            if publish and picker is not None and self.ipam:
-                self.ipam.check_publish(node.id, publish)
+                lease = None
+            self.view.reserve(node.id, spec.resources)
             instance = Instance(
                 id=instance_id,
                 spec=spec,
@@ -155,14 +166,26 @@ class Instances:
                 state=InstanceState.SCHEDULED,
                 created_at=now(),
             )
-            self.store.add_instance(instance, picker)
+            try:
+                if publish and lease is not None and self.ipam:
+                    await self.ipam.check_publish(node.id, publish)
+                await self.store.add_instance(instance, lease)
+                break
+            except Unschedulable:
+                self.view.invalidate()  # someone else took the room: look again
+                if attempt == PLACEMENT_TRIES - 1:
+                    raise
+            except BaseException:
+                self.view.reserve(node.id, spec.resources, count=-1)
+                raise
         log.info("instance %s scheduled on node %s", spec.name, node.name)
         self.reconciler.publish_changes([Change(instance.id, spec.name, "", "Scheduled")])
         try:
             await self.reconciler.reconcile(instance, node, by_user=True)
         except PERMANENT:
             # The node refused the request itself (no such image...): nothing was created.
-            self.store.delete_instance(instance.id)
+            await self.store.delete_instance(instance.id)
+            self.view.reserve(node.id, spec.resources, count=-1)
             self.reconciler.publish_changes([Change(instance.id, spec.name, "Failed", "")])
             raise
         except MultiverseError:
@@ -170,28 +193,28 @@ class Instances:
         operation = self.operations.start(
             "launch", spec.name, self.until(instance.id, {InstanceState.RUNNING})
         )
-        return self.store.get_instance(instance.id), operation
+        return await self.store.get_instance(instance.id), operation
 
-    def _holding(self, labels: Mapping[str, str]) -> dict[str, str]:
+    async def _holding(self, labels: Mapping[str, str]) -> dict[str, str]:
         """Node id -> why not there: it holds an instance carrying all of ``labels``."""
         return {
             instance.node_id: spread_conflict(instance.name)
-            for instance in self.store.list_instances()
-            if instance.node_id and labels.items() <= instance.spec.labels.items()
+            for instance in await self.store.list_instances(labels=labels)
+            if instance.node_id
         }
 
     async def _set_desired(
         self, name: str, desired: DesiredState, *, force: bool = False
     ) -> Instance:
-        instance = self.get(name)
+        instance = await self.get(name)
         if instance.desired == DesiredState.DELETED and desired != DesiredState.DELETED:
             raise Conflict(f"instance {name} is being deleted")
         self.refuse_if_moving(instance)
-        self.store.update_instance(instance.id, desired=desired, held=False)
+        await self.store.update_instance(instance.id, desired=desired, held=False)
         instance.desired = desired
-        node = self.store.get_node(instance.node_id) if instance.node_id else None
+        node = await self.store.get_node(instance.node_id) if instance.node_id else None
         await self.reconciler.reconcile(instance, node, by_user=True, force=force)
-        return self.store.get_instance(instance.id)
+        return await self.store.get_instance(instance.id)
 
     def refuse_if_moving(self, instance: Instance) -> None:
         """A move owns the instance until it ends (its plan stops and starts it)."""
@@ -210,21 +233,23 @@ class Instances:
 
     async def restart(self, name: str) -> tuple[Instance, Operation]:
         """Not a desired state: a stop and a start, done by the node in one go."""
-        instance = self.get(name)
+        instance = await self.get(name)
         self.refuse_if_moving(instance)
-        node = self._node_of(instance)
+        node = await self._node_of(instance)
         if node.status != NodeStatus.READY:
             raise Unavailable(f"node {node.name} is {node.status.value}; try again once it is back")
-        self.store.update_instance(instance.id, desired=DesiredState.RUNNING, held=False)
+        await self.store.update_instance(instance.id, desired=DesiredState.RUNNING, held=False)
         ref = pb.InstanceRef(id=instance.id)
         status = await self.agents.call(node, self._stub(node).Restart, ref)
-        self.reconciler.observe(instance.id, status)
+        await self.reconciler.observe(instance.id, status)
         work = self.until(instance.id, {InstanceState.RUNNING})
-        return self.store.get_instance(instance.id), self.operations.start("restart", name, work)
+        return await self.store.get_instance(instance.id), self.operations.start(
+            "restart", name, work
+        )
 
     async def delete(self, name: str) -> tuple[Instance, Operation]:
         """Deleted once its node confirms; on a node that is away, when the node is back."""
-        instance = self.get(name)
+        instance = await self.get(name)
         with contextlib.suppress(NotFound):  # the node's report of it being gone came first
             instance = await self._set_desired(name, DesiredState.DELETED)
         return instance, self.operations.start("delete", name, self.until(instance.id, None))
@@ -232,9 +257,9 @@ class Instances:
     async def until(self, instance_id: str, targets: set[InstanceState] | None) -> str:
         """Wait until the instance is in one of ``targets`` (None: gone); its final state."""
 
-        def reached() -> bool:
+        async def reached() -> bool:
             try:
-                instance = self.store.get_instance(instance_id)
+                instance = await self.store.get_instance(instance_id)
             except NotFound:
                 if targets is None:
                     return True
@@ -249,25 +274,42 @@ class Instances:
             raise Unavailable(f"gave up waiting after {OPERATION_TIMEOUT:.0f}s")
         return "Deleted" if targets is None else next(iter(targets)).value
 
-    async def info(self, instance: Instance) -> InstanceInfo:
-        if instance.state != InstanceState.RUNNING:
-            return InstanceInfo(instance, None)
-        node = self._node_of(instance)
-        try:
-            reply = await self.agents.call(
-                node, self._stub(node).Info, pb.InstanceRef(id=instance.id)
-            )
-        except MultiverseError as exc:
-            return InstanceInfo(instance, None, exc.message)
-        return InstanceInfo(instance, convert.stats_from_pb(reply))
+    async def info(self, instances: list[Instance]) -> list[InstanceInfo]:
+        """What the guests say of themselves, in ``instances``' order: one call per node,
+        the nodes asked at once; a node that fails to answer marks only its instances."""
+        running: dict[str, list[Instance]] = {}
+        for instance in instances:
+            if instance.state == InstanceState.RUNNING and instance.node_id:
+                running.setdefault(instance.node_id, []).append(instance)
+        nodes = {node.id: node for node in await self.store.list_nodes(ids=list(running))}
+        found: dict[str, InstanceInfo] = {}
+
+        async def ask(node_id: str, on_node: list[Instance]) -> None:
+            node = nodes.get(node_id)
+            if node is None:
+                return
+            refs = pb.InstanceRefs(ids=[instance.id for instance in on_node])
+            try:
+                reply = await self.agents.call(node, self._stub(node).InfoMany, refs)
+            except MultiverseError as exc:
+                found.update((item.id, InstanceInfo(item, None, exc.message)) for item in on_node)
+                return
+            by_id = {instance.id: instance for instance in on_node}
+            for result in reply.results:
+                if (instance := by_id.get(result.id)) is not None:
+                    stats = None if result.error else convert.stats_from_pb(result.info)
+                    found[result.id] = InstanceInfo(instance, stats, result.error)
+
+        await asyncio.gather(*(ask(node_id, items) for node_id, items in running.items()))
+        return [found.get(instance.id, InstanceInfo(instance, None)) for instance in instances]
 
     async def exec(
         self, name: str, command: list[str], stdin: bytes = b""
     ) -> AsyncIterator[pb.ExecOutput]:
         """The command's output chunks; checked before the first chunk, so errors come early."""
-        instance = self.get(name)
+        instance = await self.get(name)
         ensure_running(name, instance.state)
-        node = self._node_of(instance)
+        node = await self._node_of(instance)
         call = self._stub(node).Exec(pb.ExecRequest(id=instance.id, command=command, stdin=stdin))
         return _exec_stream(call, node.name)
 
@@ -275,9 +317,9 @@ class Instances:
         self, name: str, command: list[str], size: tuple[int, int] | None
     ) -> SessionCall:
         """Start a session on the instance's node; the call is ready for input and output."""
-        instance = self.get(name)
+        instance = await self.get(name)
         ensure_running(name, instance.state)
-        node = self._node_of(instance)
+        node = await self._node_of(instance)
         call: SessionCall = self._stub(node).Session()
         cols, rows = size or (0, 0)
         start = pb.SessionStart(
@@ -293,8 +335,8 @@ class Instances:
         return call
 
     async def logs(self, name: str) -> str:
-        instance = self.get(name)
-        node = self._node_of(instance)
+        instance = await self.get(name)
+        node = await self._node_of(instance)
         reply = await self.agents.call(node, self._stub(node).Logs, pb.InstanceRef(id=instance.id))
         return str(reply.text)
 

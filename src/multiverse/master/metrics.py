@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from multiverse.core.model import InstanceState, NodeStatus
+from multiverse.core.model import Instance, InstanceState, Node, NodeStatus
 from multiverse.master.images import Images
 from multiverse.master.reconciler import Reconciler
 from multiverse.store.repository import Store, now
@@ -19,18 +19,22 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _ClusterCollector(Collector):
-    def __init__(self, store: Store, reconciler: Reconciler) -> None:
-        self.store = store
+    """Renders the cluster's state as read just before (prometheus_client collects
+    synchronously; the store is read without blocking the event loop)."""
+
+    def __init__(self, reconciler: Reconciler) -> None:
         self.reconciler = reconciler
+        self.nodes: list[Node] = []
+        self.instances: list[Instance] = []
 
     def collect(self) -> Iterator[Metric]:
-        nodes = self.store.list_nodes()
+        nodes = self.nodes
         by_status = Counter(node.status for node in nodes)
         gauge = GaugeMetricFamily("multiverse_nodes", "Nodes by status.", labels=["status"])
         for status in NodeStatus:
             gauge.add_metric([status.value], by_status.get(status, 0))
         yield gauge
-        by_state = Counter(instance.state for instance in self.store.list_instances())
+        by_state = Counter(instance.state for instance in self.instances)
         gauge = GaugeMetricFamily(
             "multiverse_instances", "Instances by observed state.", labels=["state"]
         )
@@ -48,7 +52,7 @@ class _ClusterCollector(Collector):
         yield lag
         yield GaugeMetricFamily(
             "multiverse_reconcile_queue_depth", "Instances waiting for a reconcile action.",
-            value=self.reconciler.queue_depth,
+            value=self.reconciler.queue_depth(nodes, self.instances),
         )  # fmt: skip
         yield CounterMetricFamily(
             "multiverse_reconcile_retries", "Failed reconcile actions, retried or given up.",
@@ -76,13 +80,17 @@ class _ImageCollector(Collector):
 
 class Metrics:
     def __init__(self, store: Store, reconciler: Reconciler, images: Images) -> None:
+        self.store = store
         self.registry = CollectorRegistry()
-        self.registry.register(_ClusterCollector(store, reconciler))
+        self.cluster = _ClusterCollector(reconciler)
+        self.registry.register(self.cluster)
         self.registry.register(_ImageCollector(images))
         self.api_latency = Histogram(
             "multiverse_api_request_seconds", "REST API latency.", ["method", "route", "status"],
             registry=self.registry,
         )  # fmt: skip
 
-    def render(self) -> bytes:
+    async def render(self) -> bytes:
+        self.cluster.nodes = await self.store.list_nodes()
+        self.cluster.instances = await self.store.list_instances()
         return generate_latest(self.registry)

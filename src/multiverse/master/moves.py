@@ -92,9 +92,10 @@ class ColdPlan:
 
     async def steps(self) -> list[Step]:
         moves, store = self.moves, self.moves.store
-        migration = store.get_migration(self.migration_id)
-        instance = store.get_instance(migration.instance_id)
-        source, target = store.get_node(migration.source_id), store.get_node(migration.target_id)
+        migration = await store.get_migration(self.migration_id)
+        instance = await store.get_instance(migration.instance_id)
+        source = await store.get_node(migration.source_id)
+        target = await store.get_node(migration.target_id)
         client = moves.client
         switched = instance.node_id == target.id
         on_source = await client.observe(source, instance.id) if _up(source) else None
@@ -104,23 +105,23 @@ class ColdPlan:
         wants_running = migration.desired_after == DesiredState.RUNNING
 
         async def stop() -> None:
-            moves.phase(migration, MigrationPhase.STOPPING)
+            await moves.phase(migration, MigrationPhase.STOPPING)
             if on_source and on_source.state != InstanceState.STOPPING:
                 await client.stop(source, instance.id)
             await moves.until(source, instance.id, lambda o: _is(o, InstanceState.STOPPED))
 
         async def transfer() -> None:
-            moves.phase(migration, MigrationPhase.TRANSFERRING)
+            await moves.phase(migration, MigrationPhase.TRANSFERRING)
             files = await client.export(source, instance.id, target)
             total = sum(item.size for item in files)
-            store.update_migration(migration.id, bytes_total=total)
+            await moves.update(migration.id, bytes_total=total)
             await client.import_(target, instance, source, files, moves.progress(migration.id))
-            store.update_migration(migration.id, bytes_done=total)
+            await moves.update(migration.id, bytes_done=total)
 
         async def switch() -> None:
-            moves.phase(migration, MigrationPhase.SWITCHING)
+            await moves.phase(migration, MigrationPhase.SWITCHING)
             assert on_target is not None
-            store.update_instance(
+            await store.update_instance(
                 instance.id, node_id=target.id, state=on_target.state,
                 version=on_target.version, ipv4=on_target.ipv4, message="",
             )  # fmt: skip
@@ -130,12 +131,12 @@ class ColdPlan:
             log.info("instance %s now belongs to %s", instance.spec.name, target.name)
 
         async def start() -> None:
-            moves.phase(migration, MigrationPhase.STARTING)
+            await moves.phase(migration, MigrationPhase.STARTING)
             await client.start(target, instance.id)
             await moves.until(target, instance.id, lambda o: _is(o, InstanceState.RUNNING))
 
         async def clean() -> None:
-            moves.phase(migration, MigrationPhase.CLEANING)
+            await moves.phase(migration, MigrationPhase.CLEANING)
             await client.delete(source, instance.id)
             await moves.until(source, instance.id, lambda o: o is None)
 
@@ -146,7 +147,7 @@ class ColdPlan:
             await moves.check(target, instance.id, lambda o: o is not None)
 
         async def owned() -> None:
-            if store.get_instance(instance.id).node_id != target.id:
+            if (await store.get_instance(instance.id)).node_id != target.id:
                 raise Conflict("the owner did not switch")
 
         async def running() -> None:
@@ -195,6 +196,7 @@ class Moves:
         self.retry_limit = retry_limit
         self.retry_delay = retry_delay
         self.operations: dict[str, Operation] = {}  # migration id -> its operation
+        self.latest: dict[str, Migration] = {}  # migration id -> its row as last written
 
     # ---- starting ----
 
@@ -202,13 +204,13 @@ class Moves:
         self, name: str, target_name: str, kind: MigrationKind | None = None
     ) -> tuple[Migration, Operation]:
         """Check, reserve the target under the placement lock, and run the move."""
-        instance = self.instances.get(name)
-        target = self.store.find_node(target_name)
+        instance = await self.instances.get(name)
+        target = await self.store.find_node(target_name)
         if instance.desired == DesiredState.DELETED:
             raise Conflict(f"instance {name} is being deleted")
         if instance.node_id is None:
             raise Conflict(f"instance {name} is not placed on any node")
-        source = self.store.get_node(instance.node_id)
+        source = await self.store.get_node(instance.node_id)
         kind = kind or MigrationKind.COLD
         if target.id == source.id:
             raise InvalidArgument(f"instance {name} is on {target.name} already")
@@ -230,32 +232,39 @@ class Moves:
                 )
         async with self.instances.placing:
             place(instance.spec.resources, [target])  # the scheduler's reasons when no room
-            migration = self.store.add_migration(
+            migration = await self.store.add_migration(
                 Migration(
                     id=str(uuid.uuid4()), instance_id=instance.id, kind=kind,
                     source_id=source.id, target_id=target.id,
                     desired_after=instance.desired, created_at=now(),
                 )
             )  # fmt: skip
+            # The target's room is taken in the store (list_nodes counts active moves): the
+            # placement view reloads to see it.
+            self.instances.view.invalidate()
         log.info("moving %s from %s to %s (%s)", name, source.name, target.name, kind.value)
         return migration, self._run(migration, name)
 
     def _run(self, migration: Migration, name: str) -> Operation:
         self.instances.reconciler.paused.add(migration.instance_id)
         operation = self.instances.operations.start("move", name, self._execute(migration.id))
-        operation.figures = lambda: migration_json(self.store.get_migration(migration.id))
+        self.latest[migration.id] = migration
+        operation.figures = lambda: migration_json(self.latest[migration.id])
         self.operations[migration.id] = operation
         return operation
 
     async def resume(self) -> list[Operation]:
         """Run the moves a previous master left unfinished (at start, before the reconciler)."""
         resumed = []
-        for migration in self.store.list_migrations(active=True):
+        for migration in await self.store.list_migrations(active=True):
             try:
-                name = self.store.get_instance(migration.instance_id).spec.name
+                name = (await self.store.get_instance(migration.instance_id)).spec.name
             except NotFound:
-                self.store.update_migration(migration.id, phase=MigrationPhase.FAILED,
-                                            message="the instance is gone")  # fmt: skip
+                await self.update(
+                    migration.id,
+                    phase=MigrationPhase.FAILED,
+                    message="the instance is gone",
+                )
                 continue
             log.info("resuming the move of %s (%s)", name, migration.phase.value)
             resumed.append(self._run(migration, name))
@@ -264,13 +273,12 @@ class Moves:
     # ---- running ----
 
     async def _execute(self, migration_id: str) -> dict[str, Any]:
-        migration = self.store.get_migration(migration_id)
+        migration = await self.store.get_migration(migration_id)
         ends = {migration.source_id, migration.target_id}
 
-        def known() -> bool:  # after a master restart, nodes are Unknown until they report
-            return all(
-                n.status != NodeStatus.UNKNOWN for n in self.store.list_nodes(ids=list(ends))
-            )
+        async def known() -> bool:  # after a master restart, nodes are Unknown until they report
+            nodes = await self.store.list_nodes(ids=list(ends))
+            return all(n.status != NodeStatus.UNKNOWN for n in nodes)
 
         try:
             if migration.phase == MigrationPhase.ROLLING_BACK:  # a master died rolling back
@@ -280,12 +288,12 @@ class Moves:
                 await self.instances.events.wait_for(known, self.wait)
                 try:
                     await execute(ColdPlan(self, migration_id))
-                    migration = self.store.update_migration(
+                    migration = await self.update(
                         migration_id, phase=MigrationPhase.DONE, message=""
                     )
                     return migration_json(migration)
                 except MultiverseError as exc:
-                    migration = self._failed(migration_id, exc)
+                    migration = await self._failed(migration_id, exc)
                     if migration.phase == MigrationPhase.ROLLING_BACK:
                         await self._roll_back(migration)
                         raise Conflict(
@@ -294,17 +302,18 @@ class Moves:
                     await asyncio.sleep(self.retry_delay * migration.attempts)
         finally:
             self.instances.reconciler.paused.discard(migration.instance_id)
+            self.instances.view.invalidate()  # the target's room is no longer held for it
             self.instances.reconciler.kick()
 
-    def _failed(self, migration_id: str, exc: MultiverseError) -> Migration:
-        migration = self.store.get_migration(migration_id)
-        instance = self.store.get_instance(migration.instance_id)
+    async def _failed(self, migration_id: str, exc: MultiverseError) -> Migration:
+        migration = await self.store.get_migration(migration_id)
+        instance = await self.store.get_instance(migration.instance_id)
         attempts = migration.attempts + 1
         switched = instance.node_id == migration.target_id
         log.warning("move of %s, attempt %d: %s", instance.spec.name, attempts, exc.message)
         give_up = not switched and (attempts >= self.retry_limit or isinstance(exc, _PERMANENT))
         phase = MigrationPhase.ROLLING_BACK if give_up else migration.phase
-        return self.store.update_migration(
+        return await self.update(
             migration_id, attempts=attempts, message=exc.message, phase=phase
         )
 
@@ -317,7 +326,7 @@ class Moves:
         deadline = time.monotonic() + self.wait
         message = migration.message
         while True:
-            target = self.store.get_node(migration.target_id)
+            target = await self.store.get_node(migration.target_id)
             try:
                 await self.client.abort_import(target, migration.instance_id)
                 break
@@ -326,26 +335,33 @@ class Moves:
                     message = f"{migration.message}; could not clean {target.name}: {exc.message}"
                     break
 
-            def back() -> bool:
-                return self.store.get_node(migration.target_id).status == NodeStatus.READY
+            async def back() -> bool:
+                node = await self.store.get_node(migration.target_id)
+                return node.status == NodeStatus.READY
 
             await self.instances.events.wait_for(back, max(deadline - time.monotonic(), 0))
             await asyncio.sleep(self.poll)
-        self.store.update_migration(migration.id, phase=MigrationPhase.FAILED, message=message)
+        await self.update(migration.id, phase=MigrationPhase.FAILED, message=message)
 
     # ---- helpers of the steps ----
 
-    def phase(self, migration: Migration, phase: MigrationPhase) -> None:
-        self.store.update_migration(migration.id, phase=phase)
+    async def update(self, migration_id: str, **fields: Any) -> Migration:
+        """Write the move's row; its operation's figures tell what was written last."""
+        migration = await self.store.update_migration(migration_id, **fields)
+        self.latest[migration_id] = migration
+        return migration
 
-    def progress(self, migration_id: str) -> Callable[[int, int], None]:
+    async def phase(self, migration: Migration, phase: MigrationPhase) -> None:
+        await self.update(migration.id, phase=phase)
+
+    def progress(self, migration_id: str) -> Callable[[int, int], Awaitable[None]]:
         last = [0.0]
 
-        def update(done: int, total: int) -> None:
+        async def update(done: int, total: int) -> None:
             moment = time.monotonic()
             if moment - last[0] >= 0.5 or done == total:  # a row write per chunk is too many
                 last[0] = moment
-                self.store.update_migration(migration_id, bytes_done=done, bytes_total=total)
+                await self.update(migration_id, bytes_done=done, bytes_total=total)
 
         return update
 

@@ -153,26 +153,28 @@ class Ipam:
             check_address(self.subnet, requested)  # a bad address fails before anything
         return Picker(self.network.name, self.network.cidr, owner, kind, requested, tuple(publish))
 
-    def check_publish(self, node_id: str, publish: Sequence[Publish]) -> None:
+    async def check_publish(self, node_id: str, publish: Sequence[Publish]) -> None:
         """A node port forwards to one guest only."""
         wanted = {(item.host_port, item.protocol) for item in publish}
         if len(wanted) != len(publish):
             raise InvalidArgument("a port is published twice")
-        for instance in self.store.list_instances(node_id=node_id):
+        for instance in await self.store.list_instances(node_id=node_id):
             for text in instance.publish:
                 held = parse_publish(text)
                 if (held.host_port, held.protocol) in wanted:
                     raise Conflict(f"port {held} of the node is published by {instance.name}")
 
-    def node_address(self, node_id: str) -> str:
+    async def node_address(self, node_id: str) -> str:
         """The node's own address on the network (leased once, kept), with the prefix."""
-        lease = self.store.ensure_lease(node_id, self.picker(node_id, kind="node"))
+        lease = await self.store.ensure_lease(node_id, self.picker(node_id, kind="node"))
         return f"{lease.address}/{self.subnet.prefixlen}"
 
-    def nic_on(self, instance: Instance, node_id: str) -> Nic | None:
+    async def nic_on(self, instance: Instance, node_id: str) -> Nic | None:
         """The interface a launch or a move hands ``node_id`` for ``instance``; None for an
         instance off the network (a user-mode node's), which leases the node no gateway."""
-        return self.nic(instance, self.node_address(node_id)) if instance.address else None
+        if not instance.address:
+            return None
+        return self.nic(instance, await self.node_address(node_id))
 
     def nic(self, instance: Instance, gateway: str) -> Nic | None:
         if not instance.address:
@@ -186,10 +188,10 @@ class Ipam:
             publish=tuple(parse_publish(text) for text in instance.publish),
         )
 
-    def plan(self, node: Node) -> NetworkPlan:
-        gateway = self.node_address(node.id)
-        nodes = self.store.list_nodes()
-        instances = self.store.list_instances()
+    async def plan(self, node: Node) -> NetworkPlan:
+        gateway = await self.node_address(node.id)
+        nodes = await self.store.list_nodes()
+        instances = await self.store.list_instances()
         bridged = {other.id for other in nodes if other.network_mode == "bridge"}
         peers = tuple(
             sorted(
@@ -212,10 +214,10 @@ class Ipam:
             nics=nics,
         )
 
-    def usage(self) -> dict[str, object]:
+    async def usage(self) -> dict[str, object]:
         """``multiverse network``: the CIDR, how much of it is leased, each node's VTEP."""
-        leases = self.store.leases(self.network.name)
-        nodes = {node.id: node for node in self.store.list_nodes()}
+        leases = await self.store.leases(self.network.name)
+        nodes = {node.id: node for node in await self.store.list_nodes()}
         size = max(self.subnet.num_addresses - 2, 0)
         return {
             "name": self.network.name,

@@ -49,16 +49,17 @@ class Nodes:
         self.on_removed: Callable[[str], None] = agents.forget
         self.moves = Moves(store, AgentNodeClient(agents, instances.reconciler.ipam), instances)
 
-    def set_cordon(self, name: str, cordoned: bool) -> Node:
-        node = self.store.find_node(name)
-        self.store.update_node(node.id, cordoned=cordoned)
+    async def set_cordon(self, name: str, cordoned: bool) -> Node:
+        node = await self.store.find_node(name)
+        await self.store.update_node(node.id, cordoned=cordoned)
+        self.instances.view.invalidate()
         self.instances.events.publish("node", name=name, cordoned=cordoned, status=node.status)
-        return self.store.find_node(name)
+        return await self.store.find_node(name)
 
-    def label(self, name: str, changes: dict[str, str | None]) -> Node:
+    async def label(self, name: str, changes: dict[str, str | None]) -> Node:
         """Set (or, with None, remove) an admin's labels on a node; they win over the node's
         own labels of the same keys for placement, and its re-joins do not touch them."""
-        node = self.store.find_node(name)
+        node = await self.store.find_node(name)
         labels = dict(node.admin_labels)
         for key, value in changes.items():
             if value is None:
@@ -66,16 +67,17 @@ class Nodes:
                 labels.pop(key, None)
             else:
                 labels[key] = value
-        self.store.update_node(node.id, admin_labels=validate_labels(labels))
+        await self.store.update_node(node.id, admin_labels=validate_labels(labels))
+        self.instances.view.invalidate()
         self.instances.events.publish("node", name=name, labels=labels, status=node.status)
-        return self.store.find_node(name)
+        return await self.store.find_node(name)
 
-    def admit(self, token: str, csr_pem: bytes, name: str) -> tuple[Node, bytes]:
+    async def admit(self, token: str, csr_pem: bytes, name: str) -> tuple[Node, bytes]:
         """A new node, proven by a join token: its record (Joining until its agent registers
         over mutual TLS) and its certificate, signed from its CSR (its key stays with it)."""
-        record = auth.verify_token(self.store, auth.JOIN, token)
+        record = await auth.verify_token(self.store, auth.JOIN, token)
         validate_name(name, "node")
-        found = self.store.list_nodes(names=[name])
+        found = await self.store.list_nodes(names=[name])
         # A node `node add` is installing joins into the record that tells its install.
         installing = found[0] if found and found[0].status == NodeStatus.INSTALLING else None
         if found and installing is None:
@@ -84,66 +86,67 @@ class Nodes:
         certificate = pki.sign_node_csr(
             self.agents.ca, csr_pem, node_id, name, self.agents.node_cert_lifetime
         )
-        if not self.store.consume_token_use(str(record["id"])):
+        if not await self.store.consume_token_use(str(record["id"])):
             raise Unauthenticated("invalid join token")  # used up: same words as any bad token
         node = Node(
             id=node_id, name=name, address="", driver="", status=NodeStatus.JOINING, labels={},
             capacity=Resources(), last_sync=now(),
         )  # fmt: skip
         if installing:
-            self.store.update_node(
+            await self.store.update_node(
                 node_id, status=NodeStatus.JOINING, last_sync=now(),
                 cert_serial=pki.serial_of(certificate),
             )  # fmt: skip
         else:
-            self.store.add_node(node, pki.serial_of(certificate))
+            await self.store.add_node(node, pki.serial_of(certificate))
         self.instances.events.publish("node", name=name, status=NodeStatus.JOINING.value)
         log.info("node %s admitted as %s", name, node_id)
         return node, certificate
 
-    def remove(self, name: str, force: bool = False) -> Node:
+    async def remove(self, name: str, force: bool = False) -> Node:
         """Forget the node and revoke its certificate. Its instances must be gone first, or
         ``force``: then they are forgotten too (their VMs stay on that host)."""
-        node = self.store.find_node(name)
-        held = self._on_node(node)
+        node = await self.store.find_node(name)
+        held = await self._on_node(node)
         if held and not force:
             names = ", ".join(instance.name for instance in held)
             raise Conflict(
                 f"node {name} still holds {names}: delete or evacuate them, or use --force"
             )
-        self.store.remove_node(node.id)
+        await self.store.remove_node(node.id)
+        self.instances.view.invalidate()
         self.on_removed(node.id)
         self.instances.events.publish("node", name=name, status="Removed")
         log.info("node %s removed; its certificate is revoked", name)
         return node
 
-    def _on_node(self, node: Node) -> list[Instance]:
+    async def _on_node(self, node: Node) -> list[Instance]:
         return [
             instance
-            for instance in self.store.list_instances(node_id=node.id)
+            for instance in await self.store.list_instances(node_id=node.id)
             if instance.desired != DesiredState.DELETED
         ]
 
     async def drain(self, name: str) -> Operation:
-        node = self.set_cordon(name, True)
+        node = await self.set_cordon(name, True)
         return self.instances.operations.start("drain", name, self._drain(node))
 
     async def _drain(self, node: Node) -> list[dict[str, Any]]:
         outcomes = []
-        for instance in self._on_node(node):
+        for instance in await self._on_node(node):
             if instance.desired != DesiredState.RUNNING:
                 outcomes.append({"name": instance.name, "outcome": "already stopped"})
                 continue
             try:
                 await self._stop(instance, node)
-                self.store.update_instance(instance.id, held=True)
+                await self.store.update_instance(instance.id, held=True)
                 outcomes.append({"name": instance.name, "outcome": "stopped"})
             except MultiverseError as exc:
                 outcomes.append({"name": instance.name, "outcome": f"not stopped: {exc.message}"})
         return outcomes
 
     async def _stop(self, instance: Instance, node: Node) -> None:
-        self.store.update_instance(instance.id, desired=DesiredState.STOPPED)
+        await self.store.update_instance(instance.id, desired=DesiredState.STOPPED)
         instance.desired = DesiredState.STOPPED
         await self.instances.reconciler.reconcile(instance, node, by_user=True)
         await self.instances.until(instance.id, {InstanceState.STOPPED})
@@ -151,13 +154,13 @@ class Nodes:
     async def evacuate(self, name: str, *, recreate: bool = False) -> Operation:
         """``recreate``: re-create the instances from their specs (fresh disks) instead of
         moving them, for users who want today's behaviour."""
-        node = self.set_cordon(name, True)
+        node = await self.set_cordon(name, True)
         return self.instances.operations.start("evacuate", name, self._evacuate(node, recreate))
 
     async def _evacuate(self, node: Node, recreate: bool) -> list[dict[str, Any]]:
         outcomes = []
-        for instance in self._on_node(node):
-            others = [n for n in self.store.list_nodes() if n.id != node.id]
+        for instance in await self._on_node(node):
+            others = [n for n in await self.store.list_nodes() if n.id != node.id]
             outcome = await self._move(
                 instance, node, others, moved_from=node.id, recreate=recreate
             )
@@ -165,18 +168,20 @@ class Nodes:
         return outcomes
 
     async def restore(self, name: str) -> Operation:
-        node = self.set_cordon(name, False)
+        node = await self.set_cordon(name, False)
         return self.instances.operations.start("restore", name, self._restore(node))
 
     async def _restore(self, node: Node) -> list[dict[str, Any]]:
         outcomes = []
-        for instance in self.store.list_instances():
+        for instance in await self.store.list_instances():
             if instance.moved_from == node.id and instance.node_id:
-                current = self.store.get_node(instance.node_id)
+                current = await self.store.get_node(instance.node_id)
                 outcome = await self._move(instance, current, [node], moved_from=None)
                 outcomes.append({"name": instance.name, "outcome": outcome})
             elif instance.node_id == node.id and instance.held:
-                self.store.update_instance(instance.id, desired=DesiredState.RUNNING, held=False)
+                await self.store.update_instance(
+                    instance.id, desired=DesiredState.RUNNING, held=False
+                )
                 instance.desired = DesiredState.RUNNING
                 self.instances.reconciler.kick()
                 outcomes.append({"name": instance.name, "outcome": "started again"})
@@ -206,7 +211,7 @@ class Nodes:
         await operation.done.wait()
         if operation.status != "success":
             return f"stayed on {source.name}: {operation.error}"
-        self.store.update_instance(instance.id, moved_from=moved_from)
+        await self.store.update_instance(instance.id, moved_from=moved_from)
         return f"moved to {target.name}"
 
     async def _recreate(
@@ -226,7 +231,7 @@ class Nodes:
                     await self.moves.client.delete(source, instance.id)
             except MultiverseError as exc:
                 return f"stayed on {source.name}: {exc.message}"
-            self.store.update_instance(
+            await self.store.update_instance(
                 instance.id, node_id=target.id, state=InstanceState.SCHEDULED, version=0,
                 desired=wanted, moved_from=moved_from, message="", ipv4="",
             )  # fmt: skip

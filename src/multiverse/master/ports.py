@@ -6,7 +6,7 @@ fake; :class:`AgentNodeClient` is the adapter over the agents' gRPC service.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,7 +38,7 @@ class MoveFile:
     sha256: str
 
 
-Progress = Callable[[int, int], None]
+Progress = Callable[[int, int], Awaitable[None]]
 
 
 class NodeClient(Protocol):
@@ -103,7 +103,7 @@ class AgentNodeClient:
         self, node: Node, instance: Instance, source: Node, files: list[MoveFile],
         progress: Progress,
     ) -> None:  # fmt: skip
-        nic = self.ipam.nic_on(instance, node.id) if self.ipam else None
+        nic = await self.ipam.nic_on(instance, node.id) if self.ipam else None
         request = pb.ImportRequest(
             spec=convert.spec_to_pb(instance.id, instance.spec, nic), source_node_id=source.id,
             source_address=source.address,
@@ -114,7 +114,7 @@ class AgentNodeClient:
         try:
             async for update in self.agents.stub(node).Import(request):
                 if not update.HasField("status"):
-                    progress(update.bytes_done, update.bytes_total)
+                    await progress(update.bytes_done, update.bytes_total)
         except grpc.aio.AioRpcError as exc:
             raise convert.error_from_rpc(exc, node.name) from exc
 

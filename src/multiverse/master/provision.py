@@ -22,7 +22,7 @@ import re
 import shlex
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -196,7 +196,7 @@ class Installer:
         events: EventBus,
         operations: Operations,
         wheelhouse: Wheelhouse,
-        join_token: Callable[[str, timedelta, str], tuple[str, str]],
+        join_token: Callable[[str, timedelta, str], Awaitable[tuple[str, str]]],
         master_port: Callable[[], int],
         *,
         worker_env: dict[str, str] | None = None,
@@ -215,11 +215,11 @@ class Installer:
         self.join_timeout = join_timeout
         self._running: dict[str, Operation] = {}
         # Forgets the node once its host is clean (the master wires `Nodes.remove`).
-        self.on_uninstalled: Callable[[str], object] = lambda name: None
+        self.on_uninstalled: Callable[[str], Awaitable[object]] = _nothing
 
     # ---- node add ----
 
-    def add(self, request: InstallRequest, credentials: Credentials) -> Operation:
+    async def add(self, request: InstallRequest, credentials: Credentials) -> Operation:
         validate_name(request.name, "node")
         validate_labels(request.labels)
         credentials.check()
@@ -236,7 +236,7 @@ class Installer:
         if running is not None and not running.done.is_set():
             raise Conflict(f"node {request.name} is being installed: operation {running.id}")
         install = {"ssh": str(request.target), "root": request.root, "driver": request.driver}
-        found = self.store.list_nodes(names=[request.name])
+        found = await self.store.list_nodes(names=[request.name])
         if found:
             node = found[0]
             if node.status not in (NodeStatus.INSTALLING, NodeStatus.FAILED):
@@ -248,12 +248,12 @@ class Installer:
                     )  # fmt: skip
                 raise AlreadyExists(f"a node named {request.name!r} exists already")
             node_id = node.id
-            self.store.update_node(
+            await self.store.update_node(
                 node_id, status=NodeStatus.INSTALLING, message="starting", install=install
             )
         else:
             node_id = str(uuid.uuid4())
-            self.store.add_node(
+            await self.store.add_node(
                 Node(
                     id=node_id, name=request.name, address="", driver=request.driver,
                     status=NodeStatus.INSTALLING, labels={}, capacity=Resources(),
@@ -280,43 +280,43 @@ class Installer:
         step = "connect"
         token_id = ""
 
-        def say(name: str, text: str) -> None:
+        async def say(name: str, text: str) -> None:
             nonlocal step
             step = name
             progress.append(f"{name}: {text}")
-            self.store.update_node(node_id, message=f"{name}: {text}")
+            await self.store.update_node(node_id, message=f"{name}: {text}")
             self.events.publish("node", name=request.name, status="Installing", step=name)
 
         try:
-            say("connect", f"{request.target} over SSH")
+            await say("connect", f"{request.target} over SSH")
             connection, fingerprint = await _connect(request.target, credentials)
             del credentials  # the password or key is needed no more
             async with connection:
                 host = _Host(connection, request.root)
                 try:
-                    self.store.update_node(
-                        node_id, install={**self.store.get_node(node_id).install,
-                                          "host_key": fingerprint}
-                    )  # fmt: skip
-                    say("check", f"host key {fingerprint} trusted; looking for python3")
+                    known = await self.store.get_node(node_id)
+                    await self.store.update_node(
+                        node_id, install={**known.install, "host_key": fingerprint}
+                    )
+                    await say("check", f"host key {fingerprint} trusted; looking for python3")
                     await self._check(host)
                     if request.install_deps and DRIVER_PACKAGES[request.driver]:
                         packages = " ".join(DRIVER_PACKAGES[request.driver])
-                        say("deps", f"apt-get install {packages}")
+                        await say("deps", f"apt-get install {packages}")
                         await host.run(
                             "deps",
                             f"{host.sudo}env DEBIAN_FRONTEND=noninteractive apt-get install -y "
                             f"-q --no-install-recommends {packages}",
                         )
-                    say("copy", "building the wheelhouse (once per version)")
+                    await say("copy", "building the wheelhouse (once per version)")
                     wheels = await self.wheelhouse.ensure()
-                    say("copy", f"{len(Wheelhouse.wheels(wheels))} wheels over SFTP")
+                    await say("copy", f"{len(Wheelhouse.wheels(wheels))} wheels over SFTP")
                     await self._copy(host, wheels)
-                    say("venv", f"installing multiverse {__version__} in {host.path('venv')}")
+                    await say("venv", f"installing multiverse {__version__} in {host.path('venv')}")
                     await self._venv(host)
-                    say("token", "a one-use join token, 0600")
+                    await say("token", "a one-use join token, 0600")
                     master_host = connection.get_extra_info("sockname")[0]
-                    token_id, token = self.join_token(
+                    token_id, token = await self.join_token(
                         master_host, JOIN_TTL, f"node add {request.name}"
                     )
                     await self._write_service_files(host, request, master_host)
@@ -327,9 +327,9 @@ class Installer:
                         else f"a supervised background process (no systemd on the host), "
                         f"pid file {host.path('worker.pid')}"
                     )  # fmt: skip
-                    say("service", f"starting the worker as {how}")
+                    await say("service", f"starting the worker as {how}")
                     await self._start(host)
-                    say("join", "waiting for the node to join and report")
+                    await say("join", "waiting for the node to join and report")
                     await self._joined(host, node_id)
                     await host.run("join", f"rm -f {shlex.quote(host.path('join-token'))}")
                 except Exception:
@@ -349,12 +349,12 @@ class Installer:
             if output.strip():
                 message += f"\n{_tail(output)}"
             if token_id:
-                self.store.revoke_token(token_id)
-            self.store.update_node(node_id, status=NodeStatus.FAILED, message=message)
+                await self.store.revoke_token(token_id)
+            await self.store.update_node(node_id, status=NodeStatus.FAILED, message=message)
             self.events.publish("node", name=request.name, status=NodeStatus.FAILED.value)
             log.warning("node add %s: %s", request.name, message.splitlines()[0])
             raise InstallFailed(message) from exc
-        self.store.update_node(node_id, message="")
+        await self.store.update_node(node_id, message="")
         progress.append(f"done: {request.name} is Ready")
         log.info("node add %s: installed and joined", request.name)
         return {"name": request.name, "service": how}
@@ -469,7 +469,7 @@ class Installer:
     async def _joined(self, host: _Host, node_id: str) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.join_timeout
-        while self.store.get_node(node_id).status != NodeStatus.READY:
+        while (await self.store.get_node(node_id)).status != NodeStatus.READY:
             if loop.time() > deadline:
                 logs = (
                     f"{host.sudo}journalctl -u {UNIT_NAME} -n {TAIL} --no-pager" if host.systemd
@@ -483,17 +483,17 @@ class Installer:
 
     # ---- node remove --uninstall ----
 
-    def uninstall(self, name: str, credentials: Credentials) -> Operation:
+    async def uninstall(self, name: str, credentials: Credentials) -> Operation:
         """Stop the node's worker, remove its unit, venv and data dir, then forget the node.
         Refused while it holds instances."""
-        node = self.store.find_node(name)
+        node = await self.store.find_node(name)
         if not node.install.get("host_key"):
             raise InvalidArgument(
                 f"node {name} was not installed by `node add`; remove it with `node remove` "
                 "and uninstall it on its host by hand"
             )
         held = [
-            i.name for i in self.store.list_instances(node_id=node.id)
+            i.name for i in await self.store.list_instances(node_id=node.id)
             if i.desired != DesiredState.DELETED
         ]  # fmt: skip
         if held:
@@ -532,8 +532,12 @@ class Installer:
             else:
                 reason = f"{type(exc).__name__}: {exc}"
             raise InstallFailed(f"uninstall failed at {reason}; the node is kept") from exc
-        self.on_uninstalled(node.name)
+        await self.on_uninstalled(node.name)
         return {"name": node.name}
+
+
+async def _nothing(name: str) -> None:
+    """Forget no node (until the master wires `Nodes.remove`)."""
 
 
 async def _already(node: Node) -> dict[str, Any]:

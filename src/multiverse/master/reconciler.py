@@ -4,8 +4,10 @@ It is the one place that turns "what was asked" into agent calls. Each step asks
 :func:`next_action` what, if anything, to do for one instance, then makes one idempotent call
 (an agent that already did it answers with the current state). Failures back off
 exponentially (capped) and, past the retry limit, leave the instance Failed with the last
-error. It runs on every change (reports, API writes) and on a timer, so whatever crashed in
-between - master, worker, a VM - is caught up with.
+error. Its work is a queue of the instances that changed (reports, API writes) plus those whose
+backoff ran out, so a round costs what changed, not the size of the cluster; a full pass over
+everything runs when nodes come and go and every ``full_interval`` seconds, so whatever crashed
+in between - master, worker, a VM - is caught up with.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class Reconciler:
         base_delay: float = 1.0,
         max_delay: float = 30.0,
         interval: float = 2.0,
+        full_interval: float = 30.0,
     ) -> None:
         self.store = store
         self.agents = agents
@@ -89,39 +92,77 @@ class Reconciler:
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.interval = interval
+        self.full_interval = full_interval
         self.retries_total = 0
         self._backoff: dict[str, _Backoff] = {}
         self._kick = asyncio.Event()
         self._busy: set[str] = set()
+        self._changed: set[str] = set()  # instance ids to look at in the next round
+        self._full = True  # the next round looks at everything
+        self._running = False  # a master that does not lead runs no rounds: it queues nothing
         # Instances a move owns (master/moves.py): its plan acts on them, not the reconciler.
         self.paused: set[str] = set()
 
     def kick(self) -> None:
-        """Reconcile soon (a report or an API write changed something)."""
+        """Look at every instance soon (nodes came or went, or many things changed)."""
+        self._full = True
         self._kick.set()
 
-    @property
-    def queue_depth(self) -> int:
+    @staticmethod
+    def queue_depth(nodes: list[Node], instances: list[Instance]) -> int:
         """Instances that want an action now or after their backoff."""
-        nodes = {node.id: node for node in self.store.list_nodes()}
+        by_id = {node.id: node for node in nodes}
         return sum(
-            next_action(item, nodes.get(item.node_id or "")) is not None
-            for item in self.store.list_instances()
+            next_action(item, by_id.get(item.node_id or "")) is not None for item in instances
         )
 
     async def run(self) -> None:
+        self._running, self._full = True, True
+        try:
+            await self._rounds()
+        finally:
+            self._running = False
+
+    async def _rounds(self) -> None:
+        next_full = 0.0
         while True:
+            self._kick.clear()  # before taking the work: a kick from now on is a new round
             try:
-                await self.reconcile_all()
+                if self._full or time.monotonic() >= next_full:
+                    self._full, self._changed = False, set()
+                    next_full = time.monotonic() + self.full_interval
+                    await self.reconcile_all()
+                else:
+                    await self.reconcile_changed()
             except Exception:  # keep reconciling whatever one round hit
                 log.exception("reconcile round failed")
-            self._kick.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), self.interval)
 
+    async def reconcile_changed(self) -> None:
+        """One step for the instances that changed, and for those whose backoff ran out."""
+        moment = time.monotonic()
+        due = {
+            instance_id
+            for instance_id, backoff in self._backoff.items()
+            if backoff.attempts < self.retry_limit and backoff.next_try <= moment
+        }
+        # A paused instance's changes are the move's own steps: the move kicks it when done.
+        wanted, self._changed = (self._changed | due) - self._busy - self.paused, set()
+        if not wanted:
+            return
+        instances = await self.store.list_instances(ids=sorted(wanted))
+        for gone in wanted - {instance.id for instance in instances}:
+            self._backoff.pop(gone, None)
+        node_ids = sorted({instance.node_id for instance in instances if instance.node_id})
+        nodes = {node.id: node for node in await self.store.list_nodes(ids=node_ids)}
+        await asyncio.gather(
+            *(self.reconcile(instance, nodes.get(instance.node_id or "")) for instance in instances)
+        )
+
     async def reconcile_all(self) -> None:
-        nodes = {node.id: node for node in self.store.list_nodes()}
-        instances = self.store.list_instances()
+        nodes = {node.id: node for node in await self.store.list_nodes()}
+        instances = await self.store.list_instances()
         # Instances gone from the store (deleted, or forgotten with their removed node) take
         # their backoff with them.
         for gone in self._backoff.keys() - {instance.id for instance in instances}:
@@ -155,18 +196,18 @@ class Reconciler:
         try:
             status = await self._call(action, instance, node, force)
         except MultiverseError as exc:
-            self._failed(instance, action, exc)
+            await self._failed(instance, action, exc)
             if by_user:
                 raise
             return
         finally:
             self._busy.discard(instance.id)
         if action == Action.START and not by_user:
-            self.store.update_instance(instance.id, restarts=instance.restarts + 1)
+            await self.store.update_instance(instance.id, restarts=instance.restarts + 1)
             log.info("instance %s stopped on its own; started it again", instance.name)
         if backoff is None or backoff.action != action:
             self._backoff[instance.id] = _Backoff(action=action)
-        self.observe(instance.id, status)
+        await self.observe(instance.id, status)
 
     async def _call(
         self, action: Action, instance: Instance, node: Node, force: bool
@@ -175,7 +216,7 @@ class Reconciler:
         ref = pb.InstanceRef(id=instance.id)
         log.info("reconcile: %s %s on %s", action.value, instance.name, node.name)
         if action == Action.LAUNCH:
-            nic = self.ipam.nic_on(instance, node.id) if self.ipam else None
+            nic = await self.ipam.nic_on(instance, node.id) if self.ipam else None
             request = pb.LaunchRequest(spec=convert.spec_to_pb(instance.id, instance.spec, nic))
             return await self.agents.call(node, stub.Launch, request)
         if action == Action.START:
@@ -185,11 +226,11 @@ class Reconciler:
             return await self.agents.call(node, stub.Stop, stop)
         status: pb.InstanceStatus = await self.agents.call(node, stub.Delete, ref)
         if not status.id:  # the node never had it: nothing left to wait for
-            self.store.delete_instance(instance.id)
+            await self.store.delete_instance(instance.id)
             self.publish_changes([Change(instance.id, instance.name, instance.state.value, "")])
         return status
 
-    def _failed(self, instance: Instance, action: Action, exc: MultiverseError) -> None:
+    async def _failed(self, instance: Instance, action: Action, exc: MultiverseError) -> None:
         backoff = self._backoff.get(instance.id)
         if backoff is None or backoff.action != action:
             backoff = self._backoff[instance.id] = _Backoff(action=action)
@@ -207,17 +248,19 @@ class Reconciler:
         if gave_up:
             backoff.attempts = self.retry_limit
             message = f"{action.value} failed after {backoff.attempts} attempts: {exc.message}"
-            self.set_state(instance, InstanceState.FAILED, message)
+            await self.set_state(instance, InstanceState.FAILED, message)
         else:
-            self.store.update_instance(instance.id, message=f"{action.value}: {exc.message}")
+            await self.store.update_instance(instance.id, message=f"{action.value}: {exc.message}")
 
-    def set_state(self, instance: Instance, state: InstanceState, message: str) -> None:
-        self.store.update_instance(instance.id, state=state, message=message)
+    async def set_state(self, instance: Instance, state: InstanceState, message: str) -> None:
+        await self.store.update_instance(instance.id, state=state, message=message)
         self.publish_changes([Change(instance.id, instance.name, instance.state.value, state)])
 
-    def observe(self, instance_id: str, status: pb.InstanceStatus) -> None:
+    async def observe(self, instance_id: str, status: pb.InstanceStatus) -> None:
         """Take an agent's answer about one instance, as a report would."""
-        if status.id and (change := self.store.observe_instance(instance_id, status_dict(status))):
+        if status.id and (
+            change := await self.store.observe_instance(instance_id, status_dict(status))
+        ):
             self.publish_changes([change])
 
     def publish_changes(self, changes: list[Change]) -> None:
@@ -226,5 +269,7 @@ class Reconciler:
                 "instance", name=change.name, id=change.instance_id, old=change.old,
                 state=change.new or "Deleted",
             )  # fmt: skip
+            if self._running:
+                self._changed.add(change.instance_id)
         if changes:
-            self.kick()
+            self._kick.set()

@@ -1,4 +1,5 @@
-"""Placement: which node gets a new instance. Pure functions over core types.
+"""Placement: which node gets a new instance. Pure functions over core types, and the
+in-memory view of the nodes they are given (:class:`NodeView`).
 
 Feasible nodes are Ready, not cordoned, carry the requested labels (an admin's label wins over
 the node's own of the same key) and have room for the
@@ -13,13 +14,16 @@ environment is refused with the scheduler's explanation before any of it is crea
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from multiverse.core.errors import Unschedulable
 from multiverse.core.model import Node, NodeStatus, Resources
+from multiverse.store.repository import Store
 
 Strategy = Literal["spread", "binpack"]
 
@@ -80,6 +84,45 @@ def place(
         feasible,
         key=lambda node: (sign * _used_fraction(node, need), sign * node.instance_count, node.name),
     )
+
+
+class NodeView:
+    """The nodes as placement sees them, kept in memory so that a launch reads no database.
+
+    It is reloaded from the store when older than ``max_age`` seconds or when told that nodes
+    changed (:meth:`invalidate`: status transitions, cordon, labels), and it counts what this
+    master places meanwhile (:meth:`reserve`). It may be optimistic (another master placed
+    too): the store's conditional insert is the judge, and a refused placement reloads it.
+    """
+
+    def __init__(self, store: Store, max_age: float = 1.0) -> None:
+        self.store = store
+        self.max_age = max_age
+        self._nodes: dict[str, Node] = {}
+        self._loaded = -float("inf")
+        self._loading = asyncio.Lock()
+
+    def invalidate(self) -> None:
+        self._loaded = -float("inf")
+
+    async def nodes(self) -> list[Node]:
+        if time.monotonic() - self._loaded > self.max_age:
+            async with self._loading:  # one reload for everybody waiting on it
+                if time.monotonic() - self._loaded > self.max_age:
+                    started = time.monotonic()
+                    self._nodes = {node.id: node for node in await self.store.list_nodes()}
+                    self._loaded = started
+        return list(self._nodes.values())
+
+    def reserve(self, node_id: str, need: Resources, count: int = 1) -> None:
+        """Count ``need`` as taken on the node (negative ``count``: given back)."""
+        node = self._nodes.get(node_id)
+        if node is None:
+            return
+        allocated = node.allocated + need if count > 0 else node.allocated - need
+        self._nodes[node_id] = dataclasses.replace(
+            node, allocated=allocated, instance_count=node.instance_count + count
+        )
 
 
 def spread_conflict(holder: str) -> str:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import socket
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -28,6 +29,7 @@ from multiverse.master.faults import Faults
 from multiverse.master.health import watch_nodes
 from multiverse.master.images import Images, ImageServicer
 from multiverse.master.instances import Instances
+from multiverse.master.leader import Leadership
 from multiverse.master.network import Ipam
 from multiverse.master.nodes import Nodes
 from multiverse.master.operations import Operations
@@ -40,6 +42,11 @@ from multiverse.wire.convert import GRPC_SERVER_OPTIONS, listen_grpc, split_addr
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
 
 log = logging.getLogger("multiverse.master")
+
+
+MAX_REQUEST_HEAD = 1024 * 1024
+"""Bytes of request line and headers the API reads: a query naming a page of 1,000 instances
+(``GET /api/v1/info?name=...``, up to ~70 KB of valid names) fits with room to spare."""
 
 
 @dataclass
@@ -143,6 +150,8 @@ class Master:
         )  # fmt: skip
         self.installer.on_uninstalled = lambda name: self.nodes.remove(name)
         self.api_url = ""
+        self.master_id = str(uuid.uuid4())  # this process, among the masters of the database
+        self.leadership: Leadership | None = None
         self.grpc_port = 0
         self._grpc: grpc.aio.Server | None = None
         self._http: _Uvicorn | None = None
@@ -154,19 +163,21 @@ class Master:
             self.events.publish("node", name=name, status=status.value)
         self.reconciler.publish_changes(changes)
         if transitions:
+            self.instances.view.invalidate()
             self.reconciler.kick()
 
-    def _install_token(self, host: str, ttl: timedelta, description: str) -> tuple[str, str]:
+    async def _install_token(self, host: str, ttl: timedelta, description: str) -> tuple[str, str]:
         """`node add`'s join token: one use, short-lived, naming the master as the new host
         reaches it (the address of the installer's SSH connection) unless --advertise says."""
-        issued, token = self.join_token(ttl, 1, description, host=self.config.advertise or host)
+        host = self.config.advertise or host
+        issued, token = await self.join_token(ttl, 1, description, host=host)
         return issued.id, token
 
-    def join_token(
+    async def join_token(
         self, ttl: timedelta | None, uses: int | None, description: str = "", host: str = ""
     ) -> tuple[auth.IssuedToken, str]:
         """A join token: where the master is, the CA's fingerprint, and a new secret."""
-        issued = auth.issue_token(
+        issued = await auth.issue_token(
             self.store, auth.JOIN, ttl=ttl or auth.DEFAULT_JOIN_TTL,
             uses=auth.DEFAULT_JOIN_USES if uses is None else uses,
             description=description,
@@ -182,12 +193,14 @@ class Master:
         )
         return issued, token.encode()
 
-    def _ensure_client_config(self) -> None:
+    async def _ensure_client_config(self) -> None:
         """First start: an admin API token in <data-dir>/client.toml (and the user's config)."""
         path = self.config.data_dir / "client.toml"
         if path.exists():
             return
-        issued = auth.issue_token(self.store, auth.API, role="admin", description="first admin")
+        issued = await auth.issue_token(
+            self.store, auth.API, role="admin", description="first admin"
+        )
         ca_pem = None if self.config.insecure_http else self.ca.cert_pem
         text = client_config_text(self.api_url, issued.token, ca_pem)
         write_private(path, text.encode())
@@ -212,15 +225,15 @@ class Master:
     async def start(self) -> None:
         config = self.config
         # Until a node reports, the master cannot know what happened while it was away.
-        for node in self.store.list_nodes():
+        for node in await self.store.list_nodes():
             if node.status == NodeStatus.INSTALLING:  # its install ran in the old process
-                self.store.update_node(
+                await self.store.update_node(
                     node.id, status=NodeStatus.FAILED,
                     message=f"{node.message}: the master restarted; run `node add` again",
                 )  # fmt: skip
             elif node.status != NodeStatus.FAILED:
-                self.store.update_node(node.id, status=NodeStatus.UNKNOWN)
-        await asyncio.to_thread(self.images.import_builtin, config.image_dirs)
+                await self.store.update_node(node.id, status=NodeStatus.UNKNOWN)
+        await self.images.import_builtin(config.image_dirs)
         self._grpc = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
         pb_grpc.add_ClusterServiceServicer_to_server(self.cluster, self._grpc)
         pb_grpc.add_ImageServiceServicer_to_server(
@@ -249,6 +262,9 @@ class Master:
                 lifespan="off",
                 ssl_certfile=certfile,
                 ssl_keyfile=keyfile,
+                # h11 refuses a longer request head with a text/plain 400 that the API's error
+                # contract cannot shape; `info` of a full page of names must fit.
+                h11_max_incomplete_event_size=MAX_REQUEST_HEAD,
             )
         )
         # Bound here rather than by uvicorn, which exits the process when it cannot bind.
@@ -260,18 +276,28 @@ class Master:
         client_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         scheme = "http" if config.insecure_http else "https"
         self.api_url = f"{scheme}://{client_host}:{bound}"
-        self._ensure_client_config()
-        self._tasks = [
-            serving,
-            asyncio.create_task(
-                watch_nodes(self.store, config.node_timeout, config.down_timeout, self._changed)
-            ),
-            asyncio.create_task(self.reconciler.run()),
-            asyncio.create_task(self.faults.run()),
-        ]
-        # Before the reconciler's first round: the moves own their instances again.
-        await self.nodes.moves.resume()
+        await self._ensure_client_config()
+        self.leadership = Leadership(
+            self.store,
+            self.master_id,
+            [
+                lambda: watch_nodes(
+                    self.store, config.node_timeout, config.down_timeout, self._changed
+                ),
+                self._reconcile,
+                self.faults.run,
+            ],
+            api=self.api_url,
+            cluster=f"{_advertised_host(config.listen)}:{self.grpc_port}",
+        )
+        self._tasks = [serving, asyncio.create_task(self.leadership.run())]
         log.info("master addr: %s / api server addr: %s", config.listen, config.api_listen)
+
+    async def _reconcile(self) -> None:
+        """The leader's reconciler; before its first round, the moves a previous leader left
+        unfinished own their instances again."""
+        await self.nodes.moves.resume()
+        await self.reconciler.run()
 
     async def stop(self) -> None:
         if self._http:
@@ -283,6 +309,8 @@ class Master:
         if self._grpc:
             await self._grpc.stop(grace=1)
         await self.agents.close()
+        with contextlib.suppress(Exception):  # leaving the list is a courtesy
+            await self.store.forget_master(self.master_id)
         self.store.close()
 
 

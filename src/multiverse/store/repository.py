@@ -1,26 +1,45 @@
 """The Store: every read and write of the master's state goes through here.
 
-Calls are synchronous on purpose: SQLite in WAL mode answers in well under a millisecond and the
-master serialises the decisions that must not race (placement) in one event loop anyway.
+Every call is a coroutine that runs its (synchronous SQLAlchemy) work in the store's own thread
+pool: a query or a commit's fsync never stalls the event loop that serves the API and the
+workers' streams. That is the one way; SQLAlchemy's asyncio extension would need an async
+driver per database and still run SQLite in a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, delete, event, func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Select,
+    and_,
+    create_engine,
+    delete,
+    event,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from multiverse.core.errors import AlreadyExists, Conflict, NotFound
+from multiverse.core.errors import AlreadyExists, Conflict, NotFound, Unschedulable
 from multiverse.core.faults import Fault, FaultKind
 from multiverse.core.files import private_sqlite
 from multiverse.core.images import ImageManifest, StoredImage
@@ -44,6 +63,7 @@ from multiverse.store.schema import (
     ImageRow,
     InstanceRow,
     LeaseRow,
+    MasterRow,
     MigrationRow,
     NetworkRow,
     NodeRow,
@@ -78,17 +98,40 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+Params = ParamSpec("Params")
+Result = TypeVar("Result")
+THREADS = 4  # SQLite takes one writer at a time anyway; readers (the API) go alongside
+
+
+def _off_loop(
+    method: Callable[Concatenate[Store, Params], Result],
+) -> Callable[Concatenate[Store, Params], Coroutine[Any, Any, Result]]:
+    """``method`` as a coroutine that runs it in the store's thread pool."""
+
+    async def run(store: Store, /, *args: Params.args, **kwargs: Params.kwargs) -> Result:
+        call = functools.partial(method, store, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(store._pool, call)
+
+    run.__doc__ = method.__doc__
+    return run
+
+
 class Store:
     """The master's database: SQLite file by default, any SQLAlchemy URL (PostgreSQL) with --db."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine: Engine = create_engine(url)
+        # psycopg 3 for postgresql:// (SQLAlchemy's default there is psycopg2).
+        if url.startswith(("postgresql://", "postgres://")):
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
+        self.engine: Engine = create_engine(url, pool_pre_ping=url.startswith("postgresql"))
         if url.startswith("sqlite"):
             if self.engine.url.database not in (None, "", ":memory:"):
                 private_sqlite(Path(self.engine.url.database))  # it holds user data and tokens
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="store")
+        self._leader: Connection | None = None  # holds the leader lock (PostgreSQL)
 
     @classmethod
     def for_data_dir(cls, data_dir: Path) -> Store:
@@ -103,6 +146,8 @@ class Store:
             command.upgrade(config, "head")
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._drop_leader_connection()
         self.engine.dispose()
 
     @contextmanager
@@ -112,6 +157,7 @@ class Store:
 
     # ---- nodes ----
 
+    @_off_loop
     def add_node(self, node: Node, cert_serial: str) -> Node:
         row = NodeRow(
             id=node.id,
@@ -139,7 +185,8 @@ class Store:
             raise AlreadyExists(f"a node named {node.name!r} exists already") from exc
         return node
 
-    def update_node(self, node_id: str, **fields: Any) -> None:
+    @_off_loop
+    def update_node(self, node_id: str, /, **fields: Any) -> None:
         """Set columns of one node; ``capacity``, ``used`` and ``status`` take core types."""
         if "capacity" in fields:
             capacity: Resources = fields.pop("capacity")
@@ -156,6 +203,7 @@ class Store:
             for key, value in fields.items():
                 setattr(row, key, value)
 
+    @_off_loop
     def remove_node(self, node_id: str) -> None:
         """Forget a node and revoke its certificate (its instances must be gone first)."""
         with self._session() as session:
@@ -176,44 +224,47 @@ class Store:
                 )
             session.delete(row)
 
+    @_off_loop
     def revoked_serials(self) -> set[str]:
         with self._session() as session:
             return set(session.scalars(select(RevokedCertificateRow.serial)))
 
+    @_off_loop
     def get_node(self, node_id: str) -> Node:
-        for node in self.list_nodes(ids=[node_id]):
+        for node in self._list_nodes(ids=[node_id]):
             return node
         raise NotFound(f"node {node_id} does not exist")
 
+    @_off_loop
     def find_node(self, name: str) -> Node:
-        for node in self.list_nodes(names=[name]):
+        for node in self._list_nodes(names=[name]):
             return node
         raise NotFound(f"node {name!r} does not exist; `multiverse nodes` lists the nodes")
 
-    def list_nodes(
-        self, ids: Sequence[str] | None = None, names: Sequence[str] | None = None
+    def _list_nodes(
+        self,
+        ids: Sequence[str] | None = None,
+        names: Sequence[str] | None = None,
+        *,
+        labels: Mapping[str, str] | None = None,
+        after: str | None = None,
+        limit: int | None = None,
     ) -> list[Node]:
-        """Nodes with what their instances take (allocated) and how many they hold."""
-        usage = (
-            select(
-                InstanceRow.node_id,
-                func.count(InstanceRow.id).label("count"),
-                func.coalesce(func.sum(InstanceRow.cpus), 0).label("cpus"),
-                func.coalesce(func.sum(InstanceRow.memory), 0).label("memory"),
-                func.coalesce(func.sum(InstanceRow.disk), 0).label("disk"),
-            )
-            .group_by(InstanceRow.node_id)
-            .subquery()
-        )
-        query = (
-            select(NodeRow, usage.c.count, usage.c.cpus, usage.c.memory, usage.c.disk)
-            .outerjoin(usage, usage.c.node_id == NodeRow.id)
-            .order_by(NodeRow.name)
-        )
+        """Nodes with what their instances take (allocated, kept on the row: no aggregation)
+        and how many they hold, by name;
+        ``labels`` match the effective ones (an admin's label wins over the node's own), and
+        ``after``/``limit`` give one page."""
+        query = select(NodeRow)
         if ids is not None:
             query = query.where(NodeRow.id.in_(ids))
         if names is not None:
             query = query.where(NodeRow.name.in_(names))
+        for key, value in (labels or {}).items():
+            admin = NodeRow.admin_labels[key].as_string()
+            query = query.where(
+                or_(admin == value, and_(admin.is_(None), NodeRow.labels[key].as_string() == value))
+            )
+        query = _page(query, NodeRow.name, after, limit)
         # An instance being moved takes its resources on its target too, until the move ends.
         moving = (
             select(
@@ -241,28 +292,33 @@ class Store:
                     admin_labels=dict(row.admin_labels),
                     capacity=Resources(row.cpus, row.memory, row.disk),
                     allocated=Resources(
-                        int(cpus or 0) + int(extra.get(row.id, (0, 0))[1]),
-                        int(memory or 0) + int(extra.get(row.id, (0, 0, 0))[2]),
-                        int(disk or 0) + int(extra.get(row.id, (0, 0, 0, 0))[3]),
+                        row.allocated_cpus + int(extra.get(row.id, (0, 0))[1]),
+                        row.allocated_memory + int(extra.get(row.id, (0, 0, 0))[2]),
+                        row.allocated_disk + int(extra.get(row.id, (0, 0, 0, 0))[3]),
                     ),
                     used=Usage(row.used_cpus, row.used_memory, row.used_disk),
                     cordoned=row.cordoned,
                     last_sync=_utc(row.last_sync),
                     version=row.version,
-                    instance_count=int(count or 0),
+                    instance_count=row.instance_count,
                     network_mode=row.network_mode,
                     message=row.message,
                     install=dict(row.install),
                 )
-                for row, count, cpus, memory, disk in session.execute(query)
+                for row in session.scalars(query)
             ]
+
+    list_nodes = _off_loop(_list_nodes)
 
     # ---- instances ----
 
+    @_off_loop
     def add_instance(self, instance: Instance, lease: LeasePicker | None = None) -> Instance:
-        """Record a new instance and, with ``lease``, its address, in one transaction: a
-        crash leaves both or neither. A lost race for an address (another master, another
-        process) picks again."""
+        """Record a placed instance and, with ``lease``, its address, in one transaction: a
+        crash leaves both or neither. Its resources are taken on its node only if they still
+        fit there (one conditional UPDATE of the node's row, so two masters placing at once
+        cannot both fill the last room: raises Unschedulable). A lost race for an address
+        (another master, another process) picks again."""
         for _attempt in range(_LEASE_TRIES):
             try:
                 return self._add_instance(instance, lease)
@@ -291,6 +347,8 @@ class Store:
             created_at=instance.created_at or now(),
         )
         with self._session() as session:
+            if row.node_id is not None and not _take(session, row.node_id, row, fit=True):
+                raise Unschedulable(f"node {row.node_id} has no room left for {spec.name}")
             session.add(row)
             try:
                 session.flush()
@@ -317,6 +375,7 @@ class Store:
                 NetworkRow(name=network.name, cidr=network.cidr, nat=network.nat, vni=network.vni)
             )
 
+    @_off_loop
     def leases(self, network: str) -> list[Lease]:
         with self._session() as session:
             rows = session.scalars(
@@ -324,11 +383,13 @@ class Store:
             )
             return [_lease(row) for row in rows]
 
+    @_off_loop
     def lease_of(self, owner: str) -> Lease | None:
         with self._session() as session:
             row = session.scalars(select(LeaseRow).where(LeaseRow.owner == owner)).first()
             return _lease(row) if row is not None else None
 
+    @_off_loop
     def ensure_lease(self, owner: str, lease: LeasePicker) -> Lease:
         """The owner's lease (a node's gateway address): the one it holds, else a new one."""
         for _attempt in range(_LEASE_TRIES):
@@ -369,31 +430,40 @@ class Store:
             raise _AddressTaken from exc
         return chosen
 
+    @_off_loop
     def find_instance(self, name: str) -> Instance:
-        found = self.list_instances(names=[name])
+        found = self._list_instances(names=[name])
         if not found:
             raise NotFound(
                 f"instance {name!r} does not exist; `multiverse instances` lists the instances"
             )
         return found[0]
 
+    @_off_loop
     def get_instance(self, instance_id: str) -> Instance:
-        found = self.list_instances(ids=[instance_id])
+        found = self._list_instances(ids=[instance_id])
         if not found:
             raise NotFound(f"instance {instance_id} does not exist (deleted meanwhile?)")
         return found[0]
 
-    def list_instances(
+    def _list_instances(
         self,
         names: Sequence[str] | None = None,
         node_id: str | None = None,
         ids: Sequence[str] | None = None,
+        *,
+        node_name: str | None = None,
+        state: InstanceState | None = None,
+        labels: Mapping[str, str] | None = None,
+        after: str | None = None,
+        limit: int | None = None,
     ) -> list[Instance]:
+        """Instances by name, filtered; ``after``/``limit`` give one page (names are unique,
+        so pages neither skip nor repeat while others launch and delete)."""
         query = (
             select(InstanceRow, NodeRow.name, LeaseRow)
             .outerjoin(NodeRow, NodeRow.id == InstanceRow.node_id)
             .outerjoin(LeaseRow, LeaseRow.owner == InstanceRow.id)
-            .order_by(InstanceRow.name)
         )
         if names is not None:
             query = query.where(InstanceRow.name.in_(names))
@@ -401,13 +471,23 @@ class Store:
             query = query.where(InstanceRow.node_id == node_id)
         if ids is not None:
             query = query.where(InstanceRow.id.in_(ids))
+        if node_name is not None:
+            query = query.where(NodeRow.name == node_name)
+        if state is not None:
+            query = query.where(InstanceRow.state == state.value)
+        for key, value in (labels or {}).items():
+            query = query.where(InstanceRow.labels[key].as_string() == value)
+        query = _page(query, InstanceRow.name, after, limit)
         with self._session() as session:
             return [
                 _instance(row, node_name or "", lease)
                 for row, node_name, lease in session.execute(query)
             ]
 
-    def update_instance(self, instance_id: str, **fields: Any) -> None:
+    list_instances = _off_loop(_list_instances)
+
+    @_off_loop
+    def update_instance(self, instance_id: str, /, **fields: Any) -> None:
         for key in ("state", "desired"):
             if isinstance(fields.get(key), InstanceState | DesiredState):
                 fields[key] = fields[key].value
@@ -415,9 +495,15 @@ class Store:
             row = session.get(InstanceRow, instance_id)
             if row is None:
                 raise NotFound(f"instance {instance_id} does not exist")
+            moved = "node_id" in fields and fields["node_id"] != row.node_id
+            if moved and row.node_id is not None:
+                _give_back(session, row.node_id, row)
             for key, value in fields.items():
                 setattr(row, key, value)
+            if moved and row.node_id is not None:
+                _take(session, row.node_id, row, fit=False)
 
+    @_off_loop
     def apply_report(self, node_id: str, reported: Sequence[dict[str, Any]]) -> list[Change]:
         """Take a worker's view of its instances; returns what changed (state "" = deleted).
 
@@ -433,19 +519,21 @@ class Store:
                 if item is None:
                     if row.desired == DesiredState.DELETED.value:
                         _release(session, row.id)
-                        session.delete(row)
+                        _delete(session, row)
                         changes.append(Change(row.id, row.name, row.state, ""))
                     continue
                 if change := _observe(row, item):
                     changes.append(change)
         return changes
 
+    @_off_loop
     def observe_instance(self, instance_id: str, item: dict[str, Any]) -> Change | None:
         """Take one instance's status as an agent answered it (same rule as a report)."""
         with self._session() as session:
             row = session.get(InstanceRow, instance_id)
             return _observe(row, item) if row is not None else None
 
+    @_off_loop
     def mark_node_instances(self, node_id: str, state: InstanceState, message: str) -> list[Change]:
         """Set every instance of a node (a Down one) to ``state``; the node's next report,
         with versions no older than the ones known, puts the real states back."""
@@ -460,9 +548,10 @@ class Store:
 
     # ---- migrations (moves) ----
 
+    @_off_loop
     def add_migration(self, migration: Migration) -> Migration:
         """Record a move; refused while the instance has another one unfinished."""
-        if self.active_migration(migration.instance_id) is not None:
+        if self._active_migration(migration.instance_id) is not None:
             raise Conflict("the instance is being moved already; wait for that move to end")
         with self._session() as session:
             session.add(
@@ -475,16 +564,16 @@ class Store:
                     created_at=migration.created_at or now(),
                 )
             )  # fmt: skip
-        return self.get_migration(migration.id)
+        return self._get_migration(migration.id)
 
-    def get_migration(self, migration_id: str) -> Migration:
+    def _get_migration(self, migration_id: str) -> Migration:
         with self._session() as session:
             row = session.get(MigrationRow, migration_id)
             if row is None:
                 raise NotFound(f"move {migration_id} does not exist")
             return _migration(row)
 
-    def list_migrations(
+    def _list_migrations(
         self, *, active: bool = False, instance_id: str | None = None
     ) -> list[Migration]:
         query = select(MigrationRow).order_by(MigrationRow.created_at)
@@ -495,31 +584,38 @@ class Store:
         with self._session() as session:
             return [_migration(row) for row in session.scalars(query)]
 
-    def active_migration(self, instance_id: str) -> Migration | None:
-        found = self.list_migrations(active=True, instance_id=instance_id)
+    def _active_migration(self, instance_id: str) -> Migration | None:
+        found = self._list_migrations(active=True, instance_id=instance_id)
         return found[0] if found else None
 
-    def update_migration(self, migration_id: str, **fields: Any) -> Migration:
+    @_off_loop
+    def update_migration(self, migration_id: str, /, **fields: Any) -> Migration:
         with self._session() as session:
             row = session.get(MigrationRow, migration_id)
             if row is None:
                 raise NotFound(f"move {migration_id} does not exist")
             for key, value in fields.items():
                 setattr(row, key, value.value if isinstance(value, enum.Enum) else value)
-        return self.get_migration(migration_id)
+        return self._get_migration(migration_id)
 
+    get_migration = _off_loop(_get_migration)
+    list_migrations = _off_loop(_list_migrations)
+    active_migration = _off_loop(_active_migration)
+
+    @_off_loop
     def delete_instance(self, instance_id: str) -> None:
         with self._session() as session:
             row = session.get(InstanceRow, instance_id)
             if row is not None:
                 _release(session, row.id)
-                session.delete(row)
+                _delete(session, row)
 
     # ---- images ----
 
+    @_off_loop
     def add_image(self, manifest: ImageManifest, aliases: Sequence[str] = ()) -> StoredImage:
         """Record an image whose blobs are in place; its name and aliases must be free."""
-        taken = {ref for image in self.list_images() for ref in (image.name, *image.aliases)}
+        taken = {ref for image in self._list_images() for ref in (image.name, *image.aliases)}
         clash = sorted(taken & {manifest.name, *aliases})
         if clash:
             raise AlreadyExists(f"an image named {clash[0]!r} exists already")
@@ -538,9 +634,9 @@ class Store:
                 session.add(row)
         except IntegrityError as exc:
             raise AlreadyExists(f"image {manifest.digest} exists already") from exc
-        return self.find_image(manifest.digest)
+        return self._find_image(manifest.digest)
 
-    def list_images(self) -> list[StoredImage]:
+    def _list_images(self) -> list[StoredImage]:
         with self._session() as session:
             names = {row.id: row.name for row in session.scalars(select(NodeRow))}
             holders: dict[str, list[str]] = {}
@@ -557,13 +653,17 @@ class Store:
                 for row in session.scalars(select(ImageRow).order_by(ImageRow.name))
             ]
 
-    def find_image(self, ref: str) -> StoredImage:
+    def _find_image(self, ref: str) -> StoredImage:
         """The image a name, an alias or a digest means."""
-        for image in self.list_images():
+        for image in self._list_images():
             if image.answers_to(ref):
                 return image
         raise NotFound(f"image {ref!r} does not exist; `multiverse image list` lists them")
 
+    list_images = _off_loop(_list_images)
+    find_image = _off_loop(_find_image)
+
+    @_off_loop
     def delete_image(self, digest: str) -> None:
         with self._session() as session:
             row = session.get(ImageRow, digest)
@@ -574,6 +674,7 @@ class Store:
             ):
                 session.delete(location)
 
+    @_off_loop
     def set_node_images(self, node_id: str, digests: Sequence[str]) -> None:
         """What a node's cache holds now, as its report said; written only when it changed."""
         wanted = set(digests)
@@ -590,10 +691,9 @@ class Store:
             for digest in sorted(wanted - held):
                 session.add(ImageLocationRow(digest=digest, node_id=node_id))
 
-    # ---- tokens ----
-
     # ---- faults ----
 
+    @_off_loop
     def add_fault(self, fault: Fault) -> None:
         with self._session() as session:
             session.add(
@@ -604,11 +704,13 @@ class Store:
                 )
             )  # fmt: skip
 
+    @_off_loop
     def list_faults(self) -> list[Fault]:
         with self._session() as session:
             rows = session.scalars(select(FaultRow).order_by(FaultRow.started_at)).all()
             return [_fault(row) for row in rows]
 
+    @_off_loop
     def remove_fault(self, fault_id: str) -> bool:
         """Whether it was there (a heal and an expiry may race: one of them wins)."""
         with self._session() as session:
@@ -618,6 +720,9 @@ class Store:
             session.delete(row)
             return True
 
+    # ---- tokens ----
+
+    @_off_loop
     def add_token(
         self,
         token_id: str,
@@ -644,11 +749,13 @@ class Store:
                 )
             )
 
+    @_off_loop
     def get_token(self, token_id: str) -> dict[str, Any] | None:
         with self._session() as session:
             row = session.get(TokenRow, token_id)
             return _token(row) if row else None
 
+    @_off_loop
     def list_tokens(self, kind: str | None = None) -> list[dict[str, Any]]:
         query = select(TokenRow).order_by(TokenRow.created_at)
         if kind:
@@ -656,6 +763,7 @@ class Store:
         with self._session() as session:
             return [_token(row) for row in session.scalars(query)]
 
+    @_off_loop
     def consume_token_use(self, token_id: str) -> bool:
         """Count one use of a limited token; False when none is left (checked in one step)."""
         with self._session() as session:
@@ -669,12 +777,82 @@ class Store:
             row.uses_left -= 1
             return True
 
+    @_off_loop
     def revoke_token(self, token_id: str) -> None:
         with self._session() as session:
             row = session.get(TokenRow, token_id)
             if row is None:
                 raise NotFound(f"token {token_id} does not exist")
             row.revoked = True
+
+    # ---- masters and the leader lock ----
+
+    @_off_loop
+    def try_lead(self) -> bool:
+        """Hold (or keep holding) the leader lock; False while another master holds it.
+
+        PostgreSQL: a session advisory lock on a connection kept for it, released by the
+        server when this process dies (its connection goes), so a standby takes over. SQLite
+        has one master: it always leads."""
+        if self.engine.dialect.name != "postgresql":
+            return True
+        try:
+            if self._leader is None:
+                self._leader = self.engine.connect()
+            held = self._leader.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": _LOCK})
+            self._leader.commit()
+            return bool(held.scalar())
+        except DBAPIError:
+            self._drop_leader_connection()
+            return False
+
+    def _drop_leader_connection(self) -> None:
+        if self._leader is not None:
+            with contextlib.suppress(DBAPIError):
+                self._leader.close()
+            self._leader = None
+
+    @_off_loop
+    def heartbeat_master(self, master_id: str, api: str, cluster: str, leader: bool) -> None:
+        """This master is alive (and leads or not) now; only one row says leader."""
+        moment = now()
+        with self._session() as session:
+            if leader:
+                session.execute(
+                    update(MasterRow).where(MasterRow.id != master_id).values(leader=False)
+                )
+            row = session.get(MasterRow, master_id)
+            if row is None:
+                row = MasterRow(id=master_id, api=api, cluster=cluster, started_at=moment,
+                                last_seen=moment)  # fmt: skip
+                session.add(row)
+            row.leader, row.last_seen = leader, moment
+
+    @_off_loop
+    def list_masters(self) -> list[dict[str, Any]]:
+        with self._session() as session:
+            return [
+                {
+                    "id": row.id,
+                    "api": row.api,
+                    "cluster": row.cluster,
+                    "leader": row.leader,
+                    "started_at": _utc(row.started_at),
+                    "last_seen": _utc(row.last_seen),
+                }
+                for row in session.scalars(select(MasterRow).order_by(MasterRow.started_at))
+            ]
+
+    @_off_loop
+    def forget_master(self, master_id: str) -> None:
+        """A master stopping cleanly leaves; a killed one ages out of ``masters``."""
+        with self._session() as session:
+            row = session.get(MasterRow, master_id)
+            if row is not None:
+                session.delete(row)
+
+
+_LOCK = 0x6D76_6C65  # "mvle": the advisory lock key of the leader
 
 
 @dataclass(frozen=True)
@@ -685,6 +863,46 @@ class Change:
     name: str
     old: str
     new: str
+
+
+def _take(session: Session, node_id: str, row: InstanceRow, *, fit: bool) -> bool:
+    """Add ``row``'s resources to its node's usage; with ``fit``, only if they fit its
+    capacity (False then, and nothing changed)."""
+    update_ = update(NodeRow).where(NodeRow.id == node_id)
+    if fit:
+        update_ = update_.where(
+            NodeRow.allocated_cpus + row.cpus <= NodeRow.cpus,
+            NodeRow.allocated_memory + row.memory <= NodeRow.memory,
+            NodeRow.allocated_disk + row.disk <= NodeRow.disk,
+        )
+    result = session.execute(
+        update_.values(
+            allocated_cpus=NodeRow.allocated_cpus + row.cpus,
+            allocated_memory=NodeRow.allocated_memory + row.memory,
+            allocated_disk=NodeRow.allocated_disk + row.disk,
+            instance_count=NodeRow.instance_count + 1,
+        )
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def _give_back(session: Session, node_id: str, row: InstanceRow) -> None:
+    session.execute(
+        update(NodeRow)
+        .where(NodeRow.id == node_id)
+        .values(
+            allocated_cpus=NodeRow.allocated_cpus - row.cpus,
+            allocated_memory=NodeRow.allocated_memory - row.memory,
+            allocated_disk=NodeRow.allocated_disk - row.disk,
+            instance_count=NodeRow.instance_count - 1,
+        )
+    )
+
+
+def _delete(session: Session, row: InstanceRow) -> None:
+    if row.node_id is not None:
+        _give_back(session, row.node_id, row)
+    session.delete(row)
 
 
 def _observe(row: InstanceRow, item: dict[str, Any]) -> Change | None:
@@ -700,6 +918,17 @@ def _observe(row: InstanceRow, item: dict[str, Any]) -> Change | None:
     if item.get("release"):
         row.release = item["release"]
     return change
+
+
+Query = TypeVar("Query", bound=Select[*tuple[Any, ...]])
+
+
+def _page(query: Query, key: Any, after: str | None, limit: int | None) -> Query:
+    """One page of ``query`` in ``key`` order: the rows after ``after``, at most ``limit``."""
+    query = query.order_by(key)
+    if after is not None:
+        query = query.where(key > after)
+    return query.limit(limit) if limit is not None else query
 
 
 _FINAL_PHASES = (MigrationPhase.DONE, MigrationPhase.FAILED)

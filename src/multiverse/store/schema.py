@@ -41,6 +41,12 @@ class NodeRow(Base):
     version: Mapped[str] = mapped_column(String(32), default="")
     last_sync: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime]
+    # What its instances take, changed in the same transaction as they are placed, moved or
+    # deleted (the Store does it), so no read has to aggregate the instances table.
+    allocated_cpus: Mapped[int] = mapped_column(Integer, default=0)
+    allocated_memory: Mapped[int] = mapped_column(BigInteger, default=0)
+    allocated_disk: Mapped[int] = mapped_column(BigInteger, default=0)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
     # "bridge" (its VMs are on the cluster network) or "user" (no CAP_NET_ADMIN: QEMU's NAT).
     network_mode: Mapped[str] = mapped_column(String(16), default="")
     message: Mapped[str] = mapped_column(Text, default="")  # `node add`: step or failure
@@ -132,6 +138,20 @@ class TokenRow(Base):
     uses_left: Mapped[int | None] = mapped_column(Integer, default=None)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime]
+
+
+class MasterRow(Base):
+    """A master process sharing this database (several on PostgreSQL); each refreshes its own
+    row every second, and the one holding the leader lock says so."""
+
+    __tablename__ = "masters"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    api: Mapped[str] = mapped_column(String(255))
+    cluster: Mapped[str] = mapped_column(String(255))
+    leader: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[datetime]
+    last_seen: Mapped[datetime]
 
 
 class ImageRow(Base):

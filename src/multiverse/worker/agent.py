@@ -526,15 +526,30 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def Delete(self, request: pb.InstanceRef, context: Ctx) -> pb.InstanceStatus:
         return await self._call(context, lambda: self.agent.delete(request.id))
 
+    async def _info(self, instance_id: str) -> pb.InstanceInfo:
+        record = self.agent.running(instance_id)
+        stats = await self.agent.driver.stats(_vm(record))
+        return convert.stats_to_pb(self.agent.status_pb(record), stats)
+
     async def Info(self, request: pb.InstanceRef, context: Ctx) -> pb.InstanceInfo:
         await self._guard(context)
         try:
-            record = self.agent.running(request.id)
-            stats = await self.agent.driver.stats(_vm(record))
+            return await self._info(request.id)
         except MultiverseError as exc:
             await context.abort(*convert.error_to_rpc(exc))
             raise AssertionError("unreachable") from exc
-        return convert.stats_to_pb(self.agent.status_pb(record), stats)
+
+    async def InfoMany(self, request: pb.InstanceRefs, context: Ctx) -> pb.InfoResults:
+        """Info of many instances in one call; each answers alone, failures included."""
+        await self._guard(context)
+
+        async def one(instance_id: str) -> pb.InfoResult:
+            try:
+                return pb.InfoResult(id=instance_id, info=await self._info(instance_id))
+            except MultiverseError as exc:
+                return pb.InfoResult(id=instance_id, error=exc.message)
+
+        return pb.InfoResults(results=await asyncio.gather(*map(one, request.ids)))
 
     async def Exec(self, request: pb.ExecRequest, context: Ctx) -> AsyncIterator[pb.ExecOutput]:
         await self._guard(context)

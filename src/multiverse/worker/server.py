@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,3 +199,60 @@ class Worker:
         if self.image_source is not None:
             await self.image_source.close()
         self.agent.store.close()
+
+
+def _free_port(host: str) -> int:
+    """A port the kernel has free now (a tiny race until the agent binds it; a test tool)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def simulated(config: WorkerConfig, count: int) -> list[WorkerConfig]:
+    """``count`` hollow nodes (as kubemark's): each a whole worker of its own, with its data
+    dir, identity, certificate, agent listener and sync stream, over the fake driver, so one
+    process stands in for many hosts and the master sees exactly what real workers send.
+
+    Node ``i`` is ``<name>-<i>`` in ``<data-dir>/<name>-<i>``; its agent listens on the
+    ``--listen`` port plus ``i``, or on a free port when that port is 0.
+    """
+    if count < 1:
+        raise InvalidArgument("--simulate needs at least 1 node")
+    host, port = split_address(config.listen)
+    advertised = split_address(config.advertise)[0] if config.advertise else ""
+    width = len(str(count - 1))
+    configs = []
+    for index in range(count):
+        name = f"{config.name}-{index:0{width}d}"
+        node_port = port + index if port else _free_port(host)
+        configs.append(
+            dataclasses.replace(
+                config,
+                data_dir=config.data_dir / name,
+                name=name,
+                driver="fake",
+                listen=f"{host}:{node_port}",
+                advertise=f"{advertised}:{node_port}" if advertised else "",
+            )
+        )
+    return configs
+
+
+class Workers:
+    """Several workers in one process (``multiverse worker --simulate N``)."""
+
+    def __init__(self, configs: list[WorkerConfig], concurrency: int = 16) -> None:
+        self.workers = [Worker(config) for config in configs]
+        # Joins at once from a thousand nodes would only queue up at the master's API.
+        self._gate = asyncio.Semaphore(concurrency)
+
+    async def _start(self, worker: Worker) -> Identity:
+        async with self._gate:
+            return await worker.start()
+
+    async def start(self) -> list[Identity]:
+        return list(await asyncio.gather(*(self._start(worker) for worker in self.workers)))
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(worker.stop() for worker in self.workers), return_exceptions=True)

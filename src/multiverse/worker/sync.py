@@ -139,8 +139,9 @@ async def join(
                 "(MULTIVERSE_JOIN_TOKEN or --token-file; see `multiverse token create`)"
             )
         join_token = pki.JoinToken.decode(token)
-        master = master or join_token.addresses[0]
-        identity = await asyncio.to_thread(admit, join_token, master, name, data_dir)
+        first = masters_of(master)[0] if master else join_token.addresses[0]
+        identity = await asyncio.to_thread(admit, join_token, first, name, data_dir)
+        master = master or first
     if identity.expired():
         raise Unauthenticated(
             f"this node's certificate expired while it was away (it renews only while running); "
@@ -156,12 +157,24 @@ async def join(
         capacity=convert.resources_to_pb(await agent.driver.capacity()),
         version=__version__,
     )
-    async with grpc.aio.secure_channel(master, identity.channel_credentials()) as channel:
-        try:
-            await pb_grpc.ClusterServiceStub(channel).Join(request, timeout=15)
-        except grpc.aio.AioRpcError as exc:
-            raise convert.error_from_rpc(exc, f"master {master}") from exc
+    for address in masters_of(master):
+        async with grpc.aio.secure_channel(address, identity.channel_credentials()) as channel:
+            try:
+                await pb_grpc.ClusterServiceStub(channel).Join(request, timeout=15)
+                break
+            except grpc.aio.AioRpcError as exc:
+                failed = convert.error_from_rpc(exc, f"master {address}")
+                if not isinstance(failed, Unavailable):
+                    raise failed from exc
+    else:
+        raise failed
     return identity
+
+
+def masters_of(master: str) -> list[str]:
+    """``--master`` names one master or several, comma-separated (masters sharing one
+    PostgreSQL): a worker syncs with one and moves to the next when it is lost."""
+    return [item.strip() for item in master.split(",") if item.strip()]
 
 
 def retry_delay(attempt: int, base: float = 0.5, cap: float = 5.0) -> float:
@@ -177,7 +190,9 @@ def retry_delay(attempt: int, base: float = 0.5, cap: float = 5.0) -> float:
 async def sync_forever(master: str, identity: Identity, agent: Agent, interval: float) -> None:
     """Push reports to the master until cancelled, reconnecting as often as it takes."""
     attempt = 0
+    masters = masters_of(master)
     while True:
+        master = masters[attempt % len(masters)]  # after a loss, the next one
         try:
             credentials = identity.channel_credentials()  # the newest certificate
             async with grpc.aio.secure_channel(
@@ -207,6 +222,7 @@ async def renew(master: str, identity: Identity, data_dir: Path) -> None:
     Only the certificate file changes (atomically): the key stays, so no crash can part them.
     """
     csr = pki.csr_for_key(identity.cert.key_pem, identity.name)
+    master = masters_of(master)[0]
     async with grpc.aio.secure_channel(master, identity.channel_credentials()) as channel:
         try:
             reply = await pb_grpc.ClusterServiceStub(channel).Renew(

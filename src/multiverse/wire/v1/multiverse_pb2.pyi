@@ -334,6 +334,28 @@ class InstanceInfo(_message.Message):
     release: str
     def __init__(self, status: _Optional[_Union[InstanceStatus, _Mapping]] = ..., load1: _Optional[float] = ..., load5: _Optional[float] = ..., load15: _Optional[float] = ..., memory_used: _Optional[int] = ..., memory_total: _Optional[int] = ..., disk_used: _Optional[int] = ..., disk_total: _Optional[int] = ..., release: _Optional[str] = ...) -> None: ...
 
+class InstanceRefs(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class InfoResult(_message.Message):
+    __slots__ = ("id", "info", "error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    info: InstanceInfo
+    error: str
+    def __init__(self, id: _Optional[str] = ..., info: _Optional[_Union[InstanceInfo, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class InfoResults(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[InfoResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[InfoResult, _Mapping]]] = ...) -> None: ...
+
 class ExecRequest(_message.Message):
     __slots__ = ("id", "command", "stdin")
     ID_FIELD_NUMBER: _ClassVar[int]

@@ -339,6 +339,11 @@ class AgentServiceStub:
                 request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.InstanceRef.SerializeToString,
                 response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.InstanceInfo.FromString,
                 _registered_method=True)
+        self.InfoMany = channel.unary_unary(
+                '/multiverse.v1.AgentService/InfoMany',
+                request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.InstanceRefs.SerializeToString,
+                response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.InfoResults.FromString,
+                _registered_method=True)
         self.Exec = channel.unary_stream(
                 '/multiverse.v1.AgentService/Exec',
                 request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.ExecRequest.SerializeToString,
@@ -427,6 +432,12 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Info(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InfoMany(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -529,6 +540,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.InstanceRef.FromString,
                     response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.InstanceInfo.SerializeToString,
+            ),
+            'InfoMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.InfoMany,
+                    request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.InstanceRefs.FromString,
+                    response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.InfoResults.SerializeToString,
             ),
             'Exec': grpc.unary_stream_rpc_method_handler(
                     servicer.Exec,
@@ -743,6 +759,33 @@ class AgentService:
             '/multiverse.v1.AgentService/Info',
             multiverse_dot_wire_dot_v1_dot_multiverse__pb2.InstanceRef.SerializeToString,
             multiverse_dot_wire_dot_v1_dot_multiverse__pb2.InstanceInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InfoMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/multiverse.v1.AgentService/InfoMany',
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.InstanceRefs.SerializeToString,
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.InfoResults.FromString,
             options,
             channel_credentials,
             insecure,

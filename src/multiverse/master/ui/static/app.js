@@ -524,10 +524,11 @@ async function instancePage(name) {
         .catch((error) => (consoleLog.textContent = error.message));
     }
   };
-  await fill();
+  // Subscribed before the first read: a change that lands while it is in flight still refreshes.
   onEvents((event) => {
     if (event.name === name || event.target === name) fill().catch((error) => toast(error.message, "error"));
   });
+  await fill();
   return [
     h("h1", {}, `Instance ${name}`),
     details,
@@ -938,9 +939,10 @@ async function render() {
     const match = path.match(pattern);
     if (!match) continue;
     try {
+      // Subscribed before the first read, so a change made while it is in flight is not lost.
+      if (page === overview || page === nodePage) onEvents(() => refresh(page, match));
       showPage(await page(...match.slice(1).map(decodeURIComponent)));
       document.title = `${document.querySelector("h1")?.textContent || ""} · Multiverse`;
-      if (page === overview || page === nodePage) onEvents(() => refresh(page, match));
     } catch (error) {
       showPage([h("h1", {}, "Error"), h("p", { class: "error" }, error.message)]);
     }

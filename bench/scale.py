@@ -1,0 +1,172 @@
+"""Scale: one master, many simulated nodes (``multiverse worker --simulate N``), many launches.
+
+Measures, for SQLite and for PostgreSQL (a private cluster, tests/postgres.py): the time until
+every node is Ready, placements per second (launches accepted through the REST API at a fixed
+number in flight), the time until every instance is Running, the latency of
+``GET /instances?limit=500``, and the master's RSS and CPU time. Run by hand
+(``python bench/scale.py --nodes 1000 --instances 50000``); tests/test_scale.py runs a small
+one to check that it works, not how fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from common import Report, run_benchmark  # noqa: E402
+from harness import Cluster, new_cluster, wait_until  # noqa: E402  (tests/ is on the path)
+from postgres import private_postgres  # noqa: E402
+
+CAPACITY = "cpus=100000,memory=100000G,disk=1000000G"  # room for any count of instances
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
+
+
+@contextlib.contextmanager
+def _database(kind: str) -> Iterator[list[str]]:
+    """The master's --db options for ``kind``."""
+    if kind == "sqlite":
+        yield []
+        return
+    with private_postgres() as url:
+        yield ["--db", url]
+
+
+async def _launch_all(cluster: Cluster, count: int, in_flight: int) -> tuple[float, int]:
+    """Launch ``count`` instances, ``in_flight`` at a time; (seconds, failures)."""
+    headers = {"Authorization": f"Bearer {cluster.token}"}
+    names = iter(range(count))
+    failures = 0
+    async with httpx.AsyncClient(
+        base_url=f"{cluster.api}/api/v1", headers=headers, verify=cluster.ssl_context, timeout=120
+    ) as client:
+
+        async def launcher() -> None:
+            nonlocal failures
+            for index in names:
+                body = {"name": f"vm-{index:06d}", "cpus": 1, "memory": "64M", "disk": "1G"}
+                response = await client.post("/instances", json=body)
+                failures += response.status_code != 202
+
+        started = time.perf_counter()
+        await asyncio.gather(*(launcher() for _ in range(in_flight)))
+        return time.perf_counter() - started, failures
+
+
+def _count(cluster: Cluster, **params: Any) -> int:
+    """How many instances match, following the pages."""
+    headers = {"Authorization": f"Bearer {cluster.token}"}
+    url: str | None = f"{cluster.api}/api/v1/instances"
+    query: dict[str, Any] | None = {"limit": 1000, **params}
+    total = 0
+    while url:
+        response = cluster.http.get(url, params=query, headers=headers)
+        response.raise_for_status()
+        total += len(response.json())
+        url, query = response.links.get("next", {}).get("url"), None
+    return total
+
+
+def measure(args: argparse.Namespace, root: Path, kind: str) -> Report:
+    (root / kind).mkdir()
+    with _database(kind) as db, new_cluster(root / kind) as cluster:
+        cluster.start_master(*db)
+        master = psutil.Process(cluster.master.process.pid)  # type: ignore[union-attr]
+        token = cluster.ok("token", "create", "--uses", str(args.nodes)).out.strip()
+        started = time.perf_counter()
+        cluster.start_worker(
+            "sim", "--simulate", str(args.nodes), "--listen", "127.0.0.1:0",
+            "--sync-interval", str(args.sync_interval), token=token, capacity=CAPACITY,
+            wait=False,
+        )  # fmt: skip
+
+        def all_ready() -> bool:
+            nodes = cluster.ok("nodes", "--format", "json").json()
+            return len(nodes) == args.nodes and all(n["status"] == "Ready" for n in nodes)
+
+        wait_until(all_ready, timeout=args.timeout, interval=0.5)
+        nodes_ready = time.perf_counter() - started
+
+        cpu_before = sum(master.cpu_times()[:2])
+        seconds, failures = asyncio.run(_launch_all(cluster, args.instances, args.in_flight))
+        started = time.perf_counter()
+        wait_until(
+            lambda: _count(cluster, state="Running") == args.instances - failures,
+            timeout=args.timeout, interval=0.5,
+        )  # fmt: skip
+        all_running = seconds + time.perf_counter() - started
+
+        headers = {"Authorization": f"Bearer {cluster.token}"}
+        latencies = []
+        for _ in range(args.pages):
+            begun = time.perf_counter()
+            response = cluster.http.get(
+                f"{cluster.api}/api/v1/instances", params={"limit": 500}, headers=headers
+            )
+            latencies.append(time.perf_counter() - begun)
+            response.raise_for_status()
+        return {
+            "db": kind,
+            "nodes": args.nodes,
+            "instances": args.instances,
+            "launch_failures": failures,
+            "running": _count(cluster, state="Running"),
+            "nodes_ready_s": nodes_ready,
+            "placements_per_s": (args.instances - failures) / seconds if seconds else 0.0,
+            "all_running_s": all_running,
+            "list_page_p50_ms": 1000 * statistics.median(latencies),
+            "list_page_p99_ms": 1000 * _percentile(latencies, 0.99),
+            "master_rss_mb": master.memory_info().rss / 2**20,
+            "master_cpu_s_during_launches": sum(master.cpu_times()[:2]) - cpu_before,
+        }
+
+
+def run(args: argparse.Namespace, root: Path) -> Report:
+    kinds = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
+    return {"runs": [measure(args, root, kind) for kind in kinds]}
+
+
+def print_table(report: Report) -> None:
+    runs = report["runs"]
+    rows = [key for key in runs[0] if key != "db"]
+    print(f"{'':32}" + "".join(f"{run['db']:>14}" for run in runs))
+    for key in rows:
+        cells = "".join(
+            f"{run[key]:>14.1f}" if isinstance(run[key], float) else f"{run[key]:>14}"
+            for run in runs
+        )
+        print(f"{key:32}{cells}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--nodes", type=int, default=100)
+    parser.add_argument("--instances", type=int, default=2000)
+    parser.add_argument("--in-flight", type=int, default=32)
+    parser.add_argument("--pages", type=int, default=50, help="GET /instances?limit=500 calls")
+    parser.add_argument("--sync-interval", type=float, default=5.0)
+    parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--keep", action="store_true", help="keep the logs")
+    parser.add_argument("--format", choices=["table", "json"], default="table")
+    return run_benchmark("scale", parser.parse_args(), run, print_table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

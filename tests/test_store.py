@@ -1,0 +1,166 @@
+"""The store's behaviour, the same on SQLite and on PostgreSQL (a private cluster)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from multiverse.core.errors import AlreadyExists, NotFound, Unschedulable
+from multiverse.core.model import (
+    DesiredState,
+    Instance,
+    InstanceSpec,
+    InstanceState,
+    Node,
+    NodeStatus,
+    Resources,
+)
+from multiverse.store.repository import Change, Store
+
+
+def _node(index: int, **labels: str) -> Node:
+    return Node(f"n{index}", f"node-{index}", "127.0.0.1:1", "fake", NodeStatus.READY, labels,
+                Resources(8, 8 << 30, 100 << 30))  # fmt: skip
+
+
+def _instance(index: int, node: int, **labels: str) -> Instance:
+    spec = InstanceSpec(name=f"vm-{index:02d}", cpus=1, memory=1 << 30, disk=1 << 30,
+                        labels=labels)  # fmt: skip
+    return Instance(f"i{index}", spec, f"n{node}", DesiredState.RUNNING, InstanceState.SCHEDULED)
+
+
+def _run(db_url: str, scenario: Callable[[Store], Awaitable[None]]) -> None:
+    store = Store(db_url)
+    store.migrate()
+    store.migrate()  # a no-op the second time
+
+    async def run() -> None:
+        await scenario(store)
+
+    try:
+        asyncio.run(run())
+    finally:
+        store.close()
+
+
+def test_nodes_usage_labels_and_pages(db_url: str) -> None:
+    async def scenario(store: Store) -> None:
+        for index in range(3):
+            await store.add_node(_node(index, zone="a" if index < 2 else "b"), f"serial{index}")
+        with pytest.raises(AlreadyExists):
+            await store.add_node(
+                Node("other", "node-0", "", "fake", NodeStatus.JOINING, {}, Resources()), ""
+            )
+        await store.update_node("n1", admin_labels={"zone": "c"})  # an admin's label wins
+        for index in range(5):
+            await store.add_instance(_instance(index, index % 2))
+        node = await store.get_node("n0")
+        assert node.instance_count == 3 and node.allocated == Resources(3, 3 << 30, 3 << 30)
+        assert node.free.cpus == 5
+        assert (await store.find_node("node-2")).instance_count == 0
+        with pytest.raises(NotFound):
+            await store.get_node("nope")
+        names = [n.name for n in await store.list_nodes(labels={"zone": "a"})]
+        assert names == ["node-0"]
+        assert [n.name for n in await store.list_nodes(labels={"zone": "c"})] == ["node-1"]
+        page = await store.list_nodes(after="node-0", limit=1)
+        assert [n.name for n in page] == ["node-1"]
+
+        await store.remove_node("n2")
+        assert await store.revoked_serials() == {"serial2"}
+        assert [n.name for n in await store.list_nodes()] == ["node-0", "node-1"]
+
+    _run(db_url, scenario)
+
+
+def test_instances_filters_pages_reports(db_url: str) -> None:
+    async def scenario(store: Store) -> None:
+        await store.add_node(_node(0), "")
+        await store.add_node(_node(1), "")
+        for index in range(6):
+            await store.add_instance(_instance(index, index % 2, tier="web" if index % 3 else "db"))
+        with pytest.raises(AlreadyExists):
+            await store.add_instance(_instance(0, 1))
+
+        first = await store.list_instances(limit=4)
+        rest = await store.list_instances(after=first[-1].name, limit=4)
+        assert [i.name for i in first + rest] == [f"vm-{i:02d}" for i in range(6)]
+        on_one = await store.list_instances(node_name="node-1")
+        assert [i.name for i in on_one] == ["vm-01", "vm-03", "vm-05"]
+        assert [i.name for i in await store.list_instances(labels={"tier": "db"})] == [
+            "vm-00", "vm-03",
+        ]  # fmt: skip
+
+        # A report: newer versions win, older ones are ignored, a deleted one goes.
+        reported = [
+            {"id": "i0", "state": "Running", "ipv4": "10.0.0.2", "message": "", "version": 3,
+             "release": "tiny"},
+            {"id": "i2", "state": "Creating", "ipv4": "", "message": "", "version": 1,
+             "release": ""},
+        ]  # fmt: skip
+        changes = await store.apply_report("n0", reported)
+        assert sorted(changes, key=lambda c: c.name) == [
+            Change("i0", "vm-00", "Scheduled", "Running"),
+            Change("i2", "vm-02", "Scheduled", "Creating"),
+        ]
+        stale = [{**reported[0], "state": "Stopped", "version": 2}]
+        assert await store.apply_report("n0", stale) == []
+        assert (await store.get_instance("i0")).state == InstanceState.RUNNING
+        assert [i.name for i in await store.list_instances(state=InstanceState.RUNNING)] == [
+            "vm-00"
+        ]
+        await store.update_instance("i4", desired=DesiredState.DELETED)
+        gone = await store.apply_report("n0", reported)  # i4 is not in it: deleted
+        assert gone == [Change("i4", "vm-04", "Scheduled", "")]
+        with pytest.raises(NotFound):
+            await store.get_instance("i4")
+
+        marked = await store.mark_node_instances("n1", InstanceState.UNKNOWN, "node Down")
+        assert len(marked) == 3
+        assert (await store.find_instance("vm-01")).message == "node Down"
+
+    _run(db_url, scenario)
+
+
+def test_tokens(db_url: str) -> None:
+    async def scenario(store: Store) -> None:
+        await store.add_token("t1", "join", "hash", uses_left=1)
+        assert await store.consume_token_use("t1")
+        assert not await store.consume_token_use("t1")
+        assert not await store.consume_token_use("nope")
+        await store.revoke_token("t1")
+        token = await store.get_token("t1")
+        assert token is not None and token["revoked"] and token["uses_left"] == 0
+        assert [t["id"] for t in await store.list_tokens("join")] == ["t1"]
+
+    _run(db_url, scenario)
+
+
+def test_usage_is_kept_on_the_node_and_concurrent_placements_cannot_overfill(
+    db_url: str,
+) -> None:
+    async def scenario(store: Store) -> None:
+        small = Node("s", "small", "", "fake", NodeStatus.READY, {}, Resources(2, 8 << 30, 1 << 40))
+        await store.add_node(small, "")
+        await store.add_node(_node(1), "")
+        tries = [_instance(index, 0) for index in range(6)]
+        tries = [Instance(i.id, i.spec, "s", i.desired, i.state) for i in tries]
+        outcomes = await asyncio.gather(
+            *(store.add_instance(instance) for instance in tries), return_exceptions=True
+        )
+        assert sum(not isinstance(outcome, Exception) for outcome in outcomes) == 2
+        assert all(isinstance(o, Unschedulable) for o in outcomes if isinstance(o, Exception))
+        node = await store.get_node("s")
+        assert node.allocated.cpus == 2 and node.instance_count == 2
+
+        placed = [i.id for i in await store.list_instances(node_id="s")]
+        await store.update_instance(placed[0], node_id="n1")  # moved: usage moves with it
+        assert (await store.get_node("s")).allocated.cpus == 1
+        assert (await store.get_node("n1")).instance_count == 1
+        await store.delete_instance(placed[1])
+        node = await store.get_node("s")
+        assert node.allocated == Resources(0, 0, 0) and node.instance_count == 0
+
+    _run(db_url, scenario)
