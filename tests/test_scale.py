@@ -7,6 +7,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -264,6 +265,57 @@ def test_a_reconcile_round_reads_only_what_changed(tmp_path: Path) -> None:
             store.close()
 
     asyncio.run(scenario())
+
+
+def test_waiting_operations_read_the_store_only_for_their_own_instance(tmp_path: Path) -> None:
+    """A thousand launches in flight each wait for Running: one instance's change must not make
+    every one of them read the store (that was O(launches x events), the old ceiling)."""
+
+    async def scenario() -> None:
+        store = Store.for_data_dir(tmp_path)
+        store.migrate()
+        events = EventBus()
+        instances = Instances(store, None, None, None, events)  # type: ignore[arg-type]
+        read: list[str] = []
+        get_instance = store.get_instance
+
+        async def counted(instance_id: str) -> Instance:
+            read.append(instance_id)
+            return await get_instance(instance_id)
+
+        store.get_instance = counted  # type: ignore[method-assign]
+        try:
+            node = Node("n", "node", "127.0.0.1:1", "fake", NodeStatus.READY, {},
+                        Resources(64, 64 << 30, 640 << 30))  # fmt: skip
+            await store.add_node(node, "")
+            for index in range(50):
+                spec = InstanceSpec(name=f"vm-{index:02d}")
+                await store.add_instance(
+                    Instance(f"i{index}", spec, "n", DesiredState.RUNNING, InstanceState.STARTING)
+                )
+            waits = [
+                asyncio.create_task(instances.until(f"i{index}", {InstanceState.RUNNING}))
+                for index in range(50)
+            ]
+            await wait_until_async(lambda: len(read) == 50)  # each looked once
+            read.clear()
+            for index in range(50):
+                await store.update_instance(f"i{index}", state=InstanceState.RUNNING)
+                events.publish("instance", name=f"vm-{index:02d}", id=f"i{index}",
+                               old="Starting", state="Running")  # fmt: skip
+            assert await asyncio.gather(*waits) == ["Running"] * 50
+            assert sorted(read) == sorted(f"i{index}" for index in range(50))  # not 50 x 50
+        finally:
+            store.close()
+
+    asyncio.run(scenario())
+
+
+async def wait_until_async(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "gave up waiting"
+        await asyncio.sleep(0.01)
 
 
 def test_the_scale_bench_runs_on_both_databases(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import asyncssh
 import psutil
 
 from multiverse.core.errors import Conflict, DriverError, InvalidArgument, MultiverseError, NotFound
+from multiverse.core.files import write_private
 from multiverse.core.model import GuestStats, Resources
 from multiverse.core.sizes import format_size
 from multiverse.drivers.base import (
@@ -58,12 +59,8 @@ def ensure_ssh_key(path: Path) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = asyncssh.generate_private_key("ssh-ed25519", comment="multiverse-node")
-    temporary = path.with_name(path.name + ".tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(key.export_private_key())
     path.with_suffix(".pub").write_bytes(key.export_public_key())
-    temporary.rename(path)
+    write_private(path, key.export_private_key())  # last: its presence means both are there
     return path
 
 

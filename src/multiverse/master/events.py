@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,10 +20,16 @@ Event = dict[str, Any]
 QUEUE_SIZE = 1000
 
 
+@dataclass(eq=False)
+class _Waiter:
+    about: Callable[[Event], bool] | None  # None: every event may matter
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class EventBus:
     def __init__(self) -> None:
         self._listeners: set[asyncio.Queue[Event | None]] = set()
-        self._tick = asyncio.Event()  # set (and replaced) on every event: wakes wait_for()
+        self._waiters: set[_Waiter] = set()
 
     def publish(self, kind: str, **fields: Any) -> None:
         event = {"type": kind, "time": datetime.now(UTC).isoformat().replace("+00:00", "Z")}
@@ -35,22 +42,40 @@ class EventBus:
                 queue.get_nowait()  # room for the end mark
                 queue.put_nowait(None)
                 log.warning("dropped a slow event listener")
-        tick, self._tick = self._tick, asyncio.Event()
-        tick.set()
+        for waiter in self._waiters:
+            if waiter.about is None or waiter.about(event):
+                waiter.wake.set()
 
-    async def wait_for(self, predicate: Callable[[], Awaitable[bool]], timeout: float) -> bool:
-        """Wait until ``await predicate()`` holds, checking it after every event; False on
-        timeout."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not await predicate():
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                return False
-            tick = self._tick
-            with contextlib.suppress(TimeoutError):
-                # Also re-check now and then: some changes (e.g. time passing) raise no event.
-                await asyncio.wait_for(tick.wait(), min(remaining, 1.0))
-        return True
+    async def wait_for(
+        self,
+        predicate: Callable[[], Awaitable[bool]],
+        timeout: float,
+        *,
+        about: Callable[[Event], bool] | None = None,
+        recheck: float = 1.0,
+    ) -> bool:
+        """Wait until ``await predicate()`` holds, checking it after every event ``about``
+        accepts (every event when None) and every ``recheck`` seconds, for changes that raise
+        no event (time passing); False on timeout.
+
+        ``about`` is what keeps many waiters cheap: a thousand launches waiting for Running
+        would otherwise each read the store on every event of every other one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        waiter = _Waiter(about)
+        self._waiters.add(waiter)
+        try:
+            while True:
+                waiter.wake.clear()  # before the check: an event during it wakes the wait
+                if await predicate():
+                    return True
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter.wake.wait(), min(remaining, recheck))
+        finally:
+            self._waiters.discard(waiter)
 
     async def listen(self) -> AsyncIterator[Event]:
         """Events from now on, until the listener is dropped for being slow."""

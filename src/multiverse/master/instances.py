@@ -54,6 +54,9 @@ log = logging.getLogger("multiverse.master")
 
 SessionCall: TypeAlias = grpc.aio.StreamStreamCall[pb.SessionInput, pb.SessionOutput]
 OPERATION_TIMEOUT = 900.0  # seconds an operation waits for its instance to get there
+# How often an operation re-reads its instance with no event about it: the change may have been
+# seen by another master (its worker syncs there), which raises the event on that master only.
+UNTIL_RECHECK = 5.0
 PLACEMENT_TRIES = 3  # a node found full at insert time (another master won it): choose again
 
 
@@ -270,7 +273,11 @@ class Instances:
                 raise DriverError(f"{instance.name} failed: {instance.message or 'no reason'}")
             return False
 
-        if not await self.events.wait_for(reached, OPERATION_TIMEOUT):
+        # Its own changes always raise an event; the slow recheck is only a safety net.
+        if not await self.events.wait_for(
+            reached, OPERATION_TIMEOUT, about=lambda event: event.get("id") == instance_id,
+            recheck=UNTIL_RECHECK,
+        ):  # fmt: skip
             raise Unavailable(f"gave up waiting after {OPERATION_TIMEOUT:.0f}s")
         return "Deleted" if targets is None else next(iter(targets)).value
 

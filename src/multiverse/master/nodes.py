@@ -107,18 +107,21 @@ class Nodes:
         """Forget the node and revoke its certificate. Its instances must be gone first, or
         ``force``: then they are forgotten too (their VMs stay on that host)."""
         node = await self.store.find_node(name)
-        held = await self._on_node(node)
-        if held and not force:
-            names = ", ".join(instance.name for instance in held)
-            raise Conflict(
-                f"node {name} still holds {names}: delete or evacuate them, or use --force"
-            )
+        if not force:
+            await self.ensure_empty(node, "delete or evacuate them, or use --force")
         await self.store.remove_node(node.id)
         self.instances.view.invalidate()
         self.on_removed(node.id)
         self.instances.events.publish("node", name=name, status="Removed")
         log.info("node %s removed; its certificate is revoked", name)
         return node
+
+    async def ensure_empty(self, node: Node, what_next: str) -> None:
+        """Refuse (409) to take away a node that still holds instances; ``what_next`` tells the
+        user how to get there."""
+        if held := await self._on_node(node):
+            names = ", ".join(instance.name for instance in held)
+            raise Conflict(f"node {node.name} still holds {names}: {what_next}")
 
     async def _on_node(self, node: Node) -> list[Instance]:
         return [

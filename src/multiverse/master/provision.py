@@ -38,7 +38,6 @@ from multiverse.core.errors import (
     MultiverseError,
 )
 from multiverse.core.model import (
-    DesiredState,
     Node,
     NodeStatus,
     Resources,
@@ -216,6 +215,8 @@ class Installer:
         self._running: dict[str, Operation] = {}
         # Forgets the node once its host is clean (the master wires `Nodes.remove`).
         self.on_uninstalled: Callable[[str], Awaitable[object]] = _nothing
+        # Refuses a node that still holds instances (the master wires `Nodes.ensure_empty`).
+        self.ensure_empty: Callable[[Node, str], Awaitable[None]] = _anything
 
     # ---- node add ----
 
@@ -492,14 +493,7 @@ class Installer:
                 f"node {name} was not installed by `node add`; remove it with `node remove` "
                 "and uninstall it on its host by hand"
             )
-        held = [
-            i.name for i in await self.store.list_instances(node_id=node.id)
-            if i.desired != DesiredState.DELETED
-        ]  # fmt: skip
-        if held:
-            raise Conflict(
-                f"node {name} still holds {', '.join(held)}: delete or evacuate them first"
-            )
+        await self.ensure_empty(node, "delete or evacuate them first")
         credentials.check()
         progress: list[str] = []
         return self.operations.start(
@@ -538,6 +532,10 @@ class Installer:
 
 async def _nothing(name: str) -> None:
     """Forget no node (until the master wires `Nodes.remove`)."""
+
+
+async def _anything(node: Node, what_next: str) -> None:
+    """Refuse no node (until the master wires `Nodes.ensure_empty`)."""
 
 
 async def _already(node: Node) -> dict[str, Any]:

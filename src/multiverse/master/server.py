@@ -149,6 +149,7 @@ class Master:
             worker_env={ALLOW_ENV: "1"} if os.environ.get(ALLOW_ENV) == "1" else {},
         )  # fmt: skip
         self.installer.on_uninstalled = lambda name: self.nodes.remove(name)
+        self.installer.ensure_empty = self.nodes.ensure_empty
         self.api_url = ""
         self.master_id = str(uuid.uuid4())  # this process, among the masters of the database
         self.leadership: Leadership | None = None
