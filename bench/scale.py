@@ -3,7 +3,8 @@
 Measures, for SQLite and for PostgreSQL (a private cluster, tests/postgres.py): the time until
 every node is Ready, placements per second (launches accepted through the REST API at a fixed
 number in flight), the time until every instance is Running, the latency of
-``GET /instances?limit=500``, and the master's RSS and CPU time. Run by hand
+``GET /instances?limit=500``, how long a stop takes to show on the master (sync lag, bounded
+above), and the master's RSS and CPU time. Run by hand
 (``python bench/scale.py --nodes 1000 --instances 50000``); tests/test_scale.py runs a small
 one to check that it works, not how fast.
 """
@@ -83,6 +84,24 @@ def _count(cluster: Cluster, **params: Any) -> int:
     return total
 
 
+def _stop_seen(cluster: Cluster, samples: int) -> list[float]:
+    """Sync lag, bounded above: from asking a node to stop an instance until the master shows
+    it Stopped (the API call, the agent's Stop, the node's next report and its intake)."""
+    headers = {"Authorization": f"Bearer {cluster.token}"}
+    api = f"{cluster.api}/api/v1/instances"
+    lags = []
+    for index in range(samples):
+        name = f"vm-{index:06d}"
+        begun = time.perf_counter()
+        cluster.http.post(f"{api}/{name}/stop", headers=headers).raise_for_status()
+        while cluster.http.get(f"{api}/{name}", headers=headers).json()["state"] != "Stopped":
+            if time.perf_counter() - begun > 120:
+                raise TimeoutError(f"{name} never showed Stopped")
+            time.sleep(0.005)
+        lags.append(time.perf_counter() - begun)
+    return lags
+
+
 def measure(args: argparse.Namespace, root: Path, kind: str) -> Report:
     (root / kind).mkdir()
     with _database(kind) as db, new_cluster(root / kind) as cluster:
@@ -121,17 +140,21 @@ def measure(args: argparse.Namespace, root: Path, kind: str) -> Report:
             )
             latencies.append(time.perf_counter() - begun)
             response.raise_for_status()
+        running = _count(cluster, state="Running")
+        lags = _stop_seen(cluster, min(args.lag_samples, args.instances - failures))
         return {
             "db": kind,
             "nodes": args.nodes,
             "instances": args.instances,
             "launch_failures": failures,
-            "running": _count(cluster, state="Running"),
+            "running": running,
             "nodes_ready_s": nodes_ready,
             "placements_per_s": (args.instances - failures) / seconds if seconds else 0.0,
             "all_running_s": all_running,
             "list_page_p50_ms": 1000 * statistics.median(latencies),
             "list_page_p99_ms": 1000 * _percentile(latencies, 0.99),
+            "stop_seen_p50_ms": 1000 * statistics.median(lags) if lags else 0.0,
+            "stop_seen_p99_ms": 1000 * _percentile(lags, 0.99),
             "master_rss_mb": master.memory_info().rss / 2**20,
             "master_cpu_s_during_launches": sum(master.cpu_times()[:2]) - cpu_before,
         }
@@ -161,6 +184,7 @@ def main() -> int:
     parser.add_argument("--in-flight", type=int, default=32)
     parser.add_argument("--pages", type=int, default=50, help="GET /instances?limit=500 calls")
     parser.add_argument("--sync-interval", type=float, default=5.0)
+    parser.add_argument("--lag-samples", type=int, default=50, help="instances stopped one by one")
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--keep", action="store_true", help="keep the logs")

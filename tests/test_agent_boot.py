@@ -1,4 +1,5 @@
-"""The agent tells Running the moment the guest answers, without waiting for anything slower."""
+"""The agent tells Running the moment the guest answers, without waiting for anything slower;
+its reports name only what changed."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from multiverse.drivers.base import VMConfig
 from multiverse.drivers.fake import ALLOW_ENV, FakeDriver
 from multiverse.worker.agent import Agent
 from multiverse.worker.localstore import LocalStore
+from multiverse.worker.sync import Reporter
 
 
 class SlowStatsDriver(FakeDriver):
@@ -47,6 +49,47 @@ def test_running_is_told_before_the_guests_release_is_known(
             await async_wait_until(lambda: record.release == "Fake 1.0", 30)
             assert record.state == InstanceState.RUNNING and record.version > told
         finally:
+            await agent.shutdown()
+            agent.store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_report_after_the_first_names_only_what_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deltas (issue 13): a node with many instances tells the master of one change by
+    sending that one, and of a deletion by its id; the master asks, it gets everything."""
+    monkeypatch.setenv(ALLOW_ENV, "1")
+
+    async def scenario() -> None:
+        agent = Agent(FakeDriver(tmp_path / "fake"), LocalStore(tmp_path / "agent.db"))
+        reporter = Reporter(agent, interval=3600)
+        reports = reporter.reports()
+        try:
+            records = [
+                await agent.launch(str(uuid.uuid4()), InstanceSpec(name=f"vm-{index}"))
+                for index in range(3)
+            ]
+            await async_wait_until(
+                lambda: all(r.state == InstanceState.RUNNING and r.release for r in records), 30
+            )
+            first = await anext(reports)
+            assert not first.delta and len(first.instances) == 3
+            await agent.stop(records[1].id)
+            await async_wait_until(lambda: records[1].state == InstanceState.STOPPED, 30)
+            second = await anext(reports)
+            assert second.delta and {i.name for i in second.instances} == {"vm-1"}
+            await agent.delete(records[2].id)
+            await async_wait_until(lambda: records[2].id not in agent.records, 30)
+            third = await anext(reports)
+            assert third.delta and not third.instances and list(third.removed) == [records[2].id]
+            reporter.want_full = True  # as the master's ack asks
+            agent.changed.set()
+            fourth = await anext(reports)
+            assert not fourth.delta and {i.name for i in fourth.instances} == {"vm-0", "vm-1"}
+        finally:
+            await reports.aclose()
             await agent.shutdown()
             agent.store.close()
 

@@ -303,6 +303,56 @@ def test_viewer_sees_no_write_buttons_and_the_api_refuses_it(ui: Cluster, page: 
         ui.ok("delete", "seen")
 
 
+def test_faults_page_lists_faults_live_and_heals_them(ui: Cluster, page: Page) -> None:
+    for name in ("hit-1", "hit-2"):
+        ui.ok("launch", "--name", name, "--node", "node-a")
+    try:
+        log_in(page, ui, ui.token)
+        page.get_by_role("link", name="Faults").click()
+        expect(page.locator("#faults")).to_contain_text("No faults in force.")
+        # Added from elsewhere (the CLI): the open page follows the events stream.
+        first = ui.ok("fault", "kill", "hit-1", "--format", "json").json()
+        second = ui.ok("fault", "kill", "hit-2", "--duration", "1h", "--format", "json").json()
+        rows = page.locator("#faults tbody tr")
+        expect(rows).to_have_count(2)
+        row = rows.filter(has_text=second["id"])
+        expect(row).to_contain_text("hit-2")
+        expect(row).to_contain_text(re.compile(r"in (59|60) min"))
+        expect(rows.filter(has_text=first["id"])).to_contain_text("never (until healed)")
+        expect(page.locator(".events")).to_have_count(0)  # the overview's, not here
+        assert accessibility_problems(page) == []
+        screenshot(page, "faults")
+        row.get_by_role("button", name=f"Heal {second['id']}").click()
+        expect(rows).to_have_count(1)
+        assert [f["id"] for f in ui.ok("fault", "list", "--format", "json").json()] == [first["id"]]
+        ui.ok("fault", "kill", "hit-2", "--format", "json")
+        expect(rows).to_have_count(2)
+        page.once("dialog", lambda dialog: dialog.dismiss())
+        page.get_by_role("button", name="Heal all").click()
+        expect(page.get_by_role("button", name="Heal all")).to_be_enabled()
+        expect(rows).to_have_count(2)  # dismissed: nothing healed
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.get_by_role("button", name="Heal all").click()
+        expect(page.locator("#faults")).to_contain_text("No faults in force.")
+        assert ui.ok("fault", "list", "--format", "json").json() == []
+        # The overview's event list tells them too.
+        page.get_by_role("link", name="Overview").click()
+        expect(page.locator(".events")).to_contain_text(f"fault {second['id']} healed: kill hit-2")
+        # A viewer sees the faults but no button to heal them.
+        ui.ok("fault", "kill", "hit-1")
+        viewer = ui.ok("token", "create", "--api", "--role", "viewer").out.strip()
+        page.evaluate("sessionStorage.clear()")
+        log_in(page, ui, viewer)
+        page.get_by_role("link", name="Faults").click()
+        expect(rows).to_have_count(1)
+        expect(page.locator("main button")).to_have_count(0)
+        assert accessibility_problems(page) == []
+    finally:
+        ui.ok("fault", "heal", "--all")
+        for name in ("hit-1", "hit-2"):
+            ui.ok("delete", name)
+
+
 def test_tokens_page_shows_a_new_token_once_and_revokes(ui: Cluster, page: Page) -> None:
     log_in(page, ui, ui.token)
     page.get_by_role("link", name="Tokens").click()

@@ -40,6 +40,17 @@ def test_the_schedule_is_parsed_in_time_order_and_checked_against_the_file() -> 
     assert "faults" not in spec.document  # the master gets the instances only
 
 
+def test_a_scheduled_fault_may_select_by_environment_or_group() -> None:
+    entry = (
+        "  - at: 1s\n    partition: node-1 / env:chaos\n"
+        "  - at: 2s\n    pause: multiverse.group=node\n"
+    )
+    spec = parse_yaml(ENV.split("faults:\n")[0] + "faults:\n" + entry, "chaos.yaml", _no_files)
+    assert [s.describe() for s in spec.faults] == [
+        "partition node-1 / node-2", "pause node-1,node-2",
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
@@ -47,6 +58,7 @@ def test_the_schedule_is_parsed_in_time_order_and_checked_against_the_file() -> 
         ("  - at: 1s\n    link: {from: node-1, to: node-2, delay: -5ms}\n", "cannot be negative"),
         ("  - at: 1s\n    partition: node-1 /\n", "two non-empty sides"),
         ("  - at: 1s\n    pause: node-1\n    kill: node-2\n", "exactly one kind"),
+        ("  - at: 1s\n    pause: env:other\n", "no environment other"),
     ],
 )
 def test_a_bad_scheduled_fault_is_refused_with_the_file(entry: str, message: str) -> None:
@@ -81,3 +93,43 @@ def test_apply_runs_the_schedule_and_prints_a_timeline(cluster: Cluster, tmp_pat
         )
     cluster.ok("fault", "heal", "--all")
     assert cluster.ok("fault", "list", "--format", "json").json() == []
+
+
+def test_faults_select_instances_by_environment_and_label(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_master()
+    cluster.start_worker("w1", capacity="cpus=4,memory=8G,disk=50G")
+    path = tmp_path / "chaos.yaml"
+    path.write_text(ENV.split("faults:\n")[0])
+    cluster.ok("apply", "-f", str(path), timeout=120)
+    cluster.ok("launch", "--name", "other", "--memory", "256M", "--disk", "1G")
+
+    def listed() -> list[tuple[str, list[str]]]:
+        return [
+            (f["kind"], f["targets"])
+            for f in cluster.ok("fault", "list", "--format", "json").json()
+        ]
+
+    killed = cluster.ok("fault", "kill", "--env", "chaos", "--format", "json").json()
+    assert killed["targets"] == ["node-1", "node-2"]  # resolved names, not the selector
+    cluster.ok("fault", "heal", "--all")
+    cluster.ok("fault", "kill", "multiverse.group=node", "--format", "json")
+    assert listed() == [("kill", ["node-1", "node-2"])]
+    cluster.ok("fault", "heal", "--all")
+    for args, message in [
+        (("kill", "--env", "nosuch"), "no environment nosuch (no instance carries it)"),
+        (("kill", "role=db"), "no instance matches role=db"),
+        (("partition", "node-1,node-2", "--env", "chaos"), "two non-empty sides"),
+        (("pause", "other", "--env", "chaos"), "give an instance"),
+        (("pause",), "give an instance"),
+    ]:
+        done = cluster.cli("fault", *args)
+        assert done.code != 0 and message in done.err, (args, done.err)
+        assert listed() == []
+    refused = cluster.http.post(
+        f"{cluster.api}/api/v1/faults",
+        json={"kind": "partition", "targets": ["node-1"], "peers": ["env:nosuch"]},
+        headers={"Authorization": f"Bearer {cluster.token}"},
+    )
+    assert refused.status_code == 400
+    assert refused.json()["error"]["message"] == "no environment nosuch (no instance carries it)"
+    assert listed() == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -16,6 +17,7 @@ from multiverse.core.model import (
     Node,
     NodeStatus,
     Resources,
+    Usage,
 )
 from multiverse.store.repository import Change, Store
 
@@ -93,29 +95,46 @@ def test_instances_filters_pages_reports(db_url: str) -> None:
             "vm-00", "vm-03",
         ]  # fmt: skip
 
-        # A report: newer versions win, older ones are ignored, a deleted one goes.
+        async def report(
+            reported: list[dict[str, Any]], removed: list[str] | None = None
+        ) -> list[Change]:
+            name, _, changes = await store.take_report(
+                "n0", capacity=Resources(8, 8 << 30, 100 << 30), used=Usage(1, 2, 3),
+                reported=reported, removed=removed, image_digests=["sha256:" + "a" * 64],
+            )  # fmt: skip
+            assert name == "node-0"
+            return changes
+
+        # A full report: newer versions win, older ones are ignored, a deleted one goes.
         reported = [
             {"id": "i0", "state": "Running", "ipv4": "10.0.0.2", "message": "", "version": 3,
              "release": "tiny"},
             {"id": "i2", "state": "Creating", "ipv4": "", "message": "", "version": 1,
              "release": ""},
         ]  # fmt: skip
-        changes = await store.apply_report("n0", reported)
+        changes = await report(reported)
         assert sorted(changes, key=lambda c: c.name) == [
             Change("i0", "vm-00", "Scheduled", "Running"),
             Change("i2", "vm-02", "Scheduled", "Creating"),
         ]
+        assert (await store.get_node("n0")).used == Usage(1, 2, 3)
         stale = [{**reported[0], "state": "Stopped", "version": 2}]
-        assert await store.apply_report("n0", stale) == []
+        assert await report(stale) == []
         assert (await store.get_instance("i0")).state == InstanceState.RUNNING
         assert [i.name for i in await store.list_instances(state=InstanceState.RUNNING)] == [
             "vm-00"
         ]
+        # A delta: what it does not name stays as it was, even an instance being deleted.
         await store.update_instance("i4", desired=DesiredState.DELETED)
-        gone = await store.apply_report("n0", reported)  # i4 is not in it: deleted
+        newer = [{**reported[1], "state": "Running", "version": 2}]
+        assert await report(newer, removed=[]) == [Change("i2", "vm-02", "Creating", "Running")]
+        assert (await store.get_instance("i4")).desired == DesiredState.DELETED
+        gone = await report([], removed=["i4"])  # the node says it went
         assert gone == [Change("i4", "vm-04", "Scheduled", "")]
         with pytest.raises(NotFound):
             await store.get_instance("i4")
+        await store.update_instance("i2", desired=DesiredState.DELETED)
+        assert await report(reported[:1]) == [Change("i2", "vm-02", "Running", "")]  # full
 
         marked = await store.mark_node_instances("n1", InstanceState.UNKNOWN, "node Down")
         assert len(marked) == 3

@@ -661,16 +661,34 @@ def _split(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+_fault_env = click.option("--env", help="Every instance of this environment (as env:NAME).")
+
+
+def _fault_targets(name: str | None, env: str | None) -> list[str]:
+    """NAME (an instance, env:NAME or KEY=VALUE) or --env, exactly one of them."""
+    if bool(name) == bool(env):
+        raise click.UsageError("give an instance (or env:NAME, KEY=VALUE) or --env NAME")
+    return [name] if name else [f"env:{env}"]
+
+
 @fault.command(name="partition")
 @click.argument("sides", nargs=-1, required=True)
 @click.option("--one-way", is_flag=True, help="Cut only the first side's traffic to the second.")
+@click.option("--env", help="With one side only: the other side is the rest of this environment.")
 @_fault_duration
 @format_option
-def fault_partition(sides: tuple[str, ...], one_way: bool, duration: str | None, fmt: str) -> None:
-    """Cut the network between two sets of instances: `partition a,b / c,d`."""
+def fault_partition(
+    sides: tuple[str, ...], one_way: bool, env: str | None, duration: str | None, fmt: str
+) -> None:
+    """Cut the network between two sets of instances: `partition a,b / c,d`.
+
+    A set may name instances, environments (env:lab) and labels (role=db); `partition a --env
+    lab` cuts a from the rest of lab. Selectors are resolved when the fault is added."""
     text = " ".join(sides)
-    if text.count("/") != 1:
-        raise click.UsageError("give two sides separated by /: partition a,b / c,d")
+    if env is not None and "/" not in text:
+        text += f" / env:{env}"
+    elif env is not None or text.count("/") != 1:
+        raise click.UsageError("give two sides separated by /: partition a,b / c,d (or a --env E)")
     left, right = text.split("/")
     _fault(fmt, {"kind": "partition", "targets": _split(left), "peers": _split(right),
                  "one_way": one_way, "duration": duration})  # fmt: skip
@@ -694,13 +712,17 @@ def fault_link(name: str, to: str, duration: str | None, fmt: str, **params: str
                  "duration": duration})  # fmt: skip
 
 
+_SELECTED = "NAME may also be env:ENV or KEY=VALUE: every instance they match."
+
+
 def _single(kind: str, doc: str) -> None:
-    @fault.command(name=kind, help=doc)
-    @click.argument("name")
+    @fault.command(name=kind, help=f"{doc}\n\n{_SELECTED}")
+    @click.argument("name", required=False)
+    @_fault_env
     @_fault_duration
     @format_option
-    def command(name: str, duration: str | None, fmt: str) -> None:
-        _fault(fmt, {"kind": kind, "targets": [name], "duration": duration})
+    def command(name: str | None, env: str | None, duration: str | None, fmt: str) -> None:
+        _fault(fmt, {"kind": kind, "targets": _fault_targets(name, env), "duration": duration})
 
 
 _single("pause", "Freeze NAME (QMP stop) until healed or --duration is over.")
@@ -709,28 +731,45 @@ _single("reboot", "Reset NAME hard, as the reset button.")
 
 
 @fault.command(name="clock")
-@click.argument("name")
-@click.option("--skew", required=True, help="Step the guest's clock, e.g. +5s or -2m.")
+@click.argument("name", required=False)
+@_fault_env
+@click.option("--skew", help="Step the guest's clock, e.g. +5s or -2m.")
+@click.option("--drift", help="Run the guest's clock fast or slow, e.g. 100ppm or -50ppm.")
 @_fault_duration
 @format_option
-def fault_clock(name: str, skew: str, duration: str | None, fmt: str) -> None:
-    """Step NAME's clock by --skew (stepped back when healed)."""
-    _fault(fmt, {"kind": "clock", "targets": [name], "params": {"skew": skew},
+def fault_clock(
+    name: str | None, env: str | None, skew: str | None, drift: str | None,
+    duration: str | None, fmt: str,
+) -> None:  # fmt: skip
+    """Step NAME's clock by --skew and/or make it drift (both undone when healed).
+
+    NAME may also be env:ENV or KEY=VALUE: every instance they match. --drift goes through
+    the guest kernel (adjtimex, as NTP would): QEMU cannot change the clock rate of a running
+    guest."""
+    params = {k: v for k, v in (("skew", skew), ("drift", drift)) if v is not None}
+    _fault(fmt, {"kind": "clock", "targets": _fault_targets(name, env), "params": params,
                  "duration": duration})  # fmt: skip
 
 
 @fault.command(name="disk")
-@click.argument("name")
+@click.argument("name", required=False)
+@_fault_env
 @click.option("--full", is_flag=True, help="Fill the data disk to the brim.")
 @click.option("--slow", help="Throttle the data disk to one I/O per this long, e.g. 10ms.")
 @_fault_duration
 @format_option
-def fault_disk(name: str, full: bool, slow: str | None, duration: str | None, fmt: str) -> None:
-    """Fill NAME's data disk or slow it down."""
+def fault_disk(
+    name: str | None, env: str | None, full: bool, slow: str | None, duration: str | None,
+    fmt: str,
+) -> None:  # fmt: skip
+    """Fill NAME's data disk or slow it down.
+
+    NAME may also be env:ENV or KEY=VALUE: every instance they match."""
     params = {"full": "true"} if full else {}
     if slow:
         params["slow"] = slow
-    _fault(fmt, {"kind": "disk", "targets": [name], "params": params, "duration": duration})
+    _fault(fmt, {"kind": "disk", "targets": _fault_targets(name, env), "params": params,
+                 "duration": duration})  # fmt: skip
 
 
 @fault.command(name="list")

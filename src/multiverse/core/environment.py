@@ -55,6 +55,7 @@ from multiverse.core.model import (
     DEFAULT_DISK,
     DEFAULT_IMAGE,
     DEFAULT_MEMORY,
+    ENV_LABEL,
     DesiredState,
     Instance,
     InstanceSpec,
@@ -80,7 +81,6 @@ __all__ = [
     "render",
 ]
 
-ENV_LABEL = "multiverse.env"
 GROUP_LABEL = "multiverse.group"
 CLOUD_INIT_LABEL = "multiverse.cloud-init"
 RESERVED_PREFIX = "multiverse."
@@ -329,15 +329,18 @@ def _parse(document: Any, source: _Source, read: Callable[[str], str] | None) ->
         seen.setdefault(member.name, path)
     if len(members) > MAX_MEMBERS:
         problems.at(("instances",), f"{len(members)} instances; at most {MAX_MEMBERS}")
-    schedule = _schedule(document.get("faults"), {m.name for m, _ in members}, problems)
+    labels = {m.name: {ENV_LABEL: name, **m.labels} for m, _ in members}
+    schedule = _schedule(document.get("faults"), labels, problems)
     problems.raise_any()
     ordered = _order(_dependencies(name, members, source, problems), source, problems)
     problems.raise_any()
     return EnvironmentSpec(name, tuple(ordered), {"name": name, "instances": inline}, schedule)
 
 
-def _schedule(entries: Any, names: set[str], problems: _Problems) -> tuple[ScheduledFault, ...]:
-    """The ``faults:`` section, in the order they start."""
+def _schedule(
+    entries: Any, labels: Mapping[str, Mapping[str, str]], problems: _Problems
+) -> tuple[ScheduledFault, ...]:
+    """The ``faults:`` section, in the order they start; ``labels``: each member's."""
     if entries is None:
         return ()
     if not isinstance(entries, list):
@@ -346,7 +349,7 @@ def _schedule(entries: Any, names: set[str], problems: _Problems) -> tuple[Sched
     schedule: list[ScheduledFault] = []
     for index, entry in enumerate(entries):
         try:
-            schedule.append(parse_scheduled(entry, names))
+            schedule.append(parse_scheduled(entry, labels))
         except MultiverseError as exc:
             problems.at(("faults", index), exc.message)
     return tuple(sorted(schedule, key=lambda s: s.at))

@@ -4,7 +4,7 @@ the pure computation of what each node must do for the faults in force.
 The master keeps faults in the store and sends every node its :class:`NodeFaults` (with each
 sync acknowledgement, and at once when a fault is added or healed); the node converges to it:
 nftables drops for partitions, netem on taps for links, QMP stop for pauses, and one-shot
-actions (kill, reboot, clock steps, disk fill) run once per fault id.
+actions (kill, reboot, clock steps, disk fill) run once per fault id and VM.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from multiverse.core.errors import InvalidArgument
+from multiverse.core.model import ENV_LABEL
 
 __all__ = [
     "Fault",
@@ -30,7 +31,9 @@ __all__ = [
     "node_faults",
     "parse_duration",
     "parse_percent",
+    "parse_ppm",
     "parse_scheduled",
+    "resolve_sides",
 ]
 
 
@@ -40,18 +43,20 @@ class FaultKind(enum.StrEnum):
     PAUSE = "pause"  # the VM frozen (QMP stop) while the fault lasts
     KILL = "kill"  # hard power off once; desired state stays running
     REBOOT = "reboot"  # hard reset once
-    CLOCK = "clock"  # the guest's clock stepped by ``skew``; stepped back on heal
+    CLOCK = "clock"  # the guest's clock stepped by ``skew`` and/or run off by ``drift``
     DISK = "disk"  # the data disk filled (``full``) or throttled (``slow``)
 
 
-# Kinds done once on apply (and, for some, undone once on heal), not held while in force.
-ONE_SHOT = frozenset({FaultKind.KILL, FaultKind.REBOOT, FaultKind.CLOCK})
-SINGLE = frozenset({FaultKind.PAUSE, FaultKind.KILL, FaultKind.REBOOT, FaultKind.CLOCK,
+# Kinds that act on each target VM itself: no other side.
+ON_VMS = frozenset({FaultKind.PAUSE, FaultKind.KILL, FaultKind.REBOOT, FaultKind.CLOCK,
                     FaultKind.DISK})  # fmt: skip
 LINK_PARAMS = ("delay", "jitter", "loss", "duplicate", "reorder", "rate")
 _DURATION = re.compile(r"^([+-]?\d+(?:\.\d+)?)(ms|s|m|h|us)?$")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _RATE = re.compile(r"^\d+(?:\.\d+)?(bit|kbit|mbit|gbit)$")
+_PPM = re.compile(r"^([+-]?\d+(?:\.\d+)?)\s*ppm$")
+# A guest kernel's clock runs at most 10% off: its tick may be 9000..11000 µs per 10 ms.
+MAX_DRIFT_PPM = 100_000
 
 
 def parse_duration(text: str, what: str, *, signed: bool = False) -> float:
@@ -76,13 +81,24 @@ def parse_percent(text: str, what: str) -> float:
     return value
 
 
+def parse_ppm(text: str, what: str) -> float:
+    """Parts per million from ``100ppm`` or ``-20ppm`` (+ runs fast), within ±10%."""
+    match = _PPM.match(str(text).strip().lower())
+    if match is None:
+        raise InvalidArgument(f"invalid {what} {text!r}: use e.g. 100ppm or -20ppm")
+    ppm = float(match.group(1))
+    if abs(ppm) > MAX_DRIFT_PPM:
+        raise InvalidArgument(f"{what} must be within ±{MAX_DRIFT_PPM}ppm (10%): {text!r}")
+    return ppm
+
+
 @dataclass(frozen=True)
 class Fault:
     """One fault: what it hits (instance names), how, since when and until when."""
 
     id: str
     kind: FaultKind
-    targets: tuple[str, ...]  # partition: one side; others: the instance hit
+    targets: tuple[str, ...]  # partition: one side; link: the origin; others: the VMs hit
     peers: tuple[str, ...] = ()  # partition: the other side; link: --to (empty: everyone)
     params: Mapping[str, str] = field(default_factory=dict)
     one_way: bool = False  # partition: only targets -> peers is cut
@@ -129,8 +145,8 @@ def check_fault(fault: Fault, known: Iterable[str]) -> Fault:
     if fault.kind == FaultKind.PARTITION and set(fault.targets) & set(fault.peers):
         both = ", ".join(sorted(set(fault.targets) & set(fault.peers)))
         raise InvalidArgument(f"an instance cannot be on both sides of a partition: {both}")
-    if fault.kind in SINGLE and (len(fault.targets) != 1 or fault.peers):
-        raise InvalidArgument(f"a {fault.kind.value} fault hits exactly one instance")
+    if fault.kind in ON_VMS and fault.peers:
+        raise InvalidArgument(f"a {fault.kind.value} fault hits instances, it has no other side")
     if fault.kind == FaultKind.LINK:
         if len(fault.targets) != 1:
             raise InvalidArgument("a link fault starts from one instance: link A --to B")
@@ -138,8 +154,15 @@ def check_fault(fault: Fault, known: Iterable[str]) -> Fault:
             raise InvalidArgument("a link fault cannot go from an instance to itself")
         _check_link(fault.params)
     elif fault.kind == FaultKind.CLOCK:
-        if not parse_duration(fault.params.get("skew", ""), "--skew", signed=True):
+        unknown = sorted(set(fault.params) - {"skew", "drift"})
+        if unknown or not fault.params:
+            raise InvalidArgument("clock needs --skew (e.g. +5s) and/or --drift (e.g. 100ppm)")
+        if "skew" in fault.params and not parse_duration(
+            fault.params["skew"], "--skew", signed=True
+        ):
             raise InvalidArgument("clock needs a non-zero --skew, e.g. +5s or -2m")
+        if "drift" in fault.params and not parse_ppm(fault.params["drift"], "--drift"):
+            raise InvalidArgument("clock needs a non-zero --drift, e.g. 100ppm or -50ppm")
     elif fault.kind == FaultKind.DISK:
         full, slow = fault.params.get("full") == "true", fault.params.get("slow", "")
         if full == bool(slow):
@@ -169,6 +192,63 @@ def _check_link(params: Mapping[str, str]) -> None:
         raise InvalidArgument("--reorder needs --delay (netem reorders by not delaying some)")
     if "rate" in params and not _RATE.match(params["rate"].strip().lower()):
         raise InvalidArgument(f"invalid --rate {params['rate']!r}: use e.g. 1mbit or 500kbit")
+
+
+# ---- instances chosen by environment or label ----------------------------------------------
+
+
+def _selector(item: str) -> tuple[str, str] | None:
+    """``env:NAME`` or ``KEY=VALUE`` as a (label, value) to match; None for an instance name
+    (names have neither ``:`` nor ``=``)."""
+    if item.startswith("env:"):
+        if not item[4:]:
+            raise InvalidArgument("env: needs an environment name, e.g. env:lab")
+        return ENV_LABEL, item[4:]
+    key, sep, value = item.partition("=")
+    if not sep:
+        return None
+    if not key:
+        raise InvalidArgument(f"invalid selector {item!r}: use KEY=VALUE, e.g. role=db")
+    return key, value
+
+
+def _side(
+    items: Iterable[str], labels: Mapping[str, Mapping[str, str]]
+) -> tuple[list[str], list[str]]:
+    """(named, selected): the instance names given, and those the selectors match."""
+    named: list[str] = []
+    selected: list[str] = []
+    for item in items:
+        selector = _selector(item)
+        if selector is None:
+            named.append(item)  # checked by check_fault: unknown names are refused there
+            continue
+        key, value = selector
+        matched = sorted(name for name, have in labels.items() if have.get(key) == value)
+        if not matched:
+            raise InvalidArgument(
+                f"no environment {value} (no instance carries it)"
+                if key == ENV_LABEL and item.startswith("env:")
+                else f"no instance matches {item}"
+            )
+        selected += matched
+    return named, selected
+
+
+def resolve_sides(
+    targets: Iterable[str], peers: Iterable[str], labels: Mapping[str, Mapping[str, str]]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Both sides of a fault as instance names, from names, ``env:NAME`` and ``KEY=VALUE``
+    (``labels``: every instance's labels by name). Resolved once, when the fault is added: an
+    instance that joins the environment later is not hit.
+
+    A selector never takes an instance named on the other side, so ``partition a / env:lab``
+    cuts ``a`` from the rest of its own environment."""
+    named_left, selected_left = _side(targets, labels)
+    named_right, selected_right = _side(peers, labels)
+    left = [*named_left, *(n for n in selected_left if n not in named_right)]
+    right = [*named_right, *(n for n in selected_right if n not in named_left)]
+    return tuple(dict.fromkeys(left)), tuple(dict.fromkeys(right))
 
 
 # ---- what each node must do ----------------------------------------------------------------
@@ -254,10 +334,11 @@ def node_faults(faults: Iterable[Fault], placements: Mapping[str, Placement],
                         LinkRule(fault.id, placements[receiver].id, (origin.address,),
                                  tuple(sorted(fault.params.items())))
                     )  # fmt: skip
-        elif fault.targets[0] in here:
-            shots.append(
-                Shot(fault.id, fault.kind, placements[fault.targets[0]].id,
+        else:
+            shots.extend(
+                Shot(fault.id, fault.kind, placements[name].id,
                      tuple(sorted(fault.params.items())))
+                for name in fault.targets if name in here
             )  # fmt: skip
     return NodeFaults(tuple(sorted(drops)), tuple(links), tuple(shots), generation)
 
@@ -285,11 +366,12 @@ class ScheduledFault:
 _SCHEDULE_KEYS = {"at", "for", "one-way", *(k.value for k in FaultKind)}
 
 
-def parse_scheduled(entry: Any, names: Iterable[str]) -> ScheduledFault:
+def parse_scheduled(entry: Any, labels: Mapping[str, Mapping[str, str]]) -> ScheduledFault:
     """One entry of a schedule, e.g. ``{at: 30s, partition: "a / b,c", for: 20s}``,
     ``{at: 5s, link: {from: a, to: b, delay: 100ms}}``, ``{at: 0s, pause: b, for: 5s}``,
     ``{at: 1m, clock: {name: b, skew: +5s}}``, ``{at: 0s, disk: {name: b, full: true}}``.
-    Checked as the API checks a fault, against the environment's instance ``names``."""
+    Checked as the API checks a fault, against the environment's instances (their ``labels``
+    by name): sides may use env:NAME and KEY=VALUE, sent as the names they select."""
     if not isinstance(entry, dict):
         raise InvalidArgument("each fault must be a mapping with at and one kind")
     unknown = sorted(set(entry) - _SCHEDULE_KEYS)
@@ -318,9 +400,10 @@ def parse_scheduled(entry: Any, names: Iterable[str]) -> ScheduledFault:
         params = {k: ("true" if v is True else str(v)) for k, v in options.items()}
     else:
         targets = (str(value),)
+    targets, peers = resolve_sides(targets, peers, labels)
     fault = Fault("scheduled", kind, targets, peers, params, bool(entry.get("one-way")),
                   duration=duration)  # fmt: skip
-    check_fault(fault, names)
+    check_fault(fault, labels)
     body = {"kind": kind.value, "targets": list(targets), "peers": list(peers),
             "params": params, "one_way": fault.one_way,
             "duration": str(entry["for"]) if "for" in entry else None}  # fmt: skip

@@ -121,6 +121,8 @@ MAX_MEMORY = 16 * TiB
 MIN_DISK = 16 * MiB
 MAX_DISK = 1024 * TiB
 MAX_LABELS = 64
+# The label an environment's instances carry (``apply -f``); faults select by it too.
+ENV_LABEL = "multiverse.env"
 DEFAULT_CPUS = 1
 DEFAULT_MEMORY = 1 * GiB
 DEFAULT_DISK = 5 * GiB

@@ -139,8 +139,12 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             await context.abort(*convert.error_to_rpc(exc))
             return
         async for report in request_iterator:
-            await self.apply(node_id, report)
-            yield await self.ack(node_id)
+            back = await self.apply(node_id, report)
+            ack = await self.ack(node_id)
+            # A node back from Unknown or Down: the master marked its instances meanwhile,
+            # so the node tells all of them again rather than only what it changed.
+            ack.full = back
+            yield ack
 
     async def ack(self, node_id: str) -> pb.SyncAck:
         """The acknowledgement of a report, with the network as the node must now have it
@@ -168,26 +172,24 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
                 entry["nodes"].append(names[node_id])
         return [catalog[name] for name in sorted(catalog)]
 
-    async def apply(self, node_id: str, report: pb.NodeReport) -> None:
-        """Take one report: the node is alive now, and its instances are as it says."""
-        node = await self.store.get_node(node_id)
-        await self.store.update_node(
-            node_id,
-            capacity=convert.resources_from_pb(report.capacity),
-            used=convert.usage_from_pb(report.used),
-            last_sync=now(),
-            status=NodeStatus.READY,
-        )
-        changes = await self.store.apply_report(
-            node_id, [status_dict(item) for item in report.instances]
-        )
+    async def apply(self, node_id: str, report: pb.NodeReport) -> bool:
+        """Take one report: the node is alive now, and its instances are as it says. True when
+        the node was not Ready before it."""
         self.images[node_id] = [
             {"name": i.name, "kind": i.kind, "digest": i.digest, "size": i.size}
             for i in report.images
         ]
-        await self.store.set_node_images(node_id, [i.digest for i in report.images if i.digest])
-        back = [(node.name, NodeStatus.READY)] if node.status != NodeStatus.READY else []
+        name, before, changes = await self.store.take_report(
+            node_id,
+            capacity=convert.resources_from_pb(report.capacity),
+            used=convert.usage_from_pb(report.used),
+            reported=[status_dict(item) for item in report.instances],
+            removed=list(report.removed) if report.delta else None,
+            image_digests=[i.digest for i in report.images if i.digest],
+        )
+        back = [(name, NodeStatus.READY)] if before != NodeStatus.READY else []
         self.on_change(back, changes)
+        return bool(back)
 
 
 def status_dict(status: pb.InstanceStatus) -> dict[str, Any]:

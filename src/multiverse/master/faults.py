@@ -25,8 +25,9 @@ from multiverse.core.faults import (
     Placement,
     check_fault,
     node_faults,
+    resolve_sides,
 )
-from multiverse.core.model import NodeStatus
+from multiverse.core.model import Instance, NodeStatus
 from multiverse.master.cluster import Agents
 from multiverse.master.events import EventBus
 from multiverse.store.repository import Store
@@ -37,6 +38,10 @@ __all__ = ["Faults"]
 log = logging.getLogger("multiverse.master")
 
 _NETWORK_KINDS = (FaultKind.PARTITION, FaultKind.LINK)
+
+
+def _placements(instances: list[Instance]) -> dict[str, Placement]:
+    return {i.name: Placement(i.id, i.node_id, i.address) for i in instances}
 
 
 class Faults:
@@ -52,8 +57,7 @@ class Faults:
         self._lock = asyncio.Lock()
 
     async def placements(self) -> dict[str, Placement]:
-        instances = await self.store.list_instances()
-        return {i.name: Placement(i.id, i.node_id, i.address) for i in instances}
+        return _placements(await self.store.list_instances())
 
     async def plan_for(self, node_id: str) -> NodeFaults:
         """This node's part of the faults in force; sent with every sync acknowledgement
@@ -70,7 +74,11 @@ class Faults:
         params: Mapping[str, str] | None = None, *, one_way: bool = False,
         duration: float | None = None,
     ) -> Fault:  # fmt: skip
-        placements = await self.placements()
+        instances = await self.store.list_instances()
+        placements = _placements(instances)
+        # Selectors (env:NAME, KEY=VALUE) become names now; the fault keeps the names.
+        labels = {i.name: i.spec.labels for i in instances}
+        targets, peers = resolve_sides(targets, peers, labels)
         fault = check_fault(
             Fault(
                 id=uuid.uuid4().hex[:8], kind=kind, targets=targets, peers=peers,

@@ -504,27 +504,35 @@ class Store:
                 _take(session, row.node_id, row, fit=False)
 
     @_off_loop
-    def apply_report(self, node_id: str, reported: Sequence[dict[str, Any]]) -> list[Change]:
-        """Take a worker's view of its instances; returns what changed (state "" = deleted).
-
-        A report older than what the master knows (lower ``version``) is ignored, so a
-        report that crossed an action on the wire cannot undo it.
-        """
-        by_id = {item["id"]: item for item in reported}
-        changes: list[Change] = []
+    def take_report(
+        self,
+        node_id: str,
+        *,
+        capacity: Resources,
+        used: Usage,
+        reported: Sequence[dict[str, Any]],
+        removed: Sequence[str] | None,
+        image_digests: Sequence[str],
+    ) -> tuple[str, NodeStatus, list[Change]]:
+        """A worker's whole report in one transaction (one commit, where the node, its
+        instances and its images once took three): the node is alive and Ready now, its
+        cache holds ``image_digests``, and its instances are as it says. ``removed`` None: the
+        report is full (an instance missing from it is gone); else it is a delta naming only
+        what changed and, in ``removed``, what went. A report older than what the master knows
+        (lower ``version``) is ignored, so a report that crossed an action on the wire cannot
+        undo it. Returns the node's name, its status before, and the instances' changes
+        (state "" = deleted)."""
         with self._session() as session:
-            rows = session.scalars(select(InstanceRow).where(InstanceRow.node_id == node_id))
-            for row in rows:
-                item = by_id.get(row.id)
-                if item is None:
-                    if row.desired == DesiredState.DELETED.value:
-                        _release(session, row.id)
-                        _delete(session, row)
-                        changes.append(Change(row.id, row.name, row.state, ""))
-                    continue
-                if change := _observe(row, item):
-                    changes.append(change)
-        return changes
+            row = session.get(NodeRow, node_id)
+            if row is None:
+                raise NotFound(f"node {node_id} does not exist")
+            before = NodeStatus(row.status)
+            row.cpus, row.memory, row.disk = capacity.cpus, capacity.memory, capacity.disk
+            row.used_cpus, row.used_memory, row.used_disk = used.cpus, used.memory, used.disk
+            row.last_sync, row.status = now(), NodeStatus.READY.value
+            changes = _apply_report(session, node_id, reported, removed)
+            _set_node_images(session, node_id, image_digests)
+            return row.name, before, changes
 
     @_off_loop
     def observe_instance(self, instance_id: str, item: dict[str, Any]) -> Change | None:
@@ -673,23 +681,6 @@ class Store:
                 select(ImageLocationRow).where(ImageLocationRow.digest == digest)
             ):
                 session.delete(location)
-
-    @_off_loop
-    def set_node_images(self, node_id: str, digests: Sequence[str]) -> None:
-        """What a node's cache holds now, as its report said; written only when it changed."""
-        wanted = set(digests)
-        with self._session() as session:
-            rows = list(
-                session.scalars(select(ImageLocationRow).where(ImageLocationRow.node_id == node_id))
-            )
-            held = {row.digest for row in rows}
-            if held == wanted:
-                return
-            for row in rows:
-                if row.digest not in wanted:
-                    session.delete(row)
-            for digest in sorted(wanted - held):
-                session.add(ImageLocationRow(digest=digest, node_id=node_id))
 
     # ---- faults ----
 
@@ -961,9 +952,52 @@ def _lease(row: LeaseRow) -> Lease:
     )
 
 
+def _apply_report(
+    session: Session,
+    node_id: str,
+    reported: Sequence[dict[str, Any]],
+    removed: Sequence[str] | None,
+) -> list[Change]:
+    by_id = {item["id"]: item for item in reported}
+    query = select(InstanceRow).where(InstanceRow.node_id == node_id)
+    if removed is not None:  # a delta: only the rows it speaks of are read
+        query = query.where(InstanceRow.id.in_([*by_id, *removed]))
+    changes: list[Change] = []
+    for row in session.scalars(query):
+        item = by_id.get(row.id)
+        if item is None:
+            if row.desired == DesiredState.DELETED.value:
+                _release(session, row.id)
+                _delete(session, row)
+                changes.append(Change(row.id, row.name, row.state, ""))
+            continue
+        if change := _observe(row, item):
+            changes.append(change)
+    return changes
+
+
+def _set_node_images(session: Session, node_id: str, digests: Sequence[str]) -> None:
+    wanted = set(digests)
+    query = select(ImageLocationRow).where(ImageLocationRow.node_id == node_id)
+    rows = list(session.scalars(query))
+    held = {row.digest for row in rows}
+    if held == wanted:
+        return
+    for row in rows:
+        if row.digest not in wanted:
+            session.delete(row)
+    for digest in sorted(wanted - held):
+        session.add(ImageLocationRow(digest=digest, node_id=node_id))
+
+
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
+    # In WAL mode NORMAL syncs at checkpoints, not at every commit: a crash of the master
+    # loses nothing and the file stays consistent; a power loss may take back the last
+    # transactions (the last second or so of launches and reports). FULL made every worker
+    # report wait for an fsync. Deployments that want each commit on disk use PostgreSQL.
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=5000")
     cursor.close()

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -53,6 +53,7 @@ from multiverse.worker.usage import HostUsage
 log = logging.getLogger("multiverse.worker")
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+Told: TypeAlias = tuple[object, ...]  # what a report says of one instance
 
 _SETTLED = {InstanceState.RUNNING, InstanceState.STOPPED}
 
@@ -69,6 +70,10 @@ def _vm(record: VMRecord, network: NetworkAttachment | None = None) -> VMConfig:
         image=spec.image,
         user_data=spec.user_data,
     )
+
+
+def _told(record: VMRecord) -> Told:
+    return (record.version, record.state, record.ipv4, record.message, record.release)
 
 
 class Agent:
@@ -143,16 +148,30 @@ class Agent:
             release=record.release,
         )
 
-    async def report(self) -> pb.NodeReport:
+    async def report(self, since: Mapping[str, Told] | None = None) -> pb.NodeReport:
+        """The node's report: full, or a delta from ``since`` (what :meth:`told` said when
+        the previous report went out) naming only the instances that changed or went."""
+        capacity = convert.resources_to_pb(await self.driver.capacity())
+        # No await from here on: the caller takes told() right after, of the same records.
+        records = [
+            record for instance_id, record in self.records.items()
+            if since is None or since.get(instance_id) != _told(record)
+        ]  # fmt: skip
         return pb.NodeReport(
-            capacity=convert.resources_to_pb(await self.driver.capacity()),
-            instances=[self.status_pb(record) for record in self.records.values()],
+            capacity=capacity,
+            instances=[self.status_pb(record) for record in records],
             images=[
                 pb.ImageInfo(name=i.name, kind=i.kind, digest=i.digest, size=i.size)
                 for i in self.images
             ],
             used=convert.usage_to_pb(self.usage.measure()) if self.usage else None,
+            delta=since is not None,
+            removed=[] if since is None else [i for i in since if i not in self.records],
         )
+
+    def told(self) -> dict[str, Told]:
+        """What a report says of each instance now, to send only what changes next time."""
+        return {instance_id: _told(record) for instance_id, record in self.records.items()}
 
     # ---- actions: each returns at once, the work goes on in a task ----
 

@@ -9,9 +9,9 @@ The master sends :class:`NodeFaults` with every sync acknowledgement and at once
 - links: on each slowed VM's tap a ``prio`` qdisc whose last band is the plain path, one netem
   band per rule and a u32 filter on the source address sending its packets there (pyroute2);
 - pause and disk slow are held (QMP ``stop``/``cont``, block throttling) while in force;
-- kill, reboot and clock run once per fault id; the ids done are kept in ``done.json`` so a
-  restarted agent does not kill a VM again; clock is stepped back and a filled disk emptied
-  when the fault goes.
+- kill, reboot and clock run once per fault and VM; those done are kept in ``faults.json`` so a
+  restarted agent does not kill a VM again; clock is stepped back (its drift set back to
+  nominal) and a filled disk emptied when the fault goes.
 """
 
 from __future__ import annotations
@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from multiverse.core.errors import DriverError, MultiverseError
-from multiverse.core.faults import FaultKind, LinkRule, NodeFaults, Shot, parse_duration
+from multiverse.core.faults import (
+    FaultKind,
+    LinkRule,
+    NodeFaults,
+    Shot,
+    parse_duration,
+    parse_ppm,
+)
 from multiverse.drivers.base import Driver, VMConfig
 
 # The network's own nft runner (all or nothing): one way to apply rules on a node.
@@ -76,8 +83,10 @@ class NodeFaultsApplier:
         state = _load(state_dir / "faults.json")
         self._drops: str | None = None  # rendered table last applied (None: unknown, re-apply)
         self._links: dict[str, list[list[Any]]] = state.get("links", {})  # tap -> rules
-        self._held: dict[str, dict[str, Any]] = state.get("held", {})  # fault id -> shot
-        self._done: dict[str, dict[str, Any]] = state.get("done", {})  # fault id -> shot
+        # "fault id/instance id" -> shot (a fault may hit several VMs of this node); records
+        # of an older agent were keyed by the fault id alone.
+        self._held = {_key(_shot(r)): r for r in state.get("held", {}).values()}
+        self._done = {_key(_shot(r)): r for r in state.get("done", {}).values()}
         self._generation = int(state.get("generation", 0))
 
     async def converge(self, faults: NodeFaults) -> None:
@@ -144,19 +153,19 @@ class NodeFaultsApplier:
     # --- actions on VMs ---------------------------------------------------------------------
 
     async def _converge_shots(self, shots: tuple[Shot, ...], errors: list[str]) -> None:
-        wanted = {shot.fault_id: shot for shot in shots}
+        wanted = {_key(shot): shot for shot in shots}
         # Gone: undo what needs undoing, once.
-        for fault_id, record in list(self._held.items()) + list(self._done.items()):
-            if fault_id in wanted:
+        for key, record in list(self._held.items()) + list(self._done.items()):
+            if key in wanted:
                 continue
             shot = _shot(record)
             vm = self.vm_of(shot.instance_id)
             if vm is not None:
                 await self._attempt(errors, shot, self._undo(shot, vm))
-            self._held.pop(fault_id, None)
-            self._done.pop(fault_id, None)
-        for shot in shots:
-            if shot.fault_id in self._held or shot.fault_id in self._done:
+            self._held.pop(key, None)
+            self._done.pop(key, None)
+        for key, shot in wanted.items():
+            if key in self._held or key in self._done:
                 continue  # the VM process (paused, throttled) outlives a restarted agent
             vm = self.vm_of(shot.instance_id)
             if vm is None:
@@ -165,9 +174,9 @@ class NodeFaultsApplier:
                 target = (
                     self._held if shot.kind in (FaultKind.PAUSE, FaultKind.DISK) else self._done
                 )
-                target[shot.fault_id] = {"fault_id": shot.fault_id, "kind": shot.kind.value,
-                                         "instance_id": shot.instance_id,
-                                         "params": [list(p) for p in shot.params]}  # fmt: skip
+                target[key] = {"fault_id": shot.fault_id, "kind": shot.kind.value,
+                               "instance_id": shot.instance_id,
+                               "params": [list(p) for p in shot.params]}  # fmt: skip
                 log.info("faults: %s applied to %s", shot.kind.value, vm.name)
 
     async def _attempt(self, errors: list[str], shot: Shot, work: Awaitable[None]) -> bool:
@@ -187,7 +196,10 @@ class NodeFaultsApplier:
         elif shot.kind == FaultKind.REBOOT:
             await self.driver.reset(vm)
         elif shot.kind == FaultKind.CLOCK:
-            await self._step_clock(vm, parse_duration(params["skew"], "skew", signed=True))
+            if "drift" in params:
+                await self._set_drift(vm, parse_ppm(params["drift"], "drift"))
+            if "skew" in params:
+                await self._step_clock(vm, parse_duration(params["skew"], "skew", signed=True))
         elif shot.kind == FaultKind.DISK:
             if params.get("slow"):
                 await self.driver.throttle_disk(vm, _iops(params["slow"]))
@@ -201,7 +213,10 @@ class NodeFaultsApplier:
         if shot.kind == FaultKind.PAUSE:
             await self.driver.resume(vm)
         elif shot.kind == FaultKind.CLOCK:
-            await self._step_clock(vm, -parse_duration(params["skew"], "skew", signed=True))
+            if "drift" in params:
+                await self._set_drift(vm, 0.0)
+            if "skew" in params:
+                await self._step_clock(vm, -parse_duration(params["skew"], "skew", signed=True))
         elif shot.kind == FaultKind.DISK:
             if params.get("slow"):
                 await self.driver.throttle_disk(vm, 0)
@@ -210,6 +225,30 @@ class NodeFaultsApplier:
 
     async def _step_clock(self, vm: VMConfig, seconds: float) -> None:
         await self._guest(vm, f"date -s @$(( $(date +%s) + {round(seconds)} )) >/dev/null")
+
+    async def _set_drift(self, vm: VMConfig, ppm: float) -> None:
+        """Run the guest's clock ``ppm`` fast (slow if negative); 0: nominal again.
+
+        QEMU cannot change the rate of a running guest's clock (no QMP command; TCG's
+        ``-icount`` and KVM's TSC scaling are fixed when the VM starts), so the guest kernel's
+        own clock discipline does it, as NTP would: adjtimex(2) through the guest, like the
+        skew's step. Whole 100 ppm go in the tick (µs per 1/100 s tick, 10000 nominal), the
+        rest in the frequency (65536 units per ppm, at most ±500 ppm). The guest sees the
+        setting (``adjtimex``) and an NTP daemon in it would fight it; healing sets the nominal
+        tick and frequency back, not whatever the guest had before. Done once, as the step: a
+        guest that reboots meanwhile comes back on time.
+        """
+        ticks = round(ppm / 100)
+        frequency = round((ppm - ticks * 100) * 65536)
+        try:
+            await self._guest(vm, "command -v adjtimex >/dev/null")
+        except MultiverseError:
+            raise DriverError(
+                f"{vm.name} has no adjtimex: --drift sets the guest kernel's clock rate with it "
+                "(busybox or the adjtimex package), as QEMU cannot change a running guest's clock "
+                "rate"
+            ) from None
+        await self._guest(vm, f"adjtimex -q -t {10000 + ticks} -f {frequency}")
 
     async def _guest(self, vm: VMConfig, script: str) -> None:
         code = 0
@@ -226,6 +265,10 @@ class NodeFaultsApplier:
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text(json.dumps(data, indent=2, sort_keys=True))
         temporary.replace(path)
+
+
+def _key(shot: Shot) -> str:
+    return f"{shot.fault_id}/{shot.instance_id}"
 
 
 def _shot(record: dict[str, Any]) -> Shot:

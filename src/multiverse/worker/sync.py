@@ -18,6 +18,7 @@ import json
 import logging
 import random
 import ssl
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,12 @@ from multiverse.core.files import write_private
 from multiverse.wire import convert, pki
 from multiverse.wire.v1 import multiverse_pb2 as pb
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
-from multiverse.worker.agent import Agent
+from multiverse.worker.agent import Agent, Told
 
 log = logging.getLogger("multiverse.worker")
+
+# Seconds between full reports on a stream: a safety net under the deltas, cheap at this pace.
+FULL_REPORT_EVERY = 60.0
 
 
 @dataclass
@@ -199,9 +203,13 @@ async def sync_forever(master: str, identity: Identity, agent: Agent, interval: 
                 master, credentials, convert.GRPC_CHANNEL_OPTIONS
             ) as channel:
                 stub = pb_grpc.ClusterServiceStub(channel)
-                call = stub.Sync(_reports(agent, interval))
+                reporter = Reporter(agent, interval)
+                call = stub.Sync(reporter.reports())
                 async for ack in call:
                     attempt = 0
+                    if ack.full:
+                        reporter.want_full = True
+                        agent.changed.set()  # now, not at the next interval
                     await _apply_network(agent, ack)
                     await _apply_faults(agent, ack)
         except grpc.aio.AioRpcError as exc:
@@ -290,12 +298,30 @@ async def _apply_faults(agent: Agent, ack: pb.SyncAck) -> None:
         log.exception("applying the faults failed")
 
 
-async def _reports(agent: Agent, interval: float) -> AsyncIterator[pb.NodeReport]:
-    while True:
-        agent.changed.clear()
-        yield await agent.report()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(agent.changed.wait(), timeout=interval)
+class Reporter:
+    """One stream's reports: full at first, every ``FULL_REPORT_EVERY`` seconds and when the
+    master asks (its ack says ``full``); deltas in between, so that a change costs the master
+    work for what changed, not for all the node holds. The stream is ordered and reliable while
+    it lives, and a new stream starts with a full report, so a delta is never lost unseen."""
+
+    def __init__(self, agent: Agent, interval: float) -> None:
+        self.agent = agent
+        self.interval = interval
+        self.want_full = True
+        self._told: dict[str, Told] = {}
+        self._full_at = 0.0
+
+    async def reports(self) -> AsyncIterator[pb.NodeReport]:
+        while True:
+            self.agent.changed.clear()
+            full = self.want_full or time.monotonic() - self._full_at >= FULL_REPORT_EVERY
+            report = await self.agent.report(None if full else self._told)
+            self._told = self.agent.told()  # no await since the report: the same records
+            if full:
+                self.want_full, self._full_at = False, time.monotonic()
+            yield report
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.agent.changed.wait(), timeout=self.interval)
 
 
 async def observe_forever(agent: Agent, interval: float) -> None:

@@ -183,24 +183,30 @@ class Usage(_message.Message):
     def __init__(self, cpus: _Optional[float] = ..., memory: _Optional[int] = ..., disk: _Optional[int] = ...) -> None: ...
 
 class NodeReport(_message.Message):
-    __slots__ = ("capacity", "instances", "images", "used")
+    __slots__ = ("capacity", "instances", "images", "used", "delta", "removed")
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     USED_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
     capacity: Resources
     instances: _containers.RepeatedCompositeFieldContainer[InstanceStatus]
     images: _containers.RepeatedCompositeFieldContainer[ImageInfo]
     used: Usage
-    def __init__(self, capacity: _Optional[_Union[Resources, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[ImageInfo, _Mapping]]] = ..., used: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    delta: bool
+    removed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, capacity: _Optional[_Union[Resources, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[ImageInfo, _Mapping]]] = ..., used: _Optional[_Union[Usage, _Mapping]] = ..., delta: _Optional[bool] = ..., removed: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SyncAck(_message.Message):
-    __slots__ = ("network", "faults")
+    __slots__ = ("network", "faults", "full")
     NETWORK_FIELD_NUMBER: _ClassVar[int]
     FAULTS_FIELD_NUMBER: _ClassVar[int]
+    FULL_FIELD_NUMBER: _ClassVar[int]
     network: NetworkPlan
     faults: NodeFaults
-    def __init__(self, network: _Optional[_Union[NetworkPlan, _Mapping]] = ..., faults: _Optional[_Union[NodeFaults, _Mapping]] = ...) -> None: ...
+    full: bool
+    def __init__(self, network: _Optional[_Union[NetworkPlan, _Mapping]] = ..., faults: _Optional[_Union[NodeFaults, _Mapping]] = ..., full: _Optional[bool] = ...) -> None: ...
 
 class Param(_message.Message):
     __slots__ = ("name", "value")

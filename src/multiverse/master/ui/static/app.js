@@ -218,6 +218,9 @@ function describe(event) {
   if (event.type === "operation") {
     return `${event.action} ${event.target}: ${event.status}${event.error ? ` (${event.error})` : ""}`;
   }
+  if (event.type === "fault") {
+    return `fault ${event.fault.id} ${event.action}: ${event.fault.kind} ${faultTargets(event.fault)}`;
+  }
   return JSON.stringify(event);
 }
 
@@ -650,6 +653,67 @@ function terminalSection(name, path) {
   );
 }
 
+// ---- faults (issue 19): the ones in force, live by the events stream, healed from here ----
+
+function faultTargets(fault) {
+  // As the CLI takes them: "a / b,c" (a partition), "a → b" (a link), "b" (the others).
+  const targets = fault.targets.join(",");
+  if (fault.kind === "partition") return `${targets} ${fault.one_way ? "→" : "/"} ${fault.peers.join(",")}`;
+  if (fault.kind === "link") return `${targets} → ${fault.peers.join(",") || "everyone"}`;
+  return targets;
+}
+
+function until(iso) {
+  if (!iso) return "never (until healed)";
+  const seconds = Math.round((Date.parse(iso) - Date.now()) / 1000);
+  return seconds > 0 ? `in ${seconds < 60 ? `${seconds} s` : `${Math.round(seconds / 60)} min`}` : "now";
+}
+
+async function faultsPage() {
+  const faults = await api("GET", "faults");
+  const heal = (fault) =>
+    actionButton(`Heal ${fault.id}`, () => api("DELETE", `faults/${encodeURIComponent(fault.id)}`));
+  return [
+    h("h1", {}, "Faults"),
+    h(
+      "p",
+      { class: "muted" },
+      "Faults injected from outside the guests (`multiverse fault`); each heals by itself when it expires.",
+    ),
+    isAdmin() && faults.length
+      ? h(
+          "div",
+          { class: "actions", role: "group", "aria-label": "Fault actions" },
+          actionButton("Heal all", () => api("DELETE", "faults"), {
+            confirmText: `Heal all ${faults.length} ${plural(faults.length, "fault")}?`,
+            danger: true,
+          }),
+        )
+      : "",
+    h(
+      "div",
+      { id: "faults" },
+      table(
+        ["ID", "Kind", "Targets", "Parameters", "Started", "Expires", ...(isAdmin() ? [""] : [])],
+        faults.map((fault) => [
+          h("code", {}, fault.id),
+          badge(fault.kind),
+          faultTargets(fault),
+          Object.entries(fault.params)
+            .map(([key, value]) => `${key}=${value}`)
+            .join(" ") || "—",
+          h("time", { datetime: fault.started_at, title: fault.started_at }, ago(fault.started_at)),
+          fault.expires_at
+            ? h("time", { datetime: fault.expires_at, title: fault.expires_at }, until(fault.expires_at))
+            : until(null),
+          ...(isAdmin() ? [heal(fault)] : []),
+        ]),
+        "No faults in force.",
+      ),
+    ),
+  ];
+}
+
 async function launchPage() {
   const [images, nodes] = await Promise.all([api("GET", "images"), api("GET", "nodes")]);
   const field = (id, label, input, help = "") =>
@@ -918,6 +982,7 @@ const routes = [
   [/^instances\/([^/]+)$/, instancePage],
   [/^launch$/, launchPage],
   [/^tokens$/, tokensPage],
+  [/^faults$/, faultsPage],
 ];
 
 function showPage(children) {
@@ -940,7 +1005,7 @@ async function render() {
     if (!match) continue;
     try {
       // Subscribed before the first read, so a change made while it is in flight is not lost.
-      if (page === overview || page === nodePage) onEvents(() => refresh(page, match));
+      if ([overview, nodePage, faultsPage].includes(page)) onEvents(() => refresh(page, match));
       showPage(await page(...match.slice(1).map(decodeURIComponent)));
       document.title = `${document.querySelector("h1")?.textContent || ""} · Multiverse`;
     } catch (error) {
