@@ -105,7 +105,11 @@ def _stop_seen(cluster: Cluster, samples: int) -> list[float]:
 def measure(args: argparse.Namespace, root: Path, kind: str) -> Report:
     (root / kind).mkdir()
     with _database(kind) as db, new_cluster(root / kind) as cluster:
-        cluster.start_master(*db)
+        # The master's own defaults, not the harness's seconds-long test timeouts: a node
+        # reporting every --sync-interval seconds must not flap NotReady in between.
+        timeouts = ["--node-timeout", str(max(20.0, 4 * args.sync_interval)), "--down-timeout",
+                    str(max(120.0, 24 * args.sync_interval))]  # fmt: skip
+        cluster.start_master(*db, *timeouts)
         master = psutil.Process(cluster.master.process.pid)  # type: ignore[union-attr]
         token = cluster.ok("token", "create", "--uses", str(args.nodes)).out.strip()
         started = time.perf_counter()

@@ -2,7 +2,7 @@
 # Installs the Debian packages Multiverse needs on a host, once. Safe to run again.
 # Arguments name more packages, for one use only (the Makefile's test-deps: chromium, openssh-server).
 set -euo pipefail
-pkgs=(qemu-system-x86 qemu-utils e2fsprogs iproute2 nftables dnsmasq-base debootstrap postgresql "$@")
+pkgs=(qemu-system-x86 qemu-utils e2fsprogs iproute2 nftables iptables dnsmasq-base debootstrap postgresql "$@")
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

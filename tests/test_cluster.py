@@ -212,6 +212,12 @@ def test_concurrent_launches_never_lose_duplicate_or_oversubscribe(cluster: Clus
     assert codes == [202] * 4 + [409] * 6
     refused = [r.json()["error"] for r in responses if r.status_code == 409]
     assert all(e["code"] == "unschedulable" and "cpus free" in e["message"] for e in refused)
+    # The same reasons as data, node by node, for clients that show them their own way.
+    assert all(
+        sorted(r["node"] for r in e["reasons"]) == ["node-a", "node-b"]
+        and all(r["reason"].endswith("of 1 cpus free") for r in e["reasons"])
+        for e in refused
+    )
     for name in ("node-a", "node-b"):
         node = cluster.node(name)
         assert node["cpus"]["free"] == 0 and node["instances"] == 12

@@ -44,6 +44,7 @@ from multiverse.master.faults import Faults
 from multiverse.store.repository import Store
 from multiverse.wire import convert
 from multiverse.worker.faults import NodeFaultsApplier, render_drops
+from multiverse.worker.linkqueue import NF_ACCEPT, NF_DROP, LinkQueue, parse_rate
 
 PLACES = {
     "a": Placement("id-a", "n1", "10.0.0.2"),
@@ -386,3 +387,31 @@ async def _no_adjtimex(tmp_path: Path) -> None:
     assert driver.calls == [("exec", "command -v adjtimex >/dev/null")]  # nothing else ran
     await applier.converge(NodeFaults(generation=2))  # not applied: nothing to undo
     assert len(driver.calls) == 1
+
+
+def test_the_nfqueue_fallback_gives_each_packet_netems_verdict() -> None:
+    """Without netem, the agent's queue reader: paced, then delayed; lost; reordered; no
+    duplicates (the verdicts are recorded instead of sent to a kernel queue)."""
+
+    async def verdicts(params: dict[str, str], sizes: list[int]) -> list[Any]:
+        queue = LinkQueue(1, params)
+        loop = asyncio.get_running_loop()
+        sent: list[tuple[int, int]] = []
+        queue._loop, queue._verdict = loop, lambda packet, verdict: sent.append((packet, verdict))
+        now = loop.time()
+        for packet, size in enumerate(sizes):
+            queue._schedule(packet, size)
+        held = [round(handle.when() - now, 2) for _, handle in sorted(queue._held.items())]
+        for handle in queue._held.values():
+            handle.cancel()
+        return [*sent, *held]
+
+    # 1000 bytes at 8 kbit: a second each on the wire, then 200 ms on the way.
+    assert asyncio.run(verdicts({"delay": "200ms", "rate": "8kbit"}, [1000, 1000])) == [1.2, 2.2]
+    assert asyncio.run(verdicts({"loss": "100%"}, [60, 60])) == [(0, NF_DROP), (1, NF_DROP)]
+    reordered = asyncio.run(verdicts({"delay": "1s", "reorder": "100%"}, [60]))
+    assert reordered == [(0, NF_ACCEPT)]  # not delayed: it overtakes those that are
+    assert asyncio.run(verdicts({"delay": "1s"}, [60])) == [1.0]
+    with pytest.raises(DriverError, match="--duplicate needs the netem qdisc"):
+        LinkQueue(1, {"delay": "1s", "duplicate": "1%"})
+    assert parse_rate("1mbit") == 1_000_000 and parse_rate("500kbit") == 500_000

@@ -123,18 +123,54 @@ def _rtt_ms(lab: Lab, vm: str, target: str) -> float:
 
 
 def test_link_delay_slows_a_to_b_only(healed: Lab) -> None:
-    lab = healed
-    if not _kernel_has_netem():
-        # This machine's kernel has no sch_netem: the fault is refused whole, nothing stays.
-        refused = lab.cluster.cli("fault", "link", "a", "--to", "b", "--delay", "200ms")
-        assert refused.code != 0 and "netem" in refused.err
-        assert lab.faults() == []
-        pytest.skip("this kernel has no netem qdisc: delay cannot be measured here")
+    lab = healed  # netem where the kernel has it, else iptables and NFQUEUE: the same effect
     before_b, before_c = _rtt_ms(lab, "a", "b"), _rtt_ms(lab, "a", "c")
     lab.fault("link", "a", "--to", "b", "--delay", "200ms")
     grown_b, grown_c = _rtt_ms(lab, "a", "b") - before_b, _rtt_ms(lab, "a", "c") - before_c
+    print(f"a→b {before_b:.1f} ms, +{grown_b:.1f} ms; a→c {before_c:.1f} ms, +{grown_c:.1f} ms")
     assert 160 <= grown_b <= 240, (before_b, grown_b)
     assert grown_c < 40, (before_c, grown_c)
+
+
+def _netns(lab: Lab, host: str, *argv: str) -> str:
+    done = subprocess.run(["ip", "netns", "exec", lab.hosts.workers[host], *argv],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return done.stdout
+
+
+def _bridge_nf(lab: Lab, host: str, value: str | None = None) -> str:
+    path = "/proc/sys/net/bridge/bridge-nf-call-iptables"
+    if value is not None:
+        _netns(lab, host, "sh", "-c", f"echo {value} > {path}")
+    return _netns(lab, host, "cat", path).strip()
+
+
+def test_link_fault_outlives_a_worker_restart_and_heal_leaves_nothing(healed: Lab) -> None:
+    lab = healed
+    if _kernel_has_netem():
+        pytest.skip("this kernel has netem: the NFQUEUE fallback is not used")
+    before = _rtt_ms(lab, "a", "b")
+    old = _bridge_nf(lab, "host-b")
+    _bridge_nf(lab, "host-b", "0")  # bridged traffic skips iptables until the fault is on
+    try:
+        refused = lab.cluster.cli("fault", "link", "a", "--to", "b", "--duplicate", "1%")
+        assert refused.code != 0 and "--duplicate needs the netem qdisc" in refused.err
+        assert lab.faults() == [] and "MV-LINK" not in _netns(lab, "host-b", "iptables-save")
+        fault = lab.fault("link", "a", "--to", "b", "--delay", "200ms", "--jitter", "10ms")
+        assert _bridge_nf(lab, "host-b") == "1"
+        assert "-j NFQUEUE" in _netns(lab, "host-b", "iptables-save")
+        worker = lab.cluster.workers["host-b"]
+        worker.kill()  # its reader goes; the rules stay, bypassed: the path is fast again
+        assert _rtt_ms(lab, "a", "b") - before < 100
+        worker.start()
+        wait_until(lambda: _rtt_ms(lab, "a", "b") - before > 160, timeout=120, interval=1)
+        lab.cluster.ok("fault", "heal", str(fault["id"]))
+        assert _rtt_ms(lab, "a", "b") - before < 40
+        assert _bridge_nf(lab, "host-b") == "0"
+        ruleset = _netns(lab, "host-b", "nft", "list", "ruleset")
+        assert "MV-LINK" not in ruleset and "table ip filter" not in ruleset, ruleset
+    finally:
+        _bridge_nf(lab, "host-b", old)
 
 
 def test_pause_with_a_duration_freezes_b_then_heals_by_itself(healed: Lab) -> None:
@@ -182,6 +218,7 @@ def test_a_master_restarted_mid_fault_lists_it_and_heals_it_on_time(healed: Lab)
     [
         (("partition", "a", "/", "nosuch"), "unknown instance(s): nosuch"),
         (("link", "a", "--to", "b", "--delay", "-5ms"), "cannot be negative"),
+        (("link", "a", "--to", "b", "--rate", "fast"), "invalid --rate"),
         (("partition", "a,b", "/"), "two non-empty sides"),
         (("pause", "nosuch"), "unknown instance(s): nosuch"),
     ],

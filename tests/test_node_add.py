@@ -175,17 +175,22 @@ def cluster(tmp_path: Path, wheelhouse: Path, ssh_host: SSHHost) -> Iterator[Clu
 
 
 class PsWatch:
-    """Samples every process's command line while an install runs."""
+    """Samples the command lines of the install's processes while it runs: the far host's
+    (its throwaway user's) and this side's (the CLI and the master, children of this test).
+    Other processes on the machine are not the install's; their arguments are their own."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: SSHHost) -> None:
+        self.host = host
         self.lines: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            for process in psutil.process_iter(["cmdline"]):
-                self.lines.add(" ".join(process.info["cmdline"] or []))
+            ours = {child.pid for child in psutil.Process().children(recursive=True)}
+            for process in psutil.process_iter(["pid", "username", "cmdline"]):
+                if process.info["pid"] in ours or process.info["username"] == self.host.user:
+                    self.lines.add(" ".join(process.info["cmdline"] or []))
             time.sleep(0.05)
 
     def __enter__(self) -> PsWatch:
@@ -195,6 +200,21 @@ class PsWatch:
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that fails before its uninstall leaves its worker running on the far host,
+    holding the port every install listens on: stop it, so the next test starts clean."""
+    yield
+    if "ssh_host" not in request.fixturenames:
+        return
+    roots = str(request.getfixturevalue("ssh_host").tmp / "roots")
+    for process in psutil.process_iter(["cmdline"]):
+        line = " ".join(process.info["cmdline"] or [])
+        if line.startswith(roots) and "/venv/bin/multiverse worker" in line:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
 
 
 def _installed(root: Path) -> list[str]:
@@ -236,7 +256,7 @@ def _uninstall(cluster: Cluster, host: SSHHost, name: str) -> None:
 def test_add_with_a_key_runs_a_worker_there_and_uninstall_leaves_nothing(
     cluster: Cluster, ssh_host: SSHHost
 ) -> None:
-    with PsWatch() as ps:
+    with PsWatch(ssh_host) as ps:
         code, output = _add(cluster, ssh_host, "far", "--identity", str(ssh_host.key))
     assert code == 0, output
     assert "connect:" in output and "venv:" in output and "join:" in output
@@ -271,17 +291,19 @@ def test_add_with_a_key_runs_a_worker_there_and_uninstall_leaves_nothing(
 
 
 def test_add_with_a_password_on_stdin_never_shows_it(cluster: Cluster, ssh_host: SSHHost) -> None:
-    with PsWatch() as ps:
+    with PsWatch(ssh_host) as ps:
         code, output = _add(
             cluster, ssh_host, "pw", "--password-stdin", stdin=f"{ssh_host.password}\n".encode()
         )
     assert code == 0, output
-    assert cluster.node("pw")["status"] == "Ready"
-    assert ps.lines and not any(ssh_host.password in line for line in ps.lines)
-    assert not any(JOIN_TOKEN_PREFIX in line for line in ps.lines)
-    master_log = (cluster.root / "master.log").read_text()
-    assert ssh_host.password not in master_log
-    _uninstall(cluster, ssh_host, "pw")
+    try:
+        assert cluster.node("pw")["status"] == "Ready"
+        assert ps.lines and not any(ssh_host.password in line for line in ps.lines)
+        assert not any(JOIN_TOKEN_PREFIX in line for line in ps.lines)
+        master_log = (cluster.root / "master.log").read_text()
+        assert ssh_host.password not in master_log
+    finally:  # the host's worker goes even when a check fails: the next install needs its port
+        _uninstall(cluster, ssh_host, "pw")
 
 
 def test_failures_end_failed_with_a_reason_and_leave_nothing(

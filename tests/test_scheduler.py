@@ -117,5 +117,6 @@ def test_place_all_spreads_a_group_and_counts_what_it_placed() -> None:
         "cannot place web-4: no node can hold the instance: a: holds web-"
     )
     # Resources run out too: each placement sees the ones before it.
-    with pytest.raises(Unschedulable, match=r"cannot place x-4: .*a: 0 of 2 cpus free"):
+    with pytest.raises(Unschedulable, match=r"cannot place x-4: .*a: 0 of 2 cpus free") as full:
         place_all([Request(f"x-{n}", Resources(2, GiB, GiB)) for n in (1, 2, 3, 4)], nodes)
+    assert full.value.reasons["a"] == "0 of 2 cpus free"  # also as data, node by node

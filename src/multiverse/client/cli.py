@@ -706,7 +706,7 @@ def fault_partition(
 @_fault_duration
 @format_option
 def fault_link(name: str, to: str, duration: str | None, fmt: str, **params: str | None) -> None:
-    """Slow, lose or reorder the packets from NAME to --to (netem on the path)."""
+    """Slow, lose or reorder the packets from NAME to --to (netem, or NFQUEUE without it)."""
     given = {key: value for key, value in params.items() if value is not None}
     _fault(fmt, {"kind": "link", "targets": [name], "peers": _split(to), "params": given,
                  "duration": duration})  # fmt: skip

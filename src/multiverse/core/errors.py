@@ -36,9 +36,14 @@ class Conflict(MultiverseError):
 
 
 class Unschedulable(MultiverseError):
-    """No node can hold the instance; the message says why, node by node."""
+    """No node can hold the instance; the message says why, node by node, and ``reasons``
+    holds the same as data (node name -> why), for clients that show it their own way."""
 
     code = "unschedulable"
+
+    def __init__(self, message: str, reasons: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.reasons = dict(reasons or {})
 
 
 class Unauthenticated(MultiverseError):

@@ -3,8 +3,8 @@ the pure computation of what each node must do for the faults in force.
 
 The master keeps faults in the store and sends every node its :class:`NodeFaults` (with each
 sync acknowledgement, and at once when a fault is added or healed); the node converges to it:
-nftables drops for partitions, netem on taps for links, QMP stop for pauses, and one-shot
-actions (kill, reboot, clock steps, disk fill) run once per fault id and VM.
+nftables drops for partitions, netem (or an NFQUEUE) on taps for links, QMP stop for pauses,
+and one-shot actions (kill, reboot, clock steps, disk fill) run once per fault id and VM.
 """
 
 from __future__ import annotations
@@ -265,7 +265,8 @@ class Placement:
 
 @dataclass(frozen=True)
 class LinkRule:
-    """netem on ``instance_id``'s tap, for the packets coming from ``sources`` (all if empty)."""
+    """The path into ``instance_id``'s tap slowed (netem or NFQUEUE), for the packets coming
+    from ``sources`` (all if empty)."""
 
     fault_id: str
     instance_id: str

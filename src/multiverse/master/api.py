@@ -33,6 +33,7 @@ from multiverse.core.errors import (
     RateLimited,
     Unauthenticated,
     Unavailable,
+    Unschedulable,
 )
 from multiverse.core.faults import FaultKind, parse_duration
 from multiverse.core.images import parse_sha256
@@ -89,10 +90,15 @@ HTTP_STATUS = {
 }
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, **details: Any
+) -> JSONResponse:
+    """The error body every 4xx/5xx has; ``details`` add fields beside code and message."""
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(
-        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+        {"error": {"code": code, "message": message, **details}},
+        status_code=status,
+        headers=headers,
     )
 
 
@@ -482,7 +488,13 @@ def create_app(
 
     @app.exception_handler(MultiverseError)
     async def _domain_error(_request: Request, exc: MultiverseError) -> JSONResponse:
-        return error_response(HTTP_STATUS.get(exc.code, 500), exc.code, exc.message)
+        # An unschedulable launch says why each node refused, as data: [{"node", "reason"}].
+        details = (
+            {"reasons": [{"node": n, "reason": r} for n, r in exc.reasons.items()]}
+            if isinstance(exc, Unschedulable) and exc.reasons
+            else {}
+        )
+        return error_response(HTTP_STATUS.get(exc.code, 500), exc.code, exc.message, **details)
 
     @app.exception_handler(Exception)
     async def _bug(_request: Request, exc: Exception) -> JSONResponse:

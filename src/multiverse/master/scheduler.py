@@ -66,18 +66,19 @@ def place(
     """
     selector = selector or {}
     avoid = avoid or {}
-    refused: list[str] = []
+    refused: dict[str, str] = {}
     feasible: list[Node] = []
     for node in nodes:
         reason = avoid.get(node.id) or why_not(node, need, selector)
         if reason is None:
             feasible.append(node)
         else:
-            refused.append(f"{node.name}: {reason}")
+            refused[node.name] = reason
     if not feasible:
         if not nodes:
             raise Unschedulable("no node can hold the instance: the cluster has no nodes")
-        raise Unschedulable("no node can hold the instance: " + "; ".join(refused))
+        told = "; ".join(f"{name}: {why}" for name, why in refused.items())
+        raise Unschedulable(f"no node can hold the instance: {told}", refused)
     sign = 1 if strategy == "spread" else -1
     # Ties break on fewer instances, then on the name, so equal nodes take turns.
     return min(
@@ -162,7 +163,8 @@ def place_all(
         try:
             node = place(request.need, nodes, selector=request.selector, avoid=avoid)
         except Unschedulable as exc:
-            raise Unschedulable(f"cannot place {request.name}: {exc.message}") from None
+            message = f"cannot place {request.name}: {exc.message}"
+            raise Unschedulable(message, exc.reasons) from None
         placed[request.name] = node
         if request.spread_group:
             taken[request.spread_group][node.id] = request.name

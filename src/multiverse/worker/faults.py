@@ -8,6 +8,8 @@ The master sends :class:`NodeFaults` with every sync acknowledgement and at once
   ``nft -f -``; the bridge family, because guest-to-guest traffic is bridged, not routed;
 - links: on each slowed VM's tap a ``prio`` qdisc whose last band is the plain path, one netem
   band per rule and a u32 filter on the source address sending its packets there (pyroute2);
+  on a kernel without those qdiscs (found at the first link fault: the qdisc kind is unknown),
+  iptables sends those packets to an NFQUEUE read by this agent instead (:mod:`.linkqueue`);
 - pause and disk slow are held (QMP ``stop``/``cont``, block throttling) while in force;
 - kill, reboot and clock run once per fault and VM; those done are kept in ``faults.json`` so a
   restarted agent does not kill a VM again; clock is stepped back (its drift set back to
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import json
 import logging
@@ -35,6 +38,7 @@ from multiverse.core.faults import (
     parse_ppm,
 )
 from multiverse.drivers.base import Driver, VMConfig
+from multiverse.worker.linkqueue import LinkQueues
 
 # The network's own nft runner (all or nothing): one way to apply rules on a node.
 from multiverse.worker.network import _nft as nft
@@ -88,6 +92,8 @@ class NodeFaultsApplier:
         self._held = {_key(_shot(r)): r for r in state.get("held", {}).values()}
         self._done = {_key(_shot(r)): r for r in state.get("done", {}).values()}
         self._generation = int(state.get("generation", 0))
+        self._netem: bool | None = None  # whether the kernel has netem; None: not tried yet
+        self._queues = LinkQueues(state.get("link_queues", {}))
 
     async def converge(self, faults: NodeFaults) -> None:
         async with self._lock:
@@ -98,7 +104,7 @@ class NodeFaultsApplier:
             try:
                 if self.networked:
                     await self._converge_drops(faults.drops)
-                    await asyncio.to_thread(self._converge_links, faults.links)
+                    await self._converge_links(faults.links)
             except MultiverseError as exc:
                 errors.append(exc.message)
             await self._converge_shots(faults.shots, errors)
@@ -117,7 +123,24 @@ class NodeFaultsApplier:
 
     # --- links ------------------------------------------------------------------------------
 
-    def _converge_links(self, links: tuple[LinkRule, ...]) -> None:
+    async def _converge_links(self, links: tuple[LinkRule, ...]) -> None:
+        """netem where the kernel has it; else (and to undo what an earlier agent left there)
+        the NFQUEUE fallback."""
+        if self._netem is not False:
+            try:
+                await asyncio.to_thread(self._converge_netem, links)
+            except _NoNetem:
+                self._netem = False
+                log.warning("faults: this kernel has no prio/netem qdisc: link faults go "
+                            "through iptables and NFQUEUE")  # fmt: skip
+        if self._netem is False or self._queues.busy:
+            await self._queues.converge(
+                [(tap_name(r.instance_id), r.sources, dict(r.params)) for r in links]
+                if self._netem is False
+                else []
+            )
+
+    def _converge_netem(self, links: tuple[LinkRule, ...]) -> None:
         if not links and not self._links:
             return
         wanted: dict[str, list[list[Any]]] = {}
@@ -143,6 +166,8 @@ class NodeFaultsApplier:
                     _install_netem(ipr, index[0], rules)
                 except Exception as exc:  # pyroute2's NetlinkError: say what it means here
                     _clear_qdisc(ipr, index[0])
+                    if getattr(exc, "code", None) == errno.ENOENT:  # "qdisc kind is unknown"
+                        raise _NoNetem from exc
                     raise DriverError(
                         f"cannot put netem on {tap}: {exc} (does this kernel have the prio "
                         "and netem qdiscs, sch_prio and sch_netem?)"
@@ -260,11 +285,15 @@ class NodeFaultsApplier:
 
     def _save(self) -> None:
         data = {"links": self._links, "held": self._held, "done": self._done,
-                "generation": self._generation}  # fmt: skip
+                "generation": self._generation, "link_queues": self._queues.state}  # fmt: skip
         path = self.state_dir / "faults.json"
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text(json.dumps(data, indent=2, sort_keys=True))
         temporary.replace(path)
+
+
+class _NoNetem(Exception):
+    """The kernel does not know the prio or netem qdisc."""
 
 
 def _key(shot: Shot) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from multiverse.core.errors import InvalidArgument, MultiverseError
+from multiverse.core.errors import InvalidArgument, MultiverseError, Unavailable
 from multiverse.core.files import private_dir
 from multiverse.core.model import Resources
 from multiverse.core.sizes import GiB
@@ -201,12 +201,31 @@ class Worker:
         self.agent.store.close()
 
 
-def _free_port(host: str) -> int:
-    """A port the kernel has free now (a tiny race until the agent binds it; a test tool)."""
+def _free_ports(host: str, count: int) -> int:
+    """The first of ``count`` consecutive ports free now, below the kernel's ephemeral range.
+
+    The nodes bind theirs only after joining, seconds later; ports from the ephemeral range
+    (what binding port 0 gives) would by then be taken by other processes' connections or
+    listeners, and a thousand of them make that a certainty. Below the range, only a process
+    asking for a port by number can take one.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    first = 10000
+    while first + count <= low:
+        for port in range(first, first + count):
+            with socket.socket(family) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    first = port + 1  # the block starts after the taken one
+                    break
+        else:
+            return first
+    raise Unavailable(f"no {count} consecutive free ports below {low} on {host}")
 
 
 def simulated(config: WorkerConfig, count: int) -> list[WorkerConfig]:
@@ -215,17 +234,18 @@ def simulated(config: WorkerConfig, count: int) -> list[WorkerConfig]:
     process stands in for many hosts and the master sees exactly what real workers send.
 
     Node ``i`` is ``<name>-<i>`` in ``<data-dir>/<name>-<i>``; its agent listens on the
-    ``--listen`` port plus ``i``, or on a free port when that port is 0.
+    ``--listen`` port plus ``i``; when that port is 0, from the first of ``count`` free ports.
     """
     if count < 1:
         raise InvalidArgument("--simulate needs at least 1 node")
     host, port = split_address(config.listen)
     advertised = split_address(config.advertise)[0] if config.advertise else ""
     width = len(str(count - 1))
+    port = port or _free_ports(host, count)
     configs = []
     for index in range(count):
         name = f"{config.name}-{index:0{width}d}"
-        node_port = port + index if port else _free_port(host)
+        node_port = port + index
         configs.append(
             dataclasses.replace(
                 config,

@@ -146,17 +146,18 @@ const dl = (pairs) =>
 // ---- the API ----
 
 class ApiError extends Error {
-  constructor(status, code, message) {
+  constructor(status, code, message, reasons = []) {
     super(message);
     this.status = status;
     this.code = code;
+    this.reasons = reasons; // an unschedulable launch: why each node refused, [{node, reason}]
   }
 }
 
-async function api(method, path, body) {
+async function send(method, url, body) {
   const headers = { Authorization: `Bearer ${sessionStorage.getItem(TOKEN) || ""}` };
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  const response = await fetch(`/api/v1/${path}`, {
+  const response = await fetch(url, {
     method,
     headers,
     body: body === undefined ? undefined : JSON.stringify(body),
@@ -165,10 +166,31 @@ async function api(method, path, body) {
   const data = await response.json().catch(() => ({}));
   if (!response.ok) {
     const error = data.error || {};
-    if (response.status === 401 && path !== "whoami") logout("Your token is no longer valid.");
-    throw new ApiError(response.status, error.code || "http_error", error.message || response.statusText);
+    if (response.status === 401 && !url.endsWith("/whoami")) logout("Your token is no longer valid.");
+    throw new ApiError(
+      response.status,
+      error.code || "http_error",
+      error.message || response.statusText,
+      error.reasons || [],
+    );
   }
-  return data;
+  return { data, response };
+}
+
+async function api(method, path, body) {
+  return (await send(method, `/api/v1/${path}`, body)).data;
+}
+
+async function list(path) {
+  // Every page of a listing: the API gives at most 1000 items a page and links the next.
+  const items = [];
+  let url = `/api/v1/${path}${path.includes("?") ? "&" : "?"}limit=1000`;
+  while (url) {
+    const { data, response } = await send("GET", url);
+    items.push(...data);
+    url = /<([^>]+)>;\s*rel="next"/.exec(response.headers.get("Link") || "")?.[1];
+  }
+  return items;
 }
 
 function socket(path) {
@@ -277,7 +299,7 @@ function actionButton(label, run, { confirmText = "", danger = false } = {}) {
 // ---- pages ----
 
 async function overview() {
-  const [nodes, instances] = await Promise.all([api("GET", "nodes"), api("GET", "instances")]);
+  const [nodes, instances] = await Promise.all([list("nodes"), list("instances")]);
   const sum = (key, part) => nodes.reduce((total, node) => total + node[key][part], 0);
   const cluster = Object.fromEntries(
     ["cpus", "memory", "disk"].map((key) => [key, { total: sum(key, "total"), free: sum(key, "free") }]),
@@ -381,7 +403,7 @@ function instanceTable(instances) {
 async function nodePage(name) {
   const [node, instances] = await Promise.all([
     api("GET", `nodes/${encodeURIComponent(name)}`),
-    api("GET", "instances"),
+    list(`instances?node=${encodeURIComponent(name)}`),
   ]);
   const path = `nodes/${encodeURIComponent(name)}`;
   const maintain = (action, text) =>
@@ -437,7 +459,7 @@ async function nodePage(name) {
       : h("p", { class: "muted" }, "No labels."),
     isAdmin() ? labelForm(path) : "",
     h("h2", {}, "Instances"),
-    instanceTable(instances.filter((i) => i.node === node.name)),
+    instanceTable(instances),
   ];
 }
 
@@ -570,7 +592,7 @@ function moveForm(name, path, current) {
     { id: "move-target", name: "target", required: true },
     h("option", { value: "" }, "choose a node"),
   );
-  api("GET", "nodes")
+  list("nodes")
     .then((nodes) => {
       for (const node of nodes) {
         if (node.name !== current && node.status === "Ready" && !node.cordoned) {
@@ -715,7 +737,7 @@ async function faultsPage() {
 }
 
 async function launchPage() {
-  const [images, nodes] = await Promise.all([api("GET", "images"), api("GET", "nodes")]);
+  const [images, nodes] = await Promise.all([api("GET", "images"), list("nodes")]);
   const field = (id, label, input, help = "") =>
     h("div", { class: "field" }, h("label", { for: id }, label), input, help ? h("small", {}, help) : "");
   const problems = h("div", { id: "problems", role: "alert" });
@@ -827,18 +849,14 @@ async function launchPage() {
 }
 
 function explain(error) {
-  // The scheduler says why each node was refused: "no node can hold the instance: a: why; b: why".
-  const [head, reasons] = error.message.split(/: (.*)/s);
-  if (error.code !== "unschedulable" || !reasons) return [h("p", { class: "error" }, error.message)];
+  // The scheduler says why each node was refused, as data beside its message.
+  if (!error.reasons?.length) return [h("p", { class: "error" }, error.message)];
   return [
-    h("p", { class: "error" }, `${head}:`),
+    h("p", { class: "error" }, "No node can hold the instance:"),
     h(
       "ul",
       { class: "why", id: "why" },
-      reasons.split("; ").map((reason) => {
-        const [node, why] = reason.split(/: (.*)/s);
-        return h("li", {}, why ? [h("strong", {}, node), `: ${why}`] : reason);
-      }),
+      error.reasons.map(({ node, reason }) => h("li", {}, [h("strong", {}, node), `: ${reason}`])),
     ),
   ];
 }
