@@ -9,6 +9,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -315,3 +316,26 @@ def test_an_admins_node_labels_win_and_survive_rejoins(cluster: Cluster) -> None
     )
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_argument"
     assert cluster.node("node-a")["labels"] == before["labels"]
+
+
+def test_a_restarted_worker_is_not_ready_until_its_agent_listens(cluster: Cluster) -> None:
+    # Reports of the killed process would keep the node Ready for the node timeout: a long one
+    # here, so that only the re-join itself can take Ready away.
+    cluster.start_master("--node-timeout", "600", "--down-timeout", "1200")
+    cluster.start_worker("node-a")
+    cluster.workers["node-a"].kill()
+    assert cluster.node("node-a")["status"] == "Ready"
+
+    # The new process joins, then cannot listen (the port is taken) and exits: its agent never
+    # listened, so the node must not show Ready.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        proc = cluster.start_worker("node-a", "--listen", busy, token="", wait=False)
+        assert proc.process is not None
+        assert proc.process.wait(timeout=60) != 0
+    assert "cannot listen" in proc.output()
+    assert cluster.node("node-a")["status"] == "Joining"
+
+    cluster.start_worker("node-a", token="")  # waits until it joined, listens and is Ready

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from sqlalchemy import delete
 
 from multiverse.core.errors import AlreadyExists, NotFound, Unschedulable
 from multiverse.core.model import (
@@ -19,7 +20,9 @@ from multiverse.core.model import (
     Resources,
     Usage,
 )
+from multiverse.store import repository
 from multiverse.store.repository import Change, Store
+from multiverse.store.schema import InstanceRow
 
 
 def _node(index: int, **labels: str) -> Node:
@@ -181,5 +184,37 @@ def test_usage_is_kept_on_the_node_and_concurrent_placements_cannot_overfill(
         await store.delete_instance(placed[1])
         node = await store.get_node("s")
         assert node.allocated == Resources(0, 0, 0) and node.instance_count == 0
+
+    _run(db_url, scenario)
+
+
+def test_a_row_deleted_under_a_write_is_a_change_to_nothing(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent's answer about an instance (observe_instance) read the row, then a report on
+    another of the pool's threads deleted it before the answer was written: SQLAlchemy's
+    StaleDataError reached the API as a 500. The call is run again and sees the row gone."""
+
+    async def scenario(store: Store) -> None:
+        await store.add_node(_node(0), "")
+        await store.add_instance(_instance(0, 0))
+        await store.update_instance("i0", desired=DesiredState.DELETED)
+        observe = repository._observe
+        raced = []
+
+        def deleted_meanwhile(row: Any, item: dict[str, Any]) -> Change | None:
+            if not raced:  # the first time only: the report's delete wins the race
+                raced.append(True)
+                with store.engine.begin() as other:
+                    other.execute(delete(InstanceRow).where(InstanceRow.id == row.id))
+            return observe(row, item)
+
+        monkeypatch.setattr(repository, "_observe", deleted_meanwhile)
+        item = {"id": "i0", "state": "Stopped", "ipv4": "", "message": "", "version": 9,
+                "release": ""}  # fmt: skip
+        assert await store.observe_instance("i0", item) is None
+        assert raced
+        with pytest.raises(NotFound):
+            await store.get_instance("i0")
 
     _run(db_url, scenario)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -28,8 +29,10 @@ from multiverse.client.cli import (
     wait_with_progress,
 )
 from multiverse.core.errors import MultiverseError
-from multiverse.core.model import Resources
 from multiverse.core.sizes import parse_size
+
+if TYPE_CHECKING:
+    from multiverse.core.model import Resources
 
 # What only the servers need (asyncio, logging, subprocess, the client's config) is imported in
 # the commands that start them: every client call loads this module first.
@@ -85,7 +88,13 @@ def _default_node_name() -> str:
     return name if name[0].isalpha() else f"node-{name}"
 
 
-_capacity = parsed(Resources.parse)
+def _resources(text: str) -> Resources:
+    from multiverse.core.model import Resources  # the model's import only where it parses
+
+    return Resources.parse(text)
+
+
+_capacity = parsed(_resources)
 
 
 def _allowed_driver(name: str) -> str:

@@ -21,8 +21,6 @@ from multiverse import __version__
 from multiverse.client.errors import ApiError, Unreachable
 from multiverse.client.output import FORMATS, Column, render, render_one
 from multiverse.core.errors import MultiverseError
-from multiverse.core.model import DEFAULT_IMAGE, parse_labels, validate_labels
-from multiverse.core.network import parse_publish
 from multiverse.core.sizes import format_size, parse_size
 
 if TYPE_CHECKING:
@@ -33,7 +31,9 @@ if TYPE_CHECKING:
 
 # Imported where a command needs them, not here: rich, websockets, asyncio, the HTTP client and
 # TLS together cost several times what the rest of a call's start does (`python -X importtime
-# -m multiverse --version` shows it), and most commands need one or two of them.
+# -m multiverse --version` shows it), and most commands need one or two of them. So are the
+# model's and the network's parsers (their dataclasses, enums and regexes): only the options
+# that parse with them load them.
 
 EXIT_USAGE, EXIT_FAILED, EXIT_UNREACHABLE = 1, 2, 3
 
@@ -279,11 +279,19 @@ def parsed(
     return callback
 
 
+def _labels(text: str) -> dict[str, str]:
+    from multiverse.core.model import parse_labels
+
+    return parse_labels(text)
+
+
 _size = parsed(parse_size)
-labels_option = parsed(parse_labels)
+labels_option = parsed(_labels)
 
 
 def _publish(text: str) -> str:
+    from multiverse.core.network import parse_publish
+
     try:
         return str(parse_publish(text))
     except MultiverseError as exc:
@@ -362,7 +370,7 @@ def _with_wait(func: Callable[..., None]) -> Callable[..., None]:
 
 
 @cli.command()
-@click.argument("image", required=False, default=DEFAULT_IMAGE)
+@click.argument("image", required=False)
 @click.option("-n", "--name", help="Instance name (default: a generated one).")
 @click.option("-c", "--cpus", type=click.IntRange(1), default=1, show_default=True)
 @click.option(
@@ -400,7 +408,7 @@ def _with_wait(func: Callable[..., None]) -> Callable[..., None]:
 @_with_wait
 @format_option
 def launch(
-    image: str,
+    image: str | None,
     name: str | None,
     cpus: int,
     memory: int,
@@ -416,13 +424,13 @@ def launch(
     timeout: float,
     fmt: str,
 ) -> None:
-    """Create and start an instance; waits until it is Running."""
+    """Create and start an instance of IMAGE (default: the master's default image); waits until
+    it is Running."""
     import random
 
     client = _client()
-    body = {
+    body: dict[str, Any] = {
         "name": name or f"vm-{random.randbytes(3).hex()}",
-        "image": image,
         "cpus": cpus,
         "memory": memory,
         "disk": disk,
@@ -432,6 +440,8 @@ def launch(
         "strategy": strategy,
         "user_data": cloud_init.read_text() if cloud_init else "",
     }
+    if image is not None:  # else the master's default image
+        body["image"] = image
     if ip:
         body["ip"] = ip
     if publish:
@@ -807,6 +817,8 @@ def _label_changes(items: tuple[str, ...]) -> dict[str, str | None]:
     for item in items:
         key, sep, value = item.partition("=")
         if sep:
+            from multiverse.core.model import validate_labels
+
             validate_labels({key: value})
             changes[key] = value
         elif item.endswith("-") and len(item) > 1:

@@ -23,12 +23,12 @@ from multiverse.client.cli import (
     stderr_console,
 )
 from multiverse.client.output import Column, render, render_one
-from multiverse.core.faults import ScheduledFault
 
-if TYPE_CHECKING:  # rich and the HTTP client are loaded by the commands that use them
+if TYPE_CHECKING:  # rich, the HTTP client and the fault model: loaded by the commands using them
     from rich.table import Table
 
     from multiverse.client.http import ApiClient
+    from multiverse.core.faults import ScheduledFault
 
 __all__ = ["apply", "diff", "envs", "get"]
 

@@ -106,6 +106,11 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         if address.startswith(":"):
             address = f"{_peer_host(context)}{address}"
         node = await self.store.get_node(node_id)
+        # A node joins before its agent listens (the listener serves the certificate the join
+        # may bring): a restarted node still Ready from its previous process's reports is
+        # Joining until the new one reports, which it does once its agent listens.
+        rejoined = node.status == NodeStatus.READY
+        joining = {"status": NodeStatus.JOINING} if rejoined else {}
         await self.store.update_node(
             node_id,
             address=address,
@@ -115,9 +120,12 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             version=request.version,
             last_sync=now(),
             network_mode=request.network_mode,
+            **joining,
         )
         self.agents.forget(node_id)
         log.info("node %s joined from %s", node.name, address)
+        if rejoined:
+            self.on_change([(node.name, NodeStatus.JOINING)], [])
         return pb.JoinResponse(node_id=node_id, name=node.name, agent_address=address)
 
     async def Sync(

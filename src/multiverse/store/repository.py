@@ -38,6 +38,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.exc import StaleDataError
 
 from multiverse.core.errors import AlreadyExists, Conflict, NotFound, Unschedulable
 from multiverse.core.faults import Fault, FaultKind
@@ -101,6 +102,7 @@ def now() -> datetime:
 Params = ParamSpec("Params")
 Result = TypeVar("Result")
 THREADS = 4  # SQLite takes one writer at a time anyway; readers (the API) go alongside
+STALE_TRIES = 3  # runs of a call whose rows another call changed under it
 
 
 def _off_loop(
@@ -108,8 +110,20 @@ def _off_loop(
 ) -> Callable[Concatenate[Store, Params], Coroutine[Any, Any, Result]]:
     """``method`` as a coroutine that runs it in the store's thread pool."""
 
+    def again_if_stale(store: Store, /, *args: Params.args, **kwargs: Params.kwargs) -> Result:
+        # Two calls run at once in the pool: one may read a row that the other deletes before
+        # the first writes it back (an agent's answer about an instance a report just took
+        # away). Its transaction is rolled back whole; run again, it sees the row gone.
+        for attempt in range(STALE_TRIES):
+            try:
+                return method(store, *args, **kwargs)
+            except StaleDataError:
+                if attempt == STALE_TRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
     async def run(store: Store, /, *args: Params.args, **kwargs: Params.kwargs) -> Result:
-        call = functools.partial(method, store, *args, **kwargs)
+        call = functools.partial(again_if_stale, store, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(store._pool, call)
 
     run.__doc__ = method.__doc__
