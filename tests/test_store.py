@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -193,28 +194,75 @@ def test_a_row_deleted_under_a_write_is_a_change_to_nothing(
 ) -> None:
     """An agent's answer about an instance (observe_instance) read the row, then a report on
     another of the pool's threads deleted it before the answer was written: SQLAlchemy's
-    StaleDataError reached the API as a 500. The call is run again and sees the row gone."""
+    StaleDataError reached the API as a 500. Now the delete waits for the answer (PostgreSQL
+    locks the row) or the answer is taken again and finds the row gone (SQLite)."""
 
     async def scenario(store: Store) -> None:
         await store.add_node(_node(0), "")
         await store.add_instance(_instance(0, 0))
         await store.update_instance("i0", desired=DesiredState.DELETED)
         observe = repository._observe
-        raced = []
+        deleter: list[threading.Thread] = []
+
+        def delete_row() -> None:
+            with store.engine.begin() as other:
+                other.execute(delete(InstanceRow).where(InstanceRow.id == "i0"))
 
         def deleted_meanwhile(row: Any, item: dict[str, Any]) -> Change | None:
-            if not raced:  # the first time only: the report's delete wins the race
-                raced.append(True)
-                with store.engine.begin() as other:
-                    other.execute(delete(InstanceRow).where(InstanceRow.id == row.id))
+            if not deleter:  # the first time only: the report's delete comes in between
+                deleter.append(threading.Thread(target=delete_row))
+                deleter[0].start()
+                deleter[0].join(timeout=1)  # done, or waiting for this transaction's lock
             return observe(row, item)
 
         monkeypatch.setattr(repository, "_observe", deleted_meanwhile)
         item = {"id": "i0", "state": "Stopped", "ipv4": "", "message": "", "version": 9,
                 "release": ""}  # fmt: skip
-        assert await store.observe_instance("i0", item) is None
-        assert raced
+        await store.observe_instance("i0", item)  # no StaleDataError
+        deleter[0].join(timeout=30)
+        assert not deleter[0].is_alive()
         with pytest.raises(NotFound):
             await store.get_instance("i0")
+
+    _run(db_url, scenario)
+
+
+def test_an_agents_answer_and_a_report_do_not_undo_each_other(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's answer to a stop (Stopping, version 5) was read, then a report with the
+    node's newer word (Stopped, version 6) was taken on another thread, then the answer was
+    written over it: the master showed Stopping until the next full report, a minute later.
+    Each must see the other's write, in whichever order they run."""
+
+    async def scenario(store: Store) -> None:
+        await store.add_node(_node(0), "")
+        await store.add_instance(_instance(0, 0))
+        observe = repository._observe
+        answer_read, report_done = threading.Event(), threading.Event()
+
+        def slow_answer(row: Any, item: dict[str, Any]) -> Change | None:
+            if item["version"] == 5:  # the agent's answer: let the report try to pass it
+                answer_read.set()
+                report_done.wait(timeout=2)
+            return observe(row, item)
+
+        monkeypatch.setattr(repository, "_observe", slow_answer)
+
+        def status(state: str, version: int) -> dict[str, Any]:
+            return {"id": "i0", "state": state, "ipv4": "", "message": "", "version": version,
+                    "release": ""}  # fmt: skip
+
+        async def report() -> None:
+            await asyncio.get_running_loop().run_in_executor(None, answer_read.wait, 30)
+            await store.take_report(
+                "n0", capacity=Resources(8, 8 << 30, 100 << 30), used=Usage(0, 0, 0),
+                reported=[status("Stopped", 6)], removed=[], image_digests=[],
+            )  # fmt: skip
+            report_done.set()
+
+        await asyncio.gather(store.observe_instance("i0", status("Stopping", 5)), report())
+        instance = await store.get_instance("i0")
+        assert (instance.state, instance.version) == (InstanceState.STOPPED, 6)
 
     _run(db_url, scenario)

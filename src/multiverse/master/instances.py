@@ -139,6 +139,7 @@ class Instances:
         picker = self.ipam.picker(instance_id, requested=ip, publish=publish) if self.ipam else None
         if picker is None and (ip or publish):
             raise InvalidArgument("this cluster has no network: --ip and --publish need one")
+        reloaded = False
         for attempt in range(PLACEMENT_TRIES):
             nodes = await self._candidates(node_name)
             if ip or publish:  # prefer the nodes on the network; none: refused below, clearly
@@ -146,9 +147,18 @@ class Instances:
             # Choosing and reserving in the view happen with no await between them, so the
             # launches of this master see each other without a lock; the store's conditional
             # insert settles races with other masters (and the unique name, duplicates).
-            node = place(
-                spec.resources, nodes, selector=selector, strategy=strategy, avoid=avoid
-            )  # fmt: skip
+            try:
+                node = place(
+                    spec.resources, nodes, selector=selector, strategy=strategy, avoid=avoid
+                )  # fmt: skip
+            except Unschedulable:
+                if reloaded:
+                    raise
+                # The view may not know yet of room given back a moment ago (a delete): the
+                # store's word before saying that nothing fits.
+                reloaded = True
+                self.view.invalidate()
+                continue
             lease = picker
             if picker is not None and node.network_mode != "bridge":
                 # A user-mode node's VMs are off the cluster network (QEMU's NAT): an address

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import enum
 import functools
+import threading
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -146,6 +147,11 @@ class Store:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="store")
         self._leader: Connection | None = None  # holds the leader lock (PostgreSQL)
+        # Taking what a node says of an instance reads its version, then writes: an agent's
+        # answer and a report on two of the pool's threads must not interleave, or the older
+        # one, written last, wins until the next full report. PostgreSQL (several masters)
+        # also locks the rows (FOR UPDATE); SQLite reads outside its write lock, so this does.
+        self._observing = threading.Lock()
 
     @classmethod
     def for_data_dir(cls, data_dir: Path) -> Store:
@@ -535,7 +541,7 @@ class Store:
         what changed and, in ``removed``, what went. A report older than what the master knows
         (lower ``version``) is ignored, so a report that crossed an action on the wire cannot
         undo it."""
-        with self._session() as session:
+        with self._observing, self._session() as session:
             row = session.get(NodeRow, node_id)
             if row is None:
                 raise NotFound(f"node {node_id} does not exist")
@@ -550,8 +556,8 @@ class Store:
     @_off_loop
     def observe_instance(self, instance_id: str, item: dict[str, Any]) -> Change | None:
         """Take one instance's status as an agent answered it (same rule as a report)."""
-        with self._session() as session:
-            row = session.get(InstanceRow, instance_id)
+        with self._observing, self._session() as session:
+            row = session.get(InstanceRow, instance_id, with_for_update=True)
             return _observe(row, item) if row is not None else None
 
     @_off_loop
@@ -984,7 +990,7 @@ def _apply_report(
     removed: Sequence[str] | None,
 ) -> list[Change]:
     by_id = {item["id"]: item for item in reported}
-    query = select(InstanceRow).where(InstanceRow.node_id == node_id)
+    query = select(InstanceRow).where(InstanceRow.node_id == node_id).with_for_update()
     if removed is not None:  # a delta: only the rows it speaks of are read
         query = query.where(InstanceRow.id.in_([*by_id, *removed]))
     changes: list[Change] = []
