@@ -103,27 +103,99 @@ class _Step:
         await self._verify()
 
 
-class ColdPlan:
-    """The steps of one cold move, from what the store and both nodes say now."""
+@dataclass(frozen=True)
+class _Seen:
+    """What the store and both nodes say of a move now: the plans' steps are chosen from it."""
 
-    name = "cold move"
+    migration: Migration
+    instance: Instance
+    source: Node
+    target: Node
+    on_source: Observation | None  # None: the source does not have it (or is away)
+    on_target: Observation | None
+
+    @property
+    def switched(self) -> bool:
+        return self.instance.node_id == self.target.id
+
+
+class _MovePlan:
+    """What both kinds of move share: reading reality, and the steps after the hand-over."""
+
+    name = "move"
 
     def __init__(self, moves: Moves, migration_id: str) -> None:
         self.moves = moves
         self.migration_id = migration_id
 
     async def steps(self) -> list[Step]:
-        moves, store = self.moves, self.moves.store
+        return self._plan(await self._look())
+
+    def _plan(self, seen: _Seen) -> list[Step]:
+        raise NotImplementedError
+
+    async def _look(self) -> _Seen:
+        store, client = self.moves.store, self.moves.client
         migration = await store.get_migration(self.migration_id)
         instance = await store.get_instance(migration.instance_id)
         source = await store.get_node(migration.source_id)
         target = await store.get_node(migration.target_id)
-        client = moves.client
-        switched = instance.node_id == target.id
         on_source = await client.observe(source, instance.id) if _up(source) else None
-        if not switched and not _up(source):
+        if instance.node_id != target.id and not _up(source):
             raise Unavailable(f"node {source.name} is {source.status.value}")
         on_target = await client.observe(target, instance.id)
+        return _Seen(migration, instance, source, target, on_source, on_target)
+
+    def _owner_and_cleanup(
+        self, seen: _Seen, *, switch_when: Callable[[], bool], clean_when: Callable[[], bool]
+    ) -> tuple[_Step, _Step]:
+        """switch-owner (the target's VM becomes the instance) and delete-on-source (once the
+        target runs as wanted): when each is due is the kind of move's to say."""
+        moves = self.moves
+        instance, source, target = seen.instance, seen.source, seen.target
+
+        async def switch() -> None:
+            await moves.phase(seen.migration, MigrationPhase.SWITCHING)
+            assert seen.on_target is not None
+            await moves.switch_owner(instance, target, seen.on_target)
+
+        async def owned() -> None:
+            if (await moves.store.get_instance(instance.id)).node_id != target.id:
+                raise Conflict("the owner did not switch")
+
+        async def clean() -> None:
+            await moves.phase(seen.migration, MigrationPhase.CLEANING)
+            await moves.client.delete(source, instance.id)
+            await moves.until(source, instance.id, lambda o: o is None)
+
+        async def gone() -> None:
+            await moves.check(source, instance.id, lambda o: o is None)
+
+        return (
+            _Step("switch-owner", switch_when, switch, owned),
+            _Step("delete-on-source", clean_when, clean, gone),
+        )
+
+    def _running_on_target(self, seen: _Seen) -> Callable[[], Awaitable[None]]:
+        async def running() -> None:
+            await self.moves.check(
+                seen.target, seen.instance.id, lambda o: _is(o, InstanceState.RUNNING)
+            )
+
+        return running
+
+
+class ColdPlan(_MovePlan):
+    """The steps of one cold move, from what the store and both nodes say now."""
+
+    name = "cold move"
+
+    def _plan(self, seen: _Seen) -> list[Step]:
+        moves, client = self.moves, self.moves.client
+        migration, instance, source, target = (
+            seen.migration, seen.instance, seen.source, seen.target
+        )  # fmt: skip
+        on_source, on_target, switched = seen.on_source, seen.on_target, seen.switched
         wants_running = migration.desired_after == DesiredState.RUNNING
 
         async def stop() -> None:
@@ -140,20 +212,10 @@ class ColdPlan:
             await client.import_(target, instance, source, files, moves.progress(migration.id))
             await moves.update(migration.id, bytes_done=total)
 
-        async def switch() -> None:
-            await moves.phase(migration, MigrationPhase.SWITCHING)
-            assert on_target is not None
-            await moves.switch_owner(instance, target, on_target)
-
         async def start() -> None:
             await moves.phase(migration, MigrationPhase.STARTING)
             await client.start(target, instance.id)
             await moves.until(target, instance.id, lambda o: _is(o, InstanceState.RUNNING))
-
-        async def clean() -> None:
-            await moves.phase(migration, MigrationPhase.CLEANING)
-            await client.delete(source, instance.id)
-            await moves.until(source, instance.id, lambda o: o is None)
 
         async def stopped_on_source() -> None:
             await moves.check(source, instance.id, lambda o: _is(o, InstanceState.STOPPED))
@@ -161,47 +223,32 @@ class ColdPlan:
         async def on_target_now() -> None:
             await moves.check(target, instance.id, lambda o: o is not None)
 
-        async def owned() -> None:
-            if (await store.get_instance(instance.id)).node_id != target.id:
-                raise Conflict("the owner did not switch")
-
-        async def running() -> None:
-            await moves.check(target, instance.id, lambda o: _is(o, InstanceState.RUNNING))
-
-        async def gone() -> None:
-            await moves.check(source, instance.id, lambda o: o is None)
-
         target_ok = not wants_running or _is(on_target, InstanceState.RUNNING)
+        switch, clean = self._owner_and_cleanup(
+            seen,
+            switch_when=lambda: not switched,
+            clean_when=lambda: switched and target_ok and _up(source) and on_source is not None,
+        )
         return [
             _Step("stop-on-source", lambda: not switched and not _is(on_source, InstanceState.STOPPED), stop, stopped_on_source),  # noqa: E501
             _Step("transfer", lambda: not switched and on_target is None, transfer, on_target_now),
-            _Step("switch-owner", lambda: not switched, switch, owned),
-            _Step("start-on-target", lambda: switched and not target_ok, start, running),
-            _Step("delete-on-source", lambda: switched and target_ok and _up(source) and on_source is not None, clean, gone),  # noqa: E501
+            switch,
+            _Step("start-on-target", lambda: switched and not target_ok, start, self._running_on_target(seen)),  # noqa: E501
+            clean,
         ]  # fmt: skip
 
 
-class LivePlan:
+class LivePlan(_MovePlan):
     """The steps of one live move, from what the store and both nodes say now."""
 
     name = "live move"
 
-    def __init__(self, moves: Moves, migration_id: str) -> None:
-        self.moves = moves
-        self.migration_id = migration_id
-
-    async def steps(self) -> list[Step]:
-        moves, store = self.moves, self.moves.store
-        migration = await store.get_migration(self.migration_id)
-        instance = await store.get_instance(migration.instance_id)
-        source = await store.get_node(migration.source_id)
-        target = await store.get_node(migration.target_id)
-        client = moves.client
-        switched = instance.node_id == target.id
-        on_source = await client.observe(source, instance.id) if _up(source) else None
-        if not switched and not _up(source):
-            raise Unavailable(f"node {source.name} is {source.status.value}")
-        on_target = await client.observe(target, instance.id)
+    def _plan(self, seen: _Seen) -> list[Step]:
+        moves, client = self.moves, self.moves.client
+        migration, instance, source, target = (
+            seen.migration, seen.instance, seen.source, seen.target
+        )  # fmt: skip
+        on_source, on_target, switched = seen.on_source, seen.on_target, seen.switched
         handed_over = _is(on_target, InstanceState.RUNNING)  # no way back from here
 
         async def transfer() -> None:
@@ -237,29 +284,15 @@ class LivePlan:
                 prepared_at - began, sent_at - prepared_at, paused * 1000,
             )  # fmt: skip
 
-        async def switch() -> None:
-            assert on_target is not None
-            await moves.switch_owner(instance, target, on_target)
-
-        async def clean() -> None:
-            await moves.phase(migration, MigrationPhase.CLEANING)
-            await client.delete(source, instance.id)
-            await moves.until(source, instance.id, lambda o: o is None)
-
-        async def running() -> None:
-            await moves.check(target, instance.id, lambda o: _is(o, InstanceState.RUNNING))
-
-        async def owned() -> None:
-            if (await store.get_instance(instance.id)).node_id != target.id:
-                raise Conflict("the owner did not switch")
-
-        async def gone() -> None:
-            await moves.check(source, instance.id, lambda o: o is None)
-
+        switch, clean = self._owner_and_cleanup(
+            seen,
+            switch_when=lambda: not switched and handed_over,
+            clean_when=lambda: switched and _up(source) and on_source is not None,
+        )
         return [
-            _Step("transfer-live", lambda: not switched and not handed_over, transfer, running),
-            _Step("switch-owner", lambda: not switched and handed_over, switch, owned),
-            _Step("delete-on-source", lambda: switched and _up(source) and on_source is not None, clean, gone),  # noqa: E501
+            _Step("transfer-live", lambda: not switched and not handed_over, transfer, self._running_on_target(seen)),  # noqa: E501
+            switch,
+            clean,
         ]  # fmt: skip
 
 
