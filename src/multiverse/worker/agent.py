@@ -612,6 +612,15 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             raise AssertionError("unreachable") from exc
         return self.agent.status_pb(record) if record else pb.InstanceStatus()
 
+    async def _done(self, context: Ctx, action: Callable[[], Awaitable[object]]) -> pb.Empty:
+        """A call answered by nothing but success, or the error as its status."""
+        await self._guard(context)
+        try:
+            await action()
+        except MultiverseError as exc:
+            await context.abort(*convert.error_to_rpc(exc))
+        return pb.Empty()
+
     async def Launch(self, request: pb.LaunchRequest, context: Ctx) -> pb.InstanceStatus:
         instance_id, spec = convert.spec_from_pb(request.spec)
         nic = convert.nic_from_pb(request.spec.nic)
@@ -706,12 +715,9 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             raise AssertionError("unreachable") from exc
 
     async def ApplyFaults(self, request: pb.NodeFaults, context: Ctx) -> pb.Empty:
-        await self._guard(context)
-        try:
-            await self.agent.apply_faults(convert.faults_from_pb(request))
-        except MultiverseError as exc:
-            await context.abort(*convert.error_to_rpc(exc))
-        return pb.Empty()
+        return await self._done(
+            context, lambda: self.agent.apply_faults(convert.faults_from_pb(request))
+        )
 
     async def Report(self, request: pb.Empty, context: Ctx) -> pb.NodeReport:
         await self._guard(context)
@@ -782,12 +788,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         yield pb.ImportProgress(status=self.agent.status_pb(record))
 
     async def AbortImport(self, request: pb.AbortImportRequest, context: Ctx) -> pb.Empty:
-        await self._guard(context)
-        try:
-            await self.agent.abort_import(request.id)
-        except MultiverseError as exc:
-            await context.abort(*convert.error_to_rpc(exc))
-        return pb.Empty()
+        return await self._done(context, lambda: self.agent.abort_import(request.id))
 
     async def PrepareIncoming(
         self, request: pb.PrepareIncomingRequest, context: Ctx
@@ -837,12 +838,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         yield message
 
     async def AbortMigrateOut(self, request: pb.InstanceRef, context: Ctx) -> pb.Empty:
-        await self._guard(context)
-        try:
-            await self.agent.abort_migrate_out(request.id)
-        except MultiverseError as exc:
-            await context.abort(*convert.error_to_rpc(exc))
-        return pb.Empty()
+        return await self._done(context, lambda: self.agent.abort_migrate_out(request.id))
 
     async def FinishIncoming(
         self, request: pb.FinishIncomingRequest, context: Ctx
