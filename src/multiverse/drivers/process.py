@@ -73,10 +73,12 @@ def pid_alive(pid: int) -> bool:
 
 async def wait_exit(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
+    interval = 0.005  # a killed process is gone within milliseconds: look often at first
     while pid_alive(pid):
         if time.monotonic() >= deadline:
             return False
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(interval)
+        interval = min(interval * 2, 0.05)
     return True
 
 
@@ -177,6 +179,7 @@ class ProcessDriver(Driver):
         # How long a command the driver itself runs in the guest (stats, its address) may take.
         self.command_timeout = COMMAND_TIMEOUT
         self._guests: dict[str, GuestConnection] = {}
+        self._warming: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Lock]] = {}
 
     # --- what a subclass provides --------------------------------------------------------
@@ -304,9 +307,8 @@ class ProcessDriver(Driver):
         return tail(self._existing_dir(vm) / self.console_log, 256 * 1024)
 
     async def close(self) -> None:
-        guests, self._guests = self._guests, {}
-        for guest in guests.values():
-            await guest.close()
+        for vm_id in list(self._guests):
+            await self._close_guest(vm_id)
 
     # --- creating ------------------------------------------------------------------------
 
@@ -514,7 +516,24 @@ class ProcessDriver(Driver):
             self._guests[vm.id] = guest
         return guest
 
+    def _warm_guest(self, vm: VMConfig) -> None:
+        """Open the VM's SSH connection in the background. A boot leaves it open (readiness
+        is an SSH login); a VM that arrived some other way (a live move) would otherwise pay
+        the key exchange, ~0.4 s of an emulated CPU, on its first exec or its next move."""
+        guest = self._guest(vm)
+
+        async def connect() -> None:
+            with contextlib.suppress(MultiverseError):  # the next call says what is wrong
+                await guest.connect()
+
+        self._warming[vm.id] = asyncio.ensure_future(connect())
+
     async def _close_guest(self, vm_id: str) -> None:
+        warming = self._warming.pop(vm_id, None)
+        if warming is not None:
+            warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await warming
         guest = self._guests.pop(vm_id, None)
         if guest is not None:
             await guest.close()

@@ -713,6 +713,10 @@ class QemuDriver(ProcessDriver):
                 runtime.pop(_INCOMING, None)
                 runtime.pop(_LIVE_PORTS, None)
                 write_json(vm_dir / "vm.json", runtime)
+                self._warm_guest(vm)
+                # It runs: QEMU took the ``cont``. No second look (the guest waits on no one
+                # now, but the move's caller does).
+                return VMStatus(PowerState.RUNNING, str(runtime.get("ipv4", "")))
             return await self._hypervisor_status(vm, str(runtime.get("ipv4", "")))
 
     async def _remove(self, vm: VMConfig) -> None:

@@ -264,7 +264,6 @@ class LivePlan(_MovePlan):
             sent = await client.migrate_out(source, instance.id, endpoint,
                                             moves.live_progress(migration.id))  # fmt: skip
             sent_at = time.monotonic()
-            await moves.phase(migration, MigrationPhase.SWITCHING)
             try:
                 await client.finish_incoming(target, instance.id, sent.host_key)
             except MultiverseError:
@@ -541,14 +540,14 @@ class Moves:
     ) -> None:
         """Poll the node until ``reached`` holds for the instance; Unavailable past the wait."""
         deadline = time.monotonic() + self.wait
-        interval = 0.02  # most waits end soon (a deletion): ask often first, then back off
+        interval = 0.01  # most waits end soon (a deletion): ask often first, then back off
         while not reached(observed := await self.client.observe(node, instance_id)):
             if observed is not None and observed.state == InstanceState.FAILED:
                 raise Conflict(f"on {node.name}: {observed.message or 'failed'}")
             if time.monotonic() > deadline:
                 raise Unavailable(f"gave up waiting on {node.name} after {self.wait:.0f}s")
             await asyncio.sleep(interval)
-            interval = min(interval * 2, self.poll)
+            interval = min(interval * 1.5, self.poll)
 
     async def check(
         self, node: Node, instance_id: str, holds: Callable[[Observation | None], bool]
