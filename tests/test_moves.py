@@ -142,33 +142,60 @@ def test_master_killed_mid_move_finishes_it_after_restart(cluster: Cluster) -> N
 
 
 @pytest.mark.vm
-def test_cold_move_of_a_real_vm_keeps_its_disk_and_host_key(
+def test_cold_move_of_a_stopped_real_vm_keeps_its_home_and_host_key(
     tmp_path: Path, tiny_image: Path
 ) -> None:
-    """A QEMU VM (TCG) with a 20 MiB file on its data disk moves cold: the file has the same
-    sha256 on the target, the guest keeps its SSH host key (no new key is trusted on first use:
-    the recorded one moved with the VM), and it runs there."""
+    """A stopped QEMU VM (TCG) with a 100 MB file in root's home moves cold, and the master is
+    killed mid-move: the restarted master finishes it, the VM stays Stopped as the user wanted,
+    and once started on the target the file has the same sha256 and the guest its SSH host key
+    (no new key is trusted on first use: the recorded one moved with the VM). The test guest's
+    home is on its data disk (/data/root bind-mounted on /root), the disk that moves."""
     with new_cluster(tmp_path) as cluster:
         cluster.start_master()
         for name in ("node-a", "node-b"):
             cluster.start_worker(name, driver="qemu", capacity="cpus=2,memory=4G,disk=20G")
         cluster.ok("launch", "--name", "vm-mover", "--node", "node-a",
                    "--memory", "256M", "--disk", "256M", timeout=300)  # fmt: skip
-        write = "head -c 20971520 /dev/urandom > /data/big && sync && sha256sum /data/big"
-        digest = cluster.ok("exec", "vm-mover", "--", "sh", "-c", write).out.split()[0]
+        write = "head -c 104857600 /dev/urandom > ~/big && sync && sha256sum ~/big"
+        digest = cluster.ok("exec", "vm-mover", "--", "sh", "-c", write, timeout=600).out.split()[0]
         instance_id = _instance_id(cluster, "vm-mover")
-        key = (cluster.root / "node-a" / "qemu" / "vms" / instance_id / HOST_KEY_FILE).read_text()
+        source_dir = cluster.root / "node-a" / "qemu" / "vms" / instance_id
+        key = (source_dir / HOST_KEY_FILE).read_text()
+        cluster.ok("stop", "vm-mover", timeout=300)
 
-        cluster.ok("move", "vm-mover", "--node", "node-b", timeout=600)
+        answer = _api(cluster, "POST", "/instances/vm-mover/move", node="node-b")
+        assert answer.status_code == 202, answer.text
+        operation = answer.json()["operation"]
+        # Killed while the disk travels (or, on a quick host, at the first active phase seen).
+        wait_until(
+            lambda: (
+                _api(cluster, "GET", f"/operations/{operation}").json()["figures"]["phase"]
+                in ("transferring", "switching", "cleaning")
+            ),
+            timeout=300,
+            interval=0.02,
+        )
+        assert cluster.master is not None
+        cluster.master.kill()
+        cluster.start_master()
 
-        instance = cluster.instances()["vm-mover"]
-        assert (instance["node"], instance["state"]) == ("node-b", "Running")
-        moved = cluster.ok("exec", "vm-mover", "--", "sha256sum", "/data/big").out.split()[0]
-        assert moved == digest
         target_dir = cluster.root / "node-b" / "qemu" / "vms" / instance_id
+        wait_until(lambda: not source_dir.exists(), timeout=600)  # gone once the target has it
+        instance = cluster.instances()["vm-mover"]
+        assert (instance["node"], instance["state"], instance["desired"]) == (
+            "node-b", "Stopped", "stopped",
+        )  # fmt: skip
+        assert not (cluster.root / "node-b" / "qemu" / "incoming" / instance_id).exists()
         assert (target_dir / HOST_KEY_FILE).read_text() == key
         assert not qemu_processes_under(cluster.root / "node-a")
-        wait_until(lambda: not (cluster.root / "node-a" / "qemu" / "vms" / instance_id).exists())
+
+        cluster.ok("start", "vm-mover", timeout=300)
+        instance = cluster.instances()["vm-mover"]
+        assert (instance["node"], instance["state"]) == ("node-b", "Running")
+        moved = cluster.ok("exec", "vm-mover", "--", "sh", "-c", "sha256sum ~/big", timeout=300)
+        assert moved.out.split()[0] == digest
+        assert (target_dir / HOST_KEY_FILE).read_text() == key
+        assert not qemu_processes_under(cluster.root / "node-a")
 
 
 def test_target_killed_mid_transfer_rolls_back_and_leaves_nothing(cluster: Cluster) -> None:

@@ -63,9 +63,14 @@ def pair(tmp_path: Path, tiny_image: Path) -> Iterator[Cluster]:
             cluster.start_worker("node-b", driver="qemu", capacity="cpus=2,memory=4G,disk=20G")
         finally:
             cluster.env["MULTIVERSE_IMAGE_CACHE"] = shared
-        cluster.ok("launch", "--name", "flyer", "--node", "node-a",
-                   "--memory", "256M", "--disk", "64M", timeout=300)  # fmt: skip
+        _launch(cluster, "flyer")
         yield cluster
+
+
+def _launch(cluster: Cluster, name: str) -> None:
+    """A 256 MiB VM on node-a."""
+    cluster.ok("launch", "--name", name, "--node", "node-a",
+               "--memory", "256M", "--disk", "64M", timeout=300)  # fmt: skip
 
 
 def _move_live(cluster: Cluster, name: str, node: str) -> str:
@@ -195,6 +200,42 @@ def test_master_killed_mid_live_move_ends_with_one_running_vm(pair: Cluster) -> 
     assert len(qemu_processes_under(cluster.root / here)) == 1
     assert _sh(cluster, "flyer", "cat /data/kept").strip() == "kept"
     assert _uptime(cluster, "flyer") > uptime
+
+
+@pytest.mark.vm
+def test_evacuate_moves_two_running_vms_live_with_their_files(pair: Cluster) -> None:
+    """Both VMs of node-a run on node-b afterwards, in the same boot, with their files."""
+    cluster = pair
+    _launch(cluster, "glider")
+    names = ("flyer", "glider")
+    ids = {name: str(_api(cluster, "GET", f"/instances/{name}").json()["id"]) for name in names}
+    digests = {
+        name: _sh(cluster, name, f"echo {name} > ~/mine && head -c 1048576 /dev/urandom "
+                  ">> ~/mine && sync && sha256sum ~/mine").split()[0]
+        for name in names
+    }  # fmt: skip
+    uptimes = {name: _uptime(cluster, name) for name in names}
+    boots = {name: _sh(cluster, name, "cat /proc/sys/kernel/random/boot_id") for name in names}
+
+    evacuated = cluster.ok("node", "evacuate", "node-a", "--format", "json", timeout=900).json()
+
+    assert sorted(o["outcome"] for o in evacuated) == ["moved to node-b live"] * 2, evacuated
+    instances = cluster.instances()
+    for name in names:
+        assert (instances[name]["node"], instances[name]["state"]) == ("node-b", "Running")
+        assert _sh(cluster, name, "sha256sum ~/mine").split()[0] == digests[name]
+        assert _sh(cluster, name, "head -n 1 ~/mine").strip() == name
+        assert _uptime(cluster, name) > uptimes[name]  # not restarted: the same boot
+        assert _sh(cluster, name, "cat /proc/sys/kernel/random/boot_id") == boots[name]
+    wait_until(lambda: not qemu_processes_under(cluster.root / "node-a"), timeout=60)
+    source_vms = cluster.root / "node-a" / "qemu" / "vms"
+    wait_until(lambda: not any((source_vms / i).exists() for i in ids.values()))
+    assert len(qemu_processes_under(cluster.root / "node-b")) == 2
+
+    cluster.ok("delete", *names, timeout=300)
+    assert not set(names) & set(cluster.instances())
+    wait_until(lambda: not qemu_processes_under(cluster.root / "node-b"), timeout=60)
+    assert cluster.node("node-b")["instances"] == 0
 
 
 def _move_phase(cluster: Cluster, instance_id: str) -> str:
