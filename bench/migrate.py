@@ -13,9 +13,10 @@ sparse ``--disk`` data disk mirrored whole) and the same QEMU command line on bo
   same TLS (x509 credentials from a throwaway cluster CA), ``nbd-server-start`` and a
   writable ``block-export-add`` on the target, ``blockdev-mirror`` (sync=full) from the
   source until READY, ``migrate`` with ``pause-before-switchover``, ``block-job-cancel`` at the
-  switch-over, ``migrate-continue``, then ``cont`` on the target. Timed from spawning the
-  target QEMU until ``cont`` returned; its downtime is QEMU's downtime plus the time from the
-  migration's completion until ``cont`` returned, as for the stack.
+  switch-over, ``migrate-continue``, then ``cont`` on the target, and the source QEMU killed
+  and its disk removed. Timed from spawning the target QEMU until the source copy is gone (as
+  the stack's operation ends once the source copy is deleted); its downtime is QEMU's downtime
+  plus the time from the migration's completion until ``cont`` returned, as for the stack.
 
 Each side's VM goes back and forth between its two places, one move per run, runs alternating
 stack / by hand so the host's load hits both alike; printed: medians, and the ratios (goals:
@@ -56,6 +57,7 @@ from multiverse.drivers.qemu import (  # noqa: E402
     MAX_BANDWIDTH,
     QemuDriver,
     make_data_disk,
+    write_tls_dh_params,
 )
 from multiverse.guest.image import TEST_IMAGE, build_test_image  # noqa: E402
 from multiverse.guest.ssh import GuestConnection, KnownHost  # noqa: E402
@@ -87,10 +89,11 @@ def move_through_stack(cluster: Cluster, name: str, target: str) -> tuple[float,
     """(total seconds, downtime seconds) of one live move through the API."""
     started = time.perf_counter()
     operation = _api(cluster, "POST", f"/instances/{name}/move", node=target, kind="live")
-    while (done := _api(cluster, "GET", f"/operations/{operation['operation']}"))[
+    # The long poll `multiverse move` waits with: answered when the operation ends.
+    while (done := _api(cluster, "GET", f"/operations/{operation['operation']}/wait?timeout=5"))[
         "status"
     ] == "running":
-        time.sleep(0.01)
+        pass
     elapsed = time.perf_counter() - started
     if done["status"] != "success":
         raise RuntimeError(f"the live move of {name} failed: {done.get('error')}")
@@ -123,6 +126,7 @@ class ByHand:
             (self.tls / f"{role}-cert.pem").write_bytes(cert)
             (self.tls / f"{role}-key.pem").write_bytes(key)
         self.tls_hostname = pki.node_server_name(node_id)
+        write_tls_dh_params(self.tls)  # as a node's directory has it (drivers/qemu.py)
 
     def _spawn(self, place: Path, extra: list[str], port: int) -> subprocess.Popen[bytes]:
         argv = [*self.driver.qemu_argv(self.vm, self.boot, port), *extra]
@@ -229,14 +233,16 @@ class ByHand:
             completed = time.perf_counter()
             await target.execute("nbd-server-stop")
             await target.execute("cont")
-            ended = time.perf_counter()
+            resumed = time.perf_counter()
         finally:
             await target.disconnect()
             await source.disconnect()
+        # The source copy goes, as the stack's move deletes it before its operation ends.
         _kill(old)
         self.processes.remove(old)
         (source_dir / "disk.img").unlink()
-        return ended - started, info["downtime"] / 1000 + ended - completed
+        ended = time.perf_counter()
+        return ended - started, info["downtime"] / 1000 + resumed - completed
 
     def kill_all(self) -> None:
         for process in self.processes:

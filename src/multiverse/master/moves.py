@@ -137,14 +137,20 @@ class _MovePlan:
     async def _look(self) -> _Seen:
         store, client = self.moves.store, self.moves.client
         migration = await store.get_migration(self.migration_id)
-        instance = await store.get_instance(migration.instance_id)
-        source = await store.get_node(migration.source_id)
-        target = await store.get_node(migration.target_id)
-        on_source = await client.observe(source, instance.id) if _up(source) else None
+        # Read side by side: a move looks again after every step, on the switch-over's path.
+        instance, source, target = await asyncio.gather(
+            store.get_instance(migration.instance_id),
+            store.get_node(migration.source_id),
+            store.get_node(migration.target_id),
+        )
         if instance.node_id != target.id and not _up(source):
             raise Unavailable(f"node {source.name} is {source.status.value}")
-        on_target = await client.observe(target, instance.id)
-        return _Seen(migration, instance, source, target, on_source, on_target)
+
+        async def on_source() -> Observation | None:
+            return await client.observe(source, instance.id) if _up(source) else None
+
+        seen = await asyncio.gather(on_source(), client.observe(target, instance.id))
+        return _Seen(migration, instance, source, target, *seen)
 
     def _owner_and_cleanup(
         self, seen: _Seen, *, switch_when: Callable[[], bool], clean_when: Callable[[], bool]

@@ -17,6 +17,7 @@ from multiverse.core.model import Resources
 from multiverse.core.sizes import GiB
 from multiverse.drivers.base import Driver
 from multiverse.drivers.process import ProcessDriver
+from multiverse.drivers.qemu import write_tls_dh_params
 from multiverse.wire import pki
 from multiverse.wire.convert import (
     GRPC_CHANNEL_OPTIONS,
@@ -100,6 +101,7 @@ def qemu_tls_dir(pki_dir: Path) -> Path:
         if not link.is_symlink():
             link.unlink(missing_ok=True)
             link.symlink_to(Path("..") / target)
+    write_tls_dh_params(out)
     return out
 
 
