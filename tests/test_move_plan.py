@@ -268,8 +268,8 @@ async def test_a_live_move_hands_over_then_cleans_the_source(tmp_path: Path) -> 
     [
         (None, "a", "transfer-live"),
         (InstanceState.STOPPED, "a", "transfer-live"),  # an incoming VM: sent again
-        (InstanceState.RUNNING, "a", "switch-owner"),  # handed over: only forward
-        (InstanceState.RUNNING, NODE_B, "delete-on-source"),
+        (InstanceState.RUNNING, "a", "hand-over"),  # handed over: only forward
+        (InstanceState.RUNNING, NODE_B, "hand-over"),  # switched already: the source goes
     ],
 )
 @run
@@ -286,6 +286,12 @@ async def test_the_live_plan_resumes_from_reality(
     await store.update_instance("i1", node_id=owner)
     steps = [s for s in await LivePlan(moves, migration.id).steps() if await s.should_do()]
     assert steps[0].name == expected
+    if expected == "hand-over":  # the owner switches (if it did not) and the source copy goes
+        nodes.calls.clear()
+        await steps[0].do()
+        await steps[0].verify()
+        assert (await store.get_instance("i1")).node_id == NODE_B
+        assert nodes.calls == ["delete a"] and "i1" not in nodes.vms["a"]
 
 
 @run

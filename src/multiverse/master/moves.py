@@ -103,6 +103,20 @@ class _Step:
         await self._verify()
 
 
+def _side_by_side(name: str, *steps: _Step) -> _Step:
+    """Steps that need nothing of each other, as one step that runs the due ones at once."""
+    due: list[_Step] = []
+
+    async def do() -> None:
+        due[:] = [step for step in steps if step._should()]
+        await asyncio.gather(*(step.do() for step in due))
+
+    async def verify() -> None:
+        await asyncio.gather(*(step.verify() for step in due))
+
+    return _Step(name, lambda: any(step._should() for step in steps), do, verify)
+
+
 @dataclass(frozen=True)
 class _Seen:
     """What the store and both nodes say of a move now: the plans' steps are chosen from it."""
@@ -289,15 +303,16 @@ class LivePlan(_MovePlan):
                 prepared_at - began, sent_at - prepared_at, paused * 1000,
             )  # fmt: skip
 
+        # Once the target runs, the source's paused copy is of no use to anyone: it goes
+        # while the owner switches.
         switch, clean = self._owner_and_cleanup(
             seen,
             switch_when=lambda: not switched and handed_over,
-            clean_when=lambda: switched and _up(source) and on_source is not None,
+            clean_when=lambda: handed_over and _up(source) and on_source is not None,
         )
         return [
             _Step("transfer-live", lambda: not switched and not handed_over, transfer, self._running_on_target(seen)),  # noqa: E501
-            switch,
-            clean,
+            _side_by_side("hand-over", switch, clean),
         ]  # fmt: skip
 
 
@@ -546,7 +561,7 @@ class Moves:
     ) -> None:
         """Poll the node until ``reached`` holds for the instance; Unavailable past the wait."""
         deadline = time.monotonic() + self.wait
-        interval = 0.01  # most waits end soon (a deletion): ask often first, then back off
+        interval = 0.005  # most waits end soon (a deletion): ask often first, then back off
         while not reached(observed := await self.client.observe(node, instance_id)):
             if observed is not None and observed.state == InstanceState.FAILED:
                 raise Conflict(f"on {node.name}: {observed.message or 'failed'}")
