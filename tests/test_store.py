@@ -227,6 +227,49 @@ def test_a_row_deleted_under_a_write_is_a_change_to_nothing(
     _run(db_url, scenario)
 
 
+def test_a_report_read_before_an_owner_switch_does_not_undo_it(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live move switches the instance to its target while the source deletes its copy:
+    the source's report (Deleting) was read before the switch and written after it, so the
+    instance showed Deleting on its new node. Either order must end on the target, Running."""
+
+    async def scenario(store: Store) -> None:
+        for index in (0, 1):
+            await store.add_node(_node(index), "")
+        await store.add_instance(_instance(0, 0))
+        # Running already: the switch's write of Running is no change to the row it read.
+        await store.update_instance("i0", state=InstanceState.RUNNING, version=8)
+        observe = repository._observe
+        report_read, switched = threading.Event(), threading.Event()
+
+        def slow_report(row: Any, item: dict[str, Any]) -> Change | None:
+            report_read.set()
+            switched.wait(timeout=2)  # let the switch try to pass it
+            return observe(row, item)
+
+        monkeypatch.setattr(repository, "_observe", slow_report)
+
+        async def switch() -> None:
+            await asyncio.get_running_loop().run_in_executor(None, report_read.wait, 30)
+            await store.update_instance("i0", node_id="n1", state=InstanceState.RUNNING, version=1)
+            switched.set()
+
+        deleting = {"id": "i0", "state": "Deleting", "ipv4": "", "message": "", "version": 9,
+                    "release": ""}  # fmt: skip
+        await asyncio.gather(
+            store.take_report(
+                "n0", capacity=Resources(8, 8 << 30, 100 << 30), used=Usage(0, 0, 0),
+                reported=[deleting], removed=[], image_digests=[],
+            ),
+            switch(),
+        )  # fmt: skip
+        instance = await store.get_instance("i0")
+        assert (instance.node_id, instance.state) == ("n1", InstanceState.RUNNING)
+
+    _run(db_url, scenario)
+
+
 def test_an_agents_answer_and_a_report_do_not_undo_each_other(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -147,11 +147,13 @@ class Store:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="store")
         self._leader: Connection | None = None  # holds the leader lock (PostgreSQL)
-        # Taking what a node says of an instance reads its version, then writes: an agent's
-        # answer and a report on two of the pool's threads must not interleave, or the older
-        # one, written last, wins until the next full report. PostgreSQL (several masters)
-        # also locks the rows (FOR UPDATE); SQLite reads outside its write lock, so this does.
-        self._observing = threading.Lock()
+        # Taking what a node says of an instance reads the row, then writes, and so does an
+        # update (a move's owner switch): two of them on two of the pool's threads must not
+        # interleave, or the one written last wins on what it read before the other's write
+        # (a source's report of its copy Deleting, read before the switch to the target and
+        # written after it). PostgreSQL (several masters) also locks the rows (FOR UPDATE);
+        # SQLite reads outside its write lock, so this does.
+        self._instance_writes = threading.Lock()
 
     @classmethod
     def for_data_dir(cls, data_dir: Path) -> Store:
@@ -511,8 +513,8 @@ class Store:
         for key in ("state", "desired"):
             if isinstance(fields.get(key), InstanceState | DesiredState):
                 fields[key] = fields[key].value
-        with self._session() as session:
-            row = session.get(InstanceRow, instance_id)
+        with self._instance_writes, self._session() as session:
+            row = session.get(InstanceRow, instance_id, with_for_update=True)
             if row is None:
                 raise NotFound(f"instance {instance_id} does not exist")
             moved = "node_id" in fields and fields["node_id"] != row.node_id
@@ -541,7 +543,7 @@ class Store:
         what changed and, in ``removed``, what went. A report older than what the master knows
         (lower ``version``) is ignored, so a report that crossed an action on the wire cannot
         undo it."""
-        with self._observing, self._session() as session:
+        with self._instance_writes, self._session() as session:
             row = session.get(NodeRow, node_id)
             if row is None:
                 raise NotFound(f"node {node_id} does not exist")
@@ -556,7 +558,7 @@ class Store:
     @_off_loop
     def observe_instance(self, instance_id: str, item: dict[str, Any]) -> Change | None:
         """Take one instance's status as an agent answered it (same rule as a report)."""
-        with self._observing, self._session() as session:
+        with self._instance_writes, self._session() as session:
             row = session.get(InstanceRow, instance_id, with_for_update=True)
             return _observe(row, item) if row is not None else None
 
