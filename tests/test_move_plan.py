@@ -33,6 +33,7 @@ from multiverse.master.events import EventBus
 from multiverse.master.instances import Instances
 from multiverse.master.moves import ColdPlan, LivePlan, Moves
 from multiverse.master.operations import Operations
+from multiverse.master.plan import execute
 from multiverse.master.ports import MoveFile, Observation
 from multiverse.master.reconciler import Reconciler
 from multiverse.store.repository import Store, now
@@ -325,3 +326,36 @@ async def test_a_driver_that_cannot_move_disks_is_refused_before_any_stop(tmp_pa
     with pytest.raises(InvalidArgument, match="multipass driver cannot move instances"):
         await moves.move("vm", "node-b", MigrationKind.COLD)
     assert nodes.calls == [] and await store.list_migrations(active=True) == []
+
+
+@run
+async def test_a_final_step_ends_its_plan_without_another_look() -> None:
+    """The last step of a plan, checked out, ends it: a look at every party after it would
+    find nothing left to do, and costs a live move's hand-over a round of questions."""
+    looks = 0
+    done: list[str] = []
+
+    @dataclasses.dataclass
+    class Step:
+        name: str
+        final: bool = False
+
+        async def should_do(self) -> bool:
+            return self.name not in done
+
+        async def do(self) -> None:
+            done.append(self.name)
+
+        async def verify(self) -> None:
+            pass
+
+    class Plan:
+        name = "test"
+
+        async def steps(self) -> list[Step]:
+            nonlocal looks
+            looks += 1
+            return [Step("first"), Step("last", final=True)]
+
+    assert await execute(Plan()) == ["first", "last"]
+    assert looks == 2  # before each step; none after the final one

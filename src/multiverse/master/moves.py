@@ -92,6 +92,7 @@ class _Step:
     _should: Callable[[], bool]
     _do: Callable[[], Awaitable[None]]
     _verify: Callable[[], Awaitable[None]]
+    final: bool = False
 
     async def should_do(self) -> bool:
         return self._should()
@@ -103,7 +104,7 @@ class _Step:
         await self._verify()
 
 
-def _side_by_side(name: str, *steps: _Step) -> _Step:
+def _side_by_side(name: str, *steps: _Step, final: bool = False) -> _Step:
     """Steps that need nothing of each other, as one step that runs the due ones at once."""
     due: list[_Step] = []
 
@@ -114,7 +115,7 @@ def _side_by_side(name: str, *steps: _Step) -> _Step:
     async def verify() -> None:
         await asyncio.gather(*(step.verify() for step in due))
 
-    return _Step(name, lambda: any(step._should() for step in steps), do, verify)
+    return _Step(name, lambda: any(step._should() for step in steps), do, verify, final)
 
 
 @dataclass(frozen=True)
@@ -150,13 +151,19 @@ class _MovePlan:
 
     async def _look(self) -> _Seen:
         store, client = self.moves.store, self.moves.client
-        migration = await store.get_migration(self.migration_id)
-        # Read side by side: a move looks again after every step, on the switch-over's path.
-        instance, source, target = await asyncio.gather(
-            store.get_instance(migration.instance_id),
-            store.get_node(migration.source_id),
-            store.get_node(migration.target_id),
+        # This master alone writes the record (it leads), and knows what it wrote last.
+        migration = self.moves.latest.get(self.migration_id) or await store.get_migration(
+            self.migration_id
         )
+        # Read side by side: a move looks again after every step, on the switch-over's path.
+        instance, nodes = await asyncio.gather(
+            store.get_instance(migration.instance_id),
+            store.list_nodes(ids=[migration.source_id, migration.target_id]),
+        )
+        by_id = {node.id: node for node in nodes}
+        if len(by_id) < 2:
+            raise NotFound("a node of the move was removed from the cluster")
+        source, target = by_id[migration.source_id], by_id[migration.target_id]
         if instance.node_id != target.id and not _up(source):
             raise Unavailable(f"node {source.name} is {source.status.value}")
 
@@ -175,7 +182,7 @@ class _MovePlan:
         instance, source, target = seen.instance, seen.source, seen.target
 
         async def switch() -> None:
-            await moves.phase(seen.migration, MigrationPhase.SWITCHING)
+            moves.phase(seen.migration, MigrationPhase.SWITCHING)
             assert seen.on_target is not None
             await moves.switch_owner(instance, target, seen.on_target)
 
@@ -184,7 +191,7 @@ class _MovePlan:
                 raise Conflict("the owner did not switch")
 
         async def clean() -> None:
-            await moves.phase(seen.migration, MigrationPhase.CLEANING)
+            moves.phase(seen.migration, MigrationPhase.CLEANING)
             await moves.client.delete(source, instance.id)
             await moves.until(source, instance.id, lambda o: o is None)
 
@@ -219,13 +226,13 @@ class ColdPlan(_MovePlan):
         wants_running = migration.desired_after == DesiredState.RUNNING
 
         async def stop() -> None:
-            await moves.phase(migration, MigrationPhase.STOPPING)
+            moves.phase(migration, MigrationPhase.STOPPING)
             if on_source and on_source.state != InstanceState.STOPPING:
                 await client.stop(source, instance.id)
             await moves.until(source, instance.id, lambda o: _is(o, InstanceState.STOPPED))
 
         async def transfer() -> None:
-            await moves.phase(migration, MigrationPhase.TRANSFERRING)
+            moves.phase(migration, MigrationPhase.TRANSFERRING)
             files = await client.export(source, instance.id, target)
             total = sum(item.size for item in files)
             await moves.update(migration.id, bytes_total=total)
@@ -233,7 +240,7 @@ class ColdPlan(_MovePlan):
             await moves.update(migration.id, bytes_done=total)
 
         async def start() -> None:
-            await moves.phase(migration, MigrationPhase.STARTING)
+            moves.phase(migration, MigrationPhase.STARTING)
             await client.start(target, instance.id)
             await moves.until(target, instance.id, lambda o: _is(o, InstanceState.RUNNING))
 
@@ -275,12 +282,12 @@ class LivePlan(_MovePlan):
             if not _is(on_source, InstanceState.RUNNING):
                 raise Conflict(f"instance {instance.spec.name} is no longer Running on "
                                f"{source.name}: a live move needs it Running")  # fmt: skip
-            await moves.phase(migration, MigrationPhase.PREPARING)
+            moves.phase(migration, MigrationPhase.PREPARING)
             began = time.monotonic()
             endpoint = await client.prepare_incoming(target, instance, _host(target.address))
             prepared_at = time.monotonic()
             endpoint = dataclasses.replace(endpoint, tls_hostname=node_server_name(target.id))
-            await moves.phase(migration, MigrationPhase.TRANSFERRING)
+            moves.phase(migration, MigrationPhase.TRANSFERRING)
             sent = await client.migrate_out(source, instance.id, endpoint,
                                             moves.live_progress(migration.id))  # fmt: skip
             sent_at = time.monotonic()
@@ -295,8 +302,7 @@ class LivePlan(_MovePlan):
             # target ran: both count.
             paused = sent.downtime + time.monotonic() - sent_at
             moves.live[migration.id] = dataclasses.replace(sent, downtime=paused)
-            await moves.update(migration.id, bytes_done=sent.disk_done,
-                               bytes_total=sent.disk_total)  # fmt: skip
+            moves.tell(migration.id, bytes_done=sent.disk_done, bytes_total=sent.disk_total)
             log.info(
                 "instance %s runs on %s after a live move: target ready in %.3f s, state sent "
                 "in %.3f s, paused %.0f ms", instance.spec.name, target.name,
@@ -312,7 +318,7 @@ class LivePlan(_MovePlan):
         )
         return [
             _Step("transfer-live", lambda: not switched and not handed_over, transfer, self._running_on_target(seen)),  # noqa: E501
-            _side_by_side("hand-over", switch, clean),
+            _side_by_side("hand-over", switch, clean, final=True),
         ]  # fmt: skip
 
 
@@ -354,6 +360,7 @@ class Moves:
         self.operations: dict[str, Operation] = {}  # migration id -> its operation
         self.live: dict[str, LiveProgress] = {}  # migration id -> its transfer's newest figures
         self.latest: dict[str, Migration] = {}  # migration id -> its row as last written
+        self._telling: dict[str, asyncio.Future[None]] = {}  # migration id -> its newest tell()
 
     # ---- starting ----
 
@@ -405,9 +412,11 @@ class Moves:
         log.info("moving %s from %s to %s (%s)", name, source.name, target.name, kind.value)
         return migration, self._run(migration, name)
 
-    def _run(self, migration: Migration, name: str) -> Operation:
+    def _run(self, migration: Migration, name: str, *, resumed: bool = False) -> Operation:
         self.instances.reconciler.paused.add(migration.instance_id)
-        operation = self.instances.operations.start("move", name, self._execute(migration.id))
+        operation = self.instances.operations.start(
+            "move", name, self._execute(migration, resumed=resumed)
+        )
         self.latest[migration.id] = migration
         operation.figures = lambda: migration_json(
             self.latest[migration.id], self.live.get(migration.id)
@@ -429,16 +438,18 @@ class Moves:
                 )
                 continue
             log.info("resuming the move of %s (%s)", name, migration.phase.value)
-            resumed.append(self._run(migration, name))
+            resumed.append(self._run(migration, name, resumed=True))
         return resumed
 
     # ---- running ----
 
-    async def _execute(self, migration_id: str) -> dict[str, Any]:
-        migration = await self.store.get_migration(migration_id)
+    async def _execute(self, migration: Migration, *, resumed: bool) -> dict[str, Any]:
+        migration_id = migration.id
         ends = {migration.source_id, migration.target_id}
 
         async def known() -> bool:  # after a master restart, nodes are Unknown until they report
+            if not resumed:  # both were Ready a moment ago: move() checked
+                return True
             nodes = await self.store.list_nodes(ids=list(ends))
             return all(n.status != NodeStatus.UNKNOWN for n in nodes)
 
@@ -471,6 +482,7 @@ class Moves:
             self.instances.reconciler.kick()
 
     async def _failed(self, migration_id: str, exc: MultiverseError) -> Migration:
+        await self._told(migration_id)
         migration = await self.store.get_migration(migration_id)
         instance = await self.store.get_instance(migration.instance_id)
         attempts = migration.attempts + 1
@@ -537,13 +549,38 @@ class Moves:
         return update
 
     async def update(self, migration_id: str, **fields: Any) -> Migration:
-        """Write the move's row; its operation's figures tell what was written last."""
+        """Write the move's row, after what :meth:`tell` was given before; the operation's
+        figures tell what was written last."""
+        await self._told(migration_id)
+        return await self._write(migration_id, **fields)
+
+    async def _write(self, migration_id: str, **fields: Any) -> Migration:
         migration = await self.store.update_migration(migration_id, **fields)
         self.latest[migration_id] = migration
         return migration
 
-    async def phase(self, migration: Migration, phase: MigrationPhase) -> None:
-        await self.update(migration.id, phase=phase)
+    def phase(self, migration: Migration, phase: MigrationPhase) -> None:
+        self.tell(migration.id, phase=phase)
+
+    def tell(self, migration_id: str, **fields: Any) -> None:
+        """Write what only tells where the move is (its phase, its figures) behind the step,
+        in order: the plan reads reality, never these, and a write each held up every step,
+        the live move's hand-over among them."""
+        before = self._telling.get(migration_id)
+
+        async def write() -> None:
+            if before is not None:
+                await before
+            try:
+                await self._write(migration_id, **fields)
+            except MultiverseError as exc:  # the next write says where it is
+                log.warning("move %s: %s not written: %s", migration_id, fields, exc.message)
+
+        self._telling[migration_id] = asyncio.ensure_future(write())
+
+    async def _told(self, migration_id: str) -> None:
+        if (pending := self._telling.pop(migration_id, None)) is not None:
+            await pending
 
     def progress(self, migration_id: str) -> Callable[[int, int], Awaitable[None]]:
         last = [0.0]
@@ -561,14 +598,15 @@ class Moves:
     ) -> None:
         """Poll the node until ``reached`` holds for the instance; Unavailable past the wait."""
         deadline = time.monotonic() + self.wait
-        interval = 0.005  # most waits end soon (a deletion): ask often first, then back off
+        # Most waits end soon (a deletion, ~20 ms): ask every 5 ms for a while, then back off.
+        asked = 0
         while not reached(observed := await self.client.observe(node, instance_id)):
             if observed is not None and observed.state == InstanceState.FAILED:
                 raise Conflict(f"on {node.name}: {observed.message or 'failed'}")
             if time.monotonic() > deadline:
                 raise Unavailable(f"gave up waiting on {node.name} after {self.wait:.0f}s")
-            await asyncio.sleep(interval)
-            interval = min(interval * 1.5, self.poll)
+            asked += 1
+            await asyncio.sleep(min(0.005 * 1.5 ** max(asked - 40, 0), self.poll))
 
     async def check(
         self, node: Node, instance_id: str, holds: Callable[[Observation | None], bool]

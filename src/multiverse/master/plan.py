@@ -2,7 +2,9 @@
 
 A step measures, then acts, then checks (``should_do``/``do``/``verify``). A plan is rebuilt
 from reality after every step and run until it yields no step, so a master that dies between
-two steps picks up at the first one whose ``should_do`` still holds.
+two steps picks up at the first one whose ``should_do`` still holds. A step that is ``final``
+(the plan's last, whose check covers all it promised) ends the plan once it checked out: a
+last look would find nothing left, and costs a round of questions to every party.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ __all__ = ["Plan", "Step", "execute"]
 
 class Step(Protocol):
     name: str
+    final: bool
 
     async def should_do(self) -> bool:
         """Whether reality still needs this step (read from the store or the agents)."""
@@ -44,4 +47,6 @@ async def execute(plan: Plan, *, max_rounds: int = 50) -> list[str]:
         await step.do()
         await step.verify()
         done.append(step.name)
+        if step.final:
+            return done
     raise Conflict(f"{plan.name}: still not done after {max_rounds} steps: {done[-3:]}")
