@@ -103,11 +103,12 @@ class FakeNodes:
     async def abort_migrate_out(self, node: Node, instance_id: str) -> None:
         self.calls.append(f"abort-out {node.id}")
 
-    async def finish_incoming(self, node: Node, instance_id: str, host_key: str) -> None:
+    async def finish_incoming(self, node: Node, instance_id: str, host_key: str) -> Observation:
         self.calls.append(f"finish {node.id} {host_key}")
         if self.fail_finish:
             raise self.fail_finish
         self.vms[node.id][instance_id] = Observation(InstanceState.RUNNING, 2)
+        return self.vms[node.id][instance_id]
 
 
 async def _setup(

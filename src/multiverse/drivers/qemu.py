@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient, QMPError
+from qemu.qmp import EventListener, QMPClient, QMPError
 
 from multiverse.core.errors import Conflict, DriverError, InvalidArgument, NotFound, Unavailable
 from multiverse.core.files import write_private
@@ -112,8 +112,6 @@ INCOMING_MESSAGE = "waiting for a live move to hand the VM over"
 # here because the moves' promise depends on it.
 DOWNTIME_LIMIT_MS = 300
 MAX_BANDWIDTH = 10 * 1024**3  # bytes/s: no throttle (QEMU's default caps it at 128 MiB/s)
-# A QMP connection's runner: ``await qmp(command, arguments)``.
-Monitor = Callable[..., Awaitable[Any]]
 # A QMP command of a live move may wait this long: a loaded host starves QEMU's main loop.
 _LIVE_TIMEOUT = 30.0
 _POLL = 0.02  # seconds between QMP polls of a migration: the switch-over waits on it
@@ -616,10 +614,13 @@ class QemuDriver(ProcessDriver):
             progress(LiveProgress("mirroring", int(job.get("offset", 0)), disk_total))
             if job.get("ready"):
                 break
-            await asyncio.sleep(_POLL)
+            await qmp.settle(_POLL)
         await letting_in
+        # "events": QEMU announces each new status (pre-switchover above all: the guest is
+        # paused from then until the loop below lets the migration finish).
         await qmp("migrate-set-capabilities", {"capabilities": [
-            {"capability": "pause-before-switchover", "state": True}]})  # fmt: skip
+            {"capability": "pause-before-switchover", "state": True},
+            {"capability": "events", "state": True}]})  # fmt: skip
         await qmp("migrate-set-parameters", {
             "tls-creds": _TLS_ID, "tls-hostname": to.tls_hostname,
             "downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": MAX_BANDWIDTH,
@@ -641,12 +642,12 @@ class QemuDriver(ProcessDriver):
                 progress(LiveProgress("switching", disk_total, disk_total, done, total))
                 await qmp("block-job-cancel", {"device": _MIRROR_JOB})
                 while await self._mirror_job(qmp) is not None:
-                    await asyncio.sleep(0.005)
+                    await qmp.settle(0.005)
                 await qmp("migrate-continue", {"state": "pre-switchover"})
                 switched = True  # the state shows it a moment later
                 continue
             progress(LiveProgress("migrating", disk_total, disk_total, done, total))
-            await asyncio.sleep(0.005 if switched else _POLL)  # the guest waits on the end
+            await qmp.settle(0.005 if switched else _POLL)  # the guest waits on the end
         # Its NBD client stays: the guest is paused until the target runs, so nothing more
         # happens here first (this VM is deleted next, or _abort_out removes it).
         host_key = _read_text(self._vm_dir(vm) / HOST_KEY_FILE)
@@ -751,11 +752,9 @@ class QemuDriver(ProcessDriver):
                 f"{str(error) or type(error).__name__}"
             )
 
-        async def run(
-            command: str, arguments: dict[str, Any] | None = None, wait: float = timeout
-        ) -> Any:
+        async def run(command: str, arguments: dict[str, Any] | None = None) -> Any:
             try:
-                return await asyncio.wait_for(client.execute(command, arguments), wait)
+                return await asyncio.wait_for(client.execute(command, arguments), timeout)
             except (OSError, QMPError, TimeoutError) as error:
                 raise failed(error, command) from error
 
@@ -766,7 +765,8 @@ class QemuDriver(ProcessDriver):
                 await asyncio.wait_for(client.connect(sock), timeout)
             except (OSError, QMPError, TimeoutError) as error:
                 raise failed(error, "a connection") from error
-            yield run
+            with client.listener() as events:
+                yield Monitor(run, events)
         finally:
             with contextlib.suppress(Exception):
                 await client.disconnect()
@@ -792,6 +792,25 @@ def write_tls_dh_params(tls_dir: Path) -> None:
     path = tls_dir / "dh-params.pem"
     if not path.exists() or path.read_text() != _DH_PARAMS_PEM:
         path.write_text(_DH_PARAMS_PEM)
+
+
+class Monitor:
+    """A QMP connection's runner: ``await qmp(command, arguments)``; and a poll's pause that
+    ends early when QEMU says something."""
+
+    def __init__(self, run: Callable[..., Awaitable[Any]], events: EventListener) -> None:
+        self._run = run
+        self._events = events
+
+    async def __call__(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        return await self._run(command, arguments)
+
+    async def settle(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if an event comes (a block job ready or ended, a
+        migration's new status): the state a loop polls has changed, and the guest may be
+        paused waiting on the loop to see it."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._events.get(), seconds)
 
 
 def _tls_object(endpoint: str, tls_dir: Path) -> dict[str, Any]:

@@ -441,7 +441,7 @@ class GuestShell:
     def __init__(self, process: asyncssh.SSHClientProcess[bytes]) -> None:
         self._process = process
 
-    async def read(self, size: int = 65536) -> bytes:
+    async def read(self, size: int = 262144) -> bytes:
         """The next output bytes; ``b""`` once the session ended."""
         try:
             return await self._process.stdout.read(size)

@@ -277,6 +277,7 @@ class LivePlan(_MovePlan):
         )  # fmt: skip
         on_source, on_target, switched = seen.on_source, seen.on_target, seen.switched
         handed_over = _is(on_target, InstanceState.RUNNING)  # no way back from here
+        arrived: list[Observation] = []  # the target's word once it let the VM run
 
         async def transfer() -> None:
             if not _is(on_source, InstanceState.RUNNING):
@@ -292,7 +293,7 @@ class LivePlan(_MovePlan):
                                             moves.live_progress(migration.id))  # fmt: skip
             sent_at = time.monotonic()
             try:
-                await client.finish_incoming(target, instance.id, sent.host_key)
+                arrived.append(await client.finish_incoming(target, instance.id, sent.host_key))
             except MultiverseError:
                 # The source is paused with its state sent: it runs on before anything else
                 # (the target never ran, so the source's VM is still the truth).
@@ -309,6 +310,10 @@ class LivePlan(_MovePlan):
                 prepared_at - began, sent_at - prepared_at, paused * 1000,
             )  # fmt: skip
 
+        async def running_there() -> None:  # as the target answered the hand-over
+            if not arrived or not _is(arrived[-1], InstanceState.RUNNING):
+                raise Conflict(f"{target.name} does not run the instance after the move")
+
         # Once the target runs, the source's paused copy is of no use to anyone: it goes
         # while the owner switches.
         switch, clean = self._owner_and_cleanup(
@@ -317,7 +322,7 @@ class LivePlan(_MovePlan):
             clean_when=lambda: handed_over and _up(source) and on_source is not None,
         )
         return [
-            _Step("transfer-live", lambda: not switched and not handed_over, transfer, self._running_on_target(seen)),  # noqa: E501
+            _Step("transfer-live", lambda: not switched and not handed_over, transfer, running_there),  # noqa: E501
             _side_by_side("hand-over", switch, clean, final=True),
         ]  # fmt: skip
 
@@ -368,8 +373,9 @@ class Moves:
         self, name: str, target_name: str, kind: MigrationKind | None = None
     ) -> tuple[Migration, Operation]:
         """Check, reserve the target under the placement lock, and run the move."""
-        instance = await self.instances.get(name)
-        target = await self.store.find_node(target_name)
+        instance, target = await asyncio.gather(
+            self.instances.get(name), self.store.find_node(target_name)
+        )
         if instance.desired == DesiredState.DELETED:
             raise Conflict(f"instance {name} is being deleted")
         if instance.node_id is None:

@@ -83,8 +83,9 @@ class NodeClient(Protocol):
     async def abort_migrate_out(self, node: Node, instance_id: str) -> None:
         """Cancel a live move out of ``node``; the instance runs on there. Idempotent."""
 
-    async def finish_incoming(self, node: Node, instance_id: str, host_key: str) -> None:
-        """Let the instance that arrived whole on ``node`` run there. Idempotent."""
+    async def finish_incoming(self, node: Node, instance_id: str, host_key: str) -> Observation:
+        """Let the instance that arrived whole on ``node`` run there; how it is then.
+        Idempotent."""
 
 
 class AgentNodeClient:
@@ -99,10 +100,7 @@ class AgentNodeClient:
         report = await self.agents.call(node, self.agents.stub(node).Report, pb.Empty())
         for status in report.instances:
             if status.id == instance_id:
-                return Observation(
-                    convert.state_from_pb(status.state), status.version, status.ipv4,
-                    status.message,
-                )  # fmt: skip
+                return _observation(status)
         return None
 
     async def start(self, node: Node, instance_id: str) -> None:
@@ -174,6 +172,14 @@ class AgentNodeClient:
         request = pb.InstanceRef(id=instance_id)
         await self.agents.call(node, self.agents.stub(node).AbortMigrateOut, request)
 
-    async def finish_incoming(self, node: Node, instance_id: str, host_key: str) -> None:
+    async def finish_incoming(self, node: Node, instance_id: str, host_key: str) -> Observation:
         request = pb.FinishIncomingRequest(id=instance_id, host_key=host_key)
-        await self.agents.call(node, self.agents.stub(node).FinishIncoming, request)
+        return _observation(
+            await self.agents.call(node, self.agents.stub(node).FinishIncoming, request)
+        )
+
+
+def _observation(status: pb.InstanceStatus) -> Observation:
+    return Observation(
+        convert.state_from_pb(status.state), status.version, status.ipv4, status.message
+    )
