@@ -256,7 +256,6 @@ GRPC_SERVER_OPTIONS = (
     ("grpc.http2.max_ping_strikes", 0),
 )
 GRPC_CHANNEL_OPTIONS = (
-    ("grpc.http2.lookahead_bytes", 4 << 20),
     ("grpc.keepalive_time_ms", 5000),
     ("grpc.keepalive_timeout_ms", 5000),
     ("grpc.keepalive_permit_without_calls", 1),
