@@ -215,6 +215,7 @@ class GuestConnection:
         self._connection: asyncssh.SSHClientConnection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
+        self._opening: asyncio.Lock | None = None
 
     @property
     def address(self) -> str:
@@ -225,7 +226,7 @@ class GuestConnection:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._forget()
-            self._loop, self._lock = loop, asyncio.Lock()
+            self._loop, self._lock, self._opening = loop, asyncio.Lock(), asyncio.Lock()
         assert self._lock is not None
         async with self._lock:
             if self._connection is not None and not self._connection.is_closed():
@@ -398,11 +399,16 @@ class GuestConnection:
         """A new channel running ``command``; a guest that does not open one within
         ``command_timeout`` (hung, or a dead connection not yet noticed) loses its connection."""
         connection = await self.connect()
+        assert self._opening is not None
         try:
-            return await asyncio.wait_for(
-                connection.create_process(command, encoding=None, **options),
-                timeout=self.command_timeout,
-            )
+            # One channel opening at a time: the guest's dropbear closed a second session
+            # asked for while the first was being set up on a new connection ("Session request
+            # failed"). Commands still run side by side once open.
+            async with self._opening:
+                return await asyncio.wait_for(
+                    connection.create_process(command, encoding=None, **options),
+                    timeout=self.command_timeout,
+                )
         except (TimeoutError, OSError, asyncssh.Error) as error:
             self._drop(connection)
             raise Unavailable(
