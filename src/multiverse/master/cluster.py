@@ -155,7 +155,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         faults = convert.faults_to_pb(await self.fault_plan(node_id)) if self.fault_plan else None
         if self.ipam is None or network_mode != "bridge":
             return pb.SyncAck(faults=faults)
-        plan = await self.ipam.plan(await self.store.get_node(node_id))
+        plan = await self.ipam.plan(node_id)
         return pb.SyncAck(network=convert.plan_to_pb(plan), faults=faults)
 
     def forget(self, node_id: str) -> None:
