@@ -580,7 +580,7 @@ class QemuDriver(ProcessDriver):
         # The guest's login shell runs it, with its builtins only: each process the guest
         # starts costs tens of milliseconds on an emulated CPU, and this is on the move's path.
         script = (
-            'umask 077; IFS= read -r k; [ -d ~/.ssh ] || mkdir ~/.ssh; '
+            "umask 077; IFS= read -r k; [ -d ~/.ssh ] || mkdir ~/.ssh; "
             'f=~/.ssh/authorized_keys; if [ -f "$f" ]; then '
             'while IFS= read -r l; do [ "$l" = "$k" ] && exit 0; done < "$f"; fi; '
             'echo "$k" >> "$f"'

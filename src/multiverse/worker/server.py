@@ -30,6 +30,7 @@ from multiverse.worker.agent import Agent, AgentServicer, Ctx
 from multiverse.worker.imagecache import MasterImages, NodeImageCache
 from multiverse.worker.localstore import LocalStore
 from multiverse.worker.network import LinuxNetwork, detect_mode
+from multiverse.worker.sessions import NodeTLS, SessionServer
 from multiverse.worker.sync import Identity, join, observe_forever, renew_forever, sync_forever
 from multiverse.worker.usage import HostUsage
 
@@ -46,6 +47,9 @@ class WorkerConfig:
     token: str = ""
     listen: str = "0.0.0.0:1339"
     advertise: str = ""
+    # The direct shell endpoint (worker/sessions.py): "" = the listen host, a free port (the
+    # agent tells the master its port with each ticket); "off" = none, shells go by the master.
+    session_listen: str = ""
     name: str = ""
     driver: str = "qemu"
     labels: dict[str, str] = field(default_factory=dict)
@@ -133,6 +137,7 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._peers: dict[str, tuple[str, grpc.aio.Channel]] = {}
         self.agent.peer = self._dial_peer
+        self.sessions = SessionServer(self.agent.tickets, self.agent.open_session)
 
     def _authorize(self, context: Ctx) -> bool:
         """TLS checked the chain; the agent serves only the master's identity."""
@@ -199,6 +204,15 @@ class Worker:
         )
         listen_grpc(self._server, config.listen, self.identity.server_credentials())
         await self._server.start()
+        if config.session_listen != "off":
+            identity = self.identity
+            host, session_port = (
+                split_address(config.session_listen)
+                if config.session_listen
+                else (split_address(config.listen)[0], 0)
+            )
+            tls = NodeTLS(config.data_dir / "pki", lambda: identity.cert)
+            self.agent.session_port = await self.sessions.start(host, session_port, tls)
         self._tasks = [
             asyncio.create_task(
                 sync_forever(config.master, self.identity, self.agent, config.sync_interval)
@@ -212,6 +226,8 @@ class Worker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.agent.session_port = 0  # no more tickets for an endpoint that is going
+        await self.sessions.close()
         if self._server:
             await self._server.stop(grace=1)
         for _address, channel in self._peers.values():
@@ -275,6 +291,7 @@ def simulated(config: WorkerConfig, count: int) -> list[WorkerConfig]:
                 driver="fake",
                 listen=f"{host}:{node_port}",
                 advertise=f"{advertised}:{node_port}" if advertised else "",
+                session_listen="off",  # a thousand more listeners would test nothing here
             )
         )
     return configs
