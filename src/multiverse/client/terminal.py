@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import ssl
 import sys
 import termios
@@ -172,6 +173,9 @@ async def _direct(
         _debug(f"cannot open the session at {offer['url']} ({exc}); relaying through the master")
         return None
     _debug(f"session straight to the node at {offer['url']}")
+    sock = ws.transport.get_extra_info("socket")
+    if sock is not None:  # asyncio sets it on TCP already; a keystroke must not wait for an ACK
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return ws
 
 
