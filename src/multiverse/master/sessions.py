@@ -131,7 +131,12 @@ async def relay(websocket: WebSocket, call: SessionCall, node_name: str) -> None
                 frame, held = outputs.take_frame(output)
                 await websocket.send_bytes(frame)
             else:
+                # The last message: done here, without waiting for the call's status. The
+                # agent holds the call open until we go (see its Session), for a write of
+                # ours that met a finished call would fail the call on this side, and grpc
+                # then drops what it had not handed us yet: the exit code, at times.
                 final = exit_frame(output.exit_code)
+                break
     except grpc.aio.AioRpcError as exc:
         if exc.code() != grpc.StatusCode.CANCELLED:
             error: MultiverseError = convert.error_from_rpc(exc, node_name)

@@ -65,6 +65,9 @@ Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 Told: TypeAlias = tuple[object, ...]  # what a report says of one instance
 
 _SETTLED = {InstanceState.RUNNING, InstanceState.STOPPED}
+# Seconds a relayed session's call stays open after its exit code for the master to end it
+# (a master of this release does at once; an older one waited for the call's end instead).
+SESSION_LINGER = 5.0
 # The message of an instance held here for a live move that has not handed it over yet.
 INCOMING = "incoming live move"
 
@@ -582,9 +585,14 @@ class Agent:
         await self.driver.close()
 
 
-async def _feed(inputs: AsyncIterator[pb.SessionInput], session: Session) -> None:
-    """Input, resizes and end-of-input from the master into the session, in order."""
+async def _feed(
+    inputs: AsyncIterator[pb.SessionInput], session: Session, ended: asyncio.Event
+) -> None:
+    """Input, resizes and end-of-input from the master into the session, in order; once the
+    process has ended, what still comes is read and dropped, until the master ends the call."""
     async for message in inputs:
+        if ended.is_set():
+            continue
         kind = message.WhichOneof("kind")
         if kind == "data":
             await apply_input(session, message.data)
@@ -710,11 +718,21 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         except MultiverseError as exc:
             await context.abort(*convert.error_to_rpc(exc))
             return
-        feeder = asyncio.create_task(_feed(request_iterator, session))
+        ended = asyncio.Event()
+        feeder = asyncio.create_task(_feed(request_iterator, session, ended))
         try:
             while data := await session.read():
                 yield pb.SessionOutput(data=data)
-            yield pb.SessionOutput(exit_code=await session.wait())
+            code = await session.wait()
+            ended.set()
+            yield pb.SessionOutput(exit_code=code)
+            # Held open until the master, told the exit code, cancels or half-closes the call:
+            # finishing it first would make a write of the master's still in flight (the
+            # client's end-of-input, say) fail the call on the master's side, and grpc then
+            # drops the messages it had not handed over, exit code included.
+            # (Input the ended process could not take is no error of the session's.)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(feeder), SESSION_LINGER)
         finally:
             feeder.cancel()
             await session.close()

@@ -25,6 +25,7 @@ import secrets
 import socket
 import ssl
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,8 +107,9 @@ async def apply_input(session: Session, item: bytes | Resize | Eof | None) -> No
 
 
 class NodeTLS:
-    """The listener's TLS: the node's certificate files, reloaded for new connections after a
-    renewal rewrote them (``changed()`` tells; a handshake swaps its context, as SNI allows)."""
+    """The listener's TLS: the node's certificate files, reloaded for new connections once
+    ``version()`` (the worker's current certificate) changed, as a renewal rewrites them; the
+    handshake's SNI callback swaps in the fresh context, so the listener never restarts."""
 
     def __init__(self, pki_dir: Path, version: Callable[[], object]) -> None:
         self._pki_dir = pki_dir
@@ -149,7 +151,11 @@ class SessionServer:
     ) -> None:
         self.tickets = tickets
         self._open = open_session
-        self._granted: dict[ServerConnection, Ticket] = {}
+        # Ticket checked -> handler; weak: a handshake that fails after the check never
+        # reaches the handler.
+        self._granted: weakref.WeakKeyDictionary[ServerConnection, Ticket] = (
+            weakref.WeakKeyDictionary()
+        )
         self._server: Server | None = None
         self.port = 0  # bound by start()
 
