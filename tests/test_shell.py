@@ -4,6 +4,7 @@ a PTY), on a real terminal (pexpect), with the fake driver: its shell is a local
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -66,8 +67,10 @@ def test_terminal_size_follows_and_exit_code_comes_back(shells: Cluster) -> None
 def test_control_keys_reach_the_guest(shells: Cluster) -> None:
     child = spawn_shell(shells, "other")
     child.expect(r"other\$ ")  # the session is up: the CLI's terminal is raw from here on
-    child.sendline("sleep 30; echo not-interrupted")
-    child.expect(r"sleep 30.*\r\n")
+    marker = f"sleep {30 + os.getpid() % 1000}.5"
+    child.sendline(f"{marker}; echo not-interrupted")
+    # Ctrl-C once sleep runs: sooner, it reaches the shell still forking it, which ignores it.
+    wait_until(lambda: running(marker))
     child.sendcontrol("c")  # raw mode: Ctrl-C is a byte for the guest's terminal, not for us
     child.expect(r"other\$ ")
     child.sendline("echo still-$((40 + 2))")
@@ -174,7 +177,8 @@ async def redeem(
     control frame) or (the HTTP refusal, its body)."""
     try:
         async with connect(given, ticket, url) as ws:
-            await ws.send('{"type": "eof"}')
+            with contextlib.suppress(websockets.ConnectionClosed):  # it may have ended already
+                await ws.send('{"type": "eof"}')
             last = ""
             async for message in ws:
                 if isinstance(message, str):

@@ -91,6 +91,8 @@ async def _send_input(ws: ClientConnection, fd: int) -> None:
                 await ws.send(EOF_FRAME)
                 return
             await ws.send(data)
+    except websockets.ConnectionClosed:
+        pass  # the session ended before its input did; _receive tells how it ended
     finally:
         os.set_blocking(fd, was_blocking)
         if watched:
