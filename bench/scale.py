@@ -125,6 +125,10 @@ def measure(args: argparse.Namespace, root: Path, kind: str) -> Report:
 
         wait_until(all_ready, timeout=args.timeout, interval=0.5)
         nodes_ready = time.perf_counter() - started
+        # What the nodes' reports alone cost the master, before any launch.
+        idle_before = sum(master.cpu_times()[:2])
+        time.sleep(args.idle_seconds)
+        idle_cpu = (sum(master.cpu_times()[:2]) - idle_before) / args.idle_seconds
 
         cpu_before = sum(master.cpu_times()[:2])
         seconds, failures = asyncio.run(_launch_all(cluster, args.instances, args.in_flight))
@@ -159,6 +163,7 @@ def measure(args: argparse.Namespace, root: Path, kind: str) -> Report:
             "list_page_p99_ms": 1000 * _percentile(latencies, 0.99),
             "stop_seen_p50_ms": 1000 * statistics.median(lags) if lags else 0.0,
             "stop_seen_p99_ms": 1000 * _percentile(lags, 0.99),
+            "master_idle_cpu_pct": 100 * idle_cpu,
             "master_rss_mb": master.memory_info().rss / 2**20,
             "master_cpu_s_during_launches": sum(master.cpu_times()[:2]) - cpu_before,
         }
@@ -189,6 +194,7 @@ def main() -> int:
     parser.add_argument("--pages", type=int, default=50, help="GET /instances?limit=500 calls")
     parser.add_argument("--sync-interval", type=float, default=5.0)
     parser.add_argument("--lag-samples", type=int, default=50, help="instances stopped one by one")
+    parser.add_argument("--idle-seconds", type=float, default=10.0, help="idle CPU measured")
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--keep", action="store_true", help="keep the logs")

@@ -161,6 +161,28 @@ def test_killed_worker_goes_not_ready_and_comes_back(cluster: Cluster) -> None:
     assert cluster.instances()["keep-1"]["state"] == "Stopped"
 
 
+def test_a_frozen_worker_goes_not_ready_and_comes_back_on_its_own_stream(
+    cluster: Cluster,
+) -> None:
+    # Reports that change nothing are written in batches from the master's memory; a node
+    # the health check found silent meanwhile must still become Ready again by its reports.
+    cluster.start_master()
+    cluster.start_worker("node-a")
+    process = cluster.workers["node-a"].process
+    assert process is not None
+    os.killpg(process.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: cluster.node("node-a")["status"] == "NotReady", timeout=NODE_TIMEOUT + 5)
+    finally:
+        os.killpg(process.pid, signal.SIGCONT)
+    wait_until(lambda: cluster.node("node-a")["status"] == "Ready", timeout=NODE_TIMEOUT + 10)
+    heard = cluster.node("node-a")["last_sync"]
+    # And it stays Ready: its beats keep reaching the store (the health check reads them there).
+    wait_until(lambda: cluster.node("node-a")["last_sync"] != heard, timeout=10)
+    time.sleep(NODE_TIMEOUT + 1)
+    assert cluster.node("node-a")["status"] == "Ready"
+
+
 def test_master_restart_keeps_everything(cluster: Cluster) -> None:
     cluster.start_master()
     cluster.start_worker("node-a")

@@ -251,7 +251,7 @@ def test_each_node_plan_names_its_live_bridged_peers_and_its_instances(tmp_path:
     _wait(store.update_instance(on_a.id, node_id=a.id))
     on_user = _add(store, ipam, "db-1")
     _wait(store.update_instance(on_user.id, node_id=user.id))
-    plan = _wait(ipam.plan(_wait(store.get_node(a.id))))
+    plan = _wait(ipam.plan(a.id))
     assert plan.underlay == "192.0.2.1" and plan.peers == ("192.0.2.2",)
     assert plan.gateway == _wait(ipam.node_address(a.id))
     assert plan.records == {"web-1": on_a.address}  # db-1's node is not on the network
@@ -261,6 +261,37 @@ def test_each_node_plan_names_its_live_bridged_peers_and_its_instances(tmp_path:
     _wait(store.remove_node(a.id))  # its address and its instances' go back
     owners = {lease.owner for lease in _wait(store.leases("default"))}
     assert a.id not in owners and on_a.id not in owners and on_user.id in owners
+
+
+def test_the_plans_of_one_moment_share_one_read_of_the_cluster(tmp_path: Path) -> None:
+    # Every sync acknowledgement of a bridged node carries its plan: a thousand nodes must not
+    # make a thousand reads of every node and instance.
+    store = _store(tmp_path)
+    ipam = Ipam.open(store, "10.9.0.0/24")
+    nodes = [
+        _node(store, f"n{i}", f"192.0.2.{i + 1}", "bridge", NodeStatus.READY) for i in range(3)
+    ]
+    web = _add(store, ipam, "web-1")
+    _wait(store.update_instance(web.id, node_id=nodes[0].id))
+    reads = 0
+    list_instances = store.list_instances
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await list_instances(*args, **kwargs)
+
+    store.list_instances = counted  # type: ignore[method-assign]
+
+    async def plans() -> list[Any]:
+        return await asyncio.gather(*(ipam.plan(node.id) for node in nodes * 10))
+
+    made = _wait(plans())
+    assert reads == 1
+    first = made[0]
+    assert first.peers == ("192.0.2.2", "192.0.2.3") and set(first.nics) == {web.id}
+    assert made[1].peers == ("192.0.2.1", "192.0.2.3") and made[1].nics == {}
+    assert all(plan.records == {"web-1": web.address} for plan in made)
 
 
 def test_the_ruleset_guards_each_tap_and_follows_nat_and_publish() -> None:

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+
 import pytest
 
 from multiverse.core.errors import Unschedulable
 from multiverse.core.model import Node, NodeStatus, Resources
 from multiverse.core.sizes import GiB
-from multiverse.master.scheduler import Request, place, place_all, spread_conflict, why_not
+from multiverse.master.scheduler import (
+    Request,
+    _fits,
+    place,
+    place_all,
+    spread_conflict,
+    why_not,
+)
 
 
 def node(
@@ -120,3 +130,23 @@ def test_place_all_spreads_a_group_and_counts_what_it_placed() -> None:
     with pytest.raises(Unschedulable, match=r"cannot place x-4: .*a: 0 of 2 cpus free") as full:
         place_all([Request(f"x-{n}", Resources(2, GiB, GiB)) for n in (1, 2, 3, 4)], nodes)
     assert full.value.reasons["a"] == "0 of 2 cpus free"  # also as data, node by node
+
+
+def test_the_quick_fit_test_agrees_with_the_reasons() -> None:
+    # place() tests each node with plain arithmetic and builds reasons only when nothing fits:
+    # the two must agree on every node, or a launch is refused with no reason given.
+    rng = random.Random(7)
+    statuses = [NodeStatus.READY, NodeStatus.NOT_READY, NodeStatus.DOWN]
+    for index, (status, cordoned, zone) in enumerate(
+        itertools.product(statuses, [False, True], ["a", "b", None])
+    ):
+        for _ in range(20):
+            candidate = node(
+                f"n{index}", cpus=rng.randint(0, 3), memory=rng.randint(0, 3),
+                used_cpus=rng.randint(0, 3), used_memory=rng.randint(0, 3), status=status,
+                cordoned=cordoned, labels={"zone": zone} if zone else None,
+            )  # fmt: skip
+            for selector in ({}, {"zone": "a"}):
+                assert _fits(candidate, NEED, selector) == (
+                    why_not(candidate, NEED, selector) is None
+                ), (candidate, selector)

@@ -81,6 +81,27 @@ def test_nodes_usage_labels_and_pages(db_url: str) -> None:
     _run(db_url, scenario)
 
 
+def test_heartbeats_reach_ready_nodes_only_and_name_the_others(db_url: str) -> None:
+    async def scenario(store: Store) -> None:
+        await store.add_node(_node(0), "serial0")
+        await store.add_node(_node(1), "serial1")
+        await store.update_node("n1", status=NodeStatus.NOT_READY)  # found silent meanwhile
+        at = repository.now()
+        beat = repository.Heartbeat(at, Resources(4, 4 << 30, 50 << 30), Usage(0.5, 1 << 20, 2))
+        stale = await store.take_heartbeats({"n0": beat, "n1": beat, "gone": beat})
+        assert stale == ["gone", "n1"]
+        ready, silent = await store.list_nodes(ids=["n0", "n1"])
+        assert ready.last_sync == at and silent.last_sync is None
+        assert ready.capacity == beat.capacity and ready.used == beat.used
+        assert silent.capacity == Resources(8, 8 << 30, 100 << 30) and silent.used == Usage()
+        assert silent.status == NodeStatus.NOT_READY and ready.status == NodeStatus.READY
+        assert await store.take_heartbeats({}) == []
+        # The health check's question: who has not been heard from since then?
+        assert [n.id for n in await store.list_nodes(silent_since=at)] == ["n1"]
+
+    _run(db_url, scenario)
+
+
 def test_instances_filters_pages_reports(db_url: str) -> None:
     async def scenario(store: Store) -> None:
         await store.add_node(_node(0), "")

@@ -16,6 +16,7 @@ import grpc
 from multiverse.core.errors import MultiverseError, Unauthenticated
 from multiverse.core.faults import NodeFaults
 from multiverse.core.model import Node, NodeStatus, validate_labels
+from multiverse.master.heartbeats import Heartbeats
 from multiverse.master.network import Ipam
 from multiverse.store.repository import Change, ReportTaken, Store, now
 from multiverse.wire import convert, pki
@@ -44,6 +45,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         self.store = store
         self.agents = agents
         self.ipam = ipam
+        self.heartbeats = Heartbeats(store)  # its writer runs on every master (server.py)
         # Told of node status transitions and instance changes (server.py publishes them).
         self.on_change: Callable[[list[tuple[str, NodeStatus]], list[Change]], None] = (
             lambda transitions, changes: None
@@ -123,6 +125,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             **joining,
         )
         self.agents.forget(node_id)
+        self.heartbeats.forget(node_id)  # its next report is taken whole: Joining -> Ready
         log.info("node %s joined from %s", node.name, address)
         if rejoined:
             self.on_change([(node.name, NodeStatus.JOINING)], [])
@@ -152,13 +155,14 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         faults = convert.faults_to_pb(await self.fault_plan(node_id)) if self.fault_plan else None
         if self.ipam is None or network_mode != "bridge":
             return pb.SyncAck(faults=faults)
-        plan = await self.ipam.plan(await self.store.get_node(node_id))
+        plan = await self.ipam.plan(node_id)
         return pb.SyncAck(network=convert.plan_to_pb(plan), faults=faults)
 
     def forget(self, node_id: str) -> None:
         """A removed node leaves nothing behind here: its images, its agent's channel."""
         self.images.pop(node_id, None)
         self.agents.forget(node_id)
+        self.heartbeats.forget(node_id)
 
     async def image_catalog(self) -> list[dict[str, Any]]:
         """Every image some node can boot, with the nodes that hold it (``multiverse images``)."""
@@ -178,14 +182,22 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             {"name": i.name, "kind": i.kind, "digest": i.digest, "size": i.size}
             for i in report.images
         ]
+        capacity = convert.resources_from_pb(report.capacity)
+        used = convert.usage_from_pb(report.used)
+        digests = frozenset(i.digest for i in report.images if i.digest)
+        if report.delta and not report.instances and not report.removed:
+            beat = self.heartbeats.take(node_id, capacity, used, digests)
+            if beat is not None:
+                return beat
         taken = await self.store.take_report(
             node_id,
-            capacity=convert.resources_from_pb(report.capacity),
-            used=convert.usage_from_pb(report.used),
+            capacity=capacity,
+            used=used,
             reported=[status_dict(item) for item in report.instances],
             removed=list(report.removed) if report.delta else None,
-            image_digests=[i.digest for i in report.images if i.digest],
+            image_digests=sorted(digests),
         )
+        self.heartbeats.taken_whole(node_id, taken, digests)
         back = [(taken.name, NodeStatus.READY)] if taken.before != NodeStatus.READY else []
         self.on_change(back, taken.changes)
         return taken

@@ -38,7 +38,8 @@ __all__ = ["Faults"]
 log = logging.getLogger("multiverse.master")
 
 _NETWORK_KINDS = (FaultKind.PARTITION, FaultKind.LINK)
-PLACEMENTS_MAX_AGE = 1.0  # seconds the acknowledgements' view of where instances run is kept
+# Seconds the acknowledgements' view of the faults and of where instances run is kept.
+ACK_VIEW_MAX_AGE = 1.0
 
 
 def _placements(instances: list[Instance]) -> dict[str, Placement]:
@@ -56,6 +57,8 @@ class Faults:
         self.generation = time.time_ns()
         self._placed: dict[str, Placement] = {}  # where the instances run, as of _placed_at
         self._placed_at = -float("inf")
+        self._listed: list[Fault] = []  # the faults in force, as of _listed_at (_recent)
+        self._listed_at = -float("inf")
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
 
@@ -67,12 +70,19 @@ class Faults:
         (so the instances are read only while there are faults, and then at most once a
         second for all the nodes' acknowledgements: a thousand nodes report every few
         seconds, and where an instance runs changes far less often)."""
-        faults = await self.store.list_faults()
+        faults = await self._recent()
         if not faults:
             return node_faults(faults, {}, node_id, self.generation)
-        if time.monotonic() - self._placed_at > PLACEMENTS_MAX_AGE:
+        if time.monotonic() - self._placed_at > ACK_VIEW_MAX_AGE:
             self._placed, self._placed_at = await self.placements(), time.monotonic()
         return node_faults(faults, self._placed, node_id, self.generation)
+
+    async def _recent(self) -> list[Fault]:
+        """The faults in force as of at most a second ago (or of this master's last change to
+        them): the acknowledgements' reads, two hundred a second at a thousand nodes."""
+        if time.monotonic() - self._listed_at > ACK_VIEW_MAX_AGE:
+            self._listed, self._listed_at = await self.store.list_faults(), time.monotonic()
+        return self._listed
 
     async def in_force(self) -> list[Fault]:
         return await self.store.list_faults()
@@ -147,6 +157,7 @@ class Faults:
             involved = {p.node_id for p in placements.values()}
         failures: list[MultiverseError] = []
         faults = await self.store.list_faults()
+        self._listed, self._listed_at = faults, time.monotonic()  # acks agree with the push
         for node in await self.store.list_nodes():
             if node.status in (NodeStatus.DOWN, NodeStatus.NOT_READY) and node.id not in involved:
                 continue

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from multiverse.core.model import InstanceState, NodeStatus
 from multiverse.store.repository import Change, Store, now
@@ -28,7 +28,10 @@ async def check_nodes(
     moment = now()
     transitions: list[tuple[str, NodeStatus]] = []
     changes: list[Change] = []
-    for node in await store.list_nodes():
+    if (moment - since).total_seconds() <= not_ready_after:
+        return transitions, changes  # nobody can have been silent that long yet
+    silent_since = moment - timedelta(seconds=not_ready_after)
+    for node in await store.list_nodes(silent_since=silent_since):
         if node.status not in _AGING:
             continue
         heard = max(node.last_sync or since, since)

@@ -10,7 +10,9 @@ Each node gets an address too: its bridge's, the gateway and DNS server of the V
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +118,19 @@ def check_address(subnet: ipaddress.IPv4Network, text: str) -> str:
     return str(address)
 
 
+@dataclass(frozen=True)
+class _Seen:
+    """The cluster as the nodes' plans are made from it (:meth:`Ipam._seen`)."""
+
+    nodes: dict[str, Node]
+    peers: tuple[tuple[str, str], ...]  # (node id, VTEP) of the live bridged nodes, by VTEP
+    records: dict[str, str]  # instance name -> address, for the whole network
+    by_node: dict[str, list[Instance]]
+
+
+PLAN_MAX_AGE = 1.0  # seconds; a new instance's name reaches the other nodes' DNS this late more
+
+
 class Ipam:
     """The cluster network of one master: its definition, leases and per-node plans."""
 
@@ -123,6 +138,10 @@ class Ipam:
         self.store = store
         self.network = network
         self.subnet = ipaddress.IPv4Network(network.cidr)
+        self._gateways: dict[str, str] = {}  # node id -> its address (leased once, kept)
+        self._last_seen = _Seen({}, (), {}, {})
+        self._seen_at = -float("inf")
+        self._seeing = asyncio.Lock()
 
     @classmethod
     def open(cls, store: Store, cidr: str = "", nat: bool | None = None) -> Ipam:
@@ -188,31 +207,54 @@ class Ipam:
             publish=tuple(parse_publish(text) for text in instance.publish),
         )
 
-    async def plan(self, node: Node) -> NetworkPlan:
-        gateway = await self.node_address(node.id)
-        nodes = await self.store.list_nodes()
-        instances = await self.store.list_instances()
-        bridged = {other.id for other in nodes if other.network_mode == "bridge"}
-        peers = tuple(
-            sorted(
-                other.ipv4
-                for other in nodes
-                if other.id in bridged and other.id != node.id and other.status != NodeStatus.DOWN
-            )
-        )
+    async def plan(self, node_id: str) -> NetworkPlan:
+        """What ``node_id`` must realise now (as of at most :data:`PLAN_MAX_AGE` ago)."""
+        seen = await self._seen()
+        node = seen.nodes.get(node_id) or await self.store.get_node(node_id)  # NotFound: gone
+        gateway = self._gateways.get(node_id) or await self.node_address(node_id)
+        self._gateways[node_id] = gateway
         nics = {}
-        for instance in instances:
-            if instance.node_id == node.id and (nic := self.nic(instance, gateway)):
+        for instance in seen.by_node.get(node_id, []):
+            if nic := self.nic(instance, gateway):
                 nics[instance.id] = nic
         return NetworkPlan(
             network=self.network,
             gateway=gateway,
             underlay=node.ipv4,
-            peers=peers,
-            # Only instances on the network have a name on it (not those of user-mode nodes).
-            records={i.name: i.address for i in instances if i.address and i.node_id in bridged},
+            peers=tuple(address for other, address in seen.peers if other != node_id),
+            records=seen.records,
             nics=nics,
         )
+
+    async def _seen(self) -> _Seen:
+        """Every node and instance, read once for all the plans of a moment: each node's sync
+        acknowledgement carries its plan, two hundred a second at a thousand nodes, and each
+        read the whole cluster."""
+        async with self._seeing:  # one read for everybody waiting on it
+            if time.monotonic() - self._seen_at > PLAN_MAX_AGE:
+                started = time.monotonic()
+                nodes = {node.id: node for node in await self.store.list_nodes()}
+                instances = await self.store.list_instances()
+                bridged = {node.id for node in nodes.values() if node.network_mode == "bridge"}
+                by_node: dict[str, list[Instance]] = {}
+                for instance in instances:
+                    by_node.setdefault(instance.node_id or "", []).append(instance)
+                live = [
+                    (node.id, node.ipv4)
+                    for node in nodes.values()
+                    if node.id in bridged and node.status != NodeStatus.DOWN
+                ]
+                self._last_seen = _Seen(
+                    nodes=nodes,
+                    peers=tuple(sorted(live, key=lambda peer: peer[1])),
+                    # Only instances on the network have a name on it (not user-mode nodes').
+                    records={
+                        i.name: i.address for i in instances if i.address and i.node_id in bridged
+                    },
+                    by_node=by_node,
+                )
+                self._seen_at = started
+        return self._last_seen
 
     async def usage(self) -> dict[str, object]:
         """``multiverse network``: the CIDR, how much of it is leased, each node's VTEP."""

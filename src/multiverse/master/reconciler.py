@@ -163,16 +163,20 @@ class Reconciler:
     async def reconcile_all(self) -> None:
         nodes = {node.id: node for node in await self.store.list_nodes()}
         instances = await self.store.list_instances()
-        # Instances gone from the store (deleted, or forgotten with their removed node) take
-        # their backoff with them.
-        for gone in self._backoff.keys() - {instance.id for instance in instances}:
-            del self._backoff[gone]
-        steps = [
-            self.reconcile(instance, nodes.get(instance.node_id or ""))
+        # A step only for the instances with something to do: at fifty thousand converged
+        # ones, a coroutine each held the event loop (and the API's answers) for seconds.
+        # The others, and those gone from the store (deleted, or forgotten with their removed
+        # node), take their backoff with them.
+        due = [
+            (instance, node)
             for instance in instances
             if instance.id not in self._busy and instance.id not in self.paused
+            if next_action(instance, node := nodes.get(instance.node_id or "")) is not None
         ]
-        await asyncio.gather(*steps)
+        kept = {instance.id for instance, _ in due} | self._busy | self.paused
+        for settled in self._backoff.keys() - kept:
+            del self._backoff[settled]
+        await asyncio.gather(*(self.reconcile(instance, node) for instance, node in due))
 
     async def reconcile(
         self, instance: Instance, node: Node | None, *, by_user: bool = False, force: bool = False

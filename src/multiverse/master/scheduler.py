@@ -41,15 +41,28 @@ def why_not(node: Node, need: Resources, selector: Mapping[str, str]) -> str | N
     return ", ".join(lacks) if lacks else None
 
 
+def _fits(node: Node, need: Resources, selector: Mapping[str, str]) -> bool:
+    """``why_not(...) is None``, in plain arithmetic: placement asks it of every node at
+    every launch (a thousand nodes: a millisecond less per launch than building the reasons)."""
+    capacity, allocated = node.capacity, node.allocated
+    return (
+        not node.cordoned
+        and node.status == NodeStatus.READY
+        and allocated.cpus + need.cpus <= capacity.cpus
+        and allocated.memory + need.memory <= capacity.memory
+        and allocated.disk + need.disk <= capacity.disk
+        and all(node.effective_labels.get(key) == value for key, value in selector.items())
+    )
+
+
 def _used_fraction(node: Node, need: Resources) -> float:
     """How full the node would be with the instance, averaged over cpu, memory and disk."""
-    after = node.allocated + need
-    parts = [
-        after.cpus / node.capacity.cpus if node.capacity.cpus else 1.0,
-        after.memory / node.capacity.memory if node.capacity.memory else 1.0,
-        after.disk / node.capacity.disk if node.capacity.disk else 1.0,
-    ]
-    return sum(parts) / len(parts)
+    capacity, allocated = node.capacity, node.allocated
+    return (
+        ((allocated.cpus + need.cpus) / capacity.cpus if capacity.cpus else 1.0)
+        + ((allocated.memory + need.memory) / capacity.memory if capacity.memory else 1.0)
+        + ((allocated.disk + need.disk) / capacity.disk if capacity.disk else 1.0)
+    ) / 3
 
 
 def place(
@@ -66,17 +79,15 @@ def place(
     """
     selector = selector or {}
     avoid = avoid or {}
-    refused: dict[str, str] = {}
-    feasible: list[Node] = []
-    for node in nodes:
-        reason = avoid.get(node.id) or why_not(node, need, selector)
-        if reason is None:
-            feasible.append(node)
-        else:
-            refused[node.name] = reason
+    feasible = [node for node in nodes if node.id not in avoid and _fits(node, need, selector)]
     if not feasible:
         if not nodes:
             raise Unschedulable("no node can hold the instance: the cluster has no nodes")
+        refused = {}
+        for node in nodes:
+            reason = avoid.get(node.id) or why_not(node, need, selector)
+            if reason is not None:
+                refused[node.name] = reason
         told = "; ".join(f"{name}: {why}" for name, why in refused.items())
         raise Unschedulable(f"no node can hold the instance: {told}", refused)
     sign = 1 if strategy == "spread" else -1
@@ -92,11 +103,12 @@ class NodeView:
 
     It is reloaded from the store when older than ``max_age`` seconds or when told that nodes
     changed (:meth:`invalidate`: status transitions, cordon, labels), and it counts what this
-    master places meanwhile (:meth:`reserve`). It may be optimistic (another master placed
+    master places meanwhile (:meth:`reserve`). Five seconds, because a reload of a thousand
+    nodes takes ~0.1 s of the master's CPU. It may be optimistic (another master placed
     too): the store's conditional insert is the judge, and a refused placement reloads it.
     """
 
-    def __init__(self, store: Store, max_age: float = 1.0) -> None:
+    def __init__(self, store: Store, max_age: float = 5.0) -> None:
         self.store = store
         self.max_age = max_age
         self._nodes: dict[str, Node] = {}

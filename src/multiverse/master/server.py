@@ -291,7 +291,11 @@ class Master:
             api=self.api_url,
             cluster=f"{_advertised_host(config.listen)}:{self.grpc_port}",
         )
-        self._tasks = [serving, asyncio.create_task(self.leadership.run())]
+        self._tasks = [
+            serving,
+            asyncio.create_task(self.leadership.run()),
+            asyncio.create_task(self.cluster.heartbeats.run()),
+        ]
         log.info("master addr: %s / api server addr: %s", config.listen, config.api_listen)
 
     async def _reconcile(self) -> None:

@@ -28,6 +28,7 @@ from sqlalchemy import (
     Engine,
     Select,
     and_,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -271,12 +272,16 @@ class Store:
         labels: Mapping[str, str] | None = None,
         after: str | None = None,
         limit: int | None = None,
+        silent_since: datetime | None = None,
     ) -> list[Node]:
         """Nodes with what their instances take (allocated, kept on the row: no aggregation)
         and how many they hold, by name;
-        ``labels`` match the effective ones (an admin's label wins over the node's own), and
-        ``after``/``limit`` give one page."""
+        ``labels`` match the effective ones (an admin's label wins over the node's own),
+        ``after``/``limit`` give one page, and ``silent_since`` keeps the nodes not heard
+        from since then (the health check's, each second: not the thousand that were)."""
         query = select(NodeRow)
+        if silent_since is not None:
+            query = query.where(or_(NodeRow.last_sync.is_(None), NodeRow.last_sync < silent_since))
         if ids is not None:
             query = query.where(NodeRow.id.in_(ids))
         if names is not None:
@@ -554,6 +559,45 @@ class Store:
             changes = _apply_report(session, node_id, reported, removed)
             _set_node_images(session, node_id, image_digests)
             return ReportTaken(row.name, before, row.network_mode, changes)
+
+    @_off_loop
+    def take_heartbeats(self, beats: Mapping[str, Heartbeat]) -> list[str]:
+        """Many nodes' reports that changed no instance, in one transaction: each node's
+        capacity, usage and the time it was heard. Only Ready nodes take theirs; the ids of
+        the others are returned (their status changed since their last whole report: found
+        silent by the health check, removed), so that the caller takes their next report
+        whole, which makes them Ready again with the transition that goes with it."""
+        if not beats:
+            return []
+        ready = NodeStatus.READY.value
+        with self._session() as session:
+            # Bound names differ from the columns': SQLAlchemy keeps those for itself.
+            columns = ("cpus", "memory", "disk", "used_cpus", "used_memory", "used_disk")
+            session.connection().execute(
+                update(NodeRow)
+                .where(NodeRow.id == bindparam("node"), NodeRow.status == ready)
+                .values(
+                    last_sync=bindparam("at"),
+                    **{column: bindparam(f"new_{column}") for column in columns},
+                ),
+                [
+                    {
+                        "node": node_id,
+                        "at": beat.at,
+                        "new_cpus": beat.capacity.cpus,
+                        "new_memory": beat.capacity.memory,
+                        "new_disk": beat.capacity.disk,
+                        "new_used_cpus": beat.used.cpus,
+                        "new_used_memory": beat.used.memory,
+                        "new_used_disk": beat.used.disk,
+                    }
+                    for node_id, beat in beats.items()
+                ],
+            )
+            found = session.scalars(
+                select(NodeRow.id).where(NodeRow.id.in_(list(beats)), NodeRow.status == ready)
+            )
+            return sorted(set(beats) - set(found))
 
     @_off_loop
     def observe_instance(self, instance_id: str, item: dict[str, Any]) -> Change | None:
@@ -875,6 +919,16 @@ class Change:
     name: str
     old: str
     new: str
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A report that changed no instance: what it said of its node
+    (:meth:`Store.take_heartbeats`)."""
+
+    at: datetime
+    capacity: Resources
+    used: Usage
 
 
 @dataclass(frozen=True)
