@@ -180,7 +180,15 @@ class Worker:
         if self.agent.image_cache is not None:  # the limit may have shrunk since the last run
             cache = self.agent.image_cache
             await asyncio.to_thread(cache.prune, cache.max_bytes)
-        port = split_address(config.listen)[1]
+        listen_host, port = split_address(config.listen)
+        # Checked before joining, as --listen is: a typo must not leave a joined node behind.
+        session_at = (
+            None
+            if config.session_listen == "off"
+            else split_address(config.session_listen)
+            if config.session_listen
+            else (listen_host, 0)
+        )
         if port == 0:
             raise InvalidArgument("--listen needs a port: the master must know where to call")
         # Join first: the agent's listener serves the certificate the join brings.
@@ -204,15 +212,10 @@ class Worker:
         )
         listen_grpc(self._server, config.listen, self.identity.server_credentials())
         await self._server.start()
-        if config.session_listen != "off":
+        if session_at is not None:
             identity = self.identity
-            host, session_port = (
-                split_address(config.session_listen)
-                if config.session_listen
-                else (split_address(config.listen)[0], 0)
-            )
             tls = NodeTLS(config.data_dir / "pki", lambda: identity.cert)
-            self.agent.session_port = await self.sessions.start(host, session_port, tls)
+            self.agent.session_port = await self.sessions.start(*session_at, tls)
         self._tasks = [
             asyncio.create_task(
                 sync_forever(config.master, self.identity, self.agent, config.sync_interval)
