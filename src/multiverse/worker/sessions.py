@@ -34,7 +34,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from multiverse.core.errors import InvalidArgument, MultiverseError, Unauthenticated
+from multiverse.core.errors import InvalidArgument, MultiverseError, Unauthenticated, Unavailable
 from multiverse.core.sessions import (
     AGENT_SESSION_PATH,
     EOF,
@@ -78,7 +78,7 @@ class SessionTickets:
         for key in [key for key, ticket in self._tickets.items() if ticket.expires <= now]:
             del self._tickets[key]
         if len(self._tickets) >= MAX_TICKETS:
-            raise Unauthenticated("too many session tickets waiting; try again shortly")
+            raise Unavailable("too many session tickets waiting; try again shortly")
         secret = secrets.token_urlsafe(32)
         self._tickets[secret] = Ticket(instance_id, command, size, now + self.ttl)
         return secret
