@@ -237,6 +237,10 @@ def test_events_operations_and_metrics(cluster: Cluster) -> None:
     text = cluster.http.get(f"{cluster.api}/metrics", headers=headers).text
     assert 'multiverse_nodes{status="Ready"} 1.0' in text
     assert "multiverse_api_request_seconds_bucket" in text
+    # By route template and status, as answered (the launch was accepted, the lookup not found).
+    launched = 'method="POST",route="/api/v1/instances",status="202"'
+    assert f"multiverse_api_request_seconds_count{{{launched}}} 1.0" in text
+    assert 'route="/api/v1/operations/{operation_id}",status="404"' in text
     assert "multiverse_reconcile_queue_depth" in text
     assert 'multiverse_node_sync_lag_seconds{node="node-a"}' in text
     assert cluster.http.get(f"{cluster.api}/metrics").status_code == 401

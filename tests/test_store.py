@@ -102,6 +102,28 @@ def test_heartbeats_reach_ready_nodes_only_and_name_the_others(db_url: str) -> N
     _run(db_url, scenario)
 
 
+def test_reads_go_on_while_instance_writes_wait_their_turn(db_url: str) -> None:
+    # Instance writes wait for each other on the event loop, not on the pool's threads: more
+    # of them waiting than the pool has threads must leave a thread for a read.
+    async def scenario(store: Store) -> None:
+        await store.add_node(_node(0), "serial0")
+        await store.add_instance(_instance(0, 0))
+        store._instance_writes.acquire()  # a write that takes its time, holding the others
+        try:
+            writes = [
+                asyncio.ensure_future(store.update_instance("i0", message=f"write {index}"))
+                for index in range(2 * repository.THREADS)
+            ]
+            node = await asyncio.wait_for(store.get_node("n0"), timeout=30)
+            assert node.instance_count == 1 and not any(write.done() for write in writes)
+        finally:
+            store._instance_writes.release()
+        await asyncio.gather(*writes)
+        assert (await store.get_instance("i0")).message.startswith("write ")
+
+    _run(db_url, scenario)
+
+
 def test_instances_filters_pages_reports(db_url: str) -> None:
     async def scenario(store: Store) -> None:
         await store.add_node(_node(0), "")

@@ -57,6 +57,25 @@ def _logging() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+# Young-generation size of the collector for the long-running processes (Python's is 700).
+GC_YOUNG = 50_000
+
+
+def _collect_less() -> None:
+    """Keep the cycle collector off the long-lived heap of a master or worker.
+
+    With Python's thresholds a master of 1,000 nodes ran a full collection every few seconds,
+    each 100-200 ms with the event loop stopped (a page of ``GET /instances`` then took 200 ms
+    instead of 20): node views, reports and gRPC calls promote short-lived objects into the
+    oldest generation faster than its 25% rule holds it back. What start-up made is frozen out
+    of every collection, and the young generation is larger, so fewer objects get old; reference
+    counting frees all but cycles, which are still collected, less often."""
+    import gc
+
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG, 20, 100)
+
+
 def _serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]) -> None:
     """Run until SIGINT/SIGTERM, then stop cleanly. VMs are left running."""
     import asyncio
@@ -69,6 +88,7 @@ def _serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[No
             loop.add_signal_handler(sig, stopping.set)
         try:
             await start()
+            _collect_less()
             await stopping.wait()
         finally:
             await stop()

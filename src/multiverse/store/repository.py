@@ -132,6 +132,24 @@ def _off_loop(
     return run
 
 
+def _in_turn(
+    method: Callable[Concatenate[Store, Params], Result],
+) -> Callable[Concatenate[Store, Params], Coroutine[Any, Any, Result]]:
+    """``method`` run in the store's thread pool, one such call at a time, waiting for its
+    turn on the event loop. These are the writes of instances and nodes that would otherwise
+    wait for each other on a pool thread (the instance lock, SQLite's writer lock, polled
+    with sleeps): at a thousand nodes they held every thread of the pool, and a page of
+    ``GET /instances`` or a launch's read waited behind them for hundreds of milliseconds."""
+    run = _off_loop(method)
+
+    async def in_turn(store: Store, /, *args: Params.args, **kwargs: Params.kwargs) -> Result:
+        async with store._turn():
+            return await run(store, *args, **kwargs)
+
+    in_turn.__doc__ = method.__doc__
+    return in_turn
+
+
 class Store:
     """The master's database: SQLite file by default, any SQLAlchemy URL (PostgreSQL) with --db."""
 
@@ -155,6 +173,15 @@ class Store:
         # written after it). PostgreSQL (several masters) also locks the rows (FOR UPDATE);
         # SQLite reads outside its write lock, so this does.
         self._instance_writes = threading.Lock()
+        self._turns: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+
+    def _turn(self) -> asyncio.Lock:
+        """The event loop's lock of :func:`_in_turn` (a test may use the store from several
+        loops, one after the other)."""
+        loop = asyncio.get_running_loop()
+        if self._turns is None or self._turns[0] is not loop:
+            self._turns = (loop, asyncio.Lock())
+        return self._turns[1]
 
     @classmethod
     def for_data_dir(cls, data_dir: Path) -> Store:
@@ -339,7 +366,7 @@ class Store:
 
     # ---- instances ----
 
-    @_off_loop
+    @_in_turn
     def add_instance(self, instance: Instance, lease: LeasePicker | None = None) -> Instance:
         """Record a placed instance and, with ``lease``, its address, in one transaction: a
         crash leaves both or neither. Its resources are taken on its node only if they still
@@ -513,7 +540,7 @@ class Store:
 
     list_instances = _off_loop(_list_instances)
 
-    @_off_loop
+    @_in_turn
     def update_instance(self, instance_id: str, /, **fields: Any) -> None:
         for key in ("state", "desired"):
             if isinstance(fields.get(key), InstanceState | DesiredState):
@@ -530,7 +557,7 @@ class Store:
             if moved and row.node_id is not None:
                 _take(session, row.node_id, row, fit=False)
 
-    @_off_loop
+    @_in_turn
     def take_report(
         self,
         node_id: str,
@@ -560,7 +587,7 @@ class Store:
             _set_node_images(session, node_id, image_digests)
             return ReportTaken(row.name, before, row.network_mode, changes)
 
-    @_off_loop
+    @_in_turn
     def take_heartbeats(self, beats: Mapping[str, Heartbeat]) -> list[str]:
         """Many nodes' reports that changed no instance, in one transaction: each node's
         capacity, usage and the time it was heard. Only Ready nodes take theirs; the ids of
@@ -599,7 +626,7 @@ class Store:
             )
             return sorted(set(beats) - set(found))
 
-    @_off_loop
+    @_in_turn
     def observe_instance(self, instance_id: str, item: dict[str, Any]) -> Change | None:
         """Take one instance's status as an agent answered it (same rule as a report)."""
         with self._instance_writes, self._session() as session:
