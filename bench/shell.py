@@ -1,9 +1,12 @@
 """Shell benchmark: what ``multiverse shell`` costs a typist and a stream, against direct paths.
 
-``multiverse shell NAME`` goes CLI (raw terminal) -> WebSocket -> master -> gRPC stream -> worker
-agent -> the driver's session: an SSH channel with a PTY in the guest (qemu), or a local
-``/bin/sh -i`` in a PTY on the worker (fake). Each of these is compared, in the same run and on
-the same machine, with the most direct way to the same shell:
+``multiverse shell NAME`` asks the master for the session (one HTTPS call: the master checks the
+instance and gets a one-time ticket from the node's agent), then goes CLI (raw terminal) ->
+WebSocket over TLS straight to the worker agent -> the driver's session: an SSH channel with a
+PTY in the guest (qemu), or a local ``/bin/sh -i`` in a PTY on the worker (fake). The master is
+not on the path of the bytes (it relays only when the CLI cannot reach the node; not measured
+here). Each of these is compared, in the same run and on the same machine, with the most direct
+way to the same shell:
 
 - qemu: plain SSH to the same guest (its forwarded port from the worker's
   ``qemu/vms/<uuid>/vm.json``, the node's key from ``qemu/ssh/id_ed25519``), with asyncssh (the

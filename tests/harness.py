@@ -182,10 +182,16 @@ class Cluster:
         except httpx.HTTPError:
             return False
 
-    def cli(self, *args: str, stdin: bytes | None = None, timeout: float = 120) -> CLIResult:
+    def cli(
+        self,
+        *args: str,
+        stdin: bytes | None = None,
+        timeout: float = 120,
+        env: dict[str, str] | None = None,
+    ) -> CLIResult:
         done = subprocess.run(
             [*self.prefix, sys.executable, "-m", "multiverse", *args],
-            env=self.env,
+            env={**self.env, **(env or {})},
             capture_output=True,
             input=stdin,
             timeout=timeout,
@@ -211,8 +217,10 @@ class Cluster:
         host: str = "127.0.0.1",
         master_host: str = "127.0.0.1",
         prefix: list[str] | None = None,
+        advertise: bool = False,
     ) -> Proc:
-        """A worker; ``host``/``master_host``/``prefix`` put it on another test host."""
+        """A worker; ``host``/``master_host``/``prefix`` put it on another test host;
+        ``advertise``: the master dials ``host`` (not the address it sees the worker at)."""
         port = free_port()
         args = [
             "worker",
@@ -231,6 +239,8 @@ class Cluster:
         ]
         if capacity:
             args += ["--capacity", capacity]
+        if advertise:
+            args += ["--advertise", f"{host}:{port}"]
         if token is None and not (self.root / name / "node.json").exists():
             token = self.join_token()
         env = {**self.env, "MULTIVERSE_JOIN_TOKEN": token or ""}  # not in argv: ps shows that

@@ -98,8 +98,10 @@ def test_contract_violation_judges_as_intended() -> None:
 def _describe(case: Any, response: Any, problem: str) -> str:
     """One failing exchange in full: enough to write its regression test."""
     # A request without a body carries schemathesis' NotSet marker, which json cannot write.
-    body = json.dumps(case.body) if isinstance(case.body, (dict, list, str, int, float)) else repr(
-        case.body
+    body = (
+        json.dumps(case.body)
+        if isinstance(case.body, (dict, list, str, int, float))
+        else repr(case.body)
     )
     return (
         f"{problem}: {case.method} {case.formatted_path}"

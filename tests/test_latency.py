@@ -6,6 +6,9 @@ client's delayed ACK. The check here is on the socket the master's own server ac
 
 A shell's output that reached the master while its WebSocket was busy goes out as one frame,
 not one per gRPC message: checked on the relay with a call whose output has all arrived.
+
+A shell's bytes go straight from the CLI to the node's agent: Nagle is off on both ends of
+that connection too.
 """
 
 from __future__ import annotations
@@ -15,17 +18,23 @@ import http.client
 import json
 import socket
 import ssl
+import uuid
 from pathlib import Path
 from typing import Any, cast
 
 import grpc
+import websockets
 from harness import free_port
 from starlette.websockets import WebSocket
 
+from multiverse.core.sessions import AGENT_SESSION_PATH, EOF_FRAME, exit_frame
+from multiverse.drivers.base import Session
 from multiverse.master.instances import SessionCall
 from multiverse.master.server import Master, MasterConfig
 from multiverse.master.sessions import relay
+from multiverse.wire import pki
 from multiverse.wire.v1 import multiverse_pb2 as pb
+from multiverse.worker.sessions import NodeTLS, SessionServer, SessionTickets, Ticket
 
 _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
 
@@ -142,3 +151,95 @@ def test_a_call_cancelled_under_the_relay_ends_it() -> None:
     assert websocket.frames == [b"last words"]
     assert websocket.texts == []
     assert websocket.closed
+
+
+class _Echo:
+    """A session that echoes its input and ends with code 0 at end of input."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.closed = False
+
+    async def read(self) -> bytes:
+        return await self.queue.get()
+
+    async def write(self, data: bytes) -> None:
+        self.queue.put_nowait(data)
+
+    async def close_input(self) -> None:
+        self.queue.put_nowait(b"")
+
+    async def resize(self, cols: int, rows: int) -> None:
+        pass
+
+    async def wait(self) -> int:
+        return 0
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def _node_pki(ca: pki.ClusterCA, directory: Path, node_id: str) -> pki.CertKey:
+    key_pem, csr_pem = pki.new_key_and_csr("node-a")
+    cert = pki.CertKey(pki.sign_node_csr(ca, csr_pem, node_id, "node-a"), key_pem)
+    cert.save(directory, "node")
+    return cert
+
+
+def test_the_agents_session_endpoint_turns_nagle_off_and_serves_a_renewed_cert(
+    tmp_path: Path,
+) -> None:
+    """Both ends of a direct session have Nagle off; after a renewal rewrote the node's
+    certificate, a new connection gets the new one without restarting the endpoint."""
+    node_id = str(uuid.uuid4())
+    ca = pki.ClusterCA.create()
+    current = [_node_pki(ca, tmp_path, node_id)]
+    tickets = SessionTickets()
+    echoes: list[_Echo] = []
+
+    async def open_session(_ticket: Ticket) -> Session:
+        echoes.append(_Echo())
+        return echoes[-1]
+
+    async def session(server: SessionServer) -> tuple[int, int, bytes, str]:
+        secret = tickets.issue("vm-1", (), None)
+        async with websockets.connect(
+            f"wss://127.0.0.1:{server.port}{AGENT_SESSION_PATH}vm-1",
+            ssl=ssl.create_default_context(cadata=ca.cert_pem.decode()),
+            server_hostname=pki.node_server_name(node_id),
+            additional_headers={"Authorization": f"Bearer {secret}"},
+        ) as ws:
+            ours = ws.transport.get_extra_info("socket")
+            peer_cert = ws.transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            await ws.send(b"typed")
+            echoed = await ws.recv()
+            assert server._server is not None
+            (theirs,) = [
+                c.transport.get_extra_info("socket")
+                for c in server._server.connections
+                if c.remote_address == ours.getsockname()
+            ]
+            options = (
+                ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                theirs.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+            )
+            await ws.send(EOF_FRAME)
+            last = await ws.recv()
+            assert last == exit_frame(0)
+            return *options, echoed if isinstance(echoed, bytes) else b"", pki.serial_of(peer_cert)
+
+    async def scenario() -> list[tuple[int, int, bytes, str]]:
+        server = SessionServer(tickets, open_session)
+        await server.start("127.0.0.1", 0, NodeTLS(tmp_path, lambda: current[0]))
+        try:
+            first = await session(server)
+            current[0] = _node_pki(ca, tmp_path, node_id)  # as a renewal does
+            return [first, await session(server)]
+        finally:
+            await server.close()
+
+    (client1, server1, echoed1, serial1), (_, _, echoed2, serial2) = asyncio.run(scenario())
+    assert client1 != 0 and server1 != 0
+    assert echoed1 == echoed2 == b"typed"
+    assert serial2 == pki.serial_of(current[0].cert_pem) != serial1
+    assert all(echo.closed for echo in echoes)

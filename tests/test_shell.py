@@ -4,15 +4,25 @@ a PTY), on a real terminal (pexpect), with the fake driver: its shell is a local
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
+import os
+import ssl
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import httpx
 import pexpect
+import psutil
 import pytest
 import websockets
-from harness import Cluster, new_cluster
+from harness import Cluster, async_wait_until, new_cluster, wait_until
+
+from multiverse.core.errors import Unauthenticated
+from multiverse.worker.sessions import SessionTickets
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +42,16 @@ def spawn_shell(cluster: Cluster, *args: str, rows: int = 24, cols: int = 80) ->
     return pexpect.spawn(
         sys.executable,
         ["-m", "multiverse", "shell", *args],
-        env=cluster.env,
+        env={**cluster.env, **DEBUG},
         dimensions=(rows, cols),
         timeout=30,
     )
 
 
 def test_terminal_size_follows_and_exit_code_comes_back(shells: Cluster) -> None:
+    before = direct_sessions(shells, "node-a")
     child = spawn_shell(shells, rows=33, cols=101)  # "primary" is the default, as in Multipass
+    child.expect(STRAIGHT)  # said before the terminal goes raw: the session is on the node
     child.sendline("stty size")
     child.expect(r"33 101\r\n")
     child.setwinsize(43, 132)  # TIOCSWINSZ on the CLI's terminal: it gets SIGWINCH
@@ -49,13 +61,16 @@ def test_terminal_size_follows_and_exit_code_comes_back(shells: Cluster) -> None
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 3
+    assert direct_sessions(shells, "node-a") == before + 1
 
 
 def test_control_keys_reach_the_guest(shells: Cluster) -> None:
     child = spawn_shell(shells, "other")
     child.expect(r"other\$ ")  # the session is up: the CLI's terminal is raw from here on
-    child.sendline("sleep 30; echo not-interrupted")
-    child.expect(r"sleep 30.*\r\n")
+    marker = f"sleep {30 + os.getpid() % 1000}.5"
+    child.sendline(f"{marker}; echo not-interrupted")
+    # Ctrl-C once sleep runs: sooner, it reaches the shell still forking it, which ignores it.
+    wait_until(lambda: running(marker))
     child.sendcontrol("c")  # raw mode: Ctrl-C is a byte for the guest's terminal, not for us
     child.expect(r"other\$ ")
     child.sendline("echo still-$((40 + 2))")
@@ -119,3 +134,192 @@ def test_a_flood_of_output_reaches_a_real_terminal(shells: Cluster) -> None:
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+# ---- sessions straight to the node's agent (worker/sessions.py) ----
+
+DEBUG = {"MULTIVERSE_DEBUG": "1"}
+STRAIGHT = "session straight to the node"
+RELAYED = "relaying through the master"
+
+
+def direct_sessions(cluster: Cluster, node: str) -> int:
+    """How many sessions the node's agent served straight to a client (its log says each)."""
+    return cluster.workers[node].output().count("direct from")
+
+
+def offer(cluster: Cluster, name: str, **body: object) -> httpx.Response:
+    return cluster.http.post(
+        f"{cluster.api}/api/v1/instances/{name}/sessions",
+        json=body,
+        headers={"Authorization": f"Bearer {cluster.token}"},
+    )
+
+
+def connect(
+    given: dict[str, Any], ticket: str | None = None, url: str | None = None
+) -> websockets.asyncio.client.connect:
+    """The offered session's WebSocket, as the CLI opens it (``ticket``/``url`` override)."""
+    secret = given["ticket"] if ticket is None else ticket
+    return websockets.connect(
+        url or given["url"],
+        ssl=ssl.create_default_context(cadata=given["ca_certificate"]),
+        server_hostname=given["server_name"],
+        additional_headers={"Authorization": f"Bearer {secret}"} if secret else {},
+        compression=None,
+    )
+
+
+async def redeem(
+    given: dict[str, Any], ticket: str | None = None, url: str | None = None
+) -> tuple[int, str]:
+    """Open the offered session, give it nothing and read it to its end: (101, its last
+    control frame) or (the HTTP refusal, its body)."""
+    try:
+        async with connect(given, ticket, url) as ws:
+            with contextlib.suppress(websockets.ConnectionClosed):  # it may have ended already
+                await ws.send('{"type": "eof"}')
+            last = ""
+            async for message in ws:
+                if isinstance(message, str):
+                    last = message
+            return 101, last
+    except websockets.InvalidStatus as exc:
+        return exc.response.status_code, (exc.response.body or b"").decode()
+
+
+def running(marker: str) -> list[psutil.Process]:
+    """This host's processes whose command line holds ``marker`` (the fake driver's guest
+    processes are local ones)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if marker in " ".join(process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+def test_piped_shell_goes_straight_to_the_node(shells: Cluster) -> None:
+    before = direct_sessions(shells, "node-a")
+    piped = shells.cli("shell", "primary", stdin=b"echo piped-$((2 * 21))\nexit 4\n", env=DEBUG)
+    assert piped.code == 4 and piped.out.strip() == "piped-42"
+    assert STRAIGHT in piped.err and RELAYED not in piped.err
+    assert direct_sessions(shells, "node-a") == before + 1
+
+
+def test_a_ticket_is_single_use_and_for_its_instance_only(shells: Cluster) -> None:
+    given = offer(shells, "primary", command=["sh", "-c", "exit 5"], tty=False)
+    assert given.status_code == 201, given.text
+    ticket = given.json()
+    assert ticket["url"].startswith("wss://") and len(ticket["ticket"]) >= 32
+    assert asyncio.run(redeem(ticket)) == (101, '{"type": "exit", "code": 5}')
+
+    status, body = asyncio.run(redeem(ticket))  # spent
+    assert status == 401 and json.loads(body)["error"]["code"] == "unauthenticated"
+
+    # A ticket for "primary" shown at the path of "other" (same node, so the endpoint is the
+    # same) is refused, and spent: it does not work at its own path afterwards either.
+    shells.ok("launch", "--name", "neighbour", "--node", "node-a")
+    neighbour_id = shells.instances()["neighbour"]["id"]
+    fresh = offer(shells, "primary", command=["true"], tty=False).json()
+    elsewhere = fresh["url"].rsplit("/", 1)[0] + "/" + neighbour_id
+    status, body = asyncio.run(redeem(fresh, url=elsewhere))
+    assert status == 401 and "another instance" in json.loads(body)["error"]["message"]
+    assert asyncio.run(redeem(fresh))[0] == 401
+
+
+def test_missing_or_bad_tickets_get_a_clean_refusal(shells: Cluster) -> None:
+    given = offer(shells, "primary", command=["true"], tty=False).json()
+    for ticket in ("", "not-a-ticket", given["ticket"][:-2] + "xx"):
+        status, body = asyncio.run(redeem(given, ticket=ticket))
+        assert status == 401, ticket
+        assert json.loads(body)["error"]["code"] == "unauthenticated"
+    status, body = asyncio.run(redeem(given, url=given["url"].replace("/v1/sessions/", "/v2/")))
+    assert status == 400 and json.loads(body)["error"]["code"] == "invalid_argument"
+    assert asyncio.run(redeem(given))[0] == 101  # the bad tries did not spend the real one
+
+
+def test_session_offers_are_refused_as_the_shell_is(shells: Cluster) -> None:
+    assert offer(shells, "resting").status_code == 409
+    assert offer(shells, "ghost").status_code == 404
+    assert offer(shells, "primary", cols=0, rows=24).status_code == 400
+    assert offer(shells, "primary", command=["a\0b"]).status_code == 400
+    viewer = shells.ok("token", "create", "--api", "--role", "viewer").out.strip()
+    refused = shells.http.post(
+        f"{shells.api}/api/v1/instances/primary/sessions",
+        json={},
+        headers={"Authorization": f"Bearer {viewer}"},
+    )
+    assert refused.status_code == 403
+    assert (
+        shells.http.post(f"{shells.api}/api/v1/instances/primary/sessions", json={}).status_code
+        == 401
+    )
+
+
+def test_closing_the_websocket_ends_the_process_in_the_guest(shells: Cluster) -> None:
+    marker = f"sleep {1000 + os.getpid() % 1000}.25"
+    given = offer(shells, "primary", command=["sh", "-c", marker], tty=False).json()
+
+    async def open_and_drop() -> None:
+        async with connect(given):
+            await async_wait_until(lambda: running(marker))
+
+    asyncio.run(open_and_drop())
+    wait_until(lambda: not running(marker))
+
+
+def test_agent_shutdown_closes_its_sessions(shells: Cluster) -> None:
+    worker = shells.start_worker("node-brief")
+    shells.ok("launch", "--name", "brief", "--node", "node-brief")
+    marker = f"sleep {1000 + os.getpid() % 1000}.75"
+    given = offer(shells, "brief", command=["sh", "-c", marker], tty=False).json()
+
+    async def open_and_stop() -> int | None:
+        async with connect(given) as ws:
+            await async_wait_until(lambda: running(marker))
+            assert worker.process is not None
+            worker.process.terminate()  # the worker alone, not its process group
+            async for _ in ws:  # ends when the agent closes the connection
+                pass
+            return ws.close_code
+
+    try:
+        assert asyncio.run(open_and_stop()) == 1001  # "going away"
+        assert worker.process is not None and worker.process.wait(timeout=30) == 0
+        wait_until(lambda: not running(marker))
+    finally:
+        worker.kill()
+
+
+def test_an_unreachable_node_falls_back_to_the_relay(shells: Cluster) -> None:
+    """The master dials this node at 127.0.0.3; its session endpoint listens on 127.0.0.1 only,
+    so the CLI, sent to 127.0.0.3, is refused there and goes through the master."""
+    shells.start_worker(
+        "node-far", "--session-listen", "127.0.0.1:0", host="127.0.0.3", advertise=True
+    )
+    shells.ok("launch", "--name", "far", "--node", "node-far")
+    assert offer(shells, "far", tty=False).json()["url"].startswith("wss://127.0.0.3:")
+    result = shells.cli("shell", "far", stdin=b"echo far-$((6 * 7))\nexit 3\n", env=DEBUG)
+    assert result.code == 3 and result.out.strip() == "far-42"
+    assert RELAYED in result.err and STRAIGHT not in result.err
+    assert direct_sessions(shells, "node-far") == 0
+
+
+def test_a_ticket_expires_and_is_spent_by_its_first_showing() -> None:
+    now = [100.0]
+    tickets = SessionTickets(ttl=30.0, clock=lambda: now[0])
+    late = tickets.issue("vm-1", ("sh",), None)
+    now[0] += 30.0
+    with pytest.raises(Unauthenticated, match="expired"):
+        tickets.redeem(late, "vm-1")
+    kept = tickets.issue("vm-1", (), None)
+    assert len(kept) >= 43  # 256 random bits, base64
+    now[0] += 29.9
+    assert tickets.redeem(kept, "vm-1").command == ()
+    with pytest.raises(Unauthenticated):
+        tickets.redeem(kept, "vm-1")
+    wrong = tickets.issue("vm-1", (), None)
+    with pytest.raises(Unauthenticated, match="another instance"):
+        tickets.redeem(wrong, "vm-2")
+    with pytest.raises(Unauthenticated):
+        tickets.redeem(wrong, "vm-1")

@@ -83,10 +83,11 @@ def test_interactive_shell_in_a_vm(vms: Cluster) -> None:
         child = pexpect.spawn(
             sys.executable,
             ["-m", "multiverse", "shell", "vm-shell"],
-            env=vms.env,
+            env={**vms.env, "MULTIVERSE_DEBUG": "1"},
             dimensions=(31, 97),
             timeout=30,
         )
+        child.expect("session straight to the node")  # not through the master's relay
         child.sendline("stty size")
         child.expect(r"31 97\r\n")
         child.setwinsize(43, 132)

@@ -376,6 +376,12 @@ def _worker_options(func: Callable[..., None]) -> Callable[..., None]:
 @click.option("--listen", default="0.0.0.0:1339", show_default=True, help="Agent gRPC address.")
 @click.option("--advertise", default="", help="HOST:PORT the master dials (default: as seen).")
 @click.option(
+    "--session-listen",
+    default="",
+    help="HOST:PORT of the agent's shell endpoint, which CLIs reach straight (default: the "
+    "--listen host, a free port; 'off': shells go through the master).",
+)
+@click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=lambda: default_data_dir() / "worker",
@@ -398,6 +404,7 @@ def worker(
     token_file: Path | None,
     listen: str,
     advertise: str,
+    session_listen: str,
     data_dir: Path,
     name: str,
     labels: dict[str, str],
@@ -424,6 +431,7 @@ def worker(
         token=token,
         listen=listen,
         advertise=advertise,
+        session_listen=session_listen,
         name=name,
         driver="fake" if simulate else driver,
         labels=labels,

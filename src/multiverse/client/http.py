@@ -275,6 +275,12 @@ class ApiClient:
     def logs(self, name: str) -> str:
         return str(self._request("GET", f"/instances/{name}/logs")["log"])
 
+    def open_session(self, name: str, command: list[str], tty: bool, cols: int, rows: int) -> JSON:
+        """Where to open a session straight on the instance's node, with its one-time ticket
+        (``url`` None: the node serves none; use the master's ``shell`` WebSocket)."""
+        body = {"command": command, "tty": tty, "cols": cols, "rows": rows}
+        return dict(self._request("POST", f"/instances/{name}/sessions", json=body))
+
     def exec(self, name: str, command: list[str], stdin: bytes = b"") -> Iterator[JSON]:
         """Yields ``{"stream", "data": bytes}`` chunks, then ``{"exit_code"}``, each as soon as
         its line arrives."""

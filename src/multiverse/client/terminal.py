@@ -1,8 +1,14 @@
-"""The CLI's end of ``shell`` and ``exec -t``: this terminal <-> a WebSocket to the master.
+"""The CLI's end of ``shell`` and ``exec -t``: this terminal <-> a WebSocket to the session.
+
+The WebSocket goes straight to the node's agent when it can (the master only hands out a
+one-time ticket for it, worker/sessions.py): the bytes then cross one process less each way,
+and not the master's, which serves everyone. When the node cannot be reached from here (it
+refuses, times out, fails TLS) or the master offers no direct endpoint, the session goes
+through the master's relay (master/sessions.py) as before; ``MULTIVERSE_DEBUG=1`` tells which.
 
 With a terminal on stdin it goes raw (Ctrl-C, Ctrl-Z, Ctrl-D reach the guest), sends the size
 at start and on every SIGWINCH, and restores the terminal on every way out. With piped stdin it
-streams the input and then says end-of-input. Frames are those of master/sessions.py.
+streams the input and then says end-of-input. Frames are those of core/sessions.py.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ import contextlib
 import json
 import os
 import signal
+import socket
+import ssl
 import sys
 import termios
 import tty
@@ -23,6 +31,13 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from multiverse.client.http import ApiClient, ApiError, Unreachable
+from multiverse.core.sessions import EOF_FRAME, resize_frame
+
+DIRECT_TIMEOUT = 2.0  # seconds to reach the node's agent before going through the master
+# No permessage-deflate: a terminal's bytes are few per frame or already dense, and deflating
+# every frame on one end and inflating it on the other cost more CPU than anything else on the
+# path (a host the guest's emulated CPU shares).
+_SESSION_OPTIONS: dict[str, Any] = {"max_size": None, "compression": None}
 
 
 def _shell_path(name: str, command: Sequence[str], size: os.terminal_size | None) -> str:
@@ -73,9 +88,11 @@ async def _send_input(ws: ClientConnection, fd: int) -> None:
             except BlockingIOError:
                 continue
             if not data:
-                await ws.send(json.dumps({"type": "eof"}))
+                await ws.send(EOF_FRAME)
                 return
             await ws.send(data)
+    except websockets.ConnectionClosed:
+        pass  # the session ended before its input did; _receive tells how it ended
     finally:
         os.set_blocking(fd, was_blocking)
         if watched:
@@ -96,22 +113,7 @@ async def attach(client: ApiClient, name: str, command: Sequence[str], want_tty:
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     interactive = want_tty and os.isatty(stdin)
     size = _size(stdout if os.isatty(stdout) else stdin) if want_tty else None
-    url, options = _ws(client, _shell_path(name, command, size))
-    try:
-        ws = await websockets.connect(
-            url,
-            **options,
-            max_size=None,
-            open_timeout=30,
-            # No permessage-deflate: a terminal's bytes are few per frame or already dense,
-            # and deflating every frame on the master and inflating it here cost more CPU
-            # than anything else on the path (a host the guest's emulated CPU shares).
-            compression=None,
-        )
-    except websockets.InvalidStatus as exc:
-        raise _refusal(exc) from None
-    except (OSError, websockets.InvalidHandshake, TimeoutError) as exc:
-        raise Unreachable(f"cannot reach the master at {client.server}: {exc}") from exc
+    ws = await _direct(client, name, command, size) or await _relayed(client, name, command, size)
 
     loop = asyncio.get_running_loop()
 
@@ -119,8 +121,7 @@ async def attach(client: ApiClient, name: str, command: Sequence[str], want_tty:
 
     def send_size() -> None:
         now = _size(stdout)
-        resize = {"type": "resize", "cols": now.columns, "rows": now.lines}
-        sending = asyncio.create_task(ws.send(json.dumps(resize)))
+        sending = asyncio.create_task(ws.send(resize_frame(now.columns, now.lines)))
         resizes.add(sending)
         sending.add_done_callback(resizes.discard)
 
@@ -139,6 +140,57 @@ async def attach(client: ApiClient, name: str, command: Sequence[str], want_tty:
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGWINCH):
             loop.remove_signal_handler(sig)
         await ws.close()
+
+
+def _debug(message: str) -> None:
+    if os.environ.get("MULTIVERSE_DEBUG"):
+        sys.stderr.write(f"debug: {message}\n")
+
+
+async def _direct(
+    client: ApiClient, name: str, command: Sequence[str], size: os.terminal_size | None
+) -> ClientConnection | None:
+    """The session on the node's agent itself, or None when that cannot be (then the master
+    relays). The master's refusals (no such instance, not running, not allowed) are final."""
+    cols, rows = (size.columns, size.lines) if size else (80, 24)
+    offer = client.open_session(name, list(command), size is not None, cols, rows)
+    if not offer.get("url"):
+        _debug("the master offers no direct session; relaying through the master")
+        return None
+    # The node's certificate must come from the cluster's CA (what the master trusts its
+    # agents by) and name that node, whatever address it has: the master told both, over a
+    # connection this client already trusts.
+    trust = ssl.create_default_context(cadata=offer["ca_certificate"])
+    try:
+        ws = await websockets.connect(
+            offer["url"],
+            ssl=trust,
+            server_hostname=offer["server_name"],
+            additional_headers={"Authorization": f"Bearer {offer['ticket']}"},
+            open_timeout=DIRECT_TIMEOUT,
+            proxy=None,  # the node, or the relay: not a proxy in between
+            **_SESSION_OPTIONS,
+        )
+    except (OSError, websockets.InvalidHandshake, TimeoutError) as exc:
+        _debug(f"cannot open the session at {offer['url']} ({exc}); relaying through the master")
+        return None
+    _debug(f"session straight to the node at {offer['url']}")
+    sock = ws.transport.get_extra_info("socket")
+    if sock is not None:  # asyncio sets it on TCP already; a keystroke must not wait for an ACK
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return ws
+
+
+async def _relayed(
+    client: ApiClient, name: str, command: Sequence[str], size: os.terminal_size | None
+) -> ClientConnection:
+    url, options = _ws(client, _shell_path(name, command, size))
+    try:
+        return await websockets.connect(url, **options, open_timeout=30, **_SESSION_OPTIONS)
+    except websockets.InvalidStatus as exc:
+        raise _refusal(exc) from None
+    except (OSError, websockets.InvalidHandshake, TimeoutError) as exc:
+        raise Unreachable(f"cannot reach the master at {client.server}: {exc}") from exc
 
 
 async def _write_all(fd: int, data: bytes) -> None:

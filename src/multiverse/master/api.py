@@ -52,6 +52,7 @@ from multiverse.core.model import (
     parse_labels,
 )
 from multiverse.core.network import parse_publish
+from multiverse.core.sessions import valid_size
 from multiverse.core.sizes import parse_size
 from multiverse.master import auth, ui
 from multiverse.master.environments import Environments
@@ -71,7 +72,7 @@ from multiverse.master.provision import (
     SSHTarget,
 )
 from multiverse.master.scheduler import Strategy
-from multiverse.master.sessions import MAX_TERMINAL, relay
+from multiverse.master.sessions import relay
 from multiverse.store.repository import Store
 from multiverse.wire import pki
 
@@ -202,6 +203,18 @@ class NodeAddBody(NodeCredentialsBody):
     root: str = Field(DEFAULT_ROOT, max_length=255)
 
 
+class SessionBody(BaseModel):
+    command: list[str] = Field(default_factory=list, max_length=4096)  # empty: the login shell
+    tty: bool = True
+    cols: int = 80
+    rows: int = 24
+
+    @field_validator("command")
+    @classmethod
+    def _no_nul(cls, command: list[str]) -> list[str]:
+        return _without_nul(command)
+
+
 class ExecBody(BaseModel):
     command: list[str] = Field(min_length=1, max_length=4096)
     stdin: str = ""  # base64
@@ -209,10 +222,14 @@ class ExecBody(BaseModel):
     @field_validator("command")
     @classmethod
     def _no_nul(cls, command: list[str]) -> list[str]:
-        # No program can receive a NUL inside an argument; say so instead of failing later.
-        if any("\0" in part for part in command):
-            raise ValueError("arguments cannot contain NUL characters")
-        return command
+        return _without_nul(command)
+
+
+def _without_nul(command: list[str]) -> list[str]:
+    # No program can receive a NUL inside an argument; say so instead of failing later.
+    if any("\0" in part for part in command):
+        raise ValueError("arguments cannot contain NUL characters")
+    return command
 
 
 # ---- JSON shapes ----
@@ -901,6 +918,27 @@ def create_app(
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
+    @app.post("/api/v1/instances/{name}/sessions", status_code=201)
+    async def open_session(name: str, body: SessionBody, _: Admin) -> dict[str, Any]:
+        """A session the client opens straight on the instance's node (as Nomad's ``alloc
+        exec``): the agent's WebSocket URL and a one-time ticket for it (sent as ``Authorization:
+        Bearer``; single use, valid ``expires_in`` seconds), the name its certificate carries
+        and the CA that signed it. ``url`` null: that node serves none; use the ``shell``
+        WebSocket here, which also serves when the client cannot reach the node."""
+        if body.tty and not valid_size(body.cols, body.rows):
+            raise InvalidArgument(f"invalid terminal size {body.cols}x{body.rows}")
+        size = (body.cols, body.rows) if body.tty else None
+        direct = await instances.session_ticket(name, body.command, size)
+        if direct is None:
+            return {"url": None}
+        return {
+            "url": direct.url,
+            "ticket": direct.ticket,
+            "server_name": direct.server_name,
+            "ca_certificate": ca.cert_pem.decode(),
+            "expires_in": direct.expires_in,
+        }
+
     @app.websocket("/api/v1/instances/{name}/shell")
     async def shell(
         websocket: WebSocket,
@@ -913,7 +951,7 @@ def create_app(
         """A shell (or ``command``) in the instance; frames as master/sessions.py tells."""
         try:
             auth.require_role(await _caller(websocket), "admin")
-            if not (0 < cols <= MAX_TERMINAL and 0 < rows <= MAX_TERMINAL):
+            if not valid_size(cols, rows):
                 raise InvalidArgument(f"invalid terminal size {cols}x{rows}")
             node_name = (await instances.get(name)).node_name
             call = await instances.open_session(name, command or [], (cols, rows) if tty else None)

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeAlias
 
 import grpc
@@ -39,6 +39,7 @@ from multiverse.core.model import (
     ensure_running,
 )
 from multiverse.core.network import Publish
+from multiverse.core.sessions import AGENT_SESSION_PATH
 from multiverse.master.cluster import Agents
 from multiverse.master.events import EventBus
 from multiverse.master.network import Ipam
@@ -46,7 +47,8 @@ from multiverse.master.operations import Operation, Operations
 from multiverse.master.reconciler import PERMANENT, Reconciler
 from multiverse.master.scheduler import NodeView, Strategy, place, spread_conflict
 from multiverse.store.repository import Change, Store, now
-from multiverse.wire import convert
+from multiverse.wire import convert, pki
+from multiverse.wire.convert import split_address
 from multiverse.wire.v1 import multiverse_pb2 as pb
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
 
@@ -58,6 +60,17 @@ OPERATION_TIMEOUT = 900.0  # seconds an operation waits for its instance to get 
 # seen by another master (its worker syncs there), which raises the event on that master only.
 UNTIL_RECHECK = 5.0
 PLACEMENT_TRIES = 3  # a node found full at insert time (another master won it): choose again
+
+
+@dataclass(frozen=True)
+class DirectSession:
+    """Where a client opens a session straight on the node, and the one-time ticket for it.
+    ``server_name``: the name the node's certificate (from the cluster CA) carries."""
+
+    url: str
+    ticket: str = field(repr=False)  # a secret until used: never in a repr or a log
+    server_name: str
+    expires_in: float
 
 
 @dataclass(frozen=True)
@@ -330,14 +343,12 @@ class Instances:
         call = self._stub(node).Exec(pb.ExecRequest(id=instance.id, command=command, stdin=stdin))
         return _exec_stream(call, node.name)
 
-    async def open_session(
+    async def _session_start(
         self, name: str, command: list[str], size: tuple[int, int] | None
-    ) -> SessionCall:
-        """Start a session on the instance's node; the call is ready for input and output."""
+    ) -> tuple[Node, pb.SessionStart]:
         instance = await self.get(name)
         ensure_running(name, instance.state)
         node = await self._node_of(instance)
-        call: SessionCall = self._stub(node).Session()
         cols, rows = size or (0, 0)
         start = pb.SessionStart(
             id=instance.id,
@@ -345,11 +356,42 @@ class Instances:
             tty=size is not None,
             size=pb.TerminalSize(cols=cols, rows=rows),
         )
+        return node, start
+
+    async def open_session(
+        self, name: str, command: list[str], size: tuple[int, int] | None
+    ) -> SessionCall:
+        """Start a session on the instance's node; the call is ready for input and output."""
+        node, start = await self._session_start(name, command, size)
+        call: SessionCall = self._stub(node).Session()
         try:
             await call.write(pb.SessionInput(start=start))
         except grpc.aio.AioRpcError as exc:
             raise convert.error_from_rpc(exc, node.name) from exc
         return call
+
+    async def session_ticket(
+        self, name: str, command: list[str], size: tuple[int, int] | None
+    ) -> DirectSession | None:
+        """A session the client opens on the node's agent itself (worker/sessions.py), the
+        master only authorizing it; None when that agent serves no such endpoint."""
+        node, start = await self._session_start(name, command, size)
+        try:
+            reply = await self._stub(node).IssueSessionTicket(start, timeout=self.agents.timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return None  # an agent of a release before direct sessions
+            raise convert.error_from_rpc(exc, node.name) from exc
+        if not reply.port:
+            return None
+        host = split_address(node.address)[0]
+        host = f"[{host}]" if ":" in host else host
+        return DirectSession(
+            url=f"wss://{host}:{reply.port}{AGENT_SESSION_PATH}{start.id}",
+            ticket=reply.ticket,
+            server_name=pki.node_server_name(node.id),
+            expires_in=reply.expires_in,
+        )
 
     async def logs(self, name: str) -> str:
         instance = await self.get(name)

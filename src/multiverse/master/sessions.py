@@ -1,10 +1,10 @@
 """The master's part of a shell or ``exec -t``: a WebSocket on one side, gRPC on the other.
 
-Frames on the WebSocket: binary frames carry the bytes, both ways; text frames carry JSON
-control messages: from the client ``{"type": "resize", "cols", "rows"}`` and
-``{"type": "eof"}``; to the client ``{"type": "exit", "code"}`` (last) or
-``{"type": "error", "code", "message"}``. Each side awaits the other's flow control, so a slow
-reader slows the writer and nothing piles up in the master beyond a few messages read ahead.
+The relay: the CLI opens its sessions straight on the node's agent when it can reach it
+(worker/sessions.py, with a ticket the master asked for), and comes here when it cannot; the
+web UI's terminal always comes here. Frames as core/sessions.py defines them. Each side awaits
+the other's flow control, so a slow reader slows the writer and nothing piles up in the master
+beyond a few messages read ahead.
 
 Output the agent sent while the WebSocket was busy goes out as one binary frame (up to
 :data:`MAX_FRAME` bytes), not as one frame per gRPC message: a burst of small pieces (a
@@ -15,20 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-from typing import Any, cast
+from typing import cast
 
 import grpc
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from multiverse.core.errors import MultiverseError
+from multiverse.core.sessions import MAX_FRAME, Resize, error_frame, exit_frame, parse_control
 from multiverse.master.instances import SessionCall
 from multiverse.wire import convert
 from multiverse.wire.v1 import multiverse_pb2 as pb
 
 _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
-MAX_TERMINAL = 10000  # rows or columns; more is a bug or an attack, not a terminal
-MAX_FRAME = 256 * 1024  # bytes of output joined into one binary frame at most
 READ_AHEAD = 16  # gRPC messages (each at most a read of the session) waiting for the WebSocket
 
 # What the reader hands the relay: a pb.SessionOutput, the call's grpc.aio.AioRpcError, or
@@ -38,18 +36,12 @@ _Item = object
 
 def _control(text: str) -> pb.SessionInput | None:
     """The gRPC input for a client control frame; None for frames we do not know."""
-    try:
-        message: dict[str, Any] = json.loads(text)
-        kind = message.get("type")
-        if kind == "resize":
-            cols, rows = int(message["cols"]), int(message["rows"])
-            if 0 < cols <= MAX_TERMINAL and 0 < rows <= MAX_TERMINAL:
-                return pb.SessionInput(resize=pb.TerminalSize(cols=cols, rows=rows))
-        elif kind == "eof":
-            return pb.SessionInput(eof=True)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        pass
-    return None
+    control = parse_control(text)
+    if control is None:
+        return None
+    if isinstance(control, Resize):
+        return pb.SessionInput(resize=pb.TerminalSize(cols=control.cols, rows=control.rows))
+    return pb.SessionInput(eof=True)
 
 
 async def _upstream(websocket: WebSocket, call: SessionCall) -> None:
@@ -125,7 +117,7 @@ class _ReadAhead:
 async def relay(websocket: WebSocket, call: SessionCall, node_name: str) -> None:
     upstream = asyncio.create_task(_upstream(websocket, call))
     outputs = _ReadAhead(call)
-    final: dict[str, Any] | None = None
+    final: str | None = None
     try:
         held: _Item | None = None  # taken from the queue while joining a frame, not sent yet
         while True:
@@ -139,11 +131,16 @@ async def relay(websocket: WebSocket, call: SessionCall, node_name: str) -> None
                 frame, held = outputs.take_frame(output)
                 await websocket.send_bytes(frame)
             else:
-                final = {"type": "exit", "code": output.exit_code}
+                # The last message: done here, without waiting for the call's status. The
+                # agent holds the call open until we go (see its Session), for a write of
+                # ours that met a finished call would fail the call on this side, and grpc
+                # then drops what it had not handed us yet: the exit code, at times.
+                final = exit_frame(output.exit_code)
+                break
     except grpc.aio.AioRpcError as exc:
         if exc.code() != grpc.StatusCode.CANCELLED:
             error: MultiverseError = convert.error_from_rpc(exc, node_name)
-            final = {"type": "error", "code": error.code, "message": error.message}
+            final = error_frame(error.code, error.message)
     except (WebSocketDisconnect, RuntimeError):
         pass  # the client went away; cancelling the call ends the session on the node
     finally:
@@ -152,5 +149,5 @@ async def relay(websocket: WebSocket, call: SessionCall, node_name: str) -> None
         call.cancel()
         with contextlib.suppress(Exception):
             if final is not None:
-                await websocket.send_text(json.dumps(final))
+                await websocket.send_text(final)
             await websocket.close()

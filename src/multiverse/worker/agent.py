@@ -35,6 +35,7 @@ from multiverse.core.model import (
     ensure_running,
 )
 from multiverse.core.network import NetworkPlan, Nic
+from multiverse.core.sessions import EOF, Resize
 from multiverse.core.sizes import format_size
 from multiverse.drivers.base import (
     Driver,
@@ -55,6 +56,7 @@ from multiverse.worker.faults import NodeFaultsApplier
 from multiverse.worker.imagecache import NodeImageCache
 from multiverse.worker.localstore import LocalStore, VMRecord
 from multiverse.worker.network import NodeNetwork
+from multiverse.worker.sessions import SessionTickets, Ticket, apply_input
 from multiverse.worker.usage import HostUsage
 
 log = logging.getLogger("multiverse.worker")
@@ -63,6 +65,9 @@ Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 Told: TypeAlias = tuple[object, ...]  # what a report says of one instance
 
 _SETTLED = {InstanceState.RUNNING, InstanceState.STOPPED}
+# Seconds a relayed session's call stays open after its exit code for the master to end it
+# (a master of this release does at once; an older one waited for the call's end instead).
+SESSION_LINGER = 5.0
 # The message of an instance held here for a live move that has not handed it over yet.
 INCOMING = "incoming live move"
 
@@ -122,6 +127,10 @@ class Agent:
         # The node's certificate as QEMU reads x509 credentials (the worker sets it): the
         # TLS of a live move's disk mirror and migration.
         self.tls_dir: Path | None = None
+        # Direct sessions (worker/sessions.py): the tickets the master asked for, and the
+        # endpoint's port (the worker sets it; 0: no endpoint, sessions go through the master).
+        self.tickets = SessionTickets()
+        self.session_port = 0
 
     # ---- state ----
 
@@ -562,6 +571,13 @@ class Agent:
         except MultiverseError as exc:
             log.warning("instance %s: cannot detach its network: %s", record.spec.name, exc)
 
+    async def open_session(self, wanted: Ticket) -> Session:
+        """The session a ticket (or the master's relayed start) asks for, on a running VM."""
+        record = self.running(wanted.instance_id)
+        return await self.driver.open_session(
+            _vm(record), list(wanted.command) or None, wanted.size
+        )
+
     async def shutdown(self) -> None:
         for task in list(self._tasks):
             task.cancel()
@@ -569,16 +585,27 @@ class Agent:
         await self.driver.close()
 
 
-async def _feed(inputs: AsyncIterator[pb.SessionInput], session: Session) -> None:
-    """Input, resizes and end-of-input from the master into the session, in order."""
+async def _feed(
+    inputs: AsyncIterator[pb.SessionInput], session: Session, ended: asyncio.Event
+) -> None:
+    """Input, resizes and end-of-input from the master into the session, in order; once the
+    process has ended, what still comes is read and dropped, until the master ends the call."""
     async for message in inputs:
+        if ended.is_set():
+            continue
         kind = message.WhichOneof("kind")
         if kind == "data":
-            await session.write(message.data)
+            await apply_input(session, message.data)
         elif kind == "resize":
-            await session.resize(message.resize.cols, message.resize.rows)
+            await apply_input(session, Resize(message.resize.cols, message.resize.rows))
         elif kind == "eof":
-            await session.close_input()
+            await apply_input(session, EOF)
+
+
+def _ticket_of(start: pb.SessionStart) -> Ticket:
+    """What a session's start asks for; a session relayed by the master has no expiry."""
+    size = TerminalSize(start.size.cols or 80, start.size.rows or 24) if start.tty else None
+    return Ticket(start.id, tuple(start.command), size, expires=float("inf"))
 
 
 class AgentServicer(pb_grpc.AgentServiceServicer):
@@ -686,24 +713,45 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         if first is None or first.WhichOneof("kind") != "start":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument:start first")
             return
-        start = first.start
         try:
-            record = self.agent.running(start.id)
-            size = TerminalSize(start.size.cols or 80, start.size.rows or 24) if start.tty else None
-            session = await self.agent.driver.open_session(
-                _vm(record), list(start.command) or None, size
-            )
+            session = await self.agent.open_session(_ticket_of(first.start))
         except MultiverseError as exc:
             await context.abort(*convert.error_to_rpc(exc))
             return
-        feeder = asyncio.create_task(_feed(request_iterator, session))
+        ended = asyncio.Event()
+        feeder = asyncio.create_task(_feed(request_iterator, session, ended))
         try:
             while data := await session.read():
                 yield pb.SessionOutput(data=data)
-            yield pb.SessionOutput(exit_code=await session.wait())
+            code = await session.wait()
+            ended.set()
+            yield pb.SessionOutput(exit_code=code)
+            # Held open until the master, told the exit code, cancels or half-closes the call:
+            # finishing it first would make a write of the master's still in flight (the
+            # client's end-of-input, say) fail the call on the master's side, and grpc then
+            # drops the messages it had not handed over, exit code included.
+            # (Input the ended process could not take is no error of the session's.)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(feeder), SESSION_LINGER)
         finally:
             feeder.cancel()
             await session.close()
+
+    async def IssueSessionTicket(self, request: pb.SessionStart, context: Ctx) -> pb.SessionTicket:
+        """A ticket for this session at the agent's own endpoint (worker/sessions.py)."""
+        await self._guard(context)
+        try:
+            self.agent.running(request.id)  # refused now, not when the client comes
+        except MultiverseError as exc:
+            await context.abort(*convert.error_to_rpc(exc))
+            raise AssertionError("unreachable") from exc
+        if not self.agent.session_port:
+            return pb.SessionTicket()  # no endpoint here: the client goes through the master
+        wanted = _ticket_of(request)
+        secret = self.agent.tickets.issue(wanted.instance_id, wanted.command, wanted.size)
+        return pb.SessionTicket(
+            ticket=secret, port=self.agent.session_port, expires_in=self.agent.tickets.ttl
+        )
 
     async def Logs(self, request: pb.InstanceRef, context: Ctx) -> pb.LogsResponse:
         await self._guard(context)

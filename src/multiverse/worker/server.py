@@ -30,6 +30,7 @@ from multiverse.worker.agent import Agent, AgentServicer, Ctx
 from multiverse.worker.imagecache import MasterImages, NodeImageCache
 from multiverse.worker.localstore import LocalStore
 from multiverse.worker.network import LinuxNetwork, detect_mode
+from multiverse.worker.sessions import NodeTLS, SessionServer
 from multiverse.worker.sync import Identity, join, observe_forever, renew_forever, sync_forever
 from multiverse.worker.usage import HostUsage
 
@@ -46,6 +47,9 @@ class WorkerConfig:
     token: str = ""
     listen: str = "0.0.0.0:1339"
     advertise: str = ""
+    # The direct shell endpoint (worker/sessions.py): "" = the listen host, a free port (the
+    # agent tells the master its port with each ticket); "off" = none, shells go by the master.
+    session_listen: str = ""
     name: str = ""
     driver: str = "qemu"
     labels: dict[str, str] = field(default_factory=dict)
@@ -133,6 +137,7 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._peers: dict[str, tuple[str, grpc.aio.Channel]] = {}
         self.agent.peer = self._dial_peer
+        self.sessions = SessionServer(self.agent.tickets, self.agent.open_session)
 
     def _authorize(self, context: Ctx) -> bool:
         """TLS checked the chain; the agent serves only the master's identity."""
@@ -175,7 +180,15 @@ class Worker:
         if self.agent.image_cache is not None:  # the limit may have shrunk since the last run
             cache = self.agent.image_cache
             await asyncio.to_thread(cache.prune, cache.max_bytes)
-        port = split_address(config.listen)[1]
+        listen_host, port = split_address(config.listen)
+        # Checked before joining, as --listen is: a typo must not leave a joined node behind.
+        session_at = (
+            None
+            if config.session_listen == "off"
+            else split_address(config.session_listen)
+            if config.session_listen
+            else (listen_host, 0)
+        )
         if port == 0:
             raise InvalidArgument("--listen needs a port: the master must know where to call")
         # Join first: the agent's listener serves the certificate the join brings.
@@ -199,6 +212,10 @@ class Worker:
         )
         listen_grpc(self._server, config.listen, self.identity.server_credentials())
         await self._server.start()
+        if session_at is not None:
+            identity = self.identity
+            tls = NodeTLS(config.data_dir / "pki", lambda: identity.cert)
+            self.agent.session_port = await self.sessions.start(*session_at, tls)
         self._tasks = [
             asyncio.create_task(
                 sync_forever(config.master, self.identity, self.agent, config.sync_interval)
@@ -212,6 +229,8 @@ class Worker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.agent.session_port = 0  # no more tickets for an endpoint that is going
+        await self.sessions.close()
         if self._server:
             await self._server.stop(grace=1)
         for _address, channel in self._peers.values():
@@ -275,6 +294,7 @@ def simulated(config: WorkerConfig, count: int) -> list[WorkerConfig]:
                 driver="fake",
                 listen=f"{host}:{node_port}",
                 advertise=f"{advertised}:{node_port}" if advertised else "",
+                session_listen="off",  # a thousand more listeners would test nothing here
             )
         )
     return configs

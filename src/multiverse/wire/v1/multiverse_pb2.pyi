@@ -424,6 +424,16 @@ class SessionOutput(_message.Message):
     exit_code: int
     def __init__(self, data: _Optional[bytes] = ..., exit_code: _Optional[int] = ...) -> None: ...
 
+class SessionTicket(_message.Message):
+    __slots__ = ("ticket", "port", "expires_in")
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_FIELD_NUMBER: _ClassVar[int]
+    ticket: str
+    port: int
+    expires_in: float
+    def __init__(self, ticket: _Optional[str] = ..., port: _Optional[int] = ..., expires_in: _Optional[float] = ...) -> None: ...
+
 class LogsResponse(_message.Message):
     __slots__ = ("text",)
     TEXT_FIELD_NUMBER: _ClassVar[int]

@@ -359,6 +359,11 @@ class AgentServiceStub:
                 request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionInput.SerializeToString,
                 response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionOutput.FromString,
                 _registered_method=True)
+        self.IssueSessionTicket = channel.unary_unary(
+                '/multiverse.v1.AgentService/IssueSessionTicket',
+                request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionStart.SerializeToString,
+                response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionTicket.FromString,
+                _registered_method=True)
         self.Report = channel.unary_unary(
                 '/multiverse.v1.AgentService/Report',
                 request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.SerializeToString,
@@ -477,6 +482,13 @@ class AgentServiceServicer:
 
     def Session(self, request_iterator, context):
         """An interactive shell or `exec -t`: bytes both ways, resizes in, the exit code last.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IssueSessionTicket(self, request, context):
+        """The same session, redeemed by the client at the agent's WebSocket endpoint with the ticket.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -605,6 +617,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Session,
                     request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionInput.FromString,
                     response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionOutput.SerializeToString,
+            ),
+            'IssueSessionTicket': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueSessionTicket,
+                    request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionStart.FromString,
+                    response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionTicket.SerializeToString,
             ),
             'Report': grpc.unary_unary_rpc_method_handler(
                     servicer.Report,
@@ -932,6 +949,33 @@ class AgentService:
             '/multiverse.v1.AgentService/Session',
             multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionInput.SerializeToString,
             multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueSessionTicket(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/multiverse.v1.AgentService/IssueSessionTicket',
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionStart.SerializeToString,
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionTicket.FromString,
             options,
             channel_credentials,
             insecure,
