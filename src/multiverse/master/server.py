@@ -271,13 +271,15 @@ class Master:
         # Bound here rather than by uvicorn, which exits the process when it cannot bind.
         sock = api_socket(config.api_listen)
         bound = sock.getsockname()[1]
-        serving = asyncio.create_task(self._http.serve(sockets=[sock]))
-        while not self._http.started and not serving.done():
-            await asyncio.sleep(0.02)
         client_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         scheme = "http" if config.insecure_http else "https"
         self.api_url = f"{scheme}://{client_host}:{bound}"
+        # Before the API answers: whoever sees it up (a script, the tests) finds the first
+        # admin's client config there already.
         await self._ensure_client_config()
+        serving = asyncio.create_task(self._http.serve(sockets=[sock]))
+        while not self._http.started and not serving.done():
+            await asyncio.sleep(0.02)
         self.leadership = Leadership(
             self.store,
             self.master_id,
