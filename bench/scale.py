@@ -54,9 +54,13 @@ async def _launch_all(cluster: Cluster, count: int, in_flight: int) -> tuple[flo
     headers = {"Authorization": f"Bearer {cluster.token}"}
     names = iter(range(count))
     failures = 0
+    # A connection kept for each launcher: httpx keeps 20 by default, so with more in flight
+    # the rest were closed after each launch and the master did a TLS handshake for every one.
+    pool = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
     async with httpx.AsyncClient(
-        base_url=f"{cluster.api}/api/v1", headers=headers, verify=cluster.ssl_context, timeout=120
-    ) as client:
+        base_url=f"{cluster.api}/api/v1", headers=headers, verify=cluster.ssl_context,
+        timeout=120, limits=pool,
+    ) as client:  # fmt: skip
 
         async def launcher() -> None:
             nonlocal failures

@@ -20,7 +20,10 @@ Two figures per path:
 
 - **keystroke round trip**: the far terminal runs ``stty raw -echo; dd bs=1 count=N``, a
   byte-for-byte echo; one byte is sent, the clock stops when it has come back, then the next
-  byte goes. p50 and p99 over ``--keys`` keystrokes (default 200) after 10 untimed ones.
+  byte goes. p50 and p99 over ``--keys`` keystrokes per path (default 1000) after 10 untimed
+  ones. Every path's session is open at once and the keystrokes take turns between them (key
+  *i* on each path before key *i+1*), so a burst of other work on this shared host lands on
+  every path alike; with 1000 keys the p99 rests on the ten slowest, not on two.
 - **throughput**: ``cat`` of a file of base64 text (``--megabytes`` of /dev/urandom, default 20,
   so about 27 MB of text) prepared beforehand in the guest, so the figure is the path's and not
   base64's speed on an emulated CPU; timed from sending the command until an end marker after
@@ -31,7 +34,7 @@ through tests/harness.py in a temporary directory; the guest image comes from th
 (``MULTIVERSE_IMAGE_CACHE``, default ``<repo>/.data/images``). Every session, VM and process is
 cleaned up at the end, also on Ctrl-C, SIGTERM or failure.
 
-    .venv/bin/python bench/shell.py [--driver qemu|fake|both] [--keys 200] [--format table|json]
+    .venv/bin/python bench/shell.py [--driver qemu|fake|both] [--keys 1000] [--format table|json]
 """
 
 from __future__ import annotations
@@ -206,34 +209,52 @@ def synchronise(terminal: Terminal) -> None:
     drain(terminal)
 
 
-def round_trips(terminal: Terminal, keys: int) -> list[float]:
-    """Seconds from sending each byte to a raw echo until it is back, for ``keys`` bytes."""
-    total = WARMUP_KEYS + keys
+def start_echo(terminal: Terminal, keys: int) -> None:
+    """Put the far terminal in a raw byte-for-byte echo of ``keys`` bytes (and the warm-up)."""
     terminal.send(
-        f"stty raw -echo; {typed(READY)}; dd bs=1 count={total} 2>/dev/null; "
+        f"stty raw -echo; {typed(READY)}; dd bs=1 count={WARMUP_KEYS + keys} 2>/dev/null; "
         f"stty sane; {typed(SYNC)}\n".encode()
     )
     expect(terminal, READY)
     drain(terminal)
-    timings, after = [], b""
+
+
+def keystroke(terminal: Terminal, key: bytes, last: bool) -> tuple[float, bytes]:
+    """Seconds for one byte to come back from the echo, and what came after it (only the last
+    key's echo may share a read with what the shell prints after dd)."""
+    started = time.perf_counter()
+    terminal.send(key)
+    echoed = b""
+    while not echoed:
+        echoed = terminal.read(10.0)
+        if not echoed and time.perf_counter() - started > 10.0:
+            raise TimeoutError(f"keystroke {key!r} did not come back within 10 s")
+    elapsed = time.perf_counter() - started
+    if echoed[:1] != key or (len(echoed) > 1 and not last):
+        raise RuntimeError(f"sent {key!r}, got {echoed!r} back")
+    return elapsed, echoed[1:]
+
+
+def round_trips(terminals: list[Terminal], keys: int) -> list[list[float]]:
+    """Seconds from sending each byte to a raw echo until it is back, ``keys`` bytes for each
+    terminal, interleaved: key *i* goes to every terminal in turn (the order rotating with
+    *i*) before key *i+1*, so that whatever else the host does at a moment falls on every
+    path alike instead of on whichever was measured then."""
+    for terminal in terminals:
+        start_echo(terminal, keys)
+    total = WARMUP_KEYS + keys
+    timings: list[list[float]] = [[] for _ in terminals]
+    after: list[bytes] = [b"" for _ in terminals]
     for index in range(total):
         key = bytes([ord("a") + index % 26])
-        started = time.perf_counter()
-        terminal.send(key)
-        echoed = b""
-        while not echoed:
-            echoed = terminal.read(10.0)
-            if not echoed and time.perf_counter() - started > 10.0:
-                raise TimeoutError(f"keystroke {index} did not come back within 10 s")
-        elapsed = time.perf_counter() - started
-        # Only the last key's echo may share a read with what the shell prints after dd.
-        if echoed[:1] != key or (len(echoed) > 1 and index < total - 1):
-            raise RuntimeError(f"sent {key!r}, got {echoed!r} back")
-        after = echoed[1:]
-        if index >= WARMUP_KEYS:
-            timings.append(elapsed)
-    expect(terminal, SYNC, seen=after)
-    drain(terminal)
+        shift = index % len(terminals)
+        for which in [*range(shift, len(terminals)), *range(shift)]:
+            elapsed, after[which] = keystroke(terminals[which], key, index == total - 1)
+            if index >= WARMUP_KEYS:
+                timings[which].append(elapsed)
+    for terminal, seen in zip(terminals, after, strict=True):
+        expect(terminal, SYNC, seen=seen)
+        drain(terminal)
     return timings
 
 
@@ -273,19 +294,35 @@ class Row:
     stream_error: str = ""
 
 
-def measure(target: str, label: str, open_terminal: Callable[[], Terminal], args: Any) -> Row:
-    say(f"{target}: {label}")
-    terminal = open_terminal()
+def measure(target: str, paths: dict[str, Callable[[], Terminal]], args: Any) -> list[Row]:
+    """Every path's session open at once, their keystrokes interleaved, then each one's stream
+    on its own (a stream takes the host's whole CPU)."""
+    terminals: dict[str, Terminal] = {}
     try:
-        synchronise(terminal)
-        timings = round_trips(terminal, args.keys)
-        try:
-            received, seconds = throughput(terminal, args.stream_file)
-            error = ""
-        except StreamFailed as failure:
-            received, seconds, error = 0, 0.0, str(failure)
+        for label, open_terminal in paths.items():
+            say(f"{target}: opening {label}")
+            terminals[label] = open_terminal()
+            synchronise(terminals[label])
+        say(f"{target}: {args.keys} keystrokes on each path, in turn")
+        timings = round_trips(list(terminals.values()), args.keys)
+        rows = []
+        for (label, terminal), seconds_each in zip(terminals.items(), timings, strict=True):
+            say(f"{target}: {label}: stream")
+            try:
+                received, seconds = throughput(terminal, args.stream_file)
+                error = ""
+            except StreamFailed as failure:
+                received, seconds, error = 0, 0.0, str(failure)
+            rows.append(_row(target, label, seconds_each, received, seconds, error))
+        return rows
     finally:
-        terminal.close()
+        for terminal in terminals.values():
+            terminal.close()
+
+
+def _row(
+    target: str, label: str, timings: list[float], received: int, seconds: float, error: str
+) -> Row:
     milliseconds = sorted(value * 1000 for value in timings)
     percentiles = statistics.quantiles(milliseconds, n=100, method="inclusive")
     row = Row(
@@ -299,7 +336,7 @@ def measure(target: str, label: str, open_terminal: Callable[[], Terminal], args
         stream_error=error,
     )
     rate = f"{row.mb_per_s:.1f} MB/s" if row.mb_per_s is not None else f"stream FAILED: {error}"
-    say(f"  p50 {row.p50_ms:.2f} ms, p99 {row.p99_ms:.2f} ms, {rate}")
+    say(f"  {label}: p50 {row.p50_ms:.2f} ms, p99 {row.p99_ms:.2f} ms, {rate}")
     return row
 
 
@@ -317,15 +354,14 @@ def bench_fake(cluster: Cluster, args: argparse.Namespace, root: Path) -> list[R
     prepare_stream(cluster, "bench-fake", args)
     try:
         local_env = {**os.environ, "PS1": "local$ ", "TERM": "xterm-256color"}
-        return [
-            measure("fake", "multiverse shell", cli_shell(cluster, "bench-fake"), args),
-            measure(
-                "fake",
-                "local PTY /bin/sh",
-                lambda: PtyTerminal("/bin/sh", ["-i"], local_env),
-                args,
-            ),
-        ]
+        return measure(
+            "fake",
+            {
+                "multiverse shell": cli_shell(cluster, "bench-fake"),
+                "local PTY /bin/sh": lambda: PtyTerminal("/bin/sh", ["-i"], local_env),
+            },
+            args,
+        )
     finally:
         cluster.cli("delete", "bench-fake")
 
@@ -345,10 +381,10 @@ def bench_qemu(cluster: Cluster, args: argparse.Namespace, root: Path) -> list[R
         port, key = int(runtime["ssh_port"]), state_dir / "ssh" / "id_ed25519"
         args.stream_file = "/tmp/mv-bench-stream.b64"
         prepare_stream(cluster, name, args)
-        rows = [
-            measure("qemu", "multiverse shell", cli_shell(cluster, name), args),
-            measure("qemu", "ssh (asyncssh)", lambda: AsyncsshTerminal(port, key), args),
-        ]
+        paths: dict[str, Callable[[], Terminal]] = {
+            "multiverse shell": cli_shell(cluster, name),
+            "ssh (asyncssh)": lambda: AsyncsshTerminal(port, key),
+        }
         ssh = shutil.which("ssh")
         if ssh:
             options = ["-F", "/dev/null", "-i", str(key), "-p", str(port), "-tt"]
@@ -362,12 +398,10 @@ def bench_qemu(cluster: Cluster, args: argparse.Namespace, root: Path) -> list[R
             ):
                 options += ["-o", option]
             openssh = [*options, "root@127.0.0.1"]
-            rows.append(
-                measure("qemu", "ssh (OpenSSH client)", lambda: PtyTerminal(ssh, openssh), args)
-            )
+            paths["ssh (OpenSSH client)"] = lambda: PtyTerminal(ssh, openssh)
         else:
             say("no `ssh` client installed: the OpenSSH row is left out")
-        return rows
+        return measure("qemu", paths, args)
     finally:
         cluster.cli("delete", name, timeout=60)
 
@@ -427,7 +461,9 @@ def print_table(report: dict[str, Any]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--driver", choices=("qemu", "fake", "both"), default="both")
-    parser.add_argument("--keys", type=int, default=200, help="timed keystrokes (default 200)")
+    parser.add_argument(
+        "--keys", type=int, default=1000, help="timed keystrokes per path (default 1000)"
+    )
     parser.add_argument(
         "--megabytes", type=float, default=20, help="random MB, base64-encoded, to stream"
     )

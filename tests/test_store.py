@@ -204,6 +204,35 @@ def test_tokens(db_url: str) -> None:
     _run(db_url, scenario)
 
 
+def test_a_token_read_recently_serves_requests_until_revoked_here(db_url: str) -> None:
+    """The API's reads of its tokens (max_age): another master's revocation shows once the
+    record is older than max_age; this master's own, at once."""
+
+    async def scenario(store: Store) -> None:
+        other = Store(db_url)  # a second master on the same database
+        try:
+            await store.add_token("t1", "api", "hash", role="admin")
+            await store.add_token("t2", "api", "hash", role="admin")
+            for token_id in ("t1", "t2"):
+                fresh = await store.get_token(token_id, max_age=3600)
+                assert fresh is not None and not fresh["revoked"]
+            await other.revoke_token("t1")
+            remembered = await store.get_token("t1", max_age=3600)
+            assert remembered is not None and not remembered["revoked"]
+            current = await store.get_token("t1")  # no max_age: the store's word
+            assert current is not None and current["revoked"]
+            await store.revoke_token("t2")
+            revoked_here = await store.get_token("t2", max_age=3600)
+            assert revoked_here is not None and revoked_here["revoked"]
+            assert await store.get_token("nope", max_age=3600) is None
+            await store.add_token("nope", "api", "hash", role="viewer")
+            assert await store.get_token("nope", max_age=3600) is not None  # misses not kept
+        finally:
+            other.close()
+
+    _run(db_url, scenario)
+
+
 def test_usage_is_kept_on_the_node_and_concurrent_placements_cannot_overfill(
     db_url: str,
 ) -> None:

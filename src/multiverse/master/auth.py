@@ -25,6 +25,9 @@ DEFAULT_JOIN_TTL = timedelta(hours=1)
 DEFAULT_JOIN_USES = 1
 MAX_TTL = timedelta(days=365)
 MAX_USES = 1000
+# Seconds an API request may rely on this master's last read of its token; a revocation
+# through another master takes that long at most to reach this one.
+API_TOKEN_MAX_AGE = 1.0
 
 
 def hash_secret(secret: str) -> str:
@@ -89,7 +92,9 @@ async def verify_token(store: Store, kind: str, token: str) -> dict[str, object]
     """
     prefix, _, rest = token.partition(".")
     token_id, _, secret = rest.partition(".")
-    record = await store.get_token(token_id) if prefix == _PREFIX[kind] and secret else None
+    max_age = API_TOKEN_MAX_AGE if kind == API else 0.0  # a join token's uses are counted
+    valid = prefix == _PREFIX[kind] and secret
+    record = await store.get_token(token_id, max_age=max_age) if valid else None
     what = "join token" if kind == JOIN else "API token"
     if (
         record is None

@@ -41,7 +41,7 @@ from multiverse.core.model import (
 from multiverse.core.network import Publish
 from multiverse.core.sessions import AGENT_SESSION_PATH
 from multiverse.master.cluster import Agents
-from multiverse.master.events import EventBus
+from multiverse.master.events import Event, EventBus
 from multiverse.master.network import Ipam
 from multiverse.master.operations import Operation, Operations
 from multiverse.master.reconciler import PERMANENT, Reconciler
@@ -282,8 +282,26 @@ class Instances:
 
     async def until(self, instance_id: str, targets: set[InstanceState] | None) -> str:
         """Wait until the instance is in one of ``targets`` (None: gone); its final state."""
+        wanted = {"Deleted"} if targets is None else {state.value for state in targets}
+        # The states its events named since the last check. An event is published once its
+        # change is in the store, so one naming a wanted state settles it, and one naming a
+        # state on the way (Starting) needs no read: a launch storm read each instance again
+        # at each step of each launch otherwise.
+        named: list[str] = []
+
+        def about(event: Event) -> bool:
+            if event.get("id") != instance_id:
+                return False
+            named.append(str(event.get("state")))
+            return True
 
         async def reached() -> bool:
+            states = named.copy()
+            named.clear()
+            if wanted.intersection(states):
+                return True
+            if states and not {InstanceState.FAILED.value, "Deleted"}.intersection(states):
+                return False
             try:
                 instance = await self.store.get_instance(instance_id)
             except NotFound:
@@ -298,9 +316,8 @@ class Instances:
 
         # Its own changes always raise an event; the slow recheck is only a safety net.
         if not await self.events.wait_for(
-            reached, OPERATION_TIMEOUT, about=lambda event: event.get("id") == instance_id,
-            recheck=UNTIL_RECHECK,
-        ):  # fmt: skip
+            reached, OPERATION_TIMEOUT, about=about, recheck=UNTIL_RECHECK
+        ):
             raise Unavailable(f"gave up waiting after {OPERATION_TIMEOUT:.0f}s")
         return "Deleted" if targets is None else next(iter(targets)).value
 

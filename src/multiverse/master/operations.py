@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -26,6 +27,7 @@ from multiverse.master.events import EventBus
 
 KEEP = 1000  # operations kept for lookups at most
 KEEP_FOR = 3600.0  # seconds a finished operation stays for lookups
+SWEEP_EVERY = 1.0  # seconds between looks for expired operations (one may linger that long)
 
 
 def _now() -> str:
@@ -88,19 +90,33 @@ class Operations:
         self.keep_for = keep_for
         self._clock = clock
         self._operations: dict[str, Operation] = {}  # oldest first
+        self._swept = clock()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
         return len(self._operations)
 
     def _prune(self) -> None:
+        """Runs at every start, so it must not walk the table each time: a sweep of the table
+        once a second drops the expired (a launch storm starts hundreds a second, and walking
+        1,000 operations for each was a tenth of the master's loop), and past ``keep`` the
+        oldest go, found from the old end (finished ones first, then running ones)."""
         moment = self._clock()
-        finished = [op for op in self._operations.values() if op.done.is_set()]
-        running = [op for op in self._operations.values() if not op.done.is_set()]
-        expired = [op for op in finished if moment - op.ended >= self.keep_for]
-        fresh = [op for op in finished if moment - op.ended < self.keep_for]
-        excess = max(len(self._operations) - len(expired) - self.keep, 0)
-        for operation in [*expired, *(fresh + running)[:excess]]:
+        if moment - self._swept >= SWEEP_EVERY:
+            self._swept = moment
+            for operation in [
+                op for op in self._operations.values()
+                if op.done.is_set() and moment - op.ended >= self.keep_for
+            ]:  # fmt: skip
+                del self._operations[operation.id]
+        excess = len(self._operations) - self.keep
+        if excess <= 0:
+            return
+        table = self._operations.values()
+        oldest = list(itertools.islice((op for op in table if op.done.is_set()), excess))
+        running = (op for op in table if not op.done.is_set())
+        oldest += itertools.islice(running, excess - len(oldest))
+        for operation in oldest:
             del self._operations[operation.id]
 
     def start(

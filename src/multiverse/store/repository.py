@@ -13,6 +13,7 @@ import contextlib
 import enum
 import functools
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -174,6 +175,9 @@ class Store:
         # SQLite reads outside its write lock, so this does.
         self._instance_writes = threading.Lock()
         self._turns: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        # Token id -> (monotonic time read, record), for get_token(max_age=).
+        self._tokens_read: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._revocations = 0
 
     def _turn(self) -> asyncio.Lock:
         """The event loop's lock of :func:`_in_turn` (a test may use the store from several
@@ -832,8 +836,25 @@ class Store:
                 )
             )
 
+    async def get_token(self, token_id: str, *, max_age: float = 0.0) -> dict[str, Any] | None:
+        """The token's record; with ``max_age``, one this master read at most that many
+        seconds ago will do. The API checks a token at every request, and that read was a
+        store round trip of every launch; a token revoked through another master is then
+        refused here within ``max_age`` (through this one, at once)."""
+        if max_age > 0:
+            read = self._tokens_read.get(token_id)
+            if read is not None and time.monotonic() - read[0] < max_age:
+                return read[1]
+        moment, revocations = time.monotonic(), self._revocations
+        record = await self._read_token(token_id)
+        # Unknown ids are not kept (guesses are many), nor a read that a revocation on this
+        # master may have overtaken.
+        if max_age > 0 and record is not None and revocations == self._revocations:
+            self._tokens_read[token_id] = (moment, record)
+        return record
+
     @_off_loop
-    def get_token(self, token_id: str) -> dict[str, Any] | None:
+    def _read_token(self, token_id: str) -> dict[str, Any] | None:
         with self._session() as session:
             row = session.get(TokenRow, token_id)
             return _token(row) if row else None
@@ -867,6 +888,8 @@ class Store:
             if row is None:
                 raise NotFound(f"token {token_id} does not exist")
             row.revoked = True
+        self._revocations += 1
+        self._tokens_read.pop(token_id, None)
 
     # ---- masters and the leader lock ----
 
