@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import subprocess
@@ -265,6 +266,43 @@ def test_a_reconcile_round_reads_only_what_changed(tmp_path: Path) -> None:
             assert read == [["i7"], None]
         finally:
             store.close()
+
+    asyncio.run(scenario())
+
+
+def test_kicks_close_together_share_one_full_pass() -> None:
+    """Each node transition kicks a full pass (every node, every instance); a thousand nodes
+    flapping must not make the passes back to back. The first kick is served at once, the
+    ones within ``full_gap`` after it by one more pass, and none is lost."""
+
+    async def scenario() -> None:
+        reconciler = Reconciler(None, None, EventBus(), full_gap=0.5, full_interval=3600)  # type: ignore[arg-type]
+        passes: list[float] = []
+
+        async def reconcile_all() -> None:
+            passes.append(asyncio.get_running_loop().time())
+
+        async def reconcile_changed() -> None:
+            pass
+
+        reconciler.reconcile_all = reconcile_all  # type: ignore[method-assign]
+        reconciler.reconcile_changed = reconcile_changed  # type: ignore[method-assign]
+        rounds = asyncio.create_task(reconciler.run())
+        try:
+            await wait_until_async(lambda: len(passes) == 1)  # run() starts with one
+            for _ in range(20):
+                reconciler.kick()
+                await asyncio.sleep(0.01)
+            await wait_until_async(lambda: len(passes) == 2)
+            assert passes[1] - passes[0] >= 0.5
+            await asyncio.sleep(0.7)
+            assert len(passes) == 2  # the twenty kicks took one pass
+            reconciler.kick()  # long after the last pass: at once
+            await wait_until_async(lambda: len(passes) == 3)
+        finally:
+            rounds.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await rounds
 
     asyncio.run(scenario())
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -96,8 +97,13 @@ def test_heartbeats_reach_ready_nodes_only_and_name_the_others(db_url: str) -> N
         assert silent.capacity == Resources(8, 8 << 30, 100 << 30) and silent.used == Usage()
         assert silent.status == NodeStatus.NOT_READY and ready.status == NodeStatus.READY
         assert await store.take_heartbeats({}) == []
-        # The health check's question: who has not been heard from since then?
-        assert [n.id for n in await store.list_nodes(silent_since=at)] == ["n1"]
+        # The health check's question: who, of these statuses, has not been heard from since?
+        later = at + timedelta(seconds=1)
+        assert [n.id for n in await store.list_nodes(silent={NodeStatus.READY: at})] == []
+        assert [n.id for n in await store.list_nodes(silent={NodeStatus.READY: later})] == ["n0"]
+        both = {NodeStatus.READY: later, NodeStatus.NOT_READY: at}
+        assert [n.id for n in await store.list_nodes(silent=both)] == ["n0", "n1"]
+        assert await store.list_nodes(silent={}) == []
 
     _run(db_url, scenario)
 

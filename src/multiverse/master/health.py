@@ -30,8 +30,11 @@ async def check_nodes(
     changes: list[Change] = []
     if (moment - since).total_seconds() <= not_ready_after:
         return transitions, changes  # nobody can have been silent that long yet
-    silent_since = moment - timedelta(seconds=not_ready_after)
-    for node in await store.list_nodes(silent_since=silent_since):
+    not_ready_since = moment - timedelta(seconds=not_ready_after)
+    down_since = moment - timedelta(seconds=down_after)
+    # Only the nodes whose silence may have grown into a new status.
+    asked = {status: not_ready_since for status in _AGING} | {NodeStatus.NOT_READY: down_since}
+    for node in await store.list_nodes(silent=asked):
         if node.status not in _AGING:
             continue
         heard = max(node.last_sync or since, since)

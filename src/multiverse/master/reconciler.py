@@ -6,8 +6,9 @@ It is the one place that turns "what was asked" into agent calls. Each step asks
 exponentially (capped) and, past the retry limit, leave the instance Failed with the last
 error. Its work is a queue of the instances that changed (reports, API writes) plus those whose
 backoff ran out, so a round costs what changed, not the size of the cluster; a full pass over
-everything runs when nodes come and go and every ``full_interval`` seconds, so whatever crashed
-in between - master, worker, a VM - is caught up with.
+everything runs when nodes come and go (at most one each ``full_gap`` seconds) and every
+``full_interval`` seconds, so whatever crashed in between - master, worker, a VM - is caught up
+with.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class Reconciler:
         max_delay: float = 30.0,
         interval: float = 2.0,
         full_interval: float = 30.0,
+        full_gap: float = 2.0,
     ) -> None:
         self.store = store
         self.agents = agents
@@ -93,6 +95,7 @@ class Reconciler:
         self.max_delay = max_delay
         self.interval = interval
         self.full_interval = full_interval
+        self.full_gap = full_gap
         self.retries_total = 0
         self._backoff: dict[str, _Backoff] = {}
         self._kick = asyncio.Event()
@@ -124,20 +127,29 @@ class Reconciler:
             self._running = False
 
     async def _rounds(self) -> None:
-        next_full = 0.0
+        next_full, last_full = 0.0, -float("inf")
         while True:
             self._kick.clear()  # before taking the work: a kick from now on is a new round
             try:
-                if self._full or time.monotonic() >= next_full:
-                    self._full, self._changed = False, set()
-                    next_full = time.monotonic() + self.full_interval
+                if self._full:
+                    # Asked for (a node came or went): soon, but kicks within ``full_gap`` of
+                    # the last pass share the next one. A pass reads every node and instance;
+                    # at 1,000 nodes flapping NotReady and back, a pass per transition kept a
+                    # store thread busy and the master fell further behind their reports.
+                    self._full = False
+                    next_full = min(next_full, last_full + self.full_gap)
+                if time.monotonic() >= next_full:
+                    self._changed = set()
+                    last_full = time.monotonic()
+                    next_full = last_full + self.full_interval
                     await self.reconcile_all()
                 else:
                     await self.reconcile_changed()
             except Exception:  # keep reconciling whatever one round hit
                 log.exception("reconcile round failed")
+            wait = min(self.interval, max(next_full - time.monotonic(), 0.0))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), self.interval)
+                await asyncio.wait_for(self._kick.wait(), wait)
 
     async def reconcile_changed(self) -> None:
         """One step for the instances that changed, and for those whose backoff ran out."""

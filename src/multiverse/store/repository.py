@@ -33,6 +33,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    false,
     func,
     or_,
     select,
@@ -303,16 +304,30 @@ class Store:
         labels: Mapping[str, str] | None = None,
         after: str | None = None,
         limit: int | None = None,
-        silent_since: datetime | None = None,
+        silent: Mapping[NodeStatus, datetime] | None = None,
     ) -> list[Node]:
         """Nodes with what their instances take (allocated, kept on the row: no aggregation)
         and how many they hold, by name;
         ``labels`` match the effective ones (an admin's label wins over the node's own),
-        ``after``/``limit`` give one page, and ``silent_since`` keeps the nodes not heard
-        from since then (the health check's, each second: not the thousand that were)."""
+        ``after``/``limit`` give one page, and ``silent`` keeps the nodes of its statuses not
+        heard from since the time it gives each (the health check's question, each second: not
+        the thousand nodes that were heard from, nor those it already marked for how long
+        they have been silent; an overloaded master reading every NotReady node every second
+        fell further behind, and more nodes went NotReady)."""
         query = select(NodeRow)
-        if silent_since is not None:
-            query = query.where(or_(NodeRow.last_sync.is_(None), NodeRow.last_sync < silent_since))
+        if silent is not None:
+            query = query.where(
+                or_(
+                    false(),
+                    *(
+                        and_(
+                            NodeRow.status == status.value,
+                            or_(NodeRow.last_sync.is_(None), NodeRow.last_sync < since),
+                        )
+                        for status, since in silent.items()
+                    ),
+                )
+            )
         if ids is not None:
             query = query.where(NodeRow.id.in_(ids))
         if names is not None:
