@@ -20,21 +20,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeAlias, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import (
     Connection,
     Engine,
+    Row,
     Select,
     and_,
-    bindparam,
     create_engine,
     delete,
     event,
     false,
     func,
+    insert,
     or_,
     select,
     text,
@@ -62,6 +63,7 @@ from multiverse.core.model import (
     Usage,
 )
 from multiverse.core.network import ClusterNetwork, Lease, parse_publish
+from multiverse.store import statements as sql
 from multiverse.store.schema import (
     FaultRow,
     ImageLocationRow,
@@ -77,6 +79,7 @@ from multiverse.store.schema import (
 )
 
 _LEASE_TRIES = 20
+_AnyRow: TypeAlias = Row[*tuple[Any, ...]]  # a row of a Core query, columns by name
 
 
 class LeasePicker(Protocol):
@@ -209,6 +212,14 @@ class Store:
     def _session(self) -> Iterator[Session]:
         with self._sessions.begin() as session:
             yield session
+
+    @contextmanager
+    def _connection(self) -> Iterator[Connection]:
+        """A transaction without the ORM, for the calls each launch and each report makes:
+        the ORM's unit of work and identity map cost them two to three times the CPU of the
+        statements themselves (bench: tests/../bench/scale.py, README's scaling section)."""
+        with self.engine.begin() as connection:
+            yield connection
 
     # ---- nodes ----
 
@@ -401,7 +412,7 @@ class Store:
 
     def _add_instance(self, instance: Instance, lease: LeasePicker | None) -> Instance:
         spec = instance.spec
-        row = InstanceRow(
+        row = dict(
             id=instance.id,
             name=spec.name,
             node_id=instance.node_id,
@@ -419,16 +430,16 @@ class Store:
             version=instance.version,
             created_at=instance.created_at or now(),
         )
-        with self._session() as session:
-            if row.node_id is not None and not _take(session, row.node_id, row, fit=True):
-                raise Unschedulable(f"node {row.node_id} has no room left for {spec.name}")
-            session.add(row)
+        with self._connection() as connection:
+            node_id = instance.node_id
+            if node_id is not None and not _allocate(connection, node_id, spec.resources, fit=True):
+                raise Unschedulable(f"node {node_id} has no room left for {spec.name}")
             try:
-                session.flush()
+                connection.execute(sql.INSERT_INSTANCE, row)
             except IntegrityError as exc:
                 raise AlreadyExists(f"an instance named {spec.name!r} exists already") from exc
             if lease is not None:
-                held = self._take_lease(session, instance.id, lease)
+                held = _take_lease(connection, instance.id, lease)
                 instance.address, instance.mac = held.address, held.mac
                 instance.publish = tuple(str(item) for item in held.publish)
         return instance
@@ -450,16 +461,14 @@ class Store:
 
     @_off_loop
     def leases(self, network: str) -> list[Lease]:
-        with self._session() as session:
-            rows = session.scalars(
-                select(LeaseRow).where(LeaseRow.network == network).order_by(LeaseRow.address)
-            )
-            return [_lease(row) for row in rows]
+        query = select(*_LEASE).where(LeaseRow.network == network).order_by(LeaseRow.address)
+        with self._connection() as connection:
+            return [_lease(row) for row in connection.execute(query)]
 
     @_off_loop
     def lease_of(self, owner: str) -> Lease | None:
-        with self._session() as session:
-            row = session.scalars(select(LeaseRow).where(LeaseRow.owner == owner)).first()
+        with self._connection() as connection:
+            row = connection.execute(select(*_LEASE).where(LeaseRow.owner == owner)).first()
             return _lease(row) if row is not None else None
 
     @_off_loop
@@ -467,41 +476,15 @@ class Store:
         """The owner's lease (a node's gateway address): the one it holds, else a new one."""
         for _attempt in range(_LEASE_TRIES):
             try:
-                with self._session() as session:
-                    row = session.scalars(select(LeaseRow).where(LeaseRow.owner == owner)).first()
+                with self._connection() as connection:
+                    query = select(*_LEASE).where(LeaseRow.owner == owner)
+                    row = connection.execute(query).first()
                     if row is not None:
                         return _lease(row)
-                    return self._take_lease(session, owner, lease)
+                    return _take_lease(connection, owner, lease)
             except _AddressTaken:
                 continue
         raise Conflict("could not lease an address: too many concurrent requests; try again")
-
-    def _take_lease(self, session: Session, owner: str, pick: LeasePicker) -> Lease:
-        """Insert the lease ``pick`` chooses; leases whose instance is gone are swept first
-        (an address goes back with its instance whichever way the instance row went)."""
-        instances = select(InstanceRow.id)
-        session.execute(
-            delete(LeaseRow).where(LeaseRow.kind == "instance", LeaseRow.owner.not_in(instances))
-        )
-        used = set(
-            session.scalars(select(LeaseRow.address).where(LeaseRow.network == pick.network))
-        )
-        chosen = pick(used)
-        session.add(
-            LeaseRow(
-                network=chosen.network,
-                address=chosen.address,
-                owner=owner,
-                kind=chosen.kind,
-                mac=chosen.mac,
-                publish=",".join(str(item) for item in chosen.publish),
-            )
-        )
-        try:
-            session.flush()
-        except IntegrityError as exc:
-            raise _AddressTaken from exc
-        return chosen
 
     @_off_loop
     def find_instance(self, name: str) -> Instance:
@@ -510,13 +493,6 @@ class Store:
             raise NotFound(
                 f"instance {name!r} does not exist; `multiverse instances` lists the instances"
             )
-        return found[0]
-
-    @_off_loop
-    def get_instance(self, instance_id: str) -> Instance:
-        found = self._list_instances(ids=[instance_id])
-        if not found:
-            raise NotFound(f"instance {instance_id} does not exist (deleted meanwhile?)")
         return found[0]
 
     def _list_instances(
@@ -533,11 +509,7 @@ class Store:
     ) -> list[Instance]:
         """Instances by name, filtered; ``after``/``limit`` give one page (names are unique,
         so pages neither skip nor repeat while others launch and delete)."""
-        query = (
-            select(InstanceRow, NodeRow.name, LeaseRow)
-            .outerjoin(NodeRow, NodeRow.id == InstanceRow.node_id)
-            .outerjoin(LeaseRow, LeaseRow.owner == InstanceRow.id)
-        )
+        query = sql.INSTANCE_ROWS
         if names is not None:
             query = query.where(InstanceRow.name.in_(names))
         if node_id is not None:
@@ -551,11 +523,16 @@ class Store:
         for key, value in (labels or {}).items():
             query = query.where(InstanceRow.labels[key].as_string() == value)
         query = _page(query, InstanceRow.name, after, limit)
-        with self._session() as session:
-            return [
-                _instance(row, node_name or "", lease)
-                for row, node_name, lease in session.execute(query)
-            ]
+        with self._connection() as connection:
+            return [_instance(row) for row in connection.execute(query)]
+
+    @_off_loop
+    def get_instance(self, instance_id: str) -> Instance:
+        with self._connection() as connection:
+            row = connection.execute(sql.INSTANCE_BY_ID, {"id": instance_id}).first()
+        if row is None:
+            raise NotFound(f"instance {instance_id} does not exist (deleted meanwhile?)")
+        return _instance(row)
 
     list_instances = _off_loop(_list_instances)
 
@@ -570,11 +547,11 @@ class Store:
                 raise NotFound(f"instance {instance_id} does not exist")
             moved = "node_id" in fields and fields["node_id"] != row.node_id
             if moved and row.node_id is not None:
-                _give_back(session, row.node_id, row)
+                _allocate(session, row.node_id, _resources(row), count=-1)
             for key, value in fields.items():
                 setattr(row, key, value)
             if moved and row.node_id is not None:
-                _take(session, row.node_id, row, fit=False)
+                _allocate(session, row.node_id, _resources(row))
 
     @_in_turn
     def take_report(
@@ -594,17 +571,14 @@ class Store:
         what changed and, in ``removed``, what went. A report older than what the master knows
         (lower ``version``) is ignored, so a report that crossed an action on the wire cannot
         undo it."""
-        with self._instance_writes, self._session() as session:
-            row = session.get(NodeRow, node_id)
-            if row is None:
+        with self._instance_writes, self._connection() as connection:
+            node = connection.execute(sql.NODE_OF_REPORT, {"node": node_id}).first()
+            if node is None:
                 raise NotFound(f"node {node_id} does not exist")
-            before = NodeStatus(row.status)
-            row.cpus, row.memory, row.disk = capacity.cpus, capacity.memory, capacity.disk
-            row.used_cpus, row.used_memory, row.used_disk = used.cpus, used.memory, used.disk
-            row.last_sync, row.status = now(), NodeStatus.READY.value
-            changes = _apply_report(session, node_id, reported, removed)
-            _set_node_images(session, node_id, image_digests)
-            return ReportTaken(row.name, before, row.network_mode, changes)
+            connection.execute(sql.NODE_REPORTED, sql.heard(node_id, now(), capacity, used))
+            changes = _apply_report(connection, node_id, reported, removed)
+            _set_node_images(connection, node_id, image_digests)
+            return ReportTaken(node.name, NodeStatus(node.status), node.network_mode, changes)
 
     @_in_turn
     def take_heartbeats(self, beats: Mapping[str, Heartbeat]) -> list[str]:
@@ -615,42 +589,27 @@ class Store:
         whole, which makes them Ready again with the transition that goes with it."""
         if not beats:
             return []
-        ready = NodeStatus.READY.value
-        with self._session() as session:
-            # Bound names differ from the columns': SQLAlchemy keeps those for itself.
-            columns = ("cpus", "memory", "disk", "used_cpus", "used_memory", "used_disk")
-            session.connection().execute(
-                update(NodeRow)
-                .where(NodeRow.id == bindparam("node"), NodeRow.status == ready)
-                .values(
-                    last_sync=bindparam("at"),
-                    **{column: bindparam(f"new_{column}") for column in columns},
-                ),
+        with self._connection() as connection:
+            connection.execute(
+                sql.NODE_BEAT,
                 [
-                    {
-                        "node": node_id,
-                        "at": beat.at,
-                        "new_cpus": beat.capacity.cpus,
-                        "new_memory": beat.capacity.memory,
-                        "new_disk": beat.capacity.disk,
-                        "new_used_cpus": beat.used.cpus,
-                        "new_used_memory": beat.used.memory,
-                        "new_used_disk": beat.used.disk,
-                    }
+                    sql.heard(node_id, beat.at, beat.capacity, beat.used)
                     for node_id, beat in beats.items()
                 ],
             )
-            found = session.scalars(
-                select(NodeRow.id).where(NodeRow.id.in_(list(beats)), NodeRow.status == ready)
-            )
+            found = connection.scalars(sql.READY_AMONG, {"ids": list(beats)})
             return sorted(set(beats) - set(found))
 
     @_in_turn
     def observe_instance(self, instance_id: str, item: dict[str, Any]) -> Change | None:
         """Take one instance's status as an agent answered it (same rule as a report)."""
-        with self._instance_writes, self._session() as session:
-            row = session.get(InstanceRow, instance_id, with_for_update=True)
-            return _observe(row, item) if row is not None else None
+        with self._instance_writes, self._connection() as connection:
+            row = connection.execute(sql.INSTANCE_OBSERVED, {"id": instance_id}).first()
+            if row is None:
+                return None
+            change, written = _observe(row, item)
+            _write_observed(connection, [written] if written else [])
+            return change
 
     @_off_loop
     def mark_node_instances(self, node_id: str, state: InstanceState, message: str) -> list[Change]:
@@ -723,11 +682,10 @@ class Store:
 
     @_off_loop
     def delete_instance(self, instance_id: str) -> None:
-        with self._session() as session:
-            row = session.get(InstanceRow, instance_id)
-            if row is not None:
-                _release(session, row.id)
-                _delete(session, row)
+        with self._connection() as connection:
+            for found in connection.execute(sql.INSTANCE_OBSERVED, {"id": instance_id}):
+                _release(connection, found.id)
+                _delete(connection, found)
 
     # ---- images ----
 
@@ -1006,59 +964,52 @@ class ReportTaken:
     changes: list[Change]  # the instances' (state "" = deleted)
 
 
-def _take(session: Session, node_id: str, row: InstanceRow, *, fit: bool) -> bool:
-    """Add ``row``'s resources to its node's usage; with ``fit``, only if they fit its
-    capacity (False then, and nothing changed)."""
-    update_ = update(NodeRow).where(NodeRow.id == node_id)
-    if fit:
-        update_ = update_.where(
-            NodeRow.allocated_cpus + row.cpus <= NodeRow.cpus,
-            NodeRow.allocated_memory + row.memory <= NodeRow.memory,
-            NodeRow.allocated_disk + row.disk <= NodeRow.disk,
-        )
-    result = session.execute(
-        update_.values(
-            allocated_cpus=NodeRow.allocated_cpus + row.cpus,
-            allocated_memory=NodeRow.allocated_memory + row.memory,
-            allocated_disk=NodeRow.allocated_disk + row.disk,
-            instance_count=NodeRow.instance_count + 1,
-        )
-    )
+def _allocate(
+    executor: Connection | Session,
+    node_id: str,
+    need: Resources,
+    count: int = 1,
+    *,
+    fit: bool = False,
+) -> bool:
+    """Count ``count`` instances of ``need`` on the node (-1: give one back); with ``fit``,
+    only if they fit its capacity (False then, and nothing changed)."""
+    statement = sql.ALLOCATE_IF_FITS if fit else sql.ALLOCATE
+    result = executor.execute(statement, sql.allocation(node_id, need, count))
     return bool(getattr(result, "rowcount", 0))
 
 
-def _give_back(session: Session, node_id: str, row: InstanceRow) -> None:
-    session.execute(
-        update(NodeRow)
-        .where(NodeRow.id == node_id)
-        .values(
-            allocated_cpus=NodeRow.allocated_cpus - row.cpus,
-            allocated_memory=NodeRow.allocated_memory - row.memory,
-            allocated_disk=NodeRow.allocated_disk - row.disk,
-            instance_count=NodeRow.instance_count - 1,
-        )
-    )
+def _resources(row: InstanceRow | _AnyRow) -> Resources:
+    return Resources(row.cpus, row.memory, row.disk)
 
 
-def _delete(session: Session, row: InstanceRow) -> None:
+def _delete(connection: Connection, row: _AnyRow) -> None:
+    """Delete the instance of ``row`` (read with ``sql.OBSERVED``), giving back its room."""
     if row.node_id is not None:
-        _give_back(session, row.node_id, row)
-    session.delete(row)
+        _allocate(connection, row.node_id, _resources(row), count=-1)
+    connection.execute(sql.DELETE_INSTANCE, {"id": row.id})
 
 
-def _observe(row: InstanceRow, item: dict[str, Any]) -> Change | None:
+def _observe(row: _AnyRow, item: dict[str, Any]) -> tuple[Change | None, dict[str, Any] | None]:
+    """What a node's ``item`` makes of the instance ``row``: the change of state, if any, and
+    the values to write (None: nothing differs, or the item is older than what is known)."""
     if item["version"] < row.version:
-        return None
-    change = (
-        Change(row.id, row.name, row.state, item["state"]) if row.state != item["state"] else None
-    )
-    row.state = item["state"]
-    row.ipv4 = item["ipv4"]
-    row.message = item["message"]
-    row.version = item["version"]
-    if item.get("release"):
-        row.release = item["release"]
-    return change
+        return None, None
+    new = (item["state"], item["ipv4"], item["message"], item["version"],
+           item.get("release") or row.release)  # fmt: skip
+    if new == (row.state, row.ipv4, row.message, row.version, row.release):
+        return None, None  # a whole report repeats what is known: no write
+    state, ipv4, message, version, release = new
+    written = {"row_id": row.id, "new_state": state, "new_ipv4": ipv4, "new_message": message,
+               "new_version": version, "new_release": release}  # fmt: skip
+    change = Change(row.id, row.name, row.state, state) if row.state != state else None
+    return change, written
+
+
+def _write_observed(connection: Connection, written: list[dict[str, Any]]) -> None:
+    """The values :func:`_observe` chose, in one statement for all of them."""
+    if written:
+        connection.execute(sql.WRITE_OBSERVED, written)
 
 
 Query = TypeVar("Query", bound=Select[*tuple[Any, ...]])
@@ -1089,11 +1040,40 @@ class _AddressTaken(Exception):
     """Another transaction took the address first."""
 
 
-def _release(session: Session, owner: str) -> None:
-    session.execute(delete(LeaseRow).where(LeaseRow.owner == owner))
+def _take_lease(connection: Connection, owner: str, pick: LeasePicker) -> Lease:
+    """Insert the lease ``pick`` chooses; leases whose instance is gone are swept first
+    (an address goes back with its instance whichever way the instance row went)."""
+    instances = select(InstanceRow.id)
+    connection.execute(
+        delete(LeaseRow).where(LeaseRow.kind == "instance", LeaseRow.owner.not_in(instances))
+    )
+    used = set(connection.scalars(select(LeaseRow.address).where(LeaseRow.network == pick.network)))
+    chosen = pick(used)
+    try:
+        connection.execute(
+            insert(LeaseRow).values(
+                network=chosen.network,
+                address=chosen.address,
+                owner=owner,
+                kind=chosen.kind,
+                mac=chosen.mac,
+                publish=",".join(str(item) for item in chosen.publish),
+            )
+        )
+    except IntegrityError as exc:
+        raise _AddressTaken from exc
+    return chosen
 
 
-def _lease(row: LeaseRow) -> Lease:
+def _release(executor: Connection | Session, owner: str) -> None:
+    executor.execute(sql.RELEASE, {"owner": owner})
+
+
+_LEASE = (LeaseRow.network, LeaseRow.address, LeaseRow.owner, LeaseRow.kind, LeaseRow.mac,
+          LeaseRow.publish)  # fmt: skip
+
+
+def _lease(row: _AnyRow) -> Lease:
     return Lease(
         network=row.network,
         address=row.address,
@@ -1105,41 +1085,46 @@ def _lease(row: LeaseRow) -> Lease:
 
 
 def _apply_report(
-    session: Session,
+    connection: Connection,
     node_id: str,
     reported: Sequence[dict[str, Any]],
     removed: Sequence[str] | None,
 ) -> list[Change]:
     by_id = {item["id"]: item for item in reported}
-    query = select(InstanceRow).where(InstanceRow.node_id == node_id).with_for_update()
-    if removed is not None:  # a delta: only the rows it speaks of are read
-        query = query.where(InstanceRow.id.in_([*by_id, *removed]))
+    if removed is None:
+        rows = connection.execute(sql.NODE_INSTANCES, {"node": node_id})
+    else:  # a delta: only the rows it speaks of are read
+        named = {"node": node_id, "ids": [*by_id, *removed]}
+        rows = connection.execute(sql.NODE_INSTANCES_NAMED, named)
     changes: list[Change] = []
-    for row in session.scalars(query):
+    written = []
+    for row in rows.all():
         item = by_id.get(row.id)
         if item is None:
             if row.desired == DesiredState.DELETED.value:
-                _release(session, row.id)
-                _delete(session, row)
+                _release(connection, row.id)
+                _delete(connection, row)
                 changes.append(Change(row.id, row.name, row.state, ""))
             continue
-        if change := _observe(row, item):
+        change, values = _observe(row, item)
+        if change:
             changes.append(change)
+        if values:
+            written.append(values)
+    _write_observed(connection, written)
     return changes
 
 
-def _set_node_images(session: Session, node_id: str, digests: Sequence[str]) -> None:
+def _set_node_images(connection: Connection, node_id: str, digests: Sequence[str]) -> None:
     wanted = set(digests)
-    query = select(ImageLocationRow).where(ImageLocationRow.node_id == node_id)
-    rows = list(session.scalars(query))
-    held = {row.digest for row in rows}
+    held = set(connection.scalars(sql.IMAGES_AT, {"node": node_id}))
     if held == wanted:
         return
-    for row in rows:
-        if row.digest not in wanted:
-            session.delete(row)
-    for digest in sorted(wanted - held):
-        session.add(ImageLocationRow(digest=digest, node_id=node_id))
+    if gone := held - wanted:
+        connection.execute(sql.IMAGES_GONE, {"node": node_id, "digests": sorted(gone)})
+    if new := wanted - held:
+        rows = [{"digest": digest, "node_id": node_id} for digest in sorted(new)]
+        connection.execute(sql.IMAGES_NEW, rows)
 
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:
@@ -1155,7 +1140,9 @@ def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _instance(row: InstanceRow, node_name: str, lease: LeaseRow | None = None) -> Instance:
+def _instance(row: _AnyRow) -> Instance:
+    """An instance from a row of :meth:`Store._list_instances` (its columns, its node's name
+    and its lease's, if it has one)."""
     return Instance(
         id=row.id,
         spec=InstanceSpec(
@@ -1168,7 +1155,7 @@ def _instance(row: InstanceRow, node_name: str, lease: LeaseRow | None = None) -
             labels=dict(row.labels),
         ),
         node_id=row.node_id,
-        node_name=node_name,
+        node_name=row.node_name or "",
         desired=DesiredState(row.desired),
         state=InstanceState(row.state),
         ipv4=row.ipv4,
@@ -1179,9 +1166,9 @@ def _instance(row: InstanceRow, node_name: str, lease: LeaseRow | None = None) -
         restarts=row.restarts,
         moved_from=row.moved_from,
         held=row.held,
-        address=lease.address if lease else "",
-        mac=lease.mac if lease else "",
-        publish=tuple(item for item in lease.publish.split(",") if item) if lease else (),
+        address=row.lease_address or "",
+        mac=row.lease_mac or "",
+        publish=tuple(item for item in (row.lease_publish or "").split(",") if item),
     )
 
 
