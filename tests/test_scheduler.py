@@ -150,3 +150,26 @@ def test_the_quick_fit_test_agrees_with_the_reasons() -> None:
                 assert _fits(candidate, NEED, selector) == (
                     why_not(candidate, NEED, selector) is None
                 ), (candidate, selector)
+
+
+def test_a_large_cluster_compares_a_window_of_nodes_and_finds_room_anywhere() -> None:
+    # Only `scored` feasible nodes are compared, from `start` on and wrapping round: the
+    # emptiest node outside that window is not chosen; a full node does not count towards it.
+    nodes = [node(f"n{i:03d}", used_cpus=2, count=2) for i in range(300)]
+    nodes[250] = node("n250")  # the emptiest of all, outside the first window
+    nodes[5] = node("n005", used_cpus=1, count=1)
+    assert place(NEED, nodes, scored=100).name == "n005"
+    assert place(NEED, nodes, scored=100, start=200).name == "n250"
+    assert place(NEED, nodes).name == "n250"  # no limit: every node compared
+    nodes[1:101] = [node(f"f{i:03d}", used_cpus=4) for i in range(100)]  # full: not counted
+    nodes[150] = node("n150", used_cpus=1, count=1)  # so the window reaches it: n000, n101...
+    assert place(NEED, nodes, scored=100).name == "n150"
+    # The window wraps round: from 290, nodes 290..299 and then 0..89.
+    wrapped = [node(f"w{i:03d}", used_cpus=2, count=2) for i in range(300)]
+    wrapped[3] = node("w003")
+    assert place(NEED, wrapped, scored=100, start=290).name == "w003"
+    # Nothing fits anywhere: refused, with the reason of every node, not only a window's.
+    full = [node(f"x{i:03d}", used_cpus=4) for i in range(300)]
+    with pytest.raises(Unschedulable) as refused:
+        place(NEED, full, scored=100, start=17)
+    assert len(refused.value.reasons) == 300

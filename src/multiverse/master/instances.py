@@ -45,7 +45,7 @@ from multiverse.master.events import Event, EventBus
 from multiverse.master.network import Ipam
 from multiverse.master.operations import Operation, Operations
 from multiverse.master.reconciler import PERMANENT, Reconciler
-from multiverse.master.scheduler import NodeView, Strategy, place, spread_conflict
+from multiverse.master.scheduler import SCORED, NodeView, Strategy, place, spread_conflict
 from multiverse.store.repository import Change, Store, now
 from multiverse.wire import convert, pki
 from multiverse.wire.convert import split_address
@@ -101,6 +101,7 @@ class Instances:
         # Evacuations hold it while they choose targets and move instances there.
         self.placing = asyncio.Lock()
         self.ipam = ipam
+        self._scan_from = 0  # where the next placement starts looking (scheduler.place)
 
     async def get(self, name: str) -> Instance:
         return await self.store.find_instance(name)
@@ -160,9 +161,11 @@ class Instances:
             # Choosing and reserving in the view happen with no await between them, so the
             # launches of this master see each other without a lock; the store's conditional
             # insert settles races with other masters (and the unique name, duplicates).
+            start, self._scan_from = self._scan_from, self._scan_from + SCORED
             try:
                 node = place(
-                    spec.resources, nodes, selector=selector, strategy=strategy, avoid=avoid
+                    spec.resources, nodes, selector=selector, strategy=strategy, avoid=avoid,
+                    scored=SCORED, start=start % max(len(nodes), 1),
                 )  # fmt: skip
             except Unschedulable:
                 if reloaded:

@@ -85,6 +85,7 @@ class Reconciler:
         interval: float = 2.0,
         full_interval: float = 30.0,
         full_gap: float = 2.0,
+        round_gap: float = 0.05,
     ) -> None:
         self.store = store
         self.agents = agents
@@ -96,6 +97,10 @@ class Reconciler:
         self.interval = interval
         self.full_interval = full_interval
         self.full_gap = full_gap
+        # Rounds of what changed start at most this often: a launch storm changed instances
+        # (Scheduled, Starting, Running) hundreds of times a second, and a round each read
+        # the store for a handful of them; a short gap lets one round take them all.
+        self.round_gap = round_gap
         self.retries_total = 0
         self._backoff: dict[str, _Backoff] = {}
         self._kick = asyncio.Event()
@@ -147,6 +152,7 @@ class Reconciler:
                     await self.reconcile_changed()
             except Exception:  # keep reconciling whatever one round hit
                 log.exception("reconcile round failed")
+            await asyncio.sleep(self.round_gap)
             wait = min(self.interval, max(next_full - time.monotonic(), 0.0))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), wait)

@@ -34,7 +34,6 @@ from sqlalchemy import (
     delete,
     event,
     false,
-    func,
     insert,
     or_,
     select,
@@ -325,46 +324,33 @@ class Store:
         the thousand nodes that were heard from, nor those it already marked for how long
         they have been silent; an overloaded master reading every NotReady node every second
         fell further behind, and more nodes went NotReady)."""
-        query = select(NodeRow)
+        columns = sql.nodes.c
+        query, params = sql.NODE_ROWS, {}
+        if ids is not None:
+            query, params = sql.NODES_BY_IDS, {"ids": list(ids)}
         if silent is not None:
             query = query.where(
                 or_(
                     false(),
                     *(
                         and_(
-                            NodeRow.status == status.value,
-                            or_(NodeRow.last_sync.is_(None), NodeRow.last_sync < since),
+                            columns.status == status.value,
+                            or_(columns.last_sync.is_(None), columns.last_sync < since),
                         )
                         for status, since in silent.items()
                     ),
                 )
             )
-        if ids is not None:
-            query = query.where(NodeRow.id.in_(ids))
         if names is not None:
-            query = query.where(NodeRow.name.in_(names))
+            query = query.where(columns.name.in_(names))
         for key, value in (labels or {}).items():
-            admin = NodeRow.admin_labels[key].as_string()
+            admin = columns.admin_labels[key].as_string()
             query = query.where(
-                or_(admin == value, and_(admin.is_(None), NodeRow.labels[key].as_string() == value))
+                or_(admin == value, and_(admin.is_(None), columns.labels[key].as_string() == value))
             )
-        query = _page(query, NodeRow.name, after, limit)
-        # An instance being moved takes its resources on its target too, until the move ends.
-        moving = (
-            select(
-                MigrationRow.target_id,
-                func.count(InstanceRow.id),
-                func.coalesce(func.sum(InstanceRow.cpus), 0),
-                func.coalesce(func.sum(InstanceRow.memory), 0),
-                func.coalesce(func.sum(InstanceRow.disk), 0),
-            )
-            .join(InstanceRow, InstanceRow.id == MigrationRow.instance_id)
-            .where(MigrationRow.phase.not_in([p.value for p in _FINAL_PHASES]))
-            .where(InstanceRow.node_id != MigrationRow.target_id)
-            .group_by(MigrationRow.target_id)
-        )
-        with self._session() as session:
-            extra = {row[0]: row[1:] for row in session.execute(moving)}
+        query = _page(query, columns.name, after, limit)
+        with self._connection() as connection:
+            extra = {row[0]: row[1:] for row in connection.execute(sql.MOVING_TO)}
             return [
                 Node(
                     id=row.id,
@@ -389,7 +375,7 @@ class Store:
                     message=row.message,
                     install=dict(row.install),
                 )
-                for row in session.scalars(query)
+                for row in connection.execute(query, params)
             ]
 
     list_nodes = _off_loop(_list_nodes)
@@ -509,30 +495,29 @@ class Store:
     ) -> list[Instance]:
         """Instances by name, filtered; ``after``/``limit`` give one page (names are unique,
         so pages neither skip nor repeat while others launch and delete)."""
-        query = sql.INSTANCE_ROWS
-        if names is not None:
-            query = query.where(InstanceRow.name.in_(names))
-        if node_id is not None:
-            query = query.where(InstanceRow.node_id == node_id)
+        columns = sql.instances.c
+        query, params = sql.INSTANCE_ROWS, {}
         if ids is not None:
-            query = query.where(InstanceRow.id.in_(ids))
+            query, params = sql.INSTANCES_BY_IDS, {"ids": list(ids)}
+        if names is not None:
+            query = query.where(columns.name.in_(names))
+        if node_id is not None:
+            query = query.where(columns.node_id == node_id)
         if node_name is not None:
-            query = query.where(NodeRow.name == node_name)
+            query = query.where(sql.nodes.c.name == node_name)
         if state is not None:
-            query = query.where(InstanceRow.state == state.value)
+            query = query.where(columns.state == state.value)
         for key, value in (labels or {}).items():
-            query = query.where(InstanceRow.labels[key].as_string() == value)
-        query = _page(query, InstanceRow.name, after, limit)
+            query = query.where(columns.labels[key].as_string() == value)
+        query = _page(query, columns.name, after, limit)
         with self._connection() as connection:
-            return [_instance(row) for row in connection.execute(query)]
+            return [_instance(row) for row in connection.execute(query, params)]
 
     @_off_loop
     def get_instance(self, instance_id: str) -> Instance:
-        with self._connection() as connection:
-            row = connection.execute(sql.INSTANCE_BY_ID, {"id": instance_id}).first()
-        if row is None:
-            raise NotFound(f"instance {instance_id} does not exist (deleted meanwhile?)")
-        return _instance(row)
+        for instance in self._list_instances(ids=[instance_id]):
+            return instance
+        raise NotFound(f"instance {instance_id} does not exist (deleted meanwhile?)")
 
     list_instances = _off_loop(_list_instances)
 
@@ -1016,8 +1001,8 @@ Query = TypeVar("Query", bound=Select[*tuple[Any, ...]])
 
 
 def _page(query: Query, key: Any, after: str | None, limit: int | None) -> Query:
-    """One page of ``query`` in ``key`` order: the rows after ``after``, at most ``limit``."""
-    query = query.order_by(key)
+    """One page of ``query`` (in ``key`` order already): the rows after ``after``, at most
+    ``limit``."""
     if after is not None:
         query = query.where(key > after)
     return query.limit(limit) if limit is not None else query

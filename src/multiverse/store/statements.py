@@ -14,15 +14,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, insert, select, update
+from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 
-from multiverse.core.model import NodeStatus, Resources, Usage
-from multiverse.store.schema import ImageLocationRow, InstanceRow, LeaseRow, NodeRow
+from multiverse.core.model import MigrationPhase, NodeStatus, Resources, Usage
+from multiverse.store.schema import ImageLocationRow, InstanceRow, LeaseRow, MigrationRow, NodeRow
 
 nodes = cast(Table, NodeRow.__table__)
 instances = cast(Table, InstanceRow.__table__)
 leases = cast(Table, LeaseRow.__table__)
 image_locations = cast(Table, ImageLocationRow.__table__)
+migrations = cast(Table, MigrationRow.__table__)
 
 _READY = NodeStatus.READY.value
 
@@ -106,7 +107,8 @@ INSERT_INSTANCE = insert(instances)
 DELETE_INSTANCE = delete(instances).where(instances.c.id == bindparam("id"))
 RELEASE = delete(leases).where(leases.c.owner == bindparam("owner"))
 
-# An instance as the API shows it: its columns, its node's name, its address if it has one.
+# Instances as the API shows them, in name order (pages go by name): their columns, their
+# node's name, their address if they have one. BY_IDS: the reconciler's question, at each round.
 INSTANCE_ROWS = (
     select(
         *instances.columns, nodes.c.name.label("node_name"),
@@ -115,8 +117,27 @@ INSTANCE_ROWS = (
     )
     .outerjoin(nodes, nodes.c.id == instances.c.node_id)
     .outerjoin(leases, leases.c.owner == instances.c.id)
+    .order_by(instances.c.name)
 )  # fmt: skip
-INSTANCE_BY_ID = INSTANCE_ROWS.where(instances.c.id == bindparam("id"))
+INSTANCES_BY_IDS = INSTANCE_ROWS.where(instances.c.id.in_(bindparam("ids", expanding=True)))
+
+# Nodes, in name order, and what the instances being moved to each take there until their
+# move ends (an instance takes room on its source and on its target meanwhile).
+NODE_ROWS = select(*nodes.columns).order_by(nodes.c.name)
+NODES_BY_IDS = NODE_ROWS.where(nodes.c.id.in_(bindparam("ids", expanding=True)))
+_moving = instances.c.id == migrations.c.instance_id
+MOVING_TO = (
+    select(
+        migrations.c.target_id, func.count(instances.c.id),
+        func.coalesce(func.sum(instances.c.cpus), 0),
+        func.coalesce(func.sum(instances.c.memory), 0),
+        func.coalesce(func.sum(instances.c.disk), 0),
+    )
+    .join(instances, _moving)
+    .where(migrations.c.phase.not_in([MigrationPhase.DONE.value, MigrationPhase.FAILED.value]))
+    .where(instances.c.node_id != migrations.c.target_id)
+    .group_by(migrations.c.target_id)
+)  # fmt: skip
 
 # ---- the images a node holds ----
 
