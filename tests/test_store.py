@@ -9,7 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 
 from multiverse.core.errors import AlreadyExists, NotFound, Unschedulable
 from multiverse.core.model import (
@@ -24,7 +24,7 @@ from multiverse.core.model import (
 )
 from multiverse.store import repository
 from multiverse.store.repository import Change, Store
-from multiverse.store.schema import InstanceRow
+from multiverse.store.schema import ImageLocationRow, InstanceRow
 
 
 def _node(index: int, **labels: str) -> Node:
@@ -192,6 +192,36 @@ def test_instances_filters_pages_reports(db_url: str) -> None:
         marked = await store.mark_node_instances("n1", InstanceState.UNKNOWN, "node Down")
         assert len(marked) == 3
         assert (await store.find_instance("vm-01")).message == "node Down"
+
+    _run(db_url, scenario)
+
+
+def test_a_report_sets_the_nodes_images_unless_it_brings_none(db_url: str) -> None:
+    # None: the master knows they did not change since the last report it took (no read, no
+    # write); a list, even empty, is what the node holds now.
+    async def scenario(store: Store) -> None:
+        await store.add_node(_node(0), "")
+
+        def held() -> set[str]:
+            at_node = select(ImageLocationRow.digest).where(ImageLocationRow.node_id == "n0")
+            with store.engine.connect() as connection:
+                return set(connection.scalars(at_node))
+
+        async def report(digests: list[str] | None) -> None:
+            await store.take_report(
+                "n0", capacity=Resources(8, 8 << 30, 100 << 30), used=Usage(), reported=[],
+                removed=[], image_digests=digests,
+            )  # fmt: skip
+
+        a, b = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+        await report([a, b])
+        assert held() == {a, b}
+        await report(None)
+        assert held() == {a, b}
+        await report([b])
+        assert held() == {b}
+        await report([])
+        assert held() == set()
 
     _run(db_url, scenario)
 

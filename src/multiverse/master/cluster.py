@@ -195,7 +195,8 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             used=used,
             reported=[status_dict(item) for item in report.instances],
             removed=list(report.removed) if report.delta else None,
-            image_digests=sorted(digests),
+            # Unchanged since the last report taken whole: nothing to read or write.
+            image_digests=None if digests == self.heartbeats.images(node_id) else sorted(digests),
         )
         self.heartbeats.taken_whole(node_id, taken, digests)
         back = [(taken.name, NodeStatus.READY)] if taken.before != NodeStatus.READY else []

@@ -54,6 +54,12 @@ class Heartbeats:
         # A beat still waiting is older than what was just written.
         self._beats.pop(node_id, None)
 
+    def images(self, node_id: str) -> frozenset[str] | None:
+        """The node's images as its last whole report left them in the store (None: none
+        taken since it joined)."""
+        known = self._known.get(node_id)
+        return known.images if known is not None else None
+
     def forget(self, node_id: str) -> None:
         self._known.pop(node_id, None)
         self._beats.pop(node_id, None)

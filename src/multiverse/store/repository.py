@@ -515,8 +515,10 @@ class Store:
 
     @_off_loop
     def get_instance(self, instance_id: str) -> Instance:
-        for instance in self._list_instances(ids=[instance_id]):
-            return instance
+        with self._connection() as connection:
+            row = connection.execute(sql.INSTANCE_BY_ID, {"id": instance_id}).first()
+        if row is not None:
+            return _instance(row)
         raise NotFound(f"instance {instance_id} does not exist (deleted meanwhile?)")
 
     list_instances = _off_loop(_list_instances)
@@ -547,11 +549,12 @@ class Store:
         used: Usage,
         reported: Sequence[dict[str, Any]],
         removed: Sequence[str] | None,
-        image_digests: Sequence[str],
+        image_digests: Sequence[str] | None,
     ) -> ReportTaken:
         """A worker's whole report in one transaction (one commit, where the node, its
         instances and its images once took three): the node is alive and Ready now, its
-        cache holds ``image_digests``, and its instances are as it says. ``removed`` None: the
+        cache holds ``image_digests`` (None: what the store has already), and its instances
+        are as it says. ``removed`` None: the
         report is full (an instance missing from it is gone); else it is a delta naming only
         what changed and, in ``removed``, what went. A report older than what the master knows
         (lower ``version``) is ignored, so a report that crossed an action on the wire cannot
@@ -562,7 +565,8 @@ class Store:
                 raise NotFound(f"node {node_id} does not exist")
             connection.execute(sql.NODE_REPORTED, sql.heard(node_id, now(), capacity, used))
             changes = _apply_report(connection, node_id, reported, removed)
-            _set_node_images(connection, node_id, image_digests)
+            if image_digests is not None:
+                _set_node_images(connection, node_id, image_digests)
             return ReportTaken(node.name, NodeStatus(node.status), node.network_mode, changes)
 
     @_in_turn

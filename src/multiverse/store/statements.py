@@ -120,6 +120,7 @@ INSTANCE_ROWS = (
     .order_by(instances.c.name)
 )  # fmt: skip
 INSTANCES_BY_IDS = INSTANCE_ROWS.where(instances.c.id.in_(bindparam("ids", expanding=True)))
+INSTANCE_BY_ID = INSTANCE_ROWS.where(instances.c.id == bindparam("id"))  # no list to expand
 
 # Nodes, in name order, and what the instances being moved to each take there until their
 # move ends (an instance takes room on its source and on its target meanwhile).
