@@ -9,7 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import delete, event, select
 
 from multiverse.core.errors import AlreadyExists, NotFound, Unschedulable
 from multiverse.core.model import (
@@ -222,6 +222,42 @@ def test_a_report_sets_the_nodes_images_unless_it_brings_none(db_url: str) -> No
         assert held() == {b}
         await report([])
         assert held() == set()
+
+    _run(db_url, scenario)
+
+
+def test_reports_arriving_together_are_taken_in_one_commit_each_with_its_own_answer(
+    db_url: str,
+) -> None:
+    async def scenario(store: Store) -> None:
+        for index in range(3):
+            await store.add_node(_node(index), "")
+            await store.add_instance(_instance(index, index))
+        commits: list[object] = []
+        event.listen(store.engine, "commit", commits.append)
+
+        async def report(node: str, instance: str) -> Any:
+            item = {"id": instance, "state": "Running", "ipv4": "", "message": "", "version": 1,
+                    "release": ""}  # fmt: skip
+            return await store.take_report(
+                node, capacity=Resources(8, 8 << 30, 100 << 30), used=Usage(),
+                reported=[item], removed=[], image_digests=None,
+            )  # fmt: skip
+
+        # The first takes its own report at once; the three that arrive meanwhile wait for
+        # it and are taken together: two commits, not four. A node removed meanwhile (n9 never
+        # existed) fails its own report only.
+        taken = await asyncio.gather(
+            report("n0", "i0"), report("n1", "i1"), report("n9", "i9"), report("n2", "i2"),
+            return_exceptions=True,
+        )  # fmt: skip
+        assert len(commits) == 2
+        assert isinstance(taken[2], NotFound)
+        assert [(t.name, t.changes) for t in (taken[0], taken[1], taken[3])] == [
+            (f"node-{index}", [Change(f"i{index}", f"vm-{index:02d}", "Scheduled", "Running")])
+            for index in range(3)
+        ]
+        assert {i.state for i in await store.list_instances()} == {InstanceState.RUNNING}
 
     _run(db_url, scenario)
 

@@ -44,7 +44,13 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
-from multiverse.core.errors import AlreadyExists, Conflict, NotFound, Unschedulable
+from multiverse.core.errors import (
+    AlreadyExists,
+    Conflict,
+    MultiverseError,
+    NotFound,
+    Unschedulable,
+)
 from multiverse.core.faults import Fault, FaultKind
 from multiverse.core.files import private_sqlite
 from multiverse.core.images import ImageManifest, StoredImage
@@ -180,6 +186,8 @@ class Store:
         self._turns: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         # Token id -> (monotonic time read, record), for get_token(max_age=).
         self._tokens_read: dict[str, tuple[float, dict[str, Any]]] = {}
+        # Reports waiting to be taken, each with its caller's future (take_report).
+        self._reports: list[tuple[_Report, asyncio.Future[ReportTaken]]] = []
         self._revocations = 0
 
     def _turn(self) -> asyncio.Lock:
@@ -216,7 +224,7 @@ class Store:
     def _connection(self) -> Iterator[Connection]:
         """A transaction without the ORM, for the calls each launch and each report makes:
         the ORM's unit of work and identity map cost them two to three times the CPU of the
-        statements themselves (bench: tests/../bench/scale.py, README's scaling section)."""
+        statements themselves (README, Scaling)."""
         with self.engine.begin() as connection:
             yield connection
 
@@ -540,8 +548,7 @@ class Store:
             if moved and row.node_id is not None:
                 _allocate(session, row.node_id, _resources(row))
 
-    @_in_turn
-    def take_report(
+    async def take_report(
         self,
         node_id: str,
         *,
@@ -551,23 +558,36 @@ class Store:
         removed: Sequence[str] | None,
         image_digests: Sequence[str] | None,
     ) -> ReportTaken:
-        """A worker's whole report in one transaction (one commit, where the node, its
-        instances and its images once took three): the node is alive and Ready now, its
-        cache holds ``image_digests`` (None: what the store has already), and its instances
-        are as it says. ``removed`` None: the
-        report is full (an instance missing from it is gone); else it is a delta naming only
-        what changed and, in ``removed``, what went. A report older than what the master knows
-        (lower ``version``) is ignored, so a report that crossed an action on the wire cannot
-        undo it."""
+        """A worker's report: the node is alive and Ready now, its cache holds
+        ``image_digests`` (None: what the store has already), and its instances are as it
+        says. ``removed`` None: the report is full (an instance missing from it is gone); else
+        it is a delta naming only what changed and, in ``removed``, what went. A report older
+        than what the master knows (lower ``version``) is ignored, so a report that crossed an
+        action on the wire cannot undo it.
+
+        Reports that arrive while the store is busy are taken together, in one transaction
+        and one commit (group commit): in a launch storm each launch brings two or three
+        reports from as many nodes, and a commit each (on PostgreSQL, a flush to disk each)
+        was most of what taking them cost."""
+        report = _Report(node_id, capacity, used, reported, removed, image_digests)
+        taken: asyncio.Future[ReportTaken] = asyncio.get_running_loop().create_future()
+        self._reports.append((report, taken))
+        async with self._turn():
+            if not taken.done():  # not in a batch taken meanwhile: this one takes them all
+                batch, self._reports = self._reports, []
+                results: Sequence[ReportTaken | Exception] = ()
+                try:
+                    results = await self._take_reports([report for report, _ in batch])
+                except Exception as exc:
+                    results = [exc] * len(batch)
+                finally:
+                    _settle(batch, results)
+        return await taken
+
+    @_off_loop
+    def _take_reports(self, reports: list[_Report]) -> list[ReportTaken | MultiverseError]:
         with self._instance_writes, self._connection() as connection:
-            node = connection.execute(sql.NODE_OF_REPORT, {"node": node_id}).first()
-            if node is None:
-                raise NotFound(f"node {node_id} does not exist")
-            connection.execute(sql.NODE_REPORTED, sql.heard(node_id, now(), capacity, used))
-            changes = _apply_report(connection, node_id, reported, removed)
-            if image_digests is not None:
-                _set_node_images(connection, node_id, image_digests)
-            return ReportTaken(node.name, NodeStatus(node.status), node.network_mode, changes)
+            return [_take_report(connection, report) for report in reports]
 
     @_in_turn
     def take_heartbeats(self, beats: Mapping[str, Heartbeat]) -> list[str]:
@@ -1102,6 +1122,51 @@ def _apply_report(
             written.append(values)
     _write_observed(connection, written)
     return changes
+
+
+@dataclass(frozen=True)
+class _Report:
+    """The arguments of one :meth:`Store.take_report`."""
+
+    node_id: str
+    capacity: Resources
+    used: Usage
+    reported: Sequence[dict[str, Any]]
+    removed: Sequence[str] | None
+    image_digests: Sequence[str] | None
+
+
+def _settle(
+    batch: list[tuple[_Report, asyncio.Future[ReportTaken]]],
+    results: Sequence[ReportTaken | Exception],
+) -> None:
+    """Give each caller of a batch its result; no results: the batch's taker was cancelled
+    (the master is stopping), and the others are cancelled with it rather than left waiting."""
+    for index, (_, waiting) in enumerate(batch):
+        if waiting.done():  # its caller went away (its stream ended)
+            continue
+        if index >= len(results):
+            waiting.cancel()
+            continue
+        result = results[index]
+        if isinstance(result, Exception):
+            waiting.set_exception(result)
+        else:
+            waiting.set_result(result)
+
+
+def _take_report(connection: Connection, report: _Report) -> ReportTaken | MultiverseError:
+    """One report of a batch; a node removed meanwhile fails its own report only (nothing
+    written for it: its row is read first)."""
+    node_id = report.node_id
+    node = connection.execute(sql.NODE_OF_REPORT, {"node": node_id}).first()
+    if node is None:
+        return NotFound(f"node {node_id} does not exist")
+    connection.execute(sql.NODE_REPORTED, sql.heard(node_id, now(), report.capacity, report.used))
+    changes = _apply_report(connection, node_id, report.reported, report.removed)
+    if report.image_digests is not None:
+        _set_node_images(connection, node_id, report.image_digests)
+    return ReportTaken(node.name, NodeStatus(node.status), node.network_mode, changes)
 
 
 def _set_node_images(connection: Connection, node_id: str, digests: Sequence[str]) -> None:
