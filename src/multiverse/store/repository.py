@@ -31,10 +31,8 @@ from sqlalchemy import (
     Select,
     and_,
     create_engine,
-    delete,
     event,
     false,
-    insert,
     or_,
     select,
     text,
@@ -74,7 +72,6 @@ from multiverse.store.schema import (
     ImageLocationRow,
     ImageRow,
     InstanceRow,
-    LeaseRow,
     MasterRow,
     MigrationRow,
     NetworkRow,
@@ -406,7 +403,7 @@ class Store:
 
     def _add_instance(self, instance: Instance, lease: LeasePicker | None) -> Instance:
         spec = instance.spec
-        row = dict(
+        values = dict(
             id=instance.id,
             name=spec.name,
             node_id=instance.node_id,
@@ -429,7 +426,7 @@ class Store:
             if node_id is not None and not _allocate(connection, node_id, spec.resources, fit=True):
                 raise Unschedulable(f"node {node_id} has no room left for {spec.name}")
             try:
-                connection.execute(sql.INSERT_INSTANCE, row)
+                connection.execute(sql.INSERT_INSTANCE, values)
             except IntegrityError as exc:
                 raise AlreadyExists(f"an instance named {spec.name!r} exists already") from exc
             if lease is not None:
@@ -455,14 +452,13 @@ class Store:
 
     @_off_loop
     def leases(self, network: str) -> list[Lease]:
-        query = select(*_LEASE).where(LeaseRow.network == network).order_by(LeaseRow.address)
         with self._connection() as connection:
-            return [_lease(row) for row in connection.execute(query)]
+            return [_lease(row) for row in connection.execute(sql.LEASES_IN, {"network": network})]
 
     @_off_loop
     def lease_of(self, owner: str) -> Lease | None:
         with self._connection() as connection:
-            row = connection.execute(select(*_LEASE).where(LeaseRow.owner == owner)).first()
+            row = connection.execute(sql.LEASE_OF, {"owner": owner}).first()
             return _lease(row) if row is not None else None
 
     @_off_loop
@@ -471,8 +467,7 @@ class Store:
         for _attempt in range(_LEASE_TRIES):
             try:
                 with self._connection() as connection:
-                    query = select(*_LEASE).where(LeaseRow.owner == owner)
-                    row = connection.execute(query).first()
+                    row = connection.execute(sql.LEASE_OF, {"owner": owner}).first()
                     if row is not None:
                         return _lease(row)
                     return _take_lease(connection, owner, lease)
@@ -665,7 +660,7 @@ class Store:
     ) -> list[Migration]:
         query = select(MigrationRow).order_by(MigrationRow.created_at)
         if active:
-            query = query.where(MigrationRow.phase.not_in([p.value for p in _FINAL_PHASES]))
+            query = query.where(MigrationRow.phase.not_in(sql.FINAL_PHASES))
         if instance_id is not None:
             query = query.where(MigrationRow.instance_id == instance_id)
         with self._session() as session:
@@ -692,9 +687,10 @@ class Store:
     @_off_loop
     def delete_instance(self, instance_id: str) -> None:
         with self._connection() as connection:
-            for found in connection.execute(sql.INSTANCE_OBSERVED, {"id": instance_id}):
-                _release(connection, found.id)
-                _delete(connection, found)
+            row = connection.execute(sql.INSTANCE_OBSERVED, {"id": instance_id}).first()
+            if row is not None:
+                _release(connection, row.id)
+                _delete(connection, row)
 
     # ---- images ----
 
@@ -1032,9 +1028,6 @@ def _page(query: Query, key: Any, after: str | None, limit: int | None) -> Query
     return query.limit(limit) if limit is not None else query
 
 
-_FINAL_PHASES = (MigrationPhase.DONE, MigrationPhase.FAILED)
-
-
 def _migration(row: MigrationRow) -> Migration:
     return Migration(
         id=row.id, instance_id=row.instance_id, kind=MigrationKind(row.kind),
@@ -1052,22 +1045,20 @@ class _AddressTaken(Exception):
 def _take_lease(connection: Connection, owner: str, pick: LeasePicker) -> Lease:
     """Insert the lease ``pick`` chooses; leases whose instance is gone are swept first
     (an address goes back with its instance whichever way the instance row went)."""
-    instances = select(InstanceRow.id)
-    connection.execute(
-        delete(LeaseRow).where(LeaseRow.kind == "instance", LeaseRow.owner.not_in(instances))
-    )
-    used = set(connection.scalars(select(LeaseRow.address).where(LeaseRow.network == pick.network)))
+    connection.execute(sql.ORPHAN_LEASES)
+    used = set(connection.scalars(sql.ADDRESSES_IN, {"network": pick.network}))
     chosen = pick(used)
     try:
         connection.execute(
-            insert(LeaseRow).values(
+            sql.INSERT_LEASE,
+            dict(
                 network=chosen.network,
                 address=chosen.address,
                 owner=owner,
                 kind=chosen.kind,
                 mac=chosen.mac,
                 publish=",".join(str(item) for item in chosen.publish),
-            )
+            ),
         )
     except IntegrityError as exc:
         raise _AddressTaken from exc
@@ -1076,10 +1067,6 @@ def _take_lease(connection: Connection, owner: str, pick: LeasePicker) -> Lease:
 
 def _release(executor: Connection | Session, owner: str) -> None:
     executor.execute(sql.RELEASE, {"owner": owner})
-
-
-_LEASE = (LeaseRow.network, LeaseRow.address, LeaseRow.owner, LeaseRow.kind, LeaseRow.mac,
-          LeaseRow.publish)  # fmt: skip
 
 
 def _lease(row: _AnyRow) -> Lease:

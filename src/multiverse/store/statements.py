@@ -56,7 +56,7 @@ def heard(node_id: str, at: datetime, capacity: Resources, used: Usage) -> dict[
 
 # ---- room on a node ----
 
-_allocate = (
+ALLOCATE = (  # also gives back: negative amounts and count
     update(nodes)
     .where(nodes.c.id == bindparam("node"))
     .values(
@@ -66,8 +66,7 @@ _allocate = (
         instance_count=nodes.c.instance_count + bindparam("count"),
     )
 )
-ALLOCATE = _allocate  # also gives back: negative amounts and count
-ALLOCATE_IF_FITS = _allocate.where(
+ALLOCATE_IF_FITS = ALLOCATE.where(
     nodes.c.allocated_cpus + bindparam("need_cpus") <= nodes.c.cpus,
     nodes.c.allocated_memory + bindparam("need_memory") <= nodes.c.memory,
     nodes.c.allocated_disk + bindparam("need_disk") <= nodes.c.disk,
@@ -105,6 +104,21 @@ WRITE_OBSERVED = (
 )  # fmt: skip
 INSERT_INSTANCE = insert(instances)
 DELETE_INSTANCE = delete(instances).where(instances.c.id == bindparam("id"))
+
+# ---- addresses on the cluster network ----
+
+_LEASE = (leases.c.network, leases.c.address, leases.c.owner, leases.c.kind, leases.c.mac,
+          leases.c.publish)  # fmt: skip
+LEASE_OF = select(*_LEASE).where(leases.c.owner == bindparam("owner"))
+LEASES_IN = (
+    select(*_LEASE).where(leases.c.network == bindparam("network")).order_by(leases.c.address)
+)
+ADDRESSES_IN = select(leases.c.address).where(leases.c.network == bindparam("network"))
+# Leases of instances gone, whichever way their row went; swept before a new lease is taken.
+ORPHAN_LEASES = delete(leases).where(
+    leases.c.kind == "instance", leases.c.owner.not_in(select(instances.c.id))
+)
+INSERT_LEASE = insert(leases)
 RELEASE = delete(leases).where(leases.c.owner == bindparam("owner"))
 
 # Instances as the API shows them, in name order (pages go by name): their columns, their
@@ -126,7 +140,7 @@ INSTANCE_BY_ID = INSTANCE_ROWS.where(instances.c.id == bindparam("id"))  # no li
 # move ends (an instance takes room on its source and on its target meanwhile).
 NODE_ROWS = select(*nodes.columns).order_by(nodes.c.name)
 NODES_BY_IDS = NODE_ROWS.where(nodes.c.id.in_(bindparam("ids", expanding=True)))
-_moving = instances.c.id == migrations.c.instance_id
+FINAL_PHASES = (MigrationPhase.DONE.value, MigrationPhase.FAILED.value)  # a move that ended
 MOVING_TO = (
     select(
         migrations.c.target_id, func.count(instances.c.id),
@@ -134,8 +148,8 @@ MOVING_TO = (
         func.coalesce(func.sum(instances.c.memory), 0),
         func.coalesce(func.sum(instances.c.disk), 0),
     )
-    .join(instances, _moving)
-    .where(migrations.c.phase.not_in([MigrationPhase.DONE.value, MigrationPhase.FAILED.value]))
+    .join(instances, instances.c.id == migrations.c.instance_id)
+    .where(migrations.c.phase.not_in(FINAL_PHASES))
     .where(instances.c.node_id != migrations.c.target_id)
     .group_by(migrations.c.target_id)
 )  # fmt: skip
