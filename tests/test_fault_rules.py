@@ -356,6 +356,26 @@ async def _each_vm_once(tmp_path: Path) -> None:
     assert sorted(driver.calls) == [("resume", "vm-id-b"), ("resume", "vm-id-c")]
 
 
+def test_the_faults_file_is_written_only_when_what_it_holds_changes(tmp_path: Path) -> None:
+    asyncio.run(_written_on_change(tmp_path))
+
+
+async def _written_on_change(tmp_path: Path) -> None:
+    # Every acknowledgement of every report converges: the same faults again write nothing.
+    vms = {"id-b": SimpleNamespace(name="vm-b")}
+    applier = NodeFaultsApplier(_Driver(), vms.get, tmp_path, networked=False)  # type: ignore[arg-type]
+    pause = NodeFaults(shots=(Shot("f1", FaultKind.PAUSE, "id-b"),), generation=1)
+    await applier.converge(pause)
+    state = tmp_path / "faults.json"
+    assert "f1/id-b" in json.loads(state.read_text())["held"]
+    state.unlink()
+    for _ in range(3):
+        await applier.converge(pause)
+    assert not state.exists()
+    await applier.converge(NodeFaults(generation=2))
+    assert json.loads(state.read_text())["held"] == {}
+
+
 def test_a_restarted_agent_keeps_what_an_older_one_did(tmp_path: Path) -> None:
     asyncio.run(_older_state(tmp_path))
 

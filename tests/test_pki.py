@@ -352,6 +352,33 @@ def test_node_certificate_identity(certs: Pki) -> None:
     assert key.public_key() == cert.public_key()
 
 
+def test_a_callers_identity_is_parsed_once_per_certificate(
+    certs: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent asks who called at every call: the same certificate is parsed once; another
+    certificate is parsed for itself; one without an identity is refused every time."""
+    parsed: list[bytes] = []
+    identity_of = pki.identity_of
+
+    def counted(cert: pki.CertInput) -> pki.PeerIdentity:
+        parsed.append(bytes(cert) if isinstance(cert, bytes) else b"")
+        return identity_of(cert)
+
+    monkeypatch.setattr(pki, "identity_of", counted)
+    server = pki.issue_server_cert(certs.ca, ["localhost"])
+    for _ in range(3):
+        assert pki.peer_identity_of({"x509_pem_cert": [certs.master.cert_pem]}).kind == "master"
+        node = pki.peer_identity_of({"x509_pem_cert": [certs.node.cert_pem]})
+        assert (node.kind, node.node_id) == ("node", NODE_ID)
+        with pytest.raises(Unauthenticated, match="no multiverse identity"):
+            pki.peer_identity_of({"x509_pem_cert": [server.cert_pem]})
+    assert parsed.count(certs.master.cert_pem) == 1
+    assert parsed.count(certs.node.cert_pem) == 1
+    assert parsed.count(server.cert_pem) == 3
+    with pytest.raises(Unauthenticated, match="no client certificate"):
+        pki.peer_identity_of({})
+
+
 def test_a_csr_cannot_choose_its_identity(certs: Pki) -> None:
     """Whatever the CSR asks for (the master's URI, another CN), the master writes its own."""
     key = ec.generate_private_key(ec.SECP256R1())

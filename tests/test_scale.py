@@ -32,6 +32,7 @@ from multiverse.master.instances import Instances
 from multiverse.master.reconciler import Reconciler
 from multiverse.store.repository import Change, Store
 from multiverse.wire.v1 import multiverse_pb2 as pb
+from multiverse.worker.usage import HostUsage
 
 
 def _simulated(cluster: Cluster, count: int, *extra: str) -> None:
@@ -358,6 +359,57 @@ def test_waiting_operations_read_the_store_only_for_their_own_instance(tmp_path:
             store.close()
 
     asyncio.run(scenario())
+
+
+def test_an_event_is_shown_only_to_the_waiters_of_its_instance() -> None:
+    """With a thousand launches waiting, each event used to be offered to every waiter's
+    filter (O(waiters) per event): now only to those of its id, and to the unkeyed ones."""
+
+    async def scenario() -> None:
+        events = EventBus()
+        offered: dict[str, int] = {}
+        met = {"i7": False}
+
+        def seen(key: str) -> Callable[[dict[str, Any]], bool]:
+            def about(event: dict[str, Any]) -> bool:
+                offered[key] = offered.get(key, 0) + 1
+                met[key] = event["state"] == "Running"
+                return True
+
+            return about
+
+        async def done(key: str) -> bool:
+            return met.get(key, False)
+
+        waits = [
+            asyncio.create_task(events.wait_for(
+                lambda key=f"i{index}": done(key), 30, key=f"i{index}", about=seen(f"i{index}"),
+            ))
+            for index in range(100)
+        ]  # fmt: skip
+        anything = asyncio.create_task(events.wait_for(lambda: done("i7"), 30))
+        await asyncio.sleep(0.01)
+        events.publish("instance", id="i7", state="Starting")
+        events.publish("instance", id="i7", state="Running")
+        events.publish("operation", id="op-1", status="success")
+        assert await waits[7] is True and await anything is True
+        assert offered == {"i7": 2}
+        for wait in waits:
+            wait.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+        assert not events._keyed  # the last waiter of an id takes its entry with it
+
+    asyncio.run(scenario())
+
+
+def test_a_hosts_usage_is_measured_at_most_once_per_max_age(tmp_path: Path) -> None:
+    """A report per instance step, each measuring the host (three reads of /proc), was a
+    tenth of a simulated node's work in a launch storm: one measure serves for a second."""
+    usage = HostUsage(tmp_path, max_age=3600)
+    first = usage.measure()
+    assert all(usage.measure() is first for _ in range(10))
+    assert first.memory > 0 and first.disk > 0
+    assert HostUsage(tmp_path, max_age=0).measure() is not first
 
 
 async def wait_until_async(condition: Callable[[], bool], timeout: float = 30.0) -> None:

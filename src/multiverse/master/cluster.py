@@ -234,7 +234,9 @@ class Agents:
         self.node_cert_lifetime = pki.check_lifetime(node_cert_lifetime)
         self._credentials = pki.channel_credentials(ca.cert_pem, client)
         self.timeout = timeout
-        self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
+        # Node id -> (address, channel, stub). The stub is kept with its channel: building
+        # one makes a callable per RPC of the service, and a launch storm built one per call.
+        self._channels: dict[str, tuple[str, grpc.aio.Channel, pb_grpc.AgentServiceStub]] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
     def forget(self, node_id: str) -> None:
@@ -254,9 +256,9 @@ class Agents:
                 *convert.GRPC_CHANNEL_OPTIONS,
             )
             channel = grpc.aio.secure_channel(node.address, self._credentials, options)
-            cached = (node.address, channel)
+            cached = (node.address, channel, pb_grpc.AgentServiceStub(channel))
             self._channels[node.id] = cached
-        return pb_grpc.AgentServiceStub(cached[1])
+        return cached[2]
 
     async def call(
         self, node: Node, method: Callable[..., Awaitable[Reply]], request: object
@@ -268,7 +270,7 @@ class Agents:
             raise convert.error_from_rpc(exc, node.name) from exc
 
     async def close(self) -> None:
-        for _address, channel in self._channels.values():
+        for _address, channel, _stub in self._channels.values():
             await channel.close(grace=None)
         self._channels.clear()
         await asyncio.gather(*self._closing, return_exceptions=True)

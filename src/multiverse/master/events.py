@@ -29,7 +29,8 @@ class _Waiter:
 class EventBus:
     def __init__(self) -> None:
         self._listeners: set[asyncio.Queue[Event | None]] = set()
-        self._waiters: set[_Waiter] = set()
+        self._waiters: set[_Waiter] = set()  # woken by any event their filter accepts
+        self._keyed: dict[str, set[_Waiter]] = {}  # woken only by events with this "id"
 
     def publish(self, kind: str, **fields: Any) -> None:
         event = {"type": kind, "time": datetime.now(UTC).isoformat().replace("+00:00", "Z")}
@@ -42,7 +43,9 @@ class EventBus:
                 queue.get_nowait()  # room for the end mark
                 queue.put_nowait(None)
                 log.warning("dropped a slow event listener")
-        for waiter in self._waiters:
+        key = event.get("id")
+        keyed = self._keyed.get(key, ()) if isinstance(key, str) else ()
+        for waiter in (*self._waiters, *keyed):
             if waiter.about is None or waiter.about(event):
                 waiter.wake.set()
 
@@ -51,19 +54,23 @@ class EventBus:
         predicate: Callable[[], Awaitable[bool]],
         timeout: float,
         *,
+        key: str | None = None,
         about: Callable[[Event], bool] | None = None,
         recheck: float = 1.0,
     ) -> bool:
         """Wait until ``await predicate()`` holds, checking it after every event ``about``
-        accepts (every event when None) and every ``recheck`` seconds, for changes that raise
-        no event (time passing); False on timeout.
+        accepts (every event when None) among those whose id is ``key`` (any id when None),
+        and every ``recheck`` seconds, for changes that raise no event (time passing); False
+        on timeout.
 
-        ``about`` is what keeps many waiters cheap: a thousand launches waiting for Running
-        would otherwise each read the store on every event of every other one."""
+        ``key`` and ``about`` are what keep many waiters cheap: a thousand launches waiting
+        for Running would otherwise each read the store on every event of every other one,
+        and with ``key`` an event is not even shown to the waiters of other instances."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         waiter = _Waiter(about)
-        self._waiters.add(waiter)
+        waiters = self._waiters if key is None else self._keyed.setdefault(key, set())
+        waiters.add(waiter)
         try:
             while True:
                 waiter.wake.clear()  # before the check: an event during it wakes the wait
@@ -75,7 +82,9 @@ class EventBus:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(waiter.wake.wait(), min(remaining, recheck))
         finally:
-            self._waiters.discard(waiter)
+            waiters.discard(waiter)
+            if key is not None and not waiters:
+                del self._keyed[key]
 
     async def listen(self) -> AsyncIterator[Event]:
         """Events from now on, until the listener is dropped for being slow."""

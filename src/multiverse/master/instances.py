@@ -293,8 +293,6 @@ class Instances:
         named: list[str] = []
 
         def about(event: Event) -> bool:
-            if event.get("id") != instance_id:
-                return False
             named.append(str(event.get("state")))
             return True
 
@@ -319,7 +317,7 @@ class Instances:
 
         # Its own changes always raise an event; the slow recheck is only a safety net.
         if not await self.events.wait_for(
-            reached, OPERATION_TIMEOUT, about=about, recheck=UNTIL_RECHECK
+            reached, OPERATION_TIMEOUT, key=instance_id, about=about, recheck=UNTIL_RECHECK
         ):
             raise Unavailable(f"gave up waiting after {OPERATION_TIMEOUT:.0f}s")
         return "Deleted" if targets is None else next(iter(targets)).value

@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import functools
 import hashlib
 import ipaddress
 import json
@@ -535,6 +536,19 @@ def check_peer_cert(
     if is_revoked(parsed, revoked_serials):
         raise Unauthenticated("the certificate has been revoked")
     return identity_of(parsed)
+
+
+def peer_identity_of(auth_context: Mapping[str, Iterable[bytes]]) -> PeerIdentity:
+    """The identity of a gRPC caller's certificate (see :func:`identity_of`), parsed once per
+    certificate: an agent checks every call, and a launch storm parsed the master's same
+    certificate hundreds of times a second. Only the certificate's own contents are read, so
+    keeping the answer is safe; revocation and dates are :func:`check_peer_cert`'s."""
+    return _identity_of_pem(peer_cert_of(auth_context))
+
+
+@functools.lru_cache(maxsize=64)
+def _identity_of_pem(pem: bytes) -> PeerIdentity:
+    return identity_of(pem)
 
 
 def peer_cert_of(auth_context: Mapping[str, Iterable[bytes]]) -> bytes:

@@ -94,6 +94,7 @@ class NodeFaultsApplier:
         self._generation = int(state.get("generation", 0))
         self._netem: bool | None = None  # whether the kernel has netem; None: not tried yet
         self._queues = LinkQueues(state.get("link_queues", {}))
+        self._saved: str | None = None  # the file's text as this applier last wrote it
 
     async def converge(self, faults: NodeFaults) -> None:
         async with self._lock:
@@ -284,12 +285,18 @@ class NodeFaultsApplier:
             raise MultiverseError(f"{script!r} failed in {vm.name} with exit code {code}")
 
     def _save(self) -> None:
+        """Written when it changed only: every acknowledgement of every report converges,
+        and a launch storm rewrote the same file for each one."""
         data = {"links": self._links, "held": self._held, "done": self._done,
                 "generation": self._generation, "link_queues": self._queues.state}  # fmt: skip
+        text = json.dumps(data, indent=2, sort_keys=True)
+        if text == self._saved:
+            return
         path = self.state_dir / "faults.json"
         temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(data, indent=2, sort_keys=True))
+        temporary.write_text(text)
         temporary.replace(path)
+        self._saved = text
 
 
 class _NoNetem(Exception):

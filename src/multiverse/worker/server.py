@@ -112,7 +112,8 @@ def qemu_tls_dir(pki_dir: Path) -> Path:
 class Worker:
     """A running worker; ``await start()`` then ``await stop()``, or ``await run()``."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, usage: HostUsage | None = None) -> None:
+        """``usage``: the host's, when other workers of this process measure it already."""
         self.config = config
         private_dir(config.data_dir)  # its key, its VMs' user data
         network = None
@@ -128,7 +129,7 @@ class Worker:
             network,
             images if uses_cache else None,
             faults_dir=config.data_dir / "faults",
-            usage=HostUsage(config.data_dir),
+            usage=usage or HostUsage(config.data_dir),
         )
         images.in_use = lambda: {record.spec.image for record in self.agent.records.values()}
         self.image_source: MasterImages | None = None
@@ -142,15 +143,14 @@ class Worker:
     def _authorize(self, context: Ctx) -> bool:
         """TLS checked the chain; the agent serves only the master's identity."""
         try:
-            cert = pki.peer_cert_of(context.auth_context())
-            return pki.identity_of(cert).kind == "master"
+            return pki.peer_identity_of(context.auth_context()).kind == "master"
         except MultiverseError:
             return False
 
     def _peer_node(self, context: Ctx) -> str | None:
         """The calling node's id, for the one method nodes may call (reading a move's files)."""
         try:
-            identity = pki.identity_of(pki.peer_cert_of(context.auth_context()))
+            identity = pki.peer_identity_of(context.auth_context())
         except MultiverseError:
             return None
         return identity.node_id if identity.kind == "node" else None
@@ -304,7 +304,9 @@ class Workers:
     """Several workers in one process (``multiverse worker --simulate N``)."""
 
     def __init__(self, configs: list[WorkerConfig], concurrency: int = 16) -> None:
-        self.workers = [Worker(config) for config in configs]
+        # One host: one measure of its usage for all, not one per node per report.
+        usage = HostUsage(configs[0].data_dir.parent) if configs else None
+        self.workers = [Worker(config, usage) for config in configs]
         # Joins at once from a thousand nodes would only queue up at the master's API.
         self._gate = asyncio.Semaphore(concurrency)
 
