@@ -94,3 +94,37 @@ def test_a_report_after_the_first_names_only_what_changed(
             agent.store.close()
 
     asyncio.run(scenario())
+
+
+def test_changes_close_together_go_in_one_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three launches and every step of each (Creating, Starting, Running, the release) within
+    the gather time: one report with all three as they ended, not one report per step."""
+    monkeypatch.setenv(ALLOW_ENV, "1")
+
+    async def scenario() -> None:
+        agent = Agent(FakeDriver(tmp_path / "fake"), LocalStore(tmp_path / "agent.db"))
+        reporter = Reporter(agent, interval=3600, gather=1.0)
+        reports = reporter.reports()
+        try:
+            assert not (await anext(reports)).instances  # the first, full, of nothing yet
+            records = [
+                await agent.launch(str(uuid.uuid4()), InstanceSpec(name=f"vm-{index}"))
+                for index in range(3)
+            ]
+            second = await anext(reports)
+            assert second.delta
+            assert {(i.name, i.state, bool(i.release)) for i in second.instances} == {
+                (f"vm-{index}", "Running", True) for index in range(3)
+            }
+            assert all(record.version >= 3 for record in records)  # it saw every step
+            # Nothing more: the next report waits for a change (none comes within a second).
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(anext(reports), 1.0)
+        finally:
+            await reports.aclose()
+            await agent.shutdown()
+            agent.store.close()
+
+    asyncio.run(scenario())

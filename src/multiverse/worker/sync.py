@@ -44,6 +44,10 @@ log = logging.getLogger("multiverse.worker")
 
 # Seconds between full reports on a stream: a safety net under the deltas, cheap at this pace.
 FULL_REPORT_EVERY = 60.0
+# Seconds a report waits after the change that woke it, for the changes right behind it: an
+# instance's steps (Creating, Starting, Running, its release) and the VMs launched together
+# go in one report, not one each, and the master takes one report instead of several.
+REPORT_GATHER = 0.02
 
 
 @dataclass
@@ -304,9 +308,10 @@ class Reporter:
     work for what changed, not for all the node holds. The stream is ordered and reliable while
     it lives, and a new stream starts with a full report, so a delta is never lost unseen."""
 
-    def __init__(self, agent: Agent, interval: float) -> None:
+    def __init__(self, agent: Agent, interval: float, gather: float = REPORT_GATHER) -> None:
         self.agent = agent
         self.interval = interval
+        self.gather = gather
         self.want_full = True
         self._told: dict[str, Told] = {}
         self._full_at = 0.0
@@ -322,6 +327,8 @@ class Reporter:
             yield report
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.agent.changed.wait(), timeout=self.interval)
+            if self.agent.changed.is_set():
+                await asyncio.sleep(self.gather)
 
 
 async def observe_forever(agent: Agent, interval: float) -> None:
