@@ -181,6 +181,8 @@ class Reconciler:
     async def reconcile_all(self) -> None:
         nodes = {node.id: node for node in await self.store.list_nodes()}
         instances = await self.store.list_instances()
+        if self.ipam is not None and (swept := await self.ipam.sweep()):
+            log.warning("gave back %d address(es) of instances gone", swept)
         # A step only for the instances with something to do: at fifty thousand converged
         # ones, a coroutine each held the event loop (and the API's answers) for seconds.
         # The others, and those gone from the store (deleted, or forgotten with their removed

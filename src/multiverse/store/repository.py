@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import enum
 import functools
+import ipaddress
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
@@ -85,13 +86,16 @@ _AnyRow: TypeAlias = Row[*tuple[Any, ...]]  # a row of a Core query, columns by 
 
 
 class LeasePicker(Protocol):
-    """Chooses a lease in ``network`` given the addresses taken there (master/network.py);
-    raises a MultiverseError when none fits."""
+    """Chooses a lease in ``network`` (master/network.py): the addresses to try in turn, from
+    the one after ``after`` (the generator raises a MultiverseError when none is left), and
+    the lease of the one found free."""
 
     @property
     def network(self) -> str: ...
 
-    def __call__(self, used: set[str]) -> Lease: ...
+    def candidates(self, after: str) -> Iterator[str]: ...
+
+    def lease(self, address: str) -> Lease: ...
 
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
@@ -183,6 +187,8 @@ class Store:
         self._turns: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         # Token id -> (monotonic time read, record), for get_token(max_age=).
         self._tokens_read: dict[str, tuple[float, dict[str, Any]]] = {}
+        # Network -> the address this store leased last there: the next lease looks on from it.
+        self._leased: dict[str, str] = {}
         # Reports waiting to be taken, each with its caller's future (take_report).
         self._reports: list[tuple[_Report, asyncio.Future[ReportTaken]]] = []
         self._revocations = 0
@@ -430,7 +436,7 @@ class Store:
             except IntegrityError as exc:
                 raise AlreadyExists(f"an instance named {spec.name!r} exists already") from exc
             if lease is not None:
-                held = _take_lease(connection, instance.id, lease)
+                held = _take_lease(connection, instance.id, lease, self._leased)
                 instance.address, instance.mac = held.address, held.mac
                 instance.publish = tuple(str(item) for item in held.publish)
         return instance
@@ -462,6 +468,14 @@ class Store:
             return _lease(row) if row is not None else None
 
     @_off_loop
+    def sweep_leases(self) -> int:
+        """Give back the addresses of instances that are gone, whichever way their rows went
+        (every way this store deletes one releases its lease in the same transaction: this is
+        the safety net, for rows removed by hand or by an older version); how many."""
+        with self._connection() as connection:
+            return connection.execute(sql.ORPHAN_LEASES).rowcount
+
+    @_off_loop
     def ensure_lease(self, owner: str, lease: LeasePicker) -> Lease:
         """The owner's lease (a node's gateway address): the one it holds, else a new one."""
         for _attempt in range(_LEASE_TRIES):
@@ -470,7 +484,7 @@ class Store:
                     row = connection.execute(sql.LEASE_OF, {"owner": owner}).first()
                     if row is not None:
                         return _lease(row)
-                    return _take_lease(connection, owner, lease)
+                    return _take_lease(connection, owner, lease, self._leased)
             except _AddressTaken:
                 continue
         raise Conflict("could not lease an address: too many concurrent requests; try again")
@@ -1042,27 +1056,35 @@ class _AddressTaken(Exception):
     """Another transaction took the address first."""
 
 
-def _take_lease(connection: Connection, owner: str, pick: LeasePicker) -> Lease:
-    """Insert the lease ``pick`` chooses; leases whose instance is gone are swept first
-    (an address goes back with its instance whichever way the instance row went)."""
-    connection.execute(sql.ORPHAN_LEASES)
-    used = set(connection.scalars(sql.ADDRESSES_IN, {"network": pick.network}))
-    chosen = pick(used)
-    try:
-        connection.execute(
-            sql.INSERT_LEASE,
-            dict(
-                network=chosen.network,
-                address=chosen.address,
-                owner=owner,
-                kind=chosen.kind,
-                mac=chosen.mac,
-                publish=",".join(str(item) for item in chosen.publish),
-            ),
-        )
-    except IntegrityError as exc:
-        raise _AddressTaken from exc
-    return chosen
+def _take_lease(
+    connection: Connection, owner: str, pick: LeasePicker, leased: dict[str, str]
+) -> Lease:
+    """Insert the lease of the first of ``pick``'s candidates that nobody holds (a lookup by
+    key each), starting after the address ``leased`` says this store handed out last in that
+    network. A launch read the network's every lease, and swept those of gone instances, before
+    (100 ms a launch at 10,000 instances); the sweep is the reconciler's full pass now."""
+    network = pick.network
+    if network not in leased:  # the first lease of this process: go on after the highest held
+        held = connection.scalars(sql.ADDRESSES_IN, {"network": network})
+        leased[network] = max(held, key=ipaddress.IPv4Address, default="")
+    for address in pick.candidates(leased[network]):
+        if connection.execute(sql.LEASE_AT, {"network": network, "address": address}).first():
+            continue
+        chosen = pick.lease(address)
+        try:
+            connection.execute(
+                sql.INSERT_LEASE,
+                dict(
+                    network=chosen.network, address=chosen.address, owner=owner,
+                    kind=chosen.kind, mac=chosen.mac,
+                    publish=",".join(str(item) for item in chosen.publish),
+                ),
+            )  # fmt: skip
+        except IntegrityError as exc:  # another process took it meanwhile: choose again
+            raise _AddressTaken from exc
+        leased[network] = address
+        return chosen
+    raise AssertionError("unreachable: candidates() raises when it runs out")
 
 
 def _release(executor: Connection | Session, owner: str) -> None:

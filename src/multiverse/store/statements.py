@@ -114,7 +114,10 @@ LEASES_IN = (
     select(*_LEASE).where(leases.c.network == bindparam("network")).order_by(leases.c.address)
 )
 ADDRESSES_IN = select(leases.c.address).where(leases.c.network == bindparam("network"))
-# Leases of instances gone, whichever way their row went; swept before a new lease is taken.
+LEASE_AT = select(leases.c.owner).where(
+    leases.c.network == bindparam("network"), leases.c.address == bindparam("address")
+)
+# Leases of instances gone, whichever way their row went (Store.sweep_leases).
 ORPHAN_LEASES = delete(leases).where(
     leases.c.kind == "instance", leases.c.owner.not_in(select(instances.c.id))
 )
