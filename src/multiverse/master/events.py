@@ -79,8 +79,11 @@ class EventBus:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return False
+                # In this task (asyncio.wait_for ran the wait in a task of its own, one per
+                # check of every waiting operation).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter.wake.wait(), min(remaining, recheck))
+                    async with asyncio.timeout(min(remaining, recheck)):
+                        await waiter.wake.wait()
         finally:
             waiters.discard(waiter)
             if key is not None and not waiters:

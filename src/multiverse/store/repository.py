@@ -700,7 +700,10 @@ class Store:
 
     @_off_loop
     def delete_instance(self, instance_id: str) -> None:
-        with self._connection() as connection:
+        # Under the instance lock, as reports and answers are: one of them that read the row
+        # before this delete would otherwise write to nothing and publish a change of an
+        # instance gone.
+        with self._instance_writes, self._connection() as connection:
             row = connection.execute(sql.INSTANCE_OBSERVED, {"id": instance_id}).first()
             if row is not None:
                 _release(connection, row.id)
