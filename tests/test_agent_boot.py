@@ -4,6 +4,7 @@ its reports name only what changed."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from multiverse.core.model import GuestStats, InstanceSpec, InstanceState
 from multiverse.drivers.base import VMConfig
 from multiverse.drivers.fake import ALLOW_ENV, FakeDriver
 from multiverse.worker.agent import Agent
-from multiverse.worker.localstore import LocalStore
+from multiverse.worker.localstore import LocalStore, VMRecord
 from multiverse.worker.sync import Reporter
 
 
@@ -128,3 +129,26 @@ def test_changes_close_together_go_in_one_report(
             agent.store.close()
 
     asyncio.run(scenario())
+
+
+def test_the_local_store_writes_the_spec_a_record_holds_now(tmp_path: Path) -> None:
+    """Each record's spec is turned into JSON once, not at every step of its VM: a record
+    given another spec must still have that one written."""
+    store = LocalStore(tmp_path / "agent.db")
+    record = VMRecord(id="a", spec=InstanceSpec(name="vm-a", labels={"tier": "web"}))
+    store.save(record)
+    record.state, record.version = InstanceState.RUNNING, 2
+    store.save(record)
+    record.spec = dataclasses.replace(record.spec, labels={"tier": "db"})
+    store.save(record)
+    store.close()
+    again = LocalStore(tmp_path / "agent.db")
+    try:
+        [loaded] = again.load()
+        assert (loaded.spec.labels, loaded.state, loaded.version) == (
+            {"tier": "db"}, InstanceState.RUNNING, 2,
+        )  # fmt: skip
+        again.remove("a")
+        assert again.load() == []
+    finally:
+        again.close()

@@ -127,7 +127,7 @@ async def _remove_and_check(master: Master) -> None:
     assert [image["nodes"] for image in await master.cluster.image_catalog()] == [["gone"]]
     await master.reconciler.reconcile_all()  # its agent is unreachable: the launch backs off
     assert master.reconciler._backoff
-    _, channel = master.agents._channels[node.id]
+    _, channel, _ = master.agents._channels[node.id]
 
     await master.nodes.remove("gone", force=True)
 

@@ -361,33 +361,8 @@ class Store:
             )
         query = _page(query, columns.name, after, limit)
         with self._connection() as connection:
-            extra = {row[0]: row[1:] for row in connection.execute(sql.MOVING_TO)}
-            return [
-                Node(
-                    id=row.id,
-                    name=row.name,
-                    address=row.address,
-                    driver=row.driver,
-                    status=NodeStatus(row.status),
-                    labels=dict(row.labels),
-                    admin_labels=dict(row.admin_labels),
-                    capacity=Resources(row.cpus, row.memory, row.disk),
-                    allocated=Resources(
-                        row.allocated_cpus + int(extra.get(row.id, (0, 0))[1]),
-                        row.allocated_memory + int(extra.get(row.id, (0, 0, 0))[2]),
-                        row.allocated_disk + int(extra.get(row.id, (0, 0, 0, 0))[3]),
-                    ),
-                    used=Usage(row.used_cpus, row.used_memory, row.used_disk),
-                    cordoned=row.cordoned,
-                    last_sync=_utc(row.last_sync),
-                    version=row.version,
-                    instance_count=row.instance_count,
-                    network_mode=row.network_mode,
-                    message=row.message,
-                    install=dict(row.install),
-                )
-                for row in connection.execute(query, params)
-            ]
+            moving = {row[0]: row[1:] for row in connection.execute(sql.MOVING_TO)}
+            return [_node(row, moving) for row in connection.execute(query, params)]
 
     list_nodes = _off_loop(_list_nodes)
 
@@ -1206,35 +1181,72 @@ def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _instance(row: _AnyRow) -> Instance:
-    """An instance from a row of :meth:`Store._list_instances` (its columns, its node's name
-    and its lease's, if it has one)."""
-    return Instance(
-        id=row.id,
-        spec=InstanceSpec(
-            name=row.name,
-            cpus=row.cpus,
-            memory=row.memory,
-            disk=row.disk,
-            image=row.image,
-            user_data=row.user_data,
-            labels=dict(row.labels),
+def _node(row: _AnyRow, moving: Mapping[str, Sequence[Any]]) -> Node:
+    """A node from a row of ``sql.NODE_ROWS``, unpacked by position in that statement's order;
+    ``moving``: node id -> what instances moving there take meanwhile (``sql.MOVING_TO``'s
+    count, cpus, memory, disk)."""
+    (node_id, name, address, driver, status, labels, admin_labels, cpus, memory, disk,
+     allocated_cpus, allocated_memory, allocated_disk, used_cpus, used_memory, used_disk,
+     cordoned, last_sync, version, instance_count, network_mode, message,
+     install) = row  # fmt: skip
+    _, moving_cpus, moving_memory, moving_disk = moving.get(node_id, (0, 0, 0, 0))
+    return Node(
+        id=node_id,
+        name=name,
+        address=address,
+        driver=driver,
+        status=NodeStatus(status),
+        labels=dict(labels),
+        admin_labels=dict(admin_labels),
+        capacity=Resources(cpus, memory, disk),
+        allocated=Resources(
+            allocated_cpus + int(moving_cpus),
+            allocated_memory + int(moving_memory),
+            allocated_disk + int(moving_disk),
         ),
-        node_id=row.node_id,
-        node_name=row.node_name or "",
-        desired=DesiredState(row.desired),
-        state=InstanceState(row.state),
-        ipv4=row.ipv4,
-        release=row.release,
-        message=row.message,
-        version=row.version,
-        created_at=_utc(row.created_at),
-        restarts=row.restarts,
-        moved_from=row.moved_from,
-        held=row.held,
-        address=row.lease_address or "",
-        mac=row.lease_mac or "",
-        publish=tuple(item for item in (row.lease_publish or "").split(",") if item),
+        used=Usage(used_cpus, used_memory, used_disk),
+        cordoned=cordoned,
+        last_sync=_utc(last_sync),
+        version=version,
+        instance_count=instance_count,
+        network_mode=network_mode,
+        message=message,
+        install=dict(install),
+    )
+
+
+def _instance(row: _AnyRow) -> Instance:
+    """An instance from a row of ``sql.INSTANCE_ROWS`` (its columns, its node's name and its
+    lease's, if it has one), unpacked by position in that statement's order."""
+    (instance_id, name, node_id, node_name, cpus, memory, disk, image, user_data, labels,
+     desired, state, ipv4, release, message, version, created_at, restarts, moved_from, held,
+     address, mac, publish) = row  # fmt: skip
+    return Instance(
+        id=instance_id,
+        spec=InstanceSpec(
+            name=name,
+            cpus=cpus,
+            memory=memory,
+            disk=disk,
+            image=image,
+            user_data=user_data,
+            labels=dict(labels),
+        ),
+        node_id=node_id,
+        node_name=node_name or "",
+        desired=DesiredState(desired),
+        state=InstanceState(state),
+        ipv4=ipv4,
+        release=release,
+        message=message,
+        version=version,
+        created_at=_utc(created_at),
+        restarts=restarts,
+        moved_from=moved_from,
+        held=held,
+        address=address or "",
+        mac=mac or "",
+        publish=tuple(item for item in (publish or "").split(",") if item),
     )
 
 

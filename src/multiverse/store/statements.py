@@ -126,9 +126,15 @@ RELEASE = delete(leases).where(leases.c.owner == bindparam("owner"))
 
 # Instances as the API shows them, in name order (pages go by name): their columns, their
 # node's name, their address if they have one. BY_IDS: the reconciler's question, at each round.
+# repository._instance unpacks these rows by position, in this order: a Row's attribute costs
+# ~1 us, an index ~0.1, and a page of 500 instances read 25 attributes of each.
 INSTANCE_ROWS = (
     select(
-        *instances.columns, nodes.c.name.label("node_name"),
+        instances.c.id, instances.c.name, instances.c.node_id, nodes.c.name.label("node_name"),
+        instances.c.cpus, instances.c.memory, instances.c.disk, instances.c.image,
+        instances.c.user_data, instances.c.labels, instances.c.desired, instances.c.state,
+        instances.c.ipv4, instances.c.release, instances.c.message, instances.c.version,
+        instances.c.created_at, instances.c.restarts, instances.c.moved_from, instances.c.held,
         leases.c.address.label("lease_address"), leases.c.mac.label("lease_mac"),
         leases.c.publish.label("lease_publish"),
     )
@@ -141,7 +147,32 @@ INSTANCE_BY_ID = INSTANCE_ROWS.where(instances.c.id == bindparam("id"))  # no li
 
 # Nodes, in name order, and what the instances being moved to each take there until their
 # move ends (an instance takes room on its source and on its target meanwhile).
-NODE_ROWS = select(*nodes.columns).order_by(nodes.c.name)
+# Unpacked by position in repository._node, in this order (as INSTANCE_ROWS is).
+NODE_ROWS = select(
+    nodes.c.id,
+    nodes.c.name,
+    nodes.c.address,
+    nodes.c.driver,
+    nodes.c.status,
+    nodes.c.labels,
+    nodes.c.admin_labels,
+    nodes.c.cpus,
+    nodes.c.memory,
+    nodes.c.disk,
+    nodes.c.allocated_cpus,
+    nodes.c.allocated_memory,
+    nodes.c.allocated_disk,
+    nodes.c.used_cpus,
+    nodes.c.used_memory,
+    nodes.c.used_disk,
+    nodes.c.cordoned,
+    nodes.c.last_sync,
+    nodes.c.version,
+    nodes.c.instance_count,
+    nodes.c.network_mode,
+    nodes.c.message,
+    nodes.c.install,
+).order_by(nodes.c.name)
 NODES_BY_IDS = NODE_ROWS.where(nodes.c.id.in_(bindparam("ids", expanding=True)))
 FINAL_PHASES = (MigrationPhase.DONE.value, MigrationPhase.FAILED.value)  # a move that ended
 MOVING_TO = (

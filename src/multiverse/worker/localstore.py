@@ -48,6 +48,9 @@ class LocalStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(vms)")}
         if "nic" not in columns:  # a data directory from before the cluster network
             self._db.execute("ALTER TABLE vms ADD COLUMN nic TEXT NOT NULL DEFAULT ''")
+        # VM id -> its spec and the spec's JSON: a record is saved at every step of its VM,
+        # and its spec, made once, was turned into JSON again each time.
+        self._specs: dict[str, tuple[InstanceSpec, str]] = {}
 
     def load(self) -> list[VMRecord]:
         rows = self._db.execute(
@@ -68,12 +71,15 @@ class LocalStore:
         ]
 
     def save(self, record: VMRecord) -> None:
+        known = self._specs.get(record.id)
+        if known is None or known[0] is not record.spec:
+            known = self._specs[record.id] = (record.spec, json.dumps(asdict(record.spec)))
         self._db.execute(
             "INSERT OR REPLACE INTO vms (id, spec, state, version, message, ipv4, release, nic)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 record.id,
-                json.dumps(asdict(record.spec)),
+                known[1],
                 record.state.value,
                 record.version,
                 record.message,
@@ -84,6 +90,7 @@ class LocalStore:
         )
 
     def remove(self, vm_id: str) -> None:
+        self._specs.pop(vm_id, None)
         self._db.execute("DELETE FROM vms WHERE id = ?", (vm_id,))
 
     def close(self) -> None:
