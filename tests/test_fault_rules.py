@@ -6,7 +6,7 @@ import asyncio
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -214,8 +214,12 @@ class _Fixed:
     def __init__(self, address: str, owner: str) -> None:
         self.address, self.owner = address, owner
 
-    def __call__(self, used: set[str]) -> Lease:
-        return Lease("default", self.address, self.owner, "instance", mac_for(self.owner))
+    def candidates(self, after: str) -> Iterator[str]:
+        yield self.address  # a store that found it taken raises below; these tests never do
+        raise AssertionError(f"{self.address} is taken")
+
+    def lease(self, address: str) -> Lease:
+        return Lease("default", address, self.owner, "instance", mac_for(self.owner))
 
 
 def test_the_master_pushes_lists_and_heals_faults_when_they_expire(tmp_path: Path) -> None:
