@@ -365,6 +365,7 @@ def test_a_callers_identity_is_parsed_once_per_certificate(
         return identity_of(cert)
 
     monkeypatch.setattr(pki, "identity_of", counted)
+    pki._identity_of_pem.cache_clear()  # what earlier tests of this process left there
     server = pki.issue_server_cert(certs.ca, ["localhost"])
     for _ in range(3):
         assert pki.peer_identity_of({"x509_pem_cert": [certs.master.cert_pem]}).kind == "master"
