@@ -88,24 +88,31 @@ class _Connection:
 
 
 async def _send_all(
-    cluster: Cluster, count: int, in_flight: int, launch: bool
+    cluster: Cluster, count: int, in_flight: int, batch: int = 0
 ) -> tuple[float, int]:
-    """``count`` launches (``launch``) or authenticated requests that do nothing (``GET
-    /whoami``: the floor the API's HTTPS, routing and token check set), ``in_flight`` at a
-    time, each sender on a connection of its own; (seconds, failures)."""
-    names = iter(range(count))
+    """``count`` launches, ``batch`` to a request (a ``count`` launch; 1: each its own
+    request, with no count), or, with ``batch`` 0, ``count`` authenticated requests that do
+    nothing (``GET /whoami``: the floor the API's HTTPS, routing and token check set);
+    ``in_flight`` requests at a time, each sender on a connection of its own; (seconds,
+    instances not launched)."""
+    requests = iter(range(0, count, max(batch, 1)))
     failures = 0
     connections = [await _Connection.open(cluster) for _ in range(in_flight)]
 
     async def sender(connection: _Connection) -> None:
         nonlocal failures
-        for index in names:
-            if launch:
-                body = {"name": f"vm-{index:06d}", "cpus": 1, "memory": "64M", "disk": "1G"}
-                status = await connection.request("POST", "/instances", json.dumps(body).encode())
-                failures += status != 202
-            else:
+        for first in requests:
+            size = min(batch, count - first)
+            body: dict[str, Any] = {"cpus": 1, "memory": "64M", "disk": "1G"}
+            if batch == 0:
                 failures += await connection.request("GET", "/whoami") != 200
+                continue
+            if batch == 1:
+                body["name"] = f"vm-{first:06d}"
+            else:  # vm-000100-1 ... vm-000100-50, for the batch from the 100th on
+                body.update(name=f"vm-{first:06d}-{{n}}", count=size)
+            status = await connection.request("POST", "/instances", json.dumps(body).encode())
+            failures += size if status != 202 else 0
 
     started = time.perf_counter()
     try:
@@ -140,8 +147,8 @@ def _stop_seen(cluster: Cluster, samples: int) -> list[float]:
     headers = {"Authorization": f"Bearer {cluster.token}"}
     api = f"{cluster.api}/api/v1/instances"
     lags = []
-    for index in range(samples):
-        name = f"vm-{index:06d}"
+    first = cluster.http.get(api, params={"limit": max(samples, 1)}, headers=headers).json()
+    for name in [item["name"] for item in first[:samples]]:
         begun = time.perf_counter()
         cluster.http.post(f"{api}/{name}/stop", headers=headers).raise_for_status()
         while cluster.http.get(f"{api}/{name}", headers=headers).json()["state"] != "Stopped":
@@ -180,13 +187,13 @@ def measure(args: argparse.Namespace, root: Path, kind: str) -> Report:
         time.sleep(args.idle_seconds)
         idle_cpu = (_cpu(master) - idle_before) / args.idle_seconds
 
-        floor, _ = asyncio.run(_send_all(cluster, args.instances, args.in_flight, launch=False))
+        floor, _ = asyncio.run(_send_all(cluster, args.instances, args.in_flight))
 
         nodes = psutil.Process(cluster.workers["sim"].process.pid)  # type: ignore[union-attr]
         client = psutil.Process()
         before = [_cpu(master), _cpu(nodes), _cpu(client)]
         seconds, failures = asyncio.run(
-            _send_all(cluster, args.instances, args.in_flight, launch=True)
+            _send_all(cluster, args.instances, args.in_flight, args.batch)
         )
         after = [_cpu(master), _cpu(nodes), _cpu(client)]
         spent = [done - was for done, was in zip(after, before, strict=True)]
@@ -212,6 +219,7 @@ def measure(args: argparse.Namespace, root: Path, kind: str) -> Report:
             "db": kind,
             "nodes": args.nodes,
             "instances": args.instances,
+            "per_request": args.batch,
             "launch_failures": failures,
             "running": running,
             "nodes_ready_s": nodes_ready,
@@ -254,6 +262,9 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=100)
     parser.add_argument("--instances", type=int, default=2000)
     parser.add_argument("--in-flight", type=int, default=32)
+    parser.add_argument(
+        "--batch", type=int, default=1, help="instances per launch request (a count)"
+    )
     parser.add_argument("--pages", type=int, default=50, help="GET /instances?limit=500 calls")
     parser.add_argument("--sync-interval", type=float, default=5.0)
     parser.add_argument("--lag-samples", type=int, default=50, help="instances stopped one by one")

@@ -333,6 +333,37 @@ def test_usage_is_kept_on_the_node_and_concurrent_placements_cannot_overfill(
     _run(db_url, scenario)
 
 
+def test_a_batch_of_instances_is_recorded_in_one_transaction_all_or_none(db_url: str) -> None:
+    async def scenario(store: Store) -> None:
+        small = Node("s", "small", "", "fake", NodeStatus.READY, {}, Resources(3, 8 << 30, 1 << 40))
+        await store.add_node(small, "")
+        await store.add_node(_node(1), "")
+        # A name taken, last in the batch: the two before it are not recorded either.
+        await store.add_instance(_instance(9, 1))
+        taken = [_instance(1, 1), _instance(2, 0), _instance(9, 1)]
+        taken[1] = Instance("i2", taken[1].spec, "s", DesiredState.RUNNING, InstanceState.SCHEDULED)
+        with pytest.raises(AlreadyExists, match="vm-09"):
+            await store.add_instances([(instance, None) for instance in taken])
+        # No room for the third on the small node: nothing taken on either node.
+        full = [
+            Instance(f"f{n}", _instance(10 + n, 0).spec, node, DesiredState.RUNNING,
+                     InstanceState.SCHEDULED)
+            for n, node in enumerate(["n1", "s", "s", "s", "s"])
+        ]  # fmt: skip
+        with pytest.raises(Unschedulable):
+            await store.add_instances([(instance, None) for instance in full])
+        assert [i.name for i in await store.list_instances()] == ["vm-09"]
+        assert (await store.get_node("s")).instance_count == 0
+        assert (await store.get_node("n1")).allocated.cpus == 1
+        # What fits goes in whole, usage counted on each node.
+        added = await store.add_instances([(instance, None) for instance in full[:4]])
+        assert [i.id for i in added] == ["f0", "f1", "f2", "f3"]
+        assert (await store.get_node("s")).allocated.cpus == 3
+        assert (await store.get_node("n1")).instance_count == 2
+
+    _run(db_url, scenario)
+
+
 def test_a_row_deleted_under_a_write_is_a_change_to_nothing(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

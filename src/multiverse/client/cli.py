@@ -399,6 +399,11 @@ def _with_wait(func: Callable[..., None]) -> Callable[..., None]:
 )
 @click.option("--ip", default="", help="A free address of the cluster network for it.")
 @click.option(
+    "--count",
+    type=click.IntRange(1),
+    help="Launch this many, named from {n} in --name (web-{n}: web-1, web-2, ...).",
+)
+@click.option(
     "--publish",
     "-p",
     multiple=True,
@@ -419,18 +424,20 @@ def launch(
     strategy: str,
     cloud_init: Path | None,
     ip: str,
+    count: int | None,
     publish: list[str],
     no_wait: bool,
     timeout: float,
     fmt: str,
 ) -> None:
-    """Create and start an instance of IMAGE (default: the master's default image); waits until
-    it is Running."""
+    """Create and start an instance of IMAGE (default: the master's default image), or
+    ``--count`` of them; waits until it is (they are) Running."""
     import random
 
     client = _client()
+    generated = f"vm-{random.randbytes(3).hex()}" + ("-{n}" if count is not None else "")
     body: dict[str, Any] = {
-        "name": name or f"vm-{random.randbytes(3).hex()}",
+        "name": name or generated,
         "cpus": cpus,
         "memory": memory,
         "disk": disk,
@@ -446,6 +453,10 @@ def launch(
         body["ip"] = ip
     if publish:
         body["publish"] = publish
+    if count is not None:
+        body["count"] = count
+        _launch_many(client, client.launch(body), no_wait, timeout, fmt)
+        return
     item = client.launch(body)
     if not no_wait:
         _wait(client, item["operation"], timeout, f"Launching {item['name']}", item["name"])
@@ -454,6 +465,18 @@ def launch(
         click.echo(f"Launched: {item['name']} on {item['node']} ({item['state']})")
     else:
         click.echo(render([item], INSTANCE_COLUMNS, fmt))
+
+
+def _launch_many(
+    client: ApiClient, launched: dict[str, Any], no_wait: bool, timeout: float, fmt: str
+) -> None:
+    items = launched["instances"]
+    if not no_wait:
+        _wait(client, launched["operation"], timeout, f"Launching {len(items)} instances")
+        items = client.info([item["name"] for item in items])  # each node asked once
+    if fmt == "table":
+        click.echo(f"Launched {len(items)} instances:")
+    click.echo(render(items, INSTANCE_COLUMNS, fmt))
 
 
 def _targets(names: tuple[str, ...], all_: bool, client: ApiClient) -> list[str]:

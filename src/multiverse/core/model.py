@@ -121,6 +121,7 @@ MAX_MEMORY = 16 * TiB
 MIN_DISK = 16 * MiB
 MAX_DISK = 1024 * TiB
 MAX_LABELS = 64
+MAX_COUNT = 256  # instances one launch may ask for: a typo in a count should not ask for more
 # The label an environment's instances carry (``apply -f``); faults select by it too.
 ENV_LABEL = "multiverse.env"
 DEFAULT_CPUS = 1
@@ -142,6 +143,15 @@ def validate_name(name: str, what: str = "instance") -> str:
             "end with a letter or digit, at most 63 characters"
         )
     return name
+
+
+def numbered(pattern: str, count: int) -> list[str]:
+    """The names of a launch of ``count``: ``pattern`` with ``{n}`` as 1, 2, ... ``count``."""
+    if "{n}" not in pattern:
+        raise InvalidArgument(f"a count's name needs {{n}}, e.g. {pattern}-{{n}}")
+    if not 1 <= count <= MAX_COUNT:
+        raise InvalidArgument(f"count must be from 1 to {MAX_COUNT}, not {count}")
+    return [validate_name(pattern.replace("{n}", str(n))) for n in range(1, count + 1)]
 
 
 def validate_labels(labels: dict[str, str]) -> dict[str, str]:

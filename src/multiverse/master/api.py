@@ -49,6 +49,7 @@ from multiverse.core.model import (
     MigrationKind,
     Node,
     NodeStatus,
+    numbered,
     parse_labels,
 )
 from multiverse.core.network import parse_publish
@@ -120,6 +121,7 @@ class LaunchBody(BaseModel):
     strategy: Strategy = "spread"
     ip: str = Field("", max_length=64)  # a given free address of the cluster network
     publish: list[str] = Field([], max_length=64)  # "8080:80" or "5353:53/udp"
+    count: int | None = None  # this many, named from {n} in ``name`` (Instances.launch_many)
 
 
 class ImportBody(BaseModel):
@@ -825,18 +827,30 @@ def create_app(
 
     @app.post("/api/v1/instances", status_code=202)
     async def launch(body: LaunchBody, _: Admin) -> dict[str, Any]:
-        spec = InstanceSpec(
-            name=body.name,
-            cpus=body.cpus,
-            memory=parse_size(body.memory),
-            disk=parse_size(body.disk),
-            image=body.image,
-            user_data=body.user_data,
-            labels=body.labels,
-        )
+        """One instance; with a ``count``, that many named from ``{n}`` in the name, answered
+        with ``instances`` and one operation for them all."""
+        specs = [
+            InstanceSpec(
+                name=name,
+                cpus=body.cpus,
+                memory=parse_size(body.memory),
+                disk=parse_size(body.disk),
+                image=body.image,
+                user_data=body.user_data,
+                labels=body.labels,
+            )
+            for name in ([body.name] if body.count is None else numbered(body.name, body.count))
+        ]
+        if body.count is not None:
+            if body.ip or body.publish:
+                raise InvalidArgument("ip and publish are for one instance, not a count of them")
+            many, operation = await instances.launch_many(
+                specs, node_name=body.node, selector=body.selector, strategy=body.strategy
+            )
+            return {"instances": [instance_json(item) for item in many], "operation": operation.id}
         publish = [parse_publish(item) for item in body.publish]
         launched = await instances.launch(
-            spec, node_name=body.node, selector=body.selector, strategy=body.strategy,
+            specs[0], node_name=body.node, selector=body.selector, strategy=body.strategy,
             ip=body.ip, publish=publish,
         )  # fmt: skip
         return _accepted(launched)

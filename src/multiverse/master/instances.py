@@ -42,10 +42,17 @@ from multiverse.core.network import Publish
 from multiverse.core.sessions import AGENT_SESSION_PATH
 from multiverse.master.cluster import Agents
 from multiverse.master.events import Event, EventBus
-from multiverse.master.network import Ipam
-from multiverse.master.operations import Operation, Operations
+from multiverse.master.network import Ipam, Picker
+from multiverse.master.operations import Operation, Operations, Progress
 from multiverse.master.reconciler import PERMANENT, Reconciler
-from multiverse.master.scheduler import SCORED, NodeView, Strategy, place, spread_conflict
+from multiverse.master.scheduler import (
+    SCORED,
+    NodeView,
+    Strategy,
+    place,
+    reserved,
+    spread_conflict,
+)
 from multiverse.store.repository import Change, Store, now
 from multiverse.wire import convert, pki
 from multiverse.wire.convert import split_address
@@ -59,6 +66,8 @@ OPERATION_TIMEOUT = 900.0  # seconds an operation waits for its instance to get 
 # How often an operation re-reads its instance with no event about it: the change may have been
 # seen by another master (its worker syncs there), which raises the event on that master only.
 UNTIL_RECHECK = 5.0
+# Agent calls a launch of many (launch_many) has open at once, for all its launches together.
+DISPATCHES = 64
 PLACEMENT_TRIES = 3  # a node found full at insert time (another master won it): choose again
 
 
@@ -102,6 +111,8 @@ class Instances:
         self.placing = asyncio.Lock()
         self.ipam = ipam
         self._scan_from = 0  # where the next placement starts looking (scheduler.place)
+        self._dispatches = asyncio.Semaphore(DISPATCHES)
+        self._dispatching: set[asyncio.Task[None]] = set()  # referenced until done
 
     async def get(self, name: str) -> Instance:
         return await self.store.find_instance(name)
@@ -144,71 +155,14 @@ class Instances:
         apart_from: Mapping[str, str] | None = None,
     ) -> tuple[Instance, Operation]:
         """Place, record (with its address on the cluster network, in the same transaction,
-        when its node is on that network) and ask the node to create it; ``ip`` asks for a
-        given free address. ``apart_from``: labels; no node holding an instance with all of
-        them is chosen (anti-affinity, as an environment's ``spread: true`` group asks)."""
-        spec.validate()
-        avoid = await self._holding(apart_from) if apart_from else None
-        instance_id = str(uuid.uuid4())
-        picker = self.ipam.picker(instance_id, requested=ip, publish=publish) if self.ipam else None
-        if picker is None and (ip or publish):
-            raise InvalidArgument("this cluster has no network: --ip and --publish need one")
-        reloaded = False
-        for attempt in range(PLACEMENT_TRIES):
-            nodes = await self._candidates(node_name)
-            if ip or publish:  # prefer the nodes on the network; none: refused below, clearly
-                nodes = [node for node in nodes if node.network_mode == "bridge"] or nodes
-            # Choosing and reserving in the view happen with no await between them, so the
-            # launches of this master see each other without a lock; the store's conditional
-            # insert settles races with other masters (and the unique name, duplicates).
-            start, self._scan_from = self._scan_from, self._scan_from + SCORED
-            try:
-                node = place(
-                    spec.resources, nodes, selector=selector, strategy=strategy, avoid=avoid,
-                    scored=SCORED, start=start % max(len(nodes), 1),
-                )  # fmt: skip
-            except Unschedulable:
-                if reloaded:
-                    raise
-                # The view may not know yet of room given back a moment ago (a delete): the
-                # store's word before saying that nothing fits.
-                reloaded = True
-                self.view.invalidate()
-                continue
-            lease = picker
-            if picker is not None and node.network_mode != "bridge":
-                # A user-mode node's VMs are off the cluster network (QEMU's NAT): an address
-                # leased for them would be shown but never used.
-                if ip or publish:
-                    raise InvalidArgument(
-                        f"node {node.name} runs its VMs in user mode, off the cluster network: "
-                        "--ip and --publish need a node in bridge mode"
-                    )
-                lease = None
-            self.view.reserve(node.id, spec.resources)
-            instance = Instance(
-                id=instance_id,
-                spec=spec,
-                node_id=node.id,
-                node_name=node.name,
-                desired=DesiredState.RUNNING,
-                state=InstanceState.SCHEDULED,
-                created_at=now(),
-            )
-            try:
-                if publish and lease is not None and self.ipam:
-                    await self.ipam.check_publish(node.id, publish)
-                await self.store.add_instance(instance, lease)
-                break
-            except Unschedulable:
-                self.view.invalidate()  # someone else took the room: look again
-                if attempt == PLACEMENT_TRIES - 1:
-                    raise
-            except BaseException:
-                self.view.reserve(node.id, spec.resources, count=-1)
-                raise
-        log.info("instance %s scheduled on node %s", spec.name, node.name)
-        self.reconciler.publish_changes([Change(instance.id, spec.name, "", "Scheduled")])
+        when its node is on that network) and ask the node to create it, at once, so that a
+        node's refusal (no such image) is the answer; ``ip`` asks for a given free address.
+        ``apart_from``: labels; no node holding an instance with all of them is chosen
+        (anti-affinity, as an environment's ``spread: true`` group asks)."""
+        [(instance, node)] = await self._place(
+            [spec], node_name=node_name, selector=selector, strategy=strategy, ip=ip,
+            publish=publish, apart_from=apart_from,
+        )  # fmt: skip
         try:
             await self.reconciler.reconcile(instance, node, by_user=True)
         except PERMANENT:
@@ -223,6 +177,168 @@ class Instances:
             "launch", spec.name, self.until(instance.id, {InstanceState.RUNNING})
         )
         return await self.store.get_instance(instance.id), operation
+
+    async def launch_many(
+        self,
+        specs: Sequence[InstanceSpec],
+        *,
+        node_name: str | None = None,
+        selector: Mapping[str, str] | None = None,
+        strategy: Strategy = "spread",
+    ) -> tuple[list[Instance], Operation]:
+        """Several instances (a ``count``), placed together and recorded in one transaction:
+        all or none, and a hundred cost one commit and one request, which is what lets a
+        master place hundreds a second (Nomad's jobs and EC2's RunInstances batch the same
+        way). Their nodes are asked afterwards, in the background, as the reconciler asks
+        (a refusal leaves that instance Failed with the reason, and the operation says so);
+        the operation ends when every one is Running."""
+        placed = await self._place(specs, node_name=node_name, selector=selector, strategy=strategy)
+        task = asyncio.create_task(self._dispatch(placed))
+        self._dispatching.add(task)
+        task.add_done_callback(self._dispatching.discard)
+        progress = Progress(stage="0 Running", total=len(placed))
+        operation = self.operations.start(
+            "launch", f"{len(placed)} instances",
+            self._until_all([instance for instance, _ in placed], progress), transfer=progress,
+        )  # fmt: skip
+        return [instance for instance, _ in placed], operation
+
+    async def _dispatch(self, placed: Sequence[tuple[Instance, Node]]) -> None:
+        """Ask the nodes to create what was placed, at most DISPATCHES calls at a time: a
+        launch storm otherwise opens thousands of calls at once, and the answers to the API's
+        requests wait behind them on the event loop."""
+
+        async def one(instance: Instance, node: Node) -> None:
+            async with self._dispatches:
+                await self.reconciler.reconcile(instance, node)
+
+        await asyncio.gather(*(one(instance, node) for instance, node in placed))
+
+    async def _until_all(self, instances: Sequence[Instance], progress: Progress) -> str:
+        """Until every one of ``instances`` is Running; the first to fail ends the wait."""
+
+        async def one(instance: Instance) -> None:
+            await self.until(instance.id, {InstanceState.RUNNING})
+            progress.done += 1
+            progress.stage = f"{progress.done}/{progress.total} Running"
+
+        waits = [asyncio.create_task(one(instance)) for instance in instances]
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # the first failure, raised
+        finally:
+            for task in waits:
+                task.cancel()
+        return InstanceState.RUNNING.value
+
+    async def _place(
+        self,
+        specs: Sequence[InstanceSpec],
+        *,
+        node_name: str | None,
+        selector: Mapping[str, str] | None,
+        strategy: Strategy,
+        ip: str = "",
+        publish: Sequence[Publish] = (),
+        apart_from: Mapping[str, str] | None = None,
+    ) -> list[tuple[Instance, Node]]:
+        """Choose a node for each of ``specs`` in turn (each sees the room the ones before it
+        took) and record them all; ``ip`` and ``publish`` come with one spec only."""
+        for spec in specs:
+            spec.validate()
+        avoid = await self._holding(apart_from) if apart_from else None
+        ids = [str(uuid.uuid4()) for _ in specs]
+        pickers = [
+            self.ipam.picker(instance_id, requested=ip, publish=publish) if self.ipam else None
+            for instance_id in ids
+        ]
+        if self.ipam is None and (ip or publish):
+            raise InvalidArgument("this cluster has no network: --ip and --publish need one")
+        reloaded = False
+        for attempt in range(PLACEMENT_TRIES):
+            nodes = await self._candidates(node_name)
+            if ip or publish:  # prefer the nodes on the network; none: refused below, clearly
+                nodes = [node for node in nodes if node.network_mode == "bridge"] or nodes
+            # Choosing and reserving in the view happen with no await between them, so the
+            # launches of this master see each other without a lock; the store's conditional
+            # insert settles races with other masters (and the unique name, duplicates).
+            chosen: list[tuple[Instance, Node]] = []
+            positions = {node.id: index for index, node in enumerate(nodes)}
+            try:
+                for instance_id, spec in zip(ids, specs, strict=True):
+                    start, self._scan_from = self._scan_from, self._scan_from + SCORED
+                    node = place(
+                        spec.resources, nodes, selector=selector, strategy=strategy,
+                        avoid=avoid, scored=SCORED, start=start % max(len(nodes), 1),
+                    )  # fmt: skip
+                    self.view.reserve(node.id, spec.resources)
+                    # The batch's next instance sees the room this one took.
+                    nodes[positions[node.id]] = reserved(node, spec.resources)
+                    chosen.append((self._scheduled(instance_id, spec, node), node))
+            except Unschedulable:
+                self._unreserve(chosen)
+                if reloaded:
+                    raise
+                # The view may not know yet of room given back a moment ago (a delete): the
+                # store's word before saying that nothing fits.
+                reloaded = True
+                self.view.invalidate()
+                continue
+            leases = [
+                self._lease(picker, node, bool(ip or publish))
+                for picker, (_, node) in zip(pickers, chosen, strict=True)
+            ]
+            try:
+                if publish and leases[0] is not None and self.ipam:
+                    await self.ipam.check_publish(chosen[0][1].id, publish)
+                await self.store.add_instances(
+                    [(instance, lease) for (instance, _), lease in zip(chosen, leases, strict=True)]
+                )
+                break
+            except Unschedulable:
+                self.view.invalidate()  # someone else took the room: look again
+                if attempt == PLACEMENT_TRIES - 1:
+                    raise
+            except BaseException:
+                self._unreserve(chosen)
+                raise
+        for instance, node in chosen:
+            log.info("instance %s scheduled on node %s", instance.name, node.name)
+        self.reconciler.publish_changes(
+            [Change(instance.id, instance.name, "", "Scheduled") for instance, _ in chosen]
+        )
+        return chosen
+
+    @staticmethod
+    def _scheduled(instance_id: str, spec: InstanceSpec, node: Node) -> Instance:
+        return Instance(
+            id=instance_id,
+            spec=spec,
+            node_id=node.id,
+            node_name=node.name,
+            desired=DesiredState.RUNNING,
+            state=InstanceState.SCHEDULED,
+            created_at=now(),
+        )
+
+    @staticmethod
+    def _lease(picker: Picker | None, node: Node, asked: bool) -> Picker | None:
+        """The address to lease with the instance: none for a node in user mode, whose VMs
+        are off the cluster network (QEMU's NAT): an address leased for them would be shown
+        but never used."""
+        if picker is None or node.network_mode == "bridge":
+            return picker
+        if asked:
+            raise InvalidArgument(
+                f"node {node.name} runs its VMs in user mode, off the cluster network: "
+                "--ip and --publish need a node in bridge mode"
+            )
+        return None
+
+    def _unreserve(self, chosen: Sequence[tuple[Instance, Node]]) -> None:
+        for instance, node in chosen:
+            self.view.reserve(node.id, instance.spec.resources, count=-1)
 
     async def _holding(self, labels: Mapping[str, str]) -> dict[str, str]:
         """Node id -> why not there: it holds an instance carrying all of ``labels``."""

@@ -146,12 +146,15 @@ class NodeView:
     def reserve(self, node_id: str, need: Resources, count: int = 1) -> None:
         """Count ``need`` as taken on the node (negative ``count``: given back)."""
         node = self._nodes.get(node_id)
-        if node is None:
-            return
-        allocated = node.allocated + need if count > 0 else node.allocated - need
-        self._nodes[node_id] = dataclasses.replace(
-            node, allocated=allocated, instance_count=node.instance_count + count
-        )
+        if node is not None:
+            self._nodes[node_id] = reserved(node, need, count)
+
+
+def reserved(node: Node, need: Resources, count: int = 1) -> Node:
+    """``node`` with ``need`` taken (negative ``count``: given back)."""
+    allocated = node.allocated + need if count > 0 else node.allocated - need
+    instance_count = node.instance_count + count
+    return dataclasses.replace(node, allocated=allocated, instance_count=instance_count)
 
 
 def spread_conflict(holder: str) -> str:

@@ -368,21 +368,31 @@ class Store:
 
     # ---- instances ----
 
+    async def add_instance(self, instance: Instance, lease: LeasePicker | None = None) -> Instance:
+        """One placed instance, as :meth:`add_instances` records them."""
+        return (await self.add_instances([(instance, lease)]))[0]
+
     @_in_turn
-    def add_instance(self, instance: Instance, lease: LeasePicker | None = None) -> Instance:
-        """Record a placed instance and, with ``lease``, its address, in one transaction: a
-        crash leaves both or neither. Its resources are taken on its node only if they still
-        fit there (one conditional UPDATE of the node's row, so two masters placing at once
-        cannot both fill the last room: raises Unschedulable). A lost race for an address
-        (another master, another process) picks again."""
+    def add_instances(
+        self, placed: Sequence[tuple[Instance, LeasePicker | None]]
+    ) -> list[Instance]:
+        """Record placed instances and, with a lease, each one's address, in one transaction:
+        a crash leaves all or none, and a launch of a hundred commits once. Their resources
+        are taken on their nodes only if they still fit there (one conditional UPDATE of the
+        node's row each, so two masters placing at once cannot both fill the last room:
+        raises Unschedulable, and nothing is recorded). A lost race for an address (another
+        master, another process) picks again."""
         for _attempt in range(_LEASE_TRIES):
             try:
-                return self._add_instance(instance, lease)
+                with self._connection() as connection:
+                    return [self._add_instance(connection, *pair) for pair in placed]
             except _AddressTaken:
                 continue
         raise Conflict("could not lease an address: too many concurrent launches; try again")
 
-    def _add_instance(self, instance: Instance, lease: LeasePicker | None) -> Instance:
+    def _add_instance(
+        self, connection: Connection, instance: Instance, lease: LeasePicker | None
+    ) -> Instance:
         spec = instance.spec
         values = dict(
             id=instance.id,
@@ -402,18 +412,17 @@ class Store:
             version=instance.version,
             created_at=instance.created_at or now(),
         )
-        with self._connection() as connection:
-            node_id = instance.node_id
-            if node_id is not None and not _allocate(connection, node_id, spec.resources, fit=True):
-                raise Unschedulable(f"node {node_id} has no room left for {spec.name}")
-            try:
-                connection.execute(sql.INSERT_INSTANCE, values)
-            except IntegrityError as exc:
-                raise AlreadyExists(f"an instance named {spec.name!r} exists already") from exc
-            if lease is not None:
-                held = _take_lease(connection, instance.id, lease, self._leased)
-                instance.address, instance.mac = held.address, held.mac
-                instance.publish = tuple(str(item) for item in held.publish)
+        node_id = instance.node_id
+        if node_id is not None and not _allocate(connection, node_id, spec.resources, fit=True):
+            raise Unschedulable(f"node {node_id} has no room left for {spec.name}")
+        try:
+            connection.execute(sql.INSERT_INSTANCE, values)
+        except IntegrityError as exc:
+            raise AlreadyExists(f"an instance named {spec.name!r} exists already") from exc
+        if lease is not None:
+            held = _take_lease(connection, instance.id, lease, self._leased)
+            instance.address, instance.mac = held.address, held.mac
+            instance.publish = tuple(str(item) for item in held.publish)
         return instance
 
     # ---- the cluster network ----
