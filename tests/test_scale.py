@@ -30,6 +30,7 @@ from multiverse.core.model import (
 )
 from multiverse.master.events import EventBus
 from multiverse.master.instances import Instances
+from multiverse.master.operations import Operations, Progress
 from multiverse.master.reconciler import Reconciler
 from multiverse.store.repository import Change, Store
 from multiverse.wire.v1 import multiverse_pb2 as pb
@@ -374,6 +375,55 @@ def test_kicks_close_together_share_one_full_pass() -> None:
     asyncio.run(scenario())
 
 
+def test_a_launch_of_many_asks_for_each_instance_once_while_the_rounds_run(
+    tmp_path: Path,
+) -> None:
+    """A launch of many hands its instances to the reconciler's bounded steps; the rounds,
+    which see the same instances Scheduled meanwhile, leave them to it (they launched the
+    ones still waiting for a step a second time)."""
+
+    async def scenario() -> None:
+        store = Store.for_data_dir(tmp_path)
+        store.migrate()
+        events = EventBus()
+        asked: list[str] = []
+
+        class Launching:
+            def stub(self, node: Node) -> Any:
+                return SimpleNamespace(Launch="Launch")
+
+            async def call(self, node: Node, method: str, request: Any) -> pb.InstanceStatus:
+                asked.append(request.spec.id)
+                await asyncio.sleep(0.02)  # the calls past the first STEPS wait their turn
+                return pb.InstanceStatus(id=request.spec.id, state="Creating", version=1)
+
+        agents = Launching()
+        reconciler = Reconciler(store, agents, events, round_gap=0.005)  # type: ignore[arg-type]
+        instances = Instances(store, agents, reconciler, Operations(events), events)  # type: ignore[arg-type]
+        rounds = asyncio.create_task(reconciler.run())
+        try:
+            for name in ("a", "b"):
+                await store.add_node(
+                    Node(name, name, "127.0.0.1:1", "fake", NodeStatus.READY, {},
+                         Resources(512, 512 << 30, 5120 << 30)), "",
+                )  # fmt: skip
+            specs = [InstanceSpec(name=f"vm-{n}", memory=64 << 20) for n in range(1, 151)]
+            many, _ = await instances.launch_many(specs)
+            assert {instance.node_name for instance in many} == {"a", "b"}
+            await wait_until_async(lambda: len(asked) >= 150)
+            await asyncio.sleep(0.3)  # rounds go on meanwhile
+            assert sorted(asked) == sorted(instance.id for instance in many)  # each once
+            listed = await store.list_instances()
+            assert {instance.state for instance in listed} == {InstanceState.CREATING}
+        finally:
+            rounds.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await rounds
+            store.close()
+
+    asyncio.run(scenario())
+
+
 def test_waiting_operations_read_the_store_only_for_their_own_instance(tmp_path: Path) -> None:
     """A thousand launches in flight each wait for Running: one instance's change must not make
     every one of them read the store (that was O(launches x events), the old ceiling), and its
@@ -386,13 +436,13 @@ def test_waiting_operations_read_the_store_only_for_their_own_instance(tmp_path:
         events = EventBus()
         instances = Instances(store, None, None, None, events)  # type: ignore[arg-type]
         read: list[str] = []
-        get_instance = store.get_instance
+        list_instances = store.list_instances
 
-        async def counted(instance_id: str) -> Instance:
-            read.append(instance_id)
-            return await get_instance(instance_id)
+        async def counted(*args: Any, **kwargs: Any) -> list[Instance]:
+            read.extend(kwargs["ids"])
+            return await list_instances(*args, **kwargs)
 
-        store.get_instance = counted  # type: ignore[method-assign]
+        store.list_instances = counted  # type: ignore[method-assign]
         try:
             node = Node("n", "node", "127.0.0.1:1", "fake", NodeStatus.READY, {},
                         Resources(64, 64 << 30, 640 << 30))  # fmt: skip
@@ -421,6 +471,29 @@ def test_waiting_operations_read_the_store_only_for_their_own_instance(tmp_path:
                                old="Starting", state="Running")  # fmt: skip
             assert await asyncio.gather(*waits[1:]) == ["Running"] * 49
             assert read == ["i0"]
+
+            # One wait for many (a launch of a count): one read of them all, then their own
+            # events; the first failure ends it.
+            read.clear()
+            progress = Progress(total=3)
+            for index in (1, 2, 3):
+                await store.update_instance(f"i{index}", state=InstanceState.STARTING)
+            many = asyncio.create_task(
+                instances.until_all(["i1", "i2", "i3"], {InstanceState.RUNNING}, progress)
+            )
+            await wait_until_async(lambda: len(read) == 3)
+            assert sorted(read) == ["i1", "i2", "i3"]
+            for index in (1, 2):
+                await store.update_instance(f"i{index}", state=InstanceState.RUNNING)
+                events.publish("instance", name=f"vm-0{index}", id=f"i{index}",
+                               old="Starting", state="Running")  # fmt: skip
+            await wait_until_async(lambda: progress.done == 2)
+            assert progress.stage == "2/3 Running" and not many.done() and len(read) == 3
+            await store.update_instance("i3", state=InstanceState.FAILED, message="disk full")
+            events.publish("instance", name="vm-03", id="i3", old="Starting", state="Failed")
+            with pytest.raises(DriverError, match="vm-03 failed: disk full"):
+                await many
+            assert sorted(read) == ["i1", "i2", "i3", "i3"] and not events._keyed
         finally:
             store.close()
 
@@ -449,7 +522,7 @@ def test_an_event_is_shown_only_to_the_waiters_of_its_instance() -> None:
 
         waits = [
             asyncio.create_task(events.wait_for(
-                lambda key=f"i{index}": done(key), 30, key=f"i{index}", about=seen(f"i{index}"),
+                lambda key=f"i{index}": done(key), 30, keys=[f"i{index}"], about=seen(f"i{index}"),
             ))
             for index in range(100)
         ]  # fmt: skip

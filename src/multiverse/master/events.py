@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -54,23 +54,24 @@ class EventBus:
         predicate: Callable[[], Awaitable[bool]],
         timeout: float,
         *,
-        key: str | None = None,
+        keys: Collection[str] | None = None,
         about: Callable[[Event], bool] | None = None,
         recheck: float = 1.0,
     ) -> bool:
         """Wait until ``await predicate()`` holds, checking it after every event ``about``
-        accepts (every event when None) among those whose id is ``key`` (any id when None),
-        and every ``recheck`` seconds, for changes that raise no event (time passing); False
-        on timeout.
+        accepts (every event when None) among those whose id is one of ``keys`` (any id
+        when None), and every ``recheck`` seconds, for changes that raise no event (time
+        passing); False on timeout.
 
-        ``key`` and ``about`` are what keep many waiters cheap: a thousand launches waiting
+        ``keys`` and ``about`` are what keep many waiters cheap: a thousand launches waiting
         for Running would otherwise each read the store on every event of every other one,
-        and with ``key`` an event is not even shown to the waiters of other instances."""
+        and with ``keys`` an event is not even shown to the waiters of other instances."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         waiter = _Waiter(about)
-        waiters = self._waiters if key is None else self._keyed.setdefault(key, set())
-        waiters.add(waiter)
+        keyed = [(key, self._keyed.setdefault(key, set())) for key in dict.fromkeys(keys or ())]
+        for waiters in [waiters for _, waiters in keyed] if keys is not None else [self._waiters]:
+            waiters.add(waiter)
         try:
             while True:
                 waiter.wake.clear()  # before the check: an event during it wakes the wait
@@ -85,9 +86,11 @@ class EventBus:
                     async with asyncio.timeout(min(remaining, recheck)):
                         await waiter.wake.wait()
         finally:
-            waiters.discard(waiter)
-            if key is not None and not waiters:
-                del self._keyed[key]
+            self._waiters.discard(waiter)
+            for key, waiters in keyed:
+                waiters.discard(waiter)
+                if not waiters:  # the last waiter of an id takes its entry with it
+                    del self._keyed[key]
 
     async def listen(self) -> AsyncIterator[Event]:
         """Events from now on, until the listener is dropped for being slow."""

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -66,8 +66,6 @@ OPERATION_TIMEOUT = 900.0  # seconds an operation waits for its instance to get 
 # How often an operation re-reads its instance with no event about it: the change may have been
 # seen by another master (its worker syncs there), which raises the event on that master only.
 UNTIL_RECHECK = 5.0
-# Agent calls a launch of many (launch_many) has open at once, for all its launches together.
-DISPATCHES = 64
 PLACEMENT_TRIES = 3  # a node found full at insert time (another master won it): choose again
 
 
@@ -111,7 +109,6 @@ class Instances:
         self.placing = asyncio.Lock()
         self.ipam = ipam
         self._scan_from = 0  # where the next placement starts looking (scheduler.place)
-        self._dispatches = asyncio.Semaphore(DISPATCHES)
         self._dispatching: set[asyncio.Task[None]] = set()  # referenced until done
 
     async def get(self, name: str) -> Instance:
@@ -193,44 +190,16 @@ class Instances:
         (a refusal leaves that instance Failed with the reason, and the operation says so);
         the operation ends when every one is Running."""
         placed = await self._place(specs, node_name=node_name, selector=selector, strategy=strategy)
-        task = asyncio.create_task(self._dispatch(placed))
+        task = asyncio.create_task(self.reconciler.step_all(placed))
         self._dispatching.add(task)
         task.add_done_callback(self._dispatching.discard)
         progress = Progress(stage="0 Running", total=len(placed))
+        ids = [instance.id for instance, _ in placed]
         operation = self.operations.start(
             "launch", f"{len(placed)} instances",
-            self._until_all([instance for instance, _ in placed], progress), transfer=progress,
+            self.until_all(ids, {InstanceState.RUNNING}, progress), transfer=progress,
         )  # fmt: skip
         return [instance for instance, _ in placed], operation
-
-    async def _dispatch(self, placed: Sequence[tuple[Instance, Node]]) -> None:
-        """Ask the nodes to create what was placed, at most DISPATCHES calls at a time: a
-        launch storm otherwise opens thousands of calls at once, and the answers to the API's
-        requests wait behind them on the event loop."""
-
-        async def one(instance: Instance, node: Node) -> None:
-            async with self._dispatches:
-                await self.reconciler.reconcile(instance, node)
-
-        await asyncio.gather(*(one(instance, node) for instance, node in placed))
-
-    async def _until_all(self, instances: Sequence[Instance], progress: Progress) -> str:
-        """Until every one of ``instances`` is Running; the first to fail ends the wait."""
-
-        async def one(instance: Instance) -> None:
-            await self.until(instance.id, {InstanceState.RUNNING})
-            progress.done += 1
-            progress.stage = f"{progress.done}/{progress.total} Running"
-
-        waits = [asyncio.create_task(one(instance)) for instance in instances]
-        try:
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()  # the first failure, raised
-        finally:
-            for task in waits:
-                task.cancel()
-        return InstanceState.RUNNING.value
 
     async def _place(
         self,
@@ -401,39 +370,73 @@ class Instances:
 
     async def until(self, instance_id: str, targets: set[InstanceState] | None) -> str:
         """Wait until the instance is in one of ``targets`` (None: gone); its final state."""
+        return await self.until_all([instance_id], targets)
+
+    async def until_all(
+        self,
+        instance_ids: Collection[str],
+        targets: set[InstanceState] | None,
+        progress: Progress | None = None,
+    ) -> str:
+        """Wait until every one of the instances is in one of ``targets`` (None: gone); the
+        final state. The first to fail (or to go, while a state is awaited) ends the wait
+        with why; ``progress`` counts those that got there."""
         wanted = {"Deleted"} if targets is None else {state.value for state in targets}
-        # The states its events named since the last check. An event is published once its
-        # change is in the store, so one naming a wanted state settles it, and one naming a
-        # state on the way (Starting) needs no read: a launch storm read each instance again
-        # at each step of each launch otherwise.
-        named: list[str] = []
+        pending = set(instance_ids)
+        # The states their events named since the last check. An event is published once its
+        # change is in the store, so one naming a wanted state settles its instance, and one
+        # naming a state on the way (Starting) needs no read: a launch storm read each
+        # instance again at each step of each launch otherwise. The others are read (one
+        # query for all) at the first check, when an event names a failure, and at least
+        # every UNTIL_RECHECK seconds: a change seen by another master (its worker syncs
+        # there) raises the event on that master only.
+        named: dict[str, list[str]] = {}
+        loop = asyncio.get_running_loop()
+        next_read = 0.0
 
         def about(event: Event) -> bool:
-            named.append(str(event.get("state")))
+            named.setdefault(str(event.get("id")), []).append(str(event.get("state")))
             return True
 
-        async def reached() -> bool:
-            states = named.copy()
-            named.clear()
-            if wanted.intersection(states):
-                return True
-            if states and not {InstanceState.FAILED.value, "Deleted"}.intersection(states):
-                return False
-            try:
-                instance = await self.store.get_instance(instance_id)
-            except NotFound:
-                if targets is None:
-                    return True
-                raise Conflict("the instance was deleted meanwhile") from None
-            if targets is not None and instance.state in targets:
-                return True
-            if targets is not None and instance.state == InstanceState.FAILED:
-                raise DriverError(f"{instance.name} failed: {instance.message or 'no reason'}")
-            return False
+        def arrived(instance_id: str) -> None:
+            pending.discard(instance_id)
+            if progress is not None:
+                progress.done += 1
+                progress.stage = f"{progress.done}/{progress.total} {next(iter(wanted))}"
 
-        # Its own changes always raise an event; the slow recheck is only a safety net.
+        async def reached() -> bool:
+            nonlocal next_read
+            seen = dict(named)
+            named.clear()
+            unsure = set()
+            for instance_id, states in seen.items():
+                if instance_id not in pending:
+                    continue
+                if wanted.intersection(states):
+                    arrived(instance_id)
+                elif {InstanceState.FAILED.value, "Deleted"}.intersection(states):
+                    unsure.add(instance_id)
+            if loop.time() >= next_read:
+                unsure, next_read = set(pending), loop.time() + UNTIL_RECHECK
+            if unsure:
+                found = {
+                    instance.id: instance
+                    for instance in await self.store.list_instances(ids=sorted(unsure))
+                }
+                for instance_id in unsure:
+                    instance = found.get(instance_id)
+                    if instance is None and targets is not None:
+                        raise Conflict("the instance was deleted meanwhile")
+                    if instance is None or (targets is not None and instance.state in targets):
+                        arrived(instance_id)
+                    elif targets is not None and instance.state == InstanceState.FAILED:
+                        reason = instance.message or "no reason"
+                        raise DriverError(f"{instance.name} failed: {reason}")
+            return not pending
+
+        # Their own changes always raise an event; the slow recheck is only a safety net.
         if not await self.events.wait_for(
-            reached, OPERATION_TIMEOUT, key=instance_id, about=about, recheck=UNTIL_RECHECK
+            reached, OPERATION_TIMEOUT, keys=list(pending), about=about, recheck=UNTIL_RECHECK
         ):
             raise Unavailable(f"gave up waiting after {OPERATION_TIMEOUT:.0f}s")
         return "Deleted" if targets is None else next(iter(targets)).value

@@ -18,7 +18,9 @@ import contextlib
 import enum
 import logging
 import time
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from multiverse.core.errors import InvalidArgument, MultiverseError, NotFound
 from multiverse.core.model import DesiredState, Instance, InstanceState, Node, NodeStatus
@@ -62,6 +64,8 @@ def next_action(instance: Instance, node: Node | None) -> Action | None:
 
 # Errors that no retry can mend: the request itself is wrong for that node.
 PERMANENT = (InvalidArgument, NotFound)
+# Agent calls that steps asked for together (step_all) have open at once, all of them together.
+STEPS = 64
 
 
 @dataclass
@@ -110,6 +114,7 @@ class Reconciler:
         self._running = False  # a master that does not lead runs no rounds: it queues nothing
         # Instances a move owns (master/moves.py): its plan acts on them, not the reconciler.
         self.paused: set[str] = set()
+        self._steps = asyncio.Semaphore(STEPS)
 
     def kick(self) -> None:
         """Look at every instance soon (nodes came or went, or many things changed)."""
@@ -166,7 +171,9 @@ class Reconciler:
             if backoff.attempts < self.retry_limit and backoff.next_try <= moment
         }
         # A paused instance's changes are the move's own steps: the move kicks it when done.
-        wanted, self._changed = (self._changed | due) - self._busy - self.paused, set()
+        # A busy one's wait for a round after its step (they are its own answer, mostly).
+        changed = self._changed | due
+        wanted, self._changed = changed - self._busy - self.paused, changed & self._busy
         if not wanted:
             return
         instances = await self.store.list_instances(ids=sorted(wanted))
@@ -198,15 +205,39 @@ class Reconciler:
             del self._backoff[settled]
         await asyncio.gather(*(self.reconcile(instance, node) for instance, node in due))
 
+    def step_all(self, pairs: Sequence[tuple[Instance, Node | None]]) -> Coroutine[Any, Any, None]:
+        """One step each for many instances (a launch of many just recorded them), at most
+        STEPS agent calls at a time: thousands at once held the event loop, and the API's
+        answers waited behind them. They count as busy from this call on, so the rounds,
+        which see them Scheduled meanwhile, leave them to it (they launched those still
+        waiting for their turn a second time: the agent's answer is the same, its work not)."""
+        self._busy.update(instance.id for instance, _ in pairs)
+        return self._step_all(pairs)
+
+    async def _step_all(self, pairs: Sequence[tuple[Instance, Node | None]]) -> None:
+        async def one(instance: Instance, node: Node | None) -> None:
+            try:
+                async with self._steps:
+                    self._busy.discard(instance.id)  # the step marks it again for its call
+                    await self.reconcile(instance, node)
+            finally:
+                self._busy.discard(instance.id)
+
+        await asyncio.gather(*(one(instance, node) for instance, node in pairs))
+
     async def reconcile(
         self, instance: Instance, node: Node | None, *, by_user: bool = False, force: bool = False
     ) -> None:
         """One step for one instance. ``by_user``: an API call asked for it just now (no
-        backoff, errors raised to the caller). ``force``: stop without a clean shutdown."""
+        backoff, errors raised to the caller). ``force``: stop without a clean shutdown.
+        Not while another step for it is under way, unless asked by a user: a round may
+        have read the instance before that step began."""
         action = next_action(instance, node)
         backoff = self._backoff.get(instance.id)
         if action is None:
             self._backoff.pop(instance.id, None)
+            return
+        if instance.id in self._busy and not by_user:
             return
         waiting = backoff is not None and backoff.action == action and not by_user
         if (
@@ -216,22 +247,25 @@ class Reconciler:
         ):
             return
         assert node is not None
+        # Busy until the agent's answer is in the store: a round that read the instance
+        # before then would take the same step again.
         self._busy.add(instance.id)
         try:
-            status = await self._call(action, instance, node, force)
-        except MultiverseError as exc:
-            await self._failed(instance, action, exc)
-            if by_user:
-                raise
-            return
+            try:
+                status = await self._call(action, instance, node, force)
+            except MultiverseError as exc:
+                await self._failed(instance, action, exc)
+                if by_user:
+                    raise
+                return
+            if action == Action.START and not by_user:
+                await self.store.update_instance(instance.id, restarts=instance.restarts + 1)
+                log.info("instance %s stopped on its own; started it again", instance.name)
+            if backoff is None or backoff.action != action:
+                self._backoff[instance.id] = _Backoff(action=action)
+            await self.observe(instance.id, status)
         finally:
             self._busy.discard(instance.id)
-        if action == Action.START and not by_user:
-            await self.store.update_instance(instance.id, restarts=instance.restarts + 1)
-            log.info("instance %s stopped on its own; started it again", instance.name)
-        if backoff is None or backoff.action != action:
-            self._backoff[instance.id] = _Backoff(action=action)
-        await self.observe(instance.id, status)
 
     async def _call(
         self, action: Action, instance: Instance, node: Node, force: bool
