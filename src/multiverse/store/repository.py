@@ -9,6 +9,7 @@ driver per database and still run SQLite in a thread.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import functools
@@ -385,45 +386,44 @@ class Store:
         for _attempt in range(_LEASE_TRIES):
             try:
                 with self._connection() as connection:
-                    return [self._add_instance(connection, *pair) for pair in placed]
+                    return self._add_instances(connection, placed)
             except _AddressTaken:
                 continue
         raise Conflict("could not lease an address: too many concurrent launches; try again")
 
-    def _add_instance(
-        self, connection: Connection, instance: Instance, lease: LeasePicker | None
-    ) -> Instance:
-        spec = instance.spec
-        values = dict(
-            id=instance.id,
-            name=spec.name,
-            node_id=instance.node_id,
-            cpus=spec.cpus,
-            memory=spec.memory,
-            disk=spec.disk,
-            image=spec.image,
-            user_data=spec.user_data,
-            labels=spec.labels,
-            desired=instance.desired.value,
-            state=instance.state.value,
-            ipv4=instance.ipv4,
-            release=instance.release,
-            message=instance.message,
-            version=instance.version,
-            created_at=instance.created_at or now(),
+    def _add_instances(
+        self, connection: Connection, placed: Sequence[tuple[Instance, LeasePicker | None]]
+    ) -> list[Instance]:
+        # The room taken with one conditional UPDATE per node and size, the rows written with
+        # one INSERT of many: on PostgreSQL a statement is a round trip, and a launch of fifty
+        # made a hundred of them.
+        taking = collections.Counter(
+            (instance.node_id, instance.spec.resources)
+            for instance, _ in placed
+            if instance.node_id is not None
         )
-        node_id = instance.node_id
-        if node_id is not None and not _allocate(connection, node_id, spec.resources, fit=True):
-            raise Unschedulable(f"node {node_id} has no room left for {spec.name}")
+        for (node_id, need), count in taking.items():
+            if not _allocate(connection, node_id, need, count, fit=True):
+                named = [i.spec.name for i, _ in placed if i.node_id == node_id]
+                raise Unschedulable(f"node {node_id} has no room left for {', '.join(named)}")
+        names = [instance.spec.name for instance, _ in placed]
+        taken = sorted(connection.scalars(sql.NAMES_TAKEN, {"names": names})) if names[1:] else []
+        if taken:
+            raise AlreadyExists(f"names taken already: {', '.join(taken)}; choose others")
         try:
-            connection.execute(sql.INSERT_INSTANCE, values)
+            connection.execute(sql.INSERT_INSTANCE, [_instance_values(i) for i, _ in placed])
         except IntegrityError as exc:
-            raise AlreadyExists(f"an instance named {spec.name!r} exists already") from exc
-        if lease is not None:
-            held = _take_lease(connection, instance.id, lease, self._leased)
-            instance.address, instance.mac = held.address, held.mac
-            instance.publish = tuple(str(item) for item in held.publish)
-        return instance
+            raise AlreadyExists(
+                f"an instance named {names[0]!r} exists already"
+                if len(names) == 1
+                else f"one of {', '.join(names)} was launched meanwhile"
+            ) from exc
+        for instance, lease in placed:
+            if lease is not None:
+                held = _take_lease(connection, instance.id, lease, self._leased)
+                instance.address, instance.mac = held.address, held.mac
+                instance.publish = tuple(str(item) for item in held.publish)
+        return [instance for instance, _ in placed]
 
     # ---- the cluster network ----
 
@@ -983,6 +983,29 @@ def _allocate(
     statement = sql.ALLOCATE_IF_FITS if fit else sql.ALLOCATE
     result = executor.execute(statement, sql.allocation(node_id, need, count))
     return bool(getattr(result, "rowcount", 0))
+
+
+def _instance_values(instance: Instance) -> dict[str, Any]:
+    """The row of a new instance, as ``sql.INSERT_INSTANCE`` takes it."""
+    spec = instance.spec
+    return dict(
+        id=instance.id,
+        name=spec.name,
+        node_id=instance.node_id,
+        cpus=spec.cpus,
+        memory=spec.memory,
+        disk=spec.disk,
+        image=spec.image,
+        user_data=spec.user_data,
+        labels=spec.labels,
+        desired=instance.desired.value,
+        state=instance.state.value,
+        ipv4=instance.ipv4,
+        release=instance.release,
+        message=instance.message,
+        version=instance.version,
+        created_at=instance.created_at or now(),
+    )
 
 
 def _resources(row: InstanceRow | _AnyRow) -> Resources:

@@ -103,6 +103,9 @@ WRITE_OBSERVED = (
     )
 )  # fmt: skip
 INSERT_INSTANCE = insert(instances)
+NAMES_TAKEN = select(instances.c.name).where(
+    instances.c.name.in_(bindparam("names", expanding=True))
+)
 DELETE_INSTANCE = delete(instances).where(instances.c.id == bindparam("id"))
 
 # ---- addresses on the cluster network ----
