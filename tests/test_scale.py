@@ -436,13 +436,13 @@ def test_waiting_operations_read_the_store_only_for_their_own_instance(tmp_path:
         events = EventBus()
         instances = Instances(store, None, None, None, events)  # type: ignore[arg-type]
         read: list[str] = []
-        list_instances = store.list_instances
+        states_of = store.states_of
 
-        async def counted(*args: Any, **kwargs: Any) -> list[Instance]:
-            read.extend(kwargs["ids"])
-            return await list_instances(*args, **kwargs)
+        async def counted(ids: list[str]) -> dict[str, Any]:
+            read.extend(ids)
+            return await states_of(ids)
 
-        store.list_instances = counted  # type: ignore[method-assign]
+        store.states_of = counted  # type: ignore[method-assign]
         try:
             node = Node("n", "node", "127.0.0.1:1", "fake", NodeStatus.READY, {},
                         Resources(64, 64 << 30, 640 << 30))  # fmt: skip

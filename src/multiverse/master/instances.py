@@ -418,20 +418,18 @@ class Instances:
                     unsure.add(instance_id)
             if loop.time() >= next_read:
                 unsure, next_read = set(pending), loop.time() + UNTIL_RECHECK
-            if unsure:
-                found = {
-                    instance.id: instance
-                    for instance in await self.store.list_instances(ids=sorted(unsure))
-                }
-                for instance_id in unsure:
-                    instance = found.get(instance_id)
-                    if instance is None and targets is not None:
+            found = await self.store.states_of(sorted(unsure)) if unsure else {}
+            for instance_id in unsure:
+                if instance_id not in found:
+                    if targets is not None:
                         raise Conflict("the instance was deleted meanwhile")
-                    if instance is None or (targets is not None and instance.state in targets):
-                        arrived(instance_id)
-                    elif targets is not None and instance.state == InstanceState.FAILED:
-                        reason = instance.message or "no reason"
-                        raise DriverError(f"{instance.name} failed: {reason}")
+                    arrived(instance_id)
+                    continue
+                name, state, message = found[instance_id]
+                if targets is not None and state in targets:
+                    arrived(instance_id)
+                elif targets is not None and state == InstanceState.FAILED:
+                    raise DriverError(f"{name} failed: {message or 'no reason'}")
             return not pending
 
         # Their own changes always raise an event; the slow recheck is only a safety net.

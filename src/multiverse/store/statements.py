@@ -103,6 +103,9 @@ WRITE_OBSERVED = (
     )
 )  # fmt: skip
 INSERT_INSTANCE = insert(instances)
+STATES_OF = select(instances.c.id, instances.c.name, instances.c.state, instances.c.message).where(
+    instances.c.id.in_(bindparam("ids", expanding=True))
+)
 NAMES_TAKEN = select(instances.c.name).where(
     instances.c.name.in_(bindparam("names", expanding=True))
 )
