@@ -8,6 +8,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -375,6 +376,55 @@ def test_kicks_close_together_share_one_full_pass() -> None:
     asyncio.run(scenario())
 
 
+class _Launching:
+    """Agents that answer Launch with Creating after ``delay``, and list what was asked."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.asked: list[str] = []
+
+    def stub(self, node: Node) -> Any:
+        return SimpleNamespace(Launch="Launch")
+
+    async def call(self, node: Node, method: str, request: Any) -> pb.InstanceStatus:
+        self.asked.append(request.spec.id)
+        await asyncio.sleep(self.delay)
+        return pb.InstanceStatus(id=request.spec.id, state="Creating", version=1)
+
+
+def test_a_round_does_not_step_again_what_was_stepped_after_its_read(tmp_path: Path) -> None:
+    """A full pass reads every instance, then steps each: at fifty thousand, seconds later,
+    when a launch of many had launched some meanwhile; it launched them again."""
+
+    async def scenario() -> None:
+        store = Store.for_data_dir(tmp_path)
+        store.migrate()
+        agents = _Launching()
+        reconciler = Reconciler(store, agents, EventBus())  # type: ignore[arg-type]
+        try:
+            node = Node("n", "node", "127.0.0.1:1", "fake", NodeStatus.READY, {},
+                        Resources(64, 64 << 30, 640 << 30))  # fmt: skip
+            await store.add_node(node, "")
+            spec = InstanceSpec(name="vm-1")
+            await store.add_instance(
+                Instance("i1", spec, "n", DesiredState.RUNNING, InstanceState.SCHEDULED)
+            )
+            read_at = time.monotonic()
+            stale = await store.get_instance("i1")  # what a round read: Scheduled
+            await reconciler.reconcile(stale, node)  # another step launches it meanwhile
+            assert agents.asked == ["i1"]
+            assert (await store.get_instance("i1")).state == InstanceState.CREATING
+            await reconciler.reconcile(stale, node, read_at=read_at)  # the round goes on
+            assert agents.asked == ["i1"]
+            # A read after that step is trusted (the agent answers a launch again the same).
+            await reconciler.reconcile(stale, node, read_at=time.monotonic())
+            assert agents.asked == ["i1", "i1"]
+        finally:
+            store.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_launch_of_many_asks_for_each_instance_once_while_the_rounds_run(
     tmp_path: Path,
 ) -> None:
@@ -386,18 +436,8 @@ def test_a_launch_of_many_asks_for_each_instance_once_while_the_rounds_run(
         store = Store.for_data_dir(tmp_path)
         store.migrate()
         events = EventBus()
-        asked: list[str] = []
-
-        class Launching:
-            def stub(self, node: Node) -> Any:
-                return SimpleNamespace(Launch="Launch")
-
-            async def call(self, node: Node, method: str, request: Any) -> pb.InstanceStatus:
-                asked.append(request.spec.id)
-                await asyncio.sleep(0.02)  # the calls past the first STEPS wait their turn
-                return pb.InstanceStatus(id=request.spec.id, state="Creating", version=1)
-
-        agents = Launching()
+        agents = _Launching(delay=0.02)  # the calls past the first STEPS wait their turn
+        asked = agents.asked
         reconciler = Reconciler(store, agents, events, round_gap=0.005)  # type: ignore[arg-type]
         instances = Instances(store, agents, reconciler, Operations(events), events)  # type: ignore[arg-type]
         rounds = asyncio.create_task(reconciler.run())

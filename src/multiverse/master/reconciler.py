@@ -73,6 +73,7 @@ class _Backoff:
     attempts: int = 0
     next_try: float = 0.0
     action: Action | None = None
+    stepped_at: float = -float("inf")  # when its last step's answer was stored
 
 
 class Reconciler:
@@ -176,16 +177,21 @@ class Reconciler:
         wanted, self._changed = changed - self._busy - self.paused, changed & self._busy
         if not wanted:
             return
+        read_at = time.monotonic()
         instances = await self.store.list_instances(ids=sorted(wanted))
         for gone in wanted - {instance.id for instance in instances}:
             self._backoff.pop(gone, None)
         node_ids = sorted({instance.node_id for instance in instances if instance.node_id})
         nodes = {node.id: node for node in await self.store.list_nodes(ids=node_ids)}
         await asyncio.gather(
-            *(self.reconcile(instance, nodes.get(instance.node_id or "")) for instance in instances)
+            *(
+                self.reconcile(instance, nodes.get(instance.node_id or ""), read_at=read_at)
+                for instance in instances
+            )
         )
 
     async def reconcile_all(self) -> None:
+        read_at = time.monotonic()
         nodes = {node.id: node for node in await self.store.list_nodes()}
         instances = await self.store.list_instances()
         if self.ipam is not None and (swept := await self.ipam.sweep()):
@@ -203,7 +209,9 @@ class Reconciler:
         kept = {instance.id for instance, _ in due} | self._busy | self.paused
         for settled in self._backoff.keys() - kept:
             del self._backoff[settled]
-        await asyncio.gather(*(self.reconcile(instance, node) for instance, node in due))
+        await asyncio.gather(
+            *(self.reconcile(instance, node, read_at=read_at) for instance, node in due)
+        )
 
     def step_all(self, pairs: Sequence[tuple[Instance, Node | None]]) -> Coroutine[Any, Any, None]:
         """One step each for many instances (a launch of many just recorded them), at most
@@ -226,18 +234,30 @@ class Reconciler:
         await asyncio.gather(*(one(instance, node) for instance, node in pairs))
 
     async def reconcile(
-        self, instance: Instance, node: Node | None, *, by_user: bool = False, force: bool = False
+        self,
+        instance: Instance,
+        node: Node | None,
+        *,
+        by_user: bool = False,
+        force: bool = False,
+        read_at: float | None = None,
     ) -> None:
         """One step for one instance. ``by_user``: an API call asked for it just now (no
         backoff, errors raised to the caller). ``force``: stop without a clean shutdown.
-        Not while another step for it is under way, unless asked by a user: a round may
-        have read the instance before that step began."""
+        ``read_at``: when a round read ``instance`` (its monotonic clock). Unless a user
+        asks, no step while another is under way, nor when one ended after the read: a
+        round that read fifty thousand instances acted on each seconds later, and launched
+        again what a launch of many had launched meanwhile (that step's own change brings
+        the instance to the next round)."""
         action = next_action(instance, node)
         backoff = self._backoff.get(instance.id)
         if action is None:
             self._backoff.pop(instance.id, None)
             return
-        if instance.id in self._busy and not by_user:
+        if not by_user and (
+            instance.id in self._busy
+            or (read_at is not None and backoff is not None and backoff.stepped_at > read_at)
+        ):
             return
         waiting = backoff is not None and backoff.action == action and not by_user
         if (
@@ -262,8 +282,9 @@ class Reconciler:
                 await self.store.update_instance(instance.id, restarts=instance.restarts + 1)
                 log.info("instance %s stopped on its own; started it again", instance.name)
             if backoff is None or backoff.action != action:
-                self._backoff[instance.id] = _Backoff(action=action)
+                backoff = self._backoff[instance.id] = _Backoff(action=action)
             await self.observe(instance.id, status)
+            backoff.stepped_at = time.monotonic()
         finally:
             self._busy.discard(instance.id)
 
