@@ -172,7 +172,7 @@ class Reconciler:
             if backoff.attempts < self.retry_limit and backoff.next_try <= moment
         }
         # A paused instance's changes are the move's own steps: the move kicks it when done.
-        # A busy one's wait for a round after its step (they are its own answer, mostly).
+        # A busy one's changes wait for a round after its step (mostly its own answer).
         changed = self._changed | due
         wanted, self._changed = changed - self._busy - self.paused, changed & self._busy
         if not wanted:
