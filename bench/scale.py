@@ -90,21 +90,23 @@ class _Connection:
 
 
 async def _send_all(
-    cluster: Cluster, count: int, in_flight: int, batch: int = 0
-) -> tuple[float, int]:
+    cluster: Cluster, count: int, in_flight: int, batch: int = 0, start: int = 0
+) -> tuple[float, int, int]:
     """``count`` launches, ``batch`` to a request (a ``count`` launch; 1: each its own
-    request, with no count), or, with ``batch`` 0, ``count`` authenticated requests that do
-    nothing (``GET /whoami``: the floor the API's HTTPS, routing and token check set);
-    ``in_flight`` requests at a time, each sender on a connection of its own; (seconds,
-    instances not launched)."""
-    requests = iter(range(0, count, max(batch, 1)))
-    failures = 0
+    request, with no count), named from the ``start``-th on, or, with ``batch`` 0, ``count``
+    authenticated requests that do nothing (``GET /whoami``: the floor the API's HTTPS,
+    routing and token check set); ``in_flight`` requests at a time, each sender on a
+    connection of its own. A launch the master is too busy for (503: its backlog of
+    instances still to hand to their nodes is full) is sent again a second later. Returns
+    (seconds, instances not launched, 503 answers)."""
+    requests = iter(range(start, start + count, max(batch, 1)))
+    failures = busy = 0
     connections = [await _Connection.open(cluster) for _ in range(in_flight)]
 
     async def sender(connection: _Connection) -> None:
-        nonlocal failures
+        nonlocal failures, busy
         for first in requests:
-            size = min(batch, count - first)
+            size = min(batch, start + count - first)
             body: dict[str, Any] = {"cpus": 1, "memory": "64M", "disk": "1G"}
             if batch == 0:
                 failures += await connection.request("GET", "/whoami") != 200
@@ -113,7 +115,10 @@ async def _send_all(
                 body["name"] = f"vm-{first:06d}"
             else:  # vm-000100-1 ... vm-000100-50, for the batch from the 100th on
                 body.update(name=f"vm-{first:06d}-{{n}}", count=size)
-            status = await connection.request("POST", "/instances", json.dumps(body).encode())
+            data = json.dumps(body).encode()
+            while (status := await connection.request("POST", "/instances", data)) == 503:
+                busy += 1
+                await asyncio.sleep(1.0)
             failures += size if status != 202 else 0
 
     started = time.perf_counter()
@@ -122,7 +127,7 @@ async def _send_all(
     finally:
         for connection in connections:
             connection.close()
-    return time.perf_counter() - started, failures
+    return time.perf_counter() - started, failures, busy
 
 
 def _cpu(process: psutil.Process) -> float:
@@ -205,19 +210,32 @@ def measure(args: argparse.Namespace, root: Path, kind: str) -> Report:
         time.sleep(args.idle_seconds)
         idle_cpu = (_cpu(master) - idle_before) / args.idle_seconds
 
-        floor, _ = asyncio.run(_send_all(cluster, args.instances, args.in_flight))
+        floor_requests = min(args.instances, args.floor_requests)
+        floor, _, _ = asyncio.run(_send_all(cluster, floor_requests, args.in_flight))
+
+        # The cluster filled up to all but the launches measured, and settled (all Running):
+        # the placements measured are those of a master holding that many.
+        filled = args.instances - args.launches
+        fill_started = time.perf_counter()
+        fill_seconds, fill_failures, fill_busy = asyncio.run(
+            _send_all(cluster, filled, args.in_flight, args.batch)
+        )
+        wait_until(lambda: _all_running(cluster), timeout=args.timeout, interval=0.5)
+        fill_running = time.perf_counter() - fill_started
 
         nodes = psutil.Process(cluster.workers["sim"].process.pid)  # type: ignore[union-attr]
         client = psutil.Process()
         before = [_cpu(master), _cpu(nodes), _cpu(client)]
-        seconds, failures = asyncio.run(
-            _send_all(cluster, args.instances, args.in_flight, args.batch)
+        seconds, failures, busy = asyncio.run(
+            _send_all(cluster, args.launches, args.in_flight, args.batch, start=filled)
         )
         after = [_cpu(master), _cpu(nodes), _cpu(client)]
         spent = [done - was for done, was in zip(after, before, strict=True)]
-        started = time.perf_counter()
+        running_from = time.perf_counter()
         wait_until(lambda: _all_running(cluster), timeout=args.timeout, interval=0.5)
-        all_running = seconds + time.perf_counter() - started
+        all_running = seconds + time.perf_counter() - running_from
+        placements = (args.launches - failures) / seconds if seconds else 0.0
+        failures += fill_failures
 
         headers = {"Authorization": f"Bearer {cluster.token}"}
         latencies = []
@@ -234,12 +252,16 @@ def measure(args: argparse.Namespace, root: Path, kind: str) -> Report:
             "db": kind,
             "nodes": args.nodes,
             "instances": args.instances,
+            "launches_measured": args.launches,
             "per_request": args.batch,
             "launch_failures": failures,
+            "busy_answers": fill_busy + busy,
             "running": running,
             "nodes_ready_s": nodes_ready,
-            "placements_per_s": (args.instances - failures) / seconds if seconds else 0.0,
-            "empty_requests_per_s": args.instances / floor if floor else 0.0,
+            "empty_requests_per_s": floor_requests / floor if floor else 0.0,
+            "fill_placements_per_s": filled / fill_seconds if fill_seconds else 0.0,
+            "fill_all_running_s": fill_running if filled else 0.0,
+            "placements_per_s": placements,
             "all_running_s": all_running,
             "list_page_p50_ms": 1000 * statistics.median(latencies),
             "list_page_p99_ms": 1000 * _percentile(latencies, 0.99),
@@ -249,9 +271,9 @@ def measure(args: argparse.Namespace, root: Path, kind: str) -> Report:
             "master_rss_mb": master.memory_info().rss / 2**20,
             "master_cpu_s_during_launches": spent[0],
             # Per launch, over the launches' seconds only (the Running that follows is not in).
-            "master_cpu_ms_per_launch": 1000 * spent[0] / args.instances,
-            "nodes_cpu_ms_per_launch": 1000 * spent[1] / args.instances,
-            "client_cpu_ms_per_launch": 1000 * spent[2] / args.instances,
+            "master_cpu_ms_per_launch": 1000 * spent[0] / args.launches,
+            "nodes_cpu_ms_per_launch": 1000 * spent[1] / args.launches,
+            "client_cpu_ms_per_launch": 1000 * spent[2] / args.launches,
         }
 
 
@@ -276,7 +298,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nodes", type=int, default=100)
     parser.add_argument("--instances", type=int, default=2000)
+    parser.add_argument(
+        "--launches", type=int, default=0,
+        help="launches measured, after the others fill the cluster (0: all of --instances)",
+    )  # fmt: skip
     parser.add_argument("--in-flight", type=int, default=32)
+    parser.add_argument(
+        "--floor-requests", type=int, default=5000, help="empty requests measuring the floor"
+    )
     parser.add_argument(
         "--batch", type=int, default=1, help="instances per launch request (a count)"
     )
@@ -288,7 +317,11 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--keep", action="store_true", help="keep the logs")
     parser.add_argument("--format", choices=["table", "json"], default="table")
-    return run_benchmark("scale", parser.parse_args(), run, print_table)
+    args = parser.parse_args()
+    if not 0 <= args.launches <= args.instances:
+        parser.error("--launches must be between 0 and --instances")
+    args.launches = args.launches or args.instances
+    return run_benchmark("scale", args, run, print_table)
 
 
 if __name__ == "__main__":

@@ -61,9 +61,14 @@ class RateLimited(MultiverseError):
 
 
 class Unavailable(MultiverseError):
-    """A node or hypervisor could not be reached; retrying later may work."""
+    """A node or hypervisor could not be reached, or the master is too busy; retrying later
+    may work, after ``retry_after`` seconds when it says (HTTP's Retry-After)."""
 
     code = "unavailable"
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class DriverError(MultiverseError):

@@ -93,9 +93,12 @@ HTTP_STATUS = {
 }
 
 
-def error_response(status: int, code: str, message: str, **details: Any) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, **details: Any
+) -> JSONResponse:
     """The error body every 4xx/5xx has; ``details`` add fields beside code and message."""
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse(
         {"error": {"code": code, "message": message, **details}},
         status_code=status,
@@ -540,7 +543,12 @@ def create_app(
             if isinstance(exc, Unschedulable) and exc.reasons
             else {}
         )
-        return error_response(HTTP_STATUS.get(exc.code, 500), exc.code, exc.message, **details)
+        headers = None
+        if isinstance(exc, Unavailable) and exc.retry_after is not None:
+            headers = {"Retry-After": str(exc.retry_after)}
+        return error_response(
+            HTTP_STATUS.get(exc.code, 500), exc.code, exc.message, headers, **details
+        )
 
     @app.exception_handler(Exception)
     async def _bug(_request: Request, exc: Exception) -> JSONResponse:

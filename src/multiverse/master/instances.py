@@ -66,6 +66,7 @@ OPERATION_TIMEOUT = 900.0  # seconds an operation waits for its instance to get 
 # How often an operation re-reads its instance with no event about it: the change may have been
 # seen by another master (its worker syncs there), which raises the event on that master only.
 UNTIL_RECHECK = 5.0
+BACKLOG_WAIT = 20.0  # seconds a launch of many waits for room in the master's backlog
 PLACEMENT_TRIES = 3  # a node found full at insert time (another master won it): choose again
 
 
@@ -188,7 +189,10 @@ class Instances:
         master place hundreds a second (Nomad's jobs and EC2's RunInstances batch the same
         way). Their nodes are asked afterwards, in the background, as the reconciler asks
         (a refusal leaves that instance Failed with the reason, and the operation says so);
-        the operation ends when every one is Running."""
+        the operation ends when every one is Running. While the master has more instances
+        than it can take still to hand to their nodes, the launch waits its turn, then is
+        refused (Unavailable) rather than let that backlog grow without end."""
+        await self.reconciler.room_for(len(specs), BACKLOG_WAIT)
         placed = await self._place(specs, node_name=node_name, selector=selector, strategy=strategy)
         task = asyncio.create_task(self.reconciler.step_all(placed))
         self._dispatching.add(task)

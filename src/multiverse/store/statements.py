@@ -106,6 +106,7 @@ INSERT_INSTANCE = insert(instances)
 STATES_OF = select(instances.c.id, instances.c.name, instances.c.state, instances.c.message).where(
     instances.c.id.in_(bindparam("ids", expanding=True))
 )
+STANDINGS = select(instances.c.id, instances.c.node_id, instances.c.state, instances.c.desired)
 NAMES_TAKEN = select(instances.c.name).where(
     instances.c.name.in_(bindparam("names", expanding=True))
 )
