@@ -484,3 +484,44 @@ def test_an_agents_answer_and_a_report_do_not_undo_each_other(
         assert (instance.state, instance.version) == (InstanceState.STOPPED, 6)
 
     _run(db_url, scenario)
+
+
+def test_agents_answers_that_arrive_together_go_in_one_transaction(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A launch of many has 64 agent calls open at once; their answers, arriving while the
+    store is busy, are taken in one transaction (as reports are), each with its own change,
+    an answer about an instance gone answered with none."""
+
+    async def scenario(store: Store) -> None:
+        await store.add_node(_node(0), "")
+        for index in range(6):
+            await store.add_instance(_instance(index, 0))
+        batches: list[int] = []
+        observe_instances = store._observe_instances
+
+        async def counted(items: list[tuple[str, dict[str, Any]]]) -> list[Change | None]:
+            batches.append(len(items))
+            return await observe_instances(items)
+
+        monkeypatch.setattr(store, "_observe_instances", counted)
+
+        def creating(index: int) -> dict[str, Any]:
+            return {"id": f"i{index}", "state": "Creating", "ipv4": "", "message": "",
+                    "version": 1, "release": ""}  # fmt: skip
+
+        async with store._turn():  # busy: the answers wait together
+            answers = [
+                asyncio.create_task(store.observe_instance(f"i{index}", creating(index)))
+                for index in [*range(6), 9]
+            ]
+            await asyncio.sleep(0.05)
+        changes = await asyncio.gather(*answers)
+        assert batches == [7]
+        assert [(c.instance_id, c.old, c.new) if c else None for c in changes] == [
+            *[(f"i{index}", "Scheduled", "Creating") for index in range(6)], None
+        ]
+        states = {i.id: i.state for i in await store.list_instances()}
+        assert set(states.values()) == {InstanceState.CREATING}
+
+    _run(db_url, scenario)

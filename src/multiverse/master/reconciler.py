@@ -14,11 +14,12 @@ with.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -133,8 +134,8 @@ class Reconciler:
         self.paused: set[str] = set()
         self._steps = asyncio.Semaphore(STEPS)
         self.backlog_limit = backlog
-        self.backlog = 0  # instances handed over by step_all whose step has not ended
-        self._stepped = asyncio.Event()  # set when the backlog shrinks
+        self.backlog = 0  # instances handed over by step_all, or about to be, not yet stepped
+        self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
 
     def kick(self) -> None:
         """Look at every instance soon (nodes came or went, or many things changed)."""
@@ -254,27 +255,52 @@ class Reconciler:
                     await self.reconcile(instance, node)
             finally:
                 self._busy.discard(instance.id)
-                self.backlog -= 1
-                self._stepped.set()
+                self._release(1)
 
         await asyncio.gather(*(one(instance, node) for instance, node in pairs))
 
-    async def room_for(self, count: int, timeout: float) -> None:
-        """Wait until ``count`` more instances fit under the backlog limit; Unavailable
-        after ``timeout`` seconds. An empty backlog takes any count. The limit is soft:
-        launches that found room together may pass it by what they bring."""
-        deadline = time.monotonic() + timeout
-        while self.backlog and self.backlog + count > self.backlog_limit:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise Unavailable(
-                    f"the master has {self.backlog} instances still to hand to their nodes; "
-                    "launch again in a few seconds",
-                    retry_after=5,
-                )
-            self._stepped.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stepped.wait(), left)
+    @contextlib.asynccontextmanager
+    async def room_for(self, count: int, timeout: float) -> AsyncIterator[None]:
+        """Room for ``count`` more instances in the backlog, held while the block places
+        them and hands them over (:meth:`step_all` counts them from then on). Waits, first
+        come first served, while the backlog is full; Unavailable after ``timeout`` seconds.
+        An empty backlog takes any count."""
+        if not self._waiting and (not self.backlog or self.backlog + count <= self.backlog_limit):
+            self.backlog += count
+        else:
+            entry = (count, asyncio.get_running_loop().create_future())
+            self._waiting.append(entry)
+            try:
+                async with asyncio.timeout(timeout):
+                    await entry[1]
+            except BaseException as exc:
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(entry)
+                if entry[1].done() and not entry[1].cancelled():
+                    self._release(count)  # let in just as its time ran out
+                if isinstance(exc, TimeoutError):
+                    raise Unavailable(
+                        f"the master has {self.backlog} instances still to hand to their "
+                        "nodes; launch again in a few seconds",
+                        retry_after=5,
+                    ) from None
+                raise
+        try:
+            yield
+        finally:
+            self._release(count)
+
+    def _release(self, count: int) -> None:
+        """``count`` fewer in the backlog: let in the waiting launches that now fit, in turn."""
+        self.backlog -= count
+        while self._waiting:
+            wanted, future = self._waiting[0]
+            if not future.done() and self.backlog and self.backlog + wanted > self.backlog_limit:
+                break
+            self._waiting.popleft()
+            if not future.done():
+                self.backlog += wanted
+                future.set_result(None)
 
     async def reconcile(
         self,

@@ -16,7 +16,7 @@ import functools
 import ipaddress
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -115,6 +115,7 @@ def now() -> datetime:
 
 Params = ParamSpec("Params")
 Result = TypeVar("Result")
+Item = TypeVar("Item")
 THREADS = 4  # SQLite takes one writer at a time anyway; readers (the API) go alongside
 IDS_AT_ONCE = 5000  # instance ids asked for in one statement
 STALE_TRIES = 3  # runs of a call whose rows another call changed under it
@@ -191,8 +192,11 @@ class Store:
         self._tokens_read: dict[str, tuple[float, dict[str, Any]]] = {}
         # Network -> the address this store leased last there: the next lease looks on from it.
         self._leased: dict[str, str] = {}
-        # Reports waiting to be taken, each with its caller's future (take_report).
+        # Reports and agents' answers waiting to be taken, each with its caller's future
+        # (take_report, observe_instance: _grouped).
         self._reports: list[tuple[_Report, asyncio.Future[ReportTaken]]] = []
+        self._observations: list[tuple[tuple[str, dict[str, Any]], asyncio.Future[Change | None]]]
+        self._observations = []
         self._revocations = 0
 
     def _turn(self) -> asyncio.Lock:
@@ -596,14 +600,25 @@ class Store:
         reports from as many nodes, and a commit each (on PostgreSQL, a flush to disk each)
         was most of what taking them cost."""
         report = _Report(node_id, capacity, used, reported, removed, image_digests)
-        taken: asyncio.Future[ReportTaken] = asyncio.get_running_loop().create_future()
-        self._reports.append((report, taken))
+        return await self._grouped(self._reports, report, self._take_reports)
+
+    async def _grouped(
+        self,
+        pending: list[tuple[Item, asyncio.Future[Result]]],
+        item: Item,
+        take: Callable[[list[Item]], Awaitable[Sequence[Result | Exception]]],
+    ) -> Result:
+        """``item`` taken by ``take`` together with those that joined ``pending`` while the
+        store was busy: the first caller to get its turn takes them all, in one transaction."""
+        taken: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        pending.append((item, taken))
         async with self._turn():
             if not taken.done():  # not in a batch taken meanwhile: this one takes them all
-                batch, self._reports = self._reports, []
-                results: Sequence[ReportTaken | Exception] = ()
+                batch = pending[:]
+                pending.clear()
+                results: Sequence[Result | Exception] = ()
                 try:
-                    results = await self._take_reports([report for report, _ in batch])
+                    results = await take([item for item, _ in batch])
                 except Exception as exc:
                     results = [exc] * len(batch)
                 finally:
@@ -635,16 +650,26 @@ class Store:
             found = connection.scalars(sql.READY_AMONG, {"ids": list(beats)})
             return sorted(set(beats) - set(found))
 
-    @_in_turn
-    def observe_instance(self, instance_id: str, item: dict[str, Any]) -> Change | None:
-        """Take one instance's status as an agent answered it (same rule as a report)."""
+    async def observe_instance(self, instance_id: str, item: dict[str, Any]) -> Change | None:
+        """Take one instance's status as an agent answered it (same rule as a report).
+        Answers that arrive while the store is busy are taken together, as reports are: a
+        launch of many has 64 agent calls open at once, and a transaction each (on
+        PostgreSQL, a commit flushed to disk each, one at a time) held its dispatch to ~60
+        instances a second."""
+        return await self._grouped(
+            self._observations, (instance_id, item), self._observe_instances
+        )
+
+    @_off_loop
+    def _observe_instances(self, items: list[tuple[str, dict[str, Any]]]) -> list[Change | None]:
+        changes: list[Change | None] = []
         with self._instance_writes, self._connection() as connection:
-            row = connection.execute(sql.INSTANCE_OBSERVED, {"id": instance_id}).first()
-            if row is None:
-                return None
-            change, written = _observe(row, item)
-            _write_observed(connection, [written] if written else [])
-            return change
+            for instance_id, item in items:
+                row = connection.execute(sql.INSTANCE_OBSERVED, {"id": instance_id}).first()
+                change, written = _observe(row, item) if row is not None else (None, None)
+                _write_observed(connection, [written] if written else [])
+                changes.append(change)
+        return changes
 
     @_off_loop
     def mark_node_instances(self, node_id: str, state: InstanceState, message: str) -> list[Change]:
@@ -1200,8 +1225,7 @@ class _Report:
 
 
 def _settle(
-    batch: list[tuple[_Report, asyncio.Future[ReportTaken]]],
-    results: Sequence[ReportTaken | Exception],
+    batch: list[tuple[Item, asyncio.Future[Result]]], results: Sequence[Result | Exception]
 ) -> None:
     """Give each caller of a batch its result; no results: the batch's taker was cancelled
     (the master is stopping), and the others are cancelled with it rather than left waiting."""
