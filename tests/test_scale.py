@@ -304,20 +304,29 @@ def test_a_store_call_waiting_on_the_database_does_not_stall_the_event_loop(
 
 
 def test_a_reconcile_round_reads_only_what_changed(tmp_path: Path) -> None:
+    """A round reads where the instances that changed stand (node, state, desired), and whole
+    only those with something to do; the full pass reads where every instance stands."""
+
     async def scenario() -> None:
         store = Store.for_data_dir(tmp_path)
         store.migrate()
         events = EventBus()
         reconciler = Reconciler(store, None, events)  # type: ignore[arg-type]
         reconciler._running = True  # as while its master leads (run() sets it)
+        stood: list[list[str] | None] = []
         read: list[list[str] | None] = []
-        list_instances = store.list_instances
+        list_instances, standings = store.list_instances, store.standings
 
         async def counted(*args: Any, **kwargs: Any) -> list[Instance]:
             read.append(kwargs.get("ids"))
             return await list_instances(*args, **kwargs)
 
+        async def counted_standings(ids: list[str] | None = None) -> list[Any]:
+            stood.append(ids)
+            return await standings(ids)
+
         store.list_instances = counted  # type: ignore[method-assign]
+        store.standings = counted_standings  # type: ignore[method-assign]
         try:
             node = Node("n", "node", "127.0.0.1:1", "fake", NodeStatus.DOWN, {},
                         Resources(64, 64 << 30, 640 << 30))  # fmt: skip
@@ -329,19 +338,24 @@ def test_a_reconcile_round_reads_only_what_changed(tmp_path: Path) -> None:
                 )
             reconciler.publish_changes([Change("i7", "vm-07", "Running", "Unknown")])
             await reconciler.reconcile_changed()
-            assert read == [["i7"]]  # not the 20 of them
+            assert (stood, read) == ([["i7"]], [])  # not the 20 of them; nothing to do for it
             await reconciler.reconcile_changed()  # nothing changed since: nothing read
-            assert read == [["i7"]]
+            assert (stood, read) == ([["i7"]], [])
             # The safety net looks at everything, but reads whole only what has work: here,
             # on a Down node, nothing.
             await reconciler.reconcile_all()
-            assert read == [["i7"]]
+            assert (stood, read) == ([["i7"], None], [])
             await store.update_node("n", status=NodeStatus.READY)
             await store.update_instance("i3", state=InstanceState.STOPPED)
             reconciler.agents = _Starting()  # type: ignore[assignment]
             await reconciler.reconcile_all()
-            assert read == [["i7"], ["i3"]]
+            assert (stood, read) == ([["i7"], None, None], [["i3"]])
             assert (await store.get_instance("i3")).state == InstanceState.RUNNING
+            await store.update_instance("i5", state=InstanceState.STOPPED)
+            reconciler.publish_changes([Change("i5", "vm-05", "Running", "Stopped")])
+            await reconciler.reconcile_changed()
+            assert read[-1] == ["i5"]
+            assert (await store.get_instance("i5")).state == InstanceState.RUNNING
         finally:
             store.close()
 

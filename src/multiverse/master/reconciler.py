@@ -19,7 +19,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,7 +28,7 @@ from multiverse.core.model import DesiredState, Instance, InstanceState, Node, N
 from multiverse.master.cluster import Agents, status_dict
 from multiverse.master.events import EventBus
 from multiverse.master.network import Ipam
-from multiverse.store.repository import Change, Store
+from multiverse.store.repository import Change, Standing, Store
 from multiverse.wire import convert
 from multiverse.wire.v1 import multiverse_pb2 as pb
 
@@ -198,17 +198,12 @@ class Reconciler:
         if not wanted:
             return
         read_at = time.monotonic()
-        instances = await self.store.list_instances(ids=sorted(wanted))
-        for gone in wanted - {instance.id for instance in instances}:
-            self._backoff.pop(gone, None)
-        node_ids = sorted({instance.node_id for instance in instances if instance.node_id})
+        standings = await self.store.standings(ids=sorted(wanted))
+        node_ids = sorted({standing.node_id for standing in standings if standing.node_id})
         nodes = {node.id: node for node in await self.store.list_nodes(ids=node_ids)}
-        await asyncio.gather(
-            *(
-                self.reconcile(instance, nodes.get(instance.node_id or ""), read_at=read_at)
-                for instance in instances
-            )
-        )
+        await self._step_due(standings, nodes, read_at)
+        for gone in wanted - {standing.id for standing in standings}:
+            self._backoff.pop(gone, None)
 
     async def reconcile_all(self) -> None:
         read_at = time.monotonic()
@@ -220,22 +215,32 @@ class Reconciler:
         # thousand converged ones, a coroutine each held the event loop (and the API's
         # answers) for seconds. The others, and those gone from the store (deleted, or
         # forgotten with their removed node), take their backoff with them.
-        due = [
-            standing.id
-            for standing in standings
-            if standing.id not in self._busy and standing.id not in self.paused
-            if next_action(standing, nodes.get(standing.node_id or "")) is not None
-        ]
-        kept = set(due) | self._busy | self.paused
-        for settled in self._backoff.keys() - kept:
+        due = await self._step_due(standings, nodes, read_at)
+        for settled in self._backoff.keys() - due - self._busy - self.paused:
             del self._backoff[settled]
-        instances = await self.store.list_instances(ids=due) if due else []
+
+    async def _step_due(
+        self, standings: Sequence[Standing], nodes: Mapping[str, Node], read_at: float
+    ) -> set[str]:
+        """A step for each instance of ``standings`` with something to do, read whole for
+        it (most changes, Starting or Running, leave nothing to do: a launch storm read each
+        instance whole three times over for nothing); the ids of those."""
+        due = set()
+        for standing in standings:
+            if standing.id in self._busy or standing.id in self.paused:
+                continue
+            if next_action(standing, nodes.get(standing.node_id or "")) is None:
+                self._backoff.pop(standing.id, None)
+            else:
+                due.add(standing.id)
+        instances = await self.store.list_instances(ids=sorted(due)) if due else []
         await asyncio.gather(
             *(
                 self.reconcile(instance, nodes.get(instance.node_id or ""), read_at=read_at)
                 for instance in instances
             )
         )
+        return due
 
     def step_all(self, pairs: Sequence[tuple[Instance, Node | None]]) -> Coroutine[Any, Any, None]:
         """One step each for many instances (a launch of many just recorded them), at most

@@ -549,16 +549,28 @@ class Store:
             }
 
     @_off_loop
-    def standings(self) -> list[Standing]:
+    def standings(self, ids: Sequence[str] | None = None) -> list[Standing]:
         """Every instance's node, state and desired state, and nothing else of its row: the
         reconciler's full pass reads them all to find the few with work, then only those whole
         (at fifty thousand instances, every row whole, each turned into an Instance with its
         spec, was most of a second of the master's CPU, and nodes flapping made it a pass
-        every two seconds)."""
+        every two seconds). ``ids``: those instances only (a round of what changed)."""
+        if ids is not None and len(ids) > IDS_AT_ONCE:
+            return [
+                standing
+                for start in range(0, len(ids), IDS_AT_ONCE)
+                for standing in self._standings(ids[start : start + IDS_AT_ONCE])
+            ]
+        return self._standings(ids)
+
+    def _standings(self, ids: Sequence[str] | None) -> list[Standing]:
+        query, params = sql.STANDINGS, {}
+        if ids is not None:
+            query, params = sql.STANDINGS_OF, {"ids": list(ids)}
         with self._connection() as connection:
             return [
                 Standing(row[0], row[1], InstanceState(row[2]), DesiredState(row[3]))
-                for row in connection.execute(sql.STANDINGS)
+                for row in connection.execute(query, params)
             ]
 
     @_in_turn

@@ -107,6 +107,7 @@ STATES_OF = select(instances.c.id, instances.c.name, instances.c.state, instance
     instances.c.id.in_(bindparam("ids", expanding=True))
 )
 STANDINGS = select(instances.c.id, instances.c.node_id, instances.c.state, instances.c.desired)
+STANDINGS_OF = STANDINGS.where(instances.c.id.in_(bindparam("ids", expanding=True)))
 NAMES_TAKEN = select(instances.c.name).where(
     instances.c.name.in_(bindparam("names", expanding=True))
 )
