@@ -15,6 +15,8 @@ from multiverse.master.scheduler import (
     _fits,
     place,
     place_all,
+    place_many,
+    reserved,
     spread_conflict,
     why_not,
 )
@@ -173,3 +175,39 @@ def test_a_large_cluster_compares_a_window_of_nodes_and_finds_room_anywhere() ->
     with pytest.raises(Unschedulable) as refused:
         place(NEED, full, scored=100, start=17)
     assert len(refused.value.reasons) == 300
+
+
+@pytest.mark.parametrize("strategy", ["spread", "binpack"])
+def test_a_batch_places_as_one_at_a_time_would_on_one_window(strategy: str) -> None:
+    """A launch of many compares one window of feasible nodes for the whole batch: each
+    instance goes where :func:`place` over that window, seeing the ones before it, would put
+    it."""
+    rng = random.Random(7)
+    nodes = [
+        node(f"n{i:03d}", cpus=8, used_cpus=(used := rng.randrange(0, 8)), count=used)
+        for i in range(40)
+    ]
+    batch = place_many(NEED, nodes, 30, strategy=strategy, scored=10, start=5)  # type: ignore[arg-type]
+    current = list(nodes)
+    one_by_one = []
+    window = [n.id for n in current[5:] + current[:5] if _fits(n, NEED, {})][:10]
+    for _ in range(30):
+        candidates = [n for n in current if n.id in window and _fits(n, NEED, {})]
+        chosen = place(NEED, candidates or current, strategy=strategy)  # type: ignore[arg-type]
+        one_by_one.append(chosen.name)
+        current = [reserved(n, NEED) if n.id == chosen.id else n for n in current]
+    assert [n.name for n in batch] == one_by_one
+    assert len(batch) == 30
+
+
+def test_a_batch_looks_past_its_full_window_and_is_refused_when_nothing_fits() -> None:
+    nodes = [node(f"n{i}", cpus=2, used_cpus=1, count=1) for i in range(6)]
+    # A window of two nodes with one place each: the other two instances go further.
+    names = [n.name for n in place_many(NEED, nodes, 4, scored=2)]
+    assert names[:2] == ["n0", "n1"] and len(set(names)) == 4
+    assert [n.name for n in place_many(NEED, nodes, 6, scored=2)] == [f"n{i}" for i in range(6)]
+    with pytest.raises(Unschedulable):
+        place_many(NEED, nodes, 7, scored=2)
+    # A node avoided is not chosen, by the window or past it.
+    avoided = place_many(NEED, nodes, 5, avoid={"n0": "holds vm-1"}, scored=2)
+    assert "n0" not in {n.name for n in avoided}

@@ -45,14 +45,7 @@ from multiverse.master.events import Event, EventBus
 from multiverse.master.network import Ipam, Picker
 from multiverse.master.operations import Operation, Operations, Progress
 from multiverse.master.reconciler import PERMANENT, Reconciler
-from multiverse.master.scheduler import (
-    SCORED,
-    NodeView,
-    Strategy,
-    place,
-    reserved,
-    spread_conflict,
-)
+from multiverse.master.scheduler import SCORED, NodeView, Strategy, place_many, spread_conflict
 from multiverse.store.repository import Change, Store, now
 from multiverse.wire import convert, pki
 from multiverse.wire.convert import split_address
@@ -219,8 +212,9 @@ class Instances:
         publish: Sequence[Publish] = (),
         apart_from: Mapping[str, str] | None = None,
     ) -> list[tuple[Instance, Node]]:
-        """Choose a node for each of ``specs`` in turn (each sees the room the ones before it
-        took) and record them all; ``ip`` and ``publish`` come with one spec only."""
+        """Choose a node for each of ``specs`` (all of one size: a count) in turn (each sees
+        the room the ones before it took) and record them all; ``ip`` and ``publish`` come
+        with one spec only."""
         for spec in specs:
             spec.validate()
         avoid = await self._holding(apart_from) if apart_from else None
@@ -239,21 +233,14 @@ class Instances:
             # Choosing and reserving in the view happen with no await between them, so the
             # launches of this master see each other without a lock; the store's conditional
             # insert settles races with other masters (and the unique name, duplicates).
-            chosen: list[tuple[Instance, Node]] = []
-            positions = {node.id: index for index, node in enumerate(nodes)}
+            start, self._scan_from = self._scan_from, self._scan_from + SCORED
+            need = specs[0].resources
             try:
-                for instance_id, spec in zip(ids, specs, strict=True):
-                    start, self._scan_from = self._scan_from, self._scan_from + SCORED
-                    node = place(
-                        spec.resources, nodes, selector=selector, strategy=strategy,
-                        avoid=avoid, scored=SCORED, start=start % max(len(nodes), 1),
-                    )  # fmt: skip
-                    self.view.reserve(node.id, spec.resources)
-                    # The batch's next instance sees the room this one took.
-                    nodes[positions[node.id]] = reserved(node, spec.resources)
-                    chosen.append((self._scheduled(instance_id, spec, node), node))
+                targets = place_many(
+                    need, nodes, len(specs), selector=selector, strategy=strategy,
+                    avoid=avoid, scored=SCORED, start=start % max(len(nodes), 1),
+                )  # fmt: skip
             except Unschedulable:
-                self._unreserve(chosen)
                 if reloaded:
                     raise
                 # The view may not know yet of room given back a moment ago (a delete): the
@@ -261,11 +248,17 @@ class Instances:
                 reloaded = True
                 self.view.invalidate()
                 continue
-            leases = [
-                self._lease(picker, node, bool(ip or publish))
-                for picker, (_, node) in zip(pickers, chosen, strict=True)
+            for node in targets:
+                self.view.reserve(node.id, need)
+            chosen = [
+                (self._scheduled(instance_id, spec, node), node)
+                for instance_id, spec, node in zip(ids, specs, targets, strict=True)
             ]
             try:
+                leases = [
+                    self._lease(picker, node, bool(ip or publish))
+                    for picker, (_, node) in zip(pickers, chosen, strict=True)
+                ]
                 if publish and leases[0] is not None and self.ipam:
                     await self.ipam.check_publish(chosen[0][1].id, publish)
                 await self.store.add_instances(
