@@ -562,6 +562,50 @@ def test_a_launch_of_many_waits_while_the_backlog_is_full_then_is_refused(
     asyncio.run(scenario())
 
 
+class _Counting(_Launching):
+    """Agents that note how many Launch calls they have open at once."""
+
+    def __init__(self) -> None:
+        super().__init__(delay=0.01)
+        self.open = self.most = 0
+
+    async def call(self, node: Node, method: str, request: Any) -> pb.InstanceStatus:
+        self.open += 1
+        self.most = max(self.most, self.open)
+        try:
+            return await super().call(node, method, request)
+        finally:
+            self.open -= 1
+
+
+def test_a_full_pass_opens_a_bounded_number_of_agent_calls(tmp_path: Path) -> None:
+    """A master restarted with thousands of instances Scheduled steps them all in its first
+    pass: at most ``steps`` agent calls at a time, every one of them stepped."""
+
+    async def scenario() -> None:
+        store = Store.for_data_dir(tmp_path)
+        store.migrate()
+        agents = _Counting()
+        reconciler = Reconciler(store, agents, EventBus(), steps=4)  # type: ignore[arg-type]
+        try:
+            await store.add_node(
+                Node("n", "node", "127.0.0.1:1", "fake", NodeStatus.READY, {},
+                     Resources(64, 64 << 30, 640 << 30)), "",
+            )  # fmt: skip
+            for index in range(20):
+                spec = InstanceSpec(name=f"vm-{index:02d}")
+                await store.add_instance(
+                    Instance(f"i{index}", spec, "n", DesiredState.RUNNING, InstanceState.SCHEDULED)
+                )
+            await reconciler.reconcile_all()
+            assert sorted(agents.asked) == sorted(f"i{index}" for index in range(20))
+            assert agents.most == 4
+        finally:
+            store.close()
+
+    asyncio.run(scenario())
+
+
 def test_waiting_operations_read_the_store_only_for_their_own_instance(tmp_path: Path) -> None:
     """A thousand launches in flight each wait for Running: one instance's change must not make
     every one of them read the store (that was O(launches x events), the old ceiling), and its

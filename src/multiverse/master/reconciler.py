@@ -75,7 +75,8 @@ def next_action(instance: _Standing, node: Node | None) -> Action | None:
 
 # Errors that no retry can mend: the request itself is wrong for that node.
 PERMANENT = (InvalidArgument, NotFound)
-# Agent calls that steps asked for together (step_all) have open at once, all of them together.
+# Agent calls that steps asked for together (step_all) have open at once, all of them together;
+# as many again for the rounds' steps.
 STEPS = 64
 # Instances handed over together (step_all) and not yet stepped, past which a launch of many
 # waits (then is refused: 503). Placing costs the master far less than handing an instance to
@@ -108,6 +109,7 @@ class Reconciler:
         full_gap: float = 2.0,
         round_gap: float = 0.05,
         backlog: int = BACKLOG,
+        steps: int = STEPS,
     ) -> None:
         self.store = store
         self.agents = agents
@@ -132,7 +134,11 @@ class Reconciler:
         self._running = False  # a master that does not lead runs no rounds: it queues nothing
         # Instances a move owns (master/moves.py): its plan acts on them, not the reconciler.
         self.paused: set[str] = set()
-        self._steps = asyncio.Semaphore(STEPS)
+        self._steps = asyncio.Semaphore(steps)
+        # The rounds' own: a master restarted with 50,000 instances Scheduled had its full
+        # pass open 50,000 agent calls at once; and a round's steps must not queue behind the
+        # thousands a launch of many hands over.
+        self._round_steps = asyncio.Semaphore(steps)
         self.backlog_limit = backlog
         self.backlog = 0  # instances handed over by step_all, or about to be, not yet stepped
         self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
@@ -234,12 +240,12 @@ class Reconciler:
             else:
                 due.add(standing.id)
         instances = await self.store.list_instances(ids=sorted(due)) if due else []
-        await asyncio.gather(
-            *(
-                self.reconcile(instance, nodes.get(instance.node_id or ""), read_at=read_at)
-                for instance in instances
-            )
-        )
+
+        async def one(instance: Instance) -> None:
+            async with self._round_steps:
+                await self.reconcile(instance, nodes.get(instance.node_id or ""), read_at=read_at)
+
+        await asyncio.gather(*(one(instance) for instance in instances))
         return due
 
     def step_all(self, pairs: Sequence[tuple[Instance, Node | None]]) -> Coroutine[Any, Any, None]:
