@@ -38,6 +38,7 @@ from multiverse.master.reconciler import Reconciler
 from multiverse.master.wheelhouse import Wheelhouse
 from multiverse.store.repository import Change, Store
 from multiverse.wire import pki
+from multiverse.wire.aio import drain_wakeups
 from multiverse.wire.convert import GRPC_SERVER_OPTIONS, listen_grpc, split_address
 from multiverse.wire.v1 import multiverse_pb2_grpc as pb_grpc
 
@@ -245,6 +246,7 @@ class Master:
         )
         self.grpc_port = listen_grpc(self._grpc, config.listen, credentials)
         await self._grpc.start()
+        drain_wakeups(asyncio.get_running_loop())  # nodes' reports, however busy the API
 
         host, port = split_address(config.api_listen)
         app = create_app(

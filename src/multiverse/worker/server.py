@@ -19,6 +19,7 @@ from multiverse.drivers.base import Driver
 from multiverse.drivers.process import ProcessDriver
 from multiverse.drivers.qemu import write_tls_dh_params
 from multiverse.wire import pki
+from multiverse.wire.aio import drain_wakeups
 from multiverse.wire.convert import (
     GRPC_CHANNEL_OPTIONS,
     GRPC_SERVER_OPTIONS,
@@ -212,6 +213,7 @@ class Worker:
         )
         listen_grpc(self._server, config.listen, self.identity.server_credentials())
         await self._server.start()
+        drain_wakeups(asyncio.get_running_loop())  # the master's acks and calls
         if session_at is not None:
             identity = self.identity
             tls = NodeTLS(config.data_dir / "pki", lambda: identity.cert)
