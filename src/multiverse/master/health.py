@@ -2,7 +2,9 @@
 and Down after ``down_after``; a Down node's instances show as Unknown, never silently gone.
 
 After a master (re)start every node is Unknown until it reports or its time runs out, counted
-from the master's start: the master cannot know what happened while it was away.
+from the master's start: the master cannot know what happened while it was away. The same
+holds when the master finds it was away without stopping (paused, asleep): silence counts
+again from when it is back.
 """
 
 from __future__ import annotations
@@ -22,10 +24,15 @@ _AGING = {NodeStatus.READY, NodeStatus.JOINING, NodeStatus.UNKNOWN, NodeStatus.N
 
 
 async def check_nodes(
-    store: Store, not_ready_after: float, down_after: float, since: datetime
+    store: Store,
+    not_ready_after: float,
+    down_after: float,
+    since: datetime,
+    moment: datetime | None = None,
 ) -> tuple[list[tuple[str, NodeStatus]], list[Change]]:
-    """Age silent nodes; returns (node name, new status) pairs and their instances' changes."""
-    moment = now()
+    """Age silent nodes, as of ``moment`` (now); returns (node name, new status) pairs and
+    their instances' changes."""
+    moment = moment or now()
     transitions: list[tuple[str, NodeStatus]] = []
     changes: list[Change] = []
     if (moment - since).total_seconds() <= not_ready_after:
@@ -61,12 +68,25 @@ async def watch_nodes(
     not_ready_after: float,
     down_after: float,
     on_change: Callable[[list[tuple[str, NodeStatus]], list[Change]], None],
+    clock: Callable[[], datetime] = now,
 ) -> None:
-    since = now()
+    period = min(1.0, not_ready_after / 4)
+    since = last = clock()
     while True:
-        await asyncio.sleep(min(1.0, not_ready_after / 4))
+        await asyncio.sleep(period)
+        moment = clock()
+        away = (moment - last).total_seconds() - period
+        if away > not_ready_after / 2:
+            # The master itself was away (its VM paused, its host asleep, its loop stuck):
+            # nobody could be heard meanwhile, so silence counts from now, as after a start.
+            # A VM paused for 24 s made 923 of 1,000 healthy nodes NotReady at once.
+            log.warning("the master was away for %.0fs: nodes' silence counts from now", away)
+            since = moment
+        last = moment
         try:
-            transitions, changes = await check_nodes(store, not_ready_after, down_after, since)
+            transitions, changes = await check_nodes(
+                store, not_ready_after, down_after, since, moment
+            )
             if transitions or changes:
                 on_change(transitions, changes)
         except Exception:  # keep watching whatever one round hit
