@@ -525,3 +525,21 @@ def test_agents_answers_that_arrive_together_go_in_one_transaction(
         assert set(states.values()) == {InstanceState.CREATING}
 
     _run(db_url, scenario)
+
+
+def test_many_ids_are_asked_for_a_statements_worth_at_a_time(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full pass may ask for tens of thousands of instances by id, more parameters than a
+    statement takes: they go in chunks, and every one is found."""
+
+    async def scenario(store: Store) -> None:
+        await store.add_node(_node(0), "")
+        for index in range(5):
+            await store.add_instance(_instance(index, 0))
+        monkeypatch.setattr(repository, "IDS_AT_ONCE", 2)
+        ids = [f"i{index}" for index in range(5)] + ["gone"]
+        assert sorted(i.id for i in await store.list_instances(ids=ids)) == ids[:5]
+        assert sorted(s.id for s in await store.standings(ids=ids)) == ids[:5]
+
+    _run(db_url, scenario)

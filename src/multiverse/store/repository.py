@@ -507,13 +507,12 @@ class Store:
         """Instances by name, filtered; ``after``/``limit`` give one page (names are unique,
         so pages neither skip nor repeat while others launch and delete)."""
         if ids is not None and len(ids) > IDS_AT_ONCE:
-            # A parameter each: SQLite takes at most 32,766 in a statement, PostgreSQL 65,535.
-            found: list[Instance] = []
-            for start in range(0, len(ids), IDS_AT_ONCE):
-                chunk = ids[start : start + IDS_AT_ONCE]
-                found += self._list_instances(names, node_id, chunk, node_name=node_name,
-                                              state=state, labels=labels)  # fmt: skip
-            return found
+            return _in_chunks(
+                ids,
+                lambda chunk: self._list_instances(
+                    names, node_id, chunk, node_name=node_name, state=state, labels=labels
+                ),
+            )
         columns = sql.instances.c
         query, params = sql.INSTANCE_ROWS, {}
         if ids is not None:
@@ -561,11 +560,7 @@ class Store:
         spec, was most of a second of the master's CPU, and nodes flapping made it a pass
         every two seconds). ``ids``: those instances only (a round of what changed)."""
         if ids is not None and len(ids) > IDS_AT_ONCE:
-            return [
-                standing
-                for start in range(0, len(ids), IDS_AT_ONCE)
-                for standing in self._standings(ids[start : start + IDS_AT_ONCE])
-            ]
+            return _in_chunks(ids, self._standings)
         return self._standings(ids)
 
     def _standings(self, ids: Sequence[str] | None) -> list[Standing]:
@@ -1239,6 +1234,16 @@ class _Report:
     reported: Sequence[dict[str, Any]]
     removed: Sequence[str] | None
     image_digests: Sequence[str] | None
+
+
+def _in_chunks(ids: Sequence[str], read: Callable[[Sequence[str]], list[Item]]) -> list[Item]:
+    """``read`` of ``ids``, a statement's worth at a time: a bound parameter each, and SQLite
+    takes at most 32,766 in a statement, PostgreSQL 65,535."""
+    return [
+        found
+        for start in range(0, len(ids), IDS_AT_ONCE)
+        for found in read(ids[start : start + IDS_AT_ONCE])
+    ]
 
 
 def _settle(
