@@ -23,6 +23,12 @@ NOT_FOR_EXEC = ("httpx", "rich", "websockets", "yaml", "asyncio", "pygments", *S
 # options that parse with them only.
 PARSERS = ("multiverse.core.model", "multiverse.core.network", "multiverse.core.faults")
 NOT_FOR_VERSION = ("http", "ssl", *PARSERS, *NOT_FOR_EXEC)
+# The modules of the commands (multiverse.main names where each is): a call loads its own.
+COMMAND_MODULES = tuple(
+    f"multiverse.{name}"
+    for name in ("servers", "client.instances", "client.nodes", "client.faults",
+                 "client.tokens", "client.images", "client.environments")
+)  # fmt: skip
 
 
 def imported_by(args: list[str], env: dict[str, str] | None = None) -> tuple[set[str], str]:
@@ -50,6 +56,27 @@ def test_version_and_help_import_no_client_libraries_and_no_server_side() -> Non
         assert loaded(modules, NOT_FOR_VERSION) == [], args
         assert out
     assert "version 0.1.0" in imported_by(["--version"])[1]
+
+
+def test_a_command_loads_its_own_module_and_no_other_commands() -> None:
+    modules, _ = imported_by(["--version"])
+    assert loaded(modules, COMMAND_MODULES) == []
+    for args, own in (
+        (["exec", "--help"], "multiverse.client.instances"),
+        (["token", "create", "--help"], "multiverse.client.tokens"),
+        (["master", "--help"], "multiverse.servers"),
+    ):
+        modules, out = imported_by(args)
+        assert loaded(modules, COMMAND_MODULES) == [own], args
+        assert "Usage: multiverse" in out
+    # `image build` is the servers' side, found through the client's `image` group.
+    modules, out = imported_by(["image", "build", "tiny", "--help"])
+    assert loaded(modules, COMMAND_MODULES) == ["multiverse.client.images", "multiverse.servers"]
+    assert "--images-dir" in out
+    # Help lists every command with its summary, so it loads them all.
+    modules, out = imported_by(["--help"])
+    assert loaded(modules, COMMAND_MODULES) == sorted(COMMAND_MODULES)
+    assert "exec " in out and "worker " in out and "token " in out
 
 
 def test_launch_and_exec_load_only_an_http_client_and_exec_streams_output(cluster: Cluster) -> None:

@@ -13,21 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from multiverse.client.cli import (
-    INSTANCE_COLUMNS,
-    Failure,
-    _client,
-    _with_wait,
-    format_option,
-    read_environment,
-    stderr_console,
-)
+from multiverse.client.cli import Failure, api_client, format_option, stderr_console, with_wait
+from multiverse.client.instances import INSTANCE_COLUMNS
 from multiverse.client.output import Column, render, render_one
+from multiverse.core.errors import MultiverseError
 
 if TYPE_CHECKING:  # rich, the HTTP client and the fault model: loaded by the commands using them
     from rich.table import Table
 
     from multiverse.client.http import ApiClient
+    from multiverse.core.environment import EnvironmentSpec
     from multiverse.core.faults import ScheduledFault
 
 __all__ = ["apply", "diff", "envs", "get"]
@@ -52,6 +47,19 @@ recreate_option = click.option(
 SYMBOLS = {"create": "+", "recreate": "-/+", "delete": "-", "start": "~", "stop": "~"}
 
 
+def read_environment(path: Path) -> EnvironmentSpec:
+    """An environment file (`apply -f`), checked; a problem names its line and column."""
+    from multiverse.core.environment import parse_yaml  # yaml and jinja2: only for this
+
+    def read(name: str) -> str:
+        return (path.parent / name).read_text()  # cloud-init: FILE, beside the file
+
+    try:
+        return parse_yaml(path.read_text(), str(path), read)
+    except MultiverseError as exc:
+        raise click.ClickException(exc.message) from exc
+
+
 def _show_plan(answer: dict[str, Any]) -> None:
     for action in answer["actions"]:
         detail = f" ({action['detail']})" if action["detail"] else ""
@@ -69,7 +77,7 @@ def _show_plan(answer: dict[str, Any]) -> None:
 def diff(path: Path, prune: bool, recreate: bool) -> None:
     """Show what `apply -f FILE` would do, changing nothing."""
     spec = read_environment(path)
-    answer = _client().apply_environment(
+    answer = api_client().apply_environment(
         spec.document, prune=prune, recreate=recreate, dry_run=True
     )
     _show_plan(answer)
@@ -79,7 +87,7 @@ def diff(path: Path, prune: bool, recreate: bool) -> None:
 @file_option
 @prune_option
 @recreate_option
-@_with_wait
+@with_wait
 def apply(path: Path, prune: bool, recreate: bool, no_wait: bool, timeout: float) -> None:
     """Create or change an environment as FILE describes; waits until all of it is Running.
 
@@ -88,7 +96,7 @@ def apply(path: Path, prune: bool, recreate: bool, no_wait: bool, timeout: float
     --prune. A second apply of the same file does nothing.
     """
     spec = read_environment(path)
-    client = _client()
+    client = api_client()
     answer = client.apply_environment(spec.document, prune=prune, recreate=recreate)
     _show_plan(answer)
     if no_wait:
@@ -168,7 +176,7 @@ ENV_COLUMNS = [
 @format_option
 def envs(fmt: str) -> None:
     """List environments (instances made by `apply`) with their instances."""
-    click.echo(render(_client().environments(), ENV_COLUMNS, fmt))
+    click.echo(render(api_client().environments(), ENV_COLUMNS, fmt))
 
 
 @click.group()
@@ -181,7 +189,7 @@ def get() -> None:
 @format_option
 def get_env(name: str, fmt: str) -> None:
     """An environment's instances."""
-    environment = _client().environment(name)
+    environment = api_client().environment(name)
     if fmt in ("json", "yaml"):
         click.echo(render_one(environment, ENV_COLUMNS, fmt))
     else:
