@@ -160,7 +160,7 @@ class Instances:
         except PERMANENT:
             # The node refused the request itself (no such image...): nothing was created.
             await self.store.delete_instance(instance.id)
-            self.view.reserve(node.id, spec.resources, count=-1)
+            self._unreserve([(instance, node)])
             self.reconciler.publish_changes([Change(instance.id, spec.name, "Failed", "")])
             raise
         except MultiverseError:
