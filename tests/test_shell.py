@@ -22,7 +22,8 @@ import websockets
 from harness import Cluster, async_wait_until, new_cluster, wait_until
 
 from multiverse.core.errors import Unauthenticated
-from multiverse.worker.sessions import SessionTickets
+from multiverse.core.sessions import MAX_FRAME
+from multiverse.worker.sessions import STREAMING, SessionTickets, output_frames
 
 
 @pytest.fixture(scope="module")
@@ -323,3 +324,55 @@ def test_a_ticket_expires_and_is_spent_by_its_first_showing() -> None:
         tickets.redeem(wrong, "vm-2")
     with pytest.raises(Unauthenticated):
         tickets.redeem(wrong, "vm-1")
+
+
+class _HandedOutput:
+    """A session whose output the test hands over read by read (b"" is its end)."""
+
+    def __init__(self) -> None:
+        self.reads: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def read(self) -> bytes:
+        return await self.reads.get()
+
+
+def test_streaming_output_goes_in_few_frames_and_an_echo_at_once() -> None:
+    async def scenario() -> None:
+        session = _HandedOutput()
+        # A wait no loaded host outlasts, so that what comes within it is sure to join.
+        frames = output_frames(session, wait=30.0)  # type: ignore[arg-type]  # only read()
+        big = b"o" * STREAMING
+
+        session.reads.put_nowait(b"k")  # an echo: sent alone, nothing waited for
+        assert await anext(frames) == b"k"
+        # Output streaming: what is already there, and what comes meanwhile, joins it...
+        for piece in (big, b"1" * 100, b"2" * 100):
+            session.reads.put_nowait(piece)
+        asyncio.get_running_loop().call_later(0.01, session.reads.put_nowait, b"3")
+        # ... up to MAX_FRAME: a frame ends once it holds that much.
+        chunk = b"c" * (64 * 1024)
+        asyncio.get_running_loop().call_later(0.05, _hand, session, [chunk] * 6)
+        joined = await anext(frames)
+        head = big + b"1" * 100 + b"2" * 100 + b"3"
+        assert joined.startswith(head) and len(joined) >= MAX_FRAME
+        assert len(joined) < MAX_FRAME + len(chunk)
+        rest = len(head) + 6 * len(chunk) - len(joined)
+        # The end, while bytes are held: they go first, then the frames end.
+        session.reads.put_nowait(b"")
+        assert await anext(frames) == b"c" * rest
+        assert await anext(frames, None) is None
+
+        # Nothing more comes: the held bytes go once the wait is over; no read is lost to it.
+        session = _HandedOutput()
+        frames = output_frames(session, wait=0.01)  # type: ignore[arg-type]
+        session.reads.put_nowait(big)
+        assert await anext(frames) == big
+        session.reads.put_nowait(b"after")
+        assert await anext(frames) == b"after"
+
+    asyncio.run(scenario())
+
+
+def _hand(session: _HandedOutput, reads: list[bytes]) -> None:
+    for data in reads:
+        session.reads.put_nowait(data)

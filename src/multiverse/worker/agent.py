@@ -56,7 +56,7 @@ from multiverse.worker.faults import NodeFaultsApplier
 from multiverse.worker.imagecache import NodeImageCache
 from multiverse.worker.localstore import LocalStore, VMRecord
 from multiverse.worker.network import NodeNetwork
-from multiverse.worker.sessions import SessionTickets, Ticket, apply_input
+from multiverse.worker.sessions import SessionTickets, Ticket, apply_input, output_frames
 from multiverse.worker.usage import HostUsage
 
 log = logging.getLogger("multiverse.worker")
@@ -721,7 +721,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         ended = asyncio.Event()
         feeder = asyncio.create_task(_feed(request_iterator, session, ended))
         try:
-            while data := await session.read():
+            async for data in output_frames(session):
                 yield pb.SessionOutput(data=data)
             code = await session.wait()
             ended.set()
