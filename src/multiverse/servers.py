@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from multiverse.core.model import Resources
 
 # What only the servers need (asyncio, logging, subprocess, the client's config) is imported in
-# the commands that start them: every client call loads this module first.
+# the commands that start them: `multiverse master --help` loads this module, and starts nothing.
 
 
 def default_data_dir() -> Path:

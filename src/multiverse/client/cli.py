@@ -42,8 +42,8 @@ EXIT_USAGE, EXIT_FAILED, EXIT_UNREACHABLE = 1, 2, 3
 class LazyGroup(click.Group):
     """A group whose commands ``lazy`` names by where they are ("module:attribute"), imported
     when one is called or help lists them. Click builds every command and option of a module
-    at its import: with all of them loaded at each start, a call spent a quarter of its start
-    building the ~120 it did not run."""
+    at its import: with all of them loaded at each start, ~15% of a `--version` (117 ms
+    against 99) went to building the ~120 commands and options it did not run."""
 
     def __init__(self, *args: Any, lazy: Mapping[str, str] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
