@@ -42,7 +42,7 @@ def imported_by(args: list[str], env: dict[str, str] | None = None) -> tuple[set
     )
     assert done.returncode == 0, done.stderr[-2000:]
     modules = set(re.findall(r"^import time:\s*\d+ \|\s*\d+ \|\s*(\S+)$", done.stderr, re.M))
-    assert "multiverse.client.cli" in modules  # the parse found the lines
+    assert "multiverse.main" in modules  # the parse found the lines
     return modules, done.stdout
 
 

@@ -1,18 +1,26 @@
-"""The ``multiverse`` executable: every command by name, and the module it lives in.
+"""The ``multiverse`` executable: every command by name and the module it lives in, and how a
+call ends (its exit code and message).
 
-A call imports click, this table and its own command's module, nothing else: the client's
-commands (``client/``) speak only HTTP, the servers' (``servers.py``) start a master or a
-worker, and neither is loaded for the other.
+A call imports this table, the parser (``client/cmdline.py``) and its own command's module,
+nothing else: the client's commands (``client/``) speak only HTTP, the servers'
+(``servers.py``) start a master or a worker, and neither is loaded for the other.
 """
 
 from __future__ import annotations
 
 import sys
 
-import click
-
 from multiverse import __version__
-from multiverse.client.cli import LazyGroup, run
+from multiverse.client import cmdline
+from multiverse.client.errors import (
+    EXIT_FAILED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    ApiError,
+    Failure,
+    Unreachable,
+)
+from multiverse.core.errors import MultiverseError
 
 _INSTANCES = "multiverse.client.instances"
 _ENVIRONMENTS = "multiverse.client.environments"
@@ -53,10 +61,38 @@ COMMANDS = {
 }
 
 
-@click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__)
-def cli() -> None:
+def _version(_ctx: cmdline.Context, _param: cmdline.Parameter, value: bool) -> None:
+    if value:
+        cmdline.echo(f"multiverse, version {__version__}")
+        raise cmdline.Exit(0)
+
+
+@cmdline.group(name="multiverse", lazy=COMMANDS)
+@cmdline.option("--version", is_flag=True, callback=_version, help="Show the version and exit.")
+def cli(version: bool) -> None:
     """Multiverse: launch and manage virtual machines on many hosts from one place."""
+
+
+def run(command: cmdline.Command, args: list[str] | None = None) -> int:
+    """Run ``command`` on ``args`` (the process's by default) with Multipass's exit codes and
+    messages on stderr; returns the code."""
+    try:
+        result = command.main(sys.argv[1:] if args is None else args, prog_name="multiverse")
+        return result if isinstance(result, int) else 0
+    except cmdline.Exit as exc:
+        return exc.code
+    except cmdline.CommandError as exc:
+        exc.show()
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("\nAborted.\n")
+        return EXIT_USAGE
+    except Unreachable as exc:
+        sys.stderr.write(f"{exc}\nIs the master running? Start one with `multiverse up`.\n")
+        return EXIT_UNREACHABLE
+    except (ApiError, Failure, MultiverseError) as exc:
+        sys.stderr.write(f"{exc}\n")
+        return EXIT_FAILED
 
 
 def main() -> None:

@@ -16,15 +16,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import click
-
+from multiverse.client import cmdline
 from multiverse.client.cli import (
-    EXIT_FAILED,
     format_option,
     labels_option,
     parsed,
     seconds_option,
 )
+from multiverse.client.errors import EXIT_FAILED
 from multiverse.core.errors import MultiverseError
 from multiverse.core.sizes import parse_size
 
@@ -91,7 +90,7 @@ def _serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[No
     try:
         asyncio.run(main())
     except MultiverseError as exc:
-        click.echo(f"error: {exc.message}", err=True)
+        cmdline.echo(f"error: {exc.message}", err=True)
         sys.exit(EXIT_FAILED)
 
 
@@ -121,16 +120,16 @@ def _allowed_driver(name: str) -> str:
     return name
 
 
-data_dir_option = click.option(
+data_dir_option = cmdline.option(
     "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=cmdline.Path(file_okay=False),
     default=default_data_dir,
     show_default="~/.local/share/multiverse",
     help="Where state is kept.",
 )
-sync_option = click.option(
+sync_option = cmdline.option(
     "--sync-interval",
-    type=click.FloatRange(0.1),
+    type=cmdline.FloatRange(0.1),
     default=5.0,
     show_default=True,
     help="Seconds between worker reports when nothing changes.",
@@ -143,73 +142,75 @@ def _certificate_lifetime(seconds: int | None) -> timedelta:
     try:
         return check_lifetime(timedelta(seconds=seconds or 0))
     except MultiverseError as exc:
-        raise click.BadParameter(exc.message) from exc
+        raise cmdline.BadParameter(exc.message) from exc
 
 
-@click.command()
-@click.option("--listen", default="0.0.0.0:1337", show_default=True, help="Cluster gRPC address.")
-@click.option("--advertise", default="", help="Host workers reach the master at (join tokens).")
-@click.option(
+@cmdline.command()
+@cmdline.option("--listen", default="0.0.0.0:1337", show_default=True, help="Cluster gRPC address.")
+@cmdline.option("--advertise", default="", help="Host workers reach the master at (join tokens).")
+@cmdline.option(
     "--max-auth-failures",
-    type=click.IntRange(1),
+    type=cmdline.IntRange(1),
     default=20,
     show_default=True,
     help="Failed API authentications a client may make per minute before it is refused.",
 )
-@click.option(
+@cmdline.option(
     "--insecure-http",
     is_flag=True,
     help="Serve the API over plain HTTP (loopback only: tokens would cross the network in clear).",
 )
-@click.option("--api-listen", default="0.0.0.0:1338", show_default=True, help="REST API address.")
-@click.option(
+@cmdline.option("--api-listen", default="0.0.0.0:1338", show_default=True, help="REST API address.")
+@cmdline.option(
     "--image-rate-limit",
     callback=parsed(parse_size),
     default="0",
     help="Bytes per second each image transfer to a worker may take, e.g. 100M (0: no limit).",
 )
 @data_dir_option
-@click.option("--db", default="", help="SQLAlchemy database URL (default: SQLite in the data dir).")
-@click.option(
+@cmdline.option(
+    "--db", default="", help="SQLAlchemy database URL (default: SQLite in the data dir)."
+)
+@cmdline.option(
     "--node-timeout",
-    type=click.FloatRange(0.5),
+    type=cmdline.FloatRange(0.5),
     default=20.0,
     show_default=True,
     help="Seconds without a report before a node is NotReady.",
 )
-@click.option(
+@cmdline.option(
     "--down-timeout",
-    type=click.FloatRange(1),
+    type=cmdline.FloatRange(1),
     default=120.0,
     show_default=True,
     help="Seconds without a report before a node is Down (its instances then Unknown).",
 )
-@click.option(
+@cmdline.option(
     "--node-cert-ttl",
     callback=lambda ctx, param, value: _certificate_lifetime(seconds_option(ctx, param, value)),
     default="365d",
     show_default=True,
     help="Lifetime of the certificates signed for nodes; they renew at a third left.",
 )
-@click.option(
+@cmdline.option(
     "--network",
     "network_cidr",
     default="",
     help="The cluster network's CIDR, fixed at the first start "
     "(default: 10.77.0.0/16 or another that no route of this host overlaps).",
 )
-@click.option(
+@cmdline.option(
     "--nat/--no-nat",
     default=None,
     help="Masquerade the VMs' outbound traffic on their nodes (default: on).",
 )
-@click.option(
+@cmdline.option(
     "--wheelhouse",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=cmdline.Path(file_okay=False),
     envvar="MULTIVERSE_WHEELHOUSE",
     help="Where `node add` caches the wheels it copies to hosts (default: <data-dir>/wheelhouse).",
 )
-@click.option(
+@cmdline.option(
     "--install-service",
     is_flag=True,
     help="Write a systemd unit that runs this master with these options, enable and start it "
@@ -263,8 +264,8 @@ def master(
 
     async def start() -> None:
         await server.start()
-        click.echo(f"master addr: {listen} / api server addr: {api_listen}, data in {data_dir}")
-        click.echo(
+        cmdline.echo(f"master addr: {listen} / api server addr: {api_listen}, data in {data_dir}")
+        cmdline.echo(
             f"client config: {data_dir / 'client.toml'}; "
             "join workers with a token from `multiverse token create`",
             err=True,
@@ -286,11 +287,11 @@ def _install_master_service() -> None:
     # 0644 as units are; it names no secret (the master's own files hold those).
     write_private(path, master_unit(args).encode(), 0o644)
     if not Path("/run/systemd/system").is_dir():
-        click.echo(f"wrote {path}; systemd does not run here: start `multiverse master` yourself")
+        cmdline.echo(f"wrote {path}; systemd does not run here: start `multiverse master` yourself")
         return
     for command in (["daemon-reload"], ["enable", "--now", "multiverse-master.service"]):
         subprocess.run(["systemctl", *command], check=True)
-    click.echo(f"wrote {path}; multiverse-master.service is enabled and started")
+    cmdline.echo(f"wrote {path}; multiverse-master.service is enabled and started")
 
 
 def _image_dirs() -> list[Path]:
@@ -312,28 +313,28 @@ def _build_test_image(images_dir: Path) -> Path:
 
 def _worker_options(func: Callable[..., None]) -> Callable[..., None]:
     options = [
-        click.option(
+        cmdline.option(
             "--driver",
-            type=click.Choice(["qemu", "firecracker", "multipass", "fake"]),
+            type=cmdline.Choice(["qemu", "firecracker", "multipass", "fake"]),
             callback=parsed(_allowed_driver),
             default="qemu",
             show_default=True,
             help="The hypervisor this host runs.",
         ),
-        click.option(
+        cmdline.option(
             "--capacity",
             callback=_capacity,
             help="What VMs may use, e.g. cpus=8,memory=16G,disk=100G (default: host).",
         ),
-        click.option(
+        cmdline.option(
             "--fake-delay",
-            type=click.FloatRange(0),
+            type=cmdline.FloatRange(0),
             default=0.0,
             help="Seconds each fake VM action takes.",
         ),
-        click.option(
+        cmdline.option(
             "--network-mode",
-            type=click.Choice(["auto", "bridge", "user"]),
+            type=cmdline.Choice(["auto", "bridge", "user"]),
             envvar="MULTIVERSE_NETWORK_MODE",
             default="auto",
             show_default=True,
@@ -341,7 +342,7 @@ def _worker_options(func: Callable[..., None]) -> Callable[..., None]:
             "auto: bridge when this process may build networks.",
         ),
         sync_option,
-        click.option(
+        cmdline.option(
             "--image-cache",
             callback=parsed(parse_size),
             default="20G",
@@ -354,39 +355,39 @@ def _worker_options(func: Callable[..., None]) -> Callable[..., None]:
     return func
 
 
-@click.command()
-@click.option("--master", "master_address", required=True, help="The master's HOST:PORT (1337).")
-@click.option(
+@cmdline.command()
+@cmdline.option("--master", "master_address", required=True, help="The master's HOST:PORT (1337).")
+@cmdline.option(
     "--token",
     envvar="MULTIVERSE_JOIN_TOKEN",
     default="",
     help="Join token (not needed to re-join). Prefer the MULTIVERSE_JOIN_TOKEN variable or "
     "--token-file: an argument is visible to every user in `ps`.",
 )
-@click.option(
+@cmdline.option(
     "--token-file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=cmdline.Path(exists=True, dir_okay=False),
     help="Read the join token from this file.",
 )
-@click.option("--listen", default="0.0.0.0:1339", show_default=True, help="Agent gRPC address.")
-@click.option("--advertise", default="", help="HOST:PORT the master dials (default: as seen).")
-@click.option(
+@cmdline.option("--listen", default="0.0.0.0:1339", show_default=True, help="Agent gRPC address.")
+@cmdline.option("--advertise", default="", help="HOST:PORT the master dials (default: as seen).")
+@cmdline.option(
     "--session-listen",
     default="",
     help="HOST:PORT of the agent's shell endpoint, which CLIs reach straight (default: the "
     "--listen host, a free port; 'off': shells go through the master).",
 )
-@click.option(
+@cmdline.option(
     "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=cmdline.Path(file_okay=False),
     default=lambda: default_data_dir() / "worker",
     show_default="~/.local/share/multiverse/worker",
 )
-@click.option("--name", default=_default_node_name, help="Node name (default: the host name).")
-@click.option("--labels", callback=labels_option, default="", help="Node labels: k=v,...")
-@click.option(
+@cmdline.option("--name", default=_default_node_name, help="Node name (default: the host name).")
+@cmdline.option("--labels", callback=labels_option, default="", help="Node labels: k=v,...")
+@cmdline.option(
     "--simulate",
-    type=click.IntRange(1),
+    type=cmdline.IntRange(1),
     default=None,
     help="Run N hollow nodes over the fake driver instead (scale tests): NAME-0, NAME-1... "
     "in DATA_DIR, agents on the --listen port plus their number (0: free ports); the join "
@@ -416,9 +417,8 @@ def worker(
 
     if token_file is not None:
         token = token_file.read_text().strip()
-    source = click.get_current_context().get_parameter_source("driver")
-    if simulate and driver != "fake" and source != click.core.ParameterSource.DEFAULT:
-        raise click.BadParameter("simulated nodes run the fake driver", param_hint="--driver")
+    if simulate and driver != "fake" and not cmdline.current_context().is_default("driver"):
+        raise cmdline.BadParameter("simulated nodes run the fake driver", param_hint="--driver")
     _logging()
     config = WorkerConfig(
         master=master_address,
@@ -441,11 +441,11 @@ def worker(
         try:
             many = Workers(simulated(config, simulate))
         except MultiverseError as exc:
-            raise click.UsageError(exc.message) from exc
+            raise cmdline.UsageError(exc.message) from exc
 
         async def start_many() -> None:
             identities = await many.start()
-            click.echo(f"joined {len(identities)} simulated nodes as {config.name}-*")
+            cmdline.echo(f"joined {len(identities)} simulated nodes as {config.name}-*")
 
         _serve(start_many, many.stop)
         return
@@ -453,17 +453,17 @@ def worker(
 
     async def start() -> None:
         identity = await server.start()
-        click.echo(f"joined as {identity.name} with uuid {identity.node_id}")
+        cmdline.echo(f"joined as {identity.name} with uuid {identity.node_id}")
 
     _serve(start, server.stop)
 
 
-@click.command()
+@cmdline.command()
 @data_dir_option
-@click.option("--listen", default="127.0.0.1:1337", show_default=True)
-@click.option("--api-listen", default="127.0.0.1:1338", show_default=True)
-@click.option("--agent-listen", default="127.0.0.1:1339", show_default=True)
-@click.option("--detach", is_flag=True, help="Run in the background; `multiverse down` stops it.")
+@cmdline.option("--listen", default="127.0.0.1:1337", show_default=True)
+@cmdline.option("--api-listen", default="127.0.0.1:1338", show_default=True)
+@cmdline.option("--agent-listen", default="127.0.0.1:1339", show_default=True)
+@cmdline.option("--detach", is_flag=True, help="Run in the background; `multiverse down` stops it.")
 @_worker_options
 def up(
     data_dir: Path,
@@ -479,8 +479,7 @@ def up(
     image_cache: int,
 ) -> None:
     """Run a master and a worker for this machine in one process."""
-    source = click.get_current_context().get_parameter_source("network_mode")
-    if source == click.core.ParameterSource.DEFAULT:
+    if cmdline.current_context().is_default("network_mode"):
         # One host needs no overlay, and a quick start should not build a bridge and
         # firewall rules on a machine unasked: user mode unless --network-mode says otherwise.
         network_mode = "user"
@@ -531,7 +530,7 @@ def up(
         )
         identity = await worker_server.start()
         (data_dir / "up.pid").write_text(str(os.getpid()))
-        click.echo(
+        cmdline.echo(
             f"multiverse is up: api {master_server.api_url}, "
             f"node {identity.name} ({driver}), data in {data_dir}"
         )
@@ -556,7 +555,7 @@ def _detach(data_dir: Path) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     pid_file = data_dir / "up.pid"
     if pid_file.exists() and _alive(int(pid_file.read_text())):
-        click.echo(f"multiverse is already up (pid {pid_file.read_text()})")
+        cmdline.echo(f"multiverse is already up (pid {pid_file.read_text()})")
         return
     args = [a for a in sys.argv[1:] if a != "--detach"]
     log = open(data_dir / "multiverse.log", "ab")  # noqa: SIM115  # handed to the child
@@ -571,20 +570,20 @@ def _detach(data_dir: Path) -> None:
     config = data_dir / "client.toml"
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise click.ClickException(f"multiverse up exited; see {data_dir / 'multiverse.log'}")
+            raise cmdline.CommandError(f"multiverse up exited; see {data_dir / 'multiverse.log'}")
         if pid_file.exists() and config.exists():
             client = ClientConfig.from_file(config)
             try:
                 health = f"{client.server}/api/v1/health"
                 httpx.get(health, timeout=2, verify=client.ssl_context()).raise_for_status()
-                click.echo(
+                cmdline.echo(
                     f"multiverse is up (pid {process.pid}); log: {data_dir / 'multiverse.log'}"
                 )
                 return
             except httpx.HTTPError:
                 pass
         time.sleep(0.2)
-    raise click.ClickException(f"multiverse up did not come up; see {data_dir / 'multiverse.log'}")
+    raise cmdline.CommandError(f"multiverse up did not come up; see {data_dir / 'multiverse.log'}")
 
 
 def _alive(pid: int) -> bool:
@@ -595,7 +594,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@click.command()
+@cmdline.command()
 @data_dir_option
 def down(data_dir: Path) -> None:
     """Stop a `multiverse up --detach` (its VMs keep running)."""
@@ -603,16 +602,16 @@ def down(data_dir: Path) -> None:
 
     pid_file = data_dir / "up.pid"
     if not pid_file.exists() or not _alive(pid := int(pid_file.read_text())):
-        click.echo("multiverse is not running")
+        cmdline.echo("multiverse is not running")
         return
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 30
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    click.echo("multiverse is down")
+    cmdline.echo("multiverse is down")
 
 
-@click.group(name="build")
+@cmdline.group(name="build")
 def image_build() -> None:
     """Build a guest image on this host and import it into the master's store."""
 
@@ -639,10 +638,10 @@ def _build_and_import(
             wait_with_progress(client, client.import_image(body), 3600)
         result["imported"] = True
     if fmt == "json":
-        click.echo(json.dumps(result, indent=2))
+        cmdline.echo(json.dumps(result, indent=2))
     else:
         where = "; in the master's store" if import_it else ""
-        click.echo(f"image {name} {digest[:19]} built in {built}{where}")
+        cmdline.echo(f"image {name} {digest[:19]} built in {built}{where}")
 
 
 def _build_debian_image(images_dir: Path) -> Path:
@@ -667,14 +666,14 @@ def _build_debian_image(images_dir: Path) -> Path:
         return build_debian_image(images_dir, step)
 
 
-images_dir_option = click.option(
+images_dir_option = cmdline.option(
     "--images-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=cmdline.Path(file_okay=False),
     help="Where to build (default: <data-dir>/images).",
 )
 
 
-import_option = click.option(
+import_option = cmdline.option(
     "--import/--no-import",
     "import_it",
     default=True,
@@ -706,7 +705,7 @@ def image_build_tiny(data_dir: Path, images_dir: Path | None, import_it: bool, f
     _build_and_import("tiny", _build_test_image, images_dir or data_dir / "images", import_it, fmt)
 
 
-@click.command(name="build-test", hidden=True)
+@cmdline.command(name="build-test", hidden=True)
 @data_dir_option
 @images_dir_option
 def image_build_test(data_dir: Path, images_dir: Path | None) -> None:

@@ -1,11 +1,9 @@
-"""What every ``multiverse`` command shares: how it runs, its client, options and waits.
+"""What the client's commands share: their client, options, output and waits.
 
 The commands themselves live in modules named after what they act on (instances, nodes,
 faults, tokens, images, environments; multiverse.servers for the ones that run a master or a
 worker), and ``multiverse.main`` names where each is: a call imports its own command's module
-only (:class:`LazyGroup`).
-
-Exit codes, as Multipass: 0 ok, 1 usage error, 2 the request failed, 3 the master is unreachable.
+only.
 """
 
 from __future__ import annotations
@@ -13,14 +11,13 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-import click
-
-from multiverse.client.errors import ApiError, Unreachable
+from multiverse.client import cmdline
+from multiverse.client.errors import ApiError, Failure
 from multiverse.client.output import FORMATS
 from multiverse.core.errors import MultiverseError
 from multiverse.core.sizes import format_size
@@ -35,31 +32,6 @@ if TYPE_CHECKING:
 # -m multiverse --version` shows it), and most commands need one or two of them. So are the
 # model's and the network's parsers (their dataclasses, enums and regexes): only the options
 # that parse with them load them.
-
-EXIT_USAGE, EXIT_FAILED, EXIT_UNREACHABLE = 1, 2, 3
-
-
-class LazyGroup(click.Group):
-    """A group whose commands ``lazy`` names by where they are ("module:attribute"), imported
-    when one is called or help lists them. Click builds every command and option of a module
-    at its import: with all of them loaded at each start, ~15% of a `--version` (117 ms
-    against 99) went to building the ~120 commands and options it did not run."""
-
-    def __init__(self, *args: Any, lazy: Mapping[str, str] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.lazy = dict(lazy or {})
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *self.lazy})
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name not in self.commands and cmd_name in self.lazy:
-            module, _, attribute = self.lazy[cmd_name].partition(":")
-            # __import__, not importlib.import_module: the statement's path, which
-            # `python -X importtime` reports (it does not see importlib's).
-            __import__(module)
-            self.add_command(getattr(sys.modules[module], attribute), cmd_name)
-        return super().get_command(ctx, cmd_name)
 
 
 @functools.cache
@@ -81,10 +53,6 @@ class _LazyConsole:
 stderr = cast("Console", _LazyConsole())
 
 
-class Failure(Exception):
-    """The request went through but did not end as asked (e.g. a launch ended Failed)."""
-
-
 def api_client() -> ApiClient:
     from multiverse.client.config import ClientConfig
     from multiverse.client.http import ApiClient
@@ -92,19 +60,19 @@ def api_client() -> ApiClient:
     try:
         config = ClientConfig.load()
     except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
+        raise cmdline.UsageError(str(exc)) from exc
     if not config.server:
-        raise click.UsageError(
+        raise cmdline.UsageError(
             f"no master configured ({config.source} not found): start one with `multiverse up`, "
             "or set MULTIVERSE_SERVER and MULTIVERSE_TOKEN"
         )
     return ApiClient(config.server, config.token, verify=config.ssl_context())
 
 
-format_option = click.option(
+format_option = cmdline.option(
     "--format",
     "fmt",
-    type=click.Choice(FORMATS),
+    type=cmdline.Choice(FORMATS),
     default="table",
     show_default=True,
     help="Output format.",
@@ -123,7 +91,7 @@ def ago(stamp: str | None) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-label_filter = click.option(
+label_filter = cmdline.option(
     "--labels", "label", default="", help="Only those with these labels: k=v,..."
 )
 
@@ -133,17 +101,17 @@ T = TypeVar("T")
 
 def parsed(
     parse: Callable[[str], T],
-) -> Callable[[click.Context, click.Parameter, str | None], T | None]:
+) -> Callable[[cmdline.Context, cmdline.Parameter, str | None], T | None]:
     """A click callback that runs ``parse`` on an option's text: our validation errors become
     usage errors (exit code 1) naming the option."""
 
-    def callback(_ctx: click.Context, _param: click.Parameter, value: str | None) -> T | None:
+    def callback(_ctx: cmdline.Context, _param: cmdline.Parameter, value: str | None) -> T | None:
         if value is None:
             return None
         try:
             return parse(value)
         except MultiverseError as exc:
-            raise click.BadParameter(exc.message) from exc
+            raise cmdline.BadParameter(exc.message) from exc
 
     return callback
 
@@ -211,10 +179,10 @@ def _move_progress(progress: dict[str, Any]) -> str:
 
 
 wait_options = [
-    click.option("--no-wait", is_flag=True, help="Return at once instead of waiting."),
-    click.option(
+    cmdline.option("--no-wait", is_flag=True, help="Return at once instead of waiting."),
+    cmdline.option(
         "--timeout",
-        type=click.FloatRange(1),
+        type=cmdline.FloatRange(1),
         default=600,
         show_default=True,
         help="Seconds to wait.",
@@ -228,7 +196,9 @@ def with_wait(func: Callable[..., None]) -> Callable[..., None]:
     return func
 
 
-def seconds_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+def seconds_option(
+    _ctx: cmdline.Context, _param: cmdline.Parameter, value: str | None
+) -> int | None:
     """A click callback: a duration's text (30m, 1h, 7d, or plain seconds) in seconds."""
     if value is None:
         return None
@@ -237,30 +207,5 @@ def seconds_option(_ctx: click.Context, _param: click.Parameter, value: str | No
     if unit.isdigit():
         number, unit = value, "s"
     if not number.isdigit() or unit not in units or int(number) == 0:
-        raise click.BadParameter(f"invalid duration {value!r}: use e.g. 30m, 1h, 7d")
+        raise cmdline.BadParameter(f"invalid duration {value!r}: use e.g. 30m, 1h, 7d")
     return int(number) * units[unit]
-
-
-def run(group: click.Group, args: Sequence[str] | None = None) -> int:
-    """Run ``group`` with Multipass's exit codes and messages on stderr; returns the code."""
-    try:
-        result = group.main(args=args, prog_name="multiverse", standalone_mode=False)
-        return result if isinstance(result, int) else 0
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return EXIT_USAGE
-    except click.Abort:
-        stderr.print("Aborted.")
-        return EXIT_USAGE
-    except Unreachable as exc:
-        stderr.print(
-            f"{exc}\nIs the master running? Start one with `multiverse up`.",
-            highlight=False,
-            markup=False,
-        )
-        return EXIT_UNREACHABLE
-    except (ApiError, Failure, MultiverseError) as exc:
-        stderr.print(str(exc), highlight=False, markup=False)
-        return EXIT_FAILED

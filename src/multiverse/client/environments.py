@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import click
-
-from multiverse.client.cli import Failure, api_client, format_option, stderr_console, with_wait
+from multiverse.client import cmdline
+from multiverse.client.cli import api_client, format_option, stderr_console, with_wait
+from multiverse.client.errors import Failure
 from multiverse.client.instances import INSTANCE_COLUMNS
 from multiverse.client.output import Column, render, render_one
 from multiverse.core.errors import MultiverseError
@@ -27,18 +27,18 @@ if TYPE_CHECKING:  # rich, the HTTP client and the fault model: loaded by the co
 
 __all__ = ["apply", "diff", "envs", "get"]
 
-file_option = click.option(
+file_option = cmdline.option(
     "-f",
     "--file",
     "path",
     required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=cmdline.Path(exists=True, dir_okay=False),
     help="The environment file (YAML).",
 )
-prune_option = click.option(
+prune_option = cmdline.option(
     "--prune", is_flag=True, help="Delete the environment's instances the file no longer lists."
 )
-recreate_option = click.option(
+recreate_option = cmdline.option(
     "--recreate",
     is_flag=True,
     help="Delete and re-create instances whose size, image or cloud-init changed.",
@@ -57,20 +57,20 @@ def read_environment(path: Path) -> EnvironmentSpec:
     try:
         return parse_yaml(path.read_text(), str(path), read)
     except MultiverseError as exc:
-        raise click.ClickException(exc.message) from exc
+        raise cmdline.CommandError(exc.message) from exc
 
 
 def _show_plan(answer: dict[str, Any]) -> None:
     for action in answer["actions"]:
         detail = f" ({action['detail']})" if action["detail"] else ""
-        click.echo(f"{SYMBOLS[action['action']]} {action['action']} {action['name']}{detail}")
+        cmdline.echo(f"{SYMBOLS[action['action']]} {action['action']} {action['name']}{detail}")
     if answer["kept"]:
-        click.echo(f"  kept, not in the file (--prune deletes them): {', '.join(answer['kept'])}")
+        cmdline.echo(f"  kept, not in the file (--prune deletes them): {', '.join(answer['kept'])}")
     if not answer["actions"]:
-        click.echo(f"environment {answer['name']}: nothing to do")
+        cmdline.echo(f"environment {answer['name']}: nothing to do")
 
 
-@click.command()
+@cmdline.command()
 @file_option
 @prune_option
 @recreate_option
@@ -83,7 +83,7 @@ def diff(path: Path, prune: bool, recreate: bool) -> None:
     _show_plan(answer)
 
 
-@click.command()
+@cmdline.command()
 @file_option
 @prune_option
 @recreate_option
@@ -100,11 +100,11 @@ def apply(path: Path, prune: bool, recreate: bool, no_wait: bool, timeout: float
     answer = client.apply_environment(spec.document, prune=prune, recreate=recreate)
     _show_plan(answer)
     if no_wait:
-        click.echo(answer["operation"])
+        cmdline.echo(answer["operation"])
         return
     names = [member.name for member in spec.members]
     _follow(client, answer["operation"], spec.name, names, timeout)
-    click.echo(f"environment {spec.name}: {len(names)} instances as the file says")
+    cmdline.echo(f"environment {spec.name}: {len(names)} instances as the file says")
     if spec.faults:
         _run_schedule(client, spec.faults)
 
@@ -121,15 +121,17 @@ def _run_schedule(client: ApiClient, schedule: tuple[ScheduledFault, ...]) -> No
     for item in schedule:
         time.sleep(max(0.0, started + item.at - time.monotonic()))
         fault = client.add_fault(dict(item.body))
-        click.echo(f"{stamp()} fault {fault['id']} applied: {item.describe()}")
+        cmdline.echo(f"{stamp()} fault {fault['id']} applied: {item.describe()}")
         if item.body.get("duration"):
             timed.add(str(fault["id"]))
         else:
-            click.echo(f"{'':8} (no duration: heal it with `multiverse fault heal {fault['id']}`)")
+            cmdline.echo(
+                f"{'':8} (no duration: heal it with `multiverse fault heal {fault['id']}`)"
+            )
     while timed:
         in_force = {str(f["id"]) for f in client.faults()}
         for fault_id in sorted(timed - in_force):
-            click.echo(f"{stamp()} fault {fault_id} healed")
+            cmdline.echo(f"{stamp()} fault {fault_id} healed")
         timed &= in_force
         if timed:
             time.sleep(0.5)
@@ -172,25 +174,25 @@ ENV_COLUMNS = [
 ]
 
 
-@click.command()
+@cmdline.command()
 @format_option
 def envs(fmt: str) -> None:
     """List environments (instances made by `apply`) with their instances."""
-    click.echo(render(api_client().environments(), ENV_COLUMNS, fmt))
+    cmdline.echo(render(api_client().environments(), ENV_COLUMNS, fmt))
 
 
-@click.group()
+@cmdline.group()
 def get() -> None:
     """Show one object, as kubectl get."""
 
 
 @get.command(name="env")
-@click.argument("name")
+@cmdline.argument("name")
 @format_option
 def get_env(name: str, fmt: str) -> None:
     """An environment's instances."""
     environment = api_client().environment(name)
     if fmt in ("json", "yaml"):
-        click.echo(render_one(environment, ENV_COLUMNS, fmt))
+        cmdline.echo(render_one(environment, ENV_COLUMNS, fmt))
     else:
-        click.echo(render(environment["instances"], INSTANCE_COLUMNS, fmt))
+        cmdline.echo(render(environment["instances"], INSTANCE_COLUMNS, fmt))

@@ -6,6 +6,9 @@ TLS: commands that never reach the master (``--version``, ``--help``) should not
 
 from __future__ import annotations
 
+# Exit codes, as Multipass: 0 ok, 1 usage error, 2 the request failed, 3 the master is unreachable.
+EXIT_USAGE, EXIT_FAILED, EXIT_UNREACHABLE = 1, 2, 3
+
 
 class ApiError(Exception):
     """The master answered with an error (4xx/5xx and its JSON error body)."""
@@ -19,3 +22,7 @@ class ApiError(Exception):
 
 class Unreachable(Exception):
     """No answer from the master at all."""
+
+
+class Failure(Exception):
+    """The request went through but did not end as asked (e.g. a launch ended Failed)."""

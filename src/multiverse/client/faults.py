@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import click
-
+from multiverse.client import cmdline
 from multiverse.client.cli import ago, api_client, format_option
 from multiverse.client.output import Column, render, render_one
 
@@ -21,36 +20,36 @@ FAULT_COLUMNS = [
 ]
 
 
-@click.group()
+@cmdline.group()
 def fault() -> None:
     """Inject faults from outside the guests: partitions, slow links, pauses, kills..."""
 
 
 def _fault(fmt: str, body: dict[str, Any]) -> None:
-    click.echo(render_one(api_client().add_fault(body), FAULT_COLUMNS, fmt))
+    cmdline.echo(render_one(api_client().add_fault(body), FAULT_COLUMNS, fmt))
 
 
-_fault_duration = click.option("--duration", help="Heal by itself after this long (30s, 2m).")
+_fault_duration = cmdline.option("--duration", help="Heal by itself after this long (30s, 2m).")
 
 
 def _split(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
-_fault_env = click.option("--env", help="Every instance of this environment (as env:NAME).")
+_fault_env = cmdline.option("--env", help="Every instance of this environment (as env:NAME).")
 
 
 def _fault_targets(name: str | None, env: str | None) -> list[str]:
     """NAME (an instance, env:NAME or KEY=VALUE) or --env, exactly one of them."""
     if bool(name) == bool(env):
-        raise click.UsageError("give an instance (or env:NAME, KEY=VALUE) or --env NAME")
+        raise cmdline.UsageError("give an instance (or env:NAME, KEY=VALUE) or --env NAME")
     return [name] if name else [f"env:{env}"]
 
 
 @fault.command(name="partition")
-@click.argument("sides", nargs=-1, required=True)
-@click.option("--one-way", is_flag=True, help="Cut only the first side's traffic to the second.")
-@click.option("--env", help="With one side only: the other side is the rest of this environment.")
+@cmdline.argument("sides", nargs=-1, required=True)
+@cmdline.option("--one-way", is_flag=True, help="Cut only the first side's traffic to the second.")
+@cmdline.option("--env", help="With one side only: the other side is the rest of this environment.")
 @_fault_duration
 @format_option
 def fault_partition(
@@ -64,21 +63,23 @@ def fault_partition(
     if env is not None and "/" not in text:
         text += f" / env:{env}"
     elif env is not None or text.count("/") != 1:
-        raise click.UsageError("give two sides separated by /: partition a,b / c,d (or a --env E)")
+        raise cmdline.UsageError(
+            "give two sides separated by /: partition a,b / c,d (or a --env E)"
+        )
     left, right = text.split("/")
     _fault(fmt, {"kind": "partition", "targets": _split(left), "peers": _split(right),
                  "one_way": one_way, "duration": duration})  # fmt: skip
 
 
 @fault.command(name="link")
-@click.argument("name")
-@click.option("--to", "to", default="", help="Instances at the other end (default: all).")
-@click.option("--delay", help="e.g. 100ms")
-@click.option("--jitter", help="e.g. 20ms (with --delay)")
-@click.option("--loss", help="e.g. 5%")
-@click.option("--duplicate", help="e.g. 1%")
-@click.option("--reorder", help="e.g. 10% (with --delay)")
-@click.option("--rate", help="e.g. 1mbit")
+@cmdline.argument("name")
+@cmdline.option("--to", "to", default="", help="Instances at the other end (default: all).")
+@cmdline.option("--delay", help="e.g. 100ms")
+@cmdline.option("--jitter", help="e.g. 20ms (with --delay)")
+@cmdline.option("--loss", help="e.g. 5%")
+@cmdline.option("--duplicate", help="e.g. 1%")
+@cmdline.option("--reorder", help="e.g. 10% (with --delay)")
+@cmdline.option("--rate", help="e.g. 1mbit")
 @_fault_duration
 @format_option
 def fault_link(name: str, to: str, duration: str | None, fmt: str, **params: str | None) -> None:
@@ -93,7 +94,7 @@ _SELECTED = "NAME may also be env:ENV or KEY=VALUE: every instance they match."
 
 def _single(kind: str, doc: str) -> None:
     @fault.command(name=kind, help=f"{doc}\n\n{_SELECTED}")
-    @click.argument("name", required=False)
+    @cmdline.argument("name", required=False)
     @_fault_env
     @_fault_duration
     @format_option
@@ -107,10 +108,10 @@ _single("reboot", "Reset NAME hard, as the reset button.")
 
 
 @fault.command(name="clock")
-@click.argument("name", required=False)
+@cmdline.argument("name", required=False)
 @_fault_env
-@click.option("--skew", help="Step the guest's clock, e.g. +5s or -2m.")
-@click.option("--drift", help="Run the guest's clock fast or slow, e.g. 100ppm or -50ppm.")
+@cmdline.option("--skew", help="Step the guest's clock, e.g. +5s or -2m.")
+@cmdline.option("--drift", help="Run the guest's clock fast or slow, e.g. 100ppm or -50ppm.")
 @_fault_duration
 @format_option
 def fault_clock(
@@ -128,10 +129,10 @@ def fault_clock(
 
 
 @fault.command(name="disk")
-@click.argument("name", required=False)
+@cmdline.argument("name", required=False)
 @_fault_env
-@click.option("--full", is_flag=True, help="Fill the data disk to the brim.")
-@click.option("--slow", help="Throttle the data disk to one I/O per this long, e.g. 10ms.")
+@cmdline.option("--full", is_flag=True, help="Fill the data disk to the brim.")
+@cmdline.option("--slow", help="Throttle the data disk to one I/O per this long, e.g. 10ms.")
 @_fault_duration
 @format_option
 def fault_disk(
@@ -152,15 +153,15 @@ def fault_disk(
 @format_option
 def fault_list(fmt: str) -> None:
     """The faults in force."""
-    click.echo(render(api_client().faults(), FAULT_COLUMNS, fmt))
+    cmdline.echo(render(api_client().faults(), FAULT_COLUMNS, fmt))
 
 
 @fault.command(name="heal")
-@click.argument("fault_id", required=False)
-@click.option("--all", "all_", is_flag=True, help="Heal every fault.")
+@cmdline.argument("fault_id", required=False)
+@cmdline.option("--all", "all_", is_flag=True, help="Heal every fault.")
 @format_option
 def fault_heal(fault_id: str | None, all_: bool, fmt: str) -> None:
     """Heal one fault by its id, or all of them."""
     if bool(fault_id) == all_:
-        raise click.UsageError("give a fault ID or --all")
-    click.echo(render(api_client().heal_fault(None if all_ else fault_id), FAULT_COLUMNS, fmt))
+        raise cmdline.UsageError("give a fault ID or --all")
+    cmdline.echo(render(api_client().heal_fault(None if all_ else fault_id), FAULT_COLUMNS, fmt))

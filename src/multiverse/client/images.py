@@ -9,9 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import click
-
-from multiverse.client.cli import Failure, LazyGroup, api_client, format_option, stderr_console
+from multiverse.client import cmdline
+from multiverse.client.cli import api_client, format_option, stderr_console
+from multiverse.client.errors import Failure
 from multiverse.client.output import Column, render
 from multiverse.core.sizes import format_size
 
@@ -28,11 +28,11 @@ IMAGE_COLUMNS = [
 ]
 
 
-@click.command()
+@cmdline.command()
 @format_option
 def images(fmt: str) -> None:
     """List the images the nodes can boot (launch's default is tiny)."""
-    click.echo(render(api_client().images(), IMAGE_COLUMNS, fmt))
+    cmdline.echo(render(api_client().images(), IMAGE_COLUMNS, fmt))
 
 
 STORED_IMAGE_COLUMNS = [
@@ -47,8 +47,7 @@ STORED_IMAGE_COLUMNS = [
 
 # `image build` makes a guest here, which is the servers' side (multiverse.servers); its
 # module is loaded only by a call of it (or help).
-@click.group(
-    cls=LazyGroup,
+@cmdline.group(
     lazy={
         "build": "multiverse.servers:image_build",
         "build-test": "multiverse.servers:image_build_test",
@@ -129,13 +128,13 @@ def upload_files(client: ApiClient, files: dict[str, Path]) -> dict[str, str]:
 
 
 @image.command(name="import")
-@click.argument("source")
-@click.option("--name", "name", required=True, help="The image's name.")
-@click.option("--alias", "aliases", multiple=True, help="Another name for it (repeatable).")
-@click.option("--sha256", default="", help="A URL's expected sha256 (required with a URL).")
-@click.option("--size", "rootfs_size", default="2G", show_default=True,
+@cmdline.argument("source")
+@cmdline.option("--name", "name", required=True, help="The image's name.")
+@cmdline.option("--alias", "aliases", multiple=True, help="Another name for it (repeatable).")
+@cmdline.option("--sha256", default="", help="A URL's expected sha256 (required with a URL).")
+@cmdline.option("--size", "rootfs_size", default="2G", show_default=True,
               help="An OCI layout's ext4 root file system size.")  # fmt: skip
-@click.option("--timeout", type=click.FloatRange(1), default=3600, show_default=True)
+@cmdline.option("--timeout", type=cmdline.FloatRange(1), default=3600, show_default=True)
 @format_option
 def image_import(
     source: str,
@@ -153,12 +152,12 @@ def image_import(
     body: dict[str, Any] = {"name": name, "aliases": list(aliases), "rootfs_size": rootfs_size}
     if source.startswith(("https://", "http://")):
         if not sha256:
-            raise click.UsageError("a URL needs --sha256, so that what arrives can be checked")
+            raise cmdline.UsageError("a URL needs --sha256, so that what arrives can be checked")
         body.update(url=source, sha256=sha256)
     else:
         path = Path(source)
         if not path.exists():
-            raise click.UsageError(f"{source} does not exist")
+            raise cmdline.UsageError(f"{source} does not exist")
         if path.is_dir():
             files = {
                 str(item.relative_to(path)): item
@@ -170,39 +169,39 @@ def image_import(
         body["files"] = upload_files(client, files)
     operation = client.import_image(body)
     result = wait_with_progress(client, operation, timeout)
-    click.echo(render([result], STORED_IMAGE_COLUMNS, fmt))
+    cmdline.echo(render([result], STORED_IMAGE_COLUMNS, fmt))
 
 
 @image.command(name="list")
 @format_option
 def image_list(fmt: str) -> None:
     """The images of the master's store, and the nodes whose caches hold each."""
-    click.echo(render(api_client().stored_images(), STORED_IMAGE_COLUMNS, fmt))
+    cmdline.echo(render(api_client().stored_images(), STORED_IMAGE_COLUMNS, fmt))
 
 
 @image.command(name="delete")
-@click.argument("name")
+@cmdline.argument("name")
 @format_option
 def image_delete(name: str, fmt: str) -> None:
     """Delete an image from the store (refused while an instance uses it)."""
     deleted = api_client().delete_image(name)
-    click.echo(f"deleted {deleted['name']}" if fmt == "table" else render([deleted], [], fmt))
+    cmdline.echo(f"deleted {deleted['name']}" if fmt == "table" else render([deleted], [], fmt))
 
 
 @image.command(name="pull")
-@click.argument("name")
-@click.option("--node", "nodes", multiple=True, help="A node to pull to (repeatable).")
-@click.option("--all", "all_", is_flag=True, help="Every Ready node.")
-@click.option("--timeout", type=click.FloatRange(1), default=3600, show_default=True)
+@cmdline.argument("name")
+@cmdline.option("--node", "nodes", multiple=True, help="A node to pull to (repeatable).")
+@cmdline.option("--all", "all_", is_flag=True, help="Every Ready node.")
+@cmdline.option("--timeout", type=cmdline.FloatRange(1), default=3600, show_default=True)
 @format_option
 def image_pull(name: str, nodes: tuple[str, ...], all_: bool, timeout: float, fmt: str) -> None:
     """Warm nodes' image caches with NAME ahead of launches."""
     if not nodes and not all_:
-        raise click.UsageError("name a node with --node, or use --all")
+        raise cmdline.UsageError("name a node with --node, or use --all")
     client = api_client()
     operation = client.pull_image(name, list(nodes), all_)
     result = wait_with_progress(client, operation, timeout)
     if fmt == "table":
-        click.echo(f"pulled {result['image']} to {', '.join(result['nodes'])}")
+        cmdline.echo(f"pulled {result['image']} to {', '.join(result['nodes'])}")
     else:
-        click.echo(render([result], [], fmt))
+        cmdline.echo(render([result], [], fmt))

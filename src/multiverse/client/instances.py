@@ -9,11 +9,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import click
-
+from multiverse.client import cmdline
 from multiverse.client.cli import (
-    EXIT_FAILED,
-    Failure,
     api_client,
     format_option,
     label_filter,
@@ -23,7 +20,7 @@ from multiverse.client.cli import (
     wait_for,
     with_wait,
 )
-from multiverse.client.errors import ApiError
+from multiverse.client.errors import EXIT_FAILED, ApiError, Failure
 from multiverse.client.output import Column, render
 from multiverse.core.errors import MultiverseError
 from multiverse.core.sizes import format_size, parse_size
@@ -61,26 +58,26 @@ INFO_COLUMNS = [
 ]
 
 
-@click.command(name="instances")
-@click.option("--node", default="", help="Only those on this node.")
-@click.option("--state", default="", help="Only those in this state (Running, Stopped...).")
+@cmdline.command(name="instances")
+@cmdline.option("--node", default="", help="Only those on this node.")
+@cmdline.option("--state", default="", help="Only those in this state (Running, Stopped...).")
 @label_filter
-@click.option("--env", help="Only the instances of this environment (see `apply`).")
+@cmdline.option("--env", help="Only the instances of this environment (see `apply`).")
 @format_option
 def instances_(node: str, state: str, label: str, env: str | None, fmt: str) -> None:
     """List instances (aliases: list, ls)."""
     listed = api_client().instances(node=node, state=state, label=label, env=env)
-    click.echo(render(listed, INSTANCE_COLUMNS, fmt))
+    cmdline.echo(render(listed, INSTANCE_COLUMNS, fmt))
 
 
-@click.command()
-@click.argument("names", nargs=-1)
-@click.option("--all", "all_", is_flag=True, help="All instances (the default with no NAME).")
+@cmdline.command()
+@cmdline.argument("names", nargs=-1)
+@cmdline.option("--all", "all_", is_flag=True, help="All instances (the default with no NAME).")
 @format_option
 def info(names: tuple[str, ...], all_: bool, fmt: str) -> None:
     """Show load, memory and disk from inside instances."""
     found = api_client().info(list(names) if names and not all_ else None)
-    click.echo(render(found, INFO_COLUMNS, fmt))
+    cmdline.echo(render(found, INFO_COLUMNS, fmt))
 
 
 _size = parsed(parse_size)
@@ -92,44 +89,44 @@ def _publish(text: str) -> str:
     try:
         return str(parse_publish(text))
     except MultiverseError as exc:
-        raise click.BadParameter(exc.message, param_hint="'--publish'") from exc
+        raise cmdline.BadParameter(exc.message, param_hint="'--publish'") from exc
 
 
-@click.command()
-@click.argument("image", required=False)
-@click.option("-n", "--name", help="Instance name (default: a generated one).")
-@click.option("-c", "--cpus", type=click.IntRange(1), default=1, show_default=True)
-@click.option(
+@cmdline.command()
+@cmdline.argument("image", required=False)
+@cmdline.option("-n", "--name", help="Instance name (default: a generated one).")
+@cmdline.option("-c", "--cpus", type=cmdline.IntRange(1), default=1, show_default=True)
+@cmdline.option(
     "-m", "--memory", callback=_size, default="1G", show_default=True, help="Memory, e.g. 512M, 2G."
 )
-@click.option(
+@cmdline.option(
     "-d", "--disk", callback=_size, default="5G", show_default=True, help="Disk, e.g. 10G."
 )
-@click.option("--node", help="Put it on this node.")
-@click.option(
+@cmdline.option("--node", help="Put it on this node.")
+@cmdline.option(
     "--selector",
     callback=labels_option,
     default="",
     help="Only on nodes with these labels: k=v,...",
 )
-@click.option(
+@cmdline.option(
     "--labels", "labels", callback=labels_option, default="", help="Labels of the instance: k=v,..."
 )
-@click.option(
-    "--strategy", type=click.Choice(["spread", "binpack"]), default="spread", show_default=True
+@cmdline.option(
+    "--strategy", type=cmdline.Choice(["spread", "binpack"]), default="spread", show_default=True
 )
-@click.option(
+@cmdline.option(
     "--cloud-init",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=cmdline.Path(exists=True, dir_okay=False),
     help="User-data file for the guest.",
 )
-@click.option("--ip", default="", help="A free address of the cluster network for it.")
-@click.option(
+@cmdline.option("--ip", default="", help="A free address of the cluster network for it.")
+@cmdline.option(
     "--count",
-    type=click.IntRange(1),
+    type=cmdline.IntRange(1),
     help="Launch this many, named from {n} in --name (web-{n}: web-1, web-2, ...).",
 )
-@click.option(
+@cmdline.option(
     "--publish",
     "-p",
     multiple=True,
@@ -188,9 +185,9 @@ def launch(
         wait_for(client, item["operation"], timeout, f"Launching {item['name']}", item["name"])
         item = client.instance(item["name"])
     if fmt == "table":
-        click.echo(f"Launched: {item['name']} on {item['node']} ({item['state']})")
+        cmdline.echo(f"Launched: {item['name']} on {item['node']} ({item['state']})")
     else:
-        click.echo(render([item], INSTANCE_COLUMNS, fmt))
+        cmdline.echo(render([item], INSTANCE_COLUMNS, fmt))
 
 
 def _launch_many(
@@ -201,15 +198,15 @@ def _launch_many(
         wait_for(client, launched["operation"], timeout, f"Launching {len(items)} instances")
         items = client.info([item["name"] for item in items])  # each node asked once
     if fmt == "table":
-        click.echo(f"Launched {len(items)} instances:")
-    click.echo(render(items, INSTANCE_COLUMNS, fmt))
+        cmdline.echo(f"Launched {len(items)} instances:")
+    cmdline.echo(render(items, INSTANCE_COLUMNS, fmt))
 
 
 def _targets(names: tuple[str, ...], all_: bool, client: ApiClient) -> list[str]:
     if all_:
         return [item["name"] for item in client.instances()]
     if not names:
-        raise click.UsageError("name at least one instance, or use --all")
+        raise cmdline.UsageError("name at least one instance, or use --all")
     return list(names)
 
 
@@ -232,7 +229,7 @@ def _act(
             started = call(client, name)
             if wait is not None:
                 wait_for(client, started["operation"], wait, f"{gerund} {name}", name)
-            click.echo(f"{past} {name}")
+            cmdline.echo(f"{past} {name}")
         except (ApiError, Failure) as exc:
             stderr.print(f"{name}: {exc}", highlight=False, markup=False)
             failures += 1
@@ -242,11 +239,11 @@ def _act(
 
 def _names(func: Callable[..., None]) -> Callable[..., None]:
     func = with_wait(func)
-    func = click.option("--all", "all_", is_flag=True, help="Every instance.")(func)
-    return click.argument("names", nargs=-1)(func)
+    func = cmdline.option("--all", "all_", is_flag=True, help="Every instance.")(func)
+    return cmdline.argument("names", nargs=-1)(func)
 
 
-@click.command()
+@cmdline.command()
 @_names
 def start(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float) -> None:
     """Start instances; waits until they are Running."""
@@ -260,9 +257,9 @@ def start(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float) -> 
     )
 
 
-@click.command()
+@cmdline.command()
 @_names
-@click.option("--force", is_flag=True, help="Power off at once, no clean shutdown.")
+@cmdline.option("--force", is_flag=True, help="Power off at once, no clean shutdown.")
 def stop(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float, force: bool) -> None:
     """Stop instances; waits until they are Stopped."""
     _act(
@@ -275,7 +272,7 @@ def stop(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float, forc
     )
 
 
-@click.command()
+@cmdline.command()
 @_names
 def restart(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float) -> None:
     """Restart instances; waits until they are Running again."""
@@ -289,13 +286,13 @@ def restart(names: tuple[str, ...], all_: bool, no_wait: bool, timeout: float) -
     )
 
 
-@click.command()
+@cmdline.command()
 @_names
-@click.option(
+@cmdline.option(
     "-f",
     "--file",
     "path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=cmdline.Path(exists=True, dir_okay=False),
     help="Delete the environment this file describes (see `apply`), all of it.",
 )
 def delete(
@@ -304,7 +301,7 @@ def delete(
     """Delete instances and everything they own; waits until they are gone."""
     if path is not None:
         if names or all_:
-            raise click.UsageError("give instance names or -f FILE, not both")
+            raise cmdline.UsageError("give instance names or -f FILE, not both")
         from multiverse.client.environments import read_environment
 
         _delete_environment(read_environment(path).name, no_wait, timeout)
@@ -325,7 +322,7 @@ def _delete_environment(name: str, no_wait: bool, timeout: float) -> None:
     if not no_wait:
         wait_for(client, started["operation"], timeout, f"Deleting environment {name}")
     gone = ", ".join(item["name"] for item in started["instances"])
-    click.echo(f"Deleted environment {name}: {gone}")
+    cmdline.echo(f"Deleted environment {name}: {gone}")
 
 
 def _attach(name: str, command: Sequence[str], want_tty: bool) -> None:
@@ -337,8 +334,8 @@ def _attach(name: str, command: Sequence[str], want_tty: bool) -> None:
     sys.exit(asyncio.run(attach(client, name, command, want_tty)))
 
 
-@click.command()
-@click.argument("name", default="primary")
+@cmdline.command()
+@cmdline.argument("name", default="primary")
 def shell(name: str) -> None:
     """Open a shell in an instance (default: primary), like `multipass shell`.
 
@@ -348,10 +345,10 @@ def shell(name: str) -> None:
     _attach(name, [], sys.stdin.isatty())
 
 
-@click.command(name="exec", context_settings={"ignore_unknown_options": True})
-@click.option("-t", "--tty", "want_tty", is_flag=True, help="Run the command on a terminal.")
-@click.argument("name")
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@cmdline.command(name="exec", ignore_unknown_options=True)
+@cmdline.option("-t", "--tty", "want_tty", is_flag=True, help="Run the command on a terminal.")
+@cmdline.argument("name")
+@cmdline.argument("command", nargs=-1, required=True)
 def exec_(want_tty: bool, name: str, command: tuple[str, ...]) -> None:
     """Run a command in an instance: multiverse exec NAME -- CMD ARGS.
 
@@ -372,7 +369,7 @@ def exec_(want_tty: bool, name: str, command: tuple[str, ...]) -> None:
     sys.exit(code)
 
 
-@click.command()
+@cmdline.command()
 def events() -> None:
     """Stream lifecycle events as JSON lines until interrupted."""
     import asyncio
@@ -384,10 +381,10 @@ def events() -> None:
         sys.exit(asyncio.run(follow_events(client)))
 
 
-@click.command()
-@click.argument("name")
-@click.option("--node", "target", required=True, help="The node to move the instance to.")
-@click.option(
+@cmdline.command()
+@cmdline.argument("name")
+@cmdline.option("--node", "target", required=True, help="The node to move the instance to.")
+@cmdline.option(
     "--live/--cold",
     default=False,
     help="Keep it running while it moves (QEMU), or stop, copy its disk and start it there.",
@@ -398,14 +395,14 @@ def move(name: str, target: str, live: bool, no_wait: bool, timeout: float) -> N
     client = api_client()
     answer = client.move(name, target, "live" if live else "cold")
     if no_wait:
-        click.echo(answer["operation"])
+        cmdline.echo(answer["operation"])
         return
     wait_for(client, answer["operation"], timeout, f"Moving {name} to {target}")
-    click.echo(f"Moved {name} to {target}")
+    cmdline.echo(f"Moved {name} to {target}")
 
 
-@click.command()
-@click.argument("name")
+@cmdline.command()
+@cmdline.argument("name")
 def logs(name: str) -> None:
     """Print an instance's console log."""
-    click.echo(api_client().logs(name), nl=False)
+    cmdline.echo(api_client().logs(name), nl=False)

@@ -8,8 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import click
-
+from multiverse.client import cmdline
 from multiverse.client.cli import (
     ago,
     api_client,
@@ -62,19 +61,19 @@ MASTER_COLUMNS = [
 ]
 
 
-@click.command()
+@cmdline.command()
 @format_option
 def masters(fmt: str) -> None:
     """List the masters serving the cluster, and which one leads."""
-    click.echo(render(api_client().masters(), MASTER_COLUMNS, fmt))
+    cmdline.echo(render(api_client().masters(), MASTER_COLUMNS, fmt))
 
 
-@click.command()
+@cmdline.command()
 @label_filter
 @format_option
 def nodes(label: str, fmt: str) -> None:
     """List the cluster's nodes."""
-    click.echo(render(api_client().nodes(label=label), NODE_COLUMNS, fmt))
+    cmdline.echo(render(api_client().nodes(label=label), NODE_COLUMNS, fmt))
 
 
 NETWORK_NODE_COLUMNS = [
@@ -85,44 +84,44 @@ NETWORK_NODE_COLUMNS = [
 ]
 
 
-@click.command()
+@cmdline.command()
 @format_option
 def network(fmt: str) -> None:
     """Show the cluster network: its CIDR, how much of it is leased, each node's VTEP."""
     body = api_client().network()
     if fmt in ("json", "yaml"):
-        click.echo(render([body], [], fmt))
+        cmdline.echo(render([body], [], fmt))
         return
     if fmt == "csv":
-        click.echo(render(body["nodes"], NETWORK_NODE_COLUMNS, fmt))
+        cmdline.echo(render(body["nodes"], NETWORK_NODE_COLUMNS, fmt))
         return
     nat = "on" if body["nat"] else "off"
-    click.echo(
+    cmdline.echo(
         f"Network {body['name']}: {body['cidr']} (VXLAN {body['vni']}, NAT {nat}), "
         f"{body['used']} of {body['size']} addresses leased ({body['instances']} instances)"
     )
-    click.echo(render(body["nodes"], NETWORK_NODE_COLUMNS, fmt))
+    cmdline.echo(render(body["nodes"], NETWORK_NODE_COLUMNS, fmt))
 
 
-@click.group()
+@cmdline.group()
 def node() -> None:
     """Node maintenance, as Incus: cordon, uncordon, drain, evacuate, restore; labels."""
 
 
 @node.command()
-@click.argument("name")
+@cmdline.argument("name")
 def cordon(name: str) -> None:
     """Place no new instances on the node."""
     api_client().node_action(name, "cordon")
-    click.echo(f"Cordoned {name}")
+    cmdline.echo(f"Cordoned {name}")
 
 
 @node.command()
-@click.argument("name")
+@cmdline.argument("name")
 def uncordon(name: str) -> None:
     """Place instances on the node again."""
     api_client().node_action(name, "uncordon")
-    click.echo(f"Uncordoned {name}")
+    cmdline.echo(f"Uncordoned {name}")
 
 
 def _label_changes(items: tuple[str, ...]) -> dict[str, str | None]:
@@ -138,13 +137,13 @@ def _label_changes(items: tuple[str, ...]) -> dict[str, str | None]:
         elif item.endswith("-") and len(item) > 1:
             changes[item[:-1]] = None
         else:
-            raise click.BadParameter(f"{item!r}: use key=value to set, key- to remove")
+            raise cmdline.BadParameter(f"{item!r}: use key=value to set, key- to remove")
     return changes
 
 
 @node.command()
-@click.argument("name")
-@click.argument("labels", nargs=-1, required=True)
+@cmdline.argument("name")
+@cmdline.argument("labels", nargs=-1, required=True)
 def label(name: str, labels: tuple[str, ...]) -> None:
     """Set labels on a node: k=v sets, k- removes (as kubectl label).
 
@@ -154,37 +153,37 @@ def label(name: str, labels: tuple[str, ...]) -> None:
     try:
         changes = _label_changes(labels)
     except MultiverseError as exc:
-        raise click.BadParameter(exc.message) from exc
+        raise cmdline.BadParameter(exc.message) from exc
     item = api_client().label_node(name, changes)
     shown = ",".join(f"{k}={v}" for k, v in sorted(item["admin_labels"].items())) or "none"
-    click.echo(f"Labelled {name}; labels set by admins: {shown}")
+    cmdline.echo(f"Labelled {name}; labels set by admins: {shown}")
 
 
 def _ssh_credentials(identity: Path | None, password_stdin: bool) -> dict[str, str]:
     """The SSH login for the master to use: a key's text or a password read from stdin (never
     an argument: `ps` shows those). Sent in the request body, over TLS."""
     if identity is not None and password_stdin:
-        raise click.UsageError("give --identity or --password-stdin, not both")
+        raise cmdline.UsageError("give --identity or --password-stdin, not both")
     if identity is not None:
         try:
             return {"identity": identity.read_text()}
         except (OSError, UnicodeDecodeError) as exc:
-            raise click.BadParameter(f"cannot read {identity}: {exc}") from exc
+            raise cmdline.BadParameter(f"cannot read {identity}: {exc}") from exc
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
         if not password:
-            raise click.UsageError("--password-stdin read an empty password")
+            raise cmdline.UsageError("--password-stdin read an empty password")
         return {"password": password}
-    raise click.UsageError("give --identity KEY (preferred) or --password-stdin")
+    raise cmdline.UsageError("give --identity KEY (preferred) or --password-stdin")
 
 
 ssh_login_options = [
-    click.option(
+    cmdline.option(
         "--identity",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        type=cmdline.Path(exists=True, dir_okay=False),
         help="Private key to log in with (preferred over a password).",
     ),
-    click.option(
+    cmdline.option(
         "--password-stdin",
         is_flag=True,
         help="Read the SSH password from stdin (a key is preferred; it is never stored).",
@@ -199,31 +198,31 @@ def _with_ssh_login(func: Callable[..., None]) -> Callable[..., None]:
 
 
 @node.command(name="add")
-@click.argument("name")
-@click.option("--ssh", "target", required=True, help="The host: user@host[:port].")
+@cmdline.argument("name")
+@cmdline.option("--ssh", "target", required=True, help="The host: user@host[:port].")
 @_with_ssh_login
-@click.option(
+@cmdline.option(
     "--host-key-fingerprint",
     default="",
     help="Trust this host key (SHA256:..., as `ssh-keygen -lf` prints it) instead of "
     "looking the host up in --known-hosts.",
 )
-@click.option(
+@cmdline.option(
     "--known-hosts",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=cmdline.Path(dir_okay=False),
     default=lambda: Path.home() / ".ssh" / "known_hosts",
     show_default="~/.ssh/known_hosts",
     help="The host keys you trust; an unknown key is refused.",
 )
-@click.option(
+@cmdline.option(
     "--driver",
-    type=click.Choice(["qemu", "firecracker", "multipass", "fake"]),
+    type=cmdline.Choice(["qemu", "firecracker", "multipass", "fake"]),
     default="qemu",
     show_default=True,
 )
-@click.option("--labels", callback=labels_option, default="", help="Node labels: k=v,...")
-@click.option("--install-deps", is_flag=True, help="apt-get install the driver's packages too.")
-@click.option(
+@cmdline.option("--labels", callback=labels_option, default="", help="Node labels: k=v,...")
+@cmdline.option("--install-deps", is_flag=True, help="apt-get install the driver's packages too.")
+@cmdline.option(
     "--root", default="/opt/multiverse", show_default=True, help="Install root on the host."
 )
 @with_wait
@@ -259,24 +258,24 @@ def add(
     client = api_client()
     operation = client.add_node(body)
     if no_wait:
-        click.echo(operation["id"])
+        cmdline.echo(operation["id"])
         return
     done = wait_for(client, operation["id"], timeout, f"Installing {name}")
     service = (done["result"] or {}).get("service", "")
-    click.echo(f"Node {name} is Ready; its worker runs as {service}")
+    cmdline.echo(f"Node {name} is Ready; its worker runs as {service}")
 
 
 @node.command()
-@click.argument("name")
-@click.option("--force", is_flag=True, help="Also forget its instances (their VMs stay there).")
-@click.option(
+@cmdline.argument("name")
+@cmdline.option("--force", is_flag=True, help="Also forget its instances (their VMs stay there).")
+@cmdline.option(
     "--uninstall",
     is_flag=True,
     help="Also stop the worker `node add` installed and remove its unit, venv and data dir "
     "(over SSH: give --identity or --password-stdin).",
 )
 @_with_ssh_login
-@click.option("--timeout", type=click.FloatRange(1), default=600, show_default=True)
+@cmdline.option("--timeout", type=cmdline.FloatRange(1), default=600, show_default=True)
 def remove(
     name: str,
     force: bool,
@@ -289,13 +288,13 @@ def remove(
     client = api_client()
     if uninstall:
         if force:
-            raise click.UsageError("--uninstall needs the node's instances gone; no --force")
+            raise cmdline.UsageError("--uninstall needs the node's instances gone; no --force")
         operation = client.uninstall_node(name, _ssh_credentials(identity, password_stdin))
         wait_for(client, operation["id"], timeout, f"Uninstalling {name}")
-        click.echo(f"Removed {name}: its worker, unit, venv and data dir are gone")
+        cmdline.echo(f"Removed {name}: its worker, unit, venv and data dir are gone")
         return
     client.remove_node(name, force)
-    click.echo(f"Removed {name}; its certificate is revoked")
+    cmdline.echo(f"Removed {name}; its certificate is revoked")
 
 
 def _maintain(
@@ -304,18 +303,18 @@ def _maintain(
     client = api_client()
     operation = client.node_action(name, action, {"mode": mode} if mode else None)
     if no_wait:
-        click.echo(operation["id"])
+        cmdline.echo(operation["id"])
         return
     done = wait_for(client, operation["id"], timeout, f"{action.capitalize()} {name}")
     outcomes = done["result"] or []
     if fmt == "table" and not outcomes:
-        click.echo(f"{action}: nothing to do on {name}")
+        cmdline.echo(f"{action}: nothing to do on {name}")
         return
     columns = [
         Column("Instance Name", lambda o: o["name"]),
         Column("Outcome", lambda o: o["outcome"]),
     ]
-    click.echo(render(outcomes, columns, fmt))
+    cmdline.echo(render(outcomes, columns, fmt))
 
 
 def _maintenance_command(action: str, summary: str) -> None:
@@ -326,17 +325,17 @@ def _maintenance_command(action: str, summary: str) -> None:
 
     command.__doc__ = summary
     decorated = format_option(with_wait(command))
-    node.command(name=action)(click.argument("name")(decorated))
+    node.command(name=action)(cmdline.argument("name")(decorated))
 
 
 _maintenance_command("drain", "Cordon the node and stop its instances (restore starts them).")
 
 
 @node.command()
-@click.argument("name")
-@click.option(
+@cmdline.argument("name")
+@cmdline.option(
     "--mode",
-    type=click.Choice(["move", "recreate"]),
+    type=cmdline.Choice(["move", "recreate"]),
     default="move",
     show_default=True,
     help="move: with their disks; recreate: fresh instances from their specs (disks lost).",

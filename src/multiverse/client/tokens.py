@@ -2,38 +2,39 @@
 
 from __future__ import annotations
 
-import click
-
+from multiverse.client import cmdline
 from multiverse.client.cli import api_client, format_option, seconds_option, stderr
 from multiverse.client.output import Column, render, render_one
 
 
-@click.group()
+@cmdline.group()
 def token() -> None:
     """Join tokens for workers and API tokens for people and scripts."""
 
 
 @token.command(name="create")
-@click.option("--api", is_flag=True, help="An API token instead of a join token.")
-@click.option(
+@cmdline.option("--api", is_flag=True, help="An API token instead of a join token.")
+@cmdline.option(
     "--role",
-    type=click.Choice(["admin", "viewer"]),
+    type=cmdline.Choice(["admin", "viewer"]),
     default="admin",
     show_default=True,
     help="With --api.",
 )
-@click.option("--ttl", callback=seconds_option, help="Lifetime, e.g. 1h (join tokens: default 1h).")
-@click.option(
-    "--uses", type=click.IntRange(1), help="Join tokens: how many workers may use it (default 1)."
+@cmdline.option(
+    "--ttl", callback=seconds_option, help="Lifetime, e.g. 1h (join tokens: default 1h)."
 )
-@click.option("--description", default="")
+@cmdline.option(
+    "--uses", type=cmdline.IntRange(1), help="Join tokens: how many workers may use it (default 1)."
+)
+@cmdline.option("--description", default="")
 @format_option
 def token_create(
     api: bool, role: str, ttl: int | None, uses: int | None, description: str, fmt: str
 ) -> None:
     """Create a token; prints it once (it is not stored) and its id (on stderr)."""
     if api and uses is not None:
-        raise click.UsageError(
+        raise cmdline.UsageError(
             "--uses is for join tokens only: an API token is valid for every request until it "
             "expires (--ttl) or is revoked"
         )
@@ -48,7 +49,7 @@ def token_create(
     )
     if fmt == "table":
         # The token alone on stdout, so that `$(multiverse token create)` is the token.
-        click.echo(item["token"])
+        cmdline.echo(item["token"])
         stderr.print(
             f"Token id: {item['id']} (`multiverse token revoke {item['id']}` revokes it)",
             highlight=False,
@@ -56,7 +57,7 @@ def token_create(
         )
     else:
         columns = [Column("ID", lambda t: t["id"]), Column("Token", lambda t: t["token"])]
-        click.echo(render_one(item, columns, fmt))
+        cmdline.echo(render_one(item, columns, fmt))
 
 
 TOKEN_COLUMNS = [
@@ -73,11 +74,11 @@ TOKEN_COLUMNS = [
 @format_option
 def token_list(fmt: str) -> None:
     """List tokens (never their secrets)."""
-    click.echo(render(api_client().tokens(), TOKEN_COLUMNS, fmt))
+    cmdline.echo(render(api_client().tokens(), TOKEN_COLUMNS, fmt))
 
 
 @token.command(name="revoke")
-@click.argument("token_or_id")
+@cmdline.argument("token_or_id")
 def token_revoke(token_or_id: str) -> None:
     """Revoke a token, given by its id or whole, as `token create` printed it."""
     client = api_client()
@@ -85,4 +86,4 @@ def token_revoke(token_or_id: str) -> None:
         done = client.revoke_token_itself(token_or_id)
     else:
         done = client.revoke_token(token_or_id)
-    click.echo(f"Revoked {done['id']}")
+    cmdline.echo(f"Revoked {done['id']}")
