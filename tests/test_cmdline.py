@@ -190,3 +190,29 @@ def test_the_executable_reports_usage_errors_on_stderr_with_exit_code_1() -> Non
     version = subprocess.run([sys.executable, "-m", "multiverse", "--version"],
                              capture_output=True, text=True, timeout=60)  # fmt: skip
     assert version.returncode == 0 and version.stdout == "multiverse, version 0.1.0\n"
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    """`multiverse ... | head -1`: no traceback for the broken pipe, exit code 1 (as click's)."""
+    flood = (
+        "import sys\n"
+        "from multiverse.client import cmdline\n"
+        "from multiverse.main import run\n"
+        "@cmdline.command()\n"
+        "def flood() -> None:\n"
+        "    for i in range(10**6):\n"
+        "        cmdline.echo(f'line {i}')\n"
+        "sys.exit(run(flood, []))\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", flood], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        assert process.stdout.readline() == b"line 0\n"
+        process.stdout.close()
+        assert process.wait(timeout=60) == EXIT_USAGE
+        assert process.stderr.read() == b""
+    finally:
+        process.kill()
+        process.wait()

@@ -8,6 +8,8 @@ nothing else: the client's commands (``client/``) speak only HTTP, the servers'
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 
 from multiverse import __version__
@@ -83,6 +85,12 @@ def run(command: cmdline.Command, args: list[str] | None = None) -> int:
         return exc.code
     except cmdline.CommandError as exc:
         exc.show()
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader went away (`multiverse ls | head -1`): end quietly, as a pipe's writer
+        # does, with stdout on /dev/null so that the interpreter's last flush does not fail.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("\nAborted.\n")
