@@ -117,7 +117,8 @@ def test_a_nested_group_runs_its_command() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["launch", "--bogus"], "No such option: --bogus"),
+        (["launch", "--zzz"], "No such option '--zzz'.\n"),
+        (["launch", "--cpu", "2"], "No such option '--cpu'. Did you mean '--cpus'?"),
         (["launch", "--cpus", "x"], "for '-c' / '--cpus': 'x' is not a valid integer."),
         (["launch", "--cpus", "0"], "for '-c' / '--cpus': 0 is not in the range x>=1."),
         (["launch", "--ratio", "2"], "0<=x<=1"),
@@ -129,7 +130,8 @@ def test_a_nested_group_runs_its_command() -> None:
         (["launch", "--file", "/"], "File '/' is a directory."),
         (["launch", "a", "b"], "Got unexpected extra argument (b)"),
         (["exec", "box"], "Missing argument 'COMMAND'."),
-        (["nosuch"], "No such command 'nosuch'."),
+        (["nosuch"], "No such command 'nosuch'.\n"),
+        (["lanch"], "No such command 'lanch'. Did you mean 'launch'?"),
         (["node", "nosuch"], "No such command 'nosuch'."),
     ],
 )

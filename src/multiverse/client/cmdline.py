@@ -16,7 +16,7 @@ import sys
 
 TYPE_CHECKING = False  # typing itself costs a start several milliseconds
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Mapping, Sequence
     from typing import Any, TypeVar
 
     C = TypeVar("C", bound="Command")
@@ -440,7 +440,10 @@ class Command:
                 if self.ignore_unknown_options:
                     positional.append(token)
                     continue
-                raise UsageError(f"No such option: {token.partition('=')[0]}", context)
+                unknown = token.partition("=")[0]
+                raise UsageError(
+                    f"No such option {unknown!r}.{_did_you_mean(unknown, by_name)}", context
+                )
             item, on = by_name[name]
             if item.is_flag:
                 if eq:
@@ -563,7 +566,9 @@ class Group(Command):
         name, *args = rest
         found = self.get_command(name)
         if found is None:
-            raise UsageError(f"No such command {name!r}.", context)
+            raise UsageError(
+                f"No such command {name!r}.{_did_you_mean(name, self.list_commands())}", context
+            )
         if self.callback is not None:
             self.callback(**values)
         return found._run(args, Context(found, f"{context.path} {name}"))
@@ -573,6 +578,14 @@ class Group(Command):
         limit = _WIDTH - 6 - max(len(name) for name, _ in found)
         shown = [(n, item.short_help(limit)) for n, item in found if item and not item.hidden]
         return ["", "Commands:", *_columns(shown)] if shown else []
+
+
+def _did_you_mean(word: str, known: Iterable[str]) -> str:
+    """ " Did you mean 'x'?" for the known word closest to a mistyped one, if one is close."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(known), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def _paragraphs(text: str) -> list[str]:
