@@ -47,7 +47,7 @@ def make_tool(seen: dict[str, Any]) -> cmdline.Group:
         A second paragraph, which stays out of the command list."""
         seen.update(values, given=cmdline.current_context().given)
 
-    @tool.command(name="exec", ignore_unknown_options=True)
+    @tool.command(name="exec", trailing_command=True)
     @cmdline.option("-t", "--tty", is_flag=True)
     @cmdline.argument("name")
     @cmdline.argument("command", nargs=-1, required=True)
@@ -102,11 +102,14 @@ def test_a_path_is_checked_and_given_as_a_path(tmp_path: Path) -> None:
     assert code == 0 and seen["file"] == file and isinstance(seen["file"], Path)
 
 
-def test_exec_passes_unknown_options_and_everything_after_dashes_on() -> None:
-    code, seen = call(["exec", "box", "ls", "-la", "--color=never"])
-    assert code == 7 and seen["command"] == ("ls", "-la", "--color=never")
+def test_a_trailing_command_takes_every_word_from_its_first_on() -> None:
+    code, seen = call(["exec", "box", "ls", "-la", "-t", "--help"])
+    assert code == 7 and seen["tty"] is False and seen["command"] == ("ls", "-la", "-t", "--help")
     code, seen = call(["exec", "-t", "box", "--", "sh", "-c", "echo --help"])
     assert seen["tty"] is True and seen["command"] == ("sh", "-c", "echo --help")
+    # Before the command, options are the command line's own.
+    code, seen = call(["exec", "box", "-t", "--", "true"])
+    assert seen["tty"] is True and seen["command"] == ("true",)
 
 
 def test_a_nested_group_runs_its_command() -> None:
@@ -130,6 +133,7 @@ def test_a_nested_group_runs_its_command() -> None:
         (["launch", "--file", "/"], "File '/' is a directory."),
         (["launch", "a", "b"], "Got unexpected extra argument (b)"),
         (["exec", "box"], "Missing argument 'COMMAND'."),
+        (["exec", "--bogus", "box", "true"], "No such option '--bogus'."),
         (["nosuch"], "No such command 'nosuch'.\n"),
         (["lanch"], "No such command 'lanch'. Did you mean 'launch'?"),
         (["node", "nosuch"], "No such command 'nosuch'."),

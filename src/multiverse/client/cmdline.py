@@ -368,14 +368,15 @@ class Command:
         params: Sequence[Parameter] = (),
         help: str | None = None,
         hidden: bool = False,
-        ignore_unknown_options: bool = False,
+        trailing_command: bool = False,
     ) -> None:
         self.name = name
         self.callback = callback
         self.params = list(params)
         self.help = help if help is not None else (callback.__doc__ if callback else "") or ""
         self.hidden = hidden
-        self.ignore_unknown_options = ignore_unknown_options
+        # `exec NAME CMD ARGS...`: from CMD on, every word is the command's, options too.
+        self.trailing_command = trailing_command
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         assert self.callback is not None
@@ -417,7 +418,9 @@ class Command:
             by_name.update({name: (item, False) for name in item.off})
         texts: dict[str, Any] = {}
         positional: list[str] = []
-        stop = isinstance(self, Group)  # a group's options end at its subcommand's name
+        # A group's options end at its subcommand's name; a trailing command's at its first word.
+        fixed = sum(1 for p in self.params if isinstance(p, Argument) and p.nargs != -1)
+        stop = 0 if isinstance(self, Group) else fixed if self.trailing_command else None
         while args:
             token = args.pop(0)
             if token == "--":
@@ -428,18 +431,15 @@ class Command:
                 echo(self.help_text(context))
                 raise Exit(0)
             if not token.startswith("-") or token == "-":
+                if stop is not None and len(positional) >= stop:
+                    positional.extend([token, *args])
+                    break
                 positional.append(token)
-                if stop:
-                    positional.extend(args)
-                    args = []
                 continue
             name, eq, attached = token.partition("=")
             if name not in by_name and not eq and not name.startswith("--") and len(name) > 2:
                 name, attached, eq = token[:2], token[2:], "="  # -n3: a short option's value
             if name not in by_name:
-                if self.ignore_unknown_options:
-                    positional.append(token)
-                    continue
                 unknown = token.partition("=")[0]
                 raise UsageError(
                     f"No such option {unknown!r}.{_did_you_mean(unknown, by_name)}", context

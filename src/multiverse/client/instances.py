@@ -345,7 +345,7 @@ def shell(name: str) -> None:
     _attach(name, [], sys.stdin.isatty())
 
 
-@cmdline.command(name="exec", ignore_unknown_options=True)
+@cmdline.command(name="exec", trailing_command=True)
 @cmdline.option("-t", "--tty", "want_tty", is_flag=True, help="Run the command on a terminal.")
 @cmdline.argument("name")
 @cmdline.argument("command", nargs=-1, required=True)
