@@ -519,7 +519,8 @@ def test_agents_answers_that_arrive_together_go_in_one_transaction(
         changes = await asyncio.gather(*answers)
         assert batches == [7]
         assert [(c.instance_id, c.old, c.new) if c else None for c in changes] == [
-            *[(f"i{index}", "Scheduled", "Creating") for index in range(6)], None
+            *[(f"i{index}", "Scheduled", "Creating") for index in range(6)],
+            None,
         ]
         states = {i.id: i.state for i in await store.list_instances()}
         assert set(states.values()) == {InstanceState.CREATING}

@@ -668,9 +668,7 @@ class Store:
         launch of many has 64 agent calls open at once, and a transaction each (on
         PostgreSQL, a commit flushed to disk each, one at a time) held its dispatch to ~60
         instances a second."""
-        return await self._grouped(
-            self._observations, (instance_id, item), self._observe_instances
-        )
+        return await self._grouped(self._observations, (instance_id, item), self._observe_instances)
 
     @_off_loop
     def _observe_instances(self, items: list[tuple[str, dict[str, Any]]]) -> list[Change | None]:
