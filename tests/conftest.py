@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from harness import IMAGE_CACHE, Cluster, new_cluster
+from harness import IMAGE_CACHE, Cluster, live_logs, new_cluster
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    """A failed test shows what its cluster's processes logged last (taken before the
+    fixtures' teardown stops them)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.when in ("setup", "call") and (logs := live_logs()):
+        report.sections.append(("cluster logs", logs))
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ NODE_TIMEOUT = 3.0  # seconds; short so that the NotReady tests stay quick
 DOWN_TIMEOUT = 6.0
 SYNC_INTERVAL = 0.5
 JOINED = "joined as "  # what a worker prints once it joined and its agent listens
+LOG_TAIL_LINES = 60  # of each process's log, shown with a failed test
 
 
 def free_port() -> int:
@@ -297,10 +298,26 @@ def new_cluster(root: Path) -> Iterator[Cluster]:
     for key in ("MULTIVERSE_SERVER", "MULTIVERSE_TOKEN", "MULTIVERSE_CONFIG"):
         env.pop(key, None)
     created = Cluster(root, env)
+    _live.append(created)
     try:
         yield created
     finally:
+        _live.remove(created)
         created.close()
+
+
+_live: list[Cluster] = []
+
+
+def live_logs() -> str:
+    """The last lines of every process's log in the clusters alive now: shown with a failed
+    test (conftest.py), since CI keeps nothing else of a run."""
+    parts = []
+    for cluster in _live:
+        for log in sorted(cluster.root.glob("*.log")):
+            lines = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+            parts.append(f"--- {log} (last {len(lines)} lines)\n" + "\n".join(lines))
+    return "\n".join(parts)
 
 
 def qemu_processes_under(state_dir: Path) -> list[psutil.Process]:

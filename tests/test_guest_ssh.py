@@ -316,3 +316,83 @@ def test_output_faster_than_its_reader_waits_for_it(tmp_path: Path, client_key: 
     backlog, received = run(lambda: with_guest(new_key(), body))
     assert backlog <= BACKLOG_BOUND, f"{backlog} bytes piled up for a reader that stopped"
     assert received == FLOOD_TOTAL
+
+
+# --- refused channels ----------------------------------------------------------------------------
+
+
+@dataclass
+class Refusals:
+    """How many exec requests the guest still refuses; what it saw."""
+
+    left: int
+    requests: int = 0
+    connections: int = 0
+
+
+class _RefusingSession(asyncssh.SSHServerSession[bytes]):
+    """Refuses exec requests while ``refusals.left`` (the client then sees "Session request
+    failed", as from a guest's dropbear just started); then prints ok."""
+
+    def __init__(self, refusals: Refusals) -> None:
+        self.refusals = refusals
+        self.channel: asyncssh.SSHServerChannel[bytes] | None = None
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        self.channel = chan
+
+    def exec_requested(self, command: str) -> bool:
+        self.refusals.requests += 1
+        if self.refusals.left:
+            self.refusals.left -= 1
+            return False
+        return True
+
+    def session_started(self) -> None:
+        assert self.channel is not None
+        self.channel.write(b"ok\n")
+        self.channel.exit(0)
+
+
+class _RefusingServer(_Server):
+    def __init__(self, refusals: Refusals) -> None:
+        self.refusals = refusals
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.refusals.connections += 1
+
+    def session_requested(self) -> asyncssh.SSHServerSession[bytes]:
+        return _RefusingSession(self.refusals)
+
+
+@pytest.mark.parametrize("refused", [1, 2])
+def test_a_refused_channel_is_asked_for_once_more_on_a_new_connection(
+    tmp_path: Path, client_key: Path, refused: int
+) -> None:
+    known = KnownHost(tmp_path / HOST_KEY_FILE, "VM web")
+    refusals = Refusals(left=refused)
+
+    async def body() -> bytes | str:
+        server = await asyncssh.create_server(
+            lambda: _RefusingServer(refusals), "127.0.0.1", 0,
+            server_host_keys=[new_key()], encoding=None,
+        )  # fmt: skip
+        ssh = GuestConnection("127.0.0.1", server.sockets[0].getsockname()[1], client_key, known)
+        try:
+            return (await ssh.run("true")).stdout
+        except Unavailable as error:
+            return error.message
+        finally:
+            await ssh.close()
+            server.close()
+            await server.wait_closed()
+
+    answer = run(body)
+    # Once, never more: a guest that keeps refusing is not asked for ever.
+    assert (refusals.requests, refusals.connections) == (2, 2)
+    if refused == 1:
+        assert answer == b"ok\n"
+    else:
+        assert isinstance(answer, str)
+        assert answer.startswith("cannot run a command in the guest at root@127.0.0.1:")
+        assert answer.endswith(": Session request failed")

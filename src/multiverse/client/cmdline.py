@@ -97,13 +97,8 @@ class Exit(Exception):
 
 
 def echo(message: object = "", err: bool = False, nl: bool = True) -> None:
-    """Print ``message`` (text or bytes) to stdout, or stderr with ``err``, and flush."""
+    """Print ``message`` to stdout, or stderr with ``err``, and flush."""
     stream = sys.stderr if err else sys.stdout
-    if isinstance(message, bytes):
-        stream.flush()
-        stream.buffer.write(message + (b"\n" if nl else b""))
-        stream.buffer.flush()
-        return
     stream.write(f"{message}\n" if nl else str(message))
     stream.flush()
 
@@ -176,18 +171,14 @@ class Path:
 
 
 _METAVARS: dict[Any, str] = {str: "TEXT", int: "INTEGER", float: "FLOAT"}
-_NOUNS: dict[Any, str] = {int: "integer", float: "float"}
+# A plain number is a range without bounds: one place says what a bad one is.
+_NUMBERS: dict[Any, _Range] = {int: IntRange(), float: FloatRange()}
 
 
 def _convert(kind: Any, text: str) -> Any:
     if kind is str or kind is None:
         return text
-    if kind in _NOUNS:
-        try:
-            return kind(text)
-        except ValueError:
-            raise BadParameter(f"{text!r} is not a valid {_NOUNS[kind]}.") from None
-    return kind(text)
+    return _NUMBERS.get(kind, kind)(text)
 
 
 class Parameter:
@@ -377,10 +368,6 @@ class Command:
         self.hidden = hidden
         # `exec NAME CMD ARGS...`: from CMD on, every word is the command's, options too.
         self.trailing_command = trailing_command
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        assert self.callback is not None
-        return self.callback(*args, **kwargs)
 
     def short_help(self, limit: int) -> str:
         """The help's first sentence, cut to ``limit`` characters."""

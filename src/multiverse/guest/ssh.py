@@ -397,29 +397,34 @@ class GuestConnection:
         self, what: str, command: str | None, **options: Any
     ) -> asyncssh.SSHClientProcess[bytes]:
         """A new channel running ``command``; a guest that does not open one within
-        ``command_timeout`` (hung, or a dead connection not yet noticed) loses its connection."""
-        for attempt in range(2):
-            connection = await self.connect()
-            assert self._opening is not None
-            try:
-                # One channel opening at a time: the guest's dropbear closed a second session
-                # asked for while the first was being set up on a new connection ("Session
-                # request failed"). Commands still run side by side once open.
-                async with self._opening:
-                    return await asyncio.wait_for(
-                        connection.create_process(command, encoding=None, **options),
-                        timeout=self.command_timeout,
-                    )
-            except (TimeoutError, OSError, asyncssh.Error) as error:
-                self._drop(connection)
-                # A refused channel ran nothing, so it is tried once more on a new connection:
-                # a guest just started refused one now and then ("Session request failed").
-                if isinstance(error, asyncssh.ChannelOpenError) and attempt == 0:
-                    continue
-                raise Unavailable(
-                    f"cannot {what} in the guest at {self.address}: {_describe(error)}"
-                ) from None
-        raise AssertionError("unreachable")  # the loop returns or raises
+        ``command_timeout`` (hung, or a dead connection not yet noticed) loses its connection.
+        A refused channel ran nothing, so it is asked for once more on a new connection: a
+        guest just started refused one now and then ("Session request failed")."""
+        try:
+            return await self._channel(what, command, options)
+        except _Refused:
+            return await self._channel(what, command, options)
+
+    async def _channel(
+        self, what: str, command: str | None, options: dict[str, Any]
+    ) -> asyncssh.SSHClientProcess[bytes]:
+        connection = await self.connect()
+        assert self._opening is not None
+        try:
+            # One channel opening at a time: the guest's dropbear closed a second session
+            # asked for while the first was being set up on a new connection ("Session request
+            # failed"). Commands still run side by side once open.
+            async with self._opening:
+                return await asyncio.wait_for(
+                    connection.create_process(command, encoding=None, **options),
+                    timeout=self.command_timeout,
+                )
+        except (TimeoutError, OSError, asyncssh.Error) as error:
+            self._drop(connection)
+            refused = isinstance(error, asyncssh.ChannelOpenError)
+            raise (_Refused if refused else Unavailable)(
+                f"cannot {what} in the guest at {self.address}: {_describe(error)}"
+            ) from None
 
     async def close(self) -> None:
         """Close the connection (if open in this loop); the next call opens a new one."""
@@ -445,6 +450,10 @@ class GuestConnection:
         if connection is not None:
             with contextlib.suppress(Exception):
                 connection.abort()
+
+
+class _Refused(Unavailable):
+    """The guest refused a command's channel: nothing ran."""
 
 
 class GuestShell:
