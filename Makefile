@@ -51,7 +51,7 @@ stop: venv
 test: venv deps test-deps ui
 	$(VENV)/bin/multiverse image build tiny --no-import --images-dir $(CURDIR)/.data/images
 	$(VENV)/bin/multiverse image build debian --no-import --images-dir $(CURDIR)/.data/images
-	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) -m pytest -q
+	MULTIVERSE_IMAGE_CACHE=$(CURDIR)/.data/images $(PY) -m pytest -q --durations=20
 
 lint: venv
 	$(VENV)/bin/ruff check .
