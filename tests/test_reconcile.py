@@ -26,6 +26,7 @@ from multiverse.core.model import (
     NodeStatus,
     Resources,
 )
+from multiverse.drivers.fake import FAIL_START
 from multiverse.master.reconciler import Action, next_action
 
 
@@ -159,6 +160,50 @@ def test_stop_during_launch_and_delete_on_a_down_node(cluster: Cluster) -> None:
     wait_until(lambda: "hasty" not in cluster.instances(), timeout=30)
     vms = json.loads((cluster.root / "node-a" / "fake" / "vms.json").read_text())
     assert vms == {}
+
+
+def test_a_boot_failing_on_its_node_is_retried_more_and_more_slowly_then_given_up(
+    cluster: Cluster,
+) -> None:
+    """The agent takes a start at once and boots in the background; a boot that fails there
+    leaves the instance Failed, which the reconciler launches again (the agent tries the
+    whole of it once more), with the backoff of a refused call and its limit."""
+    cluster.start_master()
+    cluster.start_worker("node-a")
+    events = Events(cluster)
+    cluster.ok("launch", "--name", "flaky")
+    flag = cluster.root / "node-a" / "fake" / "vms" / cluster.instances()["flaky"]["id"]
+    flag /= FAIL_START
+
+    def launches() -> int:
+        return events.states("flaky").count("Creating")
+
+    def failed_attempts() -> int:
+        assert cluster.master is not None
+        return cluster.master.output().count("reconcile: launch flaky failed (attempt ")
+
+    # A boot failing twice, then coming up: Running again, by itself.
+    cluster.ok("stop", "flaky")
+    flag.touch()
+    before = launches()
+    cluster.ok("start", "flaky", "--no-wait")
+    wait_until(lambda: launches() >= before + 2, timeout=30)
+    flag.unlink()
+    wait_until(lambda: cluster.instances()["flaky"]["state"] == "Running", timeout=30)
+
+    # A boot failing every time: four launches more (1 + 2 + 4 + 8 s apart), then left Failed.
+    cluster.ok("stop", "flaky")
+    flag.touch()
+    before, counted = launches(), failed_attempts()
+    cluster.ok("start", "flaky", "--no-wait")
+    wait_until(lambda: failed_attempts() == counted + 5, timeout=60)
+    time.sleep(3)  # what a retry would take, were one still to come
+    assert launches() == before + 4
+    assert failed_attempts() == counted + 5
+    assert cluster.instances()["flaky"]["state"] == "Failed"
+    flag.unlink()
+    cluster.ok("start", "flaky")  # a user's start tries again, whatever the backoff says
+    assert cluster.instances()["flaky"]["state"] == "Running"
 
 
 def test_drain_evacuate_restore(cluster: Cluster) -> None:

@@ -6,7 +6,9 @@ QEMU processes live apart from the agent: a restarted agent finds its fake VMs s
 whole cluster can be tested without booting anything; the VM's user-data is the file
 ``user-data`` there, as a guest would have it. That makes it a test tool: it is refused
 unless ``MULTIVERSE_ALLOW_FAKE=1`` is set, and its commands get a guest's few variables, never
-the worker's environment (which may hold the join token).
+the worker's environment (which may hold the join token). A VM whose directory holds a
+``fail-start`` file fails each start, as a guest that does not come up would: tests make boots
+fail with it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from multiverse.core.errors import Conflict, InvalidArgument, NotFound
+from multiverse.core.errors import Conflict, DriverError, InvalidArgument, NotFound
 from multiverse.core.files import write_private
 from multiverse.core.model import GuestStats, Resources
 from multiverse.drivers.base import (
@@ -39,6 +41,7 @@ from multiverse.drivers.localpty import LocalSession
 KNOWN_IMAGES = ("tiny", "ubuntu", "debian")
 ALLOW_ENV = "MULTIVERSE_ALLOW_FAKE"
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+FAIL_START = "fail-start"
 
 
 def require_allowed() -> None:
@@ -99,6 +102,8 @@ class FakeDriver(Driver):
         record = self._vm(vm)
         if record["power"] != PowerState.RUNNING:
             await asyncio.sleep(self.delay)
+            if (self.state_dir / "vms" / vm.id / FAIL_START).exists():
+                raise DriverError(f"VM {vm.name} did not come up ({FAIL_START} in its directory)")
             record["power"] = PowerState.RUNNING.value
             self._save()
         return await self.status(vm)

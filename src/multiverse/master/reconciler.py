@@ -91,6 +91,7 @@ class _Backoff:
     next_try: float = 0.0
     action: Action | None = None
     stepped_at: float = -float("inf")  # when its last step's answer was stored
+    counted: int | None = None  # the version of the node's Failed report counted as an attempt
 
 
 class Reconciler:
@@ -345,6 +346,18 @@ class Reconciler:
             and backoff
             and (backoff.attempts >= self.retry_limit or time.monotonic() < backoff.next_try)
         ):
+            return
+        if (
+            action == Action.LAUNCH
+            and instance.state == InstanceState.FAILED
+            and not by_user
+            and (backoff is None or backoff.action != action or backoff.counted != instance.version)
+        ):
+            # The node failed after it took the step (a boot that did not come up): an attempt
+            # that failed all the same, so a VM failing every boot is retried ever more slowly
+            # and then left Failed, as one whose calls are refused.
+            await self._failed(instance, action, MultiverseError(instance.message))
+            self._backoff[instance.id].counted = instance.version
             return
         assert node is not None
         # Busy until the agent's answer is in the store: a round that read the instance

@@ -218,6 +218,11 @@ class Agent:
     ) -> VMRecord:
         record = self.records.get(instance_id)
         if record is not None:  # a retried launch: idempotent
+            if record.state == InstanceState.FAILED:
+                # The master's retry of a create or boot that failed here (its reconciler
+                # launches a Failed instance that should run): try the whole of it again.
+                self._set(record, InstanceState.CREATING)
+                self._run(record, self._create_and_boot)
             return record
         record = VMRecord(id=instance_id, spec=spec, nic=nic if self.network else None)
         if self.image_cache is not None:
