@@ -314,9 +314,10 @@ def live_logs() -> str:
     test (conftest.py), since CI keeps nothing else of a run."""
     parts = []
     for cluster in _live:
-        for log in sorted(cluster.root.glob("*.log")):
-            lines = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
-            parts.append(f"--- {log} (last {len(lines)} lines)\n" + "\n".join(lines))
+        for proc in (cluster.master, *cluster.workers.values()):
+            if proc is not None and proc.log.exists():
+                lines = proc.output().splitlines()[-LOG_TAIL_LINES:]
+                parts.append(f"--- {proc.log} (last {len(lines)} lines)\n" + "\n".join(lines))
     return "\n".join(parts)
 
 
