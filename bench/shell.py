@@ -1,12 +1,17 @@
 """Shell benchmark: what ``multiverse shell`` costs a typist and a stream, against direct paths.
 
-``multiverse shell NAME`` asks the master for the session (one HTTPS call: the master checks the
-instance and gets a one-time ticket from the node's agent), then goes CLI (raw terminal) ->
-WebSocket over TLS straight to the worker agent -> the driver's session: an SSH channel with a
-PTY in the guest (qemu), or a local ``/bin/sh -i`` in a PTY on the worker (fake). The master is
-not on the path of the bytes (it relays only when the CLI cannot reach the node; not measured
-here). Each of these is compared, in the same run and on the same machine, with the most direct
-way to the same shell:
+``multiverse shell NAME`` on a terminal, on the guest's node (as here, on loopback), with
+OpenSSH installed, asks the master to let its key log in to the guest's SSH server for a few
+seconds and then becomes ``ssh``: terminal -> OpenSSH -> QEMU's forwarded port -> the guest
+(client/openssh.py). ``multiverse shell --no-ssh NAME``, and any shell where that cannot be
+(another host, the fake driver), asks the master for a session (one HTTPS call: the master
+checks the instance and gets a one-time ticket from the node's agent), then goes CLI (raw
+terminal) -> WebSocket over TLS straight to the worker agent -> the driver's session: an SSH
+channel with a PTY in the guest (qemu), or a local ``/bin/sh -i`` in a PTY on the worker
+(fake). The master is not on the path of the bytes (it relays only when the CLI cannot reach
+the node; not measured here). Each CLI path is checked to have gone the way its label says
+(``MULTIVERSE_DEBUG=1``). Each of these is compared, in the same run and on the same machine,
+with the most direct way to the same shell:
 
 - qemu: plain SSH to the same guest (its forwarded port from the worker's
   ``qemu/vms/<uuid>/vm.json``, the node's key from ``qemu/ssh/id_ed25519``), with asyncssh (the
@@ -340,8 +345,24 @@ def _row(
     return row
 
 
-def cli_shell(cluster: Cluster, name: str) -> Callable[[], Terminal]:
-    return lambda: PtyTerminal(sys.executable, ["-m", "multiverse", "shell", name], cluster.env)
+# What `multiverse shell` says (MULTIVERSE_DEBUG=1) of the way its session went.
+VIA_OPENSSH = b"debug: session through OpenSSH"
+VIA_AGENT = b"debug: session straight to the node"
+
+
+def cli_shell(cluster: Cluster, name: str, via: bytes, *options: str) -> Callable[[], Terminal]:
+    """``multiverse shell NAME``, checked to have gone the way ``via`` names: a run where it
+    fell back to another way would time that way under this one's label."""
+
+    def open_terminal() -> Terminal:
+        env = {**cluster.env, "MULTIVERSE_DEBUG": "1"}
+        terminal = PtyTerminal(
+            sys.executable, ["-m", "multiverse", "shell", *options, name], env
+        )
+        expect(terminal, via, timeout=30)
+        return terminal
+
+    return open_terminal
 
 
 # --- the targets ----------------------------------------------------------------------------
@@ -357,7 +378,7 @@ def bench_fake(cluster: Cluster, args: argparse.Namespace, root: Path) -> list[R
         return measure(
             "fake",
             {
-                "multiverse shell": cli_shell(cluster, "bench-fake"),
+                "multiverse shell": cli_shell(cluster, "bench-fake", VIA_AGENT),
                 "local PTY /bin/sh": lambda: PtyTerminal("/bin/sh", ["-i"], local_env),
             },
             args,
@@ -382,7 +403,8 @@ def bench_qemu(cluster: Cluster, args: argparse.Namespace, root: Path) -> list[R
         args.stream_file = "/tmp/mv-bench-stream.b64"
         prepare_stream(cluster, name, args)
         paths: dict[str, Callable[[], Terminal]] = {
-            "multiverse shell": cli_shell(cluster, name),
+            "multiverse shell": cli_shell(cluster, name, VIA_OPENSSH),
+            "multiverse shell --no-ssh": cli_shell(cluster, name, VIA_AGENT, "--no-ssh"),
             "ssh (asyncssh)": lambda: AsyncsshTerminal(port, key),
         }
         ssh = shutil.which("ssh")
@@ -440,7 +462,7 @@ def print_table(report: dict[str, Any]) -> None:
         f"{report['stream_megabytes_random']:g} MB)"
     )
     print()
-    header = f"{'driver':<7} {'path':<22} {'p50 ms':>8} {'p99 ms':>8} {'MB/s':>8}"
+    header = f"{'driver':<7} {'path':<26} {'p50 ms':>8} {'p99 ms':>8} {'MB/s':>8}"
     print(header)
     print("-" * len(header))
     failures = []
@@ -451,7 +473,7 @@ def print_table(report: dict[str, Any]) -> None:
         else:
             rate = f"{row['mb_per_s']:>8.1f}"
         print(
-            f"{row['target']:<7} {row['path']:<22} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f} "
+            f"{row['target']:<7} {row['path']:<26} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f} "
             f"{rate}"
         )
     for number, row in enumerate(failures, 1):

@@ -4,6 +4,7 @@ a PTY), on a real terminal (pexpect), with the fake driver: its shell is a local
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -376,3 +377,54 @@ def test_streaming_output_goes_in_few_frames_and_an_echo_at_once() -> None:
 def _hand(session: _HandedOutput, reads: list[bytes]) -> None:
     for data in reads:
         session.reads.put_nowait(data)
+
+
+def _ed25519_key(kind: str = "ssh-ed25519", comment: str = "me@laptop") -> str:
+    """An OpenSSH public key line; ``kind`` as its first field, whatever its data says."""
+    blob = b"".join(len(part).to_bytes(4, "big") + part for part in (b"ssh-ed25519", bytes(32)))
+    return f"{kind} {base64.b64encode(blob).decode()} {comment}".strip()
+
+
+def test_ssh_logins_are_refused_clearly(shells: Cluster) -> None:
+    """`POST /instances/NAME/ssh`: what the master refuses, and a driver whose guests take no
+    SSH logins (the fake's), which an interactive `shell` then goes around."""
+    admin = {"Authorization": f"Bearer {shells.token}"}
+
+    def login(name: str, key: object, headers: dict[str, str] = admin) -> httpx.Response:
+        return shells.http.post(
+            f"{shells.api}/api/v1/instances/{name}/ssh", json={"public_key": key}, headers=headers
+        )
+
+    good = _ed25519_key()
+    refused = login("primary", good)
+    assert refused.status_code == 502, refused.text
+    assert refused.json()["error"]["code"] == "driver_error"
+    assert "take no SSH logins" in refused.json()["error"]["message"]
+    assert login("ghost", good).status_code == 404
+    assert login("resting", good).status_code == 409
+    assert login("primary", good, headers={}).status_code == 401
+    viewer = shells.ok("token", "create", "--api", "--role", "viewer").out.strip()
+    assert login("primary", good, {"Authorization": f"Bearer {viewer}"}).status_code == 403
+    for bad in (
+        "",
+        "not a key",
+        "ssh-ed25519",
+        _ed25519_key(kind="ssh-rsa"),  # says RSA, holds an Ed25519 key
+        f'command="/bin/sh" {good}',  # options: the line must be the key alone
+        good.replace(" me@laptop", "\nssh-ed25519 AAAA other"),  # a second line
+        "ssh-ed25519 AAAA$$$$",
+        "ssh-ed25519 " + "A" * 20000,
+        42,
+    ):
+        answer = login("primary", bad)
+        assert answer.status_code == 400, (bad, answer.text)
+        assert answer.json()["error"]["code"] == "invalid_argument"
+
+    # On a terminal the CLI asks, hears the driver takes none, and opens a session instead.
+    child = spawn_shell(shells, "primary")
+    child.expect("take no SSH logins; the session goes through Multiverse")
+    child.expect(STRAIGHT)
+    child.sendline("exit 5")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 5

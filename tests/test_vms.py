@@ -6,6 +6,7 @@ Two workers as separate processes, each with the qemu driver; at most three VMs 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,28 +85,65 @@ def test_vm_lifecycle_exec_info_and_persistence(vms: Cluster, tiny_image: Path) 
             vms.cli("delete", "vm-one")
 
 
+def spawn_shell(cluster: Cluster, *args: str, **env: str) -> pexpect.spawn:
+    return pexpect.spawn(
+        sys.executable,
+        ["-m", "multiverse", "shell", *args],
+        env={**cluster.env, "MULTIVERSE_DEBUG": "1", **env},
+        dimensions=(31, 97),
+        timeout=30,
+    )
+
+
+def pushed_keys(cluster: Cluster, name: str) -> list[str]:
+    """The lines of the guest's authorized_keys that a `shell` through OpenSSH pushed."""
+    keys = cluster.ok("exec", name, "--", "cat", "/root/.ssh/authorized_keys").out
+    return [line for line in keys.splitlines() if "multiverse-login-" in line]
+
+
 def test_interactive_shell_in_a_vm(vms: Cluster) -> None:
     vms.ok("launch", "--name", "vm-shell", "--node", "node-b", *SMALL)
     try:
-        child = pexpect.spawn(
-            sys.executable,
-            ["-m", "multiverse", "shell", "vm-shell"],
-            env={**vms.env, "MULTIVERSE_DEBUG": "1"},
-            dimensions=(31, 97),
-            timeout=30,
-        )
-        child.expect("session straight to the node")  # not through the master's relay
-        child.sendline("stty size")
-        child.expect(r"31 97\r\n")
-        child.setwinsize(43, 132)
-        child.sendline("stty size")
-        child.expect(r"43 132\r\n")
-        child.sendline("exit 3")
-        child.expect(pexpect.EOF)
-        child.close()
-        assert child.exitstatus == 3
+        # On the VM's node with OpenSSH here the shell is OpenSSH's, its key let in for a
+        # while; with --no-ssh, or no OpenSSH, it goes through the node's agent, as from a
+        # host that cannot reach the guest. The size follows the terminal, the exit code
+        # comes back, every way.
+        ways = [
+            ([], {}, "session through OpenSSH at 127.0.0.1:"),
+            (["--no-ssh"], {}, "session straight to the node"),  # not through the relay
+            ([], {"PATH": str(vms.root / "no-ssh-here")}, "session straight to the node"),
+        ]
+        for code, (args, env, way) in enumerate(ways, 3):
+            child = spawn_shell(vms, *args, "vm-shell", **env)
+            child.expect(way)
+            child.sendline("stty size")
+            child.expect(r"31 97\r\n")
+            child.setwinsize(43, 132)
+            child.sendline("stty size")
+            child.expect(r"43 132\r\n")
+            child.sendline(f"exit {code}")
+            child.expect(pexpect.EOF)
+            child.close()
+            assert child.exitstatus == code, way
+        key = vms.root / "master" / "ssh-login" / "id_ed25519"  # beside the CLI's config
+        (pushed,) = pushed_keys(vms, "vm-shell")
+        assert pushed.split()[:2] == key.with_suffix(".pub").read_text().split()[:2]
         piped = vms.cli("shell", "vm-shell", stdin=b"cat /etc/os-release\n")
         assert piped.code == 0 and "Multiverse tiny" in piped.out
+
+        # The pushed key goes when its window ends: the guest's own SSH server does not let
+        # this CLI in any more without the master.
+        wait_until(lambda: not pushed_keys(vms, "vm-shell"), timeout=60, interval=2)
+        instance_id = vms.instances()["vm-shell"]["id"]
+        runtime = vms.root / "node-b" / "qemu" / "vms" / instance_id / "vm.json"
+        port = json.loads(runtime.read_text())["ssh_port"]
+        refused = subprocess.run(
+            ["ssh", "-F", "none", "-i", str(key), "-p", str(port), "-o", "BatchMode=yes",
+             "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no",
+             "-o", "UserKnownHostsFile=/dev/null", "root@127.0.0.1", "true"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert refused.returncode == 255 and "Permission denied" in refused.stderr
     finally:
         vms.ok("delete", "vm-shell")
 

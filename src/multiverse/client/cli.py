@@ -9,6 +9,7 @@ only.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -51,6 +52,12 @@ class _LazyConsole:
 
 
 stderr = cast("Console", _LazyConsole())
+
+
+def debug(message: str) -> None:
+    """Which way a call went, for ``MULTIVERSE_DEBUG=1``: shown on stderr, else nothing."""
+    if os.environ.get("MULTIVERSE_DEBUG"):
+        sys.stderr.write(f"debug: {message}\n")
 
 
 def api_client() -> ApiClient:

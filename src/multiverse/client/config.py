@@ -17,6 +17,13 @@ def user_config_path() -> Path:
     return Path(base) / "multiverse" / "config.toml"
 
 
+def config_path() -> Path:
+    """The config file in use, whether it exists or not: ``MULTIVERSE_CONFIG``'s, else the
+    user's. Files the CLI keeps for itself (its SSH login key) live beside it."""
+    named = os.environ.get("MULTIVERSE_CONFIG")
+    return Path(named) if named else user_config_path()
+
+
 class ClientConfig:
     """A master's address, a token, and the CA the master's certificate must come from.
 
@@ -47,7 +54,7 @@ class ClientConfig:
     @staticmethod
     def load() -> ClientConfig:
         named = os.environ.get("MULTIVERSE_CONFIG")
-        path = Path(named) if named else user_config_path()
+        path = config_path()
         found = ClientConfig("", "", str(path))
         if path.exists():
             try:

@@ -281,6 +281,12 @@ class ApiClient:
         body = {"command": command, "tty": tty, "cols": cols, "rows": rows}
         return dict(self._request("POST", f"/instances/{name}/sessions", json=body))
 
+    def ssh_login(self, name: str, public_key: str) -> JSON:
+        """Let ``public_key`` log in to the instance's own SSH server for a short window;
+        where that server answers and the host key it must show (client/openssh.py)."""
+        body = {"public_key": public_key}
+        return dict(self._request("POST", f"/instances/{name}/ssh", json=body))
+
     def exec(self, name: str, command: list[str], stdin: bytes = b"") -> Iterator[JSON]:
         """Yields ``{"stream", "data": bytes}`` chunks, then ``{"exit_code"}``, each as soon as
         its line arrives."""

@@ -325,24 +325,38 @@ def _delete_environment(name: str, no_wait: bool, timeout: float) -> None:
     cmdline.echo(f"Deleted environment {name}: {gone}")
 
 
-def _attach(name: str, command: Sequence[str], want_tty: bool) -> None:
+def _attach(client: ApiClient, name: str, command: Sequence[str], want_tty: bool) -> None:
     import asyncio
 
     from multiverse.client.terminal import attach
 
-    client = api_client()
     sys.exit(asyncio.run(attach(client, name, command, want_tty)))
 
 
 @cmdline.command()
+@cmdline.option(
+    "--no-ssh",
+    is_flag=True,
+    help="Go through Multiverse's own session even where OpenSSH could reach the guest.",
+)
 @cmdline.argument("name", default="primary")
-def shell(name: str) -> None:
+def shell(no_ssh: bool, name: str) -> None:
     """Open a shell in an instance (default: primary), like `multipass shell`.
 
     The terminal's size follows yours; exits with the shell's exit code. Piped stdin works too:
     echo 'uname -a' | multiverse shell NAME
+
+    On a terminal, on the instance's own node, with OpenSSH installed, the shell is OpenSSH's,
+    logged in with a key of this CLI's that the master lets in for a few seconds: keystrokes
+    then go straight to the guest. Elsewhere they go through the node's agent.
     """
-    _attach(name, [], sys.stdin.isatty())
+    client = api_client()
+    interactive = sys.stdin.isatty()
+    if interactive and not no_ssh:
+        from multiverse.client.openssh import exec_openssh
+
+        exec_openssh(client, name)  # returns only where OpenSSH cannot take the session
+    _attach(client, name, [], interactive)
 
 
 @cmdline.command(name="exec", trailing_command=True)
@@ -356,7 +370,7 @@ def exec_(want_tty: bool, name: str, command: tuple[str, ...]) -> None:
     With -t the command runs on a terminal, as in `multiverse shell`.
     """
     if want_tty:
-        _attach(name, command, want_tty=True)
+        _attach(api_client(), name, command, want_tty=True)
     stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     code = 0
     for item in api_client().exec(name, list(command), stdin):

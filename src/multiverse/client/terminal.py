@@ -30,6 +30,7 @@ from urllib.parse import urlencode
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from multiverse.client.cli import debug
 from multiverse.client.http import ApiClient, ApiError, Unreachable
 from multiverse.core.sessions import EOF_FRAME, resize_frame
 
@@ -142,11 +143,6 @@ async def attach(client: ApiClient, name: str, command: Sequence[str], want_tty:
         await ws.close()
 
 
-def _debug(message: str) -> None:
-    if os.environ.get("MULTIVERSE_DEBUG"):
-        sys.stderr.write(f"debug: {message}\n")
-
-
 async def _direct(
     client: ApiClient, name: str, command: Sequence[str], size: os.terminal_size | None
 ) -> ClientConnection | None:
@@ -155,7 +151,7 @@ async def _direct(
     cols, rows = (size.columns, size.lines) if size else (80, 24)
     offer = client.open_session(name, list(command), size is not None, cols, rows)
     if not offer.get("url"):
-        _debug("the master offers no direct session; relaying through the master")
+        debug("the master offers no direct session; relaying through the master")
         return None
     # The node's certificate must come from the cluster's CA (what the master trusts its
     # agents by) and name that node, whatever address it has: the master told both, over a
@@ -172,9 +168,9 @@ async def _direct(
             **_SESSION_OPTIONS,
         )
     except (OSError, websockets.InvalidHandshake, TimeoutError) as exc:
-        _debug(f"cannot open the session at {offer['url']} ({exc}); relaying through the master")
+        debug(f"cannot open the session at {offer['url']} ({exc}); relaying through the master")
         return None
-    _debug(f"session straight to the node at {offer['url']}")
+    debug(f"session straight to the node at {offer['url']}")
     sock = ws.transport.get_extra_info("socket")
     if sock is not None:  # asyncio sets it on TCP already; a keystroke must not wait for an ACK
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

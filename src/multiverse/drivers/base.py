@@ -21,6 +21,7 @@ from typing import Protocol, runtime_checkable
 from multiverse.core.errors import DriverError
 from multiverse.core.model import GuestStats, IncomingEndpoint, LiveProgress, Resources
 from multiverse.core.network import Nic
+from multiverse.core.sshlogin import SshLogin
 
 
 class PowerState(enum.StrEnum):
@@ -185,6 +186,14 @@ class Driver(abc.ABC):
         Drivers that cannot offer interactive sessions keep this default.
         """
         raise DriverError(f"the {self.name} driver has no interactive sessions")
+
+    async def ssh_login(self, vm: VMConfig, public_key: str) -> SshLogin:
+        """Let ``public_key`` log in to the guest's SSH server for the next
+        ``core.sshlogin.LOGIN_WINDOW`` seconds (then it is taken out again), and say where
+        that server answers. Drivers whose guests run no SSH server reachable from the node
+        keep this default; clients then use :meth:`open_session`.
+        """
+        raise DriverError(f"the {self.name} driver's guests take no SSH logins")
 
     # Fault injection (issue 19): hypervisor-level faults; drivers that cannot keep these.
 

@@ -9,6 +9,7 @@ import abc
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ from multiverse.core.errors import Conflict, DriverError, InvalidArgument, Multi
 from multiverse.core.files import write_private
 from multiverse.core.model import GuestStats, Resources
 from multiverse.core.sizes import format_size
+from multiverse.core.sshlogin import LOGIN_WINDOW, SshLogin, authorized_key_line
 from multiverse.drivers.base import (
     Driver,
     ExecChunk,
@@ -45,6 +47,24 @@ from multiverse.drivers.images import (
     check_image_name,
 )
 from multiverse.guest.ssh import COMMAND_TIMEOUT, GuestConnection, KnownHost, announced_host_key
+
+log = logging.getLogger(__name__)
+
+# Edits of the guest user's authorized_keys, the key's line on stdin. The guest's login shell
+# runs them with its builtins (but for a rename): each process the guest starts costs tens of
+# milliseconds on an emulated CPU, and a move waits for the first.
+_LET_IN = (
+    "umask 077; IFS= read -r k; [ -d ~/.ssh ] || mkdir ~/.ssh; "
+    'f=~/.ssh/authorized_keys; if [ -f "$f" ]; then '
+    'while IFS= read -r l; do [ "$l" = "$k" ] && exit 0; done < "$f"; fi; '
+    'echo "$k" >> "$f"'
+)
+# Rewritten whole, then moved over the old file: sshd never reads half a file.
+_LET_OUT = (
+    'umask 077; IFS= read -r k; f=~/.ssh/authorized_keys; [ -f "$f" ] || exit 0; '
+    '{ while IFS= read -r l; do [ "$l" = "$k" ] || echo "$l"; done < "$f"; } > "$f.new" '
+    '&& mv -f "$f.new" "$f"'
+)
 
 UNIX_PATH_MAX = 107  # a sockaddr_un's path, less its terminating NUL
 LOG_TAIL = 4000  # how much of a log an error message quotes
@@ -198,6 +218,7 @@ class ProcessDriver(Driver):
         self.command_timeout = COMMAND_TIMEOUT
         self._guests: dict[str, GuestConnection] = {}
         self._warming: dict[str, asyncio.Task[None]] = {}
+        self._logins: set[asyncio.Task[None]] = set()  # pushed keys, each until its window ends
         self._locks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Lock]] = {}
 
     # --- what a subclass provides --------------------------------------------------------
@@ -321,10 +342,51 @@ class ProcessDriver(Driver):
             (size.cols, size.rows) if size else None, command=command
         )
 
+    async def ssh_login(self, vm: VMConfig, public_key: str) -> SshLogin:
+        line = authorized_key_line(public_key)
+        self._require_running(vm)
+        guest = self._guest(vm)
+        await self._let_in(vm, line)  # connects first, so the host key below is known
+        host_key = guest.known_host.recorded()
+        if host_key is None:
+            raise DriverError(f"VM {vm.name}: its SSH host key is not known yet")
+        expiry = asyncio.create_task(self._expire_login(vm, line))
+        self._logins.add(expiry)
+        expiry.add_done_callback(self._logins.discard)
+        kind, blob = host_key.export_public_key("openssh").decode().split()[:2]
+        return SshLogin(guest.host, guest.port, guest.user, f"{kind} {blob}", LOGIN_WINDOW)
+
+    async def _expire_login(self, vm: VMConfig, line: str) -> None:
+        """Take a pushed key out when its window ends, or at once when the driver closes."""
+        try:
+            await asyncio.sleep(LOGIN_WINDOW)
+        finally:
+            try:
+                await self._let_out(vm, line)
+            except MultiverseError as exc:  # stopped, say: the next boot's keys are the config's
+                log.info("VM %s: cannot take a pushed SSH key out: %s", vm.name, exc.message)
+
+    async def _let_in(self, vm: VMConfig, line: str) -> None:
+        """Add ``line`` to the guest user's authorized_keys, unless it is there already."""
+        if line:
+            await self._edit_keys(vm, line, "authorize", _LET_IN)
+
+    async def _let_out(self, vm: VMConfig, line: str) -> None:
+        """Take ``line`` out of the guest user's authorized_keys."""
+        await self._edit_keys(vm, line, "take out", _LET_OUT)
+
+    async def _edit_keys(self, vm: VMConfig, line: str, what: str, script: str) -> None:
+        result = await self._guest(vm).run(script, stdin=line.encode() + b"\n")
+        if result.exit_code != 0:
+            raise DriverError(f"VM {vm.name}: cannot {what} an SSH key: {result.stderr!r}")
+
     async def logs(self, vm: VMConfig) -> str:
         return tail(self._existing_dir(vm) / self.console_log, 256 * 1024)
 
     async def close(self) -> None:
+        for expiry in list(self._logins):
+            expiry.cancel()  # takes its key out now
+        await asyncio.gather(*self._logins, return_exceptions=True)
         for vm_id in list(self._guests):
             await self._close_guest(vm_id)
 

@@ -574,21 +574,6 @@ class QemuDriver(ProcessDriver):
             finally:
                 letting_in.cancel()
 
-    async def _let_in(self, vm: VMConfig, key: str) -> None:
-        if not key:
-            return
-        # The guest's login shell runs it, with its builtins only: each process the guest
-        # starts costs tens of milliseconds on an emulated CPU, and this is on the move's path.
-        script = (
-            "umask 077; IFS= read -r k; [ -d ~/.ssh ] || mkdir ~/.ssh; "
-            'f=~/.ssh/authorized_keys; if [ -f "$f" ]; then '
-            'while IFS= read -r l; do [ "$l" = "$k" ] && exit 0; done < "$f"; fi; '
-            'echo "$k" >> "$f"'
-        )
-        result = await self._guest(vm).run(script, stdin=key.encode() + b"\n")
-        if result.exit_code != 0:
-            raise DriverError(f"VM {vm.name}: cannot let the target's key in: {result.stderr!r}")
-
     async def _send(
         self, qmp: Monitor, vm: VMConfig, to: IncomingEndpoint, tls_dir: Path,
         progress: Callable[[LiveProgress], None], letting_in: Awaitable[None],

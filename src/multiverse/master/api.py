@@ -208,6 +208,10 @@ class NodeAddBody(NodeCredentialsBody):
     root: str = Field(DEFAULT_ROOT, max_length=255)
 
 
+class SshLoginBody(BaseModel):
+    public_key: str = Field(max_length=16 * 1024)  # checked whole by core.sshlogin
+
+
 class SessionBody(BaseModel):
     command: list[str] = Field(default_factory=list, max_length=4096)  # empty: the login shell
     tty: bool = True
@@ -961,6 +965,24 @@ def create_app(
             "server_name": direct.server_name,
             "ca_certificate": ca.cert_pem.decode(),
             "expires_in": direct.expires_in,
+        }
+
+    @app.post("/api/v1/instances/{name}/ssh", status_code=201)
+    async def ssh_login(name: str, body: SshLoginBody, _: Admin) -> dict[str, Any]:
+        """Let an OpenSSH public key log in to the instance's own SSH server for
+        ``expires_in`` seconds (it is taken out again then; a session opened meanwhile
+        lasts). ``host`` and ``port`` are where that server answers as its node sees them:
+        often the node's loopback, for a client on the node (``node_host``) itself.
+        ``host_key`` is the key the server must show. 502 ``driver_error``: this instance's
+        driver takes no SSH logins; use a session (``sessions``, ``shell``)."""
+        login, node_host = await instances.ssh_login(name, body.public_key)
+        return {
+            "host": login.host,
+            "port": login.port,
+            "user": login.user,
+            "host_key": login.host_key,
+            "expires_in": login.expires_in,
+            "node_host": node_host,
         }
 
     @app.websocket("/api/v1/instances/{name}/shell")

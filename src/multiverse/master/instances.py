@@ -40,6 +40,7 @@ from multiverse.core.model import (
 )
 from multiverse.core.network import Publish
 from multiverse.core.sessions import AGENT_SESSION_PATH
+from multiverse.core.sshlogin import SshLogin, parse_public_key
 from multiverse.master.cluster import Agents
 from multiverse.master.events import Event, EventBus
 from multiverse.master.network import Ipam, Picker
@@ -530,6 +531,18 @@ class Instances:
             server_name=pki.node_server_name(node.id),
             expires_in=reply.expires_in,
         )
+
+    async def ssh_login(self, name: str, public_key: str) -> tuple[SshLogin, str]:
+        """Let ``public_key`` log in to the instance's own SSH server for a short window
+        (core/sshlogin.py); with the host part of its node's address, since the login's
+        host is as the node sees it (its loopback, often)."""
+        parse_public_key(public_key)  # refused here, before the node is asked
+        instance = await self.get(name)
+        ensure_running(name, instance.state)
+        node = await self._node_of(instance)
+        request = pb.SshLoginRequest(id=instance.id, public_key=public_key)
+        reply = await self.agents.call(node, self._stub(node).AuthorizeSsh, request)
+        return convert.ssh_login_from_pb(reply), split_address(node.address)[0]
 
     async def logs(self, name: str) -> str:
         instance = await self.get(name)

@@ -18,6 +18,7 @@ from multiverse.core.model import (
     Usage,
 )
 from multiverse.core.network import ClusterNetwork, NetworkPlan, Nic, Publish
+from multiverse.core.sshlogin import SshLogin
 from multiverse.wire.v1 import multiverse_pb2 as pb
 
 
@@ -62,6 +63,20 @@ def spec_from_pb(message: pb.InstanceSpec) -> tuple[str, InstanceSpec]:
         labels=dict(message.labels),
     )
     return message.id, spec
+
+
+def ssh_login_to_pb(login: SshLogin) -> pb.SshLogin:
+    return pb.SshLogin(
+        host=login.host,
+        port=login.port,
+        user=login.user,
+        host_key=login.host_key,
+        expires_in=login.expires_in,
+    )
+
+
+def ssh_login_from_pb(message: pb.SshLogin) -> SshLogin:
+    return SshLogin(message.host, message.port, message.user, message.host_key, message.expires_in)
 
 
 def nic_to_pb(nic: Nic) -> pb.Nic:

@@ -758,6 +758,16 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             ticket=secret, port=self.agent.session_port, expires_in=self.agent.tickets.ttl
         )
 
+    async def AuthorizeSsh(self, request: pb.SshLoginRequest, context: Ctx) -> pb.SshLogin:
+        await self._guard(context)
+        try:
+            record = self.agent.running(request.id)
+            login = await self.agent.driver.ssh_login(_vm(record), request.public_key)
+        except MultiverseError as exc:
+            await context.abort(*convert.error_to_rpc(exc))
+            raise AssertionError("unreachable") from exc
+        return convert.ssh_login_to_pb(login)
+
     async def Logs(self, request: pb.InstanceRef, context: Ctx) -> pb.LogsResponse:
         await self._guard(context)
         try:

@@ -434,6 +434,28 @@ class SessionTicket(_message.Message):
     expires_in: float
     def __init__(self, ticket: _Optional[str] = ..., port: _Optional[int] = ..., expires_in: _Optional[float] = ...) -> None: ...
 
+class SshLoginRequest(_message.Message):
+    __slots__ = ("id", "public_key")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    public_key: str
+    def __init__(self, id: _Optional[str] = ..., public_key: _Optional[str] = ...) -> None: ...
+
+class SshLogin(_message.Message):
+    __slots__ = ("host", "port", "user", "host_key", "expires_in")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    HOST_KEY_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    port: int
+    user: str
+    host_key: str
+    expires_in: float
+    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., user: _Optional[str] = ..., host_key: _Optional[str] = ..., expires_in: _Optional[float] = ...) -> None: ...
+
 class LogsResponse(_message.Message):
     __slots__ = ("text",)
     TEXT_FIELD_NUMBER: _ClassVar[int]

@@ -5,7 +5,7 @@ import warnings
 
 from multiverse.wire.v1 import multiverse_pb2 as multiverse_dot_wire_dot_v1_dot_multiverse__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -364,6 +364,11 @@ class AgentServiceStub:
                 request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionStart.SerializeToString,
                 response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionTicket.FromString,
                 _registered_method=True)
+        self.AuthorizeSsh = channel.unary_unary(
+                '/multiverse.v1.AgentService/AuthorizeSsh',
+                request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SshLoginRequest.SerializeToString,
+                response_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SshLogin.FromString,
+                _registered_method=True)
         self.Report = channel.unary_unary(
                 '/multiverse.v1.AgentService/Report',
                 request_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.Empty.SerializeToString,
@@ -489,6 +494,13 @@ class AgentServiceServicer:
 
     def IssueSessionTicket(self, request, context):
         """The same session, redeemed by the client at the agent's WebSocket endpoint with the ticket.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AuthorizeSsh(self, request, context):
+        """Lets the user's OpenSSH client log in to the guest itself (core/sshlogin.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -622,6 +634,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.IssueSessionTicket,
                     request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionStart.FromString,
                     response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionTicket.SerializeToString,
+            ),
+            'AuthorizeSsh': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuthorizeSsh,
+                    request_deserializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SshLoginRequest.FromString,
+                    response_serializer=multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SshLogin.SerializeToString,
             ),
             'Report': grpc.unary_unary_rpc_method_handler(
                     servicer.Report,
@@ -976,6 +993,33 @@ class AgentService:
             '/multiverse.v1.AgentService/IssueSessionTicket',
             multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionStart.SerializeToString,
             multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SessionTicket.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuthorizeSsh(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/multiverse.v1.AgentService/AuthorizeSsh',
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SshLoginRequest.SerializeToString,
+            multiverse_dot_wire_dot_v1_dot_multiverse__pb2.SshLogin.FromString,
             options,
             channel_credentials,
             insecure,
