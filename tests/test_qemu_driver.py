@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import asyncssh
 import psutil
 import pytest
 from asyncssh import generate_private_key
@@ -370,6 +371,40 @@ def test_a_new_driver_adopts_the_running_vm(booted: Booted, images: Path) -> Non
     assert json.loads(runtime.read_text())["pid"] == pid  # same process, not a new boot
     code, out, _ = run(adopter, lambda: exec_collect(adopter, booted.vm, "hostname"))
     assert (code, out) == (0, b"shared\n")
+
+
+def test_a_pushed_ssh_key_logs_in_until_taken_out(booted: Booted) -> None:
+    """`ssh_login` lets a key in and says where and to whom; the driver's close takes it out
+    at once (its window would otherwise end 30 s later). A key that is no key changes
+    nothing."""
+    driver, vm = booted.driver, booted.vm
+    key = generate_private_key("ssh-ed25519")
+    public = key.export_public_key().decode()
+
+    def authorized() -> bytes:
+        keys = "/root/.ssh/authorized_keys"
+        return run(driver, lambda: exec_collect(driver, vm, "cat", keys))[1]
+
+    before = authorized()
+
+    async def log_in() -> tuple[str, str, bytes]:
+        login = await driver.ssh_login(vm, public)
+        trusted = asyncssh.import_public_key(login.host_key)
+        async with asyncssh.connect(
+            login.host, login.port, username=login.user, client_keys=[key],
+            known_hosts=([trusted], [], []),
+        ) as connection:  # fmt: skip
+            result = await connection.run("hostname", check=True)
+        return login.user, login.host_key, str(result.stdout).encode()
+
+    user, host_key, hostname = run(driver, log_in)
+    assert (user, hostname) == ("root", b"shared\n")
+    recorded = (booted.state_dir / "vms" / vm.id / HOST_KEY_FILE).read_text().split()[:2]
+    assert host_key.split() == recorded
+    assert authorized() == before  # run() closed the driver: the key is out again
+    with pytest.raises(InvalidArgument):
+        run(driver, lambda: driver.ssh_login(vm, public.replace("ssh-ed25519", "ssh-rsa")))
+    assert authorized() == before
 
 
 @pytest.mark.vm

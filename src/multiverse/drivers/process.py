@@ -65,6 +65,7 @@ _LET_OUT = (
     '{ while IFS= read -r l; do [ "$l" = "$k" ] || echo "$l"; done < "$f"; } > "$f.new" '
     '&& mv -f "$f.new" "$f"'
 )
+_LET_OUT_ON_CLOSE = 5.0  # seconds the driver's close gives pushed keys to be taken out
 
 UNIX_PATH_MAX = 107  # a sockaddr_un's path, less its terminating NUL
 LOG_TAIL = 4000  # how much of a log an error message quotes
@@ -386,7 +387,8 @@ class ProcessDriver(Driver):
     async def close(self) -> None:
         for expiry in list(self._logins):
             expiry.cancel()  # takes its key out now
-        await asyncio.gather(*self._logins, return_exceptions=True)
+        if self._logins:  # a guest that does not answer soon keeps the key: a stop waits not
+            await asyncio.wait(list(self._logins), timeout=_LET_OUT_ON_CLOSE)
         for vm_id in list(self._guests):
             await self._close_guest(vm_id)
 
