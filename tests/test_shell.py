@@ -428,3 +428,10 @@ def test_ssh_logins_are_refused_clearly(shells: Cluster) -> None:
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 5
+    # The session's own request says a refusal, and the exit code is its, as before.
+    for name, why in (("ghost", "does not exist"), ("resting", "not Running")):
+        child = spawn_shell(shells, name)
+        child.expect(why)
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 2, name

@@ -39,8 +39,7 @@ PROBE_TIMEOUT = 1.0  # seconds to connect to the guest's SSH server before going
 
 def exec_openssh(client: ApiClient, name: str) -> None:
     """Become ``ssh`` logged in to instance ``name``'s guest; returns, having changed nothing
-    the user sees, when that cannot be. The master's refusals (no such instance, not
-    running, not allowed) are raised: another way would meet them too."""
+    the user sees, when that cannot be."""
     ssh = shutil.which("ssh")
     if ssh is None:
         debug("no OpenSSH client (ssh) on PATH; the session goes through Multiverse")
@@ -53,8 +52,8 @@ def exec_openssh(client: ApiClient, name: str) -> None:
     try:
         login = client.ssh_login(name, key.with_suffix(".pub").read_text())
     except ApiError as exc:
-        if exc.code != "driver_error":
-            raise
+        # A driver without SSH logins, a master or agent of a release before them, or a
+        # refusal (no such instance, not running) that the session's own request then says.
         debug(f"{exc.message}; the session goes through Multiverse")
         return
     where = f"{login['host']}:{login['port']}"
