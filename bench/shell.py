@@ -58,10 +58,10 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import asyncssh
 import pexpect
@@ -244,6 +244,15 @@ def keystroke(terminal: Terminal, key: bytes, last: bool) -> tuple[float, bytes]
     return elapsed, echoed[1:]
 
 
+T = TypeVar("T")
+
+
+def rotated(items: Sequence[T], shift: int) -> list[T]:
+    """``items`` starting at ``shift`` (modulo their number): whose turn comes first moves."""
+    start = shift % len(items)
+    return [*items[start:], *items[:start]]
+
+
 def round_trips(terminals: list[Terminal], keys: int) -> list[list[float]]:
     """Seconds from sending each byte to a raw echo until it is back, ``keys`` bytes for each
     terminal, interleaved: key *i* goes to every terminal in turn (the order rotating with
@@ -257,7 +266,7 @@ def round_trips(terminals: list[Terminal], keys: int) -> list[list[float]]:
     for index in range(total):
         key = bytes([ord("a") + index % 26])
         shift = index % len(terminals)
-        for which in [*range(shift, len(terminals)), *range(shift)]:
+        for which in rotated(range(len(terminals)), shift):
             elapsed, after[which] = keystroke(terminals[which], key, index == total - 1)
             if index >= WARMUP_KEYS:
                 timings[which].append(elapsed)
@@ -333,7 +342,7 @@ def streamed(
     labels = list(terminals)
     totals: dict[str, tuple[int, float, str]] = {label: (0, 0.0, "") for label in labels}
     for turn in range(rounds):
-        for label in labels[turn % len(labels) :] + labels[: turn % len(labels)]:
+        for label in rotated(labels, turn):
             received, seconds, error = totals[label]
             if error:
                 continue

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -976,14 +977,7 @@ def create_app(
         ``host_key`` is the key the server must show. 502 ``driver_error``: this instance's
         driver takes no SSH logins; use a session (``sessions``, ``shell``)."""
         login, node_host = await instances.ssh_login(name, body.public_key)
-        return {
-            "host": login.host,
-            "port": login.port,
-            "user": login.user,
-            "host_key": login.host_key,
-            "expires_in": login.expires_in,
-            "node_host": node_host,
-        }
+        return {**dataclasses.asdict(login), "node_host": node_host}
 
     @app.websocket("/api/v1/instances/{name}/shell")
     async def shell(
